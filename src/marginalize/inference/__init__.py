@@ -1,0 +1,15 @@
+"""Inference methods by name, the Posterior type and vectorized prediction.
+
+Importing this package registers every method (one module per method family).
+"""
+
+from marginalize.inference import dropout, mcmc, svi  # noqa: F401  (registration)
+from marginalize.inference.approximations import Approximation, Delta, Dropout, Empirical, Gaussian, Mixture
+from marginalize.inference.layout import Layout
+from marginalize.inference.posterior import Posterior, Prediction
+from marginalize.inference.registry import Method, fit, get_method, method_info, methods, register
+
+__all__ = [
+    "Approximation", "Delta", "Dropout", "Empirical", "Gaussian", "Mixture", "Layout",
+    "Posterior", "Prediction", "Method", "fit", "get_method", "method_info", "methods", "register",
+]

@@ -1,0 +1,199 @@
+"""``nuts`` and ``hmc``: MCMC over the flat unconstrained vector.
+
+The potential is ``-Problem.log_joint(z)``: for the builders' models a pure-torch batched
+log joint (no Pyro trace per gradient), for plain model functions a Pyro trace. Chains run
+one after another, each from its own seed; per-draw statistics (``lp``, ``diverging``,
+``acceptance_rate``, ``step_size``, ``tree_depth``, ``n_steps``, ``energy``) are kept with
+ArviZ's names.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from marginalize._validation import OptionError
+from marginalize.inference._nuts import SamplingInterrupted, run_sampler
+from marginalize.inference.approximations import Empirical
+from marginalize.inference.problem import Problem
+from marginalize.inference.registry import Method, register
+
+__all__ = ["NUTS", "HMC", "MCMCOptions", "initial_point"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class MCMCOptions:
+    """num_samples : kept draws per chain; num_warmup : adaptation iterations per chain
+    (default: num_samples); num_chains; target_accept; step_size : initial step size (None:
+    heuristic search); adapt_mass : "diag", "dense" or None; init : "prior" (a prior draw),
+    "uniform" (Stan's U(-init_radius, init_radius) in unconstrained space) or "map" (a short
+    MAP fit); init_radius; init_steps : MAP steps for init="map"."""
+
+    num_samples: int = 1000
+    num_warmup: int | None = None
+    num_chains: int = 4
+    target_accept: float = 0.8
+    step_size: float | None = None
+    adapt_mass: str | None = "diag"
+    init: str = "prior"
+    init_radius: float = 2.0
+    init_steps: int = 500
+
+    def __post_init__(self):
+        for name in ("num_samples", "num_chains", "init_steps"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise OptionError(f"{name}: expected an integer >= 1, got {v!r}")
+        if self.num_warmup is not None and (not isinstance(self.num_warmup, int) or self.num_warmup < 0):
+            raise OptionError(f"num_warmup: expected an integer >= 0, got {self.num_warmup!r}")
+        if not (0 < self.target_accept < 1):
+            raise OptionError(f"target_accept: expected a number in (0, 1), got {self.target_accept!r}")
+        if self.adapt_mass not in ("diag", "dense", None):
+            raise OptionError(f"adapt_mass: expected 'diag', 'dense' or None, got {self.adapt_mass!r}")
+        if self.init not in ("prior", "uniform", "map"):
+            raise OptionError(f"init: expected 'prior', 'uniform' or 'map', got {self.init!r}")
+        if self.step_size is not None and not self.step_size > 0:
+            raise OptionError(f"step_size: expected > 0, got {self.step_size!r}")
+
+
+def initial_point(problem: Problem, opts: MCMCOptions, seed: int) -> torch.Tensor:
+    """A starting point with finite potential (tries up to 20 draws)."""
+    g = torch.Generator().manual_seed(seed)
+    last = None
+    for attempt in range(20):
+        if opts.init == "uniform":
+            z = (torch.rand(problem.layout.size, generator=g, dtype=torch.float64) * 2 - 1) * opts.init_radius
+            z = z.to(problem.device, problem.dtype)
+        elif opts.init == "map":
+            from marginalize.inference.registry import isolated
+            from marginalize.inference.svi import MAP
+
+            with isolated(seed + attempt):
+                approx, _ = MAP().run(problem, MAP.Options(steps=opts.init_steps), seed + attempt, False)
+            z = approx.loc.clone()
+        else:
+            z = problem.init_from_prior(seed * 31 + attempt)
+        with torch.no_grad():
+            u = -problem.log_joint(z)
+        if torch.isfinite(u):
+            return z
+        last = float(u)
+    raise ValueError(
+        f"could not find an initial point with finite log density in 20 tries (last potential {last}); "
+        "likely causes: data far outside the prior's range (standardize x and y), a likelihood "
+        "that cannot produce the observed targets, or a too-wide init_radius"
+    )
+
+
+class _MCMC(Method):
+    algorithm = "nuts"
+
+    def _sampler_kwargs(self, opts) -> dict:
+        return {}
+
+    def run(self, problem, opts, seed, progress):
+        num_warmup = opts.num_samples if opts.num_warmup is None else opts.num_warmup
+        draws, stats, states = [], [], []
+        stopped = None
+        for chain in range(opts.num_chains):
+            chain_seed = seed * 1009 + chain
+            z0 = initial_point(problem, opts, chain_seed)
+            g = torch.Generator(device=problem.device).manual_seed(chain_seed)
+            bar = tqdm(total=num_warmup + opts.num_samples, desc=f"{self.name} chain {chain + 1}",
+                       disable=not progress, leave=False)
+
+            def callback(i, state, st, bar=bar):
+                bar.update(1)
+                if st is not None and i % 20 == 0:
+                    bar.set_postfix(step=f"{state.step_size:.3g}", depth=int(st.get("tree_depth", 0)))
+
+            try:
+                d, s, state = run_sampler(
+                    problem.potential_and_grad, z0, num_warmup=num_warmup,
+                    num_samples=opts.num_samples, generator=g, algorithm=self.algorithm,
+                    target_accept=opts.target_accept, step_size=opts.step_size,
+                    adapt_mass=opts.adapt_mass, callback=callback, **self._sampler_kwargs(opts),
+                )
+            except SamplingInterrupted as e:
+                log.warning("%s: interrupted in chain %d", self.name, chain + 1)
+                stopped = {"chain": chain, "reason": "interrupted"}
+                if e.draws is not None and len(e.draws):
+                    d, s, state = e.draws, e.stats, e.state
+                else:
+                    break
+            finally:
+                bar.close()
+            draws.append(d)
+            stats.append(s)
+            states.append(state)
+            if stopped:
+                break
+        if not draws:
+            raise KeyboardInterrupt("interrupted before any draw was kept")
+        n = min(d.shape[0] for d in draws)
+        approx = Empirical(torch.stack([d[:n] for d in draws]))
+        sample_stats = {k: torch.stack([s[k][:n] for s in stats]) for k in stats[0]}
+        n_div = int(sample_stats["diverging"].sum()) if "diverging" in sample_stats else 0
+        if n_div:
+            log.warning("%s: %d divergent transitions after warmup (of %d draws); the posterior "
+                        "estimate may be biased", self.name, n_div, n * len(draws))
+        info = {"sample_stats": sample_stats, "num_divergences": n_div, "num_warmup": num_warmup,
+                "final_states": [st.state_dict() for st in states]}
+        if stopped:
+            info["stopped"] = stopped
+        return approx, info
+
+
+@register("nuts")
+class NUTS(_MCMC):
+    summary = "No-U-Turn sampler (multinomial, diagonal/dense mass adaptation), chains in sequence."
+    cost = "training: ~2^tree_depth gradient evaluations per draw; prediction: batched over draws"
+    reference = "Hoffman & Gelman 2014; Betancourt 2017"
+    algorithm = "nuts"
+
+    @dataclass
+    class Options(MCMCOptions):
+        """Plus: max_tree_depth."""
+
+        max_tree_depth: int = 10
+
+        def __post_init__(self):
+            super().__post_init__()
+            if not isinstance(self.max_tree_depth, int) or not 1 <= self.max_tree_depth <= 20:
+                raise OptionError(f"max_tree_depth: expected an int in [1, 20], got {self.max_tree_depth!r}")
+
+    def _sampler_kwargs(self, opts):
+        return {"max_tree_depth": opts.max_tree_depth}
+
+
+@register("hmc")
+class HMC(_MCMC):
+    summary = "Static Hamiltonian Monte Carlo with a fixed trajectory length."
+    cost = "training: num_steps gradient evaluations per draw; prediction: batched over draws"
+    reference = "Neal 2011, MCMC using Hamiltonian dynamics"
+    algorithm = "hmc"
+
+    @dataclass
+    class Options(MCMCOptions):
+        """Plus: num_steps (leapfrog steps per draw) or trajectory_length."""
+
+        num_steps: int | None = None
+        trajectory_length: float | None = None
+
+        def __post_init__(self):
+            super().__post_init__()
+            if self.num_steps is not None and (not isinstance(self.num_steps, int) or self.num_steps < 1):
+                raise OptionError(f"num_steps: expected an int >= 1, got {self.num_steps!r}")
+            if self.trajectory_length is not None and not (
+                self.trajectory_length > 0 and math.isfinite(self.trajectory_length)
+            ):
+                raise OptionError(f"trajectory_length: expected > 0, got {self.trajectory_length!r}")
+
+    def _sampler_kwargs(self, opts):
+        return {"num_steps": opts.num_steps, "trajectory_length": opts.trajectory_length}

@@ -1,0 +1,324 @@
+"""The one result type of every method, and vectorized, chunked prediction.
+
+Examples
+--------
+>>> import torch, marginalize as mz
+>>> x = torch.randn(40, 1); y = 2 * x[:, 0] + 0.1 * torch.randn(40)
+>>> post = mz.fit(mz.models.mlp(1, hidden=[]), x, y, method="map", steps=200, progress=False)
+>>> pred = post.predict(x[:5])
+>>> pred.mean.shape, pred.std.shape
+(torch.Size([5]), torch.Size([5]))
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from pyro import poutine
+
+from marginalize._validation import DataError, check_x, check_y
+from marginalize.inference.approximations import Approximation
+from marginalize.inference.layout import Layout
+from marginalize.inference.problem import observation_dist
+from marginalize.models.base import BNN
+
+__all__ = ["Posterior", "Prediction"]
+
+log = logging.getLogger(__name__)
+
+#: bytes of activations a prediction chunk may use (draws x inputs x widest layer)
+DEFAULT_CHUNK_BYTES = 64 * 2**20
+
+
+@dataclass
+class Prediction:
+    """Posterior predictive summaries at some inputs.
+
+    Regression: ``mean``, ``std`` (total), ``epistemic`` (std of the per-draw means) and
+    ``aleatoric`` (root mean per-draw noise variance), with
+    ``std**2 == epistemic**2 + aleatoric**2``.
+
+    Classification: ``probs`` (mean class probabilities, also ``mean``), ``entropy`` of the
+    mean (total uncertainty), ``expected_entropy`` (aleatoric) and ``mutual_info``
+    (``entropy - expected_entropy``, epistemic; the BALD score).
+    """
+
+    task: str
+    mean: torch.Tensor
+    num_draws: int
+    std: torch.Tensor | None = None
+    epistemic: torch.Tensor | None = None
+    aleatoric: torch.Tensor | None = None
+    probs: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
+    expected_entropy: torch.Tensor | None = None
+    mutual_info: torch.Tensor | None = None
+    #: per-draw outputs ``(chain, draw, N, ...)`` when asked for (``return_draws=True``)
+    draws: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+
+    def __repr__(self) -> str:
+        return f"Prediction(task={self.task!r}, shape={tuple(self.mean.shape)}, num_draws={self.num_draws})"
+
+
+def _class_probs(d) -> torch.Tensor:
+    base = observation_dist(d)
+    if isinstance(base, torch.distributions.Bernoulli):
+        p = base.probs
+        probs = torch.stack([1 - p, p], -1)
+    else:
+        probs = base.probs
+    batch = d.batch_shape + d.event_shape if isinstance(base, torch.distributions.Bernoulli) else None
+    if batch is not None and probs.shape[:-1] != batch:
+        probs = probs.expand(*batch, 2)
+    return probs
+
+
+def _entropy(p: torch.Tensor) -> torch.Tensor:
+    return -(p * torch.log(p.clamp_min(torch.finfo(p.dtype).tiny))).sum(-1)
+
+
+class _Moments:
+    """Chunk-wise mean/variance (Chan et al. parallel update) and sums."""
+
+    def __init__(self):
+        self.n = 0
+        self.mean = None
+        self.m2 = None
+        self.sums: dict[str, torch.Tensor] = {}
+
+    def add(self, values: torch.Tensor, **sums: torch.Tensor) -> None:
+        nb = values.shape[0]
+        mb = values.mean(0)
+        m2b = ((values - mb) ** 2).sum(0)
+        if self.mean is None:
+            self.n, self.mean, self.m2 = nb, mb, m2b
+        else:
+            n = self.n + nb
+            delta = mb - self.mean
+            self.mean = self.mean + delta * (nb / n)
+            self.m2 = self.m2 + m2b + delta**2 * (self.n * nb / n)
+            self.n = n
+        for k, v in sums.items():
+            self.sums[k] = self.sums[k] + v.sum(0) if k in self.sums else v.sum(0)
+
+
+class Posterior:
+    """Draws of a model's latent sites, from any method, and what follows from them.
+
+    Attributes
+    ----------
+    model : callable
+        The Pyro model (a builder model or a plain function).
+    method : str
+        The registry name of the method that produced it.
+    approximation : Approximation
+        The distribution over the flat unconstrained parameter vector.
+    layout : Layout
+        Sites, shapes and transforms of that vector.
+    info : dict
+        Fit diagnostics: ``loss`` (SVI), ``sample_stats`` (MCMC, ``(chain, draw)`` tensors), ...
+    """
+
+    def __init__(
+        self, model: Callable, layout: Layout, approximation: Approximation, *, method: str,
+        task: str, options: dict | None = None, info: dict | None = None, seed: int | None = None,
+        data: tuple[torch.Tensor, torch.Tensor] | None = None, num_classes: int | None = None,
+    ):
+        self.model = model
+        self.layout = layout
+        self.approximation = approximation
+        self.method = method
+        self.task = task
+        self.options = dict(options or {})
+        self.info = dict(info or {})
+        self.seed = seed
+        self.data = data
+        self.num_classes = num_classes
+
+    # ---- draws -------------------------------------------------------------------------
+    @property
+    def num_chains(self) -> int:
+        return self.approximation.num_chains
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(_tensors(self.approximation.tensors()))).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(iter(_tensors(self.approximation.tensors()))).dtype
+
+    def _generator(self, seed: int | None) -> torch.Generator:
+        g = torch.Generator(device=self.device)
+        g.manual_seed(int(self.seed or 0) + 7919 if seed is None else int(seed))
+        return g
+
+    def sample_flat(self, num_samples: int | None = None, seed: int | None = None) -> torch.Tensor:
+        """Unconstrained draws ``(chain, draw, D)``."""
+        num = self._default_num(num_samples)
+        return self.approximation.sample(num, self._generator(seed))
+
+    def sample(self, num_samples: int | None = None, seed: int | None = None) -> dict[str, torch.Tensor]:
+        """Constrained draws of every latent site, ``(chain, draw, *site_shape)``."""
+        return self.layout.unpack(self.sample_flat(num_samples, seed))
+
+    def _default_num(self, num_samples: int | None) -> int:
+        if num_samples is None:
+            return 1 if self.approximation.deterministic else 1000
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+            raise ValueError(f"num_samples: expected a positive int, got {num_samples!r}")
+        return num_samples
+
+    # ---- evaluation --------------------------------------------------------------------
+    def _chunk_size(self, n_inputs: int, chunk_size: int | None) -> int:
+        if chunk_size is not None:
+            return max(1, int(chunk_size))
+        width = 1
+        if isinstance(self.model, BNN):
+            for s in self.model.layer_specs():
+                width = max(width, s.weight_shape[-1], math.prod(s.weight_shape) // max(n_inputs, 1))
+        itemsize = torch.finfo(self.dtype).bits // 8
+        return max(1, DEFAULT_CHUNK_BYTES // (3 * itemsize * max(n_inputs, 1) * width))
+
+    def _dists(self, z: torch.Tensor, x: torch.Tensor) -> Iterator:
+        """Yield the observation distribution for a chunk of flat draws ``(S, D)``."""
+        params = self.layout.unpack(z)
+        if isinstance(self.model, BNN):
+            yield self.model.predictive_dist(params, x)
+        else:
+            for s in range(z.shape[0]):
+                p = {k: v[s] for k, v in params.items()}
+                tr = poutine.trace(poutine.condition(self.model, data=p)).get_trace(x, None)
+                yield tr.nodes["y"]["fn"]
+
+    def _chunks(self, x: torch.Tensor, num_samples, seed, chunk_size):
+        z = self.sample_flat(num_samples, seed)
+        c, s = z.shape[:2]
+        flat = z.reshape(c * s, -1)
+        size = self._chunk_size(x.shape[0], chunk_size)
+        if not isinstance(self.model, BNN) and flat.shape[0] > 1:
+            log.info("model %s is a plain function: predicting with a loop over %d draws",
+                     getattr(self.model, "__name__", self.model), flat.shape[0])
+        for start in range(0, flat.shape[0], size):
+            yield (c, s), self._dists(flat[start : start + size], x)
+
+    def _per_draw(self, t: torch.Tensor) -> torch.Tensor:
+        """Builder models give ``(S, N, ...)`` per chunk; a plain model one draw ``(N, ...)``."""
+        return t if isinstance(self.model, BNN) else t.unsqueeze(0)
+
+    def _check_x(self, x, name="x") -> torch.Tensor:
+        t = check_x(name, x, device=self.device, dtype=self.dtype)
+        return self.model.check_input(t, name) if isinstance(self.model, BNN) else t
+
+    @torch.no_grad()
+    def predict(
+        self, x, num_samples: int | None = None, *, seed: int | None = None,
+        chunk_size: int | None = None, return_draws: bool = False,
+    ) -> Prediction:
+        """Posterior predictive summaries at ``x``, over ``num_samples`` draws.
+
+        Draws are evaluated in chunks of ``chunk_size`` (chosen to bound memory by default);
+        builder models evaluate each chunk in one batched pass.
+        """
+        x = self._check_x(x)
+        acc = _Moments()
+        kept: dict[str, list[torch.Tensor]] = {}
+        shape = None
+        for shape, dists in self._chunks(x, num_samples, seed, chunk_size):
+            for d in dists:
+                if self.task == "classification":
+                    p = self._per_draw(_class_probs(d))
+                    acc.add(p, ent=_entropy(p))
+                    outs = {"probs": p}
+                else:
+                    m, v = self._per_draw(d.mean), self._per_draw(d.variance)
+                    acc.add(m, var=v)
+                    outs = {"mean": m, "variance": v}
+                if return_draws:
+                    for k, v in outs.items():
+                        kept.setdefault(k, []).append(v)
+        draws = None
+        if return_draws:
+            draws = {k: torch.cat(v).reshape(*shape, *v[0].shape[1:]) for k, v in kept.items()}
+        if self.task == "classification":
+            probs = acc.mean
+            ent = _entropy(probs)
+            exp_ent = acc.sums["ent"] / acc.n
+            return Prediction("classification", probs, acc.n, probs=probs, entropy=ent,
+                              expected_entropy=exp_ent, mutual_info=(ent - exp_ent).clamp_min(0),
+                              draws=draws)
+        epi_var = acc.m2 / acc.n
+        ale_var = acc.sums["var"] / acc.n
+        return Prediction("regression", acc.mean, acc.n, std=(epi_var + ale_var).sqrt(),
+                          epistemic=epi_var.sqrt(), aleatoric=ale_var.sqrt(), draws=draws)
+
+    @torch.no_grad()
+    def log_likelihood(self, x, y, num_samples: int | None = None, *, seed: int | None = None,
+                       chunk_size: int | None = None) -> torch.Tensor:
+        """Per-draw, per-observation ``log p(y_n | x_n, w)``, shaped ``(chain, draw, N)``."""
+        x = self._check_x(x)
+        y = self._check_y(y, x.shape[0])
+        out, shape = [], None
+        for shape, dists in self._chunks(x, num_samples, seed, chunk_size):
+            for d in dists:
+                out.append(self._per_draw(d.log_prob(y)))
+        return torch.cat(out).reshape(*shape, -1)
+
+    @torch.no_grad()
+    def log_predictive(self, x, y, num_samples: int | None = None, *, seed: int | None = None,
+                       chunk_size: int | None = None) -> torch.Tensor:
+        """Log posterior predictive density per observation, ``log mean_s p(y_n | x_n, w_s)``."""
+        x = self._check_x(x)
+        y = self._check_y(y, x.shape[0])
+        lse, n = None, 0
+        for _, dists in self._chunks(x, num_samples, seed, chunk_size):
+            for d in dists:
+                ll = self._per_draw(d.log_prob(y))
+                c = torch.logsumexp(ll, 0)
+                lse = c if lse is None else torch.logaddexp(lse, c)
+                n += ll.shape[0]
+        return lse - math.log(n)
+
+    def _check_y(self, y, n: int) -> torch.Tensor:
+        t = check_y(y, n, device=self.device)
+        if isinstance(self.model, BNN):
+            t = self.model.likelihood.check_y(t, self.model.out_features)
+        elif self.task == "classification":
+            if self.num_classes and (int(t.min()) < 0 or int(t.max()) >= self.num_classes):
+                raise DataError(f"y: labels must lie in [0, {self.num_classes - 1}]")
+        if torch.is_floating_point(t):
+            t = t.to(self.dtype)
+        return t
+
+    # ---- persistence -------------------------------------------------------------------
+    def save(self, path) -> None:
+        """Save to ``path`` as plain tensors (``torch.load(weights_only=True)`` reads it back)."""
+        from marginalize.io import save_posterior
+
+        save_posterior(self, path)
+
+    def to_arviz(self, **kwargs: Any):
+        """An ``arviz.InferenceData`` of this fit (see ``marginalize.diagnostics.arviz``)."""
+        from marginalize.diagnostics.arviz import to_inference_data
+
+        return to_inference_data(self, **kwargs)
+
+    def __repr__(self) -> str:
+        return (f"Posterior(method={self.method!r}, task={self.task!r}, "
+                f"chains={self.num_chains}, params={self.layout.size})")
+
+
+def _tensors(obj):
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _tensors(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from _tensors(v)

@@ -1,0 +1,163 @@
+"""The base class of the builders' models: a Pyro model that also evaluates batched weights.
+
+A :class:`BNN` is callable as ``model(x, y=None)`` like any plain Pyro model (weights are
+``pyro.sample`` sites with explicit priors; observations are site ``"y"`` inside
+``pyro.plate("data", N)``). It also exposes the same computation as pure functions of a
+dictionary of weights that carry leading draw dimensions, which the inference methods and
+the prediction path use to evaluate S posterior draws in one batched pass.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import pyro
+import pyro.distributions as dist
+import torch
+
+from marginalize.models.likelihoods import Likelihood, likelihood_from_config
+from marginalize.models.priors import Prior, prior_from_config
+
+__all__ = ["BNN", "LayerSpec", "model_from_config"]
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One Bayesian layer: its weight/bias shapes, fan-in and ArviZ dim names."""
+
+    name: str
+    weight_shape: tuple[int, ...]
+    bias_shape: tuple[int, ...] | None
+    fan_in: int
+    weight_dims: tuple[str, ...]
+    bias_dims: tuple[str, ...] | None = None
+    #: the weight axis whose units MC dropout masks (the layer's inputs)
+    input_axis: int = 0
+
+
+class BNN:
+    """A Bayesian neural network as a Pyro model with explicit priors.
+
+    Subclasses define :meth:`layer_specs` and :meth:`forward`; everything else (the Pyro
+    model, the batched log joint, the predictive distribution, ArviZ dims, configs) is shared.
+    """
+
+    #: name used by :func:`model_from_config`
+    builder: str = "bnn"
+
+    def __init__(self, likelihood: Likelihood, priors: Mapping[str, Prior], out_features: int):
+        self.likelihood = likelihood
+        self.priors = dict(priors)
+        self.out_features = out_features
+
+    # ---- to be provided by subclasses -------------------------------------------------
+    def layer_specs(self) -> list[LayerSpec]:
+        raise NotImplementedError
+
+    def forward(self, params: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """Network output ``f`` of shape ``(*batch, N, net_outputs)`` for weights with leading
+        batch dims ``*batch`` (none in a plain model call)."""
+        raise NotImplementedError
+
+    def config(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    # ---- shared ------------------------------------------------------------------------
+    @property
+    def task(self) -> str:
+        return self.likelihood.task
+
+    @property
+    def in_features(self) -> int | None:
+        return getattr(self, "_in_features", None)
+
+    def check_input(self, x: torch.Tensor, name: str = "x") -> torch.Tensor:
+        """Validate/reshape inputs for this architecture (raise ``DataError``)."""
+        return x
+
+    def sample_params(self, like: torch.Tensor) -> dict[str, torch.Tensor]:
+        params: dict[str, torch.Tensor] = {}
+        for spec in self.layer_specs():
+            w, b = self.priors[spec.name].sample_layer(
+                spec.name, spec.weight_shape, spec.bias_shape, spec.fan_in, like
+            )
+            params[f"{spec.name}.weight"] = w
+            if b is not None:
+                params[f"{spec.name}.bias"] = b
+        params.update(self.likelihood.sample_params(like))
+        return params
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        params = self.sample_params(x)
+        f = self.forward(params, x)
+        d = self.likelihood.dist(f, params)
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("y", d, obs=y)
+        return f
+
+    def predictive_dist(self, params: Mapping[str, torch.Tensor], x: torch.Tensor) -> dist.Distribution:
+        """The distribution of ``y`` given batched weights: batch shape ``(*batch, N)``."""
+        return self.likelihood.dist(self.forward(params, x), params)
+
+    def log_prior(self, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Log prior density of all latent sites, shape ``(*batch)``; no Pyro involved."""
+        specs = self.layer_specs()
+        lp = None
+        for spec in specs:
+            term = self.priors[spec.name].log_prob_layer(
+                spec.name, params, spec.fan_in, len(spec.weight_shape), spec.bias_shape is not None
+            )
+            lp = term if lp is None else lp + term
+        first = params[f"{specs[0].name}.weight"]
+        like = first.new_zeros(first.shape[: first.dim() - len(specs[0].weight_shape)])
+        return lp + self.likelihood.log_prob_params(params, like)
+
+    def log_likelihood(self, params, x, y) -> torch.Tensor:
+        """Per-observation log likelihood, shape ``(*batch, N)``."""
+        return self.predictive_dist(params, x).log_prob(y)
+
+    def log_joint(self, params, x, y, *, obs_scale: float = 1.0) -> torch.Tensor:
+        """``log p(w) + obs_scale * sum_n log p(y_n | x_n, w)``, shape ``(*batch)``."""
+        return self.log_prior(params) + obs_scale * self.log_likelihood(params, x, y).sum(-1)
+
+    def site_dims(self) -> dict[str, tuple[str, ...]]:
+        """ArviZ dim names of every latent site."""
+        dims: dict[str, tuple[str, ...]] = {}
+        for spec in self.layer_specs():
+            dims[f"{spec.name}.weight"] = spec.weight_dims
+            if spec.bias_shape is not None:
+                dims[f"{spec.name}.bias"] = spec.bias_dims or (f"{spec.name}_out",)
+            for h in self.priors[spec.name].hyper_sites(spec.name):
+                dims[h] = ()
+        for s in self.likelihood.latent_sites():
+            dims[s] = ()
+        return dims
+
+    def dropout_axes(self) -> dict[str, int]:
+        """For each weight site, the axis of input units MC dropout masks."""
+        return {f"{s.name}.weight": s.input_axis for s in self.layer_specs()}
+
+    def _base_config(self) -> dict[str, Any]:
+        return {
+            "likelihood": self.likelihood.config(),
+            "priors": {k: v.config() for k, v in self.priors.items()},
+        }
+
+
+def model_from_config(cfg: Mapping[str, Any]) -> BNN:
+    """Rebuild a builder model from ``model.config()`` (no code is executed from files: the
+    builder is looked up in a fixed table)."""
+    from marginalize.models import builders
+
+    cfg = dict(cfg)
+    kind = cfg.pop("builder")
+    table = builders.BUILDERS
+    if kind not in table:
+        raise ValueError(f"unknown model builder {kind!r}; known: {sorted(table)}")
+    lik = likelihood_from_config(cfg.pop("likelihood"))
+    priors = {k: prior_from_config(v) for k, v in cfg.pop("priors").items()}
+    module = importlib.import_module(table[kind][0])
+    return getattr(module, table[kind][1]).from_config(cfg, likelihood=lik, priors=priors)
