@@ -32,6 +32,8 @@ _LAZY = {
     "posterior_functions": "marginalize.diagnostics.functions",
     "prior_scale_sweep": "marginalize.diagnostics.functions",
     "temperature_scale": "marginalize.inference.temperature",
+    "resume": "marginalize.inference.checkpoint",
+    "FitError": "marginalize.inference.svi",
 }
 
 

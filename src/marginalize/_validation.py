@@ -13,7 +13,10 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["DataError", "ModelError", "OptionError", "as_tensor", "check_finite", "check_options"]
+__all__ = [
+    "DataError", "ModelError", "OptionError", "as_tensor", "check_finite", "check_options",
+    "check_seed", "check_device", "check_positive_int",
+]
 
 
 class DataError(ValueError):
@@ -33,6 +36,8 @@ def as_tensor(name: str, value: Any, *, device=None, dtype=None, allow_int: bool
 
     NumPy floating arrays become the torch default dtype (float32 unless changed).
     """
+    if value is None:
+        raise DataError(f"{name}: expected a numeric array, got None")
     if isinstance(value, torch.Tensor):
         t = value.detach()
     else:
@@ -74,6 +79,8 @@ def check_x(name: str, x: Any, *, device=None, in_features: int | None = None, d
         raise DataError(f"{name}: expected an array of inputs with a leading data dimension, got a scalar")
     if t.shape[0] == 0:
         raise DataError(f"{name}: is empty (0 rows)")
+    if t.numel() == 0:
+        raise DataError(f"{name}: has no values (shape {tuple(t.shape)})")
     check_finite(name, t)
     if in_features is not None:
         if t.dim() == 1 and in_features == 1:
@@ -97,6 +104,30 @@ def check_positive_int(name: str, value: Any, *, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         raise OptionError(f"{name}: expected an integer >= {minimum}, got {value!r}")
     return int(value)
+
+
+def check_seed(name: str, value: Any) -> int:
+    """A seed: an integer (Python or NumPy, not bool) in ``[0, 2**32 - 1]``."""
+    if (isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral)
+            or not 0 <= value < 2**32):
+        raise OptionError(f"{name}: expected an integer in [0, 2**32 - 1], got {value!r}")
+    return int(value)
+
+
+def check_device(device: Any) -> torch.device | None:
+    """``None`` or a usable ``torch.device`` (``"cuda"`` only where CUDA is available)."""
+    if device is None:
+        return None
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise OptionError(f"device: expected e.g. 'cpu' or 'cuda', got {device!r}") from e
+    if (dev.type == "cuda" and not torch.cuda.is_available()) or (
+            dev.type == "mps" and not torch.backends.mps.is_available()):
+        raise OptionError(f"device: {device!r} was asked for but is not available here")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise OptionError(f"device: expected 'cpu' or 'cuda', got {device!r}")
+    return dev
 
 
 def check_options(method: str, given: Mapping[str, Any], accepted: Mapping[str, Any]) -> None:

@@ -1,4 +1,4 @@
-"""Command line: ``marginalize fit``, ``marginalize methods``.
+"""Command line: ``marginalize fit``, ``marginalize methods``, ``marginalize bench``.
 
 Examples
 --------
@@ -28,6 +28,12 @@ METHOD_DEFAULTS: dict[str, tuple[dict, dict]] = {
     "svi-meanfield": ({"steps": 5000, "lr": 1e-2}, {"steps": 300}),
     "svi-lowrank": ({"steps": 5000, "lr": 1e-2, "rank": 10}, {"steps": 300}),
     "mc-dropout": ({"steps": 3000, "p": 0.05}, {"steps": 300}),
+    "ensemble": ({"steps": 3000, "num_members": 5}, {"steps": 300, "num_members": 3}),
+    "swag": ({"pretrain_steps": 3000, "swag_steps": 1000}, {"pretrain_steps": 300, "swag_steps": 200}),
+    "multiswag": ({"num_models": 5, "pretrain_steps": 3000, "swag_steps": 1000},
+                  {"num_models": 3, "pretrain_steps": 300, "swag_steps": 200}),
+    "laplace": ({"steps": 3000}, {"steps": 300}),
+    "bbb": ({"steps": 5000, "batch_size": 32}, {"steps": 300, "batch_size": 32}),
     "nuts": ({"num_samples": 300, "num_warmup": 300, "num_chains": 2, "max_tree_depth": 8},
              {"num_samples": 30, "num_warmup": 30, "num_chains": 2, "max_tree_depth": 5}),
     "hmc": ({"num_samples": 300, "num_warmup": 300, "num_chains": 2, "num_steps": 50},
@@ -58,10 +64,47 @@ def parse_model(spec: str, in_features: int, task: str, num_classes: int | None)
                          prior=mz.priors.ScaledNormal(gain=1.0), activation="relu")
 
 
+def _parse_options(text: str | None, names: list[str]) -> dict[str, dict]:
+    """``--options``: a JSON object mapping method names (from ``--method``) to option objects."""
+    from marginalize._validation import OptionError
+
+    if not text:
+        return {}
+    try:
+        options = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise OptionError(f"--options: not valid JSON ({e})") from e
+    if not isinstance(options, dict) or not all(isinstance(v, dict) for v in options.values()):
+        raise OptionError('--options: expected a JSON object of method -> options, e.g. '
+                          '{"nuts": {"num_chains": 4}}')
+    extra = sorted(set(options) - set(names))
+    if extra:
+        raise OptionError(f"--options: given for {extra}, which --method does not run ({names})")
+    return options
+
+
+def _check_args(args) -> None:
+    from marginalize._validation import OptionError
+
+    if not 0 < args.test_size < 1:
+        raise OptionError(f"--test-size: expected a fraction in (0, 1), got {args.test_size}")
+    if args.num_samples < 1:
+        raise OptionError(f"--num-samples: expected an integer >= 1, got {args.num_samples}")
+    if not 0 <= args.seed < 2**32:
+        raise OptionError(f"--seed: expected an integer in [0, 2**32 - 1], got {args.seed}")
+
+
 def _fit_cmd(args) -> int:
     import marginalize as mz
     from marginalize import datasets
 
+    _check_args(args)
+    names = [m.strip() for m in args.method.split(",") if m.strip()]
+    if not names:
+        raise mz.OptionError("--method: expected one or more method names separated by commas")
+    for m in names:
+        mz.inference.get_method(m)  # raises with a suggestion
+    options = _parse_options(args.options, names)
     ds = datasets.load(args.data)
     xtr, ytr, xte, yte = ds.split(test_size=args.test_size, seed=args.seed)
     sx = datasets.Standardizer(xtr)
@@ -73,15 +116,9 @@ def _fit_cmd(args) -> int:
     else:
         ytr_s = ytr
     model = parse_model(args.model, xtr.shape[1], ds.task, ds.num_classes)
-    names = [m.strip() for m in args.method.split(",") if m.strip()]
-    known = mz.methods()
-    for m in names:
-        if m not in known:
-            mz.inference.get_method(m)  # raises with a suggestion
     x_train = torch.as_tensor(xtr_s, dtype=torch.float32)
     y_train = torch.as_tensor(ytr_s, dtype=torch.float32 if ds.task == "regression" else torch.long)
     x_test = torch.as_tensor(xte_s, dtype=torch.float32)
-    options = json.loads(args.options) if args.options else {}
     posts, rows = {}, []
     print(f"data: {ds.name} ({ds.x.shape[0]} rows, {ds.x.shape[1]} features), "
           f"{len(xtr)} train / {len(xte)} test, model {model!r}")
@@ -91,6 +128,7 @@ def _fit_cmd(args) -> int:
         t0 = time.perf_counter()
         post = mz.fit(model, x_train, y_train, method=m, seed=args.seed, progress=not args.quiet, **kw)
         secs = time.perf_counter() - t0
+        post.info.setdefault("fit_seconds", secs)  # shown by the report
         posts[m] = post
         row = {"method": m, "seconds": secs}
         if ds.task == "regression":
@@ -153,17 +191,33 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--report", default=None, help="folder for the HTML report")
     f.add_argument("--quick", action="store_true", help="small settings (smoke test)")
     f.add_argument("--quiet", action="store_true", help="no progress bars")
+    from marginalize.bench import add_subcommands as _bench_subcommands
+
+    _bench_subcommands(sub.add_parser("bench", help="benchmarks: uci, classification, active-learning")
+                       .add_subparsers(dest="bench", required=True))
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.cmd == "methods":
         for row in mz.method_info():
             print(f"{row['name']:>14}  {row['summary']}")
         return 0
+    if args.cmd == "bench":
+        from marginalize.bench import run_parsed
+
+        return run_parsed(args, ["marginalize", *(sys.argv[1:] if argv is None else argv)])
+    from marginalize.inference.svi import FitError
+
     try:
         return _fit_cmd(args)
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError) as e:  # bad input: DataError, ModelError, OptionError, ...
         print(f"marginalize: error: {e}", file=sys.stderr)
         return 2
+    except FitError as e:
+        print(f"marginalize: the fit failed: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("marginalize: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -3,18 +3,20 @@
 The file is a ``torch.save`` of a dict holding only tensors, strings, numbers, lists and
 dicts, read back with ``torch.load(..., weights_only=True)``. Builder models are stored as
 their config and rebuilt from a fixed table; a plain model function must be passed to
-:func:`load` (code is never stored).
+:func:`load` (code is never stored). Files are written atomically and carry a SHA-256 of their
+content, checked on load, so a truncated or corrupted file raises :class:`FileFormatError`
+instead of giving a wrong posterior (see :mod:`marginalize._files`).
 """
 
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
+from marginalize._files import FileFormatError, check_path, read_verified, write_verified
+from marginalize._validation import DataError, ModelError, check_device
 from marginalize.inference.approximations import from_state
 from marginalize.inference.posterior import Posterior
 from marginalize.inference.problem import prepare
@@ -23,12 +25,8 @@ from marginalize.models.base import BNN, model_from_config
 __all__ = ["save_posterior", "load", "FileFormatError", "FORMAT", "VERSION"]
 
 FORMAT = "marginalize.posterior"
-VERSION = 1
-
-
-class FileFormatError(ValueError):
-    """A file that is not a marginalize posterior, is truncated/corrupted, or is from an
-    incompatible version."""
+#: 2: a SHA-256 of the content is stored beside it
+VERSION = 2
 
 
 def _to_cpu(obj):
@@ -56,8 +54,11 @@ def _plain(obj):
 
 def save_posterior(post: Posterior, path) -> None:
     """Write ``post`` to ``path`` (atomically: a temporary file is renamed into place)."""
-    path = Path(path)
-    model_cfg = json.dumps(post.model.config()) if isinstance(post.model, BNN) else None
+    path = check_path(path)
+    # builder models store their config; plain functions and bayesian(module) models (config()
+    # is None) must be passed to load(path, model=...)
+    cfg = post.model.config() if isinstance(post.model, BNN) else None
+    model_cfg = json.dumps(cfg) if cfg is not None else None
     payload = {
         "format": FORMAT,
         "version": VERSION,
@@ -74,9 +75,7 @@ def save_posterior(post: Posterior, path) -> None:
         "data": None if post.data is None else {"x": post.data[0].cpu(), "y": post.data[1].cpu()},
         "dtype": str(post.dtype).replace("torch.", ""),
     }
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    write_verified(payload, path)
 
 
 def load(path, model: Callable | None = None, *, device=None) -> Posterior:
@@ -90,48 +89,54 @@ def load(path, model: Callable | None = None, *, device=None) -> Posterior:
         stored in the file); builder models are rebuilt from their saved config.
     device : optional
         Where to put the draws (default: the CPU).
+
+    Raises
+    ------
+    FileNotFoundError
+        No file at ``path``.
+    FileFormatError
+        Not a marginalize posterior, truncated or corrupted (checksum), or another version.
+    ModelError
+        ``model`` is missing (plain model functions) or does not fit the saved posterior.
     """
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"no such file: {path}")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise FileFormatError(
-            f"{path}: cannot be read as a marginalize posterior (truncated, corrupted, or not "
-            f"this format; loading refuses anything but plain tensors): {e}"
-        ) from e
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise FileFormatError(f"{path}: not a marginalize posterior file")
-    if payload.get("version") != VERSION:
-        raise FileFormatError(
-            f"{path}: written by file format version {payload.get('version')}, this marginalize "
-            f"reads version {VERSION}"
-        )
+    path = check_path(path)
+    device = check_device(device)
+    payload = read_verified(path, FORMAT, VERSION, what="marginalize posterior file")
+    user_model = model is not None
     try:
         if payload["model_config"] is not None:
             built = model_from_config(json.loads(payload["model_config"]))
             model = model if model is not None else built
         elif model is None:
-            raise ValueError(
-                f"{path}: the posterior was fitted on a plain model function; pass it as "
+            raise ModelError(
+                f"model: {path} was fitted on a plain model function or a "
+                "bayesian(module) model; pass it as "
                 "load(path, model=...)"
             )
         data = payload["data"]
         dtype = getattr(torch, payload["dtype"])
         x, y = data["x"].to(device), data["y"].to(device)
-        problem = prepare(model, x, y, device=device)
+        try:
+            problem = prepare(model, x, y, device=device)
+        except (DataError, ModelError) as e:
+            if not user_model:
+                raise FileFormatError(
+                    f"{path}: the saved model and data are inconsistent ({e})") from e
+            raise ModelError(f"model: does not fit the posterior saved in {path}: {e}") from e
         saved = json.loads(payload["layout"])
         if [(s["name"], s["shape"]) for s in saved] != [(s.name, list(s.shape)) for s in problem.layout.sites]:
+            if user_model:
+                raise ModelError(
+                    f"model: its latent sites do not match those of the posterior saved in {path}")
             raise FileFormatError(f"{path}: the model's latent sites do not match the saved posterior")
         approx = from_state(payload["approximation"])
         if approx.dim != problem.layout.size:
             raise FileFormatError(f"{path}: saved draws have {approx.dim} parameters, the model {problem.layout.size}")
         if device is not None:
             approx = approx.to(device)
-    except FileFormatError:
+    except (FileFormatError, ModelError):
         raise
-    except (KeyError, TypeError, AttributeError, json.JSONDecodeError) as e:
+    except (KeyError, TypeError, AttributeError, IndexError, ValueError, RuntimeError) as e:
         raise FileFormatError(f"{path}: incomplete or inconsistent posterior file ({type(e).__name__}: {e})") from e
     del dtype
     return Posterior(

@@ -3,7 +3,7 @@
 Importing this package registers every method (one module per method family).
 """
 
-from marginalize.inference import dropout, mcmc, svi  # noqa: F401  (registration)
+from marginalize.inference import bbb, dropout, ensemble, laplace, mcmc, svi, swag  # noqa: F401
 from marginalize.inference.approximations import Approximation, Delta, Dropout, Empirical, Gaussian, Mixture
 from marginalize.inference.layout import Layout
 from marginalize.inference.posterior import Posterior, Prediction

@@ -52,8 +52,9 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 
@@ -119,7 +120,7 @@ class NUTSState:
     inverse_mass: torch.Tensor
     iteration: int
     adapt: dict = field(default_factory=dict)
-    rng_state: Optional[torch.Tensor] = None
+    rng_state: torch.Tensor | None = None
 
     def state_dict(self) -> dict:
         """Return a dict of tensors/floats/ints/strings/dicts.
@@ -140,7 +141,7 @@ class NUTSState:
         }
 
     @classmethod
-    def from_state_dict(cls, d: dict) -> "NUTSState":
+    def from_state_dict(cls, d: dict) -> NUTSState:
         """Rebuild a state from :meth:`state_dict` output.
 
         Parameters
@@ -266,18 +267,23 @@ class _Kernel:
 
     # -- metric ------------------------------------------------------------ #
     def set_inverse_mass(self, inverse_mass: torch.Tensor) -> None:
+        """Install a new metric; raises (leaving the old one) if it is not positive definite."""
+        if inverse_mass.ndim == 2:
+            chol = torch.linalg.cholesky(inverse_mass)  # M^{-1} = L L^T
+            eye = torch.eye(inverse_mass.shape[0], dtype=inverse_mass.dtype,
+                            device=inverse_mass.device)
+            # p = L^{-T} e has covariance (L L^T)^{-1} = M
+            mom = torch.linalg.solve_triangular(chol.mT, eye, upper=True)
+        else:
+            if not bool((inverse_mass > 0).all() & torch.isfinite(inverse_mass).all()):
+                raise ValueError("diagonal inverse mass must be positive and finite")
+            mom = inverse_mass.rsqrt()
         self.minv = inverse_mass
+        self._mom = mom
         self.dense = inverse_mass.ndim == 2
         self.dim = inverse_mass.shape[0]
         self.dtype = inverse_mass.dtype
         self.device = inverse_mass.device
-        if self.dense:
-            chol = torch.linalg.cholesky(inverse_mass)  # M^{-1} = L L^T
-            eye = torch.eye(self.dim, dtype=self.dtype, device=self.device)
-            # p = L^{-T} e has covariance (L L^T)^{-1} = M
-            self._mom = torch.linalg.solve_triangular(chol.mT, eye, upper=True)
-        else:
-            self._mom = inverse_mass.rsqrt()
 
     def velocity(self, p: torch.Tensor) -> torch.Tensor:
         return torch.mv(self.minv, p) if self.dense else self.minv * p
@@ -380,7 +386,7 @@ class _Kernel:
 
         Checks the merged tree (momentum sum ``rho_a + rho_b``) and, as Stan
         does, ``a`` extended by the first point of ``b`` and ``b`` extended by
-        the last point of ``a``.  All twelve dot products come from one 4x4
+        the last point of ``a``.  All the dot products come from one 4x4
         Gram matrix.
         """
         gram = torch.mm(torch.stack((va_beg, vb_end, vb_beg, va_end)),
@@ -501,15 +507,31 @@ class _Kernel:
         v0 = self.velocity(p0)
         h0 = u0 + 0.5 * float(torch.dot(p0, v0))
         z, p, v, u = z0, p0, v0, u0
-        g = (g0, torch.mv(self.minv, g0)) if self.dense else g0
         done = 0
         finite = True
-        for _ in range(n_steps):
-            z, p, v, g, u = self._leaf(z, p, v, g, eps)
-            done += 1
-            if not math.isfinite(u):
-                finite = False
-                break
+        if self.dense:
+            g = (g0, torch.mv(self.minv, g0))
+            for _ in range(n_steps):
+                z, p, v, g, u = self._leaf(z, p, v, g, eps)
+                done += 1
+                if not math.isfinite(u):
+                    finite = False
+                    break
+        else:  # the velocity is only needed at the end
+            minv, pg, half, g = self.minv, self.pg, -0.5 * eps, g0
+            for _ in range(n_steps):
+                p = torch.add(p, g, alpha=half)
+                z = torch.addcmul(z, minv, p, value=eps)
+                u, g = pg(z)
+                if g.requires_grad:
+                    g = g.detach()
+                u = float(u)
+                p = torch.add(p, g, alpha=half)
+                done += 1
+                if not math.isfinite(u):
+                    finite = False
+                    break
+            v = minv * p
         h = u + 0.5 * float(torch.dot(p, v)) if finite else _INF
         if h != h:
             h = _INF
@@ -549,13 +571,13 @@ def run_sampler(
     algorithm: str = "nuts",
     target_accept: float = 0.8,
     max_tree_depth: int = 10,
-    num_steps: Optional[int] = None,
-    trajectory_length: Optional[float] = None,
-    step_size: Optional[float] = None,
+    num_steps: int | None = None,
+    trajectory_length: float | None = None,
+    step_size: float | None = None,
     adapt_step_size: bool = True,
-    adapt_mass: Optional[str] = "diag",
-    state: Optional[NUTSState] = None,
-    callback: Optional[Callable[[int, NUTSState, Optional[dict[str, Any]]], Any]] = None,
+    adapt_mass: str | None = "diag",
+    state: NUTSState | None = None,
+    callback: Callable[[int, NUTSState, dict[str, Any] | None], Any] | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], NUTSState]:
     """Run NUTS or static HMC with Stan-style warmup on a flat vector.
 
@@ -679,7 +701,10 @@ def run_sampler(
             if adapt_mass is not None and adapt_mass != kind:
                 raise ValueError(f"state has a {kind} metric, adapt_mass={adapt_mass!r}")
 
-    kernel = _Kernel(potential_and_grad, inv_mass, generator, max_tree_depth)
+    try:
+        kernel = _Kernel(potential_and_grad, inv_mass, generator, max_tree_depth)
+    except RuntimeError as exc:  # torch.linalg.LinAlgError
+        raise ValueError("state.inverse_mass is not positive definite") from exc
     u, g = kernel._potential(z)
     if not math.isfinite(u):
         raise ValueError(f"initial point has non-finite potential ({u})")
@@ -700,6 +725,13 @@ def run_sampler(
         raise ValueError(f"step size must be positive and finite, got {eps}")
     if not adapt:
         adapt = _new_adapt(num_warmup, eps, inv_mass)
+    elif start >= num_warmup and adapt.get("num_warmup", 0) > start:
+        # resumed mid-warmup with a shorter schedule: end the warmup now
+        if adapt_step_size and adapt.get("counter", 0) > 0:
+            eps = math.exp(adapt["log_step_size_avg"])
+        logger.warning("warmup cut short at iteration %d (was planned for %d); step size %g",
+                       start, adapt["num_warmup"], eps)
+    adapt["num_warmup"] = int(num_warmup)
 
     use_hmc = algorithm == "hmc"
     traj_len = DEFAULT_TRAJECTORY_LENGTH if trajectory_length is None else float(trajectory_length)
@@ -816,7 +848,10 @@ def _update_metric(kernel: _Kernel, adapt: dict, dense: bool) -> None:
                 logger.warning("dense metric estimate not positive definite; using its diagonal")
                 kernel.set_inverse_mass(torch.diag(torch.diagonal(new).clamp_min(reg)))
         else:
-            kernel.set_inverse_mass(shrink * est + reg)
+            try:
+                kernel.set_inverse_mass(shrink * est + reg)
+            except ValueError:
+                logger.warning("variance estimate not finite; keeping the previous metric")
     adapt["mass_n"] = 0
     adapt["mass_mean"] = torch.zeros_like(adapt["mass_mean"])
     adapt["mass_m2"] = torch.zeros_like(m2)

@@ -11,7 +11,8 @@ import math
 
 import torch
 
-__all__ = ["Approximation", "Delta", "Gaussian", "Dropout", "Empirical", "Mixture", "from_state"]
+__all__ = ["Approximation", "Delta", "Gaussian", "Dropout", "Empirical", "Mixture", "Kronecker",
+           "from_state"]
 
 
 def _normal(shape, like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -237,7 +238,54 @@ class Mixture(Approximation):
         return {"kinds": [c.kind for c in self.components], "extras": [c.extra() for c in self.components]}
 
 
-_KINDS = {c.kind: c for c in (Delta, Gaussian, Dropout, Empirical, Mixture)}
+class Kronecker(Approximation):
+    """Gaussian with Kronecker-factored blocks (K-FAC Laplace) plus a diagonal elsewhere.
+
+    ``z = loc + scale * e`` and, for each block ``{"idx", "qa", "qg", "s"}``,
+    ``z[idx] += vec(qa @ (E * s) @ qg^T)`` with ``E`` standard normal of ``s``'s shape
+    ``(r, c)`` (row-major ``vec``): block covariance ``(qa (x) qg) diag(vec(s)^2) (qa (x) qg)^T``.
+    ``scale`` is 0 on block coordinates.
+    """
+
+    kind = "kronecker"
+
+    def __init__(self, loc, scale, blocks):
+        self.loc = loc.detach()
+        self.scale = scale.detach()
+        self.blocks = [{k: v.detach() for k, v in b.items()} for b in blocks]
+
+    @property
+    def dim(self):
+        return self.loc.shape[-1]
+
+    def sample(self, num_draws, generator=None):
+        z = self.loc + self.scale * _normal((num_draws, self.dim), self.loc, generator)
+        for b in self.blocks:
+            e = _normal((num_draws, *b["s"].shape), self.loc, generator)
+            w = b["qa"] @ (e * b["s"]) @ b["qg"].T
+            z[:, b["idx"]] += w.reshape(num_draws, -1)
+        return z.unsqueeze(0)
+
+    def covariance(self) -> torch.Tensor:
+        cov = torch.diag(self.scale**2)
+        for b in self.blocks:
+            q = torch.kron(b["qa"], b["qg"])
+            block = (q * b["s"].reshape(-1) ** 2) @ q.T
+            cov[b["idx"][:, None], b["idx"][None, :]] += block
+        return cov
+
+    def variance(self) -> torch.Tensor:
+        v = self.scale**2
+        for b in self.blocks:
+            # diag of (qa (x) qg) diag(s^2) (qa (x) qg)^T = (qa^2) (s^2) (qg^2)^T, row-major
+            v = v.index_add(0, b["idx"], ((b["qa"] ** 2) @ b["s"] ** 2 @ (b["qg"] ** 2).T).reshape(-1))
+        return v
+
+    def tensors(self):
+        return {"loc": self.loc, "scale": self.scale, "blocks": self.blocks}
+
+
+_KINDS = {c.kind: c for c in (Delta, Gaussian, Dropout, Empirical, Mixture, Kronecker)}
 
 
 def from_state(state: dict) -> Approximation:

@@ -19,6 +19,7 @@ from pyro.infer.autoguide.initialization import InitMessenger
 
 from marginalize._validation import OptionError
 from marginalize.inference.approximations import Dropout
+from marginalize.inference.lastlayer import BayesianSites, init_loc_fn, run_on_sites
 from marginalize.inference.layout import Layout
 from marginalize.inference.registry import Method, register
 from marginalize.inference.svi import INIT, SVIOptions, run_svi
@@ -92,8 +93,9 @@ class MCDropout(Method):
     reference = "Gal & Ghahramani 2016, Dropout as a Bayesian Approximation"
 
     @dataclass
-    class Options(SVIOptions):
-        """Plus: p (drop probability of each input unit of every masked weight matrix)."""
+    class Options(BayesianSites, SVIOptions):
+        """Plus: p (drop probability of each input unit of every masked weight matrix),
+        bayesian_sites (see ``lastlayer.py``; only those sites get masks)."""
 
         p: float = 0.1
 
@@ -103,8 +105,10 @@ class MCDropout(Method):
                 raise OptionError(f"p: expected a probability in [0, 1), got {self.p!r}")
 
     def run(self, problem, opts, seed, progress):
+        if opts.bayesian_sites is not None:
+            return run_on_sites(self, problem, opts, seed, progress)
         layout = problem.layout
-        init_model = InitMessenger(INIT[opts.init])(problem.model)
+        init_model = InitMessenger(init_loc_fn(problem, INIT[opts.init]))(problem.model)
         tr = poutine.trace(init_model).get_trace(problem.x[:2], None)
         init = {s.name: tr.nodes[s.name]["value"].detach() for s in layout.sites}
         guide = DropoutGuide(layout, dropout_axes(problem.model, layout), opts.p, init)

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from marginalize._validation import OptionError
+from marginalize._validation import ModelError, OptionError
+from marginalize.inference import checkpoint
 from marginalize.inference._nuts import SamplingInterrupted, run_sampler
 from marginalize.inference.approximations import Empirical
 from marginalize.inference.problem import Problem
@@ -33,7 +34,9 @@ class MCMCOptions:
     (default: num_samples); num_chains; target_accept; step_size : initial step size (None:
     heuristic search); adapt_mass : "diag", "dense" or None; init : "prior" (a prior draw),
     "uniform" (Stan's U(-init_radius, init_radius) in unconstrained space) or "map" (a short
-    MAP fit); init_radius; init_steps : MAP steps for init="map"."""
+    MAP fit); init_radius; init_steps : MAP steps for init="map"; checkpoint : file to save
+    the chains' state to, resumable with ``mz.resume`` (see ``inference/checkpoint.py``);
+    checkpoint_every : iterations (warmup included) between checkpoints."""
 
     num_samples: int = 1000
     num_warmup: int | None = None
@@ -44,26 +47,37 @@ class MCMCOptions:
     init: str = "prior"
     init_radius: float = 2.0
     init_steps: int = 500
+    checkpoint: str | None = None
+    checkpoint_every: int = 50
 
     def __post_init__(self):
         for name in ("num_samples", "num_chains", "init_steps"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise OptionError(f"{name}: expected an integer >= 1, got {v!r}")
-        if self.num_warmup is not None and (not isinstance(self.num_warmup, int) or self.num_warmup < 0):
-            raise OptionError(f"num_warmup: expected an integer >= 0, got {self.num_warmup!r}")
-        if not (0 < self.target_accept < 1):
+        nw = self.num_warmup
+        if nw is not None and (isinstance(nw, bool) or not isinstance(nw, int) or nw < 0):
+            raise OptionError(f"num_warmup: expected an integer >= 0 or None, got {nw!r}")
+        if not (_is_real(self.target_accept) and 0 < self.target_accept < 1):
             raise OptionError(f"target_accept: expected a number in (0, 1), got {self.target_accept!r}")
         if self.adapt_mass not in ("diag", "dense", None):
             raise OptionError(f"adapt_mass: expected 'diag', 'dense' or None, got {self.adapt_mass!r}")
         if self.init not in ("prior", "uniform", "map"):
             raise OptionError(f"init: expected 'prior', 'uniform' or 'map', got {self.init!r}")
-        if self.step_size is not None and not self.step_size > 0:
-            raise OptionError(f"step_size: expected > 0, got {self.step_size!r}")
+        eps, radius = self.step_size, self.init_radius
+        if eps is not None and not (_is_real(eps) and 0 < eps < math.inf):
+            raise OptionError(f"step_size: expected a finite number > 0 or None, got {eps!r}")
+        if not (_is_real(radius) and 0 < radius < math.inf):
+            raise OptionError(f"init_radius: expected a finite number > 0, got {radius!r}")
+        self.checkpoint = checkpoint.check_options(self.checkpoint, self.checkpoint_every)
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v)
 
 
 def initial_point(problem: Problem, opts: MCMCOptions, seed: int) -> torch.Tensor:
-    """A starting point with finite potential (tries up to 20 draws)."""
+    """A starting point with finite potential (tries up to 20 draws); ``ModelError`` if none."""
     g = torch.Generator().manual_seed(seed)
     last = None
     for attempt in range(20):
@@ -75,7 +89,10 @@ def initial_point(problem: Problem, opts: MCMCOptions, seed: int) -> torch.Tenso
             from marginalize.inference.svi import MAP
 
             with isolated(seed + attempt):
-                approx, _ = MAP().run(problem, MAP.Options(steps=opts.init_steps), seed + attempt, False)
+                approx, info = MAP().run(problem, MAP.Options(steps=opts.init_steps),
+                                         seed + attempt, False)
+            if info.get("stopped", {}).get("reason") == "interrupted":
+                raise KeyboardInterrupt("interrupted while finding the initial point (init='map')")
             z = approx.loc.clone()
         else:
             z = problem.init_from_prior(seed * 31 + attempt)
@@ -84,7 +101,7 @@ def initial_point(problem: Problem, opts: MCMCOptions, seed: int) -> torch.Tenso
         if torch.isfinite(u):
             return z
         last = float(u)
-    raise ValueError(
+    raise ModelError(
         f"could not find an initial point with finite log density in 20 tries (last potential {last}); "
         "likely causes: data far outside the prior's range (standardize x and y), a likelihood "
         "that cannot produce the observed targets, or a too-wide init_radius"
@@ -103,29 +120,52 @@ class _MCMC(Method):
         stopped = None
         for chain in range(opts.num_chains):
             chain_seed = seed * 1009 + chain
-            z0 = initial_point(problem, opts, chain_seed)
+            try:
+                z0 = initial_point(problem, opts, chain_seed)
+                seg = checkpoint.segment("mcmc", f"{self.name} chain {chain + 1}")
+            except KeyboardInterrupt:
+                log.warning("%s: interrupted before chain %d started", self.name, chain + 1)
+                stopped = {"chain": chain, "reason": "interrupted"}
+                break
+            if seg is not None and seg.saved is not None and seg.saved["done"]:
+                d, s, state = checkpoint.chain_result(seg, problem.device, problem.dtype)
+                seg.finish({"draws": d, "stats": s, "state": state.state_dict()})
+                draws.append(d)
+                stats.append(s)
+                states.append(state)
+                continue
+            rec = checkpoint.ChainRecorder(seg, num_warmup)
             g = torch.Generator(device=problem.device).manual_seed(chain_seed)
-            bar = tqdm(total=num_warmup + opts.num_samples, desc=f"{self.name} chain {chain + 1}",
-                       disable=not progress, leave=False)
+            bar = tqdm(total=num_warmup + opts.num_samples, initial=rec.start,
+                       desc=f"{self.name} chain {chain + 1}", disable=not progress, leave=False)
 
-            def callback(i, state, st, bar=bar):
+            def callback(i, state, st, bar=bar, rec=rec):
                 bar.update(1)
                 if st is not None and i % 20 == 0:
                     bar.set_postfix(step=f"{state.step_size:.3g}", depth=int(st.get("tree_depth", 0)))
+                rec.record(i, state, st)
 
             try:
                 d, s, state = run_sampler(
                     problem.potential_and_grad, z0, num_warmup=num_warmup,
                     num_samples=opts.num_samples, generator=g, algorithm=self.algorithm,
                     target_accept=opts.target_accept, step_size=opts.step_size,
-                    adapt_mass=opts.adapt_mass, callback=callback, **self._sampler_kwargs(opts),
+                    adapt_mass=opts.adapt_mass, callback=callback, state=rec.resume_state,
+                    **self._sampler_kwargs(opts),
                 )
-            except SamplingInterrupted as e:
+                d, s = rec.join(d, s)
+                rec.finish(d, s, state)
+            except (SamplingInterrupted, KeyboardInterrupt) as e:
                 log.warning("%s: interrupted in chain %d", self.name, chain + 1)
                 stopped = {"chain": chain, "reason": "interrupted"}
-                if e.draws is not None and len(e.draws):
-                    d, s, state = e.draws, e.stats, e.state
-                else:
+                if isinstance(e, SamplingInterrupted):
+                    d, s = rec.join(e.draws, e.stats)
+                    state = e.state
+                else:  # before the sampling loop: nothing new since the last checkpoint
+                    d, s = rec.join(None, {})
+                    state = None
+                rec.interrupt(d, s, state)
+                if d is None or not len(d):
                     break
             finally:
                 bar.close()
@@ -144,7 +184,7 @@ class _MCMC(Method):
             log.warning("%s: %d divergent transitions after warmup (of %d draws); the posterior "
                         "estimate may be biased", self.name, n_div, n * len(draws))
         info = {"sample_stats": sample_stats, "num_divergences": n_div, "num_warmup": num_warmup,
-                "final_states": [st.state_dict() for st in states]}
+                "final_states": [st.state_dict() for st in states if st is not None]}
         if stopped:
             info["stopped"] = stopped
         return approx, info
@@ -165,7 +205,8 @@ class NUTS(_MCMC):
 
         def __post_init__(self):
             super().__post_init__()
-            if not isinstance(self.max_tree_depth, int) or not 1 <= self.max_tree_depth <= 20:
+            if (isinstance(self.max_tree_depth, bool) or not isinstance(self.max_tree_depth, int)
+                    or not 1 <= self.max_tree_depth <= 20):
                 raise OptionError(f"max_tree_depth: expected an int in [1, 20], got {self.max_tree_depth!r}")
 
     def _sampler_kwargs(self, opts):
@@ -188,12 +229,14 @@ class HMC(_MCMC):
 
         def __post_init__(self):
             super().__post_init__()
-            if self.num_steps is not None and (not isinstance(self.num_steps, int) or self.num_steps < 1):
-                raise OptionError(f"num_steps: expected an int >= 1, got {self.num_steps!r}")
+            k = self.num_steps
+            if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+                raise OptionError(f"num_steps: expected an int >= 1 or None, got {k!r}")
             if self.trajectory_length is not None and not (
-                self.trajectory_length > 0 and math.isfinite(self.trajectory_length)
+                _is_real(self.trajectory_length) and 0 < self.trajectory_length < math.inf
             ):
-                raise OptionError(f"trajectory_length: expected > 0, got {self.trajectory_length!r}")
+                raise OptionError(f"trajectory_length: expected a finite number > 0 or None, "
+                                  f"got {self.trajectory_length!r}")
 
     def _sampler_kwargs(self, opts):
         return {"num_steps": opts.num_steps, "trajectory_length": opts.trajectory_length}

@@ -21,7 +21,15 @@ from typing import Any
 import torch
 from pyro import poutine
 
-from marginalize._validation import DataError, check_x, check_y
+from marginalize._validation import (
+    DataError,
+    ModelError,
+    OptionError,
+    check_positive_int,
+    check_seed,
+    check_x,
+    check_y,
+)
 from marginalize.inference.approximations import Approximation
 from marginalize.inference.layout import Layout
 from marginalize.inference.problem import observation_dist
@@ -32,7 +40,7 @@ __all__ = ["Posterior", "Prediction"]
 log = logging.getLogger(__name__)
 
 #: bytes of activations a prediction chunk may use (draws x inputs x widest layer)
-DEFAULT_CHUNK_BYTES = 64 * 2**20
+DEFAULT_CHUNK_BYTES = 2**20
 
 
 @dataclass
@@ -155,7 +163,7 @@ class Posterior:
 
     def _generator(self, seed: int | None) -> torch.Generator:
         g = torch.Generator(device=self.device)
-        g.manual_seed(int(self.seed or 0) + 7919 if seed is None else int(seed))
+        g.manual_seed(int(self.seed or 0) + 7919 if seed is None else check_seed("seed", seed))
         return g
 
     def sample_flat(self, num_samples: int | None = None, seed: int | None = None) -> torch.Tensor:
@@ -171,30 +179,50 @@ class Posterior:
         if num_samples is None:
             return 1 if self.approximation.deterministic else 1000
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-            raise ValueError(f"num_samples: expected a positive int, got {num_samples!r}")
+            raise OptionError(f"num_samples: expected a positive int, got {num_samples!r}")
         return num_samples
 
     # ---- evaluation --------------------------------------------------------------------
     def _chunk_size(self, n_inputs: int, chunk_size: int | None) -> int:
         if chunk_size is not None:
-            return max(1, int(chunk_size))
+            return check_positive_int("chunk_size", chunk_size)
         width = 1
         if isinstance(self.model, BNN):
             for s in self.model.layer_specs():
                 width = max(width, s.weight_shape[-1], math.prod(s.weight_shape) // max(n_inputs, 1))
         itemsize = torch.finfo(self.dtype).bits // 8
-        return max(1, DEFAULT_CHUNK_BYTES // (3 * itemsize * max(n_inputs, 1) * width))
+        # one activation tensor of about 1 MiB: it stays in cache, and on the CPU a larger one is
+        # a fresh page-faulted allocation at every operation (measured in benchmarks/prediction.py)
+        return max(1, DEFAULT_CHUNK_BYTES // (itemsize * max(n_inputs, 1) * width))
 
     def _dists(self, z: torch.Tensor, x: torch.Tensor) -> Iterator:
         """Yield the observation distribution for a chunk of flat draws ``(S, D)``."""
         params = self.layout.unpack(z)
         if isinstance(self.model, BNN):
-            yield self.model.predictive_dist(params, x)
+            if self.info.get("predictive") == "glm":  # linearized network (laplace)
+                from marginalize.inference.linearized import linearized_dist
+
+                yield self._temper(linearized_dist(self, z, x))
+                return
+            yield self._temper(self.model.predictive_dist(params, x))
         else:
             for s in range(z.shape[0]):
                 p = {k: v[s] for k, v in params.items()}
-                tr = poutine.trace(poutine.condition(self.model, data=p)).get_trace(x, None)
-                yield tr.nodes["y"]["fn"]
+                try:
+                    tr = poutine.trace(poutine.condition(self.model, data=p)).get_trace(x, None)
+                except Exception as e:
+                    raise ModelError(f"the model raised {type(e).__name__} when called as model(x) "
+                                     f"with x of shape {tuple(x.shape)}: {e}") from e
+                yield self._temper(tr.nodes["y"]["fn"])
+
+    def _temper(self, d):
+        """Apply a fitted ``info["temperature"]`` (see :func:`marginalize.temperature_scale`)."""
+        t = self.info.get("temperature")
+        if t is None:
+            return d
+        from marginalize.inference.temperature import temper
+
+        return temper(d, float(t))
 
     def _chunks(self, x: torch.Tensor, num_samples, seed, chunk_size):
         z = self.sample_flat(num_samples, seed)
@@ -213,7 +241,10 @@ class Posterior:
 
     def _check_x(self, x, name="x") -> torch.Tensor:
         t = check_x(name, x, device=self.device, dtype=self.dtype)
-        return self.model.check_input(t, name) if isinstance(self.model, BNN) else t
+        if isinstance(self.model, BNN):
+            return self.model.check_input(t, name)
+        _check_like_training(name, t, None if self.data is None else self.data[0])
+        return t
 
     @torch.no_grad()
     def predict(
@@ -266,7 +297,7 @@ class Posterior:
         out, shape = [], None
         for shape, dists in self._chunks(x, num_samples, seed, chunk_size):
             for d in dists:
-                out.append(self._per_draw(d.log_prob(y)))
+                out.append(self._per_draw(_log_prob(d, y)))
         return torch.cat(out).reshape(*shape, -1)
 
     @torch.no_grad()
@@ -278,7 +309,7 @@ class Posterior:
         lse, n = None, 0
         for _, dists in self._chunks(x, num_samples, seed, chunk_size):
             for d in dists:
-                ll = self._per_draw(d.log_prob(y))
+                ll = self._per_draw(_log_prob(d, y))
                 c = torch.logsumexp(ll, 0)
                 lse = c if lse is None else torch.logaddexp(lse, c)
                 n += ll.shape[0]
@@ -288,9 +319,13 @@ class Posterior:
         t = check_y(y, n, device=self.device)
         if isinstance(self.model, BNN):
             t = self.model.likelihood.check_y(t, self.model.out_features)
-        elif self.task == "classification":
-            if self.num_classes and (int(t.min()) < 0 or int(t.max()) >= self.num_classes):
-                raise DataError(f"y: labels must lie in [0, {self.num_classes - 1}]")
+        else:
+            _check_like_training("y", t, None if self.data is None else self.data[1])
+            if self.task == "classification":
+                if torch.is_floating_point(t) and not torch.equal(t, t.round()):
+                    raise DataError("y: class labels must be integers, got non-integer floats")
+                if self.num_classes and (int(t.min()) < 0 or int(t.max()) >= self.num_classes):
+                    raise DataError(f"y: labels must lie in [0, {self.num_classes - 1}]")
         if torch.is_floating_point(t):
             t = t.to(self.dtype)
         return t
@@ -311,6 +346,23 @@ class Posterior:
     def __repr__(self) -> str:
         return (f"Posterior(method={self.method!r}, task={self.task!r}, "
                 f"chains={self.num_chains}, params={self.layout.size})")
+
+
+def _check_like_training(name: str, t: torch.Tensor, train: torch.Tensor | None) -> None:
+    """Plain model functions: ``t`` must have the training data's shape past the first dim."""
+    if train is not None and t.shape[1:] != train.shape[1:]:
+        want = ("N", *train.shape[1:])
+        want = str(want).replace("'N'", "N")
+        raise DataError(f"{name}: expected shape {want} like the training {name}, "
+                        f"got {tuple(t.shape)}")
+
+
+def _log_prob(d, y: torch.Tensor) -> torch.Tensor:
+    try:
+        return d.log_prob(y)
+    except (ValueError, RuntimeError) as e:
+        raise DataError(f"y: does not fit the model's observation distribution "
+                        f"{type(observation_dist(d)).__name__}: {e}") from e
 
 
 def _tensors(obj):

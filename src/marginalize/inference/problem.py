@@ -160,8 +160,24 @@ class Problem:
         tr = poutine.trace(poutine.condition(model, data=params)).get_trace(x, y)
         return tr.log_prob_sum() + ladj
 
+    def fast_potential(self):
+        """The closed-form potential with an analytic gradient (``inference/potentials.py``)
+        for builder MLPs with the package's priors and likelihoods, else ``None``. Set
+        ``meta["fast_potential"] = False`` to always use the general path."""
+        if "_fast" not in self.__dict__:
+            fast = None
+            if self.meta.get("fast_potential", True) and type(self).log_joint is Problem.log_joint:
+                from marginalize.inference.potentials import fast_potential
+
+                fast = fast_potential(self)
+            self.__dict__["_fast"] = fast
+        return self.__dict__["_fast"]
+
     def potential_and_grad(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``U(z) = -log_joint(z)`` and its gradient; an invalid point gives ``U = inf``."""
+        fast = self.fast_potential()
+        if fast is not None:
+            return fast.potential_and_grad(z)
         z = z.detach().requires_grad_(True)
         with _no_validation():
             try:
@@ -176,7 +192,7 @@ class Problem:
     def init_from_prior(self, generator_seed: int) -> torch.Tensor:
         """A draw of the latent sites from the prior, packed (unconstrained)."""
         with torch.random.fork_rng(devices=[]):
-            pyro.set_rng_seed(generator_seed)
+            torch.manual_seed(generator_seed)  # torch only: pyro.set_rng_seed reseeds NumPy too
             tr = poutine.trace(self.model).get_trace(self.x[:2], None)
         return self.layout.pack({s.name: tr.nodes[s.name]["value"] for s in self.layout.sites}).to(
             self.device, self.dtype

@@ -30,13 +30,16 @@ import contextlib
 import dataclasses
 import difflib
 import logging
+import random
 from collections.abc import Callable
 from typing import Any, ClassVar
 
+import numpy as np
 import pyro
 import torch
 
-from marginalize._validation import OptionError, check_options
+from marginalize._validation import OptionError, check_device, check_options, check_seed
+from marginalize.inference import checkpoint
 from marginalize.inference.posterior import Posterior
 from marginalize.inference.problem import Problem, prepare
 
@@ -122,11 +125,22 @@ def method_info() -> list[dict[str, Any]]:
 
 @contextlib.contextmanager
 def isolated(seed: int):
-    """Own param-store scope and RNG state: nothing leaks between fits."""
+    """Own param-store scope and RNG states (torch, Python, NumPy): nothing leaks between fits.
+
+    Seeds as ``pyro.set_rng_seed(seed)`` does (NumPy gets ``seed % 2**32``, so derived seeds
+    of any size work).
+    """
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    py_state, np_state = random.getstate(), np.random.get_state()  # noqa: NPY002
     with torch.random.fork_rng(devices=devices), pyro.get_param_store().scope():
-        pyro.set_rng_seed(seed)
-        yield
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed % 2**32)  # noqa: NPY002 - as pyro.set_rng_seed
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)  # noqa: NPY002
 
 
 def fit(model: Callable, x, y, method: str, *, seed: int = 0, device: str | torch.device | None = None,
@@ -142,24 +156,32 @@ def fit(model: Callable, x, y, method: str, *, seed: int = 0, device: str | torc
     method : str
         A name from :func:`methods`.
     seed : int
-        All randomness of the fit derives from it; the same seed gives the same result.
+        In ``[0, 2**32 - 1]``. All randomness of the fit derives from it; the same seed gives
+        bitwise the same result on the same device.
     device : str or torch.device, optional
         Where to fit (default: the device of ``x``, else the CPU).
     progress : bool
         Show a progress bar.
     **options
         The method's options (see ``mz.method_info()``); an unknown one raises ``OptionError``.
+        SVI-based methods and ``nuts``/``hmc`` take ``checkpoint=PATH, checkpoint_every=N``:
+        the fit's state is saved there and :func:`marginalize.resume` continues it.
 
     Returns
     -------
     Posterior
+
+    Raises
+    ------
+    OptionError, DataError, ModelError
+        Bad options, data or model (see ``docs/input_checks.md``), before any fitting starts.
     """
     cls = get_method(method)
     opts = cls.make_options(options)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise OptionError(f"seed: expected an int, got {seed!r}")
+    seed = check_seed("seed", seed)
+    device = check_device(device)
     problem = prepare(model, x, y, device=device)
-    with isolated(seed):
+    with isolated(seed), checkpoint.session(cls.name, opts, seed, problem):
         approx, info = cls().run(problem, opts, seed, progress)
     return Posterior(
         problem.model, problem.layout, approx, method=cls.name, task=problem.task,

@@ -21,15 +21,20 @@ from pyro.infer.autoguide.initialization import init_to_median, init_to_sample
 from tqdm.auto import tqdm
 
 from marginalize._validation import OptionError
+from marginalize.inference import checkpoint
 from marginalize.inference.approximations import Delta, Gaussian
+from marginalize.inference.lastlayer import BayesianSites, init_loc_fn, run_on_sites
 from marginalize.inference.problem import Problem, _ScaleObs
 from marginalize.inference.registry import Method, register
 
-__all__ = ["SVIOptions", "run_svi", "FitError", "INIT"]
+__all__ = ["SVIOptions", "run_svi", "FitError", "INIT", "MAX_ROLLBACKS"]
 
 log = logging.getLogger(__name__)
 
 INIT = {"prior": init_to_sample, "median": init_to_median}
+
+#: with ``on_nan="rollback"``, how many times a fit may roll back before it stops
+MAX_ROLLBACKS = 3
 
 
 class FitError(RuntimeError):
@@ -42,9 +47,14 @@ class SVIOptions:
 
     steps : number of optimizer steps; lr : Adam learning rate; lr_final : learning rate at the
     last step as a fraction of ``lr`` (exponential decay); batch_size : minibatch size (None:
-    full batch); num_particles : ELBO samples per step; clip_norm : gradient norm clip;
-    init : "prior" (a prior draw) or "median"; on_nan : "stop" (keep the last good parameters
-    and stop, with a warning) or "raise".
+    full batch); num_particles : ELBO samples per step; clip_norm : elementwise gradient clip
+    (None: none; Adam is scale-invariant, and clipping noisy minibatch gradients biases the fit);
+    init : "prior" (a prior draw) or "median"; on_nan : what a non-finite loss (or non-finite
+    parameters) does: "stop" (keep the last good parameters and stop, with a warning),
+    "rollback" (go back to the last good parameters and optimizer state, halve the learning
+    rate and continue; after ``MAX_ROLLBACKS`` rollbacks, stop) or "raise" (``FitError``);
+    checkpoint : file to save the fit's state to, resumable with ``mz.resume`` (see
+    ``inference/checkpoint.py``); checkpoint_every : steps between checkpoints.
     """
 
     steps: int = 2000
@@ -52,9 +62,11 @@ class SVIOptions:
     lr_final: float = 0.1
     batch_size: int | None = None
     num_particles: int = 1
-    clip_norm: float = 10.0
+    clip_norm: float | None = None
     init: str = "prior"
     on_nan: str = "stop"
+    checkpoint: str | None = None
+    checkpoint_every: int = 500
 
     def __post_init__(self):
         _check_int("steps", self.steps, 1)
@@ -63,14 +75,19 @@ class SVIOptions:
             _check_int("batch_size", self.batch_size, 1)
         for name in ("lr", "clip_norm"):
             v = getattr(self, name)
+            if name == "clip_norm" and v is None:
+                continue
             if not (isinstance(v, (int, float)) and v > 0 and math.isfinite(v)):
                 raise OptionError(f"{name}: expected a positive number, got {v!r}")
-        if not (0 < self.lr_final <= 1):
+        if isinstance(self.lr_final, bool) or not (isinstance(self.lr_final, (int, float))
+                                                    and 0 < self.lr_final <= 1):
             raise OptionError(f"lr_final: expected a fraction in (0, 1], got {self.lr_final!r}")
-        if self.init not in INIT:
+        if not isinstance(self.init, str) or self.init not in INIT:
             raise OptionError(f"init: expected one of {sorted(INIT)}, got {self.init!r}")
-        if self.on_nan not in ("stop", "raise"):
-            raise OptionError(f"on_nan: expected 'stop' or 'raise', got {self.on_nan!r}")
+        if self.on_nan not in ("stop", "rollback", "raise"):
+            raise OptionError(
+                f"on_nan: expected 'stop', 'rollback' or 'raise', got {self.on_nan!r}")
+        self.checkpoint = checkpoint.check_options(self.checkpoint, self.checkpoint_every)
 
 
 def _check_int(name, v, minimum):
@@ -78,20 +95,95 @@ def _check_int(name, v, minimum):
         raise OptionError(f"{name}: expected an integer >= {minimum}, got {v!r}")
 
 
-def _batches(n: int, batch_size: int | None, steps: int, generator: torch.Generator, device):
-    """Yield minibatch index tensors (an epoch-wise permutation), or None for full batch."""
+def _batches(n: int, batch_size: int | None, steps: int, generator: torch.Generator, device,
+             start: int = 0):
+    """Yield minibatch index tensors (an epoch-wise permutation), or None for full batch.
+
+    With ``start``, the batches of steps ``start, ..., steps - 1``: the permutations of the
+    skipped epochs are still drawn, so the order only depends on the generator's seed and the
+    step (this is how a resumed fit gets the same minibatches).
+    """
     if batch_size is None or batch_size >= n:
-        for _ in range(steps):
+        for _ in range(start, steps):
             yield None
         return
+    per_epoch = n // batch_size
     done = 0
     while done < steps:
-        perm = torch.randperm(n, generator=generator).to(device)
-        for start in range(0, n - batch_size + 1, batch_size):
+        perm = torch.randperm(n, generator=generator)
+        if done + per_epoch <= start:  # an epoch before the start: only advance the generator
+            done += per_epoch
+            continue
+        perm = perm.to(device)
+        for first in range(0, n - batch_size + 1, batch_size):
             if done == steps:
                 return
-            yield perm[start : start + batch_size]
+            if done >= start:
+                yield perm[first : first + batch_size]
             done += 1
+
+
+class _LastGood:
+    """The parameters (and, for rollbacks, the optimizer state) after the last good step."""
+
+    def __init__(self, store, optim, with_optim: bool):
+        self.store, self.optim, self.with_optim = store, optim, with_optim
+        self.params: dict[str, torch.Tensor] = {}
+        self.optim_state: dict | None = None
+
+    @property
+    def has_good(self) -> bool:
+        return bool(self.params)
+
+    def finite(self) -> bool:
+        vals = [v for _, v in self.store.named_parameters()]
+        return not vals or bool(torch.stack([torch.isfinite(v).all() for v in vals]).all())
+
+    def save(self, optim_state: dict | None = None) -> None:
+        with torch.no_grad():
+            for k, v in self.store.named_parameters():
+                if k in self.params:
+                    self.params[k].copy_(v)
+                else:
+                    self.params[k] = v.detach().clone()
+        if self.with_optim:
+            self.optim_state = checkpoint._clone(optim_state if optim_state is not None
+                                                 else self.optim.get_state())
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for k, v in self.store.named_parameters():
+                if k in self.params:
+                    v.copy_(self.params[k])
+        if self.with_optim and self.optim_state is not None:
+            for p, opt in self.optim.optim_objs.items():
+                saved = self.optim_state.get(self.store.param_name(p))
+                if saved is None:
+                    opt.state.clear()
+                else:
+                    opt.load_state_dict(checkpoint._clone(saved))
+
+    def halve_lr(self) -> float:
+        lr = math.nan
+        for opt in self.optim.optim_objs.values():
+            for group in opt.param_groups:
+                group["lr"] *= 0.5
+                lr = group["lr"]
+        return lr
+
+
+def _svi_step(svi: SVI, store, xb, yb) -> float:
+    """One SVI step; invalid distribution arguments from non-finite values count as a NaN loss."""
+    try:
+        return svi.step(xb, yb)
+    except (ValueError, RuntimeError) as e:
+        numerical = isinstance(e, torch.linalg.LinAlgError) or (
+            isinstance(e, ValueError) and str(e).startswith("Expected parameter"))
+        if not numerical:
+            raise
+        for _, p in store.named_parameters():  # the step failed before zeroing its gradients
+            p.grad = None
+        return math.nan
 
 
 def run_svi(problem: Problem, guide: Callable, opts: SVIOptions, seed: int, progress: bool,
@@ -99,7 +191,11 @@ def run_svi(problem: Problem, guide: Callable, opts: SVIOptions, seed: int, prog
     """Train ``guide`` on ``problem.model`` by SVI; return info with the loss trace.
 
     Parameters live in the current Pyro param store (the caller's isolated scope). On a
-    non-finite loss the parameters of the last finite step are restored.
+    non-finite loss (or parameters) the parameters of the last good step are restored, then
+    ``opts.on_nan`` says whether to stop, roll back and continue, or raise. Ctrl-C ends the
+    run at the end of the current step and returns what was reached (``info["stopped"]``).
+    Inside a checkpointed fit (``opts.checkpoint``) the state is saved every
+    ``opts.checkpoint_every`` steps, on Ctrl-C and at the end, and restored on resume.
     """
     n = problem.n
     scaler = _ScaleObs(1.0)
@@ -112,53 +208,92 @@ def run_svi(problem: Problem, guide: Callable, opts: SVIOptions, seed: int, prog
         return guide(x, y)
 
     decay = opts.lr_final ** (1.0 / max(opts.steps, 1))
-    optim = pyro.optim.ClippedAdam({"lr": opts.lr, "clip_norm": opts.clip_norm, "lrd": decay})
+    clip = math.inf if opts.clip_norm is None else opts.clip_norm
+    optim = pyro.optim.ClippedAdam({"lr": opts.lr, "clip_norm": clip, "lrd": decay})
     elbo = elbo or Trace_ELBO(num_particles=opts.num_particles)
     svi = SVI(model, scaled_guide, optim, loss=elbo)
-    gen = torch.Generator().manual_seed(seed)
-    losses: list[float] = []
     store = pyro.get_param_store()
-    last_good: dict[str, torch.Tensor] = {}
+    seg = checkpoint.segment("svi", desc)
+    good = _LastGood(store, optim, with_optim=opts.on_nan == "rollback")
+    losses: list[float] = []
+    rollbacks: list[dict] = []
+    done = 0  # steps (minibatches) consumed
+    if seg is not None and seg.saved is not None:
+        status, saved = checkpoint.restore_svi(seg, guide, problem, optim, opts.batch_size)
+        if status == "done":
+            seg.finish(checkpoint.svi_result(store, saved, problem.device))
+            return saved
+        done, losses, rollbacks = saved["step"], saved["losses"].tolist(), list(saved["rollbacks"])
+        good.save(saved["optim"])
+    gen = torch.Generator().manual_seed(seed)
     stopped = None
-    bar = tqdm(total=opts.steps, desc=desc, disable=not progress, leave=False)
-    try:
-        for step, idx in enumerate(_batches(n, opts.batch_size, opts.steps, gen, problem.device)):
-            if idx is None:
-                xb, yb, scaler.scale = problem.x, problem.y, 1.0
-            else:
-                xb, yb, scaler.scale = problem.x[idx], problem.y[idx], n / len(idx)
-            if step > 0:
-                for k, v in store.named_parameters():
-                    if k in last_good:
-                        last_good[k].copy_(v.detach())
+    in_step = False
+    bar = tqdm(total=opts.steps, initial=done, desc=desc, disable=not progress, leave=False)
+    with checkpoint.deferred_interrupt() as interrupt:
+        try:
+            batches = _batches(n, opts.batch_size, opts.steps, gen, problem.device, start=done)
+            for step, idx in enumerate(batches, start=done):
+                interrupt.check()
+                in_step = True
+                if idx is None:
+                    xb, yb, scaler.scale = problem.x, problem.y, 1.0
+                else:
+                    xb, yb, scaler.scale = problem.x[idx], problem.y[idx], n / len(idx)
+                loss = _svi_step(svi, store, xb, yb)
+                if math.isfinite(loss) and good.finite():
+                    losses.append(loss)
+                    good.save()
+                else:
+                    what = (f"the loss became {loss}" if not math.isfinite(loss)
+                            else "the parameters became non-finite")
+                    if not good.has_good:
+                        raise FitError(f"{desc}: {what} at the first step. Lower lr, or check the "
+                                       "data scale and priors.")
+                    good.restore()
+                    if opts.on_nan == "rollback" and len(rollbacks) < MAX_ROLLBACKS:
+                        lr = good.halve_lr()
+                        rollbacks.append({"step": step, "lr": lr})
+                        log.warning("%s: %s at step %d; rolled back to the last good parameters, "
+                                    "learning rate halved to %.3g (rollback %d of %d)", desc, what,
+                                    step, lr, len(rollbacks), MAX_ROLLBACKS)
                     else:
-                        last_good[k] = v.detach().clone()
-            loss = svi.step(xb, yb)
-            if not math.isfinite(loss):
-                msg = (f"{desc}: the loss became {loss} at step {step}; "
-                       + ("keeping the parameters of the last finite step" if step else "at the start"))
-                if step:
-                    with torch.no_grad():
-                        for k, v in store.named_parameters():
-                            if k in last_good:
-                                v.copy_(last_good[k])
-                if opts.on_nan == "raise" or step == 0:
-                    raise FitError(msg + ". Lower lr, or check the data scale and priors.")
-                log.warning(msg)
-                stopped = {"step": step, "reason": f"non-finite loss ({loss})"}
-                break
-            losses.append(loss)
-            bar.update(1)
-            if step % 25 == 0:
-                bar.set_postfix(loss=f"{loss:.4g}")
-    except KeyboardInterrupt:
-        log.warning("%s: interrupted at step %d; keeping the parameters reached", desc, len(losses))
-        stopped = {"step": len(losses), "reason": "interrupted"}
-    finally:
-        bar.close()
+                        msg = (f"{desc}: {what} at step {step}; "
+                               "keeping the parameters of the last good step")
+                        if opts.on_nan == "rollback":
+                            msg += f" (gave up after {MAX_ROLLBACKS} rollbacks)"
+                        if opts.on_nan == "raise":
+                            raise FitError(msg + ". Lower lr, or check the data scale and priors.")
+                        log.warning(msg)
+                        stopped = {"step": step, "reason": f"non-finite loss ({loss})"}
+                        in_step = False
+                        done = step + 1
+                        break
+                in_step = False
+                done = step + 1
+                bar.update(1)
+                if step % 25 == 0 and losses:
+                    bar.set_postfix(loss=f"{losses[-1]:.4g}")
+                if seg is not None and seg.due(done):
+                    seg.save(checkpoint.svi_state(store, optim, done, losses, rollbacks,
+                                                  problem.device))
+        except KeyboardInterrupt:
+            log.warning("%s: interrupted at step %d; keeping the parameters reached", desc, done)
+            stopped = {"step": len(losses), "reason": "interrupted"}
+            if in_step:  # a forced stop inside a step: go back to the state after the last one
+                good.restore()
+        finally:
+            bar.close()
     info = {"loss": torch.tensor(losses, dtype=torch.float64), "steps_done": len(losses)}
+    if rollbacks:
+        info["rollbacks"] = rollbacks
     if stopped:
         info["stopped"] = stopped
+    if seg is not None:
+        if stopped and stopped["reason"] == "interrupted":
+            seg.interrupt(None if in_step else checkpoint.svi_state(
+                store, optim, done, losses, rollbacks, problem.device))
+        else:
+            seg.finish(checkpoint.svi_result(store, info, problem.device))
     return info
 
 
@@ -196,20 +331,37 @@ class MeanField(Method):
     reference = "Blundell et al. 2015, Weight Uncertainty in Neural Networks"
 
     @dataclass
-    class Options(SVIOptions):
+    class Options(BayesianSites, SVIOptions):
         """Plus: init_scale (initial posterior std), analytic_kl (closed-form KL where the
-        prior allows it: TraceMeanField_ELBO)."""
+        prior allows it: TraceMeanField_ELBO), bayesian_sites (see ``lastlayer.py``), engine:
+        "auto" (the fused trainer of ``fast_vi.py`` for builder MLPs, else Pyro), "fast"
+        (that trainer, or an error) or "pyro" (AutoNormal + SVI)."""
 
         init_scale: float = 0.01
         analytic_kl: bool = True
+        engine: str = "auto"
 
         def __post_init__(self):
             super().__post_init__()
-            if not self.init_scale > 0:
-                raise OptionError(f"init_scale: expected > 0, got {self.init_scale!r}")
+            if not (isinstance(self.init_scale, (int, float)) and 0 < self.init_scale < math.inf):
+                raise OptionError(
+                    f"init_scale: expected a finite number > 0, got {self.init_scale!r}")
+            if self.engine not in ("auto", "fast", "pyro"):
+                raise OptionError(f"engine: expected 'auto', 'fast' or 'pyro', got {self.engine!r}")
 
     def run(self, problem, opts, seed, progress):
-        guide = AutoNormal(problem.model, init_loc_fn=INIT[opts.init], init_scale=float(opts.init_scale))
+        if opts.bayesian_sites is not None:
+            return run_on_sites(self, problem, opts, seed, progress)
+        if opts.engine != "pyro":
+            from marginalize.inference import fast_vi
+
+            why = fast_vi.unsupported_reason(problem, opts)
+            if why is None:
+                return fast_vi.run_meanfield(problem, opts, seed, progress)
+            if opts.engine == "fast":
+                raise OptionError(f"engine='fast': {why}; use engine='auto' or 'pyro'")
+        guide = AutoNormal(problem.model, init_loc_fn=init_loc_fn(problem, INIT[opts.init]),
+                           init_scale=float(opts.init_scale))
         elbo = (TraceMeanField_ELBO if opts.analytic_kl else Trace_ELBO)(num_particles=opts.num_particles)
         info = run_svi(problem, guide, opts, seed, progress, desc="svi-meanfield", elbo=elbo)
         loc, scale = _guide_loc_scale_normal(guide, problem)
@@ -223,8 +375,9 @@ class LowRank(Method):
     reference = "Rezende et al. 2014; Ong, Nott & Smith 2018 (factor covariance VI)"
 
     @dataclass
-    class Options(SVIOptions):
-        """Plus: rank (of the covariance factor), init_scale."""
+    class Options(BayesianSites, SVIOptions):
+        """Plus: rank (of the covariance factor), init_scale, bayesian_sites (see
+        ``lastlayer.py``)."""
 
         rank: int = 10
         init_scale: float = 0.01
@@ -232,12 +385,16 @@ class LowRank(Method):
         def __post_init__(self):
             super().__post_init__()
             _check_int("rank", self.rank, 1)
-            if not self.init_scale > 0:
-                raise OptionError(f"init_scale: expected > 0, got {self.init_scale!r}")
+            if not (isinstance(self.init_scale, (int, float)) and 0 < self.init_scale < math.inf):
+                raise OptionError(
+                    f"init_scale: expected a finite number > 0, got {self.init_scale!r}")
 
     def run(self, problem, opts, seed, progress):
+        if opts.bayesian_sites is not None:
+            return run_on_sites(self, problem, opts, seed, progress)
         guide = AutoLowRankMultivariateNormal(
-            problem.model, init_loc_fn=INIT[opts.init], init_scale=float(opts.init_scale),
+            problem.model, init_loc_fn=init_loc_fn(problem, INIT[opts.init]),
+            init_scale=float(opts.init_scale),
             rank=min(opts.rank, problem.layout.size),
         )
         info = run_svi(problem, guide, opts, seed, progress, desc="svi-lowrank")

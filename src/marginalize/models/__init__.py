@@ -3,5 +3,8 @@
 from marginalize.models import likelihoods, priors
 from marginalize.models.base import BNN, LayerSpec, model_from_config
 from marginalize.models.builders import MLP, mlp
+from marginalize.models.cnn import CNN, cnn
+from marginalize.models.module import ModuleBNN, bayesian
 
-__all__ = ["BNN", "LayerSpec", "MLP", "mlp", "model_from_config", "likelihoods", "priors"]
+__all__ = ["BNN", "LayerSpec", "MLP", "mlp", "CNN", "cnn", "ModuleBNN", "bayesian",
+           "model_from_config", "likelihoods", "priors"]

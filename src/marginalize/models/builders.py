@@ -37,7 +37,10 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 #: builder name -> (module, class) used to rebuild saved models without executing file contents
-BUILDERS: dict[str, tuple[str, str]] = {"mlp": ("marginalize.models.builders", "MLP")}
+BUILDERS: dict[str, tuple[str, str]] = {
+    "mlp": ("marginalize.models.builders", "MLP"),
+    "cnn": ("marginalize.models.cnn", "CNN"),
+}
 
 
 def dense(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
@@ -46,6 +49,9 @@ def dense(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Ten
     With one draw dim and a 3-D ``h`` this is a single ``baddbmm`` (the fastest batched form
     on the CPU); otherwise broadcasting ``matmul``.
     """
+    if b is not None and w.dim() == 3 and w.shape[0] == 1 and (h.dim() == 2 or (h.dim() == 3 and h.shape[0] == 1)):
+        # one draw (prediction at many inputs runs draw by draw): a plain 2-D addmm
+        return torch.addmm(b[0], h[0] if h.dim() == 3 else h, w[0]).unsqueeze(0)
     if b is not None and w.dim() == 3 and h.dim() == 3 and h.shape[0] == w.shape[0]:
         return torch.baddbmm(b.unsqueeze(-2), h, w)
     out = h @ w

@@ -1,0 +1,116 @@
+"""Benchmarks: UCI regression, digits classification with OOD detection, active learning.
+
+Each runner has a small default (minutes on 2 CPU cores) and the full protocol behind
+``--full``; results are markdown tables (and plots) under ``benchmarks/results/`` with the
+machine, versions, date and exact command at the top.
+
+``marginalize bench uci|classification|active-learning [--full] [--methods ...]``, or
+``python -m marginalize.bench ...``.
+
+Examples
+--------
+>>> from marginalize.bench import build_parser
+>>> args = build_parser().parse_args(["uci", "--methods", "map", "--splits", "1"])
+>>> args.methods, args.splits
+(['map'], 1)
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+__all__ = ["build_parser", "add_subcommands", "main"]
+
+
+def _add_common_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--full", action="store_true", help="the full protocol (hours on 2 CPU cores)")
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=None,
+        help="method names (space or comma separated; default: every registered "
+        "method except MCMC)",
+    )
+    p.add_argument(
+        "--options",
+        default=None,
+        help='JSON: per-method option overrides, e.g. {"mc-dropout": {"p": 0.01}}',
+    )
+    p.add_argument("--out", default=None, help="results folder (default: benchmarks/results)")
+    p.add_argument("--name", default=None, help="file stem of the results (default per benchmark)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    p.add_argument("--progress", action="store_true", help="show progress bars")
+
+
+def add_subcommands(sub) -> None:
+    """Add ``uci``, ``classification`` and ``active-learning`` to an argparse subparsers object."""
+    u = sub.add_parser("uci", help="UCI regression: RMSE and test LL over random 90/10 splits")
+    _add_common_arguments(u)
+    u.add_argument(
+        "--datasets",
+        nargs="+",
+        default=None,
+        help="regression sets (boston, concrete, diabetes; default: boston, or all with --full)",
+    )
+    u.add_argument(
+        "--splits", type=int, default=None, help="number of splits (default 3, 20 with --full)"
+    )
+    u.add_argument(
+        "--resume",
+        action="store_true",
+        help="append each finished split to NAME.jsonl and skip the ones already there",
+    )
+    u.set_defaults(bench_func="marginalize.bench.uci:main_uci")
+
+    c = sub.add_parser(
+        "classification", help="digits 0-4: accuracy, NLL, ECE, Brier; digits 5-9 as OOD (AUROC)"
+    )
+    _add_common_arguments(c)
+    c.add_argument("--seeds", type=int, default=None, help="repetitions (default 1, 3 with --full)")
+    c.add_argument(
+        "--models",
+        nargs="+",
+        default=None,
+        choices=["mlp", "cnn"],
+        help="architectures (default: mlp, and cnn when mz.models.cnn exists)",
+    )
+    c.set_defaults(bench_func="marginalize.bench.classification:main_classification")
+
+    a = sub.add_parser("active-learning", help="BALD vs entropy vs random acquisition on digits")
+    _add_common_arguments(a)
+    a.add_argument("--seeds", type=int, default=None, help="repetitions (default 2, 5 with --full)")
+    a.add_argument("--rounds", type=int, default=None, help="acquisition rounds (default 10)")
+    a.add_argument("--acquire", type=int, default=10, help="labels acquired per round")
+    a.add_argument("--initial", type=int, default=20, help="initial labelled points")
+    a.set_defaults(bench_func="marginalize.bench.active_learning:main_active_learning")
+
+
+def build_parser(prog: str = "marginalize bench") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="bench", required=True)
+    add_subcommands(sub)
+    return p
+
+
+def run_parsed(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:
+    """Run the benchmark chosen in parsed ``args`` (from :func:`add_subcommands`)."""
+    import importlib
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args.argv = list(argv) if argv is not None else sys.argv
+    module, _, func = args.bench_func.partition(":")
+    try:
+        return int(getattr(importlib.import_module(module), func)(args))
+    except ValueError as e:  # OptionError, DataError, bad JSON in --options
+        print(f"marginalize bench: error: {e}", file=sys.stderr)
+        return 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m marginalize.bench uci|classification|active-learning [...]``."""
+    args = build_parser("python -m marginalize.bench").parse_args(argv)
+    shown = ["python", "-m", "marginalize.bench", *(sys.argv[1:] if argv is None else argv)]
+    return run_parsed(args, shown)

@@ -1,0 +1,332 @@
+"""Posterior -> ``arviz.InferenceData``: the one module in marginalize that imports ArviZ.
+
+Every method converts the same way, because every method yields draws of the same latent
+sites shaped ``(chain, draw, ...)``: NUTS chains, ensemble members and SWAG runs are chains.
+
+Groups written (those that apply):
+
+``posterior``
+    Every latent site under its site name with its layer dims (``layer1_in``,
+    ``layer1_out``, ...), plus ``f`` (the per-draw predictive mean, or class probabilities,
+    at ``function_inputs``) when those are given.
+``sample_stats``
+    MCMC only: ``lp``, ``diverging``, ``acceptance_rate``, ``step_size``, ``tree_depth``,
+    ``n_steps``, ``energy`` as the sampler recorded them.
+``optimization``
+    Methods trained by an optimizer (MAP, SVI, MC dropout, ...): the loss trace over dim
+    ``step`` (``(chain, step)`` when there is one trace per chain), with ``steps_done`` and
+    ``stopped`` as attributes. ArviZ's schema has no group for an optimizer's trace; keeping
+    it out of ``sample_stats`` keeps that group's ``(chain, draw)`` contract intact.
+``log_likelihood``
+    ``y`` over ``obs_id`` (training data) and ``y_test`` over ``test_id`` (test data).
+``posterior_predictive``
+    ``y`` (and ``y_test``) drawn from the model's likelihood at each posterior draw.
+``prior``, ``prior_predictive``
+    ``prior_samples`` draws of the latent sites from the prior (one chain) and of ``y`` at the
+    training inputs.
+``observed_data``, ``constant_data``
+    ``y``/``y_test`` and ``x``/``x_test`` (and ``function_inputs``).
+
+Attributes on ``posterior`` name the method, the approximation kind and the task.
+
+Examples
+--------
+>>> import torch, marginalize as mz
+>>> x = torch.randn(30, 2); y = x[:, 0] + 0.1 * torch.randn(30)
+>>> post = mz.fit(mz.models.mlp(2, hidden=[4]), x, y, method="svi-meanfield", steps=50,
+...               progress=False)
+>>> idata = post.to_arviz(num_samples=40, prior_samples=10)
+>>> idata.posterior["layer1.weight"].dims
+('chain', 'draw', 'layer1_in', 'layer1_out')
+>>> idata.log_likelihood["y"].shape
+(1, 40, 30)
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from typing import Any
+
+import arviz as az
+import numpy as np
+import pyro
+import torch
+import xarray as xr
+from pyro import poutine
+
+from marginalize._validation import DataError, OptionError
+from marginalize.inference.approximations import Empirical, Mixture
+from marginalize.inference.posterior import Posterior, _class_probs
+
+__all__ = ["to_inference_data", "draw_count", "FUNCTION_VAR", "az"]
+
+log = logging.getLogger(__name__)
+
+#: posterior variable holding function-space values at ``function_inputs``
+FUNCTION_VAR = "f"
+#: default number of draws for approximations that can be sampled freely
+DEFAULT_DRAWS = 1000
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().cpu().numpy()
+
+
+def draw_count(post: Posterior, num_samples: int | None = None) -> int:
+    """How many draws to request from ``post`` so the InferenceData is not padded.
+
+    MCMC: all stored draws (unless ``num_samples`` is given); a point estimate: one; a mixture
+    of point estimates (an ensemble of MAP fits): one per member; otherwise ``num_samples``
+    (default 1000).
+    """
+    approx = post.approximation
+    if num_samples is not None:
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+            raise OptionError(f"num_samples: expected a positive int, got {num_samples!r}")
+    if approx.deterministic:
+        return 1
+    if isinstance(approx, Mixture) and all(c.deterministic for c in approx.components):
+        return approx.num_chains
+    if isinstance(approx, Empirical):
+        total = approx.draws.shape[0] * approx.draws.shape[1]
+        return total if num_samples is None else min(num_samples, total)
+    return DEFAULT_DRAWS if num_samples is None else num_samples
+
+
+def _empirical_index(approx: Empirical, num: int) -> torch.Tensor | None:
+    """The draw indices ``Empirical.sample`` keeps (None: all), to thin sample stats alike."""
+    per_chain = math.ceil(num / approx.num_chains)
+    s = approx.draws.shape[1]
+    if per_chain >= s:
+        return None
+    return torch.linspace(0, s - 1, per_chain).round().long()
+
+
+def _check_xy(post: Posterior, x, y, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    xt = post._check_x(x, name)
+    yt = None if y is None else post._check_y(y, xt.shape[0])
+    return xt, yt
+
+
+def _predictive_pass(
+    post: Posterior,
+    z: torch.Tensor,
+    x: torch.Tensor,
+    y: torch.Tensor | None,
+    generator: torch.Generator,
+    want_f: bool = False,
+):
+    """One pass over flat draws ``(S, D)``: log-likelihood ``(S, N)`` (if ``y``), predictive
+    draws of ``y`` ``(S, N, ...)`` and function values ``(S, N, ...)`` (if ``want_f``)."""
+    size = post._chunk_size(x.shape[0], None)
+    ll, yrep, fs = [], [], []
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
+        for start in range(0, z.shape[0], size):
+            for d in post._dists(z[start : start + size], x):
+                if y is not None:
+                    ll.append(post._per_draw(d.log_prob(y)))
+                yrep.append(post._per_draw(d.sample()))
+                if want_f:
+                    if post.task == "classification":
+                        fs.append(post._per_draw(_class_probs(d)))
+                    else:
+                        fs.append(post._per_draw(d.mean))
+    cat = lambda parts: torch.cat(parts) if parts else None  # noqa: E731
+    return cat(ll), cat(yrep), cat(fs)
+
+
+def _prior_draws(post: Posterior, x: torch.Tensor, num: int, seed: int):
+    """``num`` prior draws of every latent site and of ``y`` at ``x`` (one model trace each).
+
+    A loop of Pyro traces is exact for any model (builder or plain function) and, for the
+    few hundred draws a prior check needs, takes well under a second for the builders' MLPs.
+    """
+    names = post.layout.names
+    sites: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    ys = []
+    with torch.no_grad(), torch.random.fork_rng(devices=[]), pyro.validation_enabled(False):
+        pyro.set_rng_seed(seed)
+        for _ in range(num):
+            tr = poutine.trace(post.model).get_trace(x, None)
+            for n in names:
+                sites[n].append(tr.nodes[n]["value"].detach())
+            ys.append(tr.nodes["y"]["value"].detach())
+    prior = {n: _np(torch.stack(v))[None] for n, v in sites.items()}
+    return prior, _np(torch.stack(ys))[None]
+
+
+def _y_dims(y: np.ndarray, obs_dim: str, name: str) -> list[str]:
+    return [obs_dim] + [f"{name}_dim_{i}" for i in range(y.ndim - 1)]
+
+
+def _optimization_group(post: Posterior) -> xr.Dataset | None:
+    loss = post.info.get("loss")
+    if loss is None:
+        return None
+    arr = np.asarray(_np(loss) if isinstance(loss, torch.Tensor) else loss, dtype=np.float64)
+    if arr.ndim == 1:
+        dims = ("step",)
+    elif arr.ndim == 2 and arr.shape[0] == post.num_chains:
+        dims = ("chain", "step")
+    else:
+        dims = tuple(f"loss_dim_{i}" for i in range(arr.ndim - 1)) + ("step",)
+    ds = xr.Dataset({"loss": (dims, arr)})
+    if "steps_done" in post.info:
+        ds.attrs["steps_done"] = int(post.info["steps_done"])
+    stopped = post.info.get("stopped")
+    if stopped:
+        ds.attrs["stopped"] = (
+            str(stopped.get("reason", stopped)) if isinstance(stopped, dict) else str(stopped)
+        )
+    return ds
+
+
+def _sample_stats(post: Posterior, index: torch.Tensor | None) -> dict[str, np.ndarray] | None:
+    stats = post.info.get("sample_stats")
+    if not stats:
+        return None
+    out = {}
+    for k, v in stats.items():
+        t = v if isinstance(v, torch.Tensor) else torch.as_tensor(np.asarray(v))
+        if index is not None:
+            t = t[:, index]
+        a = _np(t)
+        out[k] = a.astype(bool) if k == "diverging" else a
+    return out
+
+
+def to_inference_data(
+    post: Posterior,
+    x_test=None,
+    y_test=None,
+    num_samples: int | None = None,
+    function_inputs=None,
+    prior_samples: int = 200,
+    *,
+    seed: int = 0,
+) -> az.InferenceData:
+    """Convert a fitted :class:`~marginalize.Posterior` to an ``arviz.InferenceData``.
+
+    Parameters
+    ----------
+    post : Posterior
+        A fit from :func:`marginalize.fit` (any method).
+    x_test, y_test : array-like, optional
+        Held-out data: adds ``log_likelihood["y_test"]``, ``posterior_predictive["y_test"]``,
+        ``observed_data["y_test"]`` and ``constant_data["x_test"]`` over dim ``test_id``.
+        ``x_test`` alone adds the predictive draws only.
+    num_samples : int, optional
+        Total posterior draws (split over chains). Default: every stored draw for MCMC, one
+        per member for ensembles of point estimates, one for MAP, else 1000.
+    function_inputs : array-like, optional
+        Inputs at which to record the function each draw induces as posterior variable
+        ``f`` (predictive mean, or class probabilities) over dim ``function_input``. R-hat and
+        ESS of ``f`` are the ones to trust for neural networks: weight-space diagnostics are
+        inflated by the permutation symmetry of hidden units.
+    prior_samples : int
+        Draws for the ``prior`` and ``prior_predictive`` groups (0 leaves them out).
+    seed : int
+        Seed for the draws (the same seed gives the same InferenceData).
+
+    Returns
+    -------
+    arviz.InferenceData
+
+    Examples
+    --------
+    >>> import torch, marginalize as mz
+    >>> x = torch.randn(20, 1); y = x[:, 0]
+    >>> post = mz.fit(mz.models.mlp(1, hidden=[3]), x, y, method="map", steps=20, progress=False)
+    >>> sorted(post.to_arviz(prior_samples=0).groups())[:3]
+    ['constant_data', 'log_likelihood', 'observed_data']
+    """
+    if not isinstance(post, Posterior):
+        raise DataError(f"post: expected a marginalize Posterior, got {type(post).__name__}")
+    if isinstance(prior_samples, bool) or not isinstance(prior_samples, int) or prior_samples < 0:
+        raise OptionError(f"prior_samples: expected an int >= 0, got {prior_samples!r}")
+    if y_test is not None and x_test is None:
+        raise DataError("y_test: given without x_test")
+    num = draw_count(post, num_samples)
+    z = post.sample_flat(num, seed=seed)
+    chains, draws = z.shape[:2]
+    flat = z.reshape(chains * draws, -1)
+    gen = torch.Generator().manual_seed(int(seed) + 1)
+
+    posterior = {k: _np(v) for k, v in post.layout.unpack(z).items()}
+    dims: dict[str, list[str]] = {s.name: list(s.dims) for s in post.layout.sites}
+    coords: dict[str, Any] = {}
+    constant: dict[str, np.ndarray] = {}
+    observed: dict[str, np.ndarray] = {}
+    loglik: dict[str, np.ndarray] = {}
+    ppc: dict[str, np.ndarray] = {}
+
+    if post.data is not None:
+        x, y = post.data
+        ll, yrep, _ = _predictive_pass(post, flat, x, y, gen)
+        loglik["y"] = _np(ll).reshape(chains, draws, -1)
+        ppc["y"] = _np(yrep).reshape(chains, draws, *yrep.shape[1:])
+        observed["y"] = _np(y)
+        constant["x"] = _np(x)
+        dims["y"] = _y_dims(observed["y"], "obs_id", "y")
+        dims["x"] = ["obs_id"] + [f"x_dim_{i}" for i in range(x.dim() - 1)]
+    if x_test is not None:
+        xt, yt = _check_xy(post, x_test, y_test, "x_test")
+        ll, yrep, _ = _predictive_pass(post, flat, xt, yt, gen)
+        ppc["y_test"] = _np(yrep).reshape(chains, draws, *yrep.shape[1:])
+        dims["y_test"] = _y_dims(ppc["y_test"][0, 0], "test_id", "y_test")
+        constant["x_test"] = _np(xt)
+        dims["x_test"] = ["test_id"] + [f"x_dim_{i}" for i in range(xt.dim() - 1)]
+        if yt is not None:
+            loglik["y_test"] = _np(ll).reshape(chains, draws, -1)
+            observed["y_test"] = _np(yt)
+    if function_inputs is not None:
+        xf, _ = _check_xy(post, function_inputs, None, "function_inputs")
+        _, _, f = _predictive_pass(post, flat, xf, None, gen, want_f=True)
+        fname = FUNCTION_VAR if FUNCTION_VAR not in posterior else f"{FUNCTION_VAR}_"
+        posterior[fname] = _np(f).reshape(chains, draws, *f.shape[1:])
+        extra = "class" if post.task == "classification" else "output"
+        dims[fname] = ["function_input"] + [
+            f"{extra}_dim_{i}" if i else extra for i in range(f.dim() - 2)
+        ]
+        constant["function_inputs"] = _np(xf)
+        dims["function_inputs"] = ["function_input"] + [f"x_dim_{i}" for i in range(xf.dim() - 1)]
+
+    prior = prior_pred = None
+    if prior_samples and post.data is not None:
+        prior, yp = _prior_draws(post, post.data[0], prior_samples, seed)
+        prior_pred = {"y": yp}
+
+    index = (
+        _empirical_index(post.approximation, num)
+        if isinstance(post.approximation, Empirical)
+        else None
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        idata = az.from_dict(
+            posterior=posterior,
+            sample_stats=_sample_stats(post, index),
+            log_likelihood=loglik or None,
+            posterior_predictive=ppc or None,
+            prior=prior,
+            prior_predictive=prior_pred,
+            observed_data=observed or None,
+            constant_data=constant or None,
+            dims=dims,
+            coords=coords,
+        )
+    opt = _optimization_group(post)
+    if opt is not None:
+        idata.add_groups({"optimization": opt})
+    idata.posterior.attrs.update(
+        {
+            "method": post.method,
+            "approximation": post.approximation.kind,
+            "task": post.task,
+            "inference_library": "marginalize",
+        }
+    )
+    return idata

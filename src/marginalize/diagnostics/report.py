@@ -1,0 +1,680 @@
+"""``report``: one self-contained HTML page that says what was fitted and whether to trust it.
+
+Read top to bottom: what was fitted; whether inference worked (problems flagged in plain
+words); predictive quality on the test data; calibration; predictive checks and LOO; the
+functions the prior and posterior induce. Plots are PNGs embedded as base64, styles are
+inline, and there are no scripts or external links: the file can be mailed or archived.
+
+Examples
+--------
+>>> import torch, tempfile, marginalize as mz
+>>> x = torch.randn(60, 1); y = torch.sin(2 * x[:, 0]) + 0.1 * torch.randn(60)
+>>> m = mz.models.mlp(1, hidden=[8])
+>>> posts = {k: mz.fit(m, x[:50], y[:50], method=k, steps=100, progress=False)
+...          for k in ("map", "svi-meanfield")}
+>>> path = mz.report(posts, x[50:], y[50:], path=tempfile.mkdtemp() + "/r.html")
+>>> path.read_text().startswith("<!DOCTYPE html>")
+True
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+import math
+import time
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from marginalize._validation import DataError
+from marginalize.diagnostics import checks, plots
+from marginalize.diagnostics import metrics as mt
+from marginalize.diagnostics.arviz import FUNCTION_VAR, az, to_inference_data
+from marginalize.diagnostics.stats import MIN_LOO_DRAWS, compare, psis_khat
+from marginalize.inference.posterior import Posterior
+from marginalize.models.base import BNN
+
+__all__ = ["report", "REPORT_DRAWS"]
+
+log = logging.getLogger(__name__)
+
+#: posterior draws per method used by the report
+REPORT_DRAWS = 400
+#: test inputs at which function-space outputs are summarized
+NUM_FUNCTION_INPUTS = 5
+
+_CSS = """
+body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1100px;margin:2em auto;
+padding:0 1em;color:#222;line-height:1.45}
+h1{border-bottom:2px solid #333;padding-bottom:.2em}h2{margin-top:2em;border-bottom:1px solid #ccc}
+table{border-collapse:collapse;margin:.8em 0;font-size:.9em}
+th,td{border:1px solid #ccc;padding:.3em .6em;text-align:right;vertical-align:top}
+th{background:#f3f3f3}td.l,th.l{text-align:left}
+.warn{background:#fdecea;border-left:5px solid #c62828;padding:.5em .8em;margin:.4em 0}
+.info{background:#eef4fb;border-left:5px solid #1565c0;padding:.5em .8em;margin:.4em 0}
+.ok{background:#edf7ed;border-left:5px solid #2e7d32;padding:.5em .8em;margin:.4em 0}
+.badge-warn{color:#c62828;font-weight:bold}.badge-ok{color:#2e7d32}.badge-info{color:#1565c0}
+.note{color:#555;font-size:.9em}img{max-width:100%;display:block;margin:.5em 0}
+code{background:#f3f3f3;padding:0 .2em}
+"""
+
+_ICON = {"warn": "&#9888; problem", "info": "&#8505; note", "ok": "&#10003; ok"}
+
+
+@dataclass
+class _Fit:
+    name: str
+    post: Posterior
+    idata: object = None
+    pred: object = None
+    khat: object = None
+    findings: list = field(default_factory=list)
+    metrics: dict = field(default_factory=dict)
+    loo: object = None
+    pit: np.ndarray | None = None
+
+
+def _esc(s) -> str:
+    return html.escape(str(s))
+
+
+def _img(fig, alt: str) -> str:
+    return f'<img alt="{_esc(alt)}" src="data:image/png;base64,{plots.to_png_base64(fig)}">'
+
+
+def _table(header: list[str], rows: list[list], left: int = 1, left_last: bool = False) -> str:
+    """An HTML table; ``header`` is HTML-escaped, cells are inserted as given (already HTML).
+    The first ``left`` columns (and the last, with ``left_last``) are left-aligned."""
+
+    def cls(i):
+        return "l" if i < left or (left_last and i == len(header) - 1) else ""
+
+    th = "".join(f'<th class="{cls(i)}">{h}</th>' for i, h in enumerate(header))
+    body = "".join(
+        "<tr>" + "".join(f'<td class="{cls(i)}">{c}</td>' for i, c in enumerate(r)) + "</tr>"
+        for r in rows
+    )
+    return f"<table><tr>{th}</tr>{body}</table>"
+
+
+def _fmt(v, digits: int = 3) -> str:
+    if v is None:
+        return "&ndash;"
+    if isinstance(v, (int, np.integer)):
+        return str(int(v))
+    v = float(v)
+    if math.isnan(v):
+        return "&ndash;"
+    return f"{v:.{digits}g}" if abs(v) >= 1e4 or (v != 0 and abs(v) < 1e-3) else f"{v:.{digits}f}"
+
+
+def _normalize(posts) -> dict[str, Posterior]:
+    if isinstance(posts, Posterior):
+        return {posts.method: posts}
+    if not isinstance(posts, Mapping) or not posts:
+        raise DataError("posts: expected a Posterior or a non-empty mapping of name to Posterior")
+    out = {}
+    for k, p in posts.items():
+        if not isinstance(p, Posterior):
+            raise DataError(f"posts[{k!r}]: expected a Posterior, got {type(p).__name__}")
+        out[str(k)] = p
+    tasks = {p.task for p in out.values()}
+    if len(tasks) > 1:
+        raise DataError(f"posts: fits of different tasks {sorted(tasks)} cannot share a report")
+    return out
+
+
+def _fit_seconds(post: Posterior):
+    for k in ("fit_seconds", "seconds", "time_s", "fit_time"):
+        if k in post.info:
+            try:
+                return float(post.info[k])
+            except (TypeError, ValueError):
+                return None
+    return None
+
+
+# ---- evaluation ---------------------------------------------------------------------------
+def _evaluate(
+    fit: _Fit, x_test, y_test, fin, num_samples: int, khat_samples: int, seed: int
+) -> None:
+    post = fit.post
+    fit.idata = to_inference_data(
+        post,
+        x_test=x_test,
+        y_test=y_test,
+        num_samples=num_samples,
+        function_inputs=fin,
+        prior_samples=0,
+        seed=seed,
+    )
+    fit.pred = post.predict(x_test, num_samples=num_samples, seed=seed)
+    ll = fit.idata.log_likelihood["y_test"].values.reshape(
+        -1, fit.idata.log_likelihood["y_test"].shape[-1]
+    )
+    log_pred = np.logaddexp.reduce(ll, axis=0) - math.log(ll.shape[0])
+    y = y_test.detach().cpu().numpy()
+    m = {"nll": mt.nll_from_log_predictive(log_pred)}
+    if post.task == "classification":
+        probs = fit.pred.probs.detach().cpu().numpy()
+        m.update(accuracy=mt.accuracy(probs, y), ece=mt.ece(probs, y), brier=mt.brier(probs, y))
+    else:
+        mean = fit.pred.mean.detach().cpu().numpy().reshape(len(y), -1)[:, 0]
+        std = fit.pred.std.detach().cpu().numpy().reshape(len(y), -1)[:, 0]
+        yy = y.reshape(len(y), -1)[:, 0]
+        cal = mt.regression_calibration(mean, std, yy)
+        m.update(
+            rmse=mt.rmse(mean, yy),
+            coverage90=mt.interval_coverage(mean, std, yy, 0.9),
+            cal_error=cal.error,
+            cal_curve=(cal.levels, cal.observed),
+            mean=mean,
+            std=std,
+        )
+    fit.metrics = m
+    fit.khat = psis_khat(post, khat_samples, seed=seed)
+    fit.findings = checks.check_inference(post, fit.idata, khat=fit.khat)
+    draws = fit.idata.posterior.sizes["chain"] * fit.idata.posterior.sizes["draw"]
+    if draws >= MIN_LOO_DRAWS and "y" in fit.idata.log_likelihood:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fit.loo = az.loo(fit.idata, var_name="y", pointwise=True)
+            if post.task == "regression":
+                fit.pit = np.asarray(az.loo_pit(fit.idata, y="y")).ravel()
+        bad = int((np.asarray(fit.loo.pareto_k) > 0.7).sum())
+        if bad:
+            fit.findings.append(
+                checks.Finding(
+                    "info",
+                    "LOO k-hat",
+                    f"{bad} training points have Pareto k > 0.7 in PSIS-LOO: their "
+                    "LOO estimate is unreliable (influential points).",
+                )
+            )
+
+
+# ---- sections -----------------------------------------------------------------------------
+def _section_fitted(fits: list[_Fit], x_test, y_test) -> str:
+    post = fits[0].post
+    model = post.model
+    if isinstance(model, BNN):
+        desc = _esc(repr(model))
+    else:
+        name = getattr(model, "__name__", type(model).__name__)
+        desc = f"plain Pyro model function <code>{_esc(name)}</code>"
+    n_train = post.data[0].shape[0] if post.data is not None else "?"
+    rows_sites = [
+        [f"<code>{_esc(s.name)}</code>", _esc(tuple(s.shape)), _esc(", ".join(s.dims) or "scalar")]
+        for s in post.layout.sites
+    ]
+    task = post.task + (f" ({post.num_classes} classes)" if post.num_classes else "")
+    parts = [
+        "<h2>1. What was fitted</h2>",
+        f"<p>Model: {desc}, {post.layout.size} parameters. Task: {_esc(task)}. "
+        f"Training data: {n_train} points with {x_test.shape[-1] if x_test.dim() > 1 else 1} "
+        f"input features; test data: {x_test.shape[0]} points.</p>",
+        "<details><summary>Latent sites</summary>"
+        + _table(["site", "shape", "dims"], rows_sites, 3)
+        + "</details>",
+    ]
+    rows = []
+    for f in fits:
+        p = f.post
+        ch, dr = f.idata.posterior.sizes["chain"], f.idata.posterior.sizes["draw"]
+        opts = ", ".join(f"{k}={v}" for k, v in p.options.items())
+        secs = _fit_seconds(p)
+        rows.append(
+            [
+                f"<b>{_esc(f.name)}</b>",
+                _esc(p.method),
+                _esc(p.approximation.kind),
+                f"{ch} &times; {dr}",
+                "&ndash;" if secs is None else f"{secs:.1f} s",
+                f'<span class="note">{_esc(opts)}</span>',
+            ]
+        )
+    parts.append(
+        _table(
+            ["fit", "method", "approximation", "chains &times; draws used", "fit time", "options"],
+            rows,
+            3,
+            left_last=True,
+        )
+    )
+    parts.append(
+        '<p class="note">Ensemble members, SWAG runs and MCMC chains are chains; draws '
+        "are the posterior draws this report used per chain.</p>"
+    )
+    return "\n".join(parts)
+
+
+def _section_worked(fits: list[_Fit]) -> str:
+    parts = ["<h2>2. Did inference work?</h2>"]
+    problems = [(f.name, x) for f in fits for x in f.findings if x.level == "warn"]
+    if problems:
+        items = "".join(f"<li><b>{_esc(n)}</b>: {_esc(x.check)}</li>" for n, x in problems)
+        parts.append(
+            f'<div class="warn"><b>&#9888; {len(problems)} problem(s) found.</b> Results of '
+            f"the fits named below should not be trusted as they stand:<ul>{items}</ul></div>"
+        )
+    else:
+        parts.append('<div class="ok"><b>&#10003; No problems found</b> by the checks below.</div>')
+    for f in fits:
+        parts.append(f"<h3>{_esc(f.name)}</h3>")
+        if not f.findings:
+            parts.append('<p class="note">No checks apply to this fit.</p>')
+        for x in f.findings:
+            parts.append(
+                f'<div class="{x.level}"><span class="badge-{x.level}">{_ICON[x.level]}</span> '
+                f"<b>{_esc(x.check)}</b>: {_esc(x.message)}</div>"
+            )
+    khat_rows = [
+        [
+            _esc(f.name),
+            _fmt(f.khat.khat, 2),
+            _fmt(f.khat.ess, 0) if f.khat.reason is None else "&ndash;",
+            f'<span class="note">{_esc(f.khat.reason or "")}</span>',
+        ]
+        for f in fits
+    ]
+    parts.append(
+        "<h3>PSIS k-hat of the approximations</h3>"
+        '<p class="note">Importance ratios p(w, D)/q(w) of draws from each approximation '
+        "(Yao et al. 2018, <i>Yes, but did it work?</i>). k-hat &lt; 0.5: q is close to the "
+        "posterior; 0.5&ndash;0.7: rough; &gt; 0.7: q misses posterior mass. For networks "
+        "with many weights k-hat is usually large for every cheap approximation: it says the "
+        "weight posterior is not matched, even when predictions are good.</p>"
+    )
+    parts.append(
+        _table(["fit", "k-hat", "PSIS ESS", "why undefined"], khat_rows, 1, left_last=True)
+    )
+    mcmc = [
+        f for f in fits if f.post.info.get("sample_stats") and FUNCTION_VAR in f.idata.posterior
+    ]
+    for f in mcmc:
+        vals = f.idata.posterior[FUNCTION_VAR].values
+        vals = vals.reshape(*vals.shape[:2], -1)[..., :3]
+        parts.append(f"<h3>{_esc(f.name)}: function-space traces</h3>")
+        parts.append(
+            _img(
+                plots.trace_plot(vals, [f"f(x*{i})" for i in range(vals.shape[-1])], f.name),
+                f"trace plot {f.name}",
+            )
+        )
+    losses = {f.name: _loss_array(f.post) for f in fits}
+    losses = {k: v for k, v in losses.items() if v is not None}
+    if losses:
+        parts.append("<h3>Optimizer loss</h3>")
+        parts.append(_img(plots.loss_traces(losses, _colors(fits)), "loss traces"))
+    return "\n".join(parts)
+
+
+def _colors(fits: list[_Fit]) -> dict[str, str]:
+    return plots.palette([f.name for f in fits])
+
+
+def _loss_array(post: Posterior):
+    loss = post.info.get("loss")
+    if loss is None:
+        return None
+    a = loss.detach().cpu().numpy() if isinstance(loss, torch.Tensor) else np.asarray(loss)
+    return a if a.size >= 2 else None
+
+
+def _section_function_table(fits: list[_Fit], fin: torch.Tensor) -> str:
+    header = ["test input"] + [_esc(f.name) for f in fits]
+    rows = []
+    vals = {}
+    for f in fits:
+        summ = _f_summary(f.idata)
+        vals[f.name] = summ
+    k = fin.shape[0]
+    for i in range(k):
+        row = [f"x*{i}"]
+        for f in fits:
+            mean, sd, rhat = vals[f.name][i]
+            cell = f"{_fmt(mean)} &plusmn; {_fmt(sd)}"
+            if rhat is not None and math.isfinite(rhat) and f.post.info.get("sample_stats"):
+                cls = "badge-warn" if rhat > checks.RHAT_MAX else "note"
+                cell += f' <span class="{cls}">(R-hat {rhat:.3f})</span>'
+            row.append(cell)
+        rows.append(row)
+    return (
+        "<p>Mean &plusmn; sd of the function value (predictive mean"
+        + (", class-0 probability" if fits[0].post.task == "classification" else "")
+        + ") at a few test inputs x*, per method; R-hat across chains for MCMC.</p>"
+        + _table(header, rows, 1)
+    )
+
+
+def _f_summary(idata):
+    f = idata.posterior[FUNCTION_VAR]
+    v = f.values.reshape(*f.shape[:3], -1)[..., 0]  # (chain, draw, inputs): first output/class
+    flat = v.reshape(-1, v.shape[-1])
+    out = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for i in range(v.shape[-1]):
+            rhat = float(az.rhat(v[:, :, i])) if v.shape[0] > 1 and v.shape[1] >= 4 else None
+            out.append((flat[:, i].mean(), flat[:, i].std(), rhat))
+    return out
+
+
+def _section_quality(fits: list[_Fit], y_test) -> str:
+    task = fits[0].post.task
+    parts = ["<h2>3. Predictive quality on the test data</h2>"]
+    if task == "classification":
+        header = ["fit", "accuracy &uarr;", "NLL &darr;", "ECE &darr;", "Brier &darr;"]
+        rows = [
+            [
+                _esc(f.name),
+                _fmt(f.metrics["accuracy"]),
+                _fmt(f.metrics["nll"]),
+                _fmt(f.metrics["ece"]),
+                _fmt(f.metrics["brier"]),
+            ]
+            for f in fits
+        ]
+    else:
+        header = [
+            "fit",
+            "RMSE &darr;",
+            "NLL &darr;",
+            "90% interval coverage",
+            "calibration error &darr;",
+        ]
+        rows = [
+            [
+                _esc(f.name),
+                _fmt(f.metrics["rmse"]),
+                _fmt(f.metrics["nll"]),
+                _fmt(f.metrics["coverage90"]),
+                _fmt(f.metrics["cal_error"]),
+            ]
+            for f in fits
+        ]
+    best = {}
+    for j, h in enumerate(header[1:], start=1):
+        if "&darr;" in h or "&uarr;" in h:
+            col = [float(r[j]) if r[j] != "&ndash;" else np.nan for r in rows]
+            if np.isfinite(col).any():
+                best[j] = int(np.nanargmin(col) if "&darr;" in h else np.nanargmax(col))
+    for j, i in best.items():
+        rows[i][j] = f"<b>{rows[i][j]}</b>"
+    parts.append(_table(header, rows, 1))
+    parts.append(
+        '<p class="note">NLL is the mean negative log posterior predictive density of the '
+        "test points, in the units of the targets as given to the report (e.g. "
+        "standardized). Best value per column in bold.</p>"
+    )
+    if task == "regression":
+        parts.append(
+            _img(
+                plots.pred_vs_obs(
+                    y_test.detach().cpu().numpy(),
+                    {f.name: (f.metrics["mean"], f.metrics["std"]) for f in fits},
+                    _colors(fits),
+                ),
+                "predicted vs observed",
+            )
+        )
+    return "\n".join(parts)
+
+
+def _section_calibration(fits: list[_Fit], y_test) -> str:
+    parts = ["<h2>4. Calibration</h2>"]
+    if fits[0].post.task == "classification":
+        y = y_test.detach().cpu().numpy()
+        curves = {
+            f.name: mt.calibration_curve(f.pred.probs.detach().cpu().numpy(), y) for f in fits
+        }
+        parts.append(
+            "<p>Reliability diagrams: accuracy against confidence in 15 bins; bars below the "
+            "diagonal mean over-confidence.</p>"
+        )
+        parts.append(_img(plots.reliability_diagram(curves, _colors(fits)), "reliability diagram"))
+    else:
+        parts.append(
+            "<p>Coverage of central predictive intervals on the test data (Gaussian "
+            "intervals from the predictive mean and standard deviation). Below the diagonal: "
+            "intervals too narrow (over-confident); above: too wide.</p>"
+        )
+        parts.append(
+            _img(
+                plots.coverage_plot({f.name: f.metrics["cal_curve"] for f in fits}, _colors(fits)),
+                "coverage",
+            )
+        )
+    return "\n".join(parts)
+
+
+def _section_checks(fits: list[_Fit], compare_table) -> str:
+    parts = ["<h2>5. Predictive checks and leave-one-out</h2>"]
+    obs = fits[0].idata.observed_data["y"].values
+    draws = {f.name: f.idata.posterior_predictive["y"].values for f in fits}
+    parts.append(
+        "<p>Posterior predictive check on the training data: data sets replicated from "
+        "each posterior (coloured) against the observed one (black).</p>"
+    )
+    parts.append(
+        _img(
+            plots.ppc_plot(obs, draws, fits[0].post.task, colors=_colors(fits)),
+            "posterior predictive check",
+        )
+    )
+    pits = {f.name: f.pit for f in fits if f.pit is not None}
+    if pits:
+        parts.append(
+            "<p>LOO-PIT: where each training target falls in its leave-one-out predictive "
+            "distribution. Calibrated predictions stay inside the grey band.</p>"
+        )
+        parts.append(_img(plots.pit_plot(pits, colors=_colors(fits)), "LOO-PIT"))
+    if compare_table is not None and len(compare_table):
+        ic = "elpd_loo" if "elpd_loo" in compare_table.columns else compare_table.columns[1]
+        cols = [
+            c
+            for c in ("rank", ic, "se", "p_loo", "elpd_diff", "dse", "weight")
+            if c in compare_table.columns
+        ]
+        rows = [
+            [_esc(name)] + [_fmt(compare_table.loc[name, c], 2) for c in cols]
+            for name in compare_table.index
+        ]
+        parts.append(
+            "<h3>Comparison by PSIS-LOO (training data)</h3>"
+            "<p>Expected log predictive density of left-out training points; higher is "
+            "better. <code>elpd_diff</code> and <code>dse</code> are the difference to the "
+            "best fit and its standard error; <code>weight</code> is the stacking weight.</p>"
+        )
+        parts.append(_table(["fit", *[_esc(c) for c in cols]], rows, 1))
+    skipped = compare_table.attrs.get("skipped", {}) if compare_table is not None else {}
+    if skipped:
+        parts.append(
+            '<p class="note">Not in the LOO table (too few posterior draws for PSIS-LOO; '
+            "compare them by the test-set NLL above): " + _esc(", ".join(skipped)) + ".</p>"
+        )
+    return "\n".join(parts)
+
+
+def _figures_from(obj) -> list[tuple[str, object]]:
+    from matplotlib.figure import Figure
+
+    if obj is None:
+        return []
+    if isinstance(obj, Figure):
+        return [("", obj)]
+    if isinstance(obj, Mapping):
+        return [(str(k), v) for k, v in obj.items() if isinstance(v, Figure)]
+    if isinstance(obj, (list, tuple)):
+        out = []
+        for v in obj:
+            if isinstance(v, Figure):
+                out.append(("", v))
+            elif isinstance(v, tuple) and len(v) == 2 and isinstance(v[1], Figure):
+                out.append((str(v[0]), v[1]))
+        return out
+    return []
+
+
+def _section_functions(fits: list[_Fit], posts, x_test, y_test, fin) -> str:
+    parts = [
+        "<h2>6. The functions the prior and posterior induce</h2>",
+        '<p class="note">Weight-space summaries of a neural network are hard to read and '
+        "weight-space R-hat is misleading (hidden units can be permuted without changing the "
+        "function), so the comparison between methods is made on the functions.</p>",
+        _section_function_table(fits, fin),
+    ]
+    try:
+        from marginalize.diagnostics import functions
+    except ImportError:  # pragma: no cover - arrives with the function-space module
+        functions = None
+    if functions is not None and hasattr(functions, "function_space_figures"):
+        try:
+            figs = _figures_from(functions.function_space_figures(posts, x_test))
+        except Exception as e:  # a failing optional section must not lose the whole report
+            log.warning("report: function_space_figures failed: %s", e)
+            parts.append(
+                f'<div class="info">The function-space figures could not be drawn: {_esc(e)}</div>'
+            )
+            figs = []
+        for name, fig in figs:
+            if name:
+                parts.append(f"<h3>{_esc(name)}</h3>")
+            parts.append(_img(fig, name or "function space"))
+    else:
+        parts.append(
+            '<div class="info">Prior and posterior function samples are not available in '
+            "this build (<code>marginalize.diagnostics.functions.function_space_figures</code> "
+            "is missing); this section shows posterior predictive summaries only.</div>"
+        )
+    if x_test.dim() == 2 and x_test.shape[1] == 1 and fits[0].post.task == "regression":
+        x = x_test.detach().cpu().numpy()
+        xtr, ytr = (
+            (
+                fits[0].post.data[0].detach().cpu().numpy(),
+                fits[0].post.data[1].detach().cpu().numpy(),
+            )
+            if fits[0].post.data is not None
+            else (None, None)
+        )
+        preds = {f.name: (f.metrics["mean"], f.metrics["std"]) for f in fits}
+        parts.append("<h3>Posterior predictive bands</h3>")
+        parts.append(
+            _img(
+                plots.bands_1d(x, y_test.detach().cpu().numpy(), preds, xtr, ytr, _colors(fits)),
+                "bands",
+            )
+        )
+    return "\n".join(parts)
+
+
+_READING = """<h2>How to read the checks</h2><ul class="note">
+<li><b>R-hat</b> compares chains (MCMC chains, ensemble members, SWAG runs); above 1.01 they
+disagree. For networks it is computed on function values: weight-space R-hat is inflated by
+permutation symmetry and is shown as information only.</li>
+<li><b>Divergences</b>: NUTS/HMC trajectories whose energy blew up; the draws then miss regions of
+high curvature, and estimates can be biased.</li>
+<li><b>PSIS k-hat</b> (Yao et al. 2018): tail shape of p/q for an approximation q; above 0.7 q is
+far from the posterior.</li>
+<li><b>Loss not converged</b>: the smoothed loss still fell by more than 0.1% (and by more than
+three standard errors of its noise) over the last 10% of optimizer steps.</li>
+<li><b>LOO</b> (Vehtari et al. 2017): Pareto-smoothed importance-sampling leave-one-out; needs
+posterior draws, so point estimates are compared on the test data instead.</li></ul>"""
+
+
+def report(
+    posts,
+    x_test,
+    y_test,
+    path="report.html",
+    title: str | None = None,
+    *,
+    num_samples: int = REPORT_DRAWS,
+    khat_samples: int = 1000,
+    seed: int = 0,
+) -> Path:
+    """Write a self-contained HTML report on one or several fits; return its path.
+
+    Parameters
+    ----------
+    posts : Posterior or mapping of name to Posterior
+        Fits of the same model type and training data (e.g. several methods).
+    x_test, y_test : array-like
+        Held-out data for predictive quality and calibration.
+    path : str or Path
+        Where to write the HTML file (parent folders are created).
+    title : str, optional
+    num_samples : int
+        Posterior draws per fit (MCMC: at most this many of the stored draws).
+    khat_samples : int
+        Draws from each approximation for PSIS k-hat.
+    seed : int
+
+    Returns
+    -------
+    pathlib.Path
+
+    Examples
+    --------
+    >>> import torch, tempfile, marginalize as mz
+    >>> x = torch.randn(40, 2); y = x[:, 0] + 0.1 * torch.randn(40)
+    >>> post = mz.fit(mz.models.mlp(2, hidden=[4]), x[:30], y[:30], method="map", steps=50,
+    ...               progress=False)
+    >>> mz.report(post, x[30:], y[30:], path=tempfile.mkdtemp() + "/r.html").suffix
+    '.html'
+    """
+    t0 = time.perf_counter()
+    posts = _normalize(posts)
+    first = next(iter(posts.values()))
+    x_t = first._check_x(x_test, "x_test")
+    y_t = first._check_y(y_test, x_t.shape[0])
+    from marginalize.diagnostics.stats import function_inputs_for
+
+    fin = function_inputs_for(x_t, NUM_FUNCTION_INPUTS)
+    fits = []
+    for name, post in posts.items():
+        f = _Fit(name, post)
+        ts = time.perf_counter()
+        _evaluate(
+            f,
+            post._check_x(x_test, "x_test"),
+            post._check_y(y_test, x_t.shape[0]),
+            fin.to(post.device, post.dtype),
+            num_samples,
+            khat_samples,
+            seed,
+        )
+        log.info("report: evaluated %s in %.1f s", name, time.perf_counter() - ts)
+        fits.append(f)
+    compare_table = None
+    if len(fits) > 1:
+        compare_table = compare({f.name: f.idata for f in fits}, seed=seed)
+    title = title or "marginalize report"
+    body = [
+        f"<h1>{_esc(title)}</h1>",
+        f'<p class="note">Fits: {_esc(", ".join(posts))}. Written by marginalize with ArviZ '
+        f"{_esc(az.__version__)}.</p>",
+        _section_fitted(fits, x_t, y_t),
+        _section_worked(fits),
+        _section_quality(fits, y_t),
+        _section_calibration(fits, y_t),
+        _section_checks(fits, compare_table),
+        _section_functions(fits, posts, x_t, y_t, fin),
+        _READING,
+    ]
+    secs = time.perf_counter() - t0
+    body.append(f'<p class="note">Report built in {secs:.1f} s.</p>')
+    doc = (
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{_esc(title)}</title>'
+        f"<style>{_CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n"
+    )
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(doc, encoding="utf-8")
+    log.info("report: wrote %s in %.1f s", out, secs)
+    return out

@@ -1,0 +1,577 @@
+"""Checkpoints of long fits: save every N steps or draws and on Ctrl-C, then resume exactly.
+
+A fit with ``checkpoint=PATH`` writes its state to ``PATH`` every ``checkpoint_every`` SVI
+steps or MCMC iterations, when it is interrupted (Ctrl-C), and when each part of it ends.
+:func:`resume` continues from that file to **bitwise the same result** as an uninterrupted fit
+with the same seed (on the same device and library versions)::
+
+    post = mz.fit(model, x, y, method="nuts", seed=0, checkpoint="fit.ckpt", checkpoint_every=50)
+    # ... Ctrl-C, a crash or a preempted job ...
+    post = mz.resume("fit.ckpt", model, x, y)      # same draws as if never interrupted
+
+A fresh fit refuses to overwrite an existing checkpoint (that file may hold hours of work):
+continue it with :func:`resume`, or delete it.
+
+How it works. A fit is a sequence of *segments*: each :func:`~marginalize.inference.svi.run_svi`
+call (one per SVI fit, ensemble member, MAP initialisation...) and each MCMC chain is one,
+numbered in the order the method runs them. A segment saves either its finished result or its
+state in progress; on resume, finished segments are restored without recomputing and the
+segment in progress continues from its state. What is saved, all as plain tensors:
+
+* SVI: the unconstrained parameters of the Pyro param store, the optimizer state
+  (``PyroOptim.get_state()``: Adam moments, step counts, the decayed learning rate), the loss
+  trace, the number of steps done and the global RNG states (torch, Python ``random``,
+  NumPy, and CUDA when used). The minibatch order is a function of ``(seed, step)``: its
+  generator is replayed to the saved step.
+* MCMC: per chain ``NUTSState.state_dict()`` (position, step size, metric, adaptation
+  accumulators and the chain's generator state) plus the draws and sampler statistics so far.
+
+Files are written atomically (temporary file + rename) and verified on load (format, version,
+SHA-256 of the content; ``torch.load(weights_only=True)``): see :mod:`marginalize._files`.
+Ctrl-C during SVI takes effect at the end of the current step (press it twice to stop at once;
+the file then keeps the last completed checkpoint), so the saved state is always consistent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import json
+import logging
+import os
+import random
+import signal
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pyro import poutine
+
+from marginalize._files import FileFormatError, check_path, digest, read_verified, write_verified
+from marginalize._validation import DataError, ModelError, OptionError, check_positive_int
+
+__all__ = [
+    "resume",
+    "session",
+    "segment",
+    "deferred_interrupt",
+    "check_options",
+    "FORMAT",
+    "VERSION",
+]
+
+log = logging.getLogger(__name__)
+
+FORMAT = "marginalize.checkpoint"
+VERSION = 1
+
+_ACTIVE: contextvars.ContextVar[_Session | None] = contextvars.ContextVar(
+    "mz_checkpoint", default=None
+)
+_PENDING: contextvars.ContextVar[dict | None] = contextvars.ContextVar("mz_resume", default=None)
+
+
+# ---- options -----------------------------------------------------------------------------
+def check_options(checkpoint: Any, every: Any) -> str | None:
+    """Validate the ``checkpoint`` / ``checkpoint_every`` options; return the path as a str."""
+    check_positive_int("checkpoint_every", every)
+    if checkpoint is None:
+        return None
+    if isinstance(checkpoint, bool) or not isinstance(checkpoint, (str, os.PathLike)):
+        raise OptionError(
+            f"checkpoint: expected a file path (str or os.PathLike) or None, got {checkpoint!r}"
+        )
+    path = os.fspath(checkpoint)
+    if not path or path.endswith(os.sep):
+        raise OptionError(f"checkpoint: expected a file path, got {path!r}")
+    return path
+
+
+# ---- RNG state as plain tensors ----------------------------------------------------------
+def rng_state(device: torch.device | None = None) -> dict:
+    """The global RNG states (torch, Python ``random``, NumPy, CUDA) as plain tensors."""
+    version, keys, gauss = random.getstate()
+    _, np_keys, pos, has_gauss, cached = np.random.get_state()  # noqa: NPY002 - the global state
+    st = {
+        "torch": torch.get_rng_state(),
+        "random": {
+            "version": int(version),
+            "keys": torch.tensor(keys, dtype=torch.int64),
+            "gauss": gauss,
+        },
+        "numpy": {
+            "keys": torch.from_numpy(np_keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached": float(cached),
+        },
+    }
+    if device is not None and device.type == "cuda":
+        st["cuda"] = torch.cuda.get_rng_state(device)
+    return st
+
+
+def set_rng_state(st: dict, device: torch.device | None = None) -> None:
+    """Restore what :func:`rng_state` returned."""
+    torch.set_rng_state(st["torch"])
+    r = st["random"]
+    random.setstate((r["version"], tuple(int(k) for k in r["keys"].tolist()), r["gauss"]))
+    n = st["numpy"]
+    np.random.set_state(  # noqa: NPY002
+        ("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"])
+    )
+    if "cuda" in st and device is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(st["cuda"], device)
+
+
+def _clone(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().clone()
+    if isinstance(obj, dict):
+        return {k: _clone(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_clone(v) for v in obj)
+    return obj
+
+
+def _cpu(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cpu(v) for v in obj)
+    return obj
+
+
+# ---- Ctrl-C at a safe point ----------------------------------------------------------------
+class _Interrupt:
+    def __init__(self):
+        self.pending = False
+
+    def check(self) -> None:
+        """Raise ``KeyboardInterrupt`` here if Ctrl-C was pressed since the last check."""
+        if self.pending:
+            self.pending = False
+            raise KeyboardInterrupt("interrupted (Ctrl-C)")
+
+
+@contextlib.contextmanager
+def deferred_interrupt() -> Iterator[_Interrupt]:
+    """Within the block, Ctrl-C only sets a flag that :meth:`_Interrupt.check` turns into a
+    ``KeyboardInterrupt`` at the next safe point; a second Ctrl-C interrupts at once.
+
+    Outside the main thread (where signal handlers cannot be set) this does nothing.
+    """
+    flag = _Interrupt()
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+    old = signal.getsignal(signal.SIGINT)
+    if old is None or old is signal.SIG_IGN:  # a handler not set from Python, or ignored: leave it
+        yield flag
+        return
+
+    def handler(signum, frame):
+        if flag.pending:
+            raise KeyboardInterrupt
+        flag.pending = True
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
+# ---- the session of one fit --------------------------------------------------------------
+class Segment:
+    """One resumable part of a fit (an SVI run or an MCMC chain).
+
+    ``saved`` is ``None`` for a fresh start, else ``{"done": bool, "state": dict}`` from the file.
+    """
+
+    def __init__(self, sess: _Session, key: str, label: str, saved: dict | None):
+        self.session = sess
+        self.key = key
+        self.label = label
+        self.saved = saved
+
+    @property
+    def every(self) -> int:
+        return self.session.every
+
+    def due(self, done: int) -> bool:
+        """Whether a periodic checkpoint is due after ``done`` steps or iterations."""
+        return done > 0 and done % self.session.every == 0
+
+    def save(self, state: dict) -> None:
+        """Write ``state`` (this segment in progress) with every finished segment."""
+        self.session.segments[self.key] = {
+            "label": self.label,
+            "done": False,
+            "state": _clone(_cpu(state)),
+        }
+        self.session.write()
+
+    def finish(self, state: dict) -> None:
+        """Record this segment's result (cloned: the caller may keep mutating its tensors)."""
+        self.session.segments[self.key] = {
+            "label": self.label,
+            "done": True,
+            "state": _clone(_cpu(state)),
+        }
+        self.session.write()
+
+    def interrupt(self, state: dict | None) -> None:
+        """Save ``state`` (None: keep the last checkpoint) and stop the rest of the fit."""
+        if state is not None:
+            self.save(state)
+        self.session.interrupted = True
+        log.warning(
+            "checkpoint saved to %s (%s); continue with mz.resume(%r, model, x, y)",
+            self.session.path,
+            self.label,
+            str(self.session.path),
+        )
+
+
+class _Session:
+    def __init__(self, path: Path, every: int, header: dict, saved: dict):
+        self.path = path
+        self.every = every
+        self.header = header
+        self.saved = saved
+        self.segments: dict[str, dict] = dict(saved)
+        self.counter = 0
+        self.interrupted = False
+        self.complete = False
+
+    def segment(self, kind: str, label: str) -> Segment:
+        if self.interrupted:
+            raise KeyboardInterrupt("an earlier part of this fit was interrupted")
+        key = f"{self.counter}:{kind}"
+        self.counter += 1
+        saved = self.saved.get(key)
+        if saved is not None and not {"done", "state"} <= set(saved):
+            raise FileFormatError(f"{self.path}: segment {key} is incomplete")
+        return Segment(self, key, label, saved)
+
+    def write(self) -> None:
+        write_verified(
+            {**self.header, "complete": self.complete, "segments": self.segments}, self.path
+        )
+
+
+def segment(kind: str, label: str) -> Segment | None:
+    """The next segment of the active checkpointed fit, or ``None`` when not checkpointing.
+
+    Raises ``KeyboardInterrupt`` when an earlier segment of this fit was interrupted.
+    """
+    sess = _ACTIVE.get()
+    return None if sess is None else sess.segment(kind, label)
+
+
+def _header(method: str, opts: Any, seed: int, problem) -> dict:
+    options = dataclasses.asdict(opts)
+    options.pop("checkpoint", None)
+    try:
+        options_json = json.dumps(options, sort_keys=True)
+    except TypeError as e:
+        raise OptionError(
+            f"checkpoint: method {method!r} has options that are not plain values "
+            f"and cannot be saved ({e})"
+        ) from e
+    from marginalize.models.base import BNN
+
+    model = problem.model
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "torch_version": str(torch.__version__),
+        "method": method,
+        "options": options_json,
+        "seed": int(seed),
+        "data_sha256": digest({"x": problem.x, "y": problem.y}),
+        "layout": json.dumps([[s.name, list(s.shape)] for s in problem.layout.sites]),
+        "model_config": json.dumps(model.config(), sort_keys=True)
+        if isinstance(model, BNN)
+        else None,
+    }
+
+
+def _check_match(path: Path, saved: dict, now: dict) -> None:
+    if saved.get("layout") != now["layout"]:
+        raise ModelError(
+            f"model: its latent sites {now['layout']} differ from those of the fit saved "
+            f"in {path} ({saved.get('layout')}); pass the same model"
+        )
+    if saved.get("model_config") != now["model_config"]:
+        raise ModelError(
+            f"model: its configuration differs from the one saved in {path}; pass the same model"
+        )
+    if saved.get("data_sha256") != now["data_sha256"]:
+        raise DataError(
+            f"x, y: differ from the data the checkpoint {path} was written with; "
+            "pass exactly the same data (same values, order and dtype)"
+        )
+
+
+@contextlib.contextmanager
+def session(method: str, opts: Any, seed: int, problem) -> Iterator[_Session | None]:
+    """Checkpoint the fit run inside the block when ``opts.checkpoint`` is set (or resume it)."""
+    pending = _PENDING.get()
+    path = getattr(opts, "checkpoint", None)
+    if path is None:
+        yield None
+        return
+    path = Path(path)
+    header = _header(method, opts, seed, problem)
+    if pending is None:
+        if path.exists():
+            raise OptionError(
+                f"checkpoint: {path} already exists (from an earlier fit?); continue that fit with "
+                f"mz.resume({str(path)!r}, model, x, y), or delete the file or choose another path"
+            )
+        if not path.parent.is_dir():
+            raise OptionError(f"checkpoint: the folder {path.parent} does not exist")
+        saved = {}
+    else:
+        _check_match(path, pending, header)
+        saved = pending["segments"]
+        if not isinstance(saved, dict):
+            raise FileFormatError(f"{path}: malformed checkpoint (segments)")
+    sess = _Session(path, opts.checkpoint_every, header, saved)
+    token, token_pending = _ACTIVE.set(sess), _PENDING.set(None)
+    try:
+        yield sess
+    finally:
+        _ACTIVE.reset(token)
+        _PENDING.reset(token_pending)
+    if sess.counter == 0:
+        log.warning("method %r did not write checkpoints (it has no resumable loop)", method)
+    elif not sess.interrupted:
+        sess.complete = True
+        sess.write()
+
+
+def resume(path, model, x, y, *, device: str | torch.device | None = None, progress: bool = True):
+    """Continue the fit saved in the checkpoint ``path`` to its end.
+
+    The method, its options and the seed come from the file; ``model``, ``x`` and ``y`` must be
+    the ones the fit started with (checked: latent sites, builder config and a SHA-256 of the
+    data). The result is bitwise the one an uninterrupted fit gives. Checkpoints continue to
+    be written to ``path``. A finished checkpoint gives back the finished fit without
+    recomputing it.
+
+    Parameters
+    ----------
+    path : str or Path
+        A file written by ``mz.fit(..., checkpoint=path)``.
+    model : callable
+        The same model (code is never stored in files).
+    x, y : array-like or torch.Tensor
+        The same training data.
+    device : optional
+        Where to continue (default: the device of ``x``).
+    progress : bool
+        Show a progress bar.
+
+    Returns
+    -------
+    Posterior
+
+    Raises
+    ------
+    FileNotFoundError, FileFormatError
+        No such file; a truncated, corrupted or foreign file.
+    ModelError, DataError
+        ``model`` or ``x``/``y`` differ from the fit's.
+
+    Examples
+    --------
+    >>> import torch, tempfile, os, marginalize as mz
+    >>> x = torch.randn(30, 1); y = x[:, 0] + 0.1 * torch.randn(30)
+    >>> model = mz.models.mlp(1, hidden=[4])
+    >>> path = os.path.join(tempfile.mkdtemp(), "fit.ckpt")
+    >>> post = mz.fit(model, x, y, method="map", steps=60, checkpoint=path, checkpoint_every=20,
+    ...               progress=False)
+    >>> again = mz.resume(path, model, x, y, progress=False)   # finished: restored, not refitted
+    >>> bool(torch.equal(post.predict(x).mean, again.predict(x).mean))
+    True
+    """
+    from marginalize.inference.registry import fit
+
+    path = check_path(path)
+    payload = read_verified(path, FORMAT, VERSION, what="marginalize checkpoint")
+    try:
+        options = json.loads(payload["options"])
+        method, seed = payload["method"], payload["seed"]
+    except (KeyError, TypeError, json.JSONDecodeError) as e:
+        raise FileFormatError(
+            f"{path}: malformed checkpoint header ({type(e).__name__}: {e})"
+        ) from e
+    options["checkpoint"] = str(path)
+    token = _PENDING.set(payload)
+    try:
+        return fit(model, x, y, method, seed=seed, device=device, progress=progress, **options)
+    finally:
+        _PENDING.reset(token)
+
+
+# ---- SVI state -----------------------------------------------------------------------------
+def svi_state(store, optim, step: int, losses: list[float], rollbacks: list, device) -> dict:
+    """The state of an SVI run after ``step`` steps, as plain tensors."""
+    return {
+        "step": int(step),
+        "losses": torch.tensor(losses, dtype=torch.float64),
+        "rollbacks": list(rollbacks),
+        "params": {k: v.detach() for k, v in store.named_parameters()},
+        "optim": optim.get_state(),
+        "rng": rng_state(device),
+    }
+
+
+def svi_result(store, info: dict, device) -> dict:
+    """What a finished SVI run leaves behind: parameters, RNG state and its info."""
+    return {
+        "params": {k: v.detach() for k, v in store.named_parameters()},
+        "rng": rng_state(device),
+        "info": info,
+    }
+
+
+def _setup_params(guide, problem, batch_size: int | None, params: dict, path) -> None:
+    """Create the guide's parameters (one guide call) and overwrite them with saved values."""
+    from pyro import get_param_store
+
+    k = problem.n if batch_size is None else min(batch_size, problem.n)
+    with poutine.block(), torch.no_grad():
+        guide(problem.x[:k], problem.y[:k])
+    store = get_param_store()
+    names = dict(store.named_parameters())
+    if set(names) != set(params):
+        raise FileFormatError(
+            f"{path}: saved parameters {sorted(params)} do not match the guide's {sorted(names)}"
+        )
+    with torch.no_grad():
+        for k_, v in names.items():
+            if v.shape != params[k_].shape:
+                raise FileFormatError(
+                    f"{path}: saved parameter {k_!r} has shape "
+                    f"{tuple(params[k_].shape)}, the guide's {tuple(v.shape)}"
+                )
+            v.copy_(params[k_])
+
+
+def restore_svi(seg: Segment, guide, problem, optim, batch_size: int | None):
+    """Restore a saved SVI segment.
+
+    Returns ``("done", info)`` for a finished one (parameters and RNG as they were at its
+    end), else ``("running", state)`` with parameters, optimizer state and RNG restored.
+    """
+    st = seg.saved["state"]
+    try:
+        _setup_params(guide, problem, batch_size, st["params"], seg.session.path)
+        set_rng_state(st["rng"], problem.device)
+        if seg.saved["done"]:
+            return "done", st["info"]
+        optim.set_state(_clone(st["optim"]))
+        return "running", st
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        if isinstance(e, FileFormatError):
+            raise
+        raise FileFormatError(
+            f"{seg.session.path}: cannot restore {seg.label} ({type(e).__name__}: {e})"
+        ) from e
+
+
+# ---- MCMC chains -------------------------------------------------------------------------
+class ChainRecorder:
+    """Keeps a chain's draws for periodic checkpoints and joins resumed draws to saved ones."""
+
+    def __init__(self, seg: Segment | None, num_warmup: int):
+        from marginalize.inference._nuts import NUTSState
+
+        self.seg = seg
+        self.num_warmup = num_warmup
+        self.prefix_draws: torch.Tensor | None = None
+        self.prefix_stats: dict[str, torch.Tensor] = {}
+        self.resume_state = None
+        self._z: list[torch.Tensor] = []
+        self._stats: dict[str, list] = {}
+        if seg is not None and seg.saved is not None and not seg.saved["done"]:
+            st = seg.saved["state"]
+            try:
+                self.resume_state = NUTSState.from_state_dict(st["state"])
+                self.prefix_draws, self.prefix_stats = st["draws"], dict(st["stats"])
+            except (KeyError, TypeError, ValueError) as e:
+                raise FileFormatError(
+                    f"{seg.session.path}: cannot restore {seg.label} ({e})"
+                ) from e
+
+    @property
+    def start(self) -> int:
+        return 0 if self.resume_state is None else int(self.resume_state.iteration)
+
+    def record(self, i: int, state, info: dict | None) -> None:
+        """The sampler's callback: keep kept draws; write a checkpoint when one is due."""
+        if self.seg is None:
+            return
+        if info is not None:
+            self._z.append(state.z)
+            for k, v in info.items():
+                self._stats.setdefault(k, []).append(v)
+        if self.seg.due(i + 1):
+            d, s = self._so_far()
+            self.seg.save({"state": state.state_dict(), "draws": d, "stats": s})
+
+    def _so_far(self):
+        from marginalize.inference._nuts import _STAT_DTYPES
+
+        new = {k: torch.tensor(v, dtype=_STAT_DTYPES[k]) for k, v in self._stats.items()}
+        if not self._z:
+            return self.join(None, {})
+        return self.join(torch.stack(self._z), new)
+
+    def join(self, draws: torch.Tensor | None, stats: dict[str, torch.Tensor]):
+        """Saved draws/stats (when resuming) followed by ``draws``/``stats`` of this call."""
+        if self.prefix_draws is None:
+            return draws, stats
+        if draws is None or not len(draws):
+            return self.prefix_draws.to(
+                draws.device if draws is not None else "cpu"
+            ), self.prefix_stats
+        joined = torch.cat([self.prefix_draws.to(draws.device, draws.dtype), draws])
+        return joined, {k: torch.cat([self.prefix_stats[k], stats[k]]) for k in stats}
+
+    def finish(self, draws, stats, state) -> None:
+        if self.seg is not None:
+            self.seg.finish({"draws": draws, "stats": stats, "state": state.state_dict()})
+
+    def interrupt(self, draws, stats, state) -> None:
+        if self.seg is not None:
+            self.seg.interrupt(
+                None
+                if state is None
+                else {"draws": draws, "stats": stats, "state": state.state_dict()}
+            )
+
+
+def chain_result(seg: Segment, device, dtype):
+    """A finished chain from the file: ``(draws, stats, NUTSState)``."""
+    from marginalize.inference._nuts import NUTSState
+
+    st = seg.saved["state"]
+    try:
+        return (
+            st["draws"].to(device, dtype),
+            dict(st["stats"]),
+            NUTSState.from_state_dict(st["state"]),
+        )
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise FileFormatError(f"{seg.session.path}: cannot restore {seg.label} ({e})") from e

@@ -1,0 +1,408 @@
+"""Any ``torch.nn.Module`` as a Pyro BNN: :func:`bayesian`.
+
+The chosen parameters of the module become ``pyro.sample`` sites named like the
+parameters (``"fc2.weight"``) with explicit priors; every other parameter (and buffer) is
+held fixed at the module's values. The forward pass is ``torch.func.functional_call`` on a
+private copy of the module in eval mode; S draws of the weights are evaluated with
+``torch.func.vmap`` over the draw dim (in blocks that bound memory), falling back to a loop
+over draws, with a log message, for modules that ``vmap`` cannot trace.
+
+Priors are applied per *group*: the parameters of one submodule (``fc2.weight`` and
+``fc2.bias``) share the submodule's fan-in (that of its first parameter with two or more
+dims: ``prod(shape[1:])``, PyTorch's convention) and, for a
+:class:`~marginalize.models.priors.Hierarchical` prior, one scale site ``"fc2.scale"``.
+
+Examples
+--------
+>>> import torch, marginalize as mz
+>>> net = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+>>> model = mz.models.bayesian(net, prior=mz.priors.Normal(1.0), likelihood="gaussian",
+...                            sites=["2.weight", "2.bias"])
+>>> model.bayesian_sites
+['2.weight', '2.bias']
+>>> x = torch.randn(5, 3)
+>>> p = model.module_params()
+>>> bool(torch.allclose(model.forward(p, x)[:, 0], net(x)[:, 0]))
+True
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import pyro
+import pyro.distributions as dist
+import torch
+from torch import nn
+
+from marginalize._validation import DataError, ModelError
+from marginalize.models.base import BNN, LayerSpec
+from marginalize.models.likelihoods import Likelihood, get_likelihood
+from marginalize.models.priors import Normal, Prior
+
+__all__ = ["ModuleBNN", "PriorGroup", "bayesian"]
+
+log = logging.getLogger(__name__)
+
+#: bytes of activations one block of draws may use inside :meth:`ModuleBNN.forward`
+BLOCK_BYTES = 128 * 2**20
+
+
+@dataclass(frozen=True)
+class PriorGroup:
+    """Sites that share one prior application: a layer name (hyper sites are
+    ``{layer}.scale``), the prior, the fan-in, and ``(site, shape)`` pairs."""
+
+    layer: str
+    prior: Prior
+    fan_in: int
+    sites: tuple[tuple[str, tuple[int, ...]], ...]
+
+
+def _trailing(scale: torch.Tensor, ndim: int) -> torch.Tensor:
+    return scale.reshape(scale.shape + (1,) * ndim) if scale.dim() else scale
+
+
+def _clean(name: str) -> str:
+    return name.replace(".", "_")
+
+
+class ModuleBNN(BNN):
+    """A Pyro model made from an ``nn.Module`` with priors on some of its parameters.
+
+    Build it with :func:`bayesian`. ``config()`` returns ``None``: a saved posterior of such
+    a model is loaded with ``mz.load(path, model=bayesian(module, ...))`` (code and module
+    weights are never stored in the file; the non-Bayesian parameters come from the module
+    you pass, so pass the same one).
+    """
+
+    builder = "module"
+
+    def __init__(self, module: nn.Module, sites: Mapping[str, Prior], likelihood: Likelihood,
+                 out_features: int | None = None):
+        try:
+            net = copy.deepcopy(module)
+        except Exception as e:  # pragma: no cover - exotic modules
+            raise ModelError(f"module: cannot be copied ({type(e).__name__}: {e})") from e
+        net.eval()
+        net.requires_grad_(False)
+        self.module = net
+        names = [n for n, _ in net.named_parameters()]
+        order = {n: i for i, n in enumerate(names)}
+        self.bayesian_sites = sorted(sites, key=order.__getitem__)
+        super().__init__(likelihood, {n: sites[n] for n in self.bayesian_sites},
+                         out_features)  # type: ignore[arg-type]
+        shapes = {n: tuple(p.shape) for n, p in net.named_parameters()}
+        self._shapes = shapes
+        self._groups = self._make_groups(names, shapes)
+        taken = set(names)
+        for g in self._groups:
+            for h in g.prior.hyper_sites(g.layer):
+                if h in taken:
+                    raise ModelError(
+                        f"hyperparameter site {h!r} clashes with a module parameter name")
+                taken.add(h)
+        self._cache: dict[tuple, dict[str, torch.Tensor]] = {}
+        self._units: dict[tuple, int] = {}
+        self._vmap_ok = True
+
+    def _make_groups(self, names: list[str],
+                     shapes: dict[str, tuple[int, ...]]) -> list[PriorGroup]:
+        by_group: dict[str, list[str]] = {}
+        for n in names:
+            by_group.setdefault(n.rsplit(".", 1)[0] if "." in n else n, []).append(n)
+        groups = []
+        for g, members in by_group.items():
+            fan_in = next((math.prod(shapes[n][1:]) for n in members if len(shapes[n]) >= 2), 1)
+            bayes = [n for n in members if n in self.priors]
+            if not bayes:
+                continue
+            priors = [self.priors[n] for n in bayes]
+            if all(p == priors[0] for p in priors):
+                sites = tuple((n, shapes[n]) for n in bayes)
+                groups.append(PriorGroup(g, priors[0], fan_in, sites))
+            else:
+                groups += [PriorGroup(n, self.priors[n], fan_in, ((n, shapes[n]),)) for n in bayes]
+        return groups
+
+    # ---- structure -----------------------------------------------------------------------
+    def prior_groups(self) -> list[PriorGroup]:
+        """How priors are applied (used by batched prior sampling)."""
+        return list(self._groups)
+
+    def layer_specs(self) -> list[LayerSpec]:
+        """Groups made of a Bayesian ``weight`` (2+ dims, PyTorch layout ``(out, in, ...)``)
+        and optional Bayesian ``bias``; other Bayesian parameters are listed by
+        :meth:`prior_groups` only."""
+        specs = []
+        for g in self._groups:
+            d = dict(g.sites)
+            w, b = f"{g.layer}.weight", f"{g.layer}.bias"
+            if w in d and len(d[w]) >= 2:
+                specs.append(LayerSpec(g.layer, d[w], d.get(b), g.fan_in,
+                                       self.site_dims()[w], self.site_dims().get(b), input_axis=1))
+        return specs
+
+    def site_dims(self) -> dict[str, tuple[str, ...]]:
+        dims: dict[str, tuple[str, ...]] = {}
+        for g in self._groups:
+            for h in g.prior.hyper_sites(g.layer):
+                dims[h] = ()
+            d = dict(g.sites)
+            for n, shape in g.sites:
+                group = n.rsplit(".", 1)[0] if "." in n else n
+                w = d.get(f"{group}.weight") or self._shapes.get(f"{group}.weight")
+                stem = _clean(group)
+                if n.endswith(".weight") and len(shape) == 2:
+                    dims[n] = (f"{stem}_out", f"{stem}_in")
+                elif n.endswith(".weight") and len(shape) == 4:
+                    dims[n] = (f"{stem}_out", f"{stem}_in", f"{stem}_kh", f"{stem}_kw")
+                elif n.endswith(".bias") and len(shape) == 1 and w and w[0] == shape[0]:
+                    dims[n] = (f"{stem}_out",)
+                else:
+                    dims[n] = tuple(f"{_clean(n)}_dim_{i}" for i in range(len(shape)))
+        for s in self.likelihood.latent_sites():
+            dims[s] = ()
+        return dims
+
+    def dropout_axes(self) -> dict[str, int]:
+        return {n: 1 for n in self.bayesian_sites if len(self._shapes[n]) >= 2}
+
+    def module_params(self, device=None, dtype=None) -> dict[str, torch.Tensor]:
+        """The module's own values of the Bayesian sites (e.g. to check the forward)."""
+        own = dict(self.module.named_parameters())
+        return {n: own[n].detach().to(device=device, dtype=dtype) for n in self.bayesian_sites}
+
+    # ---- Pyro model and log prior --------------------------------------------------------
+    def sample_params(self, like: torch.Tensor) -> dict[str, torch.Tensor]:
+        params: dict[str, torch.Tensor] = {}
+        for g in self._groups:
+            scale = g.prior._scale(g.layer, g.fan_in, like)  # samples the hyper sites, if any
+            for n, shape in g.sites:
+                params[n] = pyro.sample(
+                    n, dist.Normal(like.new_zeros(()), scale).expand(shape).to_event(len(shape))
+                )
+        params.update(self.likelihood.sample_params(like))
+        return params
+
+    def log_prior(self, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        lp = None
+        batch: tuple[int, ...] = ()
+        for g in self._groups:
+            first, shape0 = g.sites[0]
+            w0 = params[first]
+            bnd = w0.dim() - len(shape0)
+            batch = tuple(w0.shape[:bnd])
+            term, scale = g.prior._hyper_log_prob(g.layer, params, g.fan_in, w0, bnd)
+            for n, shape in g.sites:
+                v = params[n]
+                term = term + dist.Normal(0.0, _trailing(scale, len(shape))).log_prob(v).reshape(
+                    *batch, -1).sum(-1)
+            lp = term if lp is None else lp + term
+        assert lp is not None
+        return lp + self.likelihood.log_prob_params(params, lp.new_zeros(batch))
+
+    # ---- forward -------------------------------------------------------------------------
+    def _fixed(self, like: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Non-Bayesian parameters and buffers on ``like``'s device (floats in its dtype)."""
+        key = (like.device, like.dtype)
+        if key not in self._cache:
+            out = {}
+            for n, t in [*self.module.named_parameters(), *self.module.named_buffers()]:
+                if n in self.priors:
+                    continue
+                t = t.detach()
+                floating = t.is_floating_point()
+                out[n] = t.to(like.device, like.dtype) if floating else t.to(like.device)
+            self._cache[key] = out
+        return self._cache[key]
+
+    def _call(self, weights: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        out = torch.func.functional_call(self.module, {**self._fixed(x), **weights}, (x,))
+        if not isinstance(out, torch.Tensor):
+            raise ModelError(f"module: forward must return one tensor, got {type(out).__name__}")
+        return out
+
+    def units_per_input(self, x: torch.Tensor) -> int:
+        """Activations one input makes in one pass (all submodule outputs), measured once."""
+        key = tuple(x.shape[1:])
+        if key not in self._units:
+            total = [0]
+
+            def hook(_m, _i, o):
+                if isinstance(o, torch.Tensor):
+                    total[0] += o.numel()
+
+            handles = [m.register_forward_hook(hook) for m in self.module.modules()]
+            try:
+                with torch.no_grad():
+                    self._call(self.module_params(x.device, x.dtype), x[:1])
+            finally:
+                for h in handles:
+                    h.remove()
+            self._units[key] = max(1, total[0])
+        return self._units[key]
+
+    def forward(self, params: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """``(*batch, N, outputs)`` for Bayesian weights with leading dims ``*batch``."""
+        weights = {n: params[n] for n in self.bayesian_sites}
+        n0 = self.bayesian_sites[0]
+        batch = tuple(weights[n0].shape[: weights[n0].dim() - len(self._shapes[n0])])
+        if not batch:
+            return self._as_outputs(self._call(weights, x), 0)
+        s = math.prod(batch)
+        flat = {k: v.reshape(s, *self._shapes[k]) for k, v in weights.items()}
+        block = max(1, BLOCK_BYTES // (3 * x.element_size() * x.shape[0] * self.units_per_input(x)))
+        outs = [self._batched({k: v[i : i + block] for k, v in flat.items()}, x)
+                for i in range(0, s, block)]
+        out = self._as_outputs(torch.cat(outs), 1)
+        return out.reshape(*batch, *out.shape[1:])
+
+    def _batched(self, weights: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        if self._vmap_ok:
+            try:
+                return torch.func.vmap(lambda w: self._call(w, x))(dict(weights))
+            except (RuntimeError, NotImplementedError, ValueError) as e:
+                self._vmap_ok = False
+                log.info("module cannot be vmapped over draws (%s: %s); using a loop over draws",
+                         type(e).__name__, e)
+        s = next(iter(weights.values())).shape[0]
+        return torch.stack([self._call({k: v[i] for k, v in weights.items()}, x) for i in range(s)])
+
+    @staticmethod
+    def _as_outputs(out: torch.Tensor, batch_ndim: int) -> torch.Tensor:
+        if out.dim() == batch_ndim + 1:
+            return out.unsqueeze(-1)
+        if out.dim() != batch_ndim + 2:
+            raise ModelError(
+                "module: forward must return (N,) or (N, outputs), got "
+                f"{tuple(out.shape[batch_ndim:])}"
+            )
+        return out
+
+    def check_input(self, x: torch.Tensor, name: str = "x") -> torch.Tensor:
+        """Run the module once on ``x[:2]``; infer/check the number of outputs."""
+        try:
+            with torch.no_grad():
+                out = self._call(self.module_params(x.device, x.dtype), x[:2])
+        except ModelError:
+            raise
+        except Exception as e:
+            raise DataError(
+                f"{name}: the module fails on inputs of shape {tuple(x.shape)} "
+                f"({type(e).__name__}: {e})"
+            ) from e
+        k = self._as_outputs(out, 0).shape[-1]
+        lik = self.likelihood
+        targets = {"heteroscedastic": k // 2, "bernoulli": 1}.get(lik.kind, k)
+        if lik.net_outputs(targets) != k:
+            raise ModelError(f"module: returns {k} outputs; a {lik.kind} likelihood needs "
+                             f"{lik.net_outputs(targets)}")
+        if self.out_features is None:
+            self.out_features = targets
+        elif self.out_features != targets:
+            raise ModelError(f"module: returns {k} outputs but out_features={self.out_features}")
+        if lik.kind == "categorical":
+            if lik.num_classes is None:
+                lik.num_classes = targets
+            elif lik.num_classes != targets:
+                raise ModelError(f"module: returns {k} logits but the likelihood has "
+                                 f"{lik.num_classes} classes")
+        return x
+
+    def config(self) -> None:
+        """``None``: the model needs its module; load with ``mz.load(path, model=...)``."""
+        return None
+
+    def __repr__(self) -> str:
+        return (f"bayesian({type(self.module).__name__}, sites={len(self.bayesian_sites)} of "
+                f"{len(self._shapes)} parameters, {self.likelihood!r})")
+
+
+def _resolve_sites(module: nn.Module, sites, prior: Prior) -> dict[str, Prior]:
+    names = [n for n, _ in module.named_parameters()]
+    if not names:
+        raise ModelError("module: has no parameters to make Bayesian")
+    if sites is None:
+        return {n: prior for n in names}
+    if isinstance(sites, str):
+        sites = [sites]
+    if isinstance(sites, Mapping):
+        items = list(sites.items())
+    elif isinstance(sites, Sequence):
+        items = [(s, None) for s in sites]
+    else:
+        raise ModelError(f"sites: expected None, a list of parameter names or a mapping of name "
+                         f"to Prior, got {type(sites).__name__}")
+    out: dict[str, Prior] = {}
+    # submodule names first, so that an exact parameter name given as well wins
+    items.sort(key=lambda kv: kv[0] in names)
+    for key, p in items:
+        if not isinstance(key, str):
+            raise ModelError(f"sites: names must be strings, got {key!r}")
+        p = prior if p is None else p
+        if not isinstance(p, Prior):
+            raise ModelError(
+                f"sites[{key!r}]: expected a marginalize Prior, got {type(p).__name__}")
+        matched = [n for n in names if n == key or n.startswith(key + ".")]
+        if not matched:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ModelError(f"sites: {key!r} names no parameter or submodule of the module{hint}; "
+                             f"parameters are {names}")
+        for n in matched:
+            out[n] = p
+    return out
+
+
+def bayesian(
+    module: nn.Module,
+    prior: Prior | None = None,
+    likelihood: str | Likelihood = "gaussian",
+    sites: Sequence[str] | Mapping[str, Prior | None] | None = None,
+    *,
+    out_features: int | None = None,
+) -> ModuleBNN:
+    """Turn an existing ``nn.Module`` into a Pyro BNN with explicit priors on its parameters.
+
+    Parameters
+    ----------
+    module : torch.nn.Module
+        Maps inputs ``(N, ...)`` to outputs ``(N,)`` or ``(N, outputs)`` (logits for
+        classification). It is copied (in eval mode); later changes to it have no effect.
+    prior : Prior, optional
+        Prior for the Bayesian parameters not given one in ``sites`` (default ``Normal(1.0)``).
+    likelihood : str or Likelihood
+        As for :func:`~marginalize.models.mlp`.
+    sites : None, list of names, or mapping of name to Prior
+        Which parameters are Bayesian (names from ``module.named_parameters()``, or a
+        submodule name for all of its parameters). None: all of them. The others stay fixed
+        at the module's values.
+    out_features : int, optional
+        Number of targets/classes; inferred from the module's output on first use.
+
+    Examples
+    --------
+    >>> import torch, marginalize as mz
+    >>> net = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    >>> m = mz.models.bayesian(net, likelihood="categorical",
+    ...                        sites={"2": mz.priors.Normal(1.0)})   # last layer only
+    >>> m.bayesian_sites
+    ['2.weight', '2.bias']
+    """
+    if not isinstance(module, nn.Module):
+        raise ModelError(f"module: expected a torch.nn.Module, got {type(module).__name__}")
+    prior = Normal(1.0) if prior is None else prior
+    if not isinstance(prior, Prior):
+        raise ModelError(f"prior: expected a marginalize Prior, got {type(prior).__name__}")
+    lik = get_likelihood(likelihood)
+    bad = isinstance(out_features, bool) or not isinstance(out_features, int) or out_features < 1
+    if out_features is not None and bad:
+        raise ModelError(f"out_features: expected a positive int, got {out_features!r}")
+    return ModuleBNN(module, _resolve_sites(module, sites, prior), lik, out_features)
+

@@ -1,0 +1,200 @@
+"""ArviZ conversion: every registered method converts, with the right groups, dims and values."""
+
+import arviz as az
+import numpy as np
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+
+import marginalize as mz
+from conftest import tiny_options
+from marginalize.diagnostics.arviz import to_inference_data
+
+N, N_TEST, HIDDEN = 24, 7, 3
+MCMC_STATS = ("lp", "diverging", "acceptance_rate", "step_size", "tree_depth", "n_steps", "energy")
+
+
+def _data():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(N + N_TEST, 2, generator=g)
+    y = torch.sin(x[:, 0]) + 0.2 * torch.randn(N + N_TEST, generator=g)
+    return x[:N], y[:N], x[N:], y[N:]
+
+
+@pytest.mark.parametrize("method", mz.methods())
+def test_every_method_converts(method, tmp_path):
+    x, y, xt, yt = _data()
+    model = mz.models.mlp(2, hidden=[HIDDEN])
+    post = mz.fit(model, x, y, method=method, seed=0, progress=False, **tiny_options(method))
+    idata = post.to_arviz(
+        x_test=xt, y_test=yt, function_inputs=xt[:4], num_samples=40, prior_samples=6
+    )
+
+    groups = set(idata.groups())
+    assert {
+        "posterior",
+        "log_likelihood",
+        "posterior_predictive",
+        "prior",
+        "prior_predictive",
+        "observed_data",
+        "constant_data",
+    } <= groups
+    c, d = idata.posterior.sizes["chain"], idata.posterior.sizes["draw"]
+    assert c == post.num_chains
+    # posterior: site names, layer dims
+    w = idata.posterior["layer1.weight"]
+    assert w.dims == ("chain", "draw", "layer1_in", "layer1_out")
+    assert w.shape == (c, d, 2, HIDDEN)
+    assert idata.posterior["layer1.bias"].dims == ("chain", "draw", "layer1_out")
+    assert idata.posterior["layer2.weight"].dims == ("chain", "draw", "layer2_in", "layer2_out")
+    assert idata.posterior["noise"].dims == ("chain", "draw")
+    assert idata.posterior["f"].dims == ("chain", "draw", "function_input")
+    assert idata.posterior["f"].shape == (c, d, 4)
+    # log likelihood per observation, train and test
+    assert idata.log_likelihood["y"].dims == ("chain", "draw", "obs_id")
+    assert idata.log_likelihood["y"].shape == (c, d, N)
+    assert idata.log_likelihood["y_test"].shape == (c, d, N_TEST)
+    assert idata.posterior_predictive["y"].shape == (c, d, N)
+    assert idata.posterior_predictive["y_test"].dims == ("chain", "draw", "test_id")
+    np.testing.assert_array_equal(idata.observed_data["y"].values, y.numpy())
+    np.testing.assert_array_equal(idata.constant_data["x"].values, x.numpy())
+    assert idata.prior["layer1.weight"].shape == (1, 6, 2, HIDDEN)
+    assert idata.prior_predictive["y"].shape == (1, 6, N)
+
+    # the log likelihood is the posterior's own (same draws for the same seed) ...
+    ll = post.log_likelihood(x, y, num_samples=40, seed=0)
+    np.testing.assert_allclose(idata.log_likelihood["y"].values, ll.numpy(), rtol=1e-5, atol=1e-5)
+    # ... and belongs to exactly the posterior draws stored (unless the method predicts through
+    # a linearized network: Laplace's GLM predictive)
+    if post.info.get("predictive") != "glm":
+        params = {
+            s: torch.as_tensor(idata.posterior[s].values).reshape(
+                c * d, *idata.posterior[s].shape[2:]
+            )
+            for s in post.layout.names
+        }
+        expect = model.log_likelihood(params, x, y).reshape(c, d, N)
+        np.testing.assert_allclose(
+            idata.log_likelihood["y"].values, expect.numpy(), rtol=1e-4, atol=1e-4
+        )
+        f = model.predictive_dist(params, xt[:4]).mean.reshape(c, d, 4)
+        np.testing.assert_allclose(idata.posterior["f"].values, f.numpy(), rtol=1e-4, atol=1e-5)
+
+    if post.info.get("sample_stats"):
+        assert set(MCMC_STATS) <= set(idata.sample_stats.data_vars)
+        assert idata.sample_stats["diverging"].dtype == bool
+        assert idata.sample_stats["lp"].shape == (c, d)
+    if post.info.get("loss") is not None and len(post.info["loss"]):
+        assert "optimization" in groups
+        assert idata.optimization["loss"].dims[-1] == "step"
+        assert "sample_stats" not in groups
+
+    # netCDF round trip keeps every group and the values
+    path = tmp_path / "fit.nc"
+    idata.to_netcdf(str(path))
+    back = az.from_netcdf(str(path))
+    assert set(back.groups()) == groups
+    np.testing.assert_array_equal(back.posterior["layer1.weight"].values, w.values)
+    np.testing.assert_array_equal(
+        back.log_likelihood["y_test"].values, idata.log_likelihood["y_test"].values
+    )
+
+
+def test_mcmc_keeps_every_draw_and_thins_stats_alike():
+    x, y, _, _ = _data()
+    post = mz.fit(
+        mz.models.mlp(2, hidden=[]),
+        x,
+        y,
+        method="nuts",
+        num_samples=30,
+        num_warmup=20,
+        num_chains=2,
+        max_tree_depth=4,
+        seed=1,
+        progress=False,
+    )
+    full = post.to_arviz(prior_samples=0)
+    assert (full.posterior.sizes["chain"], full.posterior.sizes["draw"]) == (2, 30)
+    np.testing.assert_array_equal(
+        full.sample_stats["lp"].values, post.info["sample_stats"]["lp"].numpy()
+    )
+    thin = post.to_arviz(num_samples=20, prior_samples=0)  # 10 per chain
+    idx = np.linspace(0, 29, 10).round().astype(int)
+    np.testing.assert_array_equal(
+        thin.sample_stats["lp"].values, full.sample_stats["lp"].values[:, idx]
+    )
+    np.testing.assert_array_equal(
+        thin.posterior["layer1.weight"].values, full.posterior["layer1.weight"].values[:, idx]
+    )
+    # lp is the log joint of the draw (up to the constant-free unconstrained Jacobian: none here)
+    from marginalize.inference.problem import prepare
+
+    z = post.approximation.draws
+    lj = prepare(post.model, x, y).log_joint(z.reshape(-1, z.shape[-1])).reshape(2, 30)
+    np.testing.assert_allclose(full.sample_stats["lp"].values, lj.numpy(), rtol=1e-4, atol=1e-3)
+
+
+def test_plain_model_function_converts():
+    def model(x, y=None):
+        w = pyro.sample("w", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
+        s = pyro.sample("s", dist.HalfNormal(1.0))
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("y", dist.Normal(x @ w, s), obs=y)
+
+    x, y, xt, yt = _data()
+    post = mz.fit(model, x, y, method="svi-meanfield", steps=30, seed=0, progress=False)
+    idata = post.to_arviz(x_test=xt, y_test=yt, num_samples=12, prior_samples=3)
+    assert idata.posterior["w"].dims == ("chain", "draw", "w_dim_0")
+    assert idata.posterior["s"].shape == (1, 12)
+    assert bool((idata.posterior["s"] > 0).all())  # constrained values, not unconstrained
+    assert idata.log_likelihood["y"].shape == (1, 12, N)
+    assert idata.prior["w"].shape == (1, 3, 2)
+
+
+def test_classification_function_values_are_probabilities():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(30, 2, generator=g)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 1).long()
+    post = mz.fit(
+        mz.models.mlp(2, hidden=[3], likelihood="categorical", out_features=3),
+        x,
+        y,
+        method="svi-meanfield",
+        steps=20,
+        seed=0,
+        progress=False,
+    )
+    idata = post.to_arviz(function_inputs=x[:5], num_samples=10, prior_samples=0)
+    f = idata.posterior["f"]
+    assert f.dims == ("chain", "draw", "function_input", "class")
+    np.testing.assert_allclose(f.values.sum(-1), 1.0, rtol=1e-5)
+    assert idata.posterior_predictive["y"].dtype.kind == "i"
+
+
+def test_same_seed_same_inference_data():
+    x, y, xt, yt = _data()
+    post = mz.fit(mz.models.mlp(2, hidden=[2]), x, y, method="mc-dropout", steps=20, progress=False)
+    a = to_inference_data(post, x_test=xt, num_samples=10, prior_samples=2, seed=3)
+    b = to_inference_data(post, x_test=xt, num_samples=10, prior_samples=2, seed=3)
+    np.testing.assert_array_equal(
+        a.posterior_predictive["y_test"].values, b.posterior_predictive["y_test"].values
+    )
+    np.testing.assert_array_equal(a.prior["layer1.weight"].values, b.prior["layer1.weight"].values)
+
+
+def test_bad_input():
+    x, y, xt, yt = _data()
+    post = mz.fit(mz.models.mlp(2, hidden=[]), x, y, method="map", steps=5, progress=False)
+    with pytest.raises(mz.DataError, match="y_test"):
+        post.to_arviz(y_test=yt)
+    with pytest.raises(mz.DataError, match="x_test"):
+        post.to_arviz(x_test=torch.randn(3, 5))
+    with pytest.raises(mz.OptionError, match="prior_samples"):
+        post.to_arviz(prior_samples=-1)
+    with pytest.raises(mz.OptionError, match="num_samples"):
+        post.to_arviz(num_samples=0)
+    with pytest.raises(mz.DataError, match="Posterior"):
+        to_inference_data("not a posterior")

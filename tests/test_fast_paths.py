@@ -1,0 +1,370 @@
+"""The fast paths give the same numbers as the general ones.
+
+* ``inference/potentials.py``: the closed-form potential and its hand-written gradient equal
+  the Pyro trace's log joint and autograd's gradient (float64, 1e-10), for MLPs with every
+  prior, likelihood and several activations; its NumPy, torch and batched versions agree.
+* ``inference/fast_vi.py``: for the same parameters and the same weight noise, the fused loss
+  equals Pyro's ``Trace_ELBO`` on ``AutoNormal`` and so do the gradients; the analytic KL is the
+  closed form; its optimizer step is Pyro's ``ClippedAdam``; ``engine`` selects the path.
+* prediction: the chunked batched path equals a loop over draws, for any chunk size.
+
+No timings here: speed is measured by ``benchmarks/``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+import torch.nn.functional as F
+from pyro import poutine
+from pyro.infer import Trace_ELBO
+from pyro.infer.autoguide import AutoNormal
+
+import marginalize as mz
+from marginalize.inference.fast_vi import ClippedAdamState, MeanFieldELBO
+from marginalize.inference.potentials import FlatMLP, fast_potential, supports
+from marginalize.inference.problem import prepare, scale_obs
+
+P = mz.priors
+PRIORS = {
+    "normal": P.Normal(0.7),
+    "scaled": P.ScaledNormal(1.3),
+    "hier_half_normal": P.Hierarchical("half_normal", 0.8),
+    "hier_half_cauchy": P.Hierarchical("half_cauchy", 1.2, fan_in_scaled=False),
+    "hier_log_normal": P.Hierarchical("log_normal", 0.5),
+}
+LIKELIHOODS = {
+    "gaussian_learned": ("gaussian", 1),
+    "gaussian_fixed": (mz.likelihoods.Gaussian(noise=0.3), 1),
+    "gaussian_2d": ("gaussian", 2),
+    "heteroscedastic": ("heteroscedastic", 1),
+    "categorical": ("categorical", 3),
+    "bernoulli": ("bernoulli", 1),
+}
+
+
+def _data(lik, out, n=17, d=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64)
+    if lik == "categorical":
+        y = torch.randint(0, 3, (n,), generator=g)
+    elif lik == "bernoulli":
+        y = torch.randint(0, 2, (n,), generator=g)
+    elif out == 2:
+        y = torch.randn(n, 2, generator=g, dtype=torch.float64)
+    else:
+        y = torch.randn(n, generator=g, dtype=torch.float64)
+    return x, y
+
+
+def _problem(lik_name, prior_name, activation="tanh", hidden=(5,)):
+    lik, out = LIKELIHOODS[lik_name]
+    if isinstance(lik, mz.likelihoods.Likelihood):
+        lik = type(lik)(**{k: v for k, v in lik.config().items() if k != "kind"})
+    model = mz.models.mlp(2, hidden=list(hidden), out_features=out, likelihood=lik,
+                          prior=PRIORS[prior_name], activation=activation)
+    x, y = _data(lik if isinstance(lik, str) else "gaussian", out)
+    return prepare(model, x, y)
+
+
+def _pyro_log_joint(pb, z):
+    """log p(w, y | x) + log|J| by a Pyro trace of the model conditioned on z's sites."""
+    params, ladj = pb.layout.unpack_with_log_det(z)
+    tr = poutine.trace(poutine.condition(pb.model, data=params)).get_trace(pb.x, pb.y)
+    return tr.log_prob_sum() + ladj
+
+
+def _reference(pb, z):
+    z = z.detach().clone().requires_grad_(True)
+    lj = _pyro_log_joint(pb, z)
+    (g,) = torch.autograd.grad(lj, z)
+    return -lj.detach(), -g
+
+
+def _points(pb, n=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [pb.init_from_prior(seed + i) + 0.3 * torch.randn(pb.layout.size, generator=g, dtype=torch.float64)
+            for i in range(n)]
+
+
+# --------------------------------------------------------------------------------------------
+# the potential
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("lik_name", list(LIKELIHOODS))
+@pytest.mark.parametrize("prior_name", list(PRIORS))
+def test_potential_equals_pyro_trace(float64, lik_name, prior_name):
+    pb = _problem(lik_name, prior_name, hidden=(4, 3))
+    fp = fast_potential(pb)
+    assert fp is not None
+    for z in _points(pb):
+        u_ref, g_ref = _reference(pb, z)
+        u, g = fp.potential_and_grad(z)
+        tol = 1e-10 * (1 + abs(float(u_ref)))
+        assert abs(float(u) - float(u_ref)) < tol
+        assert float((g - g_ref).abs().max()) < tol
+        assert abs(float(fp.log_joint(z)) + float(u_ref)) < tol  # the autograd-able version
+
+
+@pytest.mark.parametrize("activation", ["tanh", "relu", "sigmoid", "identity", "gelu", "elu", "silu",
+                                        "softplus", "leaky_relu"])
+def test_potential_every_activation(float64, activation):
+    pb = _problem("gaussian_learned", "normal", activation=activation)
+    fp = fast_potential(pb)
+    for z in _points(pb):
+        u_ref, g_ref = _reference(pb, z)
+        u, g = fp.potential_and_grad(z)
+        assert abs(float(u - u_ref)) < 1e-10 * (1 + abs(float(u_ref)))
+        assert float((g - g_ref).abs().max()) < 1e-10 * (1 + abs(float(u_ref)))
+
+
+@pytest.mark.parametrize("prior_name", ["normal", "hier_half_cauchy"])
+@pytest.mark.parametrize("lik_name", ["gaussian_learned", "gaussian_fixed"])
+def test_numpy_torch_and_batched_versions_agree(float64, lik_name, prior_name):
+    pb = _problem(lik_name, prior_name, hidden=(4, 3))
+    fp = fast_potential(pb)
+    assert fp._np is not None  # Gaussian + tanh on the CPU takes the NumPy version
+    zs = _points(pb, n=3)
+    outs_np = [fp.potential_and_grad(z) for z in zs]
+    saved, fp._np = fp._np, None
+    try:
+        outs_torch = [fp.potential_and_grad(z) for z in zs]
+    finally:
+        fp._np = saved
+    ub, gb = fp.potential_and_grad(torch.stack(zs))
+    for i, ((u1, g1), (u2, g2)) in enumerate(zip(outs_np, outs_torch)):
+        assert abs(float(u1 - u2)) < 1e-10 * (1 + abs(float(u1)))
+        assert torch.allclose(g1, g2, rtol=1e-10, atol=1e-10)
+        assert abs(float(ub[i] - u1)) < 1e-10 * (1 + abs(float(u1)))
+        assert torch.allclose(gb[i], g1, rtol=1e-10, atol=1e-10)
+
+
+def test_problem_uses_fast_potential_and_matches_general_path(float64):
+    pb = _problem("categorical", "hier_half_normal")
+    assert pb.fast_potential() is not None
+    slow = prepare(pb.model, pb.x, pb.y)
+    slow.meta["fast_potential"] = False
+    assert slow.fast_potential() is None
+    for z in _points(pb):
+        u1, g1 = pb.potential_and_grad(z)
+        u2, g2 = slow.potential_and_grad(z)
+        assert abs(float(u1 - u2)) < 1e-10 * (1 + abs(float(u2)))
+        assert torch.allclose(g1, g2, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_invalid_point_gives_infinite_potential(dtype):
+    x = torch.randn(10, 1, dtype=dtype)
+    y = torch.randn(10, dtype=dtype)
+    pb = prepare(mz.models.mlp(1, hidden=[3]), x, y)
+    z = pb.init_from_prior(0)
+    z[pb.layout.slice("noise")] = -400.0  # noise = exp(-400): the likelihood overflows
+    u, g = pb.potential_and_grad(z)
+    assert math.isinf(float(u)) and float(u) > 0
+    assert torch.equal(g, torch.zeros_like(z))
+
+
+def test_unsupported_models_fall_back():
+    def plain(x, y=None):
+        w = pyro.sample("w", dist.Normal(0.0, 1.0).expand([x.shape[1]]).to_event(1))
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("y", dist.Normal(x @ w, 1.0), obs=y)
+
+    x, y = torch.randn(8, 2), torch.randn(8)
+    assert fast_potential(prepare(plain, x, y)) is None
+
+    class OwnPrior(P.Normal):
+        pass
+
+    model = mz.models.mlp(2, hidden=[3], prior=OwnPrior(1.0))
+    assert not supports(model)
+    assert prepare(model, x, y).fast_potential() is None
+
+
+# --------------------------------------------------------------------------------------------
+# fused mean-field VI
+# --------------------------------------------------------------------------------------------
+def _pyro_guide_and_flat(pb, seed=0):
+    pyro.clear_param_store()
+    pyro.set_rng_seed(seed)
+    guide = AutoNormal(pb.model, init_scale=0.2)
+    guide(pb.x, pb.y)
+    with torch.no_grad():  # spread the locs and scales so every term matters
+        g = torch.Generator().manual_seed(seed)
+        for _, p in pyro.get_param_store().named_parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return guide
+
+
+def _flat_params(guide, layout):
+    locs, rhos = [], []
+    for s in layout.sites:
+        loc, scale = guide._get_loc_and_scale(s.name)
+        locs.append(loc.detach().reshape(-1))
+        rhos.append(torch.log(torch.expm1(scale.detach())).reshape(-1))
+    return torch.stack([torch.cat(locs), torch.cat(rhos)])
+
+
+def _pyro_loss_and_grads(pb, guide, eps, obs_scale):
+    """Trace_ELBO on AutoNormal with the auxiliary sites set to loc + scale * eps."""
+    def fixed_noise_guide(x, y):
+        values = {}
+        for s in pb.layout.sites:
+            loc, scale = guide._get_loc_and_scale(s.name)
+            e = eps[pb.layout.slice(s.name)].reshape(loc.shape)
+            values[f"{s.name}_unconstrained"] = loc + scale * e
+        return poutine.condition(guide, data=values)(x, y)
+
+    model = scale_obs(pb.model, obs_scale) if obs_scale != 1.0 else pb.model
+    loss = Trace_ELBO().differentiable_loss(model, fixed_noise_guide, pb.x, pb.y)
+    store = pyro.get_param_store()
+    names = {n: p for n, p in store.named_parameters()}
+    grads = torch.autograd.grad(loss, list(names.values()))
+    by_name = dict(zip(names, grads))
+    g_loc = torch.cat([by_name[f"AutoNormal.locs.{s.name}"].reshape(-1) for s in pb.layout.sites])
+    g_rho = torch.cat([by_name[f"AutoNormal.scales.{s.name}"].reshape(-1) for s in pb.layout.sites])
+    return float(loss.detach()), torch.stack([g_loc, g_rho])
+
+
+@pytest.mark.parametrize("lik_name", ["gaussian_learned", "categorical", "heteroscedastic"])
+@pytest.mark.parametrize("prior_name", ["scaled", "hier_half_normal"])
+def test_fused_elbo_equals_pyro_trace_elbo(float64, lik_name, prior_name):
+    pb = _problem(lik_name, prior_name)
+    guide = _pyro_guide_and_flat(pb)
+    params = _flat_params(guide, pb.layout).requires_grad_(True)
+    fp = FlatMLP(pb.model, pb.layout, pb.x, pb.y)
+    elbo = MeanFieldELBO(fp, analytic_kl=False)
+    for seed, obs_scale in ((1, 1.0), (2, 3.5)):
+        eps = torch.randn(pb.layout.size, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        ref_loss, ref_grad = _pyro_loss_and_grads(pb, guide, eps, obs_scale)
+        loss = elbo(params, eps, None, obs_scale)
+        (grad,) = torch.autograd.grad(loss, params)
+        assert abs(float(loss) - ref_loss) < 1e-10 * (1 + abs(ref_loss))
+        assert torch.allclose(grad, ref_grad, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("prior_name", ["normal", "scaled", "hier_log_normal"])
+def test_analytic_kl_is_the_closed_form(float64, prior_name):
+    """analytic - Monte Carlo loss = sum over weights of KL(q||p) - (log q(w) - log p(w)),
+    with KL from torch.distributions (given the sampled layer scale for Hierarchical)."""
+    pb = _problem("gaussian_learned", prior_name, hidden=(4, 3))
+    fp = FlatMLP(pb.model, pb.layout, pb.x, pb.y)
+    g = torch.Generator().manual_seed(3)
+    params = torch.stack([pb.init_from_prior(1), torch.randn(pb.layout.size, generator=g, dtype=torch.float64) - 1])
+    eps = torch.randn(pb.layout.size, generator=g, dtype=torch.float64)
+    diff = MeanFieldELBO(fp, True)(params, eps) - MeanFieldELBO(fp, False)(params, eps)
+    loc, sigma = params[0], F.softplus(params[1])
+    z = loc + sigma * eps
+    expected = 0.0
+    for spec in pb.model.layer_specs():
+        prior = pb.model.priors[spec.name]
+        if isinstance(prior, P.Hierarchical):
+            s = math.exp(float(z[pb.layout.slice(f"{spec.name}.scale")])) * prior._c(spec.fan_in)
+        else:
+            s = prior._fixed_scale(spec.fan_in)
+        for site in ("weight", "bias"):
+            sl = pb.layout.slice(f"{spec.name}.{site}")
+            q = torch.distributions.Normal(loc[sl], sigma[sl])
+            p = torch.distributions.Normal(torch.zeros_like(loc[sl]), s)
+            kl = torch.distributions.kl_divergence(q, p).sum()
+            expected = expected + kl - (q.log_prob(z[sl]).sum() - p.log_prob(z[sl]).sum())
+    assert abs(float(diff) - float(expected)) < 1e-10 * (1 + abs(float(expected)))
+
+
+def test_particles_average_single_draws(float64):
+    pb = _problem("gaussian_learned", "scaled")
+    fp = FlatMLP(pb.model, pb.layout, pb.x, pb.y)
+    elbo = MeanFieldELBO(fp, True)
+    params = torch.stack([pb.init_from_prior(0), torch.full((pb.layout.size,), -2.0, dtype=torch.float64)])
+    eps = torch.randn(4, pb.layout.size, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    many = elbo(params, eps)
+    single = torch.stack([elbo(params, e) for e in eps]).mean()
+    assert abs(float(many - single)) < 1e-10 * (1 + abs(float(single)))
+
+
+def test_clipped_adam_matches_pyro(float64):
+    g = torch.Generator().manual_seed(0)
+    start = torch.randn(2, 6, generator=g, dtype=torch.float64)
+    grads = [torch.randn(2, 6, generator=g, dtype=torch.float64) * 3 for _ in range(5)]
+    ours = start.clone()
+    opt = ClippedAdamState(ours, lr=0.05, lrd=0.97, clip=2.0)
+    p = start.clone().requires_grad_(True)
+    ref = pyro.optim.clipped_adam.ClippedAdam([p], lr=0.05, lrd=0.97, clip_norm=2.0)
+    for gr in grads:
+        opt.step(ours, gr.clone())
+        p.grad = gr.clone()
+        ref.step()
+    assert torch.allclose(ours, p.detach(), rtol=1e-12, atol=1e-14)
+
+
+def test_engine_option():
+    x = torch.linspace(-1, 1, 30)[:, None]
+    y = torch.sin(3 * x[:, 0])
+    model = mz.models.mlp(1, hidden=[6])
+    fast = mz.fit(model, x, y, method="svi-meanfield", steps=20, progress=False, engine="fast")
+    auto = mz.fit(model, x, y, method="svi-meanfield", steps=20, progress=False)
+    slow = mz.fit(model, x, y, method="svi-meanfield", steps=20, progress=False, engine="pyro")
+    assert fast.info["engine"] == "fast" and auto.info["engine"] == "fast"
+    assert slow.info.get("engine") != "fast"
+    assert torch.equal(fast.approximation.loc, auto.approximation.loc)  # same seed, same fit
+    assert fast.approximation.scale.shape == slow.approximation.scale.shape
+    assert fast.predict(x).mean.shape == slow.predict(x).mean.shape
+    with pytest.raises(mz.OptionError, match="engine"):
+        mz.fit(model, x, y, method="svi-meanfield", steps=5, progress=False, engine="jax")
+
+    def plain(x, y=None):
+        w = pyro.sample("w", dist.Normal(0.0, 1.0).expand([1]).to_event(1))
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("y", dist.Normal(x @ w, 1.0), obs=y)
+
+    with pytest.raises(mz.OptionError, match="engine='fast'"):
+        mz.fit(plain, x, y, method="svi-meanfield", steps=5, progress=False, engine="fast")
+    post = mz.fit(plain, x, y, method="svi-meanfield", steps=5, progress=False)  # auto: Pyro
+    assert post.info.get("engine") != "fast"
+
+
+def test_fast_engine_minibatches_and_nan_policy():
+    x = torch.linspace(-1, 1, 40)[:, None]
+    y = torch.sin(3 * x[:, 0])
+    model = mz.models.mlp(1, hidden=[6])
+    post = mz.fit(model, x, y, method="svi-meanfield", steps=30, batch_size=10, progress=False)
+    assert post.info["loss"].shape == (30,) and torch.isfinite(post.info["loss"]).all()
+    # a huge learning rate sends the noise scale to exp(+-1000): a non-finite loss at step 1
+    stop = mz.fit(model, x, y, method="svi-meanfield", steps=20, progress=False, lr=1e3)
+    assert stop.info["stopped"]["step"] == 1 and len(stop.info["loss"]) == 1
+    assert torch.isfinite(stop.approximation.loc).all() and torch.isfinite(stop.approximation.scale).all()
+    back = mz.fit(model, x, y, method="svi-meanfield", steps=20, progress=False, lr=1e3, on_nan="rollback")
+    lrs = [r["lr"] for r in back.info["rollbacks"]]
+    assert len(lrs) == mz.inference.svi.MAX_ROLLBACKS and lrs == sorted(lrs, reverse=True) and lrs[0] > lrs[-1]
+    with pytest.raises(mz.inference.svi.FitError, match="step 1"):
+        mz.fit(model, x, y, method="svi-meanfield", steps=20, progress=False, lr=1e3, on_nan="raise")
+
+
+# --------------------------------------------------------------------------------------------
+# prediction
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("task", ["regression", "classification"])
+def test_prediction_chunks_equal_a_loop_over_draws(float64, task):
+    from marginalize.inference.approximations import Empirical
+    from marginalize.inference.posterior import Posterior
+
+    lik, out = ("gaussian", 1) if task == "regression" else ("categorical", 3)
+    model = mz.models.mlp(2, hidden=[7, 5], out_features=out, likelihood=lik)
+    x, y = _data(lik, out, n=13)
+    pb = prepare(model, x, y)
+    draws = torch.stack([pb.init_from_prior(i) for i in range(37)]).reshape(1, 37, -1)
+    post = Posterior(model, pb.layout, Empirical(draws), method="nuts", task=task)
+    xt = torch.randn(11, 2, dtype=torch.float64)
+    per_draw = []
+    for z in draws[0]:
+        d = model.predictive_dist(pb.layout.unpack(z), xt)
+        per_draw.append(d.mean if task == "regression" else d.probs)
+    per_draw = torch.stack(per_draw)
+    for chunk in (None, 1, 5, 37, 100):
+        pred = post.predict(xt, num_samples=37, chunk_size=chunk)
+        assert torch.allclose(pred.mean, per_draw.mean(0), rtol=1e-10, atol=1e-12)
+        if task == "regression":
+            assert torch.allclose(pred.epistemic**2, per_draw.var(0, unbiased=False), rtol=1e-8, atol=1e-12)
