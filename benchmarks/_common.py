@@ -42,9 +42,11 @@ def machine() -> str:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none (CPU only)"
     load = ""
     if hasattr(os, "getloadavg"):
-        load = ", load average at start %.2f" % os.getloadavg()[0]
-    return (f"{cpu_name()}, {os.cpu_count()} logical cores{load}; GPU: {gpu}; "
-            f"torch threads: {torch.get_num_threads()}")
+        load = f", load average at start {os.getloadavg()[0]:.2f}"
+    return (
+        f"{cpu_name()}, {os.cpu_count()} logical cores{load}; GPU: {gpu}; "
+        f"torch threads: {torch.get_num_threads()}"
+    )
 
 
 def versions(extra: dict[str, str] | None = None) -> str:
@@ -52,15 +54,19 @@ def versions(extra: dict[str, str] | None = None) -> str:
 
     import marginalize
 
-    v = {"python": platform.python_version(), "torch": torch.__version__, "pyro": pyro.__version__,
-         "marginalize": marginalize.__version__}
+    v = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "pyro": pyro.__version__,
+        "marginalize": marginalize.__version__,
+    }
     v.update(extra or {})
     return ", ".join(f"{k} {val}" for k, val in v.items())
 
 
 #: the clock of the timings: CPU time of this process (user + system). With one torch thread
 #: it equals the wall time of an idle machine and, unlike the wall time, hardly changes when
-#: other processes share the cores. ``--wall`` in a script switches to ``time.perf_counter``.
+#: other processes share the cores. ``use_wall_clock(True)`` switches to ``time.perf_counter``.
 CLOCK = time.process_time
 
 
@@ -73,8 +79,9 @@ def clock_name() -> str:
     return "wall time" if CLOCK is time.perf_counter else "CPU time of the process (user + system)"
 
 
-def per_call(fn: Callable[[], object], *, min_time: float = 0.3, repeats: int = 5,
-             warmup: int = 3) -> float:
+def per_call(
+    fn: Callable[[], object], *, min_time: float = 0.3, repeats: int = 5, warmup: int = 3
+) -> float:
     """Seconds per call of ``fn``: the best of ``repeats`` timed loops of about ``min_time``
     seconds each (the minimum is the least disturbed by other processes)."""
     for _ in range(warmup):
@@ -121,8 +128,15 @@ def table(header: list[str], rows: list[list[object]]) -> str:
     return "\n".join(out)
 
 
-def report(name: str, title: str, body: str, *, extra_versions: dict[str, str] | None = None,
-           notes: list[str] | None = None, write: bool = True) -> str:
+def report(
+    name: str,
+    title: str,
+    body: str,
+    *,
+    extra_versions: dict[str, str] | None = None,
+    notes: list[str] | None = None,
+    write: bool = True,
+) -> str:
     """Print the result (with machine, versions, date, command) and write it to results/."""
     cmd = "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:])
     head = [

@@ -58,8 +58,12 @@ print(json.dumps({"before": before, "after": rss(), "result": result_bytes, "cpu
 
 
 def measure(what: str, hidden: int, draws: int, n_in: int) -> dict:
-    out = subprocess.run([sys.executable, "-c", CHILD, what, str(hidden), str(draws), str(n_in)],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD, what, str(hidden), str(draws), str(n_in)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -82,17 +86,46 @@ def main(argv=None):
             naive = draws * n_in * hidden * 4
             bound = r["result"] + 64 * 2**20 if what == "functions" else 64 * 2**20
             ok = ok and extra <= bound
-            rows.append([label, f"{draws:,}", f"{n_in:,}", gib(r["before"]), gib(r["after"]), gib(extra),
-                         gib(r["result"]), gib(naive), f"{r['cpu']:.1f}"])
-    body = C.table(["call", "draws", "inputs", "peak RSS before", "peak RSS after", "extra",
-                    "size of the result", "one unchunked activation tensor", "CPU (s)"], rows)
+            rows.append(
+                [
+                    label,
+                    f"{draws:,}",
+                    f"{n_in:,}",
+                    gib(r["before"]),
+                    gib(r["after"]),
+                    gib(extra),
+                    gib(r["result"]),
+                    gib(naive),
+                    f"{r['cpu']:.1f}",
+                ]
+            )
+    body = C.table(
+        [
+            "call",
+            "draws",
+            "inputs",
+            "peak RSS before",
+            "peak RSS after",
+            "extra",
+            "size of the result",
+            "one unchunked activation tensor",
+            "CPU (s)",
+        ],
+        rows,
+    )
     notes = [
         f"1-{hidden}-1 tanh MLP, float32, one thread; each row is a fresh subprocess (ru_maxrss)",
-        "goal: bounded peak memory: extra memory of predict under 64 MiB whatever the number of draws, "
+        "goal: bounded peak memory: extra memory of predict under 64 MiB whatever the number "
+        "of draws, "
         "of posterior_functions under its result + 64 MiB: " + ("met" if ok else "NOT met"),
     ]
-    C.report("memory", "Peak memory of prediction and function sampling (10,000 draws, 100,000 inputs)",
-             body, notes=notes, write=not args.no_write)
+    C.report(
+        "memory",
+        "Peak memory of prediction and function sampling (10,000 draws, 100,000 inputs)",
+        body,
+        notes=notes,
+        write=not args.no_write,
+    )
 
 
 if __name__ == "__main__":

@@ -23,7 +23,9 @@ import warnings
 from pathlib import Path
 
 # one XLA thread, set before JAX is imported (the torch side runs with one thread too)
-os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
+os.environ.setdefault(
+    "XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import numpy as np  # noqa: E402
@@ -49,7 +51,8 @@ X_GRID = np.linspace(-2.5, 2.5, 25, dtype=np.float32)[:, None]
 
 
 def net(x, w1, b1, w2, b2, xp=np):
-    """Network output at ``x`` for stacked draws: w1 (S, 1, H), b1 (S, H), w2 (S, H, 1), b2 (S, 1)."""
+    """Network output at ``x`` for stacked draws: w1 (S, 1, H), b1 (S, H), w2 (S, H, 1), b2
+    (S, 1)."""
     h = xp.tanh(x[None] @ w1 + b1[:, None, :])
     return (h @ w2)[..., 0] + b2
 
@@ -62,16 +65,29 @@ def ess_summary(weights: np.ndarray, f: np.ndarray) -> dict:
 
         ew = az.ess(az.convert_to_dataset({"w": weights}), method="bulk")["w"].values
         ef = az.ess(az.convert_to_dataset({"f": f}), method="bulk")["f"].values
-    return {"w_med": float(np.median(ew)), "w_min": float(np.min(ew)), "f_med": float(np.median(ef)),
-            "f_min": float(np.min(ef))}
+    return {
+        "w_med": float(np.median(ew)),
+        "w_min": float(np.min(ew)),
+        "f_med": float(np.median(ef)),
+        "f_min": float(np.min(ef)),
+    }
 
 
 def run_marginalize(x, y, warmup, samples, seed):
     model = mz.models.mlp(1, hidden=[HIDDEN], activation="tanh", prior=mz.priors.Normal(1.0))
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
     w0, c0 = time.perf_counter(), time.process_time()
-    post = mz.fit(model, xt, yt, method="nuts", num_warmup=warmup, num_samples=samples, num_chains=1,
-                  seed=seed, progress=False)
+    post = mz.fit(
+        model,
+        xt,
+        yt,
+        method="nuts",
+        num_warmup=warmup,
+        num_samples=samples,
+        num_chains=1,
+        seed=seed,
+        progress=False,
+    )
     wall, cpu = time.perf_counter() - w0, time.process_time() - c0
     p = post.sample(samples)  # all kept draws, (chain, draw, ...)
     w1, b1 = p["layer1.weight"][0], p["layer1.bias"][0]
@@ -79,9 +95,15 @@ def run_marginalize(x, y, warmup, samples, seed):
     weights = torch.cat([w1.flatten(1), b1, w2.flatten(1), b2], 1)[None].double().numpy()
     f = net(torch.from_numpy(X_GRID), w1, b1, w2, b2, xp=torch)[None].double().numpy()
     st = post.info["sample_stats"]
-    return {"wall": wall, "cpu": cpu, **ess_summary(weights, f),
-            "steps": float(st["n_steps"].double().mean()), "depth": float(st["tree_depth"].double().mean()),
-            "eps": float(st["step_size"][0, -1]), "div": int(st["diverging"].sum())}
+    return {
+        "wall": wall,
+        "cpu": cpu,
+        **ess_summary(weights, f),
+        "steps": float(st["n_steps"].double().mean()),
+        "depth": float(st["tree_depth"].double().mean()),
+        "eps": float(st["step_size"][0, -1]),
+        "div": int(st["diverging"].sum()),
+    }
 
 
 def numpyro_runner():
@@ -106,27 +128,46 @@ def numpyro_runner():
 
     def run(x, y, warmup, samples, seed, mcmc=None):
         if mcmc is None:
-            mcmc = MCMC(NUTS(model), num_warmup=warmup, num_samples=samples, num_chains=1, progress_bar=False)
+            mcmc = MCMC(
+                NUTS(model),
+                num_warmup=warmup,
+                num_samples=samples,
+                num_chains=1,
+                progress_bar=False,
+            )
         w0, c0 = time.perf_counter(), time.process_time()
-        mcmc.run(jax.random.PRNGKey(seed), x, y, extra_fields=("num_steps", "adapt_state.step_size", "diverging"))
+        mcmc.run(
+            jax.random.PRNGKey(seed),
+            x,
+            y,
+            extra_fields=("num_steps", "adapt_state.step_size", "diverging"),
+        )
         p = {k: np.asarray(v) for k, v in mcmc.get_samples().items()}
         wall, cpu = time.perf_counter() - w0, time.process_time() - c0
-        weights = np.concatenate([p["w1"].reshape(samples, -1), p["b1"], p["w2"].reshape(samples, -1),
-                                  p["b2"]], 1)[None].astype(np.float64)
+        weights = np.concatenate(
+            [p["w1"].reshape(samples, -1), p["b1"], p["w2"].reshape(samples, -1), p["b2"]], 1
+        )[None].astype(np.float64)
         f = net(X_GRID, p["w1"], p["b1"], p["w2"], p["b2"])[None].astype(np.float64)
         ex = mcmc.get_extra_fields()
         steps = np.asarray(ex["num_steps"]).astype(np.float64)
-        return mcmc, {"wall": wall, "cpu": cpu, **ess_summary(weights, f), "steps": float(steps.mean()),
-                      "depth": float(np.log2(steps + 1).mean()),
-                      "eps": float(np.asarray(ex["adapt_state.step_size"])[-1]),
-                      "div": int(np.asarray(ex["diverging"]).sum())}
+        return mcmc, {
+            "wall": wall,
+            "cpu": cpu,
+            **ess_summary(weights, f),
+            "steps": float(steps.mean()),
+            "depth": float(np.log2(steps + 1).mean()),
+            "eps": float(np.asarray(ex["adapt_state.step_size"])[-1]),
+            "div": int(np.asarray(ex["diverging"]).sum()),
+        }
 
     return run, f"numpyro {numpyro.__version__}, jax {jax.__version__}"
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--full", action="store_true", help="200 warm-up + 200 draws (the issue's settings)")
+    ap.add_argument(
+        "--full", action="store_true", help="200 warm-up + 200 draws (the issue's settings)"
+    )
     ap.add_argument("--warmup", type=int, default=None)
     ap.add_argument("--samples", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
@@ -140,42 +181,84 @@ def main(argv=None):
     results = {}
     notes = []
     if runner is not None:
-        mcmc, results["NumPyro NUTS, first run (includes JAX compilation)"] = runner(x, y, warmup, samples, args.seed)
-        _, results["NumPyro NUTS, second run (compiled)"] = runner(x, y, warmup, samples, args.seed + 1, mcmc)
+        mcmc, results["NumPyro NUTS, first run (includes JAX compilation)"] = runner(
+            x, y, warmup, samples, args.seed
+        )
+        _, results["NumPyro NUTS, second run (compiled)"] = runner(
+            x, y, warmup, samples, args.seed + 1, mcmc
+        )
     else:
-        notes.append(f"NumPyro/JAX are not installed ({np_versions}): its rows are skipped; "
-                     "`pip install marginalize[bench]` adds them")
+        notes.append(
+            f"NumPyro/JAX are not installed ({np_versions}): its rows are skipped; "
+            "`pip install marginalize[bench]` adds them"
+        )
     results["marginalize nuts"] = run_marginalize(x, y, warmup, samples, args.seed)
     rows = []
     for name, r in results.items():
-        rows.append([name, f"{r['wall']:.1f}", f"{r['cpu']:.1f}", f"{r['steps']:.0f}", f"{r['eps']:.2g}",
-                     r["div"], f"{r['w_med']:.0f} / {r['w_min']:.0f}", f"{r['f_med']:.0f} / {r['f_min']:.0f}",
-                     f"{r['w_med'] / r['wall']:.2f}", f"{r['f_med'] / r['wall']:.2f}"])
-    body = C.table(["sampler", "wall (s)", "CPU (s)", "leapfrog steps / draw", "step size", "divergences",
-                    "ESS weights (median / min)", "ESS f(x) (median / min)", "ESS/s weights", "ESS/s f(x)"],
-                   rows)
+        rows.append(
+            [
+                name,
+                f"{r['wall']:.1f}",
+                f"{r['cpu']:.1f}",
+                f"{r['steps']:.0f}",
+                f"{r['eps']:.2g}",
+                r["div"],
+                f"{r['w_med']:.0f} / {r['w_min']:.0f}",
+                f"{r['f_med']:.0f} / {r['f_min']:.0f}",
+                f"{r['w_med'] / r['wall']:.2f}",
+                f"{r['f_med'] / r['wall']:.2f}",
+            ]
+        )
+    body = C.table(
+        [
+            "sampler",
+            "wall (s)",
+            "CPU (s)",
+            "leapfrog steps / draw",
+            "step size",
+            "divergences",
+            "ESS weights (median / min)",
+            "ESS f(x) (median / min)",
+            "ESS/s weights",
+            "ESS/s f(x)",
+        ],
+        rows,
+    )
     ours = results["marginalize nuts"]
     if runner is not None:
-        for label in ("NumPyro NUTS, first run (includes JAX compilation)", "NumPyro NUTS, second run (compiled)"):
+        for label in (
+            "NumPyro NUTS, first run (includes JAX compilation)",
+            "NumPyro NUTS, second run (compiled)",
+        ):
             ref = results[label]
             rw = (ref["w_med"] / ref["wall"]) / (ours["w_med"] / ours["wall"])
             rf = (ref["f_med"] / ref["wall"]) / (ours["f_med"] / ours["wall"])
             per_step = (ours["wall"] / (warmup + samples) / ours["steps"]) / (
-                ref["wall"] / (warmup + samples) / ref["steps"])
-            notes.append(f"vs {label}: NumPyro's ESS/s is {rw:.2f}x ours in weight space, {rf:.2f}x in function "
-                         f"space; time per leapfrog step {per_step:.2f}x ours/theirs; goal (within 2x): "
-                         + ("met" if max(rw, rf) <= 2 else "NOT met"))
+                ref["wall"] / (warmup + samples) / ref["steps"]
+            )
+            notes.append(
+                f"vs {label}: NumPyro's ESS/s is {rw:.2f}x ours in weight space, {rf:.2f}x in "
+                "function "
+                f"space; time per leapfrog step {per_step:.2f}x ours/theirs; goal (within 2x): "
+                + ("met" if max(rw, rf) <= 2 else "NOT met")
+            )
     notes += [
         f"{warmup} warm-up + {samples} draws, one chain, seed {args.seed}; ESS from one chain of "
         f"{samples} draws is noisy (a different seed moves it by tens of percent)",
-        "ESS/s uses the median ESS over the coordinates and the wall time of the whole run (warm-up included)",
-        "the wall time is what matters with one thread each; CPU time is shown to expose sharing of the "
+        "ESS/s uses the median ESS over the coordinates and the wall time of the whole run "
+        "(warm-up included)",
+        "the wall time is what matters with one thread each; CPU time is shown to expose "
+        "sharing of the "
         "machine with other processes (wall >> CPU)",
     ]
-    C.report("nuts_vs_numpyro" + ("_full" if args.full else ""),
-             "NUTS on a 1-50-1 BNN: marginalize vs NumPyro", body,
-             extra_versions={"numpyro/jax": np_versions} if runner else None, notes=notes,
-             write=not args.no_write)
+    C.report(
+        "nuts_vs_numpyro" + ("_full" if args.full else ""),
+        "NUTS on a 1-50-1 BNN: marginalize vs NumPyro",
+        body,
+        extra_versions={"numpyro/jax": np_versions} if runner else None,
+        notes=notes,
+        write=not args.no_write,
+    )
 
 
 if __name__ == "__main__":

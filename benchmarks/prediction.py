@@ -13,7 +13,6 @@ Run: ``python benchmarks/prediction.py`` (about a minute).
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 
@@ -46,8 +45,10 @@ def make_posterior(arch, seed=0):
 def stacked(model, layout, z):
     """Per layer (W, b) stacked over draws, and the noise scale per draw."""
     p = layout.unpack(z)
-    layers = [(p[f"{s.name}.weight"].contiguous(), p[f"{s.name}.bias"].contiguous())
-              for s in model.layer_specs()]
+    layers = [
+        (p[f"{s.name}.weight"].contiguous(), p[f"{s.name}.bias"].contiguous())
+        for s in model.layer_specs()
+    ]
     return layers, p["noise"]
 
 
@@ -93,6 +94,33 @@ def pyro_predictive_time(model, layout, z, x, n=50):
     return C.best_of(lambda: pred(x), repeats=2) * S / n
 
 
+def measure(post, layers, noise, x, act):
+    """Times of the loop floor, the batched floor per chunk size and ``Posterior.predict``."""
+    n_in = x.shape[0]
+    if n_in <= 1000:
+
+        def timer(fn):
+            return C.per_call(fn, min_time=0.2, repeats=3)
+    else:  # one call takes a second or more: best of 3 after one warm-up
+
+        def timer(fn):
+            fn()
+            return C.best_of(fn, repeats=3)
+
+    with torch.no_grad():
+        t_loop = timer(lambda: floor_loop(layers, noise, x, act))
+        chunks = {}
+        for chunk in (10, 50, 250, 1000) if n_in <= 1000 else (1, 10, 100):
+            chunks[chunk] = timer(lambda c=chunk: floor_batched(layers, noise, x, act, c))
+        t_pred = timer(lambda: post.predict(x, num_samples=S))
+        pr = post.predict(x, num_samples=S)  # the same numbers as the floor?
+        m_ref, v_ref = floor_batched(layers, noise, x, act, 100)
+        ok = torch.allclose(pr.mean, m_ref, rtol=1e-3, atol=1e-3) and torch.allclose(
+            pr.std**2, v_ref, rtol=1e-2, atol=1e-3
+        )
+    return t_loop, chunks, t_pred, ok
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--no-write", action="store_true")
@@ -106,42 +134,55 @@ def main(argv=None):
         act = model.act
         for n_in in (100, 10_000):
             x = torch.randn(n_in, arch[0], generator=torch.Generator().manual_seed(1))
-            if n_in <= 1000:
-                timer = lambda fn: C.per_call(fn, min_time=0.2, repeats=3)  # noqa: E731
-            else:  # one call takes a second or more: best of 3 after one warm-up
-                timer = lambda fn: (fn(), C.best_of(fn, repeats=3))[1]  # noqa: E731
-            with torch.no_grad():
-                t_loop = timer(lambda: floor_loop(layers, noise, x, act))
-                chunks = {}
-                for chunk in (10, 50, 250, 1000):
-                    chunks[chunk] = timer(lambda c=chunk: floor_batched(layers, noise, x, act, c))
-                best_chunk = min(chunks, key=chunks.get)
-                floor = min(t_loop, chunks[best_chunk])
-                t_pred = timer(lambda: post.predict(x, num_samples=S))
-                # same numbers?
-                pr = post.predict(x, num_samples=S)
-                m_ref, v_ref = floor_batched(layers, noise, x, act, 100)
-                ok = torch.allclose(pr.mean, m_ref, rtol=1e-3, atol=1e-3) and torch.allclose(
-                    pr.std**2, v_ref, rtol=1e-2, atol=1e-3)
+            t_loop, chunks, t_pred, ok = measure(post, layers, noise, x, act)
+            best_chunk = min(chunks, key=chunks.get)
+            floor = min(t_loop, chunks[best_chunk])
             chunk_used = post._chunk_size(n_in, None)
             extra = ""
             if n_in == 100:
                 t_pyro = pyro_predictive_time(model, layout, z, x)
                 extra = f"{C.fmt_ms(t_pyro)} ({t_pyro / floor:.0f}x)"
             ratios.append(t_pred / floor)
-            rows.append([net, f"{n_in:,}", C.fmt_ms(t_loop), f"{C.fmt_ms(chunks[best_chunk])} (chunk {best_chunk})",
-                         f"{C.fmt_ms(t_pred)} (chunk {chunk_used})", f"{t_pred / floor:.2f}x",
-                         "yes" if ok else "NO", extra])
-    body = C.table(["network", "inputs", "floor: loop (ms)", "floor: batched (ms)", "Posterior.predict (ms)",
-                    "ratio to floor", "same numbers", "Pyro Predictive (ms, ratio)"], rows)
+            rows.append(
+                [
+                    net,
+                    f"{n_in:,}",
+                    C.fmt_ms(t_loop),
+                    f"{C.fmt_ms(chunks[best_chunk])} (chunk {best_chunk})",
+                    f"{C.fmt_ms(t_pred)} (chunk {chunk_used})",
+                    f"{t_pred / floor:.2f}x",
+                    "yes" if ok else "NO",
+                    extra,
+                ]
+            )
+    body = C.table(
+        [
+            "network",
+            "inputs",
+            "floor: loop (ms)",
+            "floor: batched (ms)",
+            "Posterior.predict (ms)",
+            "ratio to floor",
+            "same numbers",
+            "Pyro Predictive (ms, ratio)",
+        ],
+        rows,
+    )
     worst = max(ratios)
     notes = [
-        f"{S:,} posterior draws, float32, one thread; times are the best of 3 timed loops (10,000 inputs: of 3 calls)",
-        f"goal: within 1.3x of the floor; worst ratio measured {worst:.2f}x: " + ("met" if worst <= 1.3 else "NOT met"),
+        f"{S:,} posterior draws, float32, one thread; times are the best of 3 timed loops "
+        "(10,000 inputs: of 3 calls)",
+        f"goal: within 1.3x of the floor; worst ratio measured {worst:.2f}x: "
+        + ("met" if worst <= 1.3 else "NOT met"),
         "Pyro Predictive timed over 50 draws and scaled to 1,000",
     ]
-    C.report("prediction", "Prediction over 1,000 posterior draws vs the floor", body, notes=notes,
-             write=not args.no_write)
+    C.report(
+        "prediction",
+        "Prediction over 1,000 posterior draws vs the floor",
+        body,
+        notes=notes,
+        write=not args.no_write,
+    )
 
 
 if __name__ == "__main__":

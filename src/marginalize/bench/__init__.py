@@ -61,7 +61,7 @@ def add_subcommands(sub) -> None:
     u.add_argument(
         "--resume",
         action="store_true",
-        help="append each finished split to NAME.jsonl and skip the ones already there",
+        help="keep the per-split rows already in NAME.jsonl and run only the missing ones",
     )
     u.set_defaults(bench_func="marginalize.bench.uci:main_uci")
 

@@ -51,6 +51,7 @@ __all__ = [
     "run_split",
     "run",
     "summarize",
+    "paired_difference",
     "to_markdown",
     "main_uci",
 ]
@@ -418,6 +419,22 @@ def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def paired_difference(
+    rows: Sequence[dict[str, Any]], dataset: str, method: str, baseline: str, key: str = "test_ll"
+) -> tuple[float, float]:
+    """Mean and SE over shared splits of ``row[key]`` of ``method`` minus ``baseline``'s
+    (NaN when there is no baseline or ``method`` is the baseline)."""
+    if method == baseline:
+        return math.nan, math.nan
+    base = {r["split"]: r[key] for r in rows if r["dataset"] == dataset and r["method"] == baseline}
+    diffs = [
+        r[key] - base[r["split"]]
+        for r in rows
+        if r["dataset"] == dataset and r["method"] == method and r["split"] in base
+    ]
+    return mean_se(diffs)
+
+
 def to_markdown(
     rows: Sequence[dict[str, Any]],
     *,
@@ -436,7 +453,8 @@ def to_markdown(
         "`test LL` is the mean log posterior predictive density (original units); "
         "`Gaussian LL` scores a Gaussian with the predictive mean and SD; `cov95` is "
         "the fraction of test targets inside the central 95% interval; `fit s` is the "
-        "fit time per split on this machine."
+        "fit time per split on this machine. `ΔLL vs map` is the paired difference of test "
+        "LL from map's on the same splits (mean ± SE): the gain from marginalizing."
     )
     for ds in dict.fromkeys(r["dataset"] for r in summary):
         _, _, desc = load_regression(ds)
@@ -451,14 +469,12 @@ def to_markdown(
                     fmt_pm(s["test_ll"], s["test_ll_se"]),
                     fmt_pm(s["gaussian_ll"], s["gaussian_ll_se"]),
                     fmt_pm(s["coverage95"], s["coverage95_se"]),
+                    fmt_pm(*paired_difference(rows, ds, s["method"], "map")),
                     f"{s['seconds']:.1f}",
                 ]
             )
-        parts.append(
-            markdown_table(
-                ["method", "splits", "RMSE", "test LL", "Gaussian LL", "cov95", "fit s"], body
-            )
-        )
+        cols = ["method", "splits", "RMSE", "test LL", "Gaussian LL", "cov95", "ΔLL vs map"]
+        parts.append(markdown_table([*cols, "fit s"], body))
         pub = [p for p in PUBLISHED if p.dataset == ds]
         if pub:
             parts += ["", f"Published ({ds}, 20 splits):", ""]
@@ -516,7 +532,9 @@ def main_uci(args) -> int:
     options = json.loads(args.options) if args.options else {}
     out = results_dir(args.out)
     name = args.name or ("uci_full" if args.full else "uci")
-    md_path, jsonl = out / f"{name}.md", (out / f"{name}.jsonl") if args.resume else None
+    md_path, jsonl = out / f"{name}.md", out / f"{name}.jsonl"
+    if not args.resume and jsonl.exists():
+        jsonl.unlink()  # the per-split rows of this run are kept beside the table
     title = f"UCI regression benchmark ({'full protocol' if args.full else 'small default run'})"
 
     def write(rows):

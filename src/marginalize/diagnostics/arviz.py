@@ -122,7 +122,8 @@ def _predictive_pass(
     draws of ``y`` ``(S, N, ...)`` and function values ``(S, N, ...)`` (if ``want_f``)."""
     size = post._chunk_size(x.shape[0], None)
     ll, yrep, fs = [], [], []
-    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+    devices = [x.device.index or 0] if x.device.type == "cuda" else []
+    with torch.no_grad(), torch.random.fork_rng(devices=devices):
         torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
         for start in range(0, z.shape[0], size):
             for d in post._dists(z[start : start + size], x):
@@ -147,7 +148,8 @@ def _prior_draws(post: Posterior, x: torch.Tensor, num: int, seed: int):
     names = post.layout.names
     sites: dict[str, list[torch.Tensor]] = {n: [] for n in names}
     ys = []
-    with torch.no_grad(), torch.random.fork_rng(devices=[]), pyro.validation_enabled(False):
+    devices = [x.device.index or 0] if x.device.type == "cuda" else []
+    with torch.no_grad(), torch.random.fork_rng(devices=devices), pyro.validation_enabled(False):
         pyro.set_rng_seed(seed)
         for _ in range(num):
             tr = poutine.trace(post.model).get_trace(x, None)

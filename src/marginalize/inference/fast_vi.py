@@ -60,8 +60,10 @@ def unsupported_reason(problem, opts) -> str | None:
     if getattr(opts, "checkpoint", None) is not None:
         return "checkpointed fits use the Pyro engine"
     if problem.fast_potential() is None and fast_potential(problem) is None:
-        return ("the model is not an mz.models.mlp builder model with the package's priors "
-                "(Normal, ScaledNormal, Hierarchical) and likelihoods")
+        return (
+            "the model is not an mz.models.mlp builder model with the package's priors "
+            "(Normal, ScaledNormal, Hierarchical) and likelihoods"
+        )
     return None
 
 
@@ -89,11 +91,14 @@ class MeanFieldELBO:
             mc.append(fp.noise_at)
         self.mc_idx = torch.tensor(sorted(mc), dtype=torch.long, device=like.device)
         # sum over fixed-prior coordinates of (log s - 1/2)
-        self.kl_const = sum((lay.stop - lay.start) * (math.log(lay.scale) - 0.5) for lay in fp._fixed)
+        self.kl_const = sum(
+            (lay.stop - lay.start) * (math.log(lay.scale) - 0.5) for lay in fp._fixed
+        )
         self.dim = dim
 
-    def __call__(self, params: torch.Tensor, eps: torch.Tensor, data=None,
-                 obs_scale: float = 1.0) -> torch.Tensor:
+    def __call__(
+        self, params: torch.Tensor, eps: torch.Tensor, data=None, obs_scale: float = 1.0
+    ) -> torch.Tensor:
         """``-ELBO`` averaged over the particles in ``eps`` (``(D,)`` or ``(P, D)``).
 
         ``params`` is the stacked ``(2, D)`` tensor ``[loc, rho]``.
@@ -113,10 +118,19 @@ class MeanFieldELBO:
         for lay in fp._hier:
             n = lay.stop - lay.start
             log_scale = z[..., lay.hyper] + math.log(lay.c)
-            kl = kl + n * (log_scale - 0.5) + 0.5 * moment[lay.start : lay.stop].sum() * torch.exp(-2.0 * log_scale)
+            kl = (
+                kl
+                + n * (log_scale - 0.5)
+                + 0.5 * moment[lay.start : lay.stop].sum() * torch.exp(-2.0 * log_scale)
+            )
         if self.mc_idx.numel():
             e = eps[..., self.mc_idx]
-            kl = kl - 0.5 * e.square().sum(-1) - self.mc_idx.numel() * _HALF_LOG_2PI - fp.log_hyper(z)
+            kl = (
+                kl
+                - 0.5 * e.square().sum(-1)
+                - self.mc_idx.numel() * _HALF_LOG_2PI
+                - fp.log_hyper(z)
+            )
         loss = kl - obs_scale * ll
         return loss.mean() if loss.dim() else loss
 
@@ -125,8 +139,15 @@ class ClippedAdamState:
     """Pyro's ``ClippedAdam`` step on one tensor: ``lr *= lrd`` first, gradients clamped
     elementwise to ``[-clip, clip]``, then Adam with bias correction (betas 0.9/0.999, eps 1e-8)."""
 
-    def __init__(self, params: torch.Tensor, lr: float, lrd: float, clip: float | None,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
+    def __init__(
+        self,
+        params: torch.Tensor,
+        lr: float,
+        lrd: float,
+        clip: float | None,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+    ):
         self.lr, self.lrd, self.clip = float(lr), float(lrd), clip
         self.b1, self.b2 = betas
         self.eps = eps
@@ -182,11 +203,15 @@ def run_meanfield(problem, opts, seed: int, progress: bool) -> tuple[Gaussian, d
     bar = tqdm(total=opts.steps, desc=desc, disable=not progress, leave=False)
     with checkpoint.deferred_interrupt() as interrupt:
         try:
-            for step, idx in enumerate(_batches(n, opts.batch_size, opts.steps, batch_gen, problem.device)):
+            for step, idx in enumerate(
+                _batches(n, opts.batch_size, opts.steps, batch_gen, problem.device)
+            ):
                 interrupt.check()
                 data = fp.rows(idx)
                 scale = 1.0 if idx is None else n / len(idx)
-                eps = torch.randn(shape, generator=noise_gen, dtype=params.dtype, device=params.device)
+                eps = torch.randn(
+                    shape, generator=noise_gen, dtype=params.dtype, device=params.device
+                )
                 params.requires_grad_(True)
                 loss_t = elbo(params, eps, data, scale)
                 (grad,) = torch.autograd.grad(loss_t, params)
@@ -200,22 +225,35 @@ def run_meanfield(problem, opts, seed: int, progress: bool) -> tuple[Gaussian, d
                         good_optim = optim.get()
                     has_good = True
                 else:
-                    what = (f"the loss became {loss}" if not math.isfinite(loss)
-                            else "the parameters became non-finite")
+                    what = (
+                        f"the loss became {loss}"
+                        if not math.isfinite(loss)
+                        else "the parameters became non-finite"
+                    )
                     if not has_good:
-                        raise FitError(f"{desc}: {what} at the first step. Lower lr, or check the data "
-                                       "scale and priors.")
+                        raise FitError(
+                            f"{desc}: {what} at the first step. Lower lr, or check the data "
+                            "scale and priors."
+                        )
                     params.copy_(good_params)
                     if rollback and len(rollbacks) < MAX_ROLLBACKS:
                         lr_now = optim.lr
                         optim.set(good_optim)
                         optim.lr = 0.5 * min(optim.lr, lr_now)  # halves again on a repeated failure
                         rollbacks.append({"step": step, "lr": optim.lr})
-                        log.warning("%s: %s at step %d; rolled back to the last good parameters, "
-                                    "learning rate halved to %.3g (rollback %d of %d)", desc, what, step,
-                                    optim.lr, len(rollbacks), MAX_ROLLBACKS)
+                        log.warning(
+                            "%s: %s at step %d; rolled back to the last good parameters, "
+                            "learning rate halved to %.3g (rollback %d of %d)",
+                            desc,
+                            what,
+                            step,
+                            optim.lr,
+                            len(rollbacks),
+                            MAX_ROLLBACKS,
+                        )
                     else:
-                        msg = f"{desc}: {what} at step {step}; keeping the parameters of the last good step"
+                        msg = (f"{desc}: {what} at step {step}; "
+                               "keeping the parameters of the last good step")
                         if rollback:
                             msg += f" (gave up after {MAX_ROLLBACKS} rollbacks)"
                         if opts.on_nan == "raise":
@@ -227,14 +265,20 @@ def run_meanfield(problem, opts, seed: int, progress: bool) -> tuple[Gaussian, d
                 if step % 25 == 0 and losses:
                     bar.set_postfix(loss=f"{losses[-1]:.4g}")
         except KeyboardInterrupt:
-            log.warning("%s: interrupted at step %d; keeping the parameters reached", desc, len(losses))
+            log.warning(
+                "%s: interrupted at step %d; keeping the parameters reached", desc, len(losses)
+            )
             stopped = {"step": len(losses), "reason": "interrupted"}
             if has_good:
                 params.copy_(good_params)
         finally:
             params.requires_grad_(False)
             bar.close()
-    info = {"loss": torch.tensor(losses, dtype=torch.float64), "steps_done": len(losses), "engine": "fast"}
+    info = {
+        "loss": torch.tensor(losses, dtype=torch.float64),
+        "steps_done": len(losses),
+        "engine": "fast",
+    }
     if rollbacks:
         info["rollbacks"] = rollbacks
     if stopped:

@@ -32,15 +32,18 @@ from marginalize._validation import (
 )
 from marginalize.inference.approximations import Approximation
 from marginalize.inference.layout import Layout
-from marginalize.inference.problem import observation_dist
+from marginalize.inference.problem import _no_validation, observation_dist
 from marginalize.models.base import BNN
 
 __all__ = ["Posterior", "Prediction"]
 
 log = logging.getLogger(__name__)
 
-#: bytes of activations a prediction chunk may use (draws x inputs x widest layer)
+#: bytes of one activation tensor (draws x inputs x widest layer) of a prediction chunk on the
+#: CPU, where the batched forward is memory-bound (see ``_chunk_size``)
 DEFAULT_CHUNK_BYTES = 2**20
+#: the same on a GPU, where large chunks amortize kernel launches
+GPU_CHUNK_BYTES = 256 * 2**20
 
 
 @dataclass
@@ -100,19 +103,27 @@ class _Moments:
         self.sums: dict[str, torch.Tensor] = {}
 
     def add(self, values: torch.Tensor, **sums: torch.Tensor) -> None:
+        # in place, and without the chunk's own spread for a one-draw chunk: at many inputs
+        # prediction runs draw by draw and these updates are a good part of its cost
         nb = values.shape[0]
-        mb = values.mean(0)
-        m2b = ((values - mb) ** 2).sum(0)
+        mb = values[0] if nb == 1 else values.mean(0)
         if self.mean is None:
-            self.n, self.mean, self.m2 = nb, mb, m2b
+            self.n, self.mean = nb, mb.clone()
+            self.m2 = torch.zeros_like(mb) if nb == 1 else ((values - mb) ** 2).sum(0)
         else:
             n = self.n + nb
             delta = mb - self.mean
-            self.mean = self.mean + delta * (nb / n)
-            self.m2 = self.m2 + m2b + delta**2 * (self.n * nb / n)
+            self.mean.add_(delta, alpha=nb / n)
+            self.m2.addcmul_(delta, delta, value=self.n * nb / n)
+            if nb > 1:
+                self.m2.add_(((values - mb) ** 2).sum(0))
             self.n = n
         for k, v in sums.items():
-            self.sums[k] = self.sums[k] + v.sum(0) if k in self.sums else v.sum(0)
+            part = v[0] if nb == 1 else v.sum(0)
+            if k in self.sums:
+                self.sums[k].add_(part)
+            else:
+                self.sums[k] = part.clone()
 
 
 class Posterior:
@@ -193,7 +204,8 @@ class Posterior:
         itemsize = torch.finfo(self.dtype).bits // 8
         # one activation tensor of about 1 MiB: it stays in cache, and on the CPU a larger one is
         # a fresh page-faulted allocation at every operation (measured in benchmarks/prediction.py)
-        return max(1, DEFAULT_CHUNK_BYTES // (itemsize * max(n_inputs, 1) * width))
+        budget = DEFAULT_CHUNK_BYTES if self.device.type == "cpu" else GPU_CHUNK_BYTES
+        return max(1, budget // (itemsize * max(n_inputs, 1) * width))
 
     def _dists(self, z: torch.Tensor, x: torch.Tensor) -> Iterator:
         """Yield the observation distribution for a chunk of flat draws ``(S, D)``."""
@@ -204,7 +216,9 @@ class Posterior:
 
                 yield self._temper(linearized_dist(self, z, x))
                 return
-            yield self._temper(self.model.predictive_dist(params, x))
+            with _no_validation():  # argument checks of the outputs cost as much as the network
+                d = self.model.predictive_dist(params, x)
+            yield self._temper(d)
         else:
             for s in range(z.shape[0]):
                 p = {k: v[s] for k, v in params.items()}

@@ -80,6 +80,12 @@ class _Data(NamedTuple):
     y_onehot: torch.Tensor | None
 
 
+#: the NumPy version is used while the widest activation has at most this many numbers: there
+#: the cost is per-operation overhead; beyond, the arithmetic dominates and torch's own
+#: single-threaded kernels are the better choice (NumPy's BLAS may also start threads)
+_NP_MAX_ELEMENTS = 10_000
+
+
 def _np_sigmoid(a):
     return 0.5 * (np.tanh(0.5 * a) + 1.0)
 
@@ -108,7 +114,8 @@ class _Layer:
 
 
 def supports(model) -> bool:
-    """Whether :class:`FlatMLP` covers ``model`` (the ``mlp`` builder, package priors/likelihoods)."""
+    """Whether :class:`FlatMLP` covers ``model`` (the ``mlp`` builder, package
+    priors/likelihoods)."""
     if not isinstance(model, MLP) or type(model).forward is not MLP.forward or not model.bias:
         return False
     if model.activation not in _ACT_BACKWARD:
@@ -164,12 +171,29 @@ class FlatMLP:
                 h = layout[f"{spec.name}.scale"]
                 if not _is_exp(h.transform):
                     raise _Unsupported("hyper scale transform")
-                self.layers.append(_Layer(w.offset, b.offset + b.size, fan_in, out, None, h.offset,
-                                          prior._c(spec.fan_in), prior.hyperprior,
-                                          float(prior.hyperscale)))
+                self.layers.append(
+                    _Layer(
+                        w.offset,
+                        b.offset + b.size,
+                        fan_in,
+                        out,
+                        None,
+                        h.offset,
+                        prior._c(spec.fan_in),
+                        prior.hyperprior,
+                        float(prior.hyperscale),
+                    )
+                )
             else:
-                self.layers.append(_Layer(w.offset, b.offset + b.size, fan_in, out,
-                                          float(prior._fixed_scale(spec.fan_in))))
+                self.layers.append(
+                    _Layer(
+                        w.offset,
+                        b.offset + b.size,
+                        fan_in,
+                        out,
+                        float(prior._fixed_scale(spec.fan_in)),
+                    )
+                )
         lik = model.likelihood
         self.lik = lik
         self.kind = lik.kind
@@ -205,13 +229,26 @@ class FlatMLP:
         """Arrays for the NumPy version of the one-chain potential, or None where it does
         not apply (data off the CPU, other likelihoods or activations)."""
         d = self.full
-        if (d.x.device.type != "cpu" or self.kind != "gaussian" or self.model.activation not in _NP_ACT
-                or d.x.dtype not in (torch.float32, torch.float64)):
+        widest = max(lay.out for lay in self.layers)
+        if (
+            d.x.device.type != "cpu"
+            or self.kind != "gaussian"
+            or self.model.activation not in _NP_ACT
+            or d.x.dtype not in (torch.float32, torch.float64)
+            or self.n * widest > _NP_MAX_ELEMENTS
+        ):
             return None
         act, back = _NP_ACT[self.model.activation]
-        return {"dtype": d.x.dtype, "x_aug": d.x_aug.numpy(), "x_aug_t": d.x_aug_t.numpy(),
-                "y_col": d.y_col.contiguous().numpy(), "prec": self._prec.numpy(), "act": act,
-                "back": back, "max": float(torch.finfo(d.x.dtype).max)}
+        return {
+            "dtype": d.x.dtype,
+            "x_aug": d.x_aug.numpy(),
+            "x_aug_t": d.x_aug_t.numpy(),
+            "y_col": d.y_col.contiguous().numpy(),
+            "prec": self._prec.numpy(),
+            "act": act,
+            "back": back,
+            "max": float(torch.finfo(d.x.dtype).max),
+        }
 
     def data_for(self, x: torch.Tensor, y: torch.Tensor) -> _Data:
         """The data in the forms the closed-form densities use (e.g. a minibatch)."""
@@ -231,16 +268,29 @@ class FlatMLP:
         if idx is None:
             return self.full
         d = self.full
-        pick = (lambda t: None if t is None else t[idx])
+
+        def pick(t):
+            return None if t is None else t[idx]
+
         x_aug = d.x_aug[idx]
-        return _Data(d.x[idx], x_aug, x_aug.T.contiguous(), d.y[idx], pick(d.y_col),
-                     pick(d.y_index), pick(d.y_onehot))
+        return _Data(
+            d.x[idx],
+            x_aug,
+            x_aug.T.contiguous(),
+            d.y[idx],
+            pick(d.y_col),
+            pick(d.y_index),
+            pick(d.y_onehot),
+        )
 
     # ---- views -------------------------------------------------------------------------------
     def _weights(self, z: torch.Tensor) -> list[torch.Tensor]:
         """Per layer, the ``(*batch, fan_in + 1, out)`` view of weight and bias (bias last)."""
         batch = z.shape[:-1]
-        return [z[..., lay.start : lay.stop].view(*batch, lay.fan_in + 1, lay.out) for lay in self.layers]
+        return [
+            z[..., lay.start : lay.stop].view(*batch, lay.fan_in + 1, lay.out)
+            for lay in self.layers
+        ]
 
     def _hidden_buffer(self, k: int, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
         """A reusable ``(*shape[:-1], H + 1)`` buffer whose last column is ones."""
@@ -267,8 +317,9 @@ class FlatMLP:
                 h = self.act(h)
         return h
 
-    def log_likelihood(self, z: torch.Tensor, data: _Data | None = None,
-                       f: torch.Tensor | None = None) -> torch.Tensor:
+    def log_likelihood(
+        self, z: torch.Tensor, data: _Data | None = None, f: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """``sum_n log p(y_n | x_n, w(z))``, shape ``(*batch)`` (default: the full data)."""
         d = self.full if data is None else data
         f = self.forward(z, d.x) if f is None else f
@@ -312,10 +363,16 @@ class FlatMLP:
             w = z[..., lay.start : lay.stop]
             n = lay.stop - lay.start
             log_scale = z[..., lay.hyper] + math.log(lay.c)
-            lp = lp - 0.5 * w.square().sum(-1) * torch.exp(-2.0 * log_scale) - n * (log_scale + _HALF_LOG_2PI)
+            lp = (
+                lp
+                - 0.5 * w.square().sum(-1) * torch.exp(-2.0 * log_scale)
+                - n * (log_scale + _HALF_LOG_2PI)
+            )
         return lp + self.log_hyper(z)
 
-    def log_joint(self, z: torch.Tensor, obs_scale: float = 1.0, data: _Data | None = None) -> torch.Tensor:
+    def log_joint(
+        self, z: torch.Tensor, obs_scale: float = 1.0, data: _Data | None = None
+    ) -> torch.Tensor:
         """``log p(w(z)) + obs_scale * log p(y | x, w(z)) + log|J|``, shape ``(*batch)``."""
         return self.log_prior(z) + obs_scale * self.log_likelihood(z, data)
 
@@ -372,8 +429,16 @@ class FlatMLP:
                 s2 = math.exp(2.0 * un) / ps**2
             except OverflowError:
                 return z.new_tensor(math.inf), torch.zeros_like(z)
-            u = (0.5 * rss * inv_var + m * (un + _HALF_LOG_2PI)
-                 - (_LOG_2 - _HALF_LOG_2PI - math.log(ps)) + 0.5 * s2 - un)
+            u = (
+                0.5 * rss * inv_var
+                + m * (un + _HALF_LOG_2PI)
+                - (_LOG_2 - _HALF_LOG_2PI - math.log(ps))
+                + 0.5 * s2
+                - un
+            )
+        if not abs(u) <= 0.25 * c["max"]:  # an invalid point (and no overflow in what follows)
+            return z.new_tensor(math.inf), torch.zeros_like(z)
+        if self.noise_at is not None:
             grad[self.noise_at] = m - rss * inv_var + s2 - 1.0
         df = r * inv_var
         back = c["back"]
@@ -444,8 +509,13 @@ class FlatMLP:
                     s2 = math.exp(2.0 * un) / ps**2
                 except OverflowError:
                     return z.new_tensor(math.inf), torch.zeros_like(z)
-                u = (0.5 * rss * inv_var + m * (un + _HALF_LOG_2PI)
-                     - (_LOG_2 - _HALF_LOG_2PI - math.log(ps)) + 0.5 * s2 - un)
+                u = (
+                    0.5 * rss * inv_var
+                    + m * (un + _HALF_LOG_2PI)
+                    - (_LOG_2 - _HALF_LOG_2PI - math.log(ps))
+                    + 0.5 * s2
+                    - un
+                )
                 pieces.append((self.noise_at, _full1(m - rss * inv_var + s2 - 1.0, z)))
             df = r * inv_var
         else:
@@ -458,8 +528,11 @@ class FlatMLP:
             pieces.append((lay.start + lay.fan_in * lay.out, df.sum(0)))
             w = ws[k - 1]
             dh = df * w.view(1, -1) if lay.out == 1 else torch.mm(df, w.T)
-            df = self.act_backward(dh, None, h) if self._needs_only_output else \
-                self.act_backward(dh, self._pre_activation(z, k - 1, hs), h)
+            df = (
+                self.act_backward(dh, None, h)
+                if self._needs_only_output
+                else self.act_backward(dh, self._pre_activation(z, k - 1, hs), h)
+            )
         pieces.append((layers[0].start, torch.mm(d.x_aug_t, df).view(-1)))
         for lay in self._hier:
             w = z[lay.start : lay.stop]
@@ -481,7 +554,10 @@ class FlatMLP:
             u += 0.5 * float(torch.dot(gp, z)) - self._prior_const
             grad.add_(gp)
         for lay in self._hier:
-            grad[lay.start : lay.stop].add_(z[lay.start : lay.stop], alpha=math.exp(-2.0 * (float(z[lay.hyper]) + math.log(lay.c))))
+            grad[lay.start : lay.stop].add_(
+                z[lay.start : lay.stop],
+                alpha=math.exp(-2.0 * (float(z[lay.hyper]) + math.log(lay.c))),
+            )
         if not abs(u) <= torch.finfo(z.dtype).max:  # also catches NaN
             return z.new_tensor(math.inf), torch.zeros_like(z)
         return torch.scalar_tensor(u, dtype=z.dtype, device=z.device), grad
@@ -492,13 +568,18 @@ class FlatMLP:
         if k == 0:
             return torch.mm(self.full.x_aug, z[lay.start : lay.stop].view(lay.fan_in + 1, lay.out))
         mid = lay.start + lay.fan_in * lay.out
-        return torch.addmm(z[mid : lay.stop], hs[k - 1], z[lay.start : mid].view(lay.fan_in, lay.out))
+        return torch.addmm(
+            z[mid : lay.stop], hs[k - 1], z[lay.start : mid].view(lay.fan_in, lay.out)
+        )
 
     def _batched_potential_and_grad(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         batch = z.shape[:-1]
         grad = torch.empty_like(z)
         ws = self._weights(z)
-        gws = [grad[..., lay.start : lay.stop].view(*batch, lay.fan_in + 1, lay.out) for lay in self.layers]
+        gws = [
+            grad[..., lay.start : lay.stop].view(*batch, lay.fan_in + 1, lay.out)
+            for lay in self.layers
+        ]
         # forward, keeping pre-activations and augmented activations
         d = self.full
         hs = [d.x_aug]
@@ -522,7 +603,9 @@ class FlatMLP:
         for k in range(last, -1, -1):
             hk = hs[k]
             if k == 0 and hk.dim() == 2:
-                torch.matmul(d.x_aug_t, df, out=gws[0]) if not batch else gws[0].copy_(torch.matmul(d.x_aug_t, df))
+                torch.matmul(d.x_aug_t, df, out=gws[0]) if not batch else gws[0].copy_(
+                    torch.matmul(d.x_aug_t, df)
+                )
             elif hk.dim() == df.dim() and not batch:
                 torch.mm(hk.T, df, out=gws[k])
             else:
@@ -604,8 +687,10 @@ def _is_exp(t) -> bool:
         return True
     if isinstance(t, ComposeTransform) and t.parts and isinstance(t.parts[0], ExpTransform):
         rest = t.parts[1:]
-        return all(isinstance(r, AffineTransform) and _is_number(r.loc, 0.0) and _is_number(r.scale, 1.0)
-                   for r in rest)
+        return all(
+            isinstance(r, AffineTransform) and _is_number(r.loc, 0.0) and _is_number(r.scale, 1.0)
+            for r in rest
+        )
     return False
 
 

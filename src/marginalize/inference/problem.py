@@ -215,7 +215,7 @@ def prepare(model: Callable, x, y, *, device=None) -> Problem:
         if lik.task == "classification":
             num_classes = targets if lik.kind == "categorical" else 2
         y_t = lik.check_y(y_t, targets)
-        if lik.task == "regression":
+        if torch.is_floating_point(y_t):  # regression targets, Bernoulli labels
             y_t = y_t.to(x_t.dtype)
     else:
         if torch.is_floating_point(y_t):

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import pyro
 import torch
-from pyro.infer import SVI, Trace_ELBO, TraceMeanField_ELBO
+from pyro.infer import SVI, Trace_ELBO
 from pyro.infer.autoguide import AutoDelta, AutoLowRankMultivariateNormal, AutoNormal
 from pyro.infer.autoguide.initialization import init_to_median, init_to_sample
 from tqdm.auto import tqdm
@@ -332,8 +332,10 @@ class MeanField(Method):
 
     @dataclass
     class Options(BayesianSites, SVIOptions):
-        """Plus: init_scale (initial posterior std), analytic_kl (closed-form KL where the
-        prior allows it: TraceMeanField_ELBO), bayesian_sites (see ``lastlayer.py``), engine:
+        """Plus: init_scale (initial posterior std), analytic_kl (closed-form KL against
+        Normal-family priors in the fused trainer; the Pyro engine always uses Trace_ELBO,
+        because AutoNormal emits Delta sites in constrained space, for which
+        TraceMeanField_ELBO is neither analytic nor includes the log-Jacobian), bayesian_sites (see ``lastlayer.py``), engine:
         "auto" (the fused trainer of ``fast_vi.py`` for builder MLPs, else Pyro), "fast"
         (that trainer, or an error) or "pyro" (AutoNormal + SVI)."""
 
@@ -362,7 +364,7 @@ class MeanField(Method):
                 raise OptionError(f"engine='fast': {why}; use engine='auto' or 'pyro'")
         guide = AutoNormal(problem.model, init_loc_fn=init_loc_fn(problem, INIT[opts.init]),
                            init_scale=float(opts.init_scale))
-        elbo = (TraceMeanField_ELBO if opts.analytic_kl else Trace_ELBO)(num_particles=opts.num_particles)
+        elbo = Trace_ELBO(num_particles=opts.num_particles)
         info = run_svi(problem, guide, opts, seed, progress, desc="svi-meanfield", elbo=elbo)
         loc, scale = _guide_loc_scale_normal(guide, problem)
         return Gaussian(loc, scale), info
