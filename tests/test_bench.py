@@ -82,7 +82,7 @@ def test_uci_runner_table(tmp_path):
     md = uci.to_markdown(
         rows, title="t", full=False, options={"map": {"steps": 30}}, argv=["x"], methods=["map"]
     )
-    header = "| method | splits | RMSE | test LL | Gaussian LL | cov95 | fit s |"
+    header = "| method | splits | RMSE | test LL | Gaussian LL | cov95 | ΔLL vs map | fit s |"
     assert header in md and "| map | 1 |" in md
     assert "Gal & Ghahramani 2016" in md and "Lakshminarayanan" in md and "- command: `x`" in md
 
@@ -186,3 +186,16 @@ def test_uci_model_keys_shape_the_model_not_the_fit():
     sd = 0.3 * datasets.train_test_split(x, y, test_size=0.1, seed=0)[1].std()
     expected = -0.5 * math.log(2 * math.pi * sd**2) - row["rmse"] ** 2 / (2 * sd**2)
     assert row["test_ll"] == pytest.approx(expected, abs=1e-3)
+
+
+def test_paired_difference_against_baseline():
+    rows = [
+        {"dataset": "d", "method": "map", "split": 0, "test_ll": -3.0},
+        {"dataset": "d", "method": "map", "split": 1, "test_ll": -2.0},
+        {"dataset": "d", "method": "ens", "split": 0, "test_ll": -2.5},
+        {"dataset": "d", "method": "ens", "split": 1, "test_ll": -1.9},
+        {"dataset": "d", "method": "ens", "split": 2, "test_ll": 0.0},  # no baseline: ignored
+    ]
+    m, se = uci.paired_difference(rows, "d", "ens", "map")
+    assert m == pytest.approx(0.3) and se == pytest.approx(0.2)
+    assert all(math.isnan(v) for v in uci.paired_difference(rows, "d", "map", "map"))
