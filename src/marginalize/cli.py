@@ -138,6 +138,8 @@ def _fit_cmd(args) -> int:
 
             row_settings = SETTINGS.get(m, {}).get("small", {})
             full = {k: v for k, v in row_settings.items() if k not in MODEL_KEYS} or full
+            if "num_chains" in full:  # R-hat needs two chains at least
+                full["num_chains"] = max(2, full["num_chains"])
             if row_settings.get("noise") is not None:
                 m_model = parse_model(args.model, xtr.shape[1], ds.task, ds.num_classes,
                                       noise=row_settings["noise"])
