@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0+cpu
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.marginalize-installed
 DEMO_METHODS ?= map,svi-meanfield,mc-dropout,ensemble,nuts
-PYTEST_ARGS ?=
+PYTEST_ARGS ?= -n 2
 
 .PHONY: demo test test-fast lint bench clean venv docs notebooks browser
 

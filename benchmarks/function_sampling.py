@@ -99,8 +99,10 @@ def run_case(name, model, x, num, loop_num, repeats, pyro_num=None):
 
 
 #: glibc settings that keep freed chunk-sized tensors in the heap (no page faults per chunk)
-TUNED_MALLOC = {"MALLOC_TRIM_THRESHOLD_": str(256 * 2**20),
-                "MALLOC_MMAP_THRESHOLD_": str(256 * 2**20)}
+TUNED_MALLOC = {
+    "MALLOC_TRIM_THRESHOLD_": str(256 * 2**20),
+    "MALLOC_MMAP_THRESHOLD_": str(256 * 2**20),
+}
 
 
 def collect(args) -> list[list]:
@@ -111,8 +113,9 @@ def collect(args) -> list[list]:
     x = torch.linspace(-3, 3, n, device=dev)[:, None]
     mlp = mz.models.mlp(1, hidden=args.hidden, prior=mz.priors.Normal(1.0))
     arch = "-".join(map(str, [1, *args.hidden, 1]))
-    rows = run_case(f"MLP {arch}, N={n}", mlp, x, s, loop_s, args.repeats,
-                    pyro_num=min(loop_s, 2000))
+    rows = run_case(
+        f"MLP {arch}, N={n}", mlp, x, s, loop_s, args.repeats, pyro_num=min(loop_s, 2000)
+    )
     if not args.no_extra:
         g = torch.Generator().manual_seed(0)
         xi = torch.randn(256, 1, 8, 8, generator=g).to(dev)
@@ -131,15 +134,23 @@ def main(argv=None) -> int:
     p.add_argument("--num-samples", type=int, default=10_000)
     p.add_argument("--inputs", type=int, default=1_000)
     p.add_argument("--hidden", type=int, nargs="+", default=[50])
-    p.add_argument("--loop-samples", type=int, default=None,
-                   help="draws actually run by the loops (default: all); times are scaled")
+    p.add_argument(
+        "--loop-samples",
+        type=int,
+        default=None,
+        help="draws actually run by the loops (default: all); times are scaled",
+    )
     p.add_argument("--repeats", type=int, default=3, help="best of this many runs")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-extra", action="store_true", help="skip the CNN and module cases")
-    p.add_argument("--allocator", choices=["default", "tuned", "both"], default="both",
-                   help="glibc malloc as is, with MALLOC_TRIM/MMAP_THRESHOLD_=256MB (run in a "
-                        "child process), or both")
+    p.add_argument(
+        "--allocator",
+        choices=["default", "tuned", "both"],
+        default="both",
+        help="glibc malloc as is, with MALLOC_TRIM/MMAP_THRESHOLD_=256MB (run in a "
+        "child process), or both",
+    )
     p.add_argument("--rows-json", default=None, help=argparse.SUPPRESS)
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = p.parse_args(argv)
@@ -151,37 +162,56 @@ def main(argv=None) -> int:
         rows += [[*r[:2], "default", *r[2:]] for r in collect(args)]
     if args.allocator in ("tuned", "both"):
         with tempfile.TemporaryDirectory() as tmp:
-            child = [a for a in (sys.argv[1:] if argv is None else argv)
-                     if not a.startswith("--allocator")]
+            child = [
+                a
+                for a in (sys.argv[1:] if argv is None else argv)
+                if not a.startswith("--allocator")
+            ]
             out_json = Path(tmp) / "rows.json"
-            subprocess.run([sys.executable, __file__, *child, "--rows-json", str(out_json)],
-                           env={**os.environ, **TUNED_MALLOC}, check=True)
+            subprocess.run(
+                [sys.executable, __file__, *child, "--rows-json", str(out_json)],
+                env={**os.environ, **TUNED_MALLOC},
+                check=True,
+            )
             rows += [[*r[:2], "tuned", *r[2:]] for r in json.loads(out_json.read_text())]
 
     table = markdown_table(
-        ["case", "how", "malloc", "draws run", "chunk (draws)", "wall s (all draws)",
-         "CPU s (all draws)", "wall / batched", "CPU / batched"], rows)
+        [
+            "case",
+            "how",
+            "malloc",
+            "draws run",
+            "chunk (draws)",
+            "wall s (all draws)",
+            "CPU s (all draws)",
+            "wall / batched",
+            "CPU / batched",
+        ],
+        rows,
+    )
     cmd = ["python", "benchmarks/function_sampling.py", *(sys.argv[1:] if argv is None else argv)]
-    text = "\n".join([
-        header("Function sampling: batched vs loop over draws", cmd),
-        f"- device: {args.device}",
-        "",
-        table,
-        "",
-        "`/ batched` columns are the speed-up of the batched computation over each loop, all "
-        "measured in the same process (best of the repeats). Loops that ran fewer draws than "
-        "the batched computation are scaled linearly to the same number of draws. CPU seconds "
-        "(user + system of this process) are the steadier figure on a shared machine; wall "
-        "seconds include time spent waiting for a core.",
-        "",
-        "`malloc = tuned` rows ran in a child process with "
-        + ", ".join(f"`{k}={v}`" for k, v in TUNED_MALLOC.items())
-        + ". With glibc's defaults, freeing the few-MB activation tensors of each chunk trims "
-        "the heap, so every chunk page-faults its memory in again (system time); a loop over "
-        "single draws allocates small tensors that stay in the heap. On the CPU the batched "
-        "forward of a small MLP is memory-bound, so this, not arithmetic, decides the ratio.",
-        "",
-    ])
+    text = "\n".join(
+        [
+            header("Function sampling: batched vs loop over draws", cmd),
+            f"- device: {args.device}",
+            "",
+            table,
+            "",
+            "`/ batched` columns are the speed-up of the batched computation over each loop, all "
+            "measured in the same process (best of the repeats). Loops that ran fewer draws than "
+            "the batched computation are scaled linearly to the same number of draws. CPU seconds "
+            "(user + system of this process) are the steadier figure on a shared machine; wall "
+            "seconds include time spent waiting for a core.",
+            "",
+            "`malloc = tuned` rows ran in a child process with "
+            + ", ".join(f"`{k}={v}`" for k, v in TUNED_MALLOC.items())
+            + ". With glibc's defaults, freeing the few-MB activation tensors of each chunk trims "
+            "the heap, so every chunk page-faults its memory in again (system time); a loop over "
+            "single draws allocates small tensors that stay in the heap. On the CPU the batched "
+            "forward of a small MLP is memory-bound, so this, not arithmetic, decides the ratio.",
+            "",
+        ]
+    )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "function_sampling.md").write_text(text)

@@ -60,13 +60,17 @@ def test_wrong_dtype(no_fitting, x):
 
 def test_wrong_feature_count(no_fitting):
     x, y = reg_data()
-    with pytest.raises(mz.DataError, match=r"x: this MLP takes inputs of shape \(N, 2\), got \(40, 3\)"):
+    with pytest.raises(
+        mz.DataError, match=r"x: this MLP takes inputs of shape \(N, 2\), got \(40, 3\)"
+    ):
         mz.fit(REG, torch.randn(40, 3), y, method="map")
 
 
 def test_wrong_target_shape_for_likelihood(no_fitting):
     x, y = reg_data()
-    with pytest.raises(mz.DataError, match=r"y: a gaussian likelihood with one target expects shape \(N,\)"):
+    with pytest.raises(
+        mz.DataError, match=r"y: a gaussian likelihood with one target expects shape \(N,\)"
+    ):
         mz.fit(REG, x, torch.randn(40, 2), method="map")
 
 
@@ -92,7 +96,9 @@ def test_model_that_raises_is_reported_with_context(no_fitting):
     def model(x, y=None):
         raise RuntimeError("boom")
 
-    with pytest.raises(mz.ModelError, match=r"the model raised RuntimeError when called as model\(x, y\).*boom"):
+    with pytest.raises(
+        mz.ModelError, match=r"the model raised RuntimeError when called as model\(x, y\).*boom"
+    ):
         mz.fit(model, *reg_data(), method="map")
 
 

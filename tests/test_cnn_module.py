@@ -30,8 +30,11 @@ def _small_cnn(**kw):
 def _trace_params(model, x, seed=0):
     pyro.set_rng_seed(seed)
     tr = poutine.trace(model).get_trace(x)
-    return {n: s["value"] for n, s in tr.nodes.items()
-            if s["type"] == "sample" and n != "y" and not n.startswith("data")}
+    return {
+        n: s["value"]
+        for n, s in tr.nodes.items()
+        if s["type"] == "sample" and n != "y" and not n.startswith("data")
+    }
 
 
 def _torch_twin(model: mz.models.CNN, p) -> nn.Sequential:
@@ -61,8 +64,16 @@ def test_cnn_sites_dims_and_input_checks():
     m = _small_cnn()
     x = torch.randn(5, 2, 8, 6)
     p = _trace_params(m, x)
-    assert list(p) == ["conv1.weight", "conv1.bias", "conv2.weight", "conv2.bias",
-                       "fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"]
+    assert list(p) == [
+        "conv1.weight",
+        "conv1.bias",
+        "conv2.weight",
+        "conv2.bias",
+        "fc1.weight",
+        "fc1.bias",
+        "fc2.weight",
+        "fc2.bias",
+    ]
     assert p["conv1.weight"].shape == (3, 2, 3, 3) and p["conv2.weight"].shape == (4, 3, 3, 3)
     assert p["fc1.weight"].shape == (4 * 2 * 1, 5)  # 8x6 -> 4x3 -> 2x1 after two pools
     dims = m.site_dims()
@@ -95,8 +106,9 @@ def test_cnn_batched_forward_equals_loop(float64, monkeypatch):
     ps = {k: torch.randn(2, 3, *v.shape, generator=g) for k, v in base.items()}
     fb = m.forward(ps, x)
     assert fb.shape == (2, 3, 6, 3)
-    loop = torch.stack([m.forward({k: v[i, j] for k, v in ps.items()}, x)
-                        for i in range(2) for j in range(3)]).reshape(2, 3, 6, 3)
+    loop = torch.stack(
+        [m.forward({k: v[i, j] for k, v in ps.items()}, x) for i in range(2) for j in range(3)]
+    ).reshape(2, 3, 6, 3)
     torch.testing.assert_close(fb, loop, rtol=1e-12, atol=1e-12)
     # blocks of draws (small memory budget) give the same answer
     monkeypatch.setattr(cnn_mod, "BLOCK_BYTES", 1)
@@ -158,8 +170,9 @@ def _trained_net(dtype=torch.float64):
     return net
 
 
-@pytest.mark.parametrize("sites", [None, ["fc2.weight", "fc2.bias"], "fc1",
-                                   {"conv.weight": P.Normal(2.0), "fc2": None}])
+@pytest.mark.parametrize(
+    "sites", [None, ["fc2.weight", "fc2.bias"], "fc1", {"conv.weight": P.Normal(2.0), "fc2": None}]
+)
 def test_module_reproduces_deterministic_output(sites, float64):
     net = _trained_net()
     x = torch.randn(9, 1, 4, 4)
@@ -205,15 +218,17 @@ def test_module_site_selection_and_copy(float64):
 
 def test_module_batched_forward_and_log_prior(float64, monkeypatch):
     net = _trained_net()
-    m = mz.models.bayesian(net, prior=P.Hierarchical("log_normal"), likelihood="categorical",
-                           sites=["conv", "fc2"])
+    m = mz.models.bayesian(
+        net, prior=P.Hierarchical("log_normal"), likelihood="categorical", sites=["conv", "fc2"]
+    )
     x = torch.randn(6, 1, 4, 4)
     g = torch.Generator().manual_seed(0)
     ps = {k: torch.randn(2, 3, *v.shape, generator=g) for k, v in m.module_params().items()}
     ps.update({h: torch.rand(2, 3, generator=g) + 0.5 for h in ("conv.scale", "fc2.scale")})
     fb = m.forward(ps, x)
-    loop = torch.stack([m.forward({k: v[i, j] for k, v in ps.items()}, x)
-                        for i in range(2) for j in range(3)]).reshape(2, 3, 6, 4)
+    loop = torch.stack(
+        [m.forward({k: v[i, j] for k, v in ps.items()}, x) for i in range(2) for j in range(3)]
+    ).reshape(2, 3, 6, 4)
     torch.testing.assert_close(fb, loop, rtol=1e-12, atol=1e-12)
     assert m._vmap_ok  # the batched path really was vmap, not the fallback loop
     monkeypatch.setattr(module_mod, "BLOCK_BYTES", 1)
@@ -255,8 +270,9 @@ def test_module_fit_save_load(tmp_path):
     net = nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 1))
     x = torch.randn(50, 2)
     y = x[:, 0] - x[:, 1] + 0.1 * torch.randn(50)
-    m = mz.models.bayesian(net, prior=P.Normal(1.0), likelihood=mz.likelihoods.Gaussian(0.1),
-                           sites=["2"])
+    m = mz.models.bayesian(
+        net, prior=P.Normal(1.0), likelihood=mz.likelihoods.Gaussian(0.1), sites=["2"]
+    )
     assert m.config() is None
     post = mz.fit(m, x, y, method="svi-meanfield", steps=100, progress=False)
     assert post.layout.names == ["2.weight", "2.bias"]
@@ -265,8 +281,12 @@ def test_module_fit_save_load(tmp_path):
     post.save(tmp_path / "mod.pt")
     with pytest.raises(ValueError, match="bayesian\\(module\\)"):
         mz.load(tmp_path / "mod.pt")
-    back = mz.load(tmp_path / "mod.pt", model=mz.models.bayesian(
-        net, prior=P.Normal(1.0), likelihood=mz.likelihoods.Gaussian(0.1), sites=["2"]))
+    back = mz.load(
+        tmp_path / "mod.pt",
+        model=mz.models.bayesian(
+            net, prior=P.Normal(1.0), likelihood=mz.likelihoods.Gaussian(0.1), sites=["2"]
+        ),
+    )
     torch.testing.assert_close(back.predict(x[:5], num_samples=30, seed=1).mean, pred.mean)
     # function draws of a module model are batched like any builder model
     fx = mz.posterior_functions(post, x[:5], num_samples=30, seed=1)

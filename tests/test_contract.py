@@ -74,12 +74,16 @@ def test_classification_contract(method):
 
 
 def test_unknown_method_suggests_and_lists():
-    with pytest.raises(mz.OptionError, match=r"unknown method 'nust'; did you mean 'nuts'\? known: .*map"):
+    with pytest.raises(
+        mz.OptionError, match=r"unknown method 'nust'; did you mean 'nuts'\? known: .*map"
+    ):
         mz.fit(REG, *reg_data(), method="nust")
 
 
 def test_option_a_method_does_not_take():
-    with pytest.raises(mz.OptionError, match=r"'map' does not take option\(s\) 'num_chains'.*accepts: .*steps"):
+    with pytest.raises(
+        mz.OptionError, match=r"'map' does not take option\(s\) 'num_chains'.*accepts: .*steps"
+    ):
         mz.fit(REG, *reg_data(), method="map", num_chains=3)
     with pytest.raises(mz.OptionError, match="steps"):
         mz.fit(REG, *reg_data(), method="map", steps=-1)

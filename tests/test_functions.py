@@ -34,21 +34,39 @@ def _models():
     net = torch.nn.Sequential(torch.nn.Linear(2, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
     return {
         "mlp-fixed": mz.models.mlp(
-            2, hidden=[3], prior={"layer1": P.ScaledNormal(gain=2.0), "layer2": P.Normal(0.7)}),
-        "mlp-hier": mz.models.mlp(2, hidden=[3, 2], prior={
-            "layer1": P.Hierarchical("half_cauchy", 0.5),
-            "layer2": P.Hierarchical("log_normal", 0.8, fan_in_scaled=False),
-            "layer3": P.Hierarchical("half_normal", 1.5)}),
-        "cnn": mz.models.cnn(1, 4, channels=[2], hidden=[3], num_classes=3,
-                             prior={"conv1": P.Hierarchical(), "default": P.ScaledNormal(1.0)}),
-        "module": mz.models.bayesian(net, prior=P.Hierarchical("half_normal", 2.0),
-                                     sites={"0": None, "2.weight": P.Normal(0.3)}),
+            2, hidden=[3], prior={"layer1": P.ScaledNormal(gain=2.0), "layer2": P.Normal(0.7)}
+        ),
+        "mlp-hier": mz.models.mlp(
+            2,
+            hidden=[3, 2],
+            prior={
+                "layer1": P.Hierarchical("half_cauchy", 0.5),
+                "layer2": P.Hierarchical("log_normal", 0.8, fan_in_scaled=False),
+                "layer3": P.Hierarchical("half_normal", 1.5),
+            },
+        ),
+        "cnn": mz.models.cnn(
+            1,
+            4,
+            channels=[2],
+            hidden=[3],
+            num_classes=3,
+            prior={"conv1": P.Hierarchical(), "default": P.ScaledNormal(1.0)},
+        ),
+        "module": mz.models.bayesian(
+            net,
+            prior=P.Hierarchical("half_normal", 2.0),
+            sites={"0": None, "2.weight": P.Normal(0.3)},
+        ),
     }
 
 
 def _latent(tr):
-    return {n: s for n, s in tr.nodes.items()
-            if s["type"] == "sample" and n != "y" and not site_is_subsample(s)}
+    return {
+        n: s
+        for n, s in tr.nodes.items()
+        if s["type"] == "sample" and n != "y" and not site_is_subsample(s)
+    }
 
 
 @pytest.mark.parametrize("name", ["mlp-fixed", "mlp-hier", "cnn", "module"])
@@ -91,8 +109,11 @@ def test_sample_prior_matches_pyro_model(name, float64):
 def test_prior_function_moments_match_pyro_loop(float64):
     """Mean and variance of f at a few inputs: batched draws vs one Pyro trace per draw
     (the plain-function path reading the mean of site 'y'), within Monte Carlo error."""
-    model = mz.models.mlp(1, hidden=[8], prior={"layer1": P.Hierarchical("half_normal"),
-                                                 "layer2": P.ScaledNormal(1.5)})
+    model = mz.models.mlp(
+        1,
+        hidden=[8],
+        prior={"layer1": P.Hierarchical("half_normal"), "layer2": P.ScaledNormal(1.5)},
+    )
     x = torch.tensor([[-2.0], [0.0], [0.5], [3.0]])
 
     def plain(x, y=None):
@@ -165,8 +186,9 @@ def test_overconfident_prior_shows_in_entropy():
     x = torch.randn(50, 4)
 
     def ent(scale):
-        m = mz.models.mlp(4, hidden=[32, 32], likelihood="categorical", out_features=5,
-                          prior=P.Normal(scale))
+        m = mz.models.mlp(
+            4, hidden=[32, 32], likelihood="categorical", out_features=5, prior=P.Normal(scale)
+        )
         return float(prior_functions(m, x, num_samples=200).entropy().mean()) / math.log(5)
 
     assert ent(10.0) < 0.05
@@ -177,8 +199,9 @@ def test_posterior_functions_agree_with_predict():
     torch.manual_seed(0)
     x = torch.randn(40, 2)
     y = x[:, 0] - x[:, 1] + 0.1 * torch.randn(40)
-    post = mz.fit(mz.models.mlp(2, hidden=[6]), x, y, method="svi-meanfield", steps=40,
-                  progress=False)
+    post = mz.fit(
+        mz.models.mlp(2, hidden=[6]), x, y, method="svi-meanfield", steps=40, progress=False
+    )
     fx = posterior_functions(post, x[:9], num_samples=50, seed=5, chunk_size=8)
     pred = post.predict(x[:9], num_samples=50, seed=5)
     assert fx.f.shape == (1, 50, 9, 1) and fx.kind == "posterior"
@@ -186,8 +209,14 @@ def test_posterior_functions_agree_with_predict():
     torch.testing.assert_close(fx.std()[:, 0] ** 2 * 49 / 50, pred.epistemic**2)
 
     yc = (x[:, 0] > 0).long()
-    postc = mz.fit(mz.models.mlp(2, hidden=[6], likelihood="bernoulli"), x, yc,
-                   method="svi-meanfield", steps=40, progress=False)
+    postc = mz.fit(
+        mz.models.mlp(2, hidden=[6], likelihood="bernoulli"),
+        x,
+        yc,
+        method="svi-meanfield",
+        steps=40,
+        progress=False,
+    )
     fc = posterior_functions(postc, x[:9], num_samples=30, seed=1)
     predc = postc.predict(x[:9], num_samples=30, seed=1)
     torch.testing.assert_close(fc.probs().reshape(-1, 9, 2).mean(0), predc.probs)
@@ -255,9 +284,17 @@ def test_prior_scale_sweep_small():
     x = torch.randn(40, 3)
     y = (x[:, 0] > 0).long()
     sw = prior_scale_sweep(
-        lambda a: mz.models.mlp(3, [16], likelihood="categorical", out_features=2,
-                                prior=P.Normal(a)),
-        x, [0.05, 2.0], num_samples=200, y=y, num_pairs=40, pairs=[[0, 1]], keep_draws=True)
+        lambda a: mz.models.mlp(
+            3, [16], likelihood="categorical", out_features=2, prior=P.Normal(a)
+        ),
+        x,
+        [0.05, 2.0],
+        num_samples=200,
+        y=y,
+        num_pairs=40,
+        pairs=[[0, 1]],
+        keep_draws=True,
+    )
     rows = sw.table()
     assert [r["alpha"] for r in rows] == [0.05, 2.0]
     assert rows[0]["entropy"] > rows[1]["entropy"]  # larger prior scale: more confident
@@ -282,9 +319,16 @@ def test_cnn_prior_correlation_same_vs_different_class_digits():
     y = ds.y[idx]
     alphas = [0.02, 0.3, 1.0]
     sw = prior_scale_sweep(
-        lambda a: mz.models.cnn(1, 8, channels=[8, 16], hidden=[32], num_classes=10,
-                                prior=P.Normal(a)),
-        x, alphas, num_samples=300, y=y, num_pairs=300, seed=0)
+        lambda a: mz.models.cnn(
+            1, 8, channels=[8, 16], hidden=[32], num_classes=10, prior=P.Normal(a)
+        ),
+        x,
+        alphas,
+        num_samples=300,
+        y=y,
+        num_pairs=300,
+        seed=0,
+    )
     gaps = {}
     for a in alphas:
         s, d = sw.corr_same[a], sw.corr_diff[a]
@@ -328,8 +372,9 @@ def test_classification_figures():
 def test_function_space_figures_for_report():
     torch.manual_seed(0)
     x1 = torch.linspace(-1, 1, 30)[:, None]
-    post1 = mz.fit(mz.models.mlp(1, [8]), x1, torch.sin(3 * x1[:, 0]), method="map", steps=20,
-                   progress=False)
+    post1 = mz.fit(
+        mz.models.mlp(1, [8]), x1, torch.sin(3 * x1[:, 0]), method="map", steps=20, progress=False
+    )
     figs = fp.function_space_figures(post1, x1, num_samples=20)
     assert [t for t, _ in figs] == ["Functions: prior vs posterior (map)"]
     assert all(isinstance(f, Figure) for _, f in figs)
@@ -339,7 +384,8 @@ def test_function_space_figures_for_report():
     figs = fp.function_space_figures([post2, post2], x2, num_samples=20)
     assert [t for t, _ in figs] == [
         "Function spread at the inputs: prior vs posterior (map)",
-        "Function spread at the inputs: prior vs posterior (map (2))"]
+        "Function spread at the inputs: prior vs posterior (map (2))",
+    ]
 
     yc = (x2[:, 0] > 0).long()
     mc = mz.models.mlp(3, [8], likelihood="categorical", out_features=2)
@@ -347,7 +393,8 @@ def test_function_space_figures_for_report():
     figs = fp.function_space_figures({"vi": postc}, x2, y=yc, num_samples=20, num_pairs=20)
     assert [t for t, _ in figs] == [
         "Class probabilities and entropy: prior vs posterior (vi)",
-        "Prior correlation of outputs, same vs different class (vi)"]
+        "Prior correlation of outputs, same vs different class (vi)",
+    ]
     with pytest.raises(DataError):
         fp.function_space_figures(42, x2)
     # the HTML report looks the figures up in marginalize.diagnostics.functions

@@ -68,8 +68,9 @@ def test_fit_predict_functions_end_to_end_on_cuda(method, cuda, tmp_path):
     rng = np.random.default_rng(0)
     x = rng.normal(size=(80, 2))
     y = x[:, 0] - 2 * x[:, 1] + 0.1 * rng.normal(size=80)
-    post = mz.fit(mz.models.mlp(2, hidden=[16]), x, y, method=method, steps=50,
-                  device="cuda", progress=False)
+    post = mz.fit(
+        mz.models.mlp(2, hidden=[16]), x, y, method=method, steps=50, device="cuda", progress=False
+    )
     assert post.device.type == "cuda"
     xt = torch.as_tensor(x[:7], dtype=torch.float32, device=cuda)
     pred = post.predict(xt, num_samples=40)

@@ -22,8 +22,12 @@ def blr_problem(n=30, d=2, corr=0.0, seed=0):
         x[:, 1] = corr * x[:, 0] + (1 - corr**2) ** 0.5 * x[:, 1]
     w = torch.tensor([1.0, -0.5])[:d]
     y = x @ w + 0.3 + SIGMA * torch.randn(n, generator=g)
-    model = mz.models.mlp(d, hidden=[], likelihood=mz.likelihoods.Gaussian(noise=SIGMA),
-                          prior=mz.priors.Normal(PRIOR_S))
+    model = mz.models.mlp(
+        d,
+        hidden=[],
+        likelihood=mz.likelihoods.Gaussian(noise=SIGMA),
+        prior=mz.priors.Normal(PRIOR_S),
+    )
     phi = torch.cat([x, torch.ones(n, 1)], 1)
     prec = torch.eye(d + 1) / PRIOR_S**2 + phi.T @ phi / SIGMA**2
     cov = torch.linalg.inv(prec)
@@ -46,8 +50,17 @@ def flat_draws(post):
 @pytest.mark.slow
 def test_nuts_matches_exact_posterior(float64):
     model, x, y, mean, cov, _ = blr_problem()
-    post = mz.fit(model, x, y, method="nuts", num_samples=1000, num_warmup=500, num_chains=2,
-                  seed=1, progress=False)
+    post = mz.fit(
+        model,
+        x,
+        y,
+        method="nuts",
+        num_samples=1000,
+        num_warmup=500,
+        num_chains=2,
+        seed=1,
+        progress=False,
+    )
     draws = post.sample_flat(num_samples=2000)  # all draws, (chain, draw, D)
     assert draws.shape == (2, 1000, 3)
     arr = draws.numpy()
@@ -72,8 +85,18 @@ def test_nuts_matches_exact_posterior(float64):
 @pytest.mark.slow
 def test_meanfield_matches_exact_mean_and_meanfield_variances(float64):
     model, x, y, mean, cov, prec = blr_problem()
-    post = mz.fit(model, x, y, method="svi-meanfield", steps=4000, lr=0.02, lr_final=0.01,
-                  num_particles=4, seed=0, progress=False)
+    post = mz.fit(
+        model,
+        x,
+        y,
+        method="svi-meanfield",
+        steps=4000,
+        lr=0.02,
+        lr_final=0.01,
+        num_particles=4,
+        seed=0,
+        progress=False,
+    )
     q = post.approximation
     sd = torch.sqrt(torch.diag(cov))
     # the optimum of mean-field VI on a Gaussian: exact mean, variances 1/diag(precision)
@@ -89,8 +112,19 @@ def test_lowrank_closer_in_kl_than_meanfield_on_correlated_posterior(float64):
     model, x, y, mean, cov, _ = blr_problem(corr=0.95)
     kls = {}
     for method, extra in (("svi-meanfield", {}), ("svi-lowrank", {"rank": 2})):
-        post = mz.fit(model, x, y, method=method, steps=4000, lr=0.02, lr_final=0.01,
-                      num_particles=4, seed=0, progress=False, **extra)
+        post = mz.fit(
+            model,
+            x,
+            y,
+            method=method,
+            steps=4000,
+            lr=0.02,
+            lr_final=0.01,
+            num_particles=4,
+            seed=0,
+            progress=False,
+            **extra,
+        )
         q = post.approximation
         kls[method] = float(gauss_kl(q.loc, q.covariance(), mean, cov))
     assert kls["svi-lowrank"] < 0.5 * kls["svi-meanfield"], kls
@@ -99,7 +133,9 @@ def test_lowrank_closer_in_kl_than_meanfield_on_correlated_posterior(float64):
 
 def test_map_lands_on_posterior_mode(float64):
     model, x, y, mean, _, _ = blr_problem()
-    post = mz.fit(model, x, y, method="map", steps=1500, lr=0.05, lr_final=0.01, seed=0, progress=False)
+    post = mz.fit(
+        model, x, y, method="map", steps=1500, lr=0.05, lr_final=0.01, seed=0, progress=False
+    )
     assert torch.allclose(post.approximation.loc, mean, atol=1e-4), (post.approximation.loc, mean)
 
 
@@ -110,8 +146,14 @@ def test_predictive_of_exact_posterior_is_exact(float64):
     from marginalize.inference.problem import prepare
 
     pr = prepare(model, x, y)
-    post = Posterior(model, pr.layout, Gaussian(mean, scale_tril=torch.linalg.cholesky(cov)),
-                     method="exact", task="regression", data=(pr.x, pr.y))
+    post = Posterior(
+        model,
+        pr.layout,
+        Gaussian(mean, scale_tril=torch.linalg.cholesky(cov)),
+        method="exact",
+        task="regression",
+        data=(pr.x, pr.y),
+    )
     xt = torch.randn(7, 2, generator=torch.Generator().manual_seed(3))
     phi = torch.cat([xt, torch.ones(7, 1)], 1)
     S = 20000

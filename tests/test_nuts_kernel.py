@@ -120,8 +120,12 @@ def roundtrip(state: NUTSState) -> NUTSState:
 def nuts_gaussian(request):
     target = gaussian_5d()
     draws, stats, state = run_sampler(
-        target, torch.zeros(5, dtype=DTYPE), num_warmup=1000, num_samples=2000,
-        generator=gen(11), adapt_mass=request.param,
+        target,
+        torch.zeros(5, dtype=DTYPE),
+        num_warmup=1000,
+        num_samples=2000,
+        generator=gen(11),
+        adapt_mass=request.param,
     )
     return request.param, target, draws, stats, state
 
@@ -148,9 +152,15 @@ def test_stats_shapes_dtypes_and_acceptance(nuts_gaussian):
     mass, target, draws, stats, state = nuts_gaussian
     n = 2000
     assert draws.shape == (n, 5) and draws.dtype == DTYPE
-    expected = {"lp": torch.float64, "diverging": torch.bool, "acceptance_rate": torch.float64,
-                "step_size": torch.float64, "tree_depth": torch.int64, "n_steps": torch.int64,
-                "energy": torch.float64}
+    expected = {
+        "lp": torch.float64,
+        "diverging": torch.bool,
+        "acceptance_rate": torch.float64,
+        "step_size": torch.float64,
+        "tree_depth": torch.int64,
+        "n_steps": torch.int64,
+        "energy": torch.float64,
+    }
     assert set(stats) == set(expected)
     for key, dt in expected.items():
         assert stats[key].shape == (n,), key
@@ -182,8 +192,13 @@ def test_stats_shapes_dtypes_and_acceptance(nuts_gaussian):
 def test_hmc_recovers_2d_gaussian(mass):
     target = gaussian_2d()
     draws, stats, state = run_sampler(
-        target, torch.zeros(2, dtype=DTYPE), num_warmup=500, num_samples=2000,
-        generator=gen(3), algorithm="hmc", adapt_mass=mass,
+        target,
+        torch.zeros(2, dtype=DTYPE),
+        num_warmup=500,
+        num_samples=2000,
+        generator=gen(3),
+        algorithm="hmc",
+        adapt_mass=mass,
     )
     check_gaussian_recovered(draws, target)
     assert (stats["tree_depth"] == 0).all()
@@ -193,8 +208,15 @@ def test_hmc_recovers_2d_gaussian(mass):
 
 def test_hmc_fixed_num_steps():
     target = gaussian_2d()
-    _, stats, _ = run_sampler(target, torch.zeros(2, dtype=DTYPE), num_warmup=50, num_samples=50,
-                              generator=gen(0), algorithm="hmc", num_steps=7)
+    _, stats, _ = run_sampler(
+        target,
+        torch.zeros(2, dtype=DTYPE),
+        num_warmup=50,
+        num_samples=50,
+        generator=gen(0),
+        algorithm="hmc",
+        num_steps=7,
+    )
     assert (stats["n_steps"] == 7).all()
 
 
@@ -217,8 +239,14 @@ def test_interrupt_and_resume_is_bitwise_identical(algorithm, mass):
 
     # a different seed: the generator state stored in the NUTSState wins
     with pytest.raises(SamplingInterrupted) as e2:  # during sampling
-        run_sampler(target, torch.ones(5, dtype=DTYPE), generator=gen(999), state=s1,
-                    callback=interrupt_at(180), **kw)
+        run_sampler(
+            target,
+            torch.ones(5, dtype=DTYPE),
+            generator=gen(999),
+            state=s1,
+            callback=interrupt_at(180),
+            **kw,
+        )
     assert e2.value.state.iteration == 181
     assert e2.value.draws.shape == (31, 5)
     assert all(v.shape == (31,) for v in e2.value.stats.values())
@@ -251,29 +279,54 @@ def test_split_warmup_and_sampling_calls():
 def test_resume_rejects_changed_warmup_schedule():
     target = gaussian_5d()
     with pytest.raises(SamplingInterrupted) as e:
-        run_sampler(target, torch.zeros(5, dtype=DTYPE), num_warmup=150, num_samples=10,
-                    generator=gen(0), callback=interrupt_at(10))
+        run_sampler(
+            target,
+            torch.zeros(5, dtype=DTYPE),
+            num_warmup=150,
+            num_samples=10,
+            generator=gen(0),
+            callback=interrupt_at(10),
+        )
     with pytest.raises(ValueError, match="num_warmup"):
-        run_sampler(target, torch.zeros(5, dtype=DTYPE), num_warmup=200, num_samples=10,
-                    generator=gen(0), state=e.value.state)
+        run_sampler(
+            target,
+            torch.zeros(5, dtype=DTYPE),
+            num_warmup=200,
+            num_samples=10,
+            generator=gen(0),
+            state=e.value.state,
+        )
 
 
 # --------------------------------------------------------------------------- #
 # 4: funnel divergences and the tree-depth cap
 # --------------------------------------------------------------------------- #
 def test_funnel_diverges_and_depth_is_capped():
-    draws, stats, _ = run_sampler(funnel, torch.zeros(10, dtype=DTYPE), num_warmup=200,
-                                  num_samples=700, generator=gen(1), target_accept=0.6,
-                                  max_tree_depth=6)
+    draws, stats, _ = run_sampler(
+        funnel,
+        torch.zeros(10, dtype=DTYPE),
+        num_warmup=200,
+        num_samples=700,
+        generator=gen(1),
+        target_accept=0.6,
+        max_tree_depth=6,
+    )
     assert stats["diverging"].sum() > 0
     assert stats["tree_depth"].max() == 6
-    assert (stats["n_steps"] <= 2 ** 6 - 1).all()
+    assert (stats["n_steps"] <= 2**6 - 1).all()
 
 
 def test_tree_depth_cap_exact():
     target = gaussian_2d()
-    _, stats, _ = run_sampler(target, torch.zeros(2, dtype=DTYPE), num_warmup=0, num_samples=20,
-                              generator=gen(0), step_size=1e-3, max_tree_depth=3)
+    _, stats, _ = run_sampler(
+        target,
+        torch.zeros(2, dtype=DTYPE),
+        num_warmup=0,
+        num_samples=20,
+        generator=gen(0),
+        step_size=1e-3,
+        max_tree_depth=3,
+    )
     assert (stats["tree_depth"] == 3).all()
     assert (stats["n_steps"] == 7).all()
 
@@ -284,18 +337,37 @@ def test_tree_depth_cap_exact():
 @pytest.mark.parametrize("algorithm,mass", [("nuts", "diag"), ("nuts", "dense"), ("hmc", "diag")])
 def test_one_potential_evaluation_per_leapfrog_step(algorithm, mass):
     target = gaussian_5d()
-    _, _, state = run_sampler(target, torch.zeros(5, dtype=DTYPE), num_warmup=200, num_samples=0,
-                              generator=gen(4), algorithm=algorithm, adapt_mass=mass)
+    _, _, state = run_sampler(
+        target,
+        torch.zeros(5, dtype=DTYPE),
+        num_warmup=200,
+        num_samples=0,
+        generator=gen(4),
+        algorithm=algorithm,
+        adapt_mass=mass,
+    )
     target.calls = 0
-    _, stats, _ = run_sampler(target, state.z, num_warmup=200, num_samples=300, generator=gen(4),
-                              algorithm=algorithm, state=state)
+    _, stats, _ = run_sampler(
+        target,
+        state.z,
+        num_warmup=200,
+        num_samples=300,
+        generator=gen(4),
+        algorithm=algorithm,
+        state=state,
+    )
     assert target.calls == 1 + int(stats["n_steps"].sum())  # 1: the start point
 
 
 def test_float32():
     target = gaussian_2d()
-    draws, stats, state = run_sampler(target, torch.zeros(2, dtype=torch.float32), num_warmup=200,
-                                      num_samples=300, generator=gen(0))
+    draws, stats, state = run_sampler(
+        target,
+        torch.zeros(2, dtype=torch.float32),
+        num_warmup=200,
+        num_samples=300,
+        generator=gen(0),
+    )
     assert draws.dtype == torch.float32 and state.z.dtype == torch.float32
     assert torch.isfinite(draws).all() and torch.isfinite(stats["lp"]).all()
     assert (draws.mean(0) - target.mean.float()).abs().max() < 0.5
@@ -305,8 +377,13 @@ def test_same_seed_same_draws_and_callback_info():
     target = gaussian_2d()
     seen = []
     kw = dict(num_warmup=30, num_samples=20)
-    a, _, _ = run_sampler(target, torch.zeros(2, dtype=DTYPE), generator=gen(8),
-                          callback=lambda i, s, info: seen.append((i, s.iteration, info)), **kw)
+    a, _, _ = run_sampler(
+        target,
+        torch.zeros(2, dtype=DTYPE),
+        generator=gen(8),
+        callback=lambda i, s, info: seen.append((i, s.iteration, info)),
+        **kw,
+    )
     b, _, _ = run_sampler(target, torch.zeros(2, dtype=DTYPE), generator=gen(8), **kw)
     assert torch.equal(a, b)
     assert [i for i, _, _ in seen] == list(range(50))
@@ -320,5 +397,6 @@ def test_non_finite_initial_potential():
         return torch.tensor(float("inf"), dtype=z.dtype), torch.zeros_like(z)
 
     with pytest.raises(ValueError, match="initial point has non-finite potential"):
-        run_sampler(bad, torch.zeros(3, dtype=DTYPE), num_warmup=10, num_samples=10,
-                    generator=gen(0))
+        run_sampler(
+            bad, torch.zeros(3, dtype=DTYPE), num_warmup=10, num_samples=10, generator=gen(0)
+        )

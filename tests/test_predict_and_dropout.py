@@ -14,12 +14,21 @@ def as_plain_function(model):
     return fn
 
 
-@pytest.mark.parametrize("method,opts", [("svi-meanfield", {"steps": 50}), ("mc-dropout", {"steps": 50, "p": 0.2})])
+@pytest.mark.parametrize(
+    "method,opts", [("svi-meanfield", {"steps": 50}), ("mc-dropout", {"steps": 50, "p": 0.2})]
+)
 def test_vectorized_prediction_equals_loop(method, opts):
     x, y = reg_data()
     post = mz.fit(REG, x, y, method=method, seed=0, progress=False, **opts)
-    plain = mz.Posterior(as_plain_function(REG), post.layout, post.approximation, method=method,
-                         task=post.task, data=post.data, seed=post.seed)
+    plain = mz.Posterior(
+        as_plain_function(REG),
+        post.layout,
+        post.approximation,
+        method=method,
+        task=post.task,
+        data=post.data,
+        seed=post.seed,
+    )
     xt = torch.randn(9, 2)
     # S != N on purpose (DESIGN pitfall: S == N hides broadcasting bugs)
     a = post.predict(xt, num_samples=23, seed=5, chunk_size=4)
@@ -27,14 +36,23 @@ def test_vectorized_prediction_equals_loop(method, opts):
     for f in ("mean", "std", "epistemic", "aleatoric"):
         assert torch.allclose(getattr(a, f), getattr(b, f), atol=1e-5), f
     yt = torch.randn(9)
-    assert torch.allclose(post.log_likelihood(xt, yt, 23, seed=5), plain.log_likelihood(xt, yt, 23, seed=5), atol=1e-5)
+    assert torch.allclose(
+        post.log_likelihood(xt, yt, 23, seed=5), plain.log_likelihood(xt, yt, 23, seed=5), atol=1e-5
+    )
 
 
 def test_vectorized_classification_equals_loop():
     x, y = cls_data()
     post = mz.fit(CLS, x, y, method="svi-meanfield", seed=0, steps=50, progress=False)
-    plain = mz.Posterior(as_plain_function(CLS), post.layout, post.approximation, method="m",
-                         task="classification", data=post.data, num_classes=3)
+    plain = mz.Posterior(
+        as_plain_function(CLS),
+        post.layout,
+        post.approximation,
+        method="m",
+        task="classification",
+        data=post.data,
+        num_classes=3,
+    )
     xt = torch.randn(6, 2)
     a, b = post.predict(xt, 17, seed=1), plain.predict(xt, 17, seed=1)
     assert torch.allclose(a.probs, b.probs, atol=1e-6)
@@ -83,8 +101,18 @@ def test_minibatch_svi_scales_likelihood_to_full_data(float64):
     model = mz.models.mlp(2, hidden=[], likelihood=mz.likelihoods.Gaussian(noise=0.3))
     phi = torch.cat([x, torch.ones(64, 1)], 1)
     mode = torch.linalg.solve(torch.eye(3) + phi.T @ phi / 0.09, phi.T @ y / 0.09)
-    mini = mz.fit(model, x, y, method="map", steps=2000, lr=0.05, lr_final=0.001, batch_size=16,
-                  seed=0, progress=False)
+    mini = mz.fit(
+        model,
+        x,
+        y,
+        method="map",
+        steps=2000,
+        lr=0.05,
+        lr_final=0.001,
+        batch_size=16,
+        seed=0,
+        progress=False,
+    )
     # minibatch noise leaves an O(lr_final) wobble around the mode
     assert torch.allclose(mini.approximation.loc, mode, atol=0.02), (mini.approximation.loc, mode)
     assert mini.approximation.loc[0].abs() > 0.5

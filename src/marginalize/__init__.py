@@ -19,8 +19,20 @@ __version__ = "0.1.0"
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __all__ = [
-    "models", "priors", "likelihoods", "fit", "methods", "method_info", "register", "load",
-    "Posterior", "Prediction", "DataError", "ModelError", "OptionError", "FileFormatError",
+    "models",
+    "priors",
+    "likelihoods",
+    "fit",
+    "methods",
+    "method_info",
+    "register",
+    "load",
+    "Posterior",
+    "Prediction",
+    "DataError",
+    "ModelError",
+    "OptionError",
+    "FileFormatError",
 ]
 
 # Names provided by the diagnostics package, imported on first use (keeps `import

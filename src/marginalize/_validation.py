@@ -14,8 +14,15 @@ import numpy as np
 import torch
 
 __all__ = [
-    "DataError", "ModelError", "OptionError", "as_tensor", "check_finite", "check_options",
-    "check_seed", "check_device", "check_positive_int",
+    "DataError",
+    "ModelError",
+    "OptionError",
+    "as_tensor",
+    "check_finite",
+    "check_options",
+    "check_seed",
+    "check_device",
+    "check_positive_int",
 ]
 
 
@@ -31,7 +38,9 @@ class OptionError(ValueError):
     """Unknown method name, or an option a method does not take or an invalid option value."""
 
 
-def as_tensor(name: str, value: Any, *, device=None, dtype=None, allow_int: bool = True) -> torch.Tensor:
+def as_tensor(
+    name: str, value: Any, *, device=None, dtype=None, allow_int: bool = True
+) -> torch.Tensor:
     """Convert arrays/lists to a tensor, keeping torch tensors' dtype and device unless asked.
 
     NumPy floating arrays become the torch default dtype (float32 unless changed).
@@ -70,13 +79,19 @@ def check_finite(name: str, t: torch.Tensor) -> None:
         if bool(bad.any()):
             n_nan = int(torch.isnan(t).sum())
             n_inf = int(bad.sum()) - n_nan
-            raise DataError(f"{name}: contains {n_nan} NaN and {n_inf} inf values; clean or impute them first")
+            raise DataError(
+                f"{name}: contains {n_nan} NaN and {n_inf} inf values; clean or impute them first"
+            )
 
 
-def check_x(name: str, x: Any, *, device=None, in_features: int | None = None, dtype=None) -> torch.Tensor:
+def check_x(
+    name: str, x: Any, *, device=None, in_features: int | None = None, dtype=None
+) -> torch.Tensor:
     t = as_tensor(name, x, device=device, allow_int=False, dtype=dtype)
     if t.dim() == 0:
-        raise DataError(f"{name}: expected an array of inputs with a leading data dimension, got a scalar")
+        raise DataError(
+            f"{name}: expected an array of inputs with a leading data dimension, got a scalar"
+        )
     if t.shape[0] == 0:
         raise DataError(f"{name}: is empty (0 rows)")
     if t.numel() == 0:
@@ -86,7 +101,9 @@ def check_x(name: str, x: Any, *, device=None, in_features: int | None = None, d
         if t.dim() == 1 and in_features == 1:
             t = t[:, None]
         if t.dim() != 2 or t.shape[1] != in_features:
-            raise DataError(f"{name}: the model takes inputs of shape (N, {in_features}), got {tuple(t.shape)}")
+            raise DataError(
+                f"{name}: the model takes inputs of shape (N, {in_features}), got {tuple(t.shape)}"
+            )
     return t
 
 
@@ -108,8 +125,11 @@ def check_positive_int(name: str, value: Any, *, minimum: int = 1) -> int:
 
 def check_seed(name: str, value: Any) -> int:
     """A seed: an integer (Python or NumPy, not bool) in ``[0, 2**32 - 1]``."""
-    if (isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral)
-            or not 0 <= value < 2**32):
+    if (
+        isinstance(value, (bool, np.bool_))
+        or not isinstance(value, numbers.Integral)
+        or not 0 <= value < 2**32
+    ):
         raise OptionError(f"{name}: expected an integer in [0, 2**32 - 1], got {value!r}")
     return int(value)
 
@@ -123,7 +143,8 @@ def check_device(device: Any) -> torch.device | None:
     except (RuntimeError, TypeError, ValueError) as e:
         raise OptionError(f"device: expected e.g. 'cpu' or 'cuda', got {device!r}") from e
     if (dev.type == "cuda" and not torch.cuda.is_available()) or (
-            dev.type == "mps" and not torch.backends.mps.is_available()):
+        dev.type == "mps" and not torch.backends.mps.is_available()
+    ):
         raise OptionError(f"device: {device!r} was asked for but is not available here")
     if dev.type not in ("cpu", "cuda", "mps"):
         raise OptionError(f"device: expected 'cpu' or 'cuda', got {device!r}")

@@ -29,20 +29,36 @@ METHOD_DEFAULTS: dict[str, tuple[dict, dict]] = {
     "svi-lowrank": ({"steps": 5000, "lr": 1e-2, "rank": 10}, {"steps": 300}),
     "mc-dropout": ({"steps": 3000, "p": 0.05}, {"steps": 300}),
     "ensemble": ({"steps": 3000, "num_members": 5}, {"steps": 300, "num_members": 3}),
-    "swag": ({"pretrain_steps": 3000, "swag_steps": 1000}, {"pretrain_steps": 300, "swag_steps": 200}),
-    "multiswag": ({"num_models": 5, "pretrain_steps": 3000, "swag_steps": 1000},
-                  {"num_models": 3, "pretrain_steps": 300, "swag_steps": 200}),
+    "swag": (
+        {"pretrain_steps": 3000, "swag_steps": 1000},
+        {"pretrain_steps": 300, "swag_steps": 200},
+    ),
+    "multiswag": (
+        {"num_models": 5, "pretrain_steps": 3000, "swag_steps": 1000},
+        {"num_models": 3, "pretrain_steps": 300, "swag_steps": 200},
+    ),
     "laplace": ({"steps": 3000}, {"steps": 300}),
     "bbb": ({"steps": 5000, "batch_size": 32}, {"steps": 300, "batch_size": 32}),
-    "nuts": ({"num_samples": 300, "num_warmup": 300, "num_chains": 2, "max_tree_depth": 8},
-             {"num_samples": 30, "num_warmup": 30, "num_chains": 2, "max_tree_depth": 5}),
-    "hmc": ({"num_samples": 300, "num_warmup": 300, "num_chains": 2, "num_steps": 50},
-            {"num_samples": 30, "num_warmup": 30, "num_chains": 2, "num_steps": 10}),
+    "nuts": (
+        {"num_samples": 300, "num_warmup": 300, "num_chains": 2, "max_tree_depth": 8},
+        {"num_samples": 30, "num_warmup": 30, "num_chains": 2, "max_tree_depth": 5},
+    ),
+    "hmc": (
+        {"num_samples": 300, "num_warmup": 300, "num_chains": 2, "num_steps": 50},
+        {"num_samples": 30, "num_warmup": 30, "num_chains": 2, "num_steps": 10},
+    ),
 }
 
 
-def parse_model(spec: str, in_features: int, task: str, num_classes: int | None,
-                noise: float | None = None):
+def _dataset_names() -> list[str]:
+    from marginalize.datasets import names
+
+    return names()
+
+
+def parse_model(
+    spec: str, in_features: int, task: str, num_classes: int | None, noise: float | None = None
+):
     """``mlp:50`` or ``mlp:100,100`` (hidden widths); ``linear`` for no hidden layer.
 
     ``noise``: fixed Gaussian noise SD on the standardized scale (None: learned)."""
@@ -55,7 +71,9 @@ def parse_model(spec: str, in_features: int, task: str, num_classes: int | None,
         try:
             hidden = [int(h) for h in rest.split(",") if h] if rest else [50]
         except ValueError:
-            raise SystemExit(f"--model: bad hidden widths in {spec!r}; expected e.g. mlp:50 or mlp:100,100")
+            raise SystemExit(
+                f"--model: bad hidden widths in {spec!r}; expected e.g. mlp:50 or mlp:100,100"
+            ) from None
     else:
         raise SystemExit(f"--model: unknown model {spec!r}; expected mlp:WIDTHS or linear")
     if task == "classification":
@@ -63,8 +81,14 @@ def parse_model(spec: str, in_features: int, task: str, num_classes: int | None,
         out = num_classes
     else:
         lik, out = mz.likelihoods.Gaussian(noise=noise), 1
-    return mz.models.mlp(in_features, hidden, out, likelihood=lik,
-                         prior=mz.priors.ScaledNormal(gain=1.0), activation="relu")
+    return mz.models.mlp(
+        in_features,
+        hidden,
+        out,
+        likelihood=lik,
+        prior=mz.priors.ScaledNormal(gain=1.0),
+        activation="relu",
+    )
 
 
 def _parse_options(text: str | None, names: list[str]) -> dict[str, dict]:
@@ -78,8 +102,10 @@ def _parse_options(text: str | None, names: list[str]) -> dict[str, dict]:
     except json.JSONDecodeError as e:
         raise OptionError(f"--options: not valid JSON ({e})") from e
     if not isinstance(options, dict) or not all(isinstance(v, dict) for v in options.values()):
-        raise OptionError('--options: expected a JSON object of method -> options, e.g. '
-                          '{"nuts": {"num_chains": 4}}')
+        raise OptionError(
+            "--options: expected a JSON object of method -> options, e.g. "
+            '{"nuts": {"num_chains": 4}}'
+        )
     extra = sorted(set(options) - set(names))
     if extra:
         raise OptionError(f"--options: given for {extra}, which --method does not run ({names})")
@@ -126,8 +152,10 @@ def _fit_cmd(args) -> int:
     y_train = torch.as_tensor(ytr_s, dtype=torch.float32 if ds.task == "regression" else torch.long)
     x_test = torch.as_tensor(xte_s, dtype=torch.float32)
     posts, rows = {}, []
-    print(f"data: {ds.name} ({ds.x.shape[0]} rows, {ds.x.shape[1]} features), "
-          f"{len(xtr)} train / {len(xte)} test, model {model!r}")
+    print(
+        f"data: {ds.name} ({ds.x.shape[0]} rows, {ds.x.shape[1]} features), "
+        f"{len(xtr)} train / {len(xte)} test, model {model!r}"
+    )
     for m in names:
         full, quick = METHOD_DEFAULTS.get(m, ({}, {}))
         m_model = model
@@ -141,11 +169,14 @@ def _fit_cmd(args) -> int:
             if "num_chains" in full:  # R-hat needs two chains at least
                 full["num_chains"] = max(2, full["num_chains"])
             if row_settings.get("noise") is not None:
-                m_model = parse_model(args.model, xtr.shape[1], ds.task, ds.num_classes,
-                                      noise=row_settings["noise"])
+                m_model = parse_model(
+                    args.model, xtr.shape[1], ds.task, ds.num_classes, noise=row_settings["noise"]
+                )
         kw = {**full, **(quick if args.quick else {}), **options.get(m, {})}
         t0 = time.perf_counter()
-        post = mz.fit(m_model, x_train, y_train, method=m, seed=args.seed, progress=not args.quiet, **kw)
+        post = mz.fit(
+            m_model, x_train, y_train, method=m, seed=args.seed, progress=not args.quiet, **kw
+        )
         secs = time.perf_counter() - t0
         post.info.setdefault("fit_seconds", secs)  # shown by the report
         posts[m] = post
@@ -186,8 +217,10 @@ def _write_report(posts, x_test, y_test, sy, ds, out: Path, args) -> None:
     except ImportError:  # pragma: no cover - the report arrives with the diagnostics package
         log.warning("the HTML report is not available in this build")
         return
-    y = torch.as_tensor(sy(y_test) if sy is not None else y_test,
-                        dtype=torch.float32 if ds.task == "regression" else torch.long)
+    y = torch.as_tensor(
+        sy(y_test) if sy is not None else y_test,
+        dtype=torch.float32 if ds.task == "regression" else torch.long,
+    )
     path = report(posts, x_test, y, path=out / "report.html", title=f"marginalize: {ds.name}")
     print(f"report: {path}")
 
@@ -199,23 +232,37 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("methods", help="list the registered inference methods")
     f = sub.add_parser("fit", help="fit a BNN on a data set with methods chosen by name")
-    f.add_argument("--data", default="boston", help="data set name (%s)" % ", ".join(
-        __import__("marginalize.datasets", fromlist=["names"]).names()))
-    f.add_argument("--model", default="mlp:50", help="mlp:WIDTHS (e.g. mlp:50 or mlp:100,100) or linear")
+    f.add_argument(
+        "--data",
+        default="boston",
+        help=f"data set name ({', '.join(_dataset_names())})",
+    )
+    f.add_argument(
+        "--model", default="mlp:50", help="mlp:WIDTHS (e.g. mlp:50 or mlp:100,100) or linear"
+    )
     f.add_argument("--method", default="map", help="comma-separated method names")
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--test-size", type=float, default=0.1)
     f.add_argument("--num-samples", type=int, default=500, help="posterior draws for prediction")
-    f.add_argument("--options", default=None, help='JSON: per-method options, e.g. {"nuts": {"num_chains": 4}}')
+    f.add_argument(
+        "--options", default=None, help='JSON: per-method options, e.g. {"nuts": {"num_chains": 4}}'
+    )
     f.add_argument("--report", default=None, help="folder for the HTML report")
     f.add_argument("--quick", action="store_true", help="small settings (smoke test)")
     f.add_argument("--quiet", action="store_true", help="no progress bars")
-    f.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (default 1: fastest for small networks)")
+    f.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default 1: fastest for small networks)",
+    )
     from marginalize.bench import add_subcommands as _bench_subcommands
 
-    _bench_subcommands(sub.add_parser("bench", help="benchmarks: uci, classification, active-learning")
-                       .add_subparsers(dest="bench", required=True))
+    _bench_subcommands(
+        sub.add_parser(
+            "bench", help="benchmarks: uci, classification, active-learning"
+        ).add_subparsers(dest="bench", required=True)
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.cmd == "methods":

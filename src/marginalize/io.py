@@ -121,26 +121,43 @@ def load(path, model: Callable | None = None, *, device=None) -> Posterior:
         except (DataError, ModelError) as e:
             if not user_model:
                 raise FileFormatError(
-                    f"{path}: the saved model and data are inconsistent ({e})") from e
+                    f"{path}: the saved model and data are inconsistent ({e})"
+                ) from e
             raise ModelError(f"model: does not fit the posterior saved in {path}: {e}") from e
         saved = json.loads(payload["layout"])
-        if [(s["name"], s["shape"]) for s in saved] != [(s.name, list(s.shape)) for s in problem.layout.sites]:
+        if [(s["name"], s["shape"]) for s in saved] != [
+            (s.name, list(s.shape)) for s in problem.layout.sites
+        ]:
             if user_model:
                 raise ModelError(
-                    f"model: its latent sites do not match those of the posterior saved in {path}")
-            raise FileFormatError(f"{path}: the model's latent sites do not match the saved posterior")
+                    f"model: its latent sites do not match those of the posterior saved in {path}"
+                )
+            raise FileFormatError(
+                f"{path}: the model's latent sites do not match the saved posterior"
+            )
         approx = from_state(payload["approximation"])
         if approx.dim != problem.layout.size:
-            raise FileFormatError(f"{path}: saved draws have {approx.dim} parameters, the model {problem.layout.size}")
+            raise FileFormatError(
+                f"{path}: saved draws have {approx.dim} parameters, the model {problem.layout.size}"
+            )
         if device is not None:
             approx = approx.to(device)
     except (FileFormatError, ModelError):
         raise
     except (KeyError, TypeError, AttributeError, IndexError, ValueError, RuntimeError) as e:
-        raise FileFormatError(f"{path}: incomplete or inconsistent posterior file ({type(e).__name__}: {e})") from e
+        raise FileFormatError(
+            f"{path}: incomplete or inconsistent posterior file ({type(e).__name__}: {e})"
+        ) from e
     del dtype
     return Posterior(
-        model, problem.layout, approx, method=payload["method"], task=payload["task"],
-        options=json.loads(payload["options"]), info=payload["info"], seed=payload["seed"],
-        data=(problem.x, problem.y), num_classes=payload["num_classes"],
+        model,
+        problem.layout,
+        approx,
+        method=payload["method"],
+        task=payload["task"],
+        options=json.loads(payload["options"]),
+        info=payload["info"],
+        seed=payload["seed"],
+        data=(problem.x, problem.y),
+        num_classes=payload["num_classes"],
     )

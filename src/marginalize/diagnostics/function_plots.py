@@ -47,8 +47,12 @@ from marginalize.diagnostics.functions import (
 from marginalize.models.base import BNN
 
 __all__ = [
-    "plot_function_draws", "plot_prior_posterior", "plot_class_probabilities",
-    "plot_output_correlations", "plot_correlation_matrix", "plot_scale_sweep",
+    "plot_function_draws",
+    "plot_prior_posterior",
+    "plot_class_probabilities",
+    "plot_output_correlations",
+    "plot_correlation_matrix",
+    "plot_scale_sweep",
     "function_space_figures",
 ]
 
@@ -77,9 +81,15 @@ def _input_1d(fx: FunctionDraws) -> np.ndarray:
 
 
 def plot_function_draws(
-    fx: FunctionDraws, *, output: int = 0, num_paths: int = 30,
-    bands: Sequence[float] = (0.5, 0.9), data: tuple[Any, Any] | None = None, ax=None,
-    title: str | None = None, color: str | None = None,
+    fx: FunctionDraws,
+    *,
+    output: int = 0,
+    num_paths: int = 30,
+    bands: Sequence[float] = (0.5, 0.9),
+    data: tuple[Any, Any] | None = None,
+    ax=None,
+    title: str | None = None,
+    color: str | None = None,
 ) -> Figure:
     """Sampled function paths over 1-D inputs with central credible bands.
 
@@ -110,8 +120,15 @@ def plot_function_draws(
     fig, (a,) = _new(ax=ax)
     for b in sorted(bands, reverse=True):
         lo, hi = np.quantile(f, [(1 - b) / 2, (1 + b) / 2], axis=0)
-        a.fill_between(xs, lo, hi, color=color, alpha=0.15 + 0.15 * (1 - b),
-                       label=f"{round(100 * b)}% band", linewidth=0)
+        a.fill_between(
+            xs,
+            lo,
+            hi,
+            color=color,
+            alpha=0.15 + 0.15 * (1 - b),
+            label=f"{round(100 * b)}% band",
+            linewidth=0,
+        )
     idx = np.unique(np.linspace(0, f.shape[0] - 1, min(num_paths, f.shape[0])).astype(int))
     for i in idx:
         a.plot(xs, f[i], color=color, alpha=0.35, linewidth=0.8)
@@ -127,8 +144,14 @@ def plot_function_draws(
 
 
 def plot_prior_posterior(
-    prior_fx: FunctionDraws, post_fx: FunctionDraws, *, data=None, output: int = 0,
-    num_paths: int = 30, bands: Sequence[float] = (0.5, 0.9), sharey: bool = False,
+    prior_fx: FunctionDraws,
+    post_fx: FunctionDraws,
+    *,
+    data=None,
+    output: int = 0,
+    num_paths: int = 30,
+    bands: Sequence[float] = (0.5, 0.9),
+    sharey: bool = False,
 ) -> Figure:
     """Prior functions beside posterior functions (1-D inputs).
 
@@ -142,16 +165,33 @@ def plot_prior_posterior(
     """
     fig = Figure(figsize=(10, 3.8), layout="constrained")
     axes = fig.subplots(1, 2, sharey=sharey)
-    plot_function_draws(prior_fx, output=output, num_paths=num_paths, bands=bands, ax=axes[0],
-                        title="prior functions")
+    plot_function_draws(
+        prior_fx,
+        output=output,
+        num_paths=num_paths,
+        bands=bands,
+        ax=axes[0],
+        title="prior functions",
+    )
     method = post_fx.meta.get("method")
-    plot_function_draws(post_fx, output=output, num_paths=num_paths, bands=bands, ax=axes[1],
-                        data=data, title="posterior functions" + (f" ({method})" if method else ""))
+    plot_function_draws(
+        post_fx,
+        output=output,
+        num_paths=num_paths,
+        bands=bands,
+        ax=axes[1],
+        data=data,
+        title="posterior functions" + (f" ({method})" if method else ""),
+    )
     return fig
 
 
-def plot_class_probabilities(fxs: FunctionDraws | Sequence[FunctionDraws], *, bins: int = 40,
-                             labels: Sequence[str] | None = None) -> Figure:
+def plot_class_probabilities(
+    fxs: FunctionDraws | Sequence[FunctionDraws],
+    *,
+    bins: int = 40,
+    labels: Sequence[str] | None = None,
+) -> Figure:
     """Histograms of each draw's class probabilities, largest probability and entropy.
 
     Pass several :class:`FunctionDraws` (e.g. prior and posterior) to overlay them. Entropy
@@ -168,8 +208,11 @@ def plot_class_probabilities(fxs: FunctionDraws | Sequence[FunctionDraws], *, bi
     fxs = [fxs] if isinstance(fxs, FunctionDraws) else list(fxs)
     if not fxs or any(f.task != "classification" for f in fxs):
         raise DataError("plot_class_probabilities: needs classification function draws")
-    labels = list(labels) if labels is not None else [
-        f.kind + (f" ({f.meta['method']})" if f.meta.get("method") else "") for f in fxs]
+    labels = (
+        list(labels)
+        if labels is not None
+        else [f.kind + (f" ({f.meta['method']})" if f.meta.get("method") else "") for f in fxs]
+    )
     fig, axes = _new(3, width=4.2)
     edges = np.linspace(0, 1, bins + 1)
     for f, lab in zip(fxs, labels, strict=True):
@@ -177,13 +220,18 @@ def plot_class_probabilities(fxs: FunctionDraws | Sequence[FunctionDraws], *, bi
         k = p.shape[-1]
         ent = _np(f.entropy()).reshape(-1) / math.log(k)
         color = COLORS.get(f.kind)
-        kw = dict(bins=edges, density=True, histtype="stepfilled", alpha=0.45, color=color,
-                  label=lab)
+        kw = dict(
+            bins=edges, density=True, histtype="stepfilled", alpha=0.45, color=color, label=lab
+        )
         axes[0].hist(p.reshape(-1), **kw)
         axes[1].hist(p.max(-1).reshape(-1), **kw)
         axes[2].hist(ent, **kw)
-        axes[2].axvline(float(_np(f.predictive_entropy()).mean()) / math.log(k), color=color or "k",
-                        linestyle="--", linewidth=1)
+        axes[2].axvline(
+            float(_np(f.predictive_entropy()).mean()) / math.log(k),
+            color=color or "k",
+            linestyle="--",
+            linewidth=1,
+        )
     axes[0].set_xlabel("class probability (every class, draw, input)")
     axes[1].set_xlabel("largest class probability per draw")
     axes[2].set_xlabel("entropy per draw / log(classes)\n(dashed: entropy of the mean)")
@@ -193,8 +241,9 @@ def plot_class_probabilities(fxs: FunctionDraws | Sequence[FunctionDraws], *, bi
     return fig
 
 
-def plot_output_correlations(corr_same, corr_diff, *, ax=None, bins: int = 30,
-                             title: str | None = None) -> Figure:
+def plot_output_correlations(
+    corr_same, corr_diff, *, ax=None, bins: int = 30, title: str | None = None
+) -> Figure:
     """Histograms of output correlations for same-class and different-class input pairs.
 
     Examples
@@ -210,8 +259,13 @@ def plot_output_correlations(corr_same, corr_diff, *, ax=None, bins: int = 30,
     pad = 0.02 * (hi - lo) if hi > lo else 0.01
     edges = np.linspace(lo - pad, min(hi + pad, 1.0 + 1e-9), bins + 1)
     a.hist(s, bins=edges, alpha=0.55, color="tab:green", label=f"same class (mean {s.mean():.2f})")
-    a.hist(d, bins=edges, alpha=0.55, color="tab:purple",
-           label=f"different class (mean {d.mean():.2f})")
+    a.hist(
+        d,
+        bins=edges,
+        alpha=0.55,
+        color="tab:purple",
+        label=f"different class (mean {d.mean():.2f})",
+    )
     a.set_xlabel("prior correlation of outputs")
     a.set_ylabel("pairs")
     a.set_title(title or "correlation of f between pairs of inputs")
@@ -219,8 +273,9 @@ def plot_output_correlations(corr_same, corr_diff, *, ax=None, bins: int = 30,
     return fig
 
 
-def plot_correlation_matrix(fx: FunctionDraws, *, order=None, output: int | None = None,
-                            ax=None) -> Figure:
+def plot_correlation_matrix(
+    fx: FunctionDraws, *, order=None, output: int | None = None, ax=None
+) -> Figure:
     """Heatmap of the correlation over draws of ``f`` between every pair of inputs.
 
     ``order`` (e.g. ``np.argsort(labels)``) groups inputs so class blocks show.
@@ -254,14 +309,17 @@ def plot_scale_sweep(sweep: PriorScaleSweep, *, bins: int = 30) -> Figure:
     if has_pairs:
         for i, a in enumerate(alphas):
             ax = fig.add_subplot(grid[0, i])
-            plot_output_correlations(sweep.corr_same[a], sweep.corr_diff[a], ax=ax, bins=bins,
-                                     title=f"alpha = {a:g}")
+            plot_output_correlations(
+                sweep.corr_same[a], sweep.corr_diff[a], ax=ax, bins=bins, title=f"alpha = {a:g}"
+            )
     half = max(ncols // 2, 1)
     ax1 = fig.add_subplot(grid[nrows - 1, :half])
     ax2 = fig.add_subplot(grid[nrows - 1, half:])
-    series = [("corr_same", "same class", "tab:green"),
-              ("corr_diff", "different class", "tab:purple"),
-              ("corr", "given pairs", "tab:orange")]
+    series = [
+        ("corr_same", "same class", "tab:green"),
+        ("corr_diff", "different class", "tab:purple"),
+        ("corr", "given pairs", "tab:orange"),
+    ]
     for name, label, color in series:
         d = getattr(sweep, name)
         if not d:
@@ -314,8 +372,14 @@ def _is_1d(post, x: torch.Tensor) -> bool:
 
 
 def function_space_figures(
-    posts_or_post, x, *, y=None, num_samples: int = 300, seed: int = 0,
-    grid_points: int = 200, num_pairs: int = 200,
+    posts_or_post,
+    x,
+    *,
+    y=None,
+    num_samples: int = 300,
+    seed: int = 0,
+    grid_points: int = 200,
+    num_pairs: int = 200,
 ) -> list[tuple[str, Figure]]:
     """The function-space figures of one or several fits, as ``(title, Figure)`` pairs.
 
@@ -362,18 +426,30 @@ def function_space_figures(
             grid = _grid_1d(xt, post, grid_points)
             pf = prior_at(post, grid, "grid")
             qf = posterior_functions(post, grid, num_samples, seed=seed)
-            out.append((f"Functions: prior vs posterior ({name})",
-                        plot_prior_posterior(pf, qf, data=post.data)))
+            out.append(
+                (
+                    f"Functions: prior vs posterior ({name})",
+                    plot_prior_posterior(pf, qf, data=post.data),
+                )
+            )
         elif post.task == "regression":
             pf = prior_at(post, xt, "x")
             qf = posterior_functions(post, xt, num_samples, seed=seed)
-            out.append((f"Function spread at the inputs: prior vs posterior ({name})",
-                        _plot_spread(pf, qf)))
+            out.append(
+                (
+                    f"Function spread at the inputs: prior vs posterior ({name})",
+                    _plot_spread(pf, qf),
+                )
+            )
         else:
             pf = prior_at(post, xt, "x")
             qf = posterior_functions(post, xt, num_samples, seed=seed)
-            out.append((f"Class probabilities and entropy: prior vs posterior ({name})",
-                        plot_class_probabilities([pf, qf])))
+            out.append(
+                (
+                    f"Class probabilities and entropy: prior vs posterior ({name})",
+                    plot_class_probabilities([pf, qf]),
+                )
+            )
             if y is not None and id(post.model) not in done_corr:
                 done_corr.add(id(post.model))
                 try:
@@ -381,9 +457,14 @@ def function_space_figures(
                 except DataError as e:
                     log.info("no correlation figure: %s", e)
                     continue
-                out.append((f"Prior correlation of outputs, same vs different class ({name})",
-                            plot_output_correlations(_np(pf.correlation(same)),
-                                                     _np(pf.correlation(diff)))))
+                out.append(
+                    (
+                        f"Prior correlation of outputs, same vs different class ({name})",
+                        plot_output_correlations(
+                            _np(pf.correlation(same)), _np(pf.correlation(diff))
+                        ),
+                    )
+                )
     return out
 
 

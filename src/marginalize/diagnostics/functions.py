@@ -49,8 +49,14 @@ from marginalize.inference.problem import observation_dist
 from marginalize.models.base import BNN
 
 __all__ = [
-    "FunctionDraws", "prior_functions", "posterior_functions", "sample_prior",
-    "output_correlation", "class_pairs", "prior_scale_sweep", "PriorScaleSweep",
+    "FunctionDraws",
+    "prior_functions",
+    "posterior_functions",
+    "sample_prior",
+    "output_correlation",
+    "class_pairs",
+    "prior_scale_sweep",
+    "PriorScaleSweep",
     "function_space_figures",
 ]
 
@@ -171,8 +177,12 @@ class FunctionDraws:
         import xarray as xr
 
         c, s, n, k = self.f.shape
-        coords: dict[str, Any] = {"chain": np.arange(c), "draw": np.arange(s),
-                                  "obs_id": np.arange(n), "output": np.arange(k)}
+        coords: dict[str, Any] = {
+            "chain": np.arange(c),
+            "draw": np.arange(s),
+            "obs_id": np.arange(n),
+            "output": np.arange(k),
+        }
         data = {"f": (("chain", "draw", "obs_id", "output"), _np(self.f))}
         if self.task == "classification":
             p = self.probs()
@@ -181,8 +191,12 @@ class FunctionDraws:
         xs = self.x.reshape(n, -1)
         if xs.shape[1] == 1:
             coords["x"] = ("obs_id", _np(xs[:, 0]))
-        attrs = {"kind": self.kind, "task": self.task, "link": self.link,
-                 **{k: v for k, v in self.meta.items() if isinstance(v, (str, int, float))}}
+        attrs = {
+            "kind": self.kind,
+            "task": self.task,
+            "link": self.link,
+            **{k: v for k, v in self.meta.items() if isinstance(v, (str, int, float))},
+        }
         return xr.Dataset(data, coords=coords, attrs=attrs)
 
     def to_arviz(self, idata=None):
@@ -198,8 +212,7 @@ class FunctionDraws:
         return idata
 
     def __repr__(self) -> str:
-        return (f"FunctionDraws(kind={self.kind!r}, task={self.task!r}, "
-                f"shape={tuple(self.f.shape)})")
+        return f"FunctionDraws(kind={self.kind!r}, task={self.task!r}, shape={tuple(self.f.shape)})"
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -323,14 +336,23 @@ def _f_from_trace(tr) -> torch.Tensor:
         if "y" not in tr.nodes:
             raise ModelError("the model has no site 'f' (pyro.deterministic) and no site 'y'")
         base = observation_dist(tr.nodes["y"]["fn"])
-        v = base.logits if isinstance(base, (torch.distributions.Categorical,
-                                             torch.distributions.Bernoulli)) else base.mean
+        v = (
+            base.logits
+            if isinstance(base, (torch.distributions.Categorical, torch.distributions.Bernoulli))
+            else base.mean
+        )
     v = v.detach()
     return v.unsqueeze(-1) if v.dim() == 1 else v
 
 
-def _plain_loop(model: Callable, x: torch.Tensor, draws: Sequence[dict] | int, seed: int,
-                progress: bool, desc: str) -> tuple[torch.Tensor, str]:
+def _plain_loop(
+    model: Callable,
+    x: torch.Tensor,
+    draws: Sequence[dict] | int,
+    seed: int,
+    progress: bool,
+    desc: str,
+) -> tuple[torch.Tensor, str]:
     """Run a plain model once per draw (conditioned on ``draws``, or from its prior)."""
     n = draws if isinstance(draws, int) else len(draws)
     name = getattr(model, "__name__", type(model).__name__)
@@ -343,8 +365,9 @@ def _plain_loop(model: Callable, x: torch.Tensor, draws: Sequence[dict] | int, s
             try:
                 tr = poutine.trace(m).get_trace(x, None)
             except Exception as e:
-                raise ModelError(f"the model raised {type(e).__name__} when called as "
-                                 f"model(x, None): {e}") from e
+                raise ModelError(
+                    f"the model raised {type(e).__name__} when called as model(x, None): {e}"
+                ) from e
             if i == 0 and "y" in tr.nodes:
                 link = _link(tr.nodes["y"]["fn"])
             out.append(_f_from_trace(tr))
@@ -363,8 +386,15 @@ def _check_inputs(model, x, *, device=None, dtype=None) -> torch.Tensor:
 
 
 @torch.no_grad()
-def prior_functions(model: Callable, x, num_samples: int = 1000, seed: int = 0,
-                    chunk_size: int | None = None, *, progress: bool = False) -> FunctionDraws:
+def prior_functions(
+    model: Callable,
+    x,
+    num_samples: int = 1000,
+    seed: int = 0,
+    chunk_size: int | None = None,
+    *,
+    progress: bool = False,
+) -> FunctionDraws:
     """Draws of the network output ``f(x)`` with weights from the model's prior.
 
     Parameters
@@ -413,8 +443,9 @@ def prior_functions(model: Callable, x, num_samples: int = 1000, seed: int = 0,
         params = sample_prior(model, min(size, s - start), x, gen)
         f = _write(f, start, model.forward(params, x), s)
     link = _link(model)
-    return FunctionDraws(f.unsqueeze(0), x, "prior", _task(link), link,
-                         meta={"model": repr(model), "seed": seed})
+    return FunctionDraws(
+        f.unsqueeze(0), x, "prior", _task(link), link, meta={"model": repr(model), "seed": seed}
+    )
 
 
 def _write(f: torch.Tensor | None, start: int, chunk: torch.Tensor, total: int) -> torch.Tensor:
@@ -426,8 +457,15 @@ def _write(f: torch.Tensor | None, start: int, chunk: torch.Tensor, total: int) 
 
 
 @torch.no_grad()
-def posterior_functions(post, x, num_samples: int | None = None, seed: int | None = None,
-                        chunk_size: int | None = None, *, progress: bool = False) -> FunctionDraws:
+def posterior_functions(
+    post,
+    x,
+    num_samples: int | None = None,
+    seed: int | None = None,
+    chunk_size: int | None = None,
+    *,
+    progress: bool = False,
+) -> FunctionDraws:
     """Draws of the network output ``f(x)`` under a fitted posterior.
 
     Parameters
@@ -472,13 +510,23 @@ def posterior_functions(post, x, num_samples: int | None = None, seed: int | Non
     else:
         size = _chunk(model, x, chunk_size, post.layout.size)
         f = None
-        for start in tqdm(range(0, flat.shape[0], size), desc="posterior functions",
-                          disable=not progress, leave=False):
+        for start in tqdm(
+            range(0, flat.shape[0], size),
+            desc="posterior functions",
+            disable=not progress,
+            leave=False,
+        ):
             chunk = model.forward(post.layout.unpack(flat[start : start + size]), x)
             f = _write(f, start, chunk, flat.shape[0])
         link = _link(model)
-    return FunctionDraws(f.reshape(c, d, *f.shape[1:]), x, "posterior", _task(link), link,
-                         meta={"method": post.method})
+    return FunctionDraws(
+        f.reshape(c, d, *f.shape[1:]),
+        x,
+        "posterior",
+        _task(link),
+        link,
+        meta={"method": post.method},
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -533,9 +581,18 @@ class PriorScaleSweep:
 
 
 def prior_scale_sweep(
-    build_model: Callable[[float], Callable], x, alphas: Sequence[float],
-    num_samples: int = 500, *, y=None, pairs=None, num_pairs: int = 300, seed: int = 0,
-    chunk_size: int | None = None, keep_draws: bool = False, progress: bool = False,
+    build_model: Callable[[float], Callable],
+    x,
+    alphas: Sequence[float],
+    num_samples: int = 500,
+    *,
+    y=None,
+    pairs=None,
+    num_pairs: int = 300,
+    seed: int = 0,
+    chunk_size: int | None = None,
+    keep_draws: bool = False,
+    progress: bool = False,
 ) -> PriorScaleSweep:
     """Summarize the prior over functions for several prior scales in one call.
 
@@ -625,8 +682,9 @@ def _as_posts(posts_or_post) -> Mapping[str, Any]:
                 name, k = f"{p.method} ({k})", k + 1
             items[name] = p
     else:
-        raise DataError("expected a Posterior, a list or a dict of them, got "
-                        f"{type(posts_or_post).__name__}")
+        raise DataError(
+            f"expected a Posterior, a list or a dict of them, got {type(posts_or_post).__name__}"
+        )
     for name, p in items.items():
         if not isinstance(p, Posterior):
             raise DataError(f"{name!r}: expected a Posterior, got {type(p).__name__}")

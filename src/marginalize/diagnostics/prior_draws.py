@@ -72,8 +72,9 @@ def _batchable(model: BNN) -> bool:
     return priors_ok and lik_ok
 
 
-def sample_prior(model: BNN, num_samples: int, like: torch.Tensor,
-                 generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+def sample_prior(
+    model: BNN, num_samples: int, like: torch.Tensor, generator: torch.Generator | None = None
+) -> dict[str, torch.Tensor]:
     """Draw every latent site of a builder model from its prior, all draws at once.
 
     Parameters
@@ -124,8 +125,12 @@ def sample_prior(model: BNN, num_samples: int, like: torch.Tensor,
 
 
 def _sample_prior_loop(model, s, like, generator):
-    log.info("sample_prior: %s has a prior or likelihood without a batched sampler; "
-             "drawing %d Pyro traces", model, s)
+    log.info(
+        "sample_prior: %s has a prior or likelihood without a batched sampler; "
+        "drawing %d Pyro traces",
+        model,
+        s,
+    )
     seed = int(torch.randint(2**31 - 1, (), generator=generator, device=like.device))
     draws: dict[str, list[torch.Tensor]] = {}
     with _forked_rng(like.device):

@@ -236,8 +236,9 @@ def _new_adapt(num_warmup: int, step_size: float, inverse_mass: torch.Tensor) ->
         "s_bar": 0.0,
         "counter": 0,
         "mass_n": 0,
-        "mass_mean": torch.zeros(inverse_mass.shape[0], dtype=inverse_mass.dtype,
-                                 device=inverse_mass.device),
+        "mass_mean": torch.zeros(
+            inverse_mass.shape[0], dtype=inverse_mass.dtype, device=inverse_mass.device
+        ),
         "mass_m2": torch.zeros_like(inverse_mass),
     }
 
@@ -270,8 +271,9 @@ class _Kernel:
         """Install a new metric; raises (leaving the old one) if it is not positive definite."""
         if inverse_mass.ndim == 2:
             chol = torch.linalg.cholesky(inverse_mass)  # M^{-1} = L L^T
-            eye = torch.eye(inverse_mass.shape[0], dtype=inverse_mass.dtype,
-                            device=inverse_mass.device)
+            eye = torch.eye(
+                inverse_mass.shape[0], dtype=inverse_mass.dtype, device=inverse_mass.device
+            )
             # p = L^{-T} e has covariance (L L^T)^{-1} = M
             mom = torch.linalg.solve_triangular(chol.mT, eye, upper=True)
         else:
@@ -389,12 +391,19 @@ class _Kernel:
         the last point of ``a``.  All the dot products come from one 4x4
         Gram matrix.
         """
-        gram = torch.mm(torch.stack((va_beg, vb_end, vb_beg, va_end)),
-                        torch.stack((rho_a, rho_b, pb_beg, pa_end)).mT).tolist()
+        gram = torch.mm(
+            torch.stack((va_beg, vb_end, vb_beg, va_end)),
+            torch.stack((rho_a, rho_b, pb_beg, pa_end)).mT,
+        ).tolist()
         g0, g1, g2, g3 = gram
-        return (g0[0] + g0[1] > 0.0 and g1[0] + g1[1] > 0.0  # merged tree
-                and g0[0] + g0[2] > 0.0 and g2[0] + g2[2] > 0.0  # a + first of b
-                and g3[1] + g3[3] > 0.0 and g1[1] + g1[3] > 0.0)  # last of a + b
+        return (
+            g0[0] + g0[1] > 0.0
+            and g1[0] + g1[1] > 0.0  # merged tree
+            and g0[0] + g0[2] > 0.0
+            and g2[0] + g2[2] > 0.0  # a + first of b
+            and g3[1] + g3[3] > 0.0
+            and g1[1] + g1[3] > 0.0
+        )  # last of a + b
 
     def _build(self, z, p, v, g, depth: int, eps: float, h0: float):
         """Build a subtree of ``2**depth`` leapfrog steps outward from ``(z, p)``.
@@ -674,8 +683,11 @@ def run_sampler(
     fresh = state is None
     if fresh:
         z = z0.detach().clone()
-        inv_mass = (torch.eye(dim, dtype=dtype, device=device) if adapt_mass == "dense"
-                    else torch.ones(dim, dtype=dtype, device=device))
+        inv_mass = (
+            torch.eye(dim, dtype=dtype, device=device)
+            if adapt_mass == "dense"
+            else torch.ones(dim, dtype=dtype, device=device)
+        )
         start = 0
         adapt: dict = {}
     else:
@@ -689,14 +701,16 @@ def run_sampler(
         if z.shape != (dim,) or inv_mass.shape[0] != dim:
             raise ValueError("state does not match the dimension of z0")
         start = int(state.iteration)
-        adapt = {k: (v.detach().to(device=device, dtype=dtype)
-                     if isinstance(v, torch.Tensor) else v)
-                 for k, v in state.adapt.items()}
+        adapt = {
+            k: (v.detach().to(device=device, dtype=dtype) if isinstance(v, torch.Tensor) else v)
+            for k, v in state.adapt.items()
+        }
         if start < num_warmup:
             if adapt.get("num_warmup", num_warmup) != num_warmup:
                 raise ValueError(
                     f"state was warmed up with num_warmup={adapt['num_warmup']}, "
-                    f"cannot resume warmup with num_warmup={num_warmup}")
+                    f"cannot resume warmup with num_warmup={num_warmup}"
+                )
             kind = "dense" if inv_mass.ndim == 2 else "diag"
             if adapt_mass is not None and adapt_mass != kind:
                 raise ValueError(f"state has a {kind} metric, adapt_mass={adapt_mass!r}")
@@ -729,18 +743,23 @@ def run_sampler(
         # resumed mid-warmup with a shorter schedule: end the warmup now
         if adapt_step_size and adapt.get("counter", 0) > 0:
             eps = math.exp(adapt["log_step_size_avg"])
-        logger.warning("warmup cut short at iteration %d (was planned for %d); step size %g",
-                       start, adapt["num_warmup"], eps)
+        logger.warning(
+            "warmup cut short at iteration %d (was planned for %d); step size %g",
+            start,
+            adapt["num_warmup"],
+            eps,
+        )
     adapt["num_warmup"] = int(num_warmup)
 
     use_hmc = algorithm == "hmc"
     traj_len = DEFAULT_TRAJECTORY_LENGTH if trajectory_length is None else float(trajectory_length)
-    max_hmc_steps = 2 ** max_tree_depth
+    max_hmc_steps = 2**max_tree_depth
     adapt_metric = adapt_mass is not None and inv_mass.ndim == (2 if adapt_mass == "dense" else 1)
     windows = _mass_windows(num_warmup) if adapt_metric else []
     if adapt_metric and not windows and start < num_warmup:
-        logger.info("num_warmup=%d < %d: adapting the step size only", num_warmup,
-                    MIN_WARMUP_FOR_MASS)
+        logger.info(
+            "num_warmup=%d < %d: adapting the step size only", num_warmup, MIN_WARMUP_FOR_MASS
+        )
     win_lo = windows[0][0] if windows else 0
     win_hi = windows[-1][1] if windows else 0
     win_ends = {stop - 1 for _, stop in windows}
@@ -751,12 +770,22 @@ def run_sampler(
     draws = torch.empty((n_keep, dim), dtype=dtype, device=device)
     stat_lists: dict[str, list] = {k: [] for k in _STAT_DTYPES}
     s_lp, s_div, s_acc = stat_lists["lp"], stat_lists["diverging"], stat_lists["acceptance_rate"]
-    s_eps, s_depth, s_n, s_en = (stat_lists["step_size"], stat_lists["tree_depth"],
-                                 stat_lists["n_steps"], stat_lists["energy"])
+    s_eps, s_depth, s_n, s_en = (
+        stat_lists["step_size"],
+        stat_lists["tree_depth"],
+        stat_lists["n_steps"],
+        stat_lists["energy"],
+    )
 
     def snapshot(iteration: int) -> NUTSState:
-        return NUTSState(z=z, step_size=eps, inverse_mass=kernel.minv, iteration=iteration,
-                         adapt=dict(adapt), rng_state=generator.get_state())
+        return NUTSState(
+            z=z,
+            step_size=eps,
+            inverse_mass=kernel.minv,
+            iteration=iteration,
+            adapt=dict(adapt),
+            rng_state=generator.get_state(),
+        )
 
     commit = (snapshot(start), 0)  # (state, number of kept draws) — one atomic store
     k = 0
@@ -764,8 +793,11 @@ def run_sampler(
         for i in range(start, total):
             eps_i = eps
             if use_hmc:
-                n_hmc = num_steps if num_steps is not None else max(
-                    1, min(max_hmc_steps, math.ceil(traj_len / eps_i)))
+                n_hmc = (
+                    num_steps
+                    if num_steps is not None
+                    else max(1, min(max_hmc_steps, math.ceil(traj_len / eps_i)))
+                )
                 z, u, g, h, depth, acc, n_lf, div = kernel.hmc(z, u, g, eps_i, n_hmc)
             else:
                 z, u, g, h, depth, acc, n_lf, div = kernel.nuts(z, u, g, eps_i)
@@ -816,17 +848,27 @@ def run_sampler(
                 s_en.append(h)
                 k += 1
                 if callback is not None:
-                    info = {"lp": lp, "diverging": div, "acceptance_rate": acc,
-                            "step_size": eps_i, "tree_depth": depth, "n_steps": n_lf,
-                            "energy": h}
+                    info = {
+                        "lp": lp,
+                        "diverging": div,
+                        "acceptance_rate": acc,
+                        "step_size": eps_i,
+                        "tree_depth": depth,
+                        "n_steps": n_lf,
+                        "energy": h,
+                    }
             commit = (snapshot(i + 1), k)
             if callback is not None:
                 callback(i, commit[0], info)
     except KeyboardInterrupt as exc:
         st, n = commit
         logger.info("sampling interrupted after iteration %d", st.iteration)
-        raise SamplingInterrupted(st, draws[:n].clone(), _stats_to_tensors(stat_lists, n),
-                                  f"sampling interrupted after iteration {st.iteration}") from exc
+        raise SamplingInterrupted(
+            st,
+            draws[:n].clone(),
+            _stats_to_tensors(stat_lists, n),
+            f"sampling interrupted after iteration {st.iteration}",
+        ) from exc
 
     return draws[:k], _stats_to_tensors(stat_lists, k), commit[0]
 

@@ -11,8 +11,16 @@ import math
 
 import torch
 
-__all__ = ["Approximation", "Delta", "Gaussian", "Dropout", "Empirical", "Mixture", "Kronecker",
-           "from_state"]
+__all__ = [
+    "Approximation",
+    "Delta",
+    "Gaussian",
+    "Dropout",
+    "Empirical",
+    "Mixture",
+    "Kronecker",
+    "from_state",
+]
 
 
 def _normal(shape, like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -134,13 +142,22 @@ class Gaussian(Approximation):
         if self.scale_tril is not None:
             return td.MultivariateNormal(self.loc, scale_tril=self.scale_tril).log_prob(z)
         if self.cov_factor is not None:
-            return td.LowRankMultivariateNormal(self.loc, self.cov_factor, self.scale**2).log_prob(z)
+            return td.LowRankMultivariateNormal(self.loc, self.cov_factor, self.scale**2).log_prob(
+                z
+            )
         return td.Normal(self.loc, self.scale).log_prob(z).sum(-1)
 
     def tensors(self):
-        return {k: v for k, v in (("loc", self.loc), ("scale", self.scale),
-                                   ("cov_factor", self.cov_factor), ("scale_tril", self.scale_tril))
-                if v is not None}
+        return {
+            k: v
+            for k, v in (
+                ("loc", self.loc),
+                ("scale", self.scale),
+                ("cov_factor", self.cov_factor),
+                ("scale_tril", self.scale_tril),
+            )
+            if v is not None
+        }
 
 
 class Dropout(Approximation):
@@ -163,8 +180,15 @@ class Dropout(Approximation):
         return self.loc.shape[-1]
 
     def masks(self, num_draws, generator=None) -> torch.Tensor:
-        keep = torch.rand((num_draws, self.num_units), generator=generator, dtype=self.loc.dtype,
-                          device=self.loc.device) >= self.p
+        keep = (
+            torch.rand(
+                (num_draws, self.num_units),
+                generator=generator,
+                dtype=self.loc.dtype,
+                device=self.loc.device,
+            )
+            >= self.p
+        )
         return keep.to(self.loc.dtype) / (1.0 - self.p)
 
     def sample(self, num_draws, generator=None):
@@ -235,7 +259,10 @@ class Mixture(Approximation):
         return {"components": [c.tensors() for c in self.components]}
 
     def extra(self):
-        return {"kinds": [c.kind for c in self.components], "extras": [c.extra() for c in self.components]}
+        return {
+            "kinds": [c.kind for c in self.components],
+            "extras": [c.extra() for c in self.components],
+        }
 
 
 class Kronecker(Approximation):
@@ -278,7 +305,9 @@ class Kronecker(Approximation):
         v = self.scale**2
         for b in self.blocks:
             # diag of (qa (x) qg) diag(s^2) (qa (x) qg)^T = (qa^2) (s^2) (qg^2)^T, row-major
-            v = v.index_add(0, b["idx"], ((b["qa"] ** 2) @ b["s"] ** 2 @ (b["qg"] ** 2).T).reshape(-1))
+            v = v.index_add(
+                0, b["idx"], ((b["qa"] ** 2) @ b["s"] ** 2 @ (b["qg"] ** 2).T).reshape(-1)
+            )
         return v
 
     def tensors(self):
@@ -295,8 +324,10 @@ def from_state(state: dict) -> Approximation:
         raise ValueError(f"unknown approximation kind {kind!r} in saved posterior")
     t, extra = state["tensors"], state.get("extra", {})
     if kind == "mixture":
-        comps = [from_state({"kind": k, "tensors": ct, "extra": ex})
-                 for k, ct, ex in zip(extra["kinds"], t["components"], extra["extras"])]
+        comps = [
+            from_state({"kind": k, "tensors": ct, "extra": ex})
+            for k, ct, ex in zip(extra["kinds"], t["components"], extra["extras"], strict=True)
+        ]
         return Mixture(comps)
     if kind == "dropout":
         return Dropout(t["loc"], t["unit"], extra["num_units"], extra["p"])

@@ -43,7 +43,9 @@ def dropout_axes(model, layout: Layout) -> dict[str, int]:
 class DropoutGuide:
     """Delta guide with Bernoulli masks on input units; params ``mcd.{site}``."""
 
-    def __init__(self, layout: Layout, axes: dict[str, int], p: float, init: dict[str, torch.Tensor]):
+    def __init__(
+        self, layout: Layout, axes: dict[str, int], p: float, init: dict[str, torch.Tensor]
+    ):
         self.layout = layout
         self.axes = axes
         self.p = float(p)
@@ -65,8 +67,11 @@ class DropoutGuide:
                 )
                 value = loc * m.reshape(self._mask_shape(s.shape, axis)) / (1.0 - self.p)
             else:
-                value = pyro.param(f"mcd.{s.name}", lambda s=s: self.init[s.name].detach().clone(),
-                                   constraint=s.transform.codomain)
+                value = pyro.param(
+                    f"mcd.{s.name}",
+                    lambda s=s: self.init[s.name].detach().clone(),
+                    constraint=s.transform.codomain,
+                )
             pyro.sample(s.name, dist.Delta(value, event_dim=len(s.shape)))
 
     def approximation(self) -> Dropout:
@@ -80,7 +85,9 @@ class DropoutGuide:
             if s.name not in self.axes:
                 continue
             axis = self.axes[s.name]
-            idx = torch.arange(s.shape[axis], device=loc.device).reshape(self._mask_shape(s.shape, axis))
+            idx = torch.arange(s.shape[axis], device=loc.device).reshape(
+                self._mask_shape(s.shape, axis)
+            )
             unit[self.layout.slice(s.name)] = (idx.expand(s.shape) + offset).reshape(-1)
             offset += s.shape[axis]
         return Dropout(loc, unit, offset, self.p)

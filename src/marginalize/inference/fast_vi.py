@@ -252,8 +252,10 @@ def run_meanfield(problem, opts, seed: int, progress: bool) -> tuple[Gaussian, d
                             MAX_ROLLBACKS,
                         )
                     else:
-                        msg = (f"{desc}: {what} at step {step}; "
-                               "keeping the parameters of the last good step")
+                        msg = (
+                            f"{desc}: {what} at step {step}; "
+                            "keeping the parameters of the last good step"
+                        )
                         if rollback:
                             msg += f" (gave up after {MAX_ROLLBACKS} rollbacks)"
                         if opts.on_nan == "raise":

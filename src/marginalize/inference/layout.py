@@ -16,9 +16,14 @@ from pyro.poutine.util import site_is_subsample
 from torch.distributions import biject_to
 from torch.distributions.transforms import Transform
 
+
 def _is_latent(node) -> bool:
-    return (node["type"] == "sample" and not node["is_observed"] and not site_is_subsample(node)
-            and not node["infer"].get("is_auxiliary"))
+    return (
+        node["type"] == "sample"
+        and not node["is_observed"]
+        and not site_is_subsample(node)
+        and not node["infer"].get("is_auxiliary")
+    )
 
 
 __all__ = ["SiteInfo", "Layout"]
@@ -94,14 +99,23 @@ class Layout:
 
     def unpack_unconstrained(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
         batch = z.shape[:-1]
-        return {s.name: z[..., s.offset : s.offset + s.size].reshape(tuple(batch) + s.unconstrained_shape)
-                for s in self.sites}
+        return {
+            s.name: z[..., s.offset : s.offset + s.size].reshape(
+                tuple(batch) + s.unconstrained_shape
+            )
+            for s in self.sites
+        }
 
     def unpack(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
         """Constrained site values with ``z``'s leading dims."""
-        return {s.name: s.transform(u) for s, u in zip(self.sites, self.unpack_unconstrained(z).values())}
+        return {
+            s.name: s.transform(u)
+            for s, u in zip(self.sites, self.unpack_unconstrained(z).values(), strict=True)
+        }
 
-    def pack_unconstrained(self, values: Mapping[str, torch.Tensor], batch_ndim: int = 0) -> torch.Tensor:
+    def pack_unconstrained(
+        self, values: Mapping[str, torch.Tensor], batch_ndim: int = 0
+    ) -> torch.Tensor:
         parts = []
         for s in self.sites:
             v = values[s.name]
@@ -115,10 +129,13 @@ class Layout:
         )
 
     def unpack_with_log_det(self, z: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """Constrained values and ``log|d constrained / d z|`` summed over sites, shape ``z.shape[:-1]``."""
+        """Constrained values and ``log|d constrained / d z|`` summed over sites.
+
+        The log-determinant has shape ``z.shape[:-1]``.
+        """
         out: dict[str, torch.Tensor] = {}
         ladj = z.new_zeros(z.shape[:-1])
-        for s, u in zip(self.sites, self.unpack_unconstrained(z).values()):
+        for s, u in zip(self.sites, self.unpack_unconstrained(z).values(), strict=True):
             x = s.transform(u)
             out[s.name] = x
             if not _is_identity(s.transform):
@@ -134,5 +151,12 @@ class Layout:
         return [s for s in self.sites if _is_identity(s.transform)]
 
     def describe(self) -> list[dict]:
-        return [{"name": s.name, "shape": list(s.shape), "unconstrained_shape": list(s.unconstrained_shape),
-                 "dims": list(s.dims)} for s in self.sites]
+        return [
+            {
+                "name": s.name,
+                "shape": list(s.shape),
+                "unconstrained_shape": list(s.unconstrained_shape),
+                "dims": list(s.dims),
+            }
+            for s in self.sites
+        ]

@@ -59,9 +59,13 @@ class MCMCOptions:
         if nw is not None and (isinstance(nw, bool) or not isinstance(nw, int) or nw < 0):
             raise OptionError(f"num_warmup: expected an integer >= 0 or None, got {nw!r}")
         if not (_is_real(self.target_accept) and 0 < self.target_accept < 1):
-            raise OptionError(f"target_accept: expected a number in (0, 1), got {self.target_accept!r}")
+            raise OptionError(
+                f"target_accept: expected a number in (0, 1), got {self.target_accept!r}"
+            )
         if self.adapt_mass not in ("diag", "dense", None):
-            raise OptionError(f"adapt_mass: expected 'diag', 'dense' or None, got {self.adapt_mass!r}")
+            raise OptionError(
+                f"adapt_mass: expected 'diag', 'dense' or None, got {self.adapt_mass!r}"
+            )
         if self.init not in ("prior", "uniform", "map"):
             raise OptionError(f"init: expected 'prior', 'uniform' or 'map', got {self.init!r}")
         eps, radius = self.step_size, self.init_radius
@@ -82,15 +86,18 @@ def initial_point(problem: Problem, opts: MCMCOptions, seed: int) -> torch.Tenso
     last = None
     for attempt in range(20):
         if opts.init == "uniform":
-            z = (torch.rand(problem.layout.size, generator=g, dtype=torch.float64) * 2 - 1) * opts.init_radius
+            z = (
+                torch.rand(problem.layout.size, generator=g, dtype=torch.float64) * 2 - 1
+            ) * opts.init_radius
             z = z.to(problem.device, problem.dtype)
         elif opts.init == "map":
             from marginalize.inference.registry import isolated
             from marginalize.inference.svi import MAP
 
             with isolated(seed + attempt):
-                approx, info = MAP().run(problem, MAP.Options(steps=opts.init_steps),
-                                         seed + attempt, False)
+                approx, info = MAP().run(
+                    problem, MAP.Options(steps=opts.init_steps), seed + attempt, False
+                )
             if info.get("stopped", {}).get("reason") == "interrupted":
                 raise KeyboardInterrupt("interrupted while finding the initial point (init='map')")
             z = approx.loc.clone()
@@ -102,7 +109,8 @@ def initial_point(problem: Problem, opts: MCMCOptions, seed: int) -> torch.Tenso
             return z
         last = float(u)
     raise ModelError(
-        f"could not find an initial point with finite log density in 20 tries (last potential {last}); "
+        "could not find an initial point with finite log density in 20 tries "
+        f"(last potential {last}); "
         "likely causes: data far outside the prior's range (standardize x and y), a likelihood "
         "that cannot produce the observed targets, or a too-wide init_radius"
     )
@@ -136,21 +144,35 @@ class _MCMC(Method):
                 continue
             rec = checkpoint.ChainRecorder(seg, num_warmup)
             g = torch.Generator(device=problem.device).manual_seed(chain_seed)
-            bar = tqdm(total=num_warmup + opts.num_samples, initial=rec.start,
-                       desc=f"{self.name} chain {chain + 1}", disable=not progress, leave=False)
+            bar = tqdm(
+                total=num_warmup + opts.num_samples,
+                initial=rec.start,
+                desc=f"{self.name} chain {chain + 1}",
+                disable=not progress,
+                leave=False,
+            )
 
             def callback(i, state, st, bar=bar, rec=rec):
                 bar.update(1)
                 if st is not None and i % 20 == 0:
-                    bar.set_postfix(step=f"{state.step_size:.3g}", depth=int(st.get("tree_depth", 0)))
+                    bar.set_postfix(
+                        step=f"{state.step_size:.3g}", depth=int(st.get("tree_depth", 0))
+                    )
                 rec.record(i, state, st)
 
             try:
                 d, s, state = run_sampler(
-                    problem.potential_and_grad, z0, num_warmup=num_warmup,
-                    num_samples=opts.num_samples, generator=g, algorithm=self.algorithm,
-                    target_accept=opts.target_accept, step_size=opts.step_size,
-                    adapt_mass=opts.adapt_mass, callback=callback, state=rec.resume_state,
+                    problem.potential_and_grad,
+                    z0,
+                    num_warmup=num_warmup,
+                    num_samples=opts.num_samples,
+                    generator=g,
+                    algorithm=self.algorithm,
+                    target_accept=opts.target_accept,
+                    step_size=opts.step_size,
+                    adapt_mass=opts.adapt_mass,
+                    callback=callback,
+                    state=rec.resume_state,
                     **self._sampler_kwargs(opts),
                 )
                 d, s = rec.join(d, s)
@@ -181,10 +203,19 @@ class _MCMC(Method):
         sample_stats = {k: torch.stack([s[k][:n] for s in stats]) for k in stats[0]}
         n_div = int(sample_stats["diverging"].sum()) if "diverging" in sample_stats else 0
         if n_div:
-            log.warning("%s: %d divergent transitions after warmup (of %d draws); the posterior "
-                        "estimate may be biased", self.name, n_div, n * len(draws))
-        info = {"sample_stats": sample_stats, "num_divergences": n_div, "num_warmup": num_warmup,
-                "final_states": [st.state_dict() for st in states if st is not None]}
+            log.warning(
+                "%s: %d divergent transitions after warmup (of %d draws); the posterior "
+                "estimate may be biased",
+                self.name,
+                n_div,
+                n * len(draws),
+            )
+        info = {
+            "sample_stats": sample_stats,
+            "num_divergences": n_div,
+            "num_warmup": num_warmup,
+            "final_states": [st.state_dict() for st in states if st is not None],
+        }
         if stopped:
             info["stopped"] = stopped
         return approx, info
@@ -205,9 +236,14 @@ class NUTS(_MCMC):
 
         def __post_init__(self):
             super().__post_init__()
-            if (isinstance(self.max_tree_depth, bool) or not isinstance(self.max_tree_depth, int)
-                    or not 1 <= self.max_tree_depth <= 20):
-                raise OptionError(f"max_tree_depth: expected an int in [1, 20], got {self.max_tree_depth!r}")
+            if (
+                isinstance(self.max_tree_depth, bool)
+                or not isinstance(self.max_tree_depth, int)
+                or not 1 <= self.max_tree_depth <= 20
+            ):
+                raise OptionError(
+                    f"max_tree_depth: expected an int in [1, 20], got {self.max_tree_depth!r}"
+                )
 
     def _sampler_kwargs(self, opts):
         return {"max_tree_depth": opts.max_tree_depth}
@@ -235,8 +271,10 @@ class HMC(_MCMC):
             if self.trajectory_length is not None and not (
                 _is_real(self.trajectory_length) and 0 < self.trajectory_length < math.inf
             ):
-                raise OptionError(f"trajectory_length: expected a finite number > 0 or None, "
-                                  f"got {self.trajectory_length!r}")
+                raise OptionError(
+                    f"trajectory_length: expected a finite number > 0 or None, "
+                    f"got {self.trajectory_length!r}"
+                )
 
     def _sampler_kwargs(self, opts):
         return {"num_steps": opts.num_steps, "trajectory_length": opts.trajectory_length}

@@ -73,7 +73,8 @@ class Prediction:
     draws: dict[str, torch.Tensor] | None = field(default=None, repr=False)
 
     def __repr__(self) -> str:
-        return f"Prediction(task={self.task!r}, shape={tuple(self.mean.shape)}, num_draws={self.num_draws})"
+        shape = tuple(self.mean.shape)
+        return f"Prediction(task={self.task!r}, shape={shape}, num_draws={self.num_draws})"
 
 
 def _class_probs(d) -> torch.Tensor:
@@ -83,7 +84,9 @@ def _class_probs(d) -> torch.Tensor:
         probs = torch.stack([1 - p, p], -1)
     else:
         probs = base.probs
-    batch = d.batch_shape + d.event_shape if isinstance(base, torch.distributions.Bernoulli) else None
+    batch = (
+        d.batch_shape + d.event_shape if isinstance(base, torch.distributions.Bernoulli) else None
+    )
     if batch is not None and probs.shape[:-1] != batch:
         probs = probs.expand(*batch, 2)
     return probs
@@ -144,9 +147,18 @@ class Posterior:
     """
 
     def __init__(
-        self, model: Callable, layout: Layout, approximation: Approximation, *, method: str,
-        task: str, options: dict | None = None, info: dict | None = None, seed: int | None = None,
-        data: tuple[torch.Tensor, torch.Tensor] | None = None, num_classes: int | None = None,
+        self,
+        model: Callable,
+        layout: Layout,
+        approximation: Approximation,
+        *,
+        method: str,
+        task: str,
+        options: dict | None = None,
+        info: dict | None = None,
+        seed: int | None = None,
+        data: tuple[torch.Tensor, torch.Tensor] | None = None,
+        num_classes: int | None = None,
     ):
         self.model = model
         self.layout = layout
@@ -182,7 +194,9 @@ class Posterior:
         num = self._default_num(num_samples)
         return self.approximation.sample(num, self._generator(seed))
 
-    def sample(self, num_samples: int | None = None, seed: int | None = None) -> dict[str, torch.Tensor]:
+    def sample(
+        self, num_samples: int | None = None, seed: int | None = None
+    ) -> dict[str, torch.Tensor]:
         """Constrained draws of every latent site, ``(chain, draw, *site_shape)``."""
         return self.layout.unpack(self.sample_flat(num_samples, seed))
 
@@ -200,7 +214,9 @@ class Posterior:
         width = 1
         if isinstance(self.model, BNN):
             for s in self.model.layer_specs():
-                width = max(width, s.weight_shape[-1], math.prod(s.weight_shape) // max(n_inputs, 1))
+                width = max(
+                    width, s.weight_shape[-1], math.prod(s.weight_shape) // max(n_inputs, 1)
+                )
         itemsize = torch.finfo(self.dtype).bits // 8
         # one activation tensor of about 1 MiB: it stays in cache, and on the CPU a larger one is
         # a fresh page-faulted allocation at every operation (measured in benchmarks/prediction.py)
@@ -225,8 +241,10 @@ class Posterior:
                 try:
                     tr = poutine.trace(poutine.condition(self.model, data=p)).get_trace(x, None)
                 except Exception as e:
-                    raise ModelError(f"the model raised {type(e).__name__} when called as model(x) "
-                                     f"with x of shape {tuple(x.shape)}: {e}") from e
+                    raise ModelError(
+                        f"the model raised {type(e).__name__} when called as model(x) "
+                        f"with x of shape {tuple(x.shape)}: {e}"
+                    ) from e
                 yield self._temper(tr.nodes["y"]["fn"])
 
     def _temper(self, d):
@@ -244,8 +262,11 @@ class Posterior:
         flat = z.reshape(c * s, -1)
         size = self._chunk_size(x.shape[0], chunk_size)
         if not isinstance(self.model, BNN) and flat.shape[0] > 1:
-            log.info("model %s is a plain function: predicting with a loop over %d draws",
-                     getattr(self.model, "__name__", self.model), flat.shape[0])
+            log.info(
+                "model %s is a plain function: predicting with a loop over %d draws",
+                getattr(self.model, "__name__", self.model),
+                flat.shape[0],
+            )
         for start in range(0, flat.shape[0], size):
             yield (c, s), self._dists(flat[start : start + size], x)
 
@@ -262,8 +283,13 @@ class Posterior:
 
     @torch.no_grad()
     def predict(
-        self, x, num_samples: int | None = None, *, seed: int | None = None,
-        chunk_size: int | None = None, return_draws: bool = False,
+        self,
+        x,
+        num_samples: int | None = None,
+        *,
+        seed: int | None = None,
+        chunk_size: int | None = None,
+        return_draws: bool = False,
     ) -> Prediction:
         """Posterior predictive summaries at ``x``, over ``num_samples`` draws.
 
@@ -274,7 +300,7 @@ class Posterior:
         acc = _Moments()
         kept: dict[str, list[torch.Tensor]] = {}
         shape = None
-        for shape, dists in self._chunks(x, num_samples, seed, chunk_size):
+        for _shape, dists in self._chunks(x, num_samples, seed, chunk_size):
             for d in dists:
                 if self.task == "classification":
                     p = self._per_draw(_class_probs(d))
@@ -294,29 +320,57 @@ class Posterior:
             probs = acc.mean
             ent = _entropy(probs)
             exp_ent = acc.sums["ent"] / acc.n
-            return Prediction("classification", probs, acc.n, probs=probs, entropy=ent,
-                              expected_entropy=exp_ent, mutual_info=(ent - exp_ent).clamp_min(0),
-                              draws=draws)
+            return Prediction(
+                "classification",
+                probs,
+                acc.n,
+                probs=probs,
+                entropy=ent,
+                expected_entropy=exp_ent,
+                mutual_info=(ent - exp_ent).clamp_min(0),
+                draws=draws,
+            )
         epi_var = acc.m2 / acc.n
         ale_var = acc.sums["var"] / acc.n
-        return Prediction("regression", acc.mean, acc.n, std=(epi_var + ale_var).sqrt(),
-                          epistemic=epi_var.sqrt(), aleatoric=ale_var.sqrt(), draws=draws)
+        return Prediction(
+            "regression",
+            acc.mean,
+            acc.n,
+            std=(epi_var + ale_var).sqrt(),
+            epistemic=epi_var.sqrt(),
+            aleatoric=ale_var.sqrt(),
+            draws=draws,
+        )
 
     @torch.no_grad()
-    def log_likelihood(self, x, y, num_samples: int | None = None, *, seed: int | None = None,
-                       chunk_size: int | None = None) -> torch.Tensor:
+    def log_likelihood(
+        self,
+        x,
+        y,
+        num_samples: int | None = None,
+        *,
+        seed: int | None = None,
+        chunk_size: int | None = None,
+    ) -> torch.Tensor:
         """Per-draw, per-observation ``log p(y_n | x_n, w)``, shaped ``(chain, draw, N)``."""
         x = self._check_x(x)
         y = self._check_y(y, x.shape[0])
         out, shape = [], None
-        for shape, dists in self._chunks(x, num_samples, seed, chunk_size):
+        for _shape, dists in self._chunks(x, num_samples, seed, chunk_size):
             for d in dists:
                 out.append(self._per_draw(_log_prob(d, y)))
         return torch.cat(out).reshape(*shape, -1)
 
     @torch.no_grad()
-    def log_predictive(self, x, y, num_samples: int | None = None, *, seed: int | None = None,
-                       chunk_size: int | None = None) -> torch.Tensor:
+    def log_predictive(
+        self,
+        x,
+        y,
+        num_samples: int | None = None,
+        *,
+        seed: int | None = None,
+        chunk_size: int | None = None,
+    ) -> torch.Tensor:
         """Log posterior predictive density per observation, ``log mean_s p(y_n | x_n, w_s)``."""
         x = self._check_x(x)
         y = self._check_y(y, x.shape[0])
@@ -358,8 +412,10 @@ class Posterior:
         return to_inference_data(self, **kwargs)
 
     def __repr__(self) -> str:
-        return (f"Posterior(method={self.method!r}, task={self.task!r}, "
-                f"chains={self.num_chains}, params={self.layout.size})")
+        return (
+            f"Posterior(method={self.method!r}, task={self.task!r}, "
+            f"chains={self.num_chains}, params={self.layout.size})"
+        )
 
 
 def _check_like_training(name: str, t: torch.Tensor, train: torch.Tensor | None) -> None:
@@ -367,16 +423,19 @@ def _check_like_training(name: str, t: torch.Tensor, train: torch.Tensor | None)
     if train is not None and t.shape[1:] != train.shape[1:]:
         want = ("N", *train.shape[1:])
         want = str(want).replace("'N'", "N")
-        raise DataError(f"{name}: expected shape {want} like the training {name}, "
-                        f"got {tuple(t.shape)}")
+        raise DataError(
+            f"{name}: expected shape {want} like the training {name}, got {tuple(t.shape)}"
+        )
 
 
 def _log_prob(d, y: torch.Tensor) -> torch.Tensor:
     try:
         return d.log_prob(y)
     except (ValueError, RuntimeError) as e:
-        raise DataError(f"y: does not fit the model's observation distribution "
-                        f"{type(observation_dist(d)).__name__}: {e}") from e
+        raise DataError(
+            f"y: does not fit the model's observation distribution "
+            f"{type(observation_dist(d)).__name__}: {e}"
+        ) from e
 
 
 def _tensors(obj):

@@ -65,8 +65,14 @@ def observation_dist(d: dist.Distribution) -> dist.Distribution:
 
 def detect_task(d: dist.Distribution) -> str:
     base = observation_dist(d)
-    if isinstance(base, (torch.distributions.Categorical, torch.distributions.OneHotCategorical,
-                         torch.distributions.Bernoulli)):
+    if isinstance(
+        base,
+        (
+            torch.distributions.Categorical,
+            torch.distributions.OneHotCategorical,
+            torch.distributions.Bernoulli,
+        ),
+    ):
         return "classification"
     return "regression"
 
@@ -101,7 +107,9 @@ def trace_model(model: Callable, x: torch.Tensor, y: torch.Tensor | None):
                 "variables (weights, scales) only"
             )
         if node["fn"].support.is_discrete:
-            raise ModelError(f"latent site {name!r} is discrete; only continuous latents are supported")
+            raise ModelError(
+                f"latent site {name!r} is discrete; only continuous latents are supported"
+            )
     return tr
 
 
@@ -153,9 +161,9 @@ class Problem:
         if self.vectorized:
             return self.model.log_joint(params, x, y, obs_scale=scale) + ladj
         if z.dim() != 1:
-            return torch.stack([self.log_joint(zi, idx) for zi in z.reshape(-1, z.shape[-1])]).reshape(
-                z.shape[:-1]
-            )
+            return torch.stack(
+                [self.log_joint(zi, idx) for zi in z.reshape(-1, z.shape[-1])]
+            ).reshape(z.shape[:-1])
         model = scale_obs(self.model, scale) if scale != 1.0 else self.model
         tr = poutine.trace(poutine.condition(model, data=params)).get_trace(x, y)
         return tr.log_prob_sum() + ladj
@@ -227,7 +235,9 @@ def prepare(model: Callable, x, y, *, device=None) -> Problem:
     for name, node in tr.nodes.items():
         if name in tr2.nodes and _is_latent(node):
             if tr2.nodes[name]["value"].shape != node["value"].shape:
-                raise ModelError(f"latent site {name!r} changes shape with the number of data points")
+                raise ModelError(
+                    f"latent site {name!r} changes shape with the number of data points"
+                )
     dims = model.site_dims() if isinstance(model, BNN) else None
     layout = Layout.from_trace(tr, dims)
     if layout.size == 0:
@@ -239,10 +249,15 @@ def prepare(model: Callable, x, y, *, device=None) -> Problem:
         if isinstance(base, torch.distributions.Bernoulli):
             num_classes = 2
         else:
-            num_classes = int(base.logits.shape[-1] if hasattr(base, "logits") else base.probs.shape[-1])
+            num_classes = int(
+                base.logits.shape[-1] if hasattr(base, "logits") else base.probs.shape[-1]
+            )
         if not torch.is_floating_point(y_t) or isinstance(base, torch.distributions.Categorical):
             if int(y_t.min()) < 0 or int(y_t.max()) >= num_classes:
-                raise DataError(f"y: labels must lie in [0, {num_classes - 1}] for the model's {num_classes} classes")
+                raise DataError(
+                    f"y: labels must lie in [0, {num_classes - 1}] for the model's "
+                    f"{num_classes} classes"
+                )
     try:
         lp = ysite["fn"].log_prob(ysite["value"])
     except Exception as e:

@@ -109,7 +109,9 @@ def methods() -> list[str]:
 
 def get_method(name: str) -> type[Method]:
     if not isinstance(name, str):
-        raise OptionError(f"method must be a name (str), got {type(name).__name__}; known: {methods()}")
+        raise OptionError(
+            f"method must be a name (str), got {type(name).__name__}; known: {methods()}"
+        )
     if name not in _REGISTRY:
         close = difflib.get_close_matches(name, methods(), n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
@@ -119,8 +121,16 @@ def get_method(name: str) -> type[Method]:
 
 def method_info() -> list[dict[str, Any]]:
     """One row per method: name, summary, options with defaults, cost and reference."""
-    return [{"name": n, "summary": c.summary, "options": c.option_defaults(), "cost": c.cost,
-             "reference": c.reference} for n, c in sorted(_REGISTRY.items())]
+    return [
+        {
+            "name": n,
+            "summary": c.summary,
+            "options": c.option_defaults(),
+            "cost": c.cost,
+            "reference": c.reference,
+        }
+        for n, c in sorted(_REGISTRY.items())
+    ]
 
 
 @contextlib.contextmanager
@@ -143,8 +153,17 @@ def isolated(seed: int):
             np.random.set_state(np_state)  # noqa: NPY002
 
 
-def fit(model: Callable, x, y, method: str, *, seed: int = 0, device: str | torch.device | None = None,
-        progress: bool = True, **options: Any) -> Posterior:
+def fit(
+    model: Callable,
+    x,
+    y,
+    method: str,
+    *,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    **options: Any,
+) -> Posterior:
     """Fit ``model`` to ``(x, y)`` with the inference method named ``method``.
 
     Parameters
@@ -184,7 +203,14 @@ def fit(model: Callable, x, y, method: str, *, seed: int = 0, device: str | torc
     with isolated(seed), checkpoint.session(cls.name, opts, seed, problem):
         approx, info = cls().run(problem, opts, seed, progress)
     return Posterior(
-        problem.model, problem.layout, approx, method=cls.name, task=problem.task,
-        options=dataclasses.asdict(opts), info=info, seed=seed, data=(problem.x, problem.y),
+        problem.model,
+        problem.layout,
+        approx,
+        method=cls.name,
+        task=problem.task,
+        options=dataclasses.asdict(opts),
+        info=info,
+        seed=seed,
+        data=(problem.x, problem.y),
         num_classes=problem.num_classes,
     )

@@ -79,14 +79,16 @@ class SVIOptions:
                 continue
             if not (isinstance(v, (int, float)) and v > 0 and math.isfinite(v)):
                 raise OptionError(f"{name}: expected a positive number, got {v!r}")
-        if isinstance(self.lr_final, bool) or not (isinstance(self.lr_final, (int, float))
-                                                    and 0 < self.lr_final <= 1):
+        if isinstance(self.lr_final, bool) or not (
+            isinstance(self.lr_final, (int, float)) and 0 < self.lr_final <= 1
+        ):
             raise OptionError(f"lr_final: expected a fraction in (0, 1], got {self.lr_final!r}")
         if not isinstance(self.init, str) or self.init not in INIT:
             raise OptionError(f"init: expected one of {sorted(INIT)}, got {self.init!r}")
         if self.on_nan not in ("stop", "rollback", "raise"):
             raise OptionError(
-                f"on_nan: expected 'stop', 'rollback' or 'raise', got {self.on_nan!r}")
+                f"on_nan: expected 'stop', 'rollback' or 'raise', got {self.on_nan!r}"
+            )
         self.checkpoint = checkpoint.check_options(self.checkpoint, self.checkpoint_every)
 
 
@@ -95,8 +97,9 @@ def _check_int(name, v, minimum):
         raise OptionError(f"{name}: expected an integer >= {minimum}, got {v!r}")
 
 
-def _batches(n: int, batch_size: int | None, steps: int, generator: torch.Generator, device,
-             start: int = 0):
+def _batches(
+    n: int, batch_size: int | None, steps: int, generator: torch.Generator, device, start: int = 0
+):
     """Yield minibatch index tensors (an epoch-wise permutation), or None for full batch.
 
     With ``start``, the batches of steps ``start, ..., steps - 1``: the permutations of the
@@ -147,8 +150,9 @@ class _LastGood:
                 else:
                     self.params[k] = v.detach().clone()
         if self.with_optim:
-            self.optim_state = checkpoint._clone(optim_state if optim_state is not None
-                                                 else self.optim.get_state())
+            self.optim_state = checkpoint._clone(
+                optim_state if optim_state is not None else self.optim.get_state()
+            )
 
     def restore(self) -> None:
         with torch.no_grad():
@@ -178,7 +182,8 @@ def _svi_step(svi: SVI, store, xb, yb) -> float:
         return svi.step(xb, yb)
     except (ValueError, RuntimeError) as e:
         numerical = isinstance(e, torch.linalg.LinAlgError) or (
-            isinstance(e, ValueError) and str(e).startswith("Expected parameter"))
+            isinstance(e, ValueError) and str(e).startswith("Expected parameter")
+        )
         if not numerical:
             raise
         for _, p in store.named_parameters():  # the step failed before zeroing its gradients
@@ -186,8 +191,16 @@ def _svi_step(svi: SVI, store, xb, yb) -> float:
         return math.nan
 
 
-def run_svi(problem: Problem, guide: Callable, opts: SVIOptions, seed: int, progress: bool,
-            *, desc: str = "svi", elbo=None) -> dict:
+def run_svi(
+    problem: Problem,
+    guide: Callable,
+    opts: SVIOptions,
+    seed: int,
+    progress: bool,
+    *,
+    desc: str = "svi",
+    elbo=None,
+) -> dict:
     """Train ``guide`` on ``problem.model`` by SVI; return info with the loss trace.
 
     Parameters live in the current Pyro param store (the caller's isolated scope). On a
@@ -244,21 +257,35 @@ def run_svi(problem: Problem, guide: Callable, opts: SVIOptions, seed: int, prog
                     losses.append(loss)
                     good.save()
                 else:
-                    what = (f"the loss became {loss}" if not math.isfinite(loss)
-                            else "the parameters became non-finite")
+                    what = (
+                        f"the loss became {loss}"
+                        if not math.isfinite(loss)
+                        else "the parameters became non-finite"
+                    )
                     if not good.has_good:
-                        raise FitError(f"{desc}: {what} at the first step. Lower lr, or check the "
-                                       "data scale and priors.")
+                        raise FitError(
+                            f"{desc}: {what} at the first step. Lower lr, or check the "
+                            "data scale and priors."
+                        )
                     good.restore()
                     if opts.on_nan == "rollback" and len(rollbacks) < MAX_ROLLBACKS:
                         lr = good.halve_lr()
                         rollbacks.append({"step": step, "lr": lr})
-                        log.warning("%s: %s at step %d; rolled back to the last good parameters, "
-                                    "learning rate halved to %.3g (rollback %d of %d)", desc, what,
-                                    step, lr, len(rollbacks), MAX_ROLLBACKS)
+                        log.warning(
+                            "%s: %s at step %d; rolled back to the last good parameters, "
+                            "learning rate halved to %.3g (rollback %d of %d)",
+                            desc,
+                            what,
+                            step,
+                            lr,
+                            len(rollbacks),
+                            MAX_ROLLBACKS,
+                        )
                     else:
-                        msg = (f"{desc}: {what} at step {step}; "
-                               "keeping the parameters of the last good step")
+                        msg = (
+                            f"{desc}: {what} at step {step}; "
+                            "keeping the parameters of the last good step"
+                        )
                         if opts.on_nan == "rollback":
                             msg += f" (gave up after {MAX_ROLLBACKS} rollbacks)"
                         if opts.on_nan == "raise":
@@ -274,8 +301,9 @@ def run_svi(problem: Problem, guide: Callable, opts: SVIOptions, seed: int, prog
                 if step % 25 == 0 and losses:
                     bar.set_postfix(loss=f"{losses[-1]:.4g}")
                 if seg is not None and seg.due(done):
-                    seg.save(checkpoint.svi_state(store, optim, done, losses, rollbacks,
-                                                  problem.device))
+                    seg.save(
+                        checkpoint.svi_state(store, optim, done, losses, rollbacks, problem.device)
+                    )
         except KeyboardInterrupt:
             log.warning("%s: interrupted at step %d; keeping the parameters reached", desc, done)
             stopped = {"step": len(losses), "reason": "interrupted"}
@@ -290,8 +318,11 @@ def run_svi(problem: Problem, guide: Callable, opts: SVIOptions, seed: int, prog
         info["stopped"] = stopped
     if seg is not None:
         if stopped and stopped["reason"] == "interrupted":
-            seg.interrupt(None if in_step else checkpoint.svi_state(
-                store, optim, done, losses, rollbacks, problem.device))
+            seg.interrupt(
+                None
+                if in_step
+                else checkpoint.svi_state(store, optim, done, losses, rollbacks, problem.device)
+            )
         else:
             seg.finish(checkpoint.svi_result(store, info, problem.device))
     return info
@@ -335,7 +366,8 @@ class MeanField(Method):
         """Plus: init_scale (initial posterior std), analytic_kl (closed-form KL against
         Normal-family priors in the fused trainer; the Pyro engine always uses Trace_ELBO,
         because AutoNormal emits Delta sites in constrained space, for which
-        TraceMeanField_ELBO is neither analytic nor includes the log-Jacobian), bayesian_sites (see ``lastlayer.py``), engine:
+        TraceMeanField_ELBO is neither analytic nor includes the log-Jacobian), bayesian_sites
+        (see ``lastlayer.py``), engine:
         "auto" (the fused trainer of ``fast_vi.py`` for builder MLPs, else Pyro), "fast"
         (that trainer, or an error) or "pyro" (AutoNormal + SVI)."""
 
@@ -347,7 +379,8 @@ class MeanField(Method):
             super().__post_init__()
             if not (isinstance(self.init_scale, (int, float)) and 0 < self.init_scale < math.inf):
                 raise OptionError(
-                    f"init_scale: expected a finite number > 0, got {self.init_scale!r}")
+                    f"init_scale: expected a finite number > 0, got {self.init_scale!r}"
+                )
             if self.engine not in ("auto", "fast", "pyro"):
                 raise OptionError(f"engine: expected 'auto', 'fast' or 'pyro', got {self.engine!r}")
 
@@ -362,8 +395,11 @@ class MeanField(Method):
                 return fast_vi.run_meanfield(problem, opts, seed, progress)
             if opts.engine == "fast":
                 raise OptionError(f"engine='fast': {why}; use engine='auto' or 'pyro'")
-        guide = AutoNormal(problem.model, init_loc_fn=init_loc_fn(problem, INIT[opts.init]),
-                           init_scale=float(opts.init_scale))
+        guide = AutoNormal(
+            problem.model,
+            init_loc_fn=init_loc_fn(problem, INIT[opts.init]),
+            init_scale=float(opts.init_scale),
+        )
         elbo = Trace_ELBO(num_particles=opts.num_particles)
         info = run_svi(problem, guide, opts, seed, progress, desc="svi-meanfield", elbo=elbo)
         loc, scale = _guide_loc_scale_normal(guide, problem)
@@ -389,20 +425,24 @@ class LowRank(Method):
             _check_int("rank", self.rank, 1)
             if not (isinstance(self.init_scale, (int, float)) and 0 < self.init_scale < math.inf):
                 raise OptionError(
-                    f"init_scale: expected a finite number > 0, got {self.init_scale!r}")
+                    f"init_scale: expected a finite number > 0, got {self.init_scale!r}"
+                )
 
     def run(self, problem, opts, seed, progress):
         if opts.bayesian_sites is not None:
             return run_on_sites(self, problem, opts, seed, progress)
         guide = AutoLowRankMultivariateNormal(
-            problem.model, init_loc_fn=init_loc_fn(problem, INIT[opts.init]),
+            problem.model,
+            init_loc_fn=init_loc_fn(problem, INIT[opts.init]),
             init_scale=float(opts.init_scale),
             rank=min(opts.rank, problem.layout.size),
         )
         info = run_svi(problem, guide, opts, seed, progress, desc="svi-lowrank")
         names = list(guide._unconstrained_shapes)
         if names != problem.layout.names:  # pragma: no cover - guards Pyro internals
-            raise RuntimeError(f"latent order differs between guide {names} and layout {problem.layout.names}")
+            raise RuntimeError(
+                f"latent order differs between guide {names} and layout {problem.layout.names}"
+            )
         with torch.no_grad():
             s = guide.scale.detach()
             factor = guide.cov_factor.detach() * s.unsqueeze(-1)

@@ -6,5 +6,16 @@ from marginalize.models.builders import MLP, mlp
 from marginalize.models.cnn import CNN, cnn
 from marginalize.models.module import ModuleBNN, bayesian
 
-__all__ = ["BNN", "LayerSpec", "MLP", "mlp", "CNN", "cnn", "ModuleBNN", "bayesian",
-           "model_from_config", "likelihoods", "priors"]
+__all__ = [
+    "BNN",
+    "LayerSpec",
+    "MLP",
+    "mlp",
+    "CNN",
+    "cnn",
+    "ModuleBNN",
+    "bayesian",
+    "model_from_config",
+    "likelihoods",
+    "priors",
+]

@@ -98,7 +98,9 @@ class BNN:
             pyro.sample("y", d, obs=y)
         return f
 
-    def predictive_dist(self, params: Mapping[str, torch.Tensor], x: torch.Tensor) -> dist.Distribution:
+    def predictive_dist(
+        self, params: Mapping[str, torch.Tensor], x: torch.Tensor
+    ) -> dist.Distribution:
         """The distribution of ``y`` given batched weights: batch shape ``(*batch, N)``."""
         return self.likelihood.dist(self.forward(params, x), params)
 

@@ -49,7 +49,12 @@ def dense(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Ten
     With one draw dim and a 3-D ``h`` this is a single ``baddbmm`` (the fastest batched form
     on the CPU); otherwise broadcasting ``matmul``.
     """
-    if b is not None and w.dim() == 3 and w.shape[0] == 1 and (h.dim() == 2 or (h.dim() == 3 and h.shape[0] == 1)):
+    if (
+        b is not None
+        and w.dim() == 3
+        and w.shape[0] == 1
+        and (h.dim() == 2 or (h.dim() == 3 and h.shape[0] == 1))
+    ):
         # one draw (prediction at many inputs runs draw by draw): a plain 2-D addmm
         return torch.addmm(b[0], h[0] if h.dim() == 3 else h, w[0]).unsqueeze(0)
     if b is not None and w.dim() == 3 and h.dim() == 3 and h.shape[0] == w.shape[0]:
@@ -68,8 +73,13 @@ class MLP(BNN):
     builder = "mlp"
 
     def __init__(
-        self, in_features: int, hidden: Sequence[int], out_features: int,
-        likelihood: Likelihood, priors: Mapping[str, Prior], activation: str = "relu",
+        self,
+        in_features: int,
+        hidden: Sequence[int],
+        out_features: int,
+        likelihood: Likelihood,
+        priors: Mapping[str, Prior],
+        activation: str = "relu",
         bias: bool = True,
     ):
         super().__init__(likelihood, priors, out_features)
@@ -103,7 +113,8 @@ class MLP(BNN):
             x = x[:, None]
         if x.dim() != 2 or x.shape[1] != self._in_features:
             raise DataError(
-                f"{name}: this MLP takes inputs of shape (N, {self._in_features}), got {tuple(x.shape)}"
+                f"{name}: this MLP takes inputs of shape (N, {self._in_features}), "
+                f"got {tuple(x.shape)}"
             )
         return x
 
@@ -193,9 +204,18 @@ def mlp(
         if lik.num_classes is None:
             lik.num_classes = out_features
         elif lik.num_classes != out_features:
-            raise ValueError(f"out_features={out_features} but the likelihood has {lik.num_classes} classes")
+            raise ValueError(
+                f"out_features={out_features} but the likelihood has {lik.num_classes} classes"
+            )
         if out_features < 2:
             raise ValueError("a categorical likelihood needs at least 2 classes")
     names = [f"layer{k + 1}" for k in range(len(hidden) + 1)]
-    return MLP(in_features, list(hidden), int(out_features), lik, resolve_priors(prior, names),
-               activation=activation, bias=bias)
+    return MLP(
+        in_features,
+        list(hidden),
+        int(out_features),
+        lik,
+        resolve_priors(prior, names),
+        activation=activation,
+        bias=bias,
+    )

@@ -65,9 +65,16 @@ class CNN(BNN):
     builder = "cnn"
 
     def __init__(
-        self, in_channels: int, image_size: tuple[int, int], channels: Sequence[int],
-        hidden: Sequence[int], out_features: int, likelihood: Likelihood,
-        priors: Mapping[str, Prior], kernel_size: int = 3, activation: str = "relu",
+        self,
+        in_channels: int,
+        image_size: tuple[int, int],
+        channels: Sequence[int],
+        hidden: Sequence[int],
+        out_features: int,
+        likelihood: Likelihood,
+        priors: Mapping[str, Prior],
+        kernel_size: int = 3,
+        activation: str = "relu",
         pool: int | None = 2,
     ):
         super().__init__(likelihood, priors, out_features)
@@ -86,12 +93,17 @@ class CNN(BNN):
         self._conv_shapes: list[tuple[int, int, int, bool]] = []
         for i, c_out in enumerate(self.channels, start=1):
             name = f"conv{i}"
-            specs.append(LayerSpec(
-                name=name, weight_shape=(c_out, c_in, k, k), bias_shape=(c_out,),
-                fan_in=c_in * k * k,
-                weight_dims=(f"{name}_out", f"{name}_in", f"{name}_kh", f"{name}_kw"),
-                bias_dims=(f"{name}_out",), input_axis=1,
-            ))
+            specs.append(
+                LayerSpec(
+                    name=name,
+                    weight_shape=(c_out, c_in, k, k),
+                    bias_shape=(c_out,),
+                    fan_in=c_in * k * k,
+                    weight_dims=(f"{name}_out", f"{name}_in", f"{name}_kh", f"{name}_kw"),
+                    bias_dims=(f"{name}_out",),
+                    input_axis=1,
+                )
+            )
             pooled = self.pool is not None and h >= self.pool and w >= self.pool
             self._conv_shapes.append((c_out, h, w, pooled))
             if pooled:
@@ -101,11 +113,16 @@ class CNN(BNN):
         widths = [self.flat_features, *self.hidden, likelihood.net_outputs(out_features)]
         for i in range(len(widths) - 1):
             name = f"fc{i + 1}"
-            specs.append(LayerSpec(
-                name=name, weight_shape=(widths[i], widths[i + 1]), bias_shape=(widths[i + 1],),
-                fan_in=widths[i], weight_dims=(f"{name}_in", f"{name}_out"),
-                bias_dims=(f"{name}_out",),
-            ))
+            specs.append(
+                LayerSpec(
+                    name=name,
+                    weight_shape=(widths[i], widths[i + 1]),
+                    bias_shape=(widths[i + 1],),
+                    fan_in=widths[i],
+                    weight_dims=(f"{name}_in", f"{name}_out"),
+                    bias_dims=(f"{name}_out",),
+                )
+            )
         self._specs = specs
         self._n_conv = len(self.channels)
 
@@ -125,7 +142,7 @@ class CNN(BNN):
         """Largest number of activations one input produces in one draw (chunk sizing; the
         unfolded input patches are shared by all draws and not counted)."""
         units = [c * h * w for c, h, w, _ in self._conv_shapes]
-        units += [s.weight_shape[-1] for s in self._specs[self._n_conv:]]
+        units += [s.weight_shape[-1] for s in self._specs[self._n_conv :]]
         return max(units)
 
     def check_input(self, x: torch.Tensor, name: str = "x") -> torch.Tensor:
@@ -148,18 +165,21 @@ class CNN(BNN):
         batch = tuple(first.shape[: first.dim() - nd])
         s = math.prod(batch)
         names = [f"{spec.name}.{part}" for spec in self._specs for part in ("weight", "bias")]
-        flat = {k: params[k].reshape(s, *params[k].shape[len(batch):]) for k in names}
+        flat = {k: params[k].reshape(s, *params[k].shape[len(batch) :]) for k in names}
         n = x.shape[0]
         itemsize = x.element_size()
         block = max(1, BLOCK_BYTES // (3 * itemsize * max(n, 1) * self.units_per_input()))
         if s <= block:
             out = self._forward_flat(flat, x, s)
         else:
-            out = torch.cat([
-                self._forward_flat({k: v[i : i + block] for k, v in flat.items()}, x,
-                                   min(block, s - i))
-                for i in range(0, s, block)
-            ])
+            out = torch.cat(
+                [
+                    self._forward_flat(
+                        {k: v[i : i + block] for k, v in flat.items()}, x, min(block, s - i)
+                    )
+                    for i in range(0, s, block)
+                ]
+            )
         return out.reshape(*batch, n, out.shape[-1])
 
     def _forward_flat(self, p: Mapping[str, torch.Tensor], x: torch.Tensor, s: int) -> torch.Tensor:
@@ -178,8 +198,9 @@ class CNN(BNN):
                 h = (h + b.reshape(s * c_out, 1)).reshape(n, s * c_out, hh, ww)
             else:
                 # draws as groups: (N, s C_in, H, W) -> (N, s C_out, H, W)
-                h = F.conv2d(h, wt.reshape(s * c_out, c_in, k, k), b.reshape(-1),
-                             padding=pad, groups=s)
+                h = F.conv2d(
+                    h, wt.reshape(s * c_out, c_in, k, k), b.reshape(-1), padding=pad, groups=s
+                )
             h = self.act(h)
             if pooled:
                 h = F.max_pool2d(h, self.pool)
@@ -187,7 +208,7 @@ class CNN(BNN):
             h = h.reshape(n, s, -1).transpose(0, 1)  # (s, N, C H W), flattened like nn.Flatten
         else:
             h = x.reshape(n, -1).expand(s, n, -1)
-        fcs = self._specs[self._n_conv:]
+        fcs = self._specs[self._n_conv :]
         for j, spec in enumerate(fcs):
             h = dense(h, p[f"{spec.name}.weight"], p[f"{spec.name}.bias"])
             if j < len(fcs) - 1:
@@ -218,8 +239,10 @@ class CNN(BNN):
     def __repr__(self) -> str:
         c, (h, w) = self.in_channels, self.image_size
         conv = f"conv{self.channels} k{self.kernel_size} pool{self.pool or 1}"
-        return (f"CNN({c}x{h}x{w}, {conv}, fc{self.hidden}, {self.out_features} outputs, "
-                f"{self.activation}, {self.likelihood!r})")
+        return (
+            f"CNN({c}x{h}x{w}, {conv}, fc{self.hidden}, {self.out_features} outputs, "
+            f"{self.activation}, {self.likelihood!r})"
+        )
 
 
 def cnn(
@@ -282,10 +305,15 @@ def cnn(
     for name, seq in (("channels", channels), ("hidden", hidden)):
         if any(isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in seq):
             raise ValueError(f"{name} must be a sequence of positive ints, got {seq!r}")
-    if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1 \
-            or kernel_size % 2 == 0:
+    if (
+        isinstance(kernel_size, bool)
+        or not isinstance(kernel_size, int)
+        or kernel_size < 1
+        or kernel_size % 2 == 0
+    ):
         raise ValueError(
-            f"kernel_size must be a positive odd int ('same' padding), got {kernel_size!r}")
+            f"kernel_size must be a positive odd int ('same' padding), got {kernel_size!r}"
+        )
     if pool is not None and (isinstance(pool, bool) or not isinstance(pool, int) or pool < 1):
         raise ValueError(f"pool must be a positive int or None, got {pool!r}")
     if activation not in ACTIVATIONS:
@@ -307,6 +335,15 @@ def cnn(
         out = 1
     names = [f"conv{i + 1}" for i in range(len(channels))]
     names += [f"fc{i + 1}" for i in range(len(hidden) + 1)]
-    return CNN(in_channels, size, list(channels), list(hidden), int(out), lik,
-               resolve_priors(prior, names), kernel_size=kernel_size, activation=activation,
-               pool=pool if pool and pool > 1 else None)
+    return CNN(
+        in_channels,
+        size,
+        list(channels),
+        list(hidden),
+        int(out),
+        lik,
+        resolve_priors(prior, names),
+        kernel_size=kernel_size,
+        activation=activation,
+        pool=pool if pool and pool > 1 else None,
+    )

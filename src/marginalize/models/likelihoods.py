@@ -26,8 +26,13 @@ import torch.nn.functional as F
 from marginalize._validation import DataError
 
 __all__ = [
-    "Likelihood", "Gaussian", "Heteroscedastic", "Categorical", "Bernoulli",
-    "get_likelihood", "likelihood_from_config",
+    "Likelihood",
+    "Gaussian",
+    "Heteroscedastic",
+    "Categorical",
+    "Bernoulli",
+    "get_likelihood",
+    "likelihood_from_config",
 ]
 
 
@@ -50,7 +55,9 @@ class Likelihood:
         """Draw the likelihood's own latent sites (e.g. a learned noise scale)."""
         return {}
 
-    def log_prob_params(self, params: Mapping[str, torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    def log_prob_params(
+        self, params: Mapping[str, torch.Tensor], like: torch.Tensor
+    ) -> torch.Tensor:
         """Log density of the likelihood's own sites; ``like`` has the batch shape to return."""
         return like.new_zeros(like.shape)
 
@@ -78,9 +85,13 @@ def _check_real_targets(y: torch.Tensor, targets: int, name: str) -> torch.Tenso
     if targets == 1 and y.dim() == 2 and y.shape[1] == 1:
         y = y[:, 0]
     if targets == 1 and y.dim() != 1:
-        raise DataError(f"y: a {name} likelihood with one target expects shape (N,), got {tuple(y.shape)}")
+        raise DataError(
+            f"y: a {name} likelihood with one target expects shape (N,), got {tuple(y.shape)}"
+        )
     if targets > 1 and (y.dim() != 2 or y.shape[1] != targets):
-        raise DataError(f"y: expected shape (N, {targets}) for {targets} targets, got {tuple(y.shape)}")
+        raise DataError(
+            f"y: expected shape (N, {targets}) for {targets} targets, got {tuple(y.shape)}"
+        )
     return y
 
 
@@ -150,7 +161,10 @@ class Gaussian(_RealOutput):
 
 
 class Heteroscedastic(_RealOutput):
-    """Gaussian whose mean and scale are both network outputs: ``scale = softplus(f2) + min_scale``."""
+    """Gaussian whose mean and scale are both network outputs.
+
+    ``scale = softplus(f2) + min_scale``.
+    """
 
     kind = "heteroscedastic"
 

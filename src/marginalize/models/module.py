@@ -83,8 +83,13 @@ class ModuleBNN(BNN):
 
     builder = "module"
 
-    def __init__(self, module: nn.Module, sites: Mapping[str, Prior], likelihood: Likelihood,
-                 out_features: int | None = None):
+    def __init__(
+        self,
+        module: nn.Module,
+        sites: Mapping[str, Prior],
+        likelihood: Likelihood,
+        out_features: int | None = None,
+    ):
         try:
             net = copy.deepcopy(module)
         except Exception as e:  # pragma: no cover - exotic modules
@@ -95,8 +100,7 @@ class ModuleBNN(BNN):
         names = [n for n, _ in net.named_parameters()]
         order = {n: i for i, n in enumerate(names)}
         self.bayesian_sites = sorted(sites, key=order.__getitem__)
-        super().__init__(likelihood, {n: sites[n] for n in self.bayesian_sites},
-                         out_features)  # type: ignore[arg-type]
+        super().__init__(likelihood, {n: sites[n] for n in self.bayesian_sites}, out_features)  # type: ignore[arg-type]
         shapes = {n: tuple(p.shape) for n, p in net.named_parameters()}
         self._shapes = shapes
         self._groups = self._make_groups(names, shapes)
@@ -105,14 +109,16 @@ class ModuleBNN(BNN):
             for h in g.prior.hyper_sites(g.layer):
                 if h in taken:
                     raise ModelError(
-                        f"hyperparameter site {h!r} clashes with a module parameter name")
+                        f"hyperparameter site {h!r} clashes with a module parameter name"
+                    )
                 taken.add(h)
         self._cache: dict[tuple, dict[str, torch.Tensor]] = {}
         self._units: dict[tuple, int] = {}
         self._vmap_ok = True
 
-    def _make_groups(self, names: list[str],
-                     shapes: dict[str, tuple[int, ...]]) -> list[PriorGroup]:
+    def _make_groups(
+        self, names: list[str], shapes: dict[str, tuple[int, ...]]
+    ) -> list[PriorGroup]:
         by_group: dict[str, list[str]] = {}
         for n in names:
             by_group.setdefault(n.rsplit(".", 1)[0] if "." in n else n, []).append(n)
@@ -144,8 +150,17 @@ class ModuleBNN(BNN):
             d = dict(g.sites)
             w, b = f"{g.layer}.weight", f"{g.layer}.bias"
             if w in d and len(d[w]) >= 2:
-                specs.append(LayerSpec(g.layer, d[w], d.get(b), g.fan_in,
-                                       self.site_dims()[w], self.site_dims().get(b), input_axis=1))
+                specs.append(
+                    LayerSpec(
+                        g.layer,
+                        d[w],
+                        d.get(b),
+                        g.fan_in,
+                        self.site_dims()[w],
+                        self.site_dims().get(b),
+                        input_axis=1,
+                    )
+                )
         return specs
 
     def site_dims(self) -> dict[str, tuple[str, ...]]:
@@ -202,7 +217,8 @@ class ModuleBNN(BNN):
             for n, shape in g.sites:
                 v = params[n]
                 term = term + dist.Normal(0.0, _trailing(scale, len(shape))).log_prob(v).reshape(
-                    *batch, -1).sum(-1)
+                    *batch, -1
+                ).sum(-1)
             lp = term if lp is None else lp + term
         assert lp is not None
         return lp + self.likelihood.log_prob_params(params, lp.new_zeros(batch))
@@ -258,8 +274,10 @@ class ModuleBNN(BNN):
         s = math.prod(batch)
         flat = {k: v.reshape(s, *self._shapes[k]) for k, v in weights.items()}
         block = max(1, BLOCK_BYTES // (3 * x.element_size() * x.shape[0] * self.units_per_input(x)))
-        outs = [self._batched({k: v[i : i + block] for k, v in flat.items()}, x)
-                for i in range(0, s, block)]
+        outs = [
+            self._batched({k: v[i : i + block] for k, v in flat.items()}, x)
+            for i in range(0, s, block)
+        ]
         out = self._as_outputs(torch.cat(outs), 1)
         return out.reshape(*batch, *out.shape[1:])
 
@@ -269,8 +287,11 @@ class ModuleBNN(BNN):
                 return torch.func.vmap(lambda w: self._call(w, x))(dict(weights))
             except (RuntimeError, NotImplementedError, ValueError) as e:
                 self._vmap_ok = False
-                log.info("module cannot be vmapped over draws (%s: %s); using a loop over draws",
-                         type(e).__name__, e)
+                log.info(
+                    "module cannot be vmapped over draws (%s: %s); using a loop over draws",
+                    type(e).__name__,
+                    e,
+                )
         s = next(iter(weights.values())).shape[0]
         return torch.stack([self._call({k: v[i] for k, v in weights.items()}, x) for i in range(s)])
 
@@ -301,8 +322,10 @@ class ModuleBNN(BNN):
         lik = self.likelihood
         targets = {"heteroscedastic": k // 2, "bernoulli": 1}.get(lik.kind, k)
         if lik.net_outputs(targets) != k:
-            raise ModelError(f"module: returns {k} outputs; a {lik.kind} likelihood needs "
-                             f"{lik.net_outputs(targets)}")
+            raise ModelError(
+                f"module: returns {k} outputs; a {lik.kind} likelihood needs "
+                f"{lik.net_outputs(targets)}"
+            )
         if self.out_features is None:
             self.out_features = targets
         elif self.out_features != targets:
@@ -311,8 +334,9 @@ class ModuleBNN(BNN):
             if lik.num_classes is None:
                 lik.num_classes = targets
             elif lik.num_classes != targets:
-                raise ModelError(f"module: returns {k} logits but the likelihood has "
-                                 f"{lik.num_classes} classes")
+                raise ModelError(
+                    f"module: returns {k} logits but the likelihood has {lik.num_classes} classes"
+                )
         return x
 
     def config(self) -> None:
@@ -320,8 +344,10 @@ class ModuleBNN(BNN):
         return None
 
     def __repr__(self) -> str:
-        return (f"bayesian({type(self.module).__name__}, sites={len(self.bayesian_sites)} of "
-                f"{len(self._shapes)} parameters, {self.likelihood!r})")
+        return (
+            f"bayesian({type(self.module).__name__}, sites={len(self.bayesian_sites)} of "
+            f"{len(self._shapes)} parameters, {self.likelihood!r})"
+        )
 
 
 def _resolve_sites(module: nn.Module, sites, prior: Prior) -> dict[str, Prior]:
@@ -337,8 +363,10 @@ def _resolve_sites(module: nn.Module, sites, prior: Prior) -> dict[str, Prior]:
     elif isinstance(sites, Sequence):
         items = [(s, None) for s in sites]
     else:
-        raise ModelError(f"sites: expected None, a list of parameter names or a mapping of name "
-                         f"to Prior, got {type(sites).__name__}")
+        raise ModelError(
+            f"sites: expected None, a list of parameter names or a mapping of name "
+            f"to Prior, got {type(sites).__name__}"
+        )
     out: dict[str, Prior] = {}
     # submodule names first, so that an exact parameter name given as well wins
     items.sort(key=lambda kv: kv[0] in names)
@@ -348,13 +376,16 @@ def _resolve_sites(module: nn.Module, sites, prior: Prior) -> dict[str, Prior]:
         p = prior if p is None else p
         if not isinstance(p, Prior):
             raise ModelError(
-                f"sites[{key!r}]: expected a marginalize Prior, got {type(p).__name__}")
+                f"sites[{key!r}]: expected a marginalize Prior, got {type(p).__name__}"
+            )
         matched = [n for n in names if n == key or n.startswith(key + ".")]
         if not matched:
             close = difflib.get_close_matches(key, names, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ModelError(f"sites: {key!r} names no parameter or submodule of the module{hint}; "
-                             f"parameters are {names}")
+            raise ModelError(
+                f"sites: {key!r} names no parameter or submodule of the module{hint}; "
+                f"parameters are {names}"
+            )
         for n in matched:
             out[n] = p
     return out
@@ -405,4 +436,3 @@ def bayesian(
     if out_features is not None and bad:
         raise ModelError(f"out_features: expected a positive int, got {out_features!r}")
     return ModuleBNN(module, _resolve_sites(module, sites, prior), lik, out_features)
-

@@ -38,8 +38,12 @@ class Prior:
     kind: str = "prior"
 
     def sample_layer(
-        self, layer: str, weight_shape: tuple[int, ...], bias_shape: tuple[int, ...] | None,
-        fan_in: int, like: torch.Tensor,
+        self,
+        layer: str,
+        weight_shape: tuple[int, ...],
+        bias_shape: tuple[int, ...] | None,
+        fan_in: int,
+        like: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Draw ``{layer}.weight`` (and ``{layer}.bias``) as Pyro sample sites."""
         scale = self._scale(layer, fan_in, like)
@@ -56,8 +60,12 @@ class Prior:
         return w, b
 
     def log_prob_layer(
-        self, layer: str, params: Mapping[str, torch.Tensor], fan_in: int,
-        weight_ndim: int, has_bias: bool,
+        self,
+        layer: str,
+        params: Mapping[str, torch.Tensor],
+        fan_in: int,
+        weight_ndim: int,
+        has_bias: bool,
     ) -> torch.Tensor:
         """Log density of the layer's sites in ``params`` (leading batch dims kept)."""
         w = params[f"{layer}.weight"]
@@ -109,7 +117,9 @@ class Normal(Prior):
 
     def __post_init__(self) -> None:
         if not (self.scale > 0 and math.isfinite(self.scale)):
-            raise ValueError(f"Normal prior: scale must be a positive finite number, got {self.scale!r}")
+            raise ValueError(
+                f"Normal prior: scale must be a positive finite number, got {self.scale!r}"
+            )
 
     def _fixed_scale(self, fan_in: int) -> float:
         return float(self.scale)
@@ -135,7 +145,9 @@ class ScaledNormal(Prior):
 
     def __post_init__(self) -> None:
         if not (self.gain > 0 and math.isfinite(self.gain)):
-            raise ValueError(f"ScaledNormal prior: gain must be positive and finite, got {self.gain!r}")
+            raise ValueError(
+                f"ScaledNormal prior: gain must be positive and finite, got {self.gain!r}"
+            )
 
     def scale_for(self, fan_in: int) -> float:
         return float(self.gain) / math.sqrt(fan_in)
@@ -180,7 +192,9 @@ class Hierarchical(Prior):
                 f"known: {sorted(_HYPERPRIORS)}"
             )
         if not (self.hyperscale > 0 and math.isfinite(self.hyperscale)):
-            raise ValueError(f"Hierarchical prior: hyperscale must be positive, got {self.hyperscale!r}")
+            raise ValueError(
+                f"Hierarchical prior: hyperscale must be positive, got {self.hyperscale!r}"
+            )
 
     def _hyper(self, like: torch.Tensor):
         return _HYPERPRIORS[self.hyperprior](like.new_tensor(float(self.hyperscale)))
@@ -212,7 +226,9 @@ def prior_from_config(cfg: Mapping[str, Any]) -> Prior:
     return _KINDS[kind](**cfg)
 
 
-def resolve_priors(prior: Prior | Mapping[str, Prior] | None, layers: list[str]) -> dict[str, Prior]:
+def resolve_priors(
+    prior: Prior | Mapping[str, Prior] | None, layers: list[str]
+) -> dict[str, Prior]:
     """Map every layer name to its prior.
 
     ``prior`` is one prior for all layers, or a mapping from layer name to prior with an
@@ -223,10 +239,14 @@ def resolve_priors(prior: Prior | Mapping[str, Prior] | None, layers: list[str])
     if isinstance(prior, Prior):
         return {name: prior for name in layers}
     if not isinstance(prior, Mapping):
-        raise TypeError(f"prior must be a Prior or a mapping of layer name to Prior, got {type(prior)}")
+        raise TypeError(
+            f"prior must be a Prior or a mapping of layer name to Prior, got {type(prior)}"
+        )
     unknown = set(prior) - set(layers) - {"default"}
     if unknown:
-        raise ValueError(f"prior names unknown layers {sorted(unknown)}; layers are {layers} (or 'default')")
+        raise ValueError(
+            f"prior names unknown layers {sorted(unknown)}; layers are {layers} (or 'default')"
+        )
     default = prior.get("default", Normal(1.0))
     out = {name: prior.get(name, default) for name in layers}
     for name, p in out.items():
