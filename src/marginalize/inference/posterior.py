@@ -300,7 +300,7 @@ class Posterior:
         acc = _Moments()
         kept: dict[str, list[torch.Tensor]] = {}
         shape = None
-        for _shape, dists in self._chunks(x, num_samples, seed, chunk_size):
+        for shape, dists in self._chunks(x, num_samples, seed, chunk_size):  # noqa: B007
             for d in dists:
                 if self.task == "classification":
                     p = self._per_draw(_class_probs(d))
@@ -356,7 +356,7 @@ class Posterior:
         x = self._check_x(x)
         y = self._check_y(y, x.shape[0])
         out, shape = [], None
-        for _shape, dists in self._chunks(x, num_samples, seed, chunk_size):
+        for shape, dists in self._chunks(x, num_samples, seed, chunk_size):  # noqa: B007
             for d in dists:
                 out.append(self._per_draw(_log_prob(d, y)))
         return torch.cat(out).reshape(*shape, -1)
