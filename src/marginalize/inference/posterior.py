@@ -353,13 +353,22 @@ class Posterior:
         chunk_size: int | None = None,
     ) -> torch.Tensor:
         """Per-draw, per-observation ``log p(y_n | x_n, w)``, shaped ``(chain, draw, N)``."""
+        shape, chunks = self._loglik_chunks(x, y, num_samples, seed, chunk_size)
+        return torch.cat(list(chunks)).reshape(*shape, -1)
+
+    def _loglik_chunks(self, x, y, num_samples, seed, chunk_size):
+        """``(chain, draw)`` of the draws, and an iterator of ``(S_chunk, N)`` log likelihoods."""
         x = self._check_x(x)
         y = self._check_y(y, x.shape[0])
-        out, shape = [], None
-        for shape, dists in self._chunks(x, num_samples, seed, chunk_size):  # noqa: B007
-            for d in dists:
-                out.append(self._per_draw(_log_prob(d, y)))
-        return torch.cat(out).reshape(*shape, -1)
+        chunks = iter(self._chunks(x, num_samples, seed, chunk_size))
+        first = next(chunks)
+
+        def gen():
+            for _, dists in (first, *chunks):
+                for d in dists:
+                    yield self._per_draw(_log_prob(d, y))
+
+        return first[0], gen()
 
     @torch.no_grad()
     def log_predictive(
@@ -372,15 +381,11 @@ class Posterior:
         chunk_size: int | None = None,
     ) -> torch.Tensor:
         """Log posterior predictive density per observation, ``log mean_s p(y_n | x_n, w_s)``."""
-        x = self._check_x(x)
-        y = self._check_y(y, x.shape[0])
         lse, n = None, 0
-        for _, dists in self._chunks(x, num_samples, seed, chunk_size):
-            for d in dists:
-                ll = self._per_draw(_log_prob(d, y))
-                c = torch.logsumexp(ll, 0)
-                lse = c if lse is None else torch.logaddexp(lse, c)
-                n += ll.shape[0]
+        for ll in self._loglik_chunks(x, y, num_samples, seed, chunk_size)[1]:
+            c = torch.logsumexp(ll, 0)
+            lse = c if lse is None else torch.logaddexp(lse, c)
+            n += ll.shape[0]
         return lse - math.log(n)
 
     def _check_y(self, y, n: int) -> torch.Tensor:

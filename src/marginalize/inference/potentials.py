@@ -386,7 +386,9 @@ class FlatMLP:
         with torch.no_grad():
             if z.dim() == 1:
                 if self._np is not None and z.device.type == "cpu" and z.dtype == self._np["dtype"]:
-                    return self._numpy_potential_and_grad(z.detach())
+                    # far out in a tail float32 overflows; that point gets U = inf, no warning
+                    with np.errstate(over="ignore", invalid="ignore"):
+                        return self._numpy_potential_and_grad(z.detach())
                 return self._flat_potential_and_grad(z.detach())
             return self._batched_potential_and_grad(z.detach())
 
