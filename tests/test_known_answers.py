@@ -43,10 +43,6 @@ def gauss_kl(m0, c0, m1, c1):
     return 0.5 * (torch.trace(c1i @ c0) + d @ c1i @ d - k + torch.logdet(c1) - torch.logdet(c0))
 
 
-def flat_draws(post):
-    return post.sample_flat().reshape(-1, post.layout.size)
-
-
 @pytest.mark.slow
 def test_nuts_matches_exact_posterior(float64):
     model, x, y, mean, cov, _ = blr_problem()

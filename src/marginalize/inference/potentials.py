@@ -419,29 +419,13 @@ class FlatMLP:
         rv = r.ravel()
         rss = float(rv @ rv)
         m = rv.shape[0]
-        if self.noise_at is None:
-            s = self.lik.noise
-            inv_var = 1.0 / s**2
-            u = 0.5 * rss * inv_var + m * (math.log(s) + _HALF_LOG_2PI)
-        else:
-            un = float(zn[self.noise_at])
-            ps = self.lik.noise_prior_scale
-            try:
-                inv_var = math.exp(-2.0 * un)
-                s2 = math.exp(2.0 * un) / ps**2
-            except OverflowError:
-                return z.new_tensor(math.inf), torch.zeros_like(z)
-            u = (
-                0.5 * rss * inv_var
-                + m * (un + _HALF_LOG_2PI)
-                - (_LOG_2 - _HALF_LOG_2PI - math.log(ps))
-                + 0.5 * s2
-                - un
-            )
-        if not abs(u) <= 0.25 * c["max"]:  # an invalid point (and no overflow in what follows)
+        un = None if self.noise_at is None else float(zn[self.noise_at])
+        terms = _gaussian_noise_terms(self.lik, rss, m, un)
+        if terms is None or not abs(terms[0]) <= 0.25 * c["max"]:  # invalid point / overflow
             return z.new_tensor(math.inf), torch.zeros_like(z)
-        if self.noise_at is not None:
-            grad[self.noise_at] = m - rss * inv_var + s2 - 1.0
+        u, inv_var, g_noise = terms
+        if g_noise is not None:
+            grad[self.noise_at] = g_noise
         df = r * inv_var
         back = c["back"]
         for k in range(last, 0, -1):
@@ -499,26 +483,13 @@ class FlatMLP:
             rv = r.view(-1)
             rss = float(torch.dot(rv, rv))
             m = rv.shape[0]
-            if self.noise_at is None:
-                s = self.lik.noise
-                inv_var = 1.0 / s**2
-                u = 0.5 * rss * inv_var + m * (math.log(s) + _HALF_LOG_2PI)
-            else:
-                un = float(z[self.noise_at])
-                ps = self.lik.noise_prior_scale
-                try:
-                    inv_var = math.exp(-2.0 * un)
-                    s2 = math.exp(2.0 * un) / ps**2
-                except OverflowError:
-                    return z.new_tensor(math.inf), torch.zeros_like(z)
-                u = (
-                    0.5 * rss * inv_var
-                    + m * (un + _HALF_LOG_2PI)
-                    - (_LOG_2 - _HALF_LOG_2PI - math.log(ps))
-                    + 0.5 * s2
-                    - un
-                )
-                pieces.append((self.noise_at, _full1(m - rss * inv_var + s2 - 1.0, z)))
+            un = None if self.noise_at is None else float(z[self.noise_at])
+            terms = _gaussian_noise_terms(self.lik, rss, m, un)
+            if terms is None:
+                return z.new_tensor(math.inf), torch.zeros_like(z)
+            u, inv_var, g_noise = terms
+            if g_noise is not None:
+                pieces.append((self.noise_at, _full1(g_noise, z)))
             df = r * inv_var
         else:
             ll, df, _ = self._likelihood_and_grad(z, f, d)
@@ -680,6 +651,31 @@ class FlatMLP:
         g = f[..., 0]
         ll = (d.y * g - F.softplus(g)).sum(-1)
         return ll, (torch.sigmoid(g) - d.y).unsqueeze(-1), None
+
+
+def _gaussian_noise_terms(lik, rss: float, m: int, un: float | None):
+    """Potential of a Gaussian likelihood from its residual sum of squares ``rss`` over ``m``
+    values: ``(U, 1/sigma^2, dU/d un)``. ``un`` is the unconstrained log noise scale of a
+    learned noise (its HalfNormal prior and log-Jacobian included), ``None`` for a fixed noise
+    (then the gradient entry is ``None``). Returns ``None`` when ``exp`` overflows."""
+    if un is None:
+        s = lik.noise
+        inv_var = 1.0 / s**2
+        return 0.5 * rss * inv_var + m * (math.log(s) + _HALF_LOG_2PI), inv_var, None
+    ps = lik.noise_prior_scale
+    try:
+        inv_var = math.exp(-2.0 * un)
+        s2 = math.exp(2.0 * un) / ps**2
+    except OverflowError:
+        return None
+    u = (
+        0.5 * rss * inv_var
+        + m * (un + _HALF_LOG_2PI)
+        - (_LOG_2 - _HALF_LOG_2PI - math.log(ps))
+        + 0.5 * s2
+        - un
+    )
+    return u, inv_var, m - rss * inv_var + s2 - 1.0
 
 
 def _is_exp(t) -> bool:
