@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pyro
 import pyro.distributions as dist
 import pytest
@@ -132,13 +133,33 @@ def test_potential_every_activation(float64, activation):
         assert float((g - g_ref).abs().max()) < 1e-10 * (1 + abs(float(u_ref)))
 
 
-@pytest.mark.parametrize("prior_name", ["normal", "hier_half_cauchy"])
-@pytest.mark.parametrize("lik_name", ["gaussian_learned", "gaussian_fixed"])
-def test_numpy_torch_and_batched_versions_agree(float64, lik_name, prior_name):
-    pb = _problem(lik_name, prior_name, hidden=(4, 3))
+_NUMPY_CASES = [
+    ("tanh", lik, prior, hidden)
+    for lik in ("gaussian_learned", "gaussian_fixed", "gaussian_2d")
+    for prior in ("normal", "hier_half_cauchy")
+    for hidden in ((4, 3), (5,))
+] + [
+    (act, "gaussian_learned", "normal", hidden)
+    for act in ("relu", "sigmoid", "identity")
+    for hidden in ((4, 3), (5,))
+]
+
+
+@pytest.mark.parametrize("activation,lik_name,prior_name,hidden", _NUMPY_CASES)
+def test_numpy_torch_and_batched_versions_agree(float64, activation, lik_name, prior_name, hidden):
+    """One hidden layer under one output takes a shortcut in the NumPy version's backward
+    pass; deeper networks and several outputs do not."""
+    pb = _problem(lik_name, prior_name, activation=activation, hidden=hidden)
     fp = fast_potential(pb)
-    assert fp._np is not None  # Gaussian + tanh on the CPU takes the NumPy version
+    assert fp._np is not None  # Gaussian likelihoods on the CPU take the NumPy version
+    assert pb.numpy_potential() is not None
     zs = _points(pb, n=3)
+    for z in zs:  # the NumPy entry point NUTS uses
+        u, g = pb.numpy_potential()(z.numpy())
+        u_ref, g_ref = _reference(pb, z)
+        assert isinstance(u, float) and isinstance(g, np.ndarray) and g.dtype == np.float64
+        assert abs(u - float(u_ref)) < 1e-10 * (1 + abs(u))
+        assert np.allclose(g, g_ref.numpy(), rtol=1e-10, atol=1e-10)
     outs_np = [fp.potential_and_grad(z) for z in zs]
     saved, fp._np = fp._np, None
     try:

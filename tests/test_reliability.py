@@ -280,17 +280,34 @@ def test_ensemble_resume_restores_finished_members(tmp_path, monkeypatch):
 
 
 def _interrupt_potential(monkeypatch, k=None):
-    """Count potential evaluations; raise KeyboardInterrupt (Ctrl-C) in the ``k``-th."""
+    """Count potential evaluations (torch and NumPy versions); raise KeyboardInterrupt
+    (Ctrl-C) in the ``k``-th."""
     orig = Problem.potential_and_grad
+    orig_np = Problem.numpy_potential
     calls = {"n": 0}
 
-    def pg(self, z):
+    def count():
         calls["n"] += 1
         if calls["n"] == k:
             raise KeyboardInterrupt
+
+    def pg(self, z):
+        count()
         return orig(self, z)
 
+    def numpy_potential(self):
+        f = orig_np(self)
+        if f is None:
+            return None
+
+        def counted(z):
+            count()
+            return f(z)
+
+        return counted
+
     monkeypatch.setattr(Problem, "potential_and_grad", pg)
+    monkeypatch.setattr(Problem, "numpy_potential", numpy_potential)
     return calls
 
 

@@ -56,6 +56,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 __all__ = ["NUTSState", "SamplingInterrupted", "run_sampler"]
@@ -280,19 +281,53 @@ class _Kernel:
             if not bool((inverse_mass > 0).all() & torch.isfinite(inverse_mass).all()):
                 raise ValueError("diagonal inverse mass must be positive and finite")
             mom = inverse_mass.rsqrt()
-        self.minv = inverse_mass
-        self._mom = mom
+        #: the metric as a tensor (what the state stores); ``minv`` is it in the kernel's
+        #: own array type
+        self.inverse_mass = inverse_mass
+        self.minv = self.native(inverse_mass)
+        self._mom = self.native(mom)
         self.dense = inverse_mass.ndim == 2
         self.dim = inverse_mass.shape[0]
         self.dtype = inverse_mass.dtype
         self.device = inverse_mass.device
 
-    def velocity(self, p: torch.Tensor) -> torch.Tensor:
-        return torch.mv(self.minv, p) if self.dense else self.minv * p
+    # -- array primitives (torch here; NumPy in _NumpyKernel) ---------------- #
+    @staticmethod
+    def native(t: torch.Tensor):
+        """A tensor as the kernel's array type."""
+        return t
 
-    def sample_momentum(self) -> torch.Tensor:
-        e = torch.randn(self.dim, generator=self.gen, dtype=self.dtype, device=self.device)
-        return torch.mv(self._mom, e) if self.dense else e * self._mom
+    @staticmethod
+    def tensor(a) -> torch.Tensor:
+        """A kernel array as a tensor (shares memory where it can)."""
+        return a
+
+    @staticmethod
+    def _axpy(y, x, a: float):
+        """``y + a * x``."""
+        return torch.add(y, x, alpha=a)
+
+    @staticmethod
+    def _dot(a, b) -> float:
+        return float(torch.dot(a, b))
+
+    @staticmethod
+    def _mv(m, x):
+        return torch.mv(m, x)
+
+    @staticmethod
+    def _gram(rows, cols) -> list[list[float]]:
+        """``stack(rows) @ stack(cols).T`` as nested lists."""
+        return torch.mm(torch.stack(rows), torch.stack(cols).mT).tolist()
+
+    def velocity(self, p):
+        return self._mv(self.minv, p) if self.dense else self.minv * p
+
+    def sample_momentum(self):
+        e = self.native(
+            torch.randn(self.dim, generator=self.gen, dtype=self.dtype, device=self.device)
+        )
+        return self._mv(self._mom, e) if self.dense else e * self._mom
 
     # -- randomness ---------------------------------------------------------- #
     def new_iteration(self) -> None:
@@ -311,32 +346,33 @@ class _Kernel:
         return self._ubuf[pos]
 
     # -- integrator ---------------------------------------------------------- #
-    def _drift(self, z: torch.Tensor, p: torch.Tensor, eps: float) -> torch.Tensor:
+    def _drift(self, z, p, eps: float):
+        """``z + eps * M^{-1} p``."""
         if self.dense:
             return torch.addmv(z, self.minv, p, alpha=eps)
         return torch.addcmul(z, self.minv, p, value=eps)
 
-    def _potential(self, z: torch.Tensor) -> tuple[float, torch.Tensor]:
+    def _potential(self, z):
         u, g = self.pg(z)
         if g.requires_grad:
             g = g.detach()
         return float(u), g
 
-    def find_step_size(self, z: torch.Tensor, u0: float, g0: torch.Tensor, eps: float) -> float:
+    def find_step_size(self, z, u0: float, g0, eps: float) -> float:
         """Heuristic initial step size (Hoffman & Gelman 2014, algorithm 4).
 
         Doubles (halves) ``eps`` while one leapfrog step from ``z`` with a fixed
         momentum has a Metropolis ratio above (below) 1/2.
         """
         p0 = self.sample_momentum()
-        h0 = u0 + 0.5 * float(torch.dot(p0, self.velocity(p0)))
+        h0 = u0 + 0.5 * self._dot(p0, self.velocity(p0))
 
         def log_ratio(e: float) -> float:
-            p = torch.add(p0, g0, alpha=-0.5 * e)
+            p = self._axpy(p0, g0, -0.5 * e)
             z1 = self._drift(z, p, e)
             u1, g1 = self._potential(z1)
-            p = torch.add(p, g1, alpha=-0.5 * e)
-            h1 = u1 + 0.5 * float(torch.dot(p, self.velocity(p)))
+            p = self._axpy(p, g1, -0.5 * e)
+            h1 = u1 + 0.5 * self._dot(p, self.velocity(p))
             d = h0 - h1
             return _NEG_INF if math.isnan(d) else d
 
@@ -362,28 +398,24 @@ class _Kernel:
     # product instead of two.
     def _leaf(self, z, p, v, g, eps: float):
         half = -0.5 * eps
+        axpy = self._axpy
         if self.dense:
             gr, w = g
-            p = torch.add(p, gr, alpha=half)
-            v = torch.add(v, w, alpha=half)
-            z = torch.add(z, v, alpha=eps)
-            u, gr = self.pg(z)
-            if gr.requires_grad:
-                gr = gr.detach()
-            w = torch.mv(self.minv, gr)
-            p = torch.add(p, gr, alpha=half)
-            v = torch.add(v, w, alpha=half)
-            return z, p, v, (gr, w), float(u)
-        p = torch.add(p, g, alpha=half)
-        z = torch.addcmul(z, self.minv, p, value=eps)
-        u, g = self.pg(z)
-        if g.requires_grad:
-            g = g.detach()
-        p = torch.add(p, g, alpha=half)
-        return z, p, self.minv * p, g, float(u)
+            p = axpy(p, gr, half)
+            v = axpy(v, w, half)
+            z = axpy(z, v, eps)
+            u, gr = self._potential(z)
+            w = self._mv(self.minv, gr)
+            p = axpy(p, gr, half)
+            v = axpy(v, w, half)
+            return z, p, v, (gr, w), u
+        p = axpy(p, g, half)
+        z = self._drift(z, p, eps)
+        u, g = self._potential(z)
+        p = axpy(p, g, half)
+        return z, p, self.minv * p, g, u
 
-    @staticmethod
-    def _no_uturn(va_beg, pa_end, va_end, rho_a, pb_beg, vb_beg, vb_end, rho_b) -> bool:
+    def _no_uturn(self, va_beg, pa_end, va_end, rho_a, pb_beg, vb_beg, vb_end, rho_b) -> bool:
         """Generalised no-U-turn checks for merging tree ``a`` with the later tree ``b``.
 
         Checks the merged tree (momentum sum ``rho_a + rho_b``) and, as Stan
@@ -391,11 +423,9 @@ class _Kernel:
         the last point of ``a``.  All the dot products come from one 4x4
         Gram matrix.
         """
-        gram = torch.mm(
-            torch.stack((va_beg, vb_end, vb_beg, va_end)),
-            torch.stack((rho_a, rho_b, pb_beg, pa_end)).mT,
-        ).tolist()
-        g0, g1, g2, g3 = gram
+        g0, g1, g2, g3 = self._gram(
+            (va_beg, vb_end, vb_beg, va_end), (rho_a, rho_b, pb_beg, pa_end)
+        )
         return (
             g0[0] + g0[1] > 0.0
             and g1[0] + g1[1] > 0.0  # merged tree
@@ -415,7 +445,7 @@ class _Kernel:
         """
         if depth == 0:
             z, p, v, g, u = self._leaf(z, p, v, g, eps)
-            h = u + 0.5 * float(torch.dot(p, v))
+            h = u + 0.5 * self._dot(p, v)
             self.n_leapfrog += 1
             if h != h:  # NaN
                 h = _INF
@@ -439,13 +469,13 @@ class _Kernel:
         sample = s2 if (lw2 > lw or self.uniform() < math.exp(lw2 - lw)) else s1
         rho = rho1 + rho2
         if depth == 1:  # two single leaves: the boundary checks equal the plain one
-            if not (float(torch.dot(vb1, rho)) > 0.0 and float(torch.dot(v2, rho)) > 0.0):
+            if not (self._dot(vb1, rho) > 0.0 and self._dot(v2, rho) > 0.0):
                 return None
         elif not self._no_uturn(vb1, p1, v1, rho1, pb2, vb2, v2, rho2):
             return None
         return (z2, p2, v2, g2, pb1, vb1, rho, lw, sample)
 
-    def nuts(self, z0: torch.Tensor, u0: float, g0: torch.Tensor, eps: float):
+    def nuts(self, z0, u0: float, g0, eps: float):
         """One multinomial NUTS transition.
 
         Returns ``(z, U, g, H, tree_depth, accept_stat, n_leapfrog, diverging)``.
@@ -457,9 +487,9 @@ class _Kernel:
 
         p0 = self.sample_momentum()
         v0 = self.velocity(p0)
-        h0 = u0 + 0.5 * float(torch.dot(p0, v0))
+        h0 = u0 + 0.5 * self._dot(p0, v0)
         if self.dense:
-            g0 = (g0, torch.mv(self.minv, g0))
+            g0 = (g0, self._mv(self.minv, g0))
         # backward (b) and forward (f) edges of the tree
         zb = zf = z0
         pb = pf = p0
@@ -495,7 +525,7 @@ class _Kernel:
                 zb, pb, vb, gb = z_e, p_e, v_e, g_e
             rho = rho + rho_sub
             if depth == 1:
-                if not (float(torch.dot(vb, rho)) > 0.0 and float(torch.dot(vf, rho)) > 0.0):
+                if not (self._dot(vb, rho) > 0.0 and self._dot(vf, rho) > 0.0):
                     break
             elif not self._no_uturn(*a, *b):
                 break
@@ -506,7 +536,7 @@ class _Kernel:
         return z, u, g, h, depth, self.sum_accept / self.n_leapfrog, self.n_leapfrog, self.divergent
 
     # -- static HMC ---------------------------------------------------------- #
-    def hmc(self, z0: torch.Tensor, u0: float, g0: torch.Tensor, eps: float, n_steps: int):
+    def hmc(self, z0, u0: float, g0, eps: float, n_steps: int):
         """One static-HMC transition of ``n_steps`` leapfrog steps.
 
         Returns ``(z, U, g, H, 0, accept_prob, n_leapfrog, diverging)``.
@@ -514,12 +544,12 @@ class _Kernel:
         self.new_iteration()
         p0 = self.sample_momentum()
         v0 = self.velocity(p0)
-        h0 = u0 + 0.5 * float(torch.dot(p0, v0))
+        h0 = u0 + 0.5 * self._dot(p0, v0)
         z, p, v, u = z0, p0, v0, u0
         done = 0
         finite = True
         if self.dense:
-            g = (g0, torch.mv(self.minv, g0))
+            g = (g0, self._mv(self.minv, g0))
             for _ in range(n_steps):
                 z, p, v, g, u = self._leaf(z, p, v, g, eps)
                 done += 1
@@ -527,21 +557,24 @@ class _Kernel:
                     finite = False
                     break
         else:  # the velocity is only needed at the end
-            minv, pg, half, g = self.minv, self.pg, -0.5 * eps, g0
+            axpy, drift, potential, half, g = (
+                self._axpy,
+                self._drift,
+                self._potential,
+                -0.5 * eps,
+                g0,
+            )
             for _ in range(n_steps):
-                p = torch.add(p, g, alpha=half)
-                z = torch.addcmul(z, minv, p, value=eps)
-                u, g = pg(z)
-                if g.requires_grad:
-                    g = g.detach()
-                u = float(u)
-                p = torch.add(p, g, alpha=half)
+                p = axpy(p, g, half)
+                z = drift(z, p, eps)
+                u, g = potential(z)
+                p = axpy(p, g, half)
                 done += 1
                 if not math.isfinite(u):
                     finite = False
                     break
-            v = minv * p
-        h = u + 0.5 * float(torch.dot(p, v)) if finite else _INF
+            v = self.minv * p
+        h = u + 0.5 * self._dot(p, v) if finite else _INF
         if h != h:
             h = _INF
         d = h0 - h
@@ -550,6 +583,83 @@ class _Kernel:
         if self.uniform() < accept:
             return z, u, (g[0] if self.dense else g), h, 0, accept, done, diverging
         return z0, u0, g0, h0, 0, accept, done, diverging
+
+
+class _NumpyKernel(_Kernel):
+    """:class:`_Kernel` with NumPy arrays, for CPU runs whose potential has a NumPy version.
+
+    A leapfrog step of a small network is a handful of operations on vectors of a few
+    hundred numbers, where a torch operation's dispatch (several microseconds) costs more
+    than its arithmetic; NumPy's is a fraction of that. The algorithm is the shared one: only
+    the array primitives differ, and the random numbers still come from the torch generator
+    (so states, resuming and seeds behave as on the torch path). Floating-point warnings far
+    out in a tail (float32 overflow) are silenced: such a point has ``U = inf``.
+    """
+
+    def __init__(self, potential_and_grad, inverse_mass, generator, max_tree_depth) -> None:
+        self._scaled: tuple[float, np.ndarray | None] = (math.nan, None)
+        super().__init__(potential_and_grad, inverse_mass, generator, max_tree_depth)
+
+    def set_inverse_mass(self, inverse_mass: torch.Tensor) -> None:
+        super().set_inverse_mass(inverse_mass.detach().cpu())
+        self._scaled = (math.nan, None)
+
+    @staticmethod
+    def native(t: torch.Tensor) -> np.ndarray:
+        return t.detach().cpu().numpy()
+
+    @staticmethod
+    def tensor(a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(a)
+
+    @staticmethod
+    def _axpy(y, x, a: float):
+        t = x * a
+        t += y
+        return t
+
+    @staticmethod
+    def _dot(a, b) -> float:
+        return float(a @ b)
+
+    @staticmethod
+    def _mv(m, x):
+        return m @ x
+
+    @staticmethod
+    def _gram(rows, cols) -> list[list[float]]:
+        n = len(rows)  # concatenate is a C call; np.stack costs three times as much here
+        return (
+            np.concatenate(rows).reshape(n, -1) @ np.concatenate(cols).reshape(n, -1).T
+        ).tolist()
+
+    def _drift(self, z, p, eps: float):
+        if self.dense:
+            t = self.minv @ p
+            t *= eps
+        else:  # eps * M^{-1} is kept for the (two) step sizes of the current transition
+            e, scaled = self._scaled
+            if e != eps:
+                scaled = self.minv * eps
+                self._scaled = (eps, scaled)
+            t = scaled * p
+        t += z
+        return t
+
+    def _potential(self, z):
+        return self.pg(z)
+
+    def find_step_size(self, z, u0, g0, eps):
+        with np.errstate(over="ignore", invalid="ignore"):
+            return super().find_step_size(z, u0, g0, eps)
+
+    def nuts(self, z0, u0, g0, eps):
+        with np.errstate(over="ignore", invalid="ignore"):
+            return super().nuts(z0, u0, g0, eps)
+
+    def hmc(self, z0, u0, g0, eps, n_steps):
+        with np.errstate(over="ignore", invalid="ignore"):
+            return super().hmc(z0, u0, g0, eps, n_steps)
 
 
 # --------------------------------------------------------------------------- #
@@ -587,6 +697,7 @@ def run_sampler(
     adapt_mass: str | None = "diag",
     state: NUTSState | None = None,
     callback: Callable[[int, NUTSState, dict[str, Any] | None], Any] | None = None,
+    numpy_potential_and_grad: Callable[[np.ndarray], tuple[float, np.ndarray]] | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], NUTSState]:
     """Run NUTS or static HMC with Stan-style warmup on a flat vector.
 
@@ -637,6 +748,12 @@ def run_sampler(
         absolute); ``state`` is the state after it and ``info`` is a dict of
         Python scalars with the keys of ``stats`` for kept iterations and
         ``None`` during warmup.  It may raise ``KeyboardInterrupt``.
+    numpy_potential_and_grad : callable, optional
+        The same potential on a ``(D,)`` NumPy array of ``z0``'s dtype, returning ``(U,
+        gradient)`` as a float and an array.  When given and ``z0`` is a float32/float64 CPU
+        tensor, the transitions run in NumPy (several times less overhead per leapfrog step
+        on small models); ``potential_and_grad`` is then not called.  Draws, statistics
+        and states are tensors either way.
 
     Returns
     -------
@@ -715,16 +832,26 @@ def run_sampler(
             if adapt_mass is not None and adapt_mass != kind:
                 raise ValueError(f"state has a {kind} metric, adapt_mass={adapt_mass!r}")
 
+    use_numpy = (
+        numpy_potential_and_grad is not None
+        and device.type == "cpu"
+        and dtype in (torch.float32, torch.float64)
+    )
     try:
-        kernel = _Kernel(potential_and_grad, inv_mass, generator, max_tree_depth)
+        if use_numpy:
+            kernel = _NumpyKernel(numpy_potential_and_grad, inv_mass, generator, max_tree_depth)
+        else:
+            kernel = _Kernel(potential_and_grad, inv_mass, generator, max_tree_depth)
     except RuntimeError as exc:  # torch.linalg.LinAlgError
         raise ValueError("state.inverse_mass is not positive definite") from exc
-    u, g = kernel._potential(z)
+    z = kernel.native(z)
+    with np.errstate(over="ignore", invalid="ignore"):
+        u, g = kernel._potential(z)
     if not math.isfinite(u):
         raise ValueError(f"initial point has non-finite potential ({u})")
-    if g.shape != z.shape:
-        raise ValueError(f"gradient has shape {tuple(g.shape)}, expected {tuple(z.shape)}")
-    if not bool(torch.isfinite(g).all()):
+    if tuple(g.shape) != (dim,):
+        raise ValueError(f"gradient has shape {tuple(g.shape)}, expected {(dim,)}")
+    if not bool(torch.isfinite(kernel.tensor(g)).all()):
         raise ValueError("initial point has non-finite gradient")
 
     if fresh:
@@ -779,9 +906,9 @@ def run_sampler(
 
     def snapshot(iteration: int) -> NUTSState:
         return NUTSState(
-            z=z,
+            z=kernel.tensor(z),
             step_size=eps,
-            inverse_mass=kernel.minv,
+            inverse_mass=kernel.inverse_mass,
             iteration=iteration,
             adapt=dict(adapt),
             rng_state=generator.get_state(),
@@ -817,12 +944,13 @@ def run_sampler(
                     eps = math.exp(x)
                 if win_lo <= i < win_hi:
                     n = adapt["mass_n"] + 1
-                    delta = z - adapt["mass_mean"]
+                    zt = kernel.tensor(z)
+                    delta = zt - adapt["mass_mean"]
                     mean = adapt["mass_mean"] + delta / n
                     if dense:
-                        m2 = torch.addr(adapt["mass_m2"], delta, z - mean)
+                        m2 = torch.addr(adapt["mass_m2"], delta, zt - mean)
                     else:
-                        m2 = torch.addcmul(adapt["mass_m2"], delta, z - mean)
+                        m2 = torch.addcmul(adapt["mass_m2"], delta, zt - mean)
                     adapt["mass_n"], adapt["mass_mean"], adapt["mass_m2"] = n, mean, m2
                     if i in win_ends:
                         _update_metric(kernel, adapt, dense)
@@ -837,7 +965,7 @@ def run_sampler(
                     eps = math.exp(adapt["log_step_size_avg"])
                     logger.debug("warmup done: step size %g", eps)
             else:
-                draws[k] = z
+                draws[k] = kernel.tensor(z)
                 lp = -u
                 s_lp.append(lp)
                 s_div.append(div)

@@ -173,6 +173,7 @@ class _MCMC(Method):
                     adapt_mass=opts.adapt_mass,
                     callback=callback,
                     state=rec.resume_state,
+                    numpy_potential_and_grad=problem.numpy_potential(),
                     **self._sampler_kwargs(opts),
                 )
                 d, s = rec.join(d, s)

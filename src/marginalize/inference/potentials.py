@@ -90,12 +90,25 @@ def _np_sigmoid(a):
     return 0.5 * (np.tanh(0.5 * a) + 1.0)
 
 
-#: activation -> (forward, backward ``(dh, h) -> da`` from the output) in NumPy
+def _np_tanh_deriv(h):
+    s = h * h
+    np.subtract(1.0, s, out=s)
+    return s
+
+
+def _np_sigmoid_deriv(h):
+    s = 1.0 - h
+    s *= h
+    return s
+
+
+#: activation -> (forward, derivative ``h -> act'(a)`` from the output ``h = act(a)``, as a
+#: fresh array the caller may overwrite) in NumPy
 _NP_ACT = {
-    "tanh": (np.tanh, lambda dh, h: dh * (1.0 - h * h)),
-    "relu": (lambda a: np.maximum(a, 0.0), lambda dh, h: dh * (h > 0)),
-    "sigmoid": (_np_sigmoid, lambda dh, h: dh * h * (1.0 - h)),
-    "identity": (lambda a: a, lambda dh, h: dh),
+    "tanh": (np.tanh, _np_tanh_deriv),
+    "relu": (lambda a: np.maximum(a, 0.0), lambda h: (h > 0).astype(h.dtype)),
+    "sigmoid": (_np_sigmoid, _np_sigmoid_deriv),
+    "identity": (lambda a: a, np.ones_like),
 }
 
 
@@ -238,7 +251,7 @@ class FlatMLP:
             or self.n * widest > _NP_MAX_ELEMENTS
         ):
             return None
-        act, back = _NP_ACT[self.model.activation]
+        act, deriv = _NP_ACT[self.model.activation]
         return {
             "dtype": d.x.dtype,
             "x_aug": d.x_aug.numpy(),
@@ -246,7 +259,11 @@ class FlatMLP:
             "y_col": d.y_col.contiguous().numpy(),
             "prec": self._prec.numpy(),
             "act": act,
-            "back": back,
+            "deriv": deriv,
+            "plan": [
+                (lay.start, lay.start + lay.fan_in * lay.out, lay.stop, lay.fan_in, lay.out)
+                for lay in self.layers
+            ],
             "max": float(torch.finfo(d.x.dtype).max),
         }
 
@@ -388,56 +405,72 @@ class FlatMLP:
                 if self._np is not None and z.device.type == "cpu" and z.dtype == self._np["dtype"]:
                     # far out in a tail float32 overflows; that point gets U = inf, no warning
                     with np.errstate(over="ignore", invalid="ignore"):
-                        return self._numpy_potential_and_grad(z.detach())
+                        u, g = self.numpy_potential_and_grad(z.detach().numpy())
+                    return torch.scalar_tensor(u, dtype=z.dtype), torch.from_numpy(g)
                 return self._flat_potential_and_grad(z.detach())
             return self._batched_potential_and_grad(z.detach())
 
-    def _numpy_potential_and_grad(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """:meth:`_flat_potential_and_grad` in NumPy, for CPU tensors.
+    @property
+    def numpy_dtype(self) -> torch.dtype | None:
+        """The dtype :meth:`numpy_potential_and_grad` works in, or ``None`` where it does not
+        apply (data off the CPU, a classification likelihood, an activation without a NumPy
+        version, or activations wider than ``_NP_MAX_ELEMENTS`` numbers)."""
+        return None if self._np is None else self._np["dtype"]
 
-        The same arithmetic; a NumPy call on arrays of a few thousand numbers costs about a
-        third of a torch operation's dispatch, which is most of the time at these sizes.
+    def numpy_potential_and_grad(self, zn: np.ndarray) -> tuple[float, np.ndarray]:
+        """:meth:`potential_and_grad` of one ``(D,)`` NumPy vector, as ``(float, ndarray)``.
+
+        The same arithmetic as the torch version; a NumPy call on arrays of a few thousand
+        numbers costs about a third of a torch operation's dispatch, and at these sizes that
+        is most of the time. Only available where :attr:`numpy_dtype` is not ``None``; ``zn``
+        must have that dtype. An invalid point gives ``(inf, zeros)``. Floating-point
+        warnings far out in a tail are the caller's to silence (``np.errstate``): entering it
+        on every call would cost a few percent here.
         """
         c = self._np
-        zn = z.numpy()
-        layers = self.layers
-        last = len(layers) - 1
+        plan = c["plan"]  # per layer: (weight start, bias start, stop, fan_in, out)
         act = c["act"]
-        hs, ws = [], []
-        lay = layers[0]
-        f = c["x_aug"] @ zn[lay.start : lay.stop].reshape(lay.fan_in + 1, lay.out)
-        for lay in layers[1:]:
+        s0, _, e0, fi0, o0 = plan[0]
+        f = c["x_aug"] @ zn[s0:e0].reshape(fi0 + 1, o0)
+        hs = []
+        for s, m, e, fi, o in plan[1:]:
             h = act(f)
             hs.append(h)
-            mid = lay.start + lay.fan_in * lay.out
-            w = zn[lay.start : mid].reshape(lay.fan_in, lay.out)
-            ws.append(w)
-            f = h @ w
-            f += zn[mid : lay.stop]
-        grad = np.empty_like(zn)
-        r = f - c["y_col"]
-        rv = r.ravel()
+            f = h @ zn[s:m].reshape(fi, o)
+            f += zn[m:e]
+        f -= c["y_col"]  # the residual, in place: f is a fresh array
+        rv = f.reshape(-1)
         rss = float(rv @ rv)
-        m = rv.shape[0]
         un = None if self.noise_at is None else float(zn[self.noise_at])
-        terms = _gaussian_noise_terms(self.lik, rss, m, un)
+        terms = _gaussian_noise_terms(self.lik, rss, rv.shape[0], un)
         if terms is None or not abs(terms[0]) <= 0.25 * c["max"]:  # invalid point / overflow
-            return z.new_tensor(math.inf), torch.zeros_like(z)
+            return math.inf, np.zeros_like(zn)
         u, inv_var, g_noise = terms
+        grad = np.zeros(zn.shape[0], zn.dtype)
         if g_noise is not None:
             grad[self.noise_at] = g_noise
-        df = r * inv_var
-        back = c["back"]
-        for k in range(last, 0, -1):
+        f *= inv_var
+        df = f  # dU/df of the current layer's output
+        deriv = c["deriv"]
+        for k in range(len(plan) - 1, 0, -1):
+            s, m, e, fi, o = plan[k]
             h = hs[k - 1]
-            lay = layers[k]
-            mid = lay.start + lay.fan_in * lay.out
-            grad[lay.start : mid] = (h.T @ df).ravel()
-            grad[mid : lay.stop] = df.sum(0)
-            w = ws[k - 1]
-            df = back(df @ w.T, h)
-        lay = layers[0]
-        grad[lay.start : lay.stop] = (c["x_aug_t"] @ df).ravel()
+            np.matmul(h.T, df, out=grad[s:m].reshape(fi, o))
+            np.add.reduce(df, 0, None, grad[m:e])  # the bias gradient (np.sum is slower)
+            w = zn[s:m].reshape(fi, o)
+            d = deriv(h)  # act'(a) from the output h, a fresh array
+            if k == 1 and o == 1:
+                # one output above the first layer: dU/da = df * w^T * act'(a), and the first
+                # layer's gradient x_aug^T (df * w^T * act'(a)) = ((x_aug^T * df^T) @ act'(a))
+                # * w^T needs no (N, H) outer product
+                g0 = grad[s0:e0].reshape(fi0 + 1, o0)
+                np.matmul(c["x_aug_t"] * df.T, d, out=g0)
+                g0 *= w.reshape(1, -1)
+                break
+            d *= df @ w.T
+            df = d
+        else:
+            np.matmul(c["x_aug_t"], df, out=grad[s0:e0].reshape(fi0 + 1, o0))
         for lay in self._hier:
             w = zn[lay.start : lay.stop]
             uh = float(zn[lay.hyper])
@@ -447,18 +480,18 @@ class FlatMLP:
                 inv_var = math.exp(-2.0 * log_scale)
                 hlp, hgrad = _hyper_log_prob_and_grad_float(lay.hyperprior, lay.hyperscale, uh)
             except OverflowError:
-                return z.new_tensor(math.inf), torch.zeros_like(z)
+                return math.inf, np.zeros_like(zn)
             q = float(w @ w)
             u += 0.5 * q * inv_var + n * (log_scale + _HALF_LOG_2PI) - hlp - uh
             grad[lay.hyper] = n - q * inv_var - hgrad - 1.0
             grad[lay.start : lay.stop] += w * inv_var
-        if self._fixed:
+        if self._fixed:  # fixed-scale Gaussian priors: one precision vector over z
             gp = zn * c["prec"]
             u += 0.5 * float(gp @ zn) - self._prior_const
             grad += gp
         if not abs(u) <= c["max"]:  # also catches NaN
-            return z.new_tensor(math.inf), torch.zeros_like(z)
-        return torch.scalar_tensor(u, dtype=z.dtype), torch.from_numpy(grad)
+            return math.inf, np.zeros_like(zn)
+        return u, grad
 
     def _flat_potential_and_grad(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The one-chain case with as few tensor operations as possible (NUTS calls this

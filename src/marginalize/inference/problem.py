@@ -181,6 +181,15 @@ class Problem:
             self.__dict__["_fast"] = fast
         return self.__dict__["_fast"]
 
+    def numpy_potential(self):
+        """The NumPy version of :meth:`potential_and_grad` (``(D,) ndarray -> (float,
+        ndarray)``) where the fast potential has one for this problem's dtype on the CPU,
+        else ``None``. NUTS and HMC then run their transitions in NumPy."""
+        fast = self.fast_potential()
+        if fast is None or self.device.type != "cpu" or fast.numpy_dtype != self.dtype:
+            return None
+        return fast.numpy_potential_and_grad
+
     def potential_and_grad(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``U(z) = -log_joint(z)`` and its gradient; an invalid point gives ``U = inf``."""
         fast = self.fast_potential()
