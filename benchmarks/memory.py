@@ -53,7 +53,8 @@ else:
     result_bytes = f.numel() * f.element_size()
 cpu = time.process_time() - t0
 print(json.dumps({"before": before, "after": rss(), "result": result_bytes, "cpu": cpu,
-                  "chunk": post._chunk_size(n_in, None)}))
+                  "chunk": post._block_plan(n_in, draws, None) if what == "predict"
+                           else post._chunk_size(n_in, None)}))
 """
 
 

@@ -399,7 +399,9 @@ def test_fast_engine_minibatches_and_nan_policy():
 # prediction
 # --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("task", ["regression", "classification"])
-def test_prediction_chunks_equal_a_loop_over_draws(float64, task):
+def test_prediction_chunks_equal_a_loop_over_draws(float64, task, monkeypatch):
+    """Any chunk size, and blocks of inputs, give the numbers of a loop over draws."""
+    from marginalize.inference import posterior as posterior_module
     from marginalize.inference.approximations import Empirical
     from marginalize.inference.posterior import Posterior
 
@@ -415,10 +417,64 @@ def test_prediction_chunks_equal_a_loop_over_draws(float64, task):
         d = model.predictive_dist(pb.layout.unpack(z), xt)
         per_draw.append(d.mean if task == "regression" else d.probs)
     per_draw = torch.stack(per_draw)
-    for chunk in (None, 1, 5, 37, 100):
-        pred = post.predict(xt, num_samples=37, chunk_size=chunk)
+    plans = [(chunk, None) for chunk in (None, 1, 5, 37, 100)]
+    # bytes per draw and input: 8 (float64) x 7 (the widest layer); with at least 2 draws per
+    # chunk, blocks of 3 inputs; then 3 draws over all 11 inputs
+    plans += [(None, 2 * 3 * 8 * 7), (None, 3 * 11 * 8 * 7)]
+    for chunk, block_bytes in plans:
+        if block_bytes is not None:
+            monkeypatch.setattr(posterior_module, "BLOCK_BYTES", block_bytes)
+            monkeypatch.setattr(posterior_module, "MIN_DRAWS_PER_CHUNK", 2)
+            draws_per, inputs_per = post._block_plan(11, 37, None)
+            assert (draws_per, inputs_per) == ((2, 3) if block_bytes < 500 else (3, 11))
+        pred = post.predict(xt, num_samples=37, chunk_size=chunk, return_draws=True)
+        monkeypatch.undo()
         assert torch.allclose(pred.mean, per_draw.mean(0), rtol=1e-10, atol=1e-12)
+        key = "mean" if task == "regression" else "probs"
+        assert torch.allclose(pred.draws[key][0], per_draw, rtol=1e-12, atol=1e-12)
         if task == "regression":
             assert torch.allclose(
                 pred.epistemic**2, per_draw.var(0, unbiased=False), rtol=1e-8, atol=1e-12
             )
+            noise2 = pb.layout.unpack(draws[0])["noise"] ** 2
+            assert torch.allclose(pred.aleatoric**2, noise2.mean().expand(11), rtol=1e-10)
+        else:
+            ent = -(per_draw * per_draw.log()).sum(-1)
+            assert torch.allclose(pred.expected_entropy, ent.mean(0), rtol=1e-10, atol=1e-12)
+
+
+def test_moments_stay_accurate_far_from_zero():
+    """The shifted sums of the prediction accumulator: float32 values around 1e4 with spread
+    0.1, in chunks of any size, give the variance to float32 accuracy (plain sums of squares
+    would lose it all to cancellation)."""
+    from marginalize.inference.posterior import _Moments
+
+    g = torch.Generator().manual_seed(0)
+    v64 = 1e4 + 0.1 * torch.randn(300, 7, generator=g, dtype=torch.float64)
+    v = v64.float()
+    ref_mean, ref_var = v.double().mean(0), v.double().var(0, unbiased=False)
+    for sizes in ([300], [1] * 300, [1, 299], [7, 50, 243]):
+        acc = _Moments()
+        for part in v.split(sizes):
+            acc.add(part)
+        assert acc.n == 300
+        assert torch.allclose(acc.mean.double(), ref_mean, rtol=1e-6)
+        assert torch.allclose((acc.m2 / acc.n).double(), ref_var, rtol=2e-3)
+
+
+@pytest.mark.parametrize("activation", ["relu", "tanh", "sigmoid", "elu", "silu", "leaky_relu"])
+def test_inplace_activation_without_grad_is_the_same_network(float64, activation):
+    """Without autograd the MLP applies its activation in place; the numbers are the same, and
+    with autograd nothing is done in place (gradients still flow)."""
+    model = mz.models.mlp(2, hidden=[6, 4], activation=activation)
+    x, y = _data("gaussian", 1)
+    pb = prepare(model, x, y)
+    z = torch.stack([pb.init_from_prior(i) for i in range(3)])
+    params = pb.layout.unpack(z)
+    with torch.no_grad():
+        f0 = model.forward(params, x)
+    zg = z.clone().requires_grad_(True)
+    f1 = model.forward(pb.layout.unpack(zg), x)
+    assert torch.equal(f0, f1.detach())
+    (g,) = torch.autograd.grad(f1.square().sum(), zg)
+    assert torch.isfinite(g).all() and g.abs().sum() > 0

@@ -44,6 +44,11 @@ log = logging.getLogger(__name__)
 DEFAULT_CHUNK_BYTES = 2**20
 #: the same on a GPU, where large chunks amortize kernel launches
 GPU_CHUNK_BYTES = 256 * 2**20
+#: a builder model's prediction on the CPU: bytes of one activation tensor (draws x inputs x
+#: widest layer) of a chunk, and the fewest draws per chunk before inputs are split into blocks
+#: (see ``Posterior._block_plan``)
+BLOCK_BYTES = 4 * 2**20
+MIN_DRAWS_PER_CHUNK = 16
 
 
 @dataclass
@@ -97,36 +102,60 @@ def _entropy(p: torch.Tensor) -> torch.Tensor:
 
 
 class _Moments:
-    """Chunk-wise mean/variance (Chan et al. parallel update) and sums."""
+    """Mean and variance over draws, chunk by chunk, and plain sums.
+
+    Shifted sums: with ``K`` the first chunk's mean (the first draw for one-draw chunks), it
+    accumulates ``sum(v - K)`` and ``sum((v - K)^2)``, which keeps the variance accurate as long
+    as ``K`` lies within a few standard deviations of the mean (Chan, Golub & LeVeque 1983),
+    at fewer operations per chunk than a pairwise update: at small sizes those operations are
+    a good part of a prediction's cost.
+    """
 
     def __init__(self):
         self.n = 0
-        self.mean = None
-        self.m2 = None
+        self.shift = None
+        self.s1 = self.s2 = None
         self.sums: dict[str, torch.Tensor] = {}
 
     def add(self, values: torch.Tensor, **sums: torch.Tensor) -> None:
-        # in place, and without the chunk's own spread for a one-draw chunk: at many inputs
-        # prediction runs draw by draw and these updates are a good part of its cost
         nb = values.shape[0]
-        mb = values[0] if nb == 1 else values.mean(0)
-        if self.mean is None:
-            self.n, self.mean = nb, mb.clone()
-            self.m2 = torch.zeros_like(mb) if nb == 1 else ((values - mb) ** 2).sum(0)
+        if self.shift is None:
+            self.shift = values[0].clone() if nb == 1 else values.mean(0)
+        d = values - self.shift
+        if self.s1 is None:
+            self.s1 = d.sum(0)
+            self.s2 = d.square_().sum(0)
         else:
-            n = self.n + nb
-            delta = mb - self.mean
-            self.mean.add_(delta, alpha=nb / n)
-            self.m2.addcmul_(delta, delta, value=self.n * nb / n)
-            if nb > 1:
-                self.m2.add_(((values - mb) ** 2).sum(0))
-            self.n = n
+            self.s1.add_(d.sum(0))
+            self.s2.add_(d.square_().sum(0))
+        self.n += nb
         for k, v in sums.items():
-            part = v[0] if nb == 1 else v.sum(0)
+            part = v.sum(0)
             if k in self.sums:
                 self.sums[k].add_(part)
             else:
-                self.sums[k] = part.clone()
+                self.sums[k] = part
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.shift + self.s1 / self.n
+
+    @property
+    def m2(self) -> torch.Tensor:
+        """Sum of squared deviations from the mean."""
+        return (self.s2 - self.s1.square() / self.n).clamp_min_(0.0)
+
+    @classmethod
+    def concat(cls, blocks: list[_Moments]) -> _Moments:
+        """The moments of blocks of inputs (the same draws), joined along the inputs."""
+        if len(blocks) == 1:
+            return blocks[0]
+        out = cls()
+        out.n = blocks[0].n
+        for name in ("shift", "s1", "s2"):
+            setattr(out, name, torch.cat([getattr(b, name) for b in blocks]))
+        out.sums = {k: torch.cat([b.sums[k] for b in blocks]) for k in blocks[0].sums}
+        return out
 
 
 class Posterior:
@@ -281,6 +310,52 @@ class Posterior:
         _check_like_training(name, t, None if self.data is None else self.data[0])
         return t
 
+    def _block_plan(self, n_inputs: int, n_draws: int, chunk_size: int | None) -> tuple[int, int]:
+        """``(draws per chunk, inputs per block)`` for :meth:`predict` on a builder model.
+
+        On the CPU one activation tensor (draws x inputs x widest layer) of a chunk is kept
+        within ``BLOCK_BYTES``, about what stays in a core's cache: as many draws as fit, and
+        when fewer than ``MIN_DRAWS_PER_CHUNK`` would, that many draws over blocks of the
+        inputs (which also bounds memory at any number of inputs). On a GPU chunks are as
+        large as its budget allows. An explicit ``chunk_size`` sets the draws per chunk, over
+        all inputs. Measured in ``benchmarks/prediction.py``.
+        """
+        if chunk_size is not None:
+            return check_positive_int("chunk_size", chunk_size), max(n_inputs, 1)
+        if self.device.type != "cpu":
+            return self._chunk_size(n_inputs, None), max(n_inputs, 1)
+        width = max(s.weight_shape[-1] for s in self.model.layer_specs())
+        per_draw = torch.finfo(self.dtype).bits // 8 * width  # bytes per draw and input
+        draws = BLOCK_BYTES // (per_draw * max(n_inputs, 1))
+        if draws >= MIN_DRAWS_PER_CHUNK:
+            return min(draws, n_draws), max(n_inputs, 1)
+        draws = min(MIN_DRAWS_PER_CHUNK, n_draws)
+        return draws, max(1, min(n_inputs, BLOCK_BYTES // (per_draw * draws)))
+
+    def _outputs(self, flat, params, s0: int, s1: int, x: torch.Tensor) -> Iterator[dict]:
+        """Per-draw outputs of draws ``s0:s1`` at ``x``: ``{"probs": (S, N, C)}`` or
+        ``{"mean": ..., "variance": ...}`` (``(S, N, ...)``); plain models yield one draw at a
+        time. ``params`` holds all draws unpacked (builder models), or is ``None``."""
+        if params is None:
+            dists = self._dists(flat[s0:s1], x)
+        else:
+            p = {k: v[s0:s1] for k, v in params.items()}  # views: a few microseconds
+            f = self.model.forward(p, x)
+            lik = self.model.likelihood
+            if self.task == "regression" and self.info.get("temperature") is None:
+                moments = lik.moments(f, p)
+                if moments is not None:  # no distribution object: its overhead is per chunk
+                    mean, var = moments
+                    yield {"mean": mean, "variance": var.expand_as(mean)}
+                    return
+            with _no_validation():
+                dists = [self._temper(lik.dist(f, p))]
+        for d in dists:
+            if self.task == "classification":
+                yield {"probs": self._per_draw(_class_probs(d))}
+            else:
+                yield {"mean": self._per_draw(d.mean), "variance": self._per_draw(d.variance)}
+
     @torch.no_grad()
     def predict(
         self,
@@ -293,29 +368,53 @@ class Posterior:
     ) -> Prediction:
         """Posterior predictive summaries at ``x``, over ``num_samples`` draws.
 
-        Draws are evaluated in chunks of ``chunk_size`` (chosen to bound memory by default);
-        builder models evaluate each chunk in one batched pass.
+        Draws are evaluated in chunks of ``chunk_size`` draws (by default chosen for speed,
+        with the inputs taken in blocks that bound memory); builder models evaluate each
+        chunk in one batched pass.
         """
         x = self._check_x(x)
-        acc = _Moments()
-        kept: dict[str, list[torch.Tensor]] = {}
-        shape = None
-        for shape, dists in self._chunks(x, num_samples, seed, chunk_size):  # noqa: B007
-            for d in dists:
-                if self.task == "classification":
-                    p = self._per_draw(_class_probs(d))
-                    acc.add(p, ent=_entropy(p))
-                    outs = {"probs": p}
-                else:
-                    m, v = self._per_draw(d.mean), self._per_draw(d.variance)
-                    acc.add(m, var=v)
-                    outs = {"mean": m, "variance": v}
-                if return_draws:
-                    for k, v in outs.items():
-                        kept.setdefault(k, []).append(v)
+        z = self.sample_flat(num_samples, seed)
+        c, s = z.shape[:2]
+        flat = z.reshape(c * s, -1)
+        n_draws, n_in = flat.shape[0], x.shape[0]
+        builder = isinstance(self.model, BNN) and self.info.get("predictive") != "glm"
+        if builder:
+            per_chunk, per_block = self._block_plan(n_in, n_draws, chunk_size)
+            params = self.layout.unpack(flat)  # once: slicing it per chunk is cheaper
+        else:
+            per_chunk, per_block = self._chunk_size(n_in, chunk_size), n_in
+            params = None
+            if not isinstance(self.model, BNN) and n_draws > 1:
+                log.info(
+                    "model %s is a plain function: predicting with a loop over %d draws",
+                    getattr(self.model, "__name__", self.model),
+                    n_draws,
+                )
+        blocks: list[_Moments] = []
+        kept: dict[str, torch.Tensor] = {}
+        for i0 in range(0, n_in, per_block):
+            xb = x[i0 : i0 + per_block]
+            acc = _Moments()
+            for s0 in range(0, n_draws, per_chunk):
+                d0 = s0
+                for outs in self._outputs(flat, params, s0, s0 + per_chunk, xb):
+                    if self.task == "classification":
+                        p = outs["probs"]
+                        acc.add(p, ent=_entropy(p))
+                    else:
+                        acc.add(outs["mean"], var=outs["variance"])
+                    d1 = d0 + next(iter(outs.values())).shape[0]
+                    if return_draws:
+                        for k, v in outs.items():
+                            if k not in kept:
+                                kept[k] = v.new_empty(n_draws, n_in, *v.shape[2:])
+                            kept[k][d0:d1, i0 : i0 + xb.shape[0]] = v
+                    d0 = d1
+            blocks.append(acc)
+        acc = _Moments.concat(blocks)
         draws = None
         if return_draws:
-            draws = {k: torch.cat(v).reshape(*shape, *v[0].shape[1:]) for k, v in kept.items()}
+            draws = {k: v.reshape(c, s, *v.shape[1:]) for k, v in kept.items()}
         if self.task == "classification":
             probs = acc.mean
             ent = _entropy(probs)

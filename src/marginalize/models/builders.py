@@ -11,6 +11,8 @@ Examples
 
 from __future__ import annotations
 
+import functools
+
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -36,6 +38,18 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "identity": lambda h: h,
 }
 
+#: in-place versions, used on a layer's fresh output when no gradient is being recorded: the
+#: activation then reuses that buffer, which keeps a prediction chunk's working set in cache
+_INPLACE: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "relu": torch.relu_,
+    "tanh": torch.tanh_,
+    "sigmoid": torch.sigmoid_,
+    "elu": functools.partial(F.elu, inplace=True),
+    "silu": functools.partial(F.silu, inplace=True),
+    "leaky_relu": F.leaky_relu_,
+    "identity": lambda h: h,
+}
+
 #: builder name -> (module, class) used to rebuild saved models without executing file contents
 BUILDERS: dict[str, tuple[str, str]] = {
     "mlp": ("marginalize.models.builders", "MLP"),
@@ -58,6 +72,11 @@ def dense(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Ten
         # one draw (prediction at many inputs runs draw by draw): a plain 2-D addmm
         return torch.addmm(b[0], h[0] if h.dim() == 3 else h, w[0]).unsqueeze(0)
     if b is not None and w.dim() == 3 and h.dim() == 3 and h.shape[0] == w.shape[0]:
+        if w.shape[1] == 1 and h.stride(0) == 0:
+            # one input feature, shared by the draws: an outer product, one fused multiply-add
+            return torch.addcmul(b.unsqueeze(-2), h[:1], w)
+        if w.shape[2] == 1:  # one output: bmm, then the bias in place, beats baddbmm's broadcast
+            return torch.bmm(h, w).add_(b.unsqueeze(-2))
         return torch.baddbmm(b.unsqueeze(-2), h, w)
     out = h @ w
     return out if b is None else out + b.unsqueeze(-2)
@@ -121,14 +140,17 @@ class MLP(BNN):
     def forward(self, params, x):
         h = x
         last = len(self._specs) - 1
+        act = self.act
+        if not torch.is_grad_enabled():
+            act = _INPLACE.get(self.activation, act)
         for k, spec in enumerate(self._specs):
             w = params[f"{spec.name}.weight"]
             b = params.get(f"{spec.name}.bias")
             if h.dim() == 2 and w.dim() == 3:  # first layer with draws: broadcast x over them
                 h = h.expand(w.shape[0], *h.shape)
-            h = dense(h, w, b)
+            h = dense(h, w, b)  # a fresh tensor, whatever the branch
             if k < last:
-                h = self.act(h)
+                h = act(h)
         return h
 
     def config(self) -> dict[str, Any]:

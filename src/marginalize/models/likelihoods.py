@@ -67,6 +67,14 @@ class Likelihood:
     def dist(self, f: torch.Tensor, params: Mapping[str, torch.Tensor]) -> dist.Distribution:
         raise NotImplementedError
 
+    def moments(
+        self, f: torch.Tensor, params: Mapping[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Mean and variance of ``y`` (the variance broadcastable to the mean) straight from the
+        network output, or ``None`` where only :meth:`dist` gives them. Prediction uses it to
+        skip building a distribution per chunk of draws."""
+        return None
+
     def check_y(self, y: torch.Tensor, targets: int) -> torch.Tensor:
         """Validate and convert targets; raise :class:`DataError` naming the problem."""
         raise NotImplementedError
@@ -153,6 +161,13 @@ class Gaussian(_RealOutput):
             scale = _align(noise, loc.dim() - noise.dim())
         return self._finish(dist.Normal(loc, scale), f, targets)
 
+    def moments(self, f, params):
+        loc = self._loc(f, f.shape[-1])
+        if self.noise is not None:
+            return loc, loc.new_tensor(self.noise**2)
+        noise = params["noise"]
+        return loc, _align(noise, loc.dim() - noise.dim()).square()
+
     def check_y(self, y, targets):
         return _check_real_targets(y, targets, "gaussian")
 
@@ -179,6 +194,11 @@ class Heteroscedastic(_RealOutput):
         loc = self._loc(f[..., :targets], targets)
         scale = F.softplus(self._loc(f[..., targets:], targets)) + self.min_scale
         return self._finish(dist.Normal(loc, scale), f, targets)
+
+    def moments(self, f, params):
+        targets = f.shape[-1] // 2
+        scale = F.softplus(self._loc(f[..., targets:], targets)) + self.min_scale
+        return self._loc(f[..., :targets], targets), scale.square()
 
     def check_y(self, y, targets):
         return _check_real_targets(y, targets, "heteroscedastic")
