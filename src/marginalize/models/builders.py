@@ -12,7 +12,6 @@ Examples
 from __future__ import annotations
 
 import functools
-
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
