@@ -256,7 +256,15 @@ class FlatMLP:
             "dtype": d.x.dtype,
             "x_aug": d.x_aug.numpy(),
             "x_aug_t": d.x_aug_t.numpy(),
-            "y_col": d.y_col.contiguous().numpy(),
+            # one output after hidden layers: the output and its residual as 1-D vectors
+            "one": len(self.layers) > 1 and self.layers[-1].out == 1,
+            "y": (
+                d.y_col.reshape(-1)
+                if len(self.layers) > 1 and self.layers[-1].out == 1
+                else d.y_col
+            )
+            .contiguous()
+            .numpy(),
             "prec": self._prec.numpy(),
             "act": act,
             "deriv": deriv,
@@ -436,9 +444,14 @@ class FlatMLP:
         for s, m, e, fi, o in plan[1:]:
             h = act(f)
             hs.append(h)
-            f = h @ zn[s:m].reshape(fi, o)
-            f += zn[m:e]
-        f -= c["y_col"]  # the residual, in place: f is a fresh array
+            if c["one"] and e == plan[-1][2]:  # one output: 1-D vectors, cheaper products
+                w_out = zn[s:m]
+                f = np.dot(h, w_out)
+                f += zn[m]
+            else:
+                f = h @ zn[s:m].reshape(fi, o)
+                f += zn[m:e]
+        f -= c["y"]  # the residual, in place: f is a fresh array
         rv = f.reshape(-1)
         rss = float(rv @ rv)
         un = None if self.noise_at is None else float(zn[self.noise_at])
@@ -452,24 +465,34 @@ class FlatMLP:
         f *= inv_var
         df = f  # dU/df of the current layer's output
         deriv = c["deriv"]
-        for k in range(len(plan) - 1, 0, -1):
-            s, m, e, fi, o = plan[k]
+        k = len(plan) - 1
+        if c["one"]:
+            s, m, _, _, _ = plan[k]
             h = hs[k - 1]
-            np.matmul(h.T, df, out=grad[s:m].reshape(fi, o))
-            np.add.reduce(df, 0, None, grad[m:e])  # the bias gradient (np.sum is slower)
-            w = zn[s:m].reshape(fi, o)
+            np.dot(df, h, out=grad[s:m])  # h^T df
+            grad[m] = df.sum()
             d = deriv(h)  # act'(a) from the output h, a fresh array
-            if k == 1 and o == 1:
-                # one output above the first layer: dU/da = df * w^T * act'(a), and the first
-                # layer's gradient x_aug^T (df * w^T * act'(a)) = ((x_aug^T * df^T) @ act'(a))
-                # * w^T needs no (N, H) outer product
+            if k == 1:
+                # the first layer's gradient x_aug^T (df w^T * act'(a)) equals
+                # ((x_aug^T * df^T) @ act'(a)) * w^T: no (N, H) outer product
                 g0 = grad[s0:e0].reshape(fi0 + 1, o0)
-                np.matmul(c["x_aug_t"] * df.T, d, out=g0)
-                g0 *= w.reshape(1, -1)
-                break
-            d *= df @ w.T
-            df = d
-        else:
+                np.dot(c["x_aug_t"] * df, d, out=g0)
+                g0 *= w_out
+                df = None
+            else:
+                d *= df[:, None]
+                d *= w_out
+                df = d
+            k -= 1
+        if df is not None:
+            for layer in range(k, 0, -1):
+                s, m, e, fi, o = plan[layer]
+                h = hs[layer - 1]
+                np.matmul(h.T, df, out=grad[s:m].reshape(fi, o))
+                np.add.reduce(df, 0, None, grad[m:e])  # the bias gradient (np.sum is slower)
+                d = deriv(h)
+                d *= df @ zn[s:m].reshape(fi, o).T
+                df = d
             np.matmul(c["x_aug_t"], df, out=grad[s0:e0].reshape(fi0 + 1, o0))
         for lay in self._hier:
             w = zn[lay.start : lay.stop]
