@@ -1,5 +1,7 @@
 """Bad input gets a clear error naming the problem, before any fitting starts."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -110,3 +112,21 @@ def test_predict_checks_inputs():
         post.predict(torch.randn(3, 5))
     with pytest.raises(ValueError, match="num_samples"):
         post.predict(torch.randn(3, 2), num_samples=0)
+
+
+@pytest.mark.parametrize(
+    "build, message",
+    [
+        (lambda: mz.models.mlp(0), "in_features must be a positive int"),
+        (lambda: mz.models.mlp(2, hidden=[0]), "hidden must be a sequence of positive ints"),
+        (lambda: mz.models.mlp(2, activation="tahn"), "unknown activation 'tahn'"),
+        (lambda: mz.models.mlp(2, likelihood="categorical"), "needs out_features"),
+        (lambda: mz.models.mlp(2, likelihood="gausian"), "unknown likelihood 'gausian'"),
+        (lambda: mz.likelihoods.Gaussian(noise=-1.0), "noise must be positive"),
+        (lambda: mz.models.cnn(1, 8, num_classes=1), "at least 2 classes"),
+    ],
+)
+def test_bad_model_arguments_raise_model_error(build, message):
+    """Building a model with bad arguments raises ModelError (a ValueError) naming them."""
+    with pytest.raises(mz.ModelError, match=re.escape(message)):
+        build()

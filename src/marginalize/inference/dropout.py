@@ -101,8 +101,14 @@ class MCDropout(Method):
 
     @dataclass
     class Options(BayesianSites, SVIOptions):
-        """Plus: p (drop probability of each input unit of every masked weight matrix),
-        bayesian_sites (see ``lastlayer.py``; only those sites get masks)."""
+        """The SVI options, plus:
+
+        p : float
+            Drop probability of each input unit of every masked weight matrix (default 0.1).
+        bayesian_sites : list of str or None
+            Only these sites get masks, the others are fitted by MAP first (see
+            ``lastlayer.py``; default: every weight).
+        """
 
         p: float = 0.1
 

@@ -31,10 +31,12 @@ log = logging.getLogger(__name__)
 @dataclass
 class MCMCOptions:
     """num_samples : kept draws per chain; num_warmup : adaptation iterations per chain
-    (default: num_samples); num_chains; target_accept; step_size : initial step size (None:
-    heuristic search); adapt_mass : "diag", "dense" or None; init : "prior" (a prior draw),
-    "uniform" (Stan's U(-init_radius, init_radius) in unconstrained space) or "map" (a short
-    MAP fit); init_radius; init_steps : MAP steps for init="map"; checkpoint : file to save
+    (default: num_samples); num_chains : chains, run one after another (R-hat needs at least
+    2); target_accept : the mean Metropolis acceptance that step-size adaptation aims at;
+    step_size : initial step size (None: heuristic search); adapt_mass : "diag", "dense" or
+    None; init : "prior" (a prior draw), "uniform" (Stan's U(-init_radius, init_radius) in
+    unconstrained space) or "map" (a short MAP fit); init_radius : half-width of the uniform
+    initialization; init_steps : MAP steps for init="map"; checkpoint : file to save
     the chains' state to, resumable with ``mz.resume`` (see ``inference/checkpoint.py``);
     checkpoint_every : iterations (warmup included) between checkpoints."""
 
@@ -231,7 +233,11 @@ class NUTS(_MCMC):
 
     @dataclass
     class Options(MCMCOptions):
-        """Plus: max_tree_depth."""
+        """The MCMC options, plus:
+
+        max_tree_depth : int
+            At most ``2**max_tree_depth - 1`` leapfrog steps per draw (default 10).
+        """
 
         max_tree_depth: int = 10
 
@@ -259,7 +265,14 @@ class HMC(_MCMC):
 
     @dataclass
     class Options(MCMCOptions):
-        """Plus: num_steps (leapfrog steps per draw) or trajectory_length."""
+        """The MCMC options, plus:
+
+        num_steps : int or None
+            Leapfrog steps per draw (fixed).
+        trajectory_length : float or None
+            When ``num_steps`` is None: steps per draw = trajectory_length / step size
+            (default pi/2, a quarter period of a Gaussian the metric matches).
+        """
 
         num_steps: int | None = None
         trajectory_length: float | None = None

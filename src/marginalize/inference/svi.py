@@ -363,13 +363,22 @@ class MeanField(Method):
 
     @dataclass
     class Options(BayesianSites, SVIOptions):
-        """Plus: init_scale (initial posterior std), analytic_kl (closed-form KL against
-        Normal-family priors in the fused trainer; the Pyro engine always uses Trace_ELBO,
-        because AutoNormal emits Delta sites in constrained space, for which
-        TraceMeanField_ELBO is neither analytic nor includes the log-Jacobian), bayesian_sites
-        (see ``lastlayer.py``), engine:
-        "auto" (the fused trainer of ``fast_vi.py`` for builder MLPs, else Pyro), "fast"
-        (that trainer, or an error) or "pyro" (AutoNormal + SVI)."""
+        """The SVI options, plus:
+
+        init_scale : float
+            Initial posterior standard deviation (default 0.01).
+        analytic_kl : bool
+            Closed-form KL against Normal-family priors in the fused trainer (default True).
+            The Pyro engine always uses Trace_ELBO, because AutoNormal emits Delta sites in
+            constrained space, for which TraceMeanField_ELBO is neither analytic nor includes
+            the log-Jacobian.
+        engine : str
+            "auto" (the fused trainer of ``fast_vi.py`` for builder MLPs, else Pyro), "fast"
+            (that trainer, or an error) or "pyro" (AutoNormal + SVI).
+        bayesian_sites : list of str or None
+            Only these sites get the approximation, the others are fitted by MAP first (see
+            ``lastlayer.py``; default: every site).
+        """
 
         init_scale: float = 0.01
         analytic_kl: bool = True
@@ -414,8 +423,16 @@ class LowRank(Method):
 
     @dataclass
     class Options(BayesianSites, SVIOptions):
-        """Plus: rank (of the covariance factor), init_scale, bayesian_sites (see
-        ``lastlayer.py``)."""
+        """The SVI options, plus:
+
+        rank : int
+            Rank of the covariance factor (default 10).
+        init_scale : float
+            Initial posterior standard deviation (default 0.01).
+        bayesian_sites : list of str or None
+            Only these sites get the approximation, the others are fitted by MAP first (see
+            ``lastlayer.py``; default: every site).
+        """
 
         rank: int = 10
         init_scale: float = 0.01

@@ -147,7 +147,11 @@ class SWAGOptions(BayesianSites):
     swa_only : bool
         Return the SWA mean as a point mass (no covariance).
     clip_norm : float
-        Gradient norm clip. init : "prior" or "median". on_nan : "stop" or "raise".
+        Gradient norm clip.
+    init : str
+        "prior" (a prior draw) or "median".
+    on_nan : str
+        "stop" or "raise".
     bayesian_sites : see ``lastlayer.py``.
     """
 

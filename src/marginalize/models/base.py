@@ -18,6 +18,7 @@ import pyro
 import pyro.distributions as dist
 import torch
 
+from marginalize._validation import ModelError
 from marginalize.models.likelihoods import Likelihood, likelihood_from_config
 from marginalize.models.priors import Prior, prior_from_config
 
@@ -158,7 +159,7 @@ def model_from_config(cfg: Mapping[str, Any]) -> BNN:
     kind = cfg.pop("builder")
     table = builders.BUILDERS
     if kind not in table:
-        raise ValueError(f"unknown model builder {kind!r}; known: {sorted(table)}")
+        raise ModelError(f"unknown model builder {kind!r}; known: {sorted(table)}")
     lik = likelihood_from_config(cfg.pop("likelihood"))
     priors = {k: prior_from_config(v) for k, v in cfg.pop("priors").items()}
     module = importlib.import_module(table[kind][0])

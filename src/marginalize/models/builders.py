@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from marginalize._validation import DataError
+from marginalize._validation import DataError, ModelError
 from marginalize.models.base import BNN, LayerSpec
 from marginalize.models.likelihoods import Likelihood, get_likelihood
 from marginalize.models.priors import Prior, resolve_priors
@@ -207,17 +207,17 @@ def mlp(
     """
     lik = get_likelihood(likelihood)
     if isinstance(in_features, bool) or not isinstance(in_features, int) or in_features < 1:
-        raise ValueError(f"in_features must be a positive int, got {in_features!r}")
+        raise ModelError(f"in_features must be a positive int, got {in_features!r}")
     if isinstance(hidden, int):
         hidden = [hidden]
     if any((not isinstance(h, int)) or h < 1 for h in hidden):
-        raise ValueError(f"hidden must be a sequence of positive ints, got {hidden!r}")
+        raise ModelError(f"hidden must be a sequence of positive ints, got {hidden!r}")
     if activation not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {activation!r}; known: {sorted(ACTIVATIONS)}")
+        raise ModelError(f"unknown activation {activation!r}; known: {sorted(ACTIVATIONS)}")
     if out_features is None:
         if lik.task == "classification" and lik.kind == "categorical":
             if getattr(lik, "num_classes", None) is None:
-                raise ValueError("a categorical MLP needs out_features (the number of classes)")
+                raise ModelError("a categorical MLP needs out_features (the number of classes)")
             out_features = lik.num_classes
         else:
             out_features = 1
@@ -225,11 +225,11 @@ def mlp(
         if lik.num_classes is None:
             lik.num_classes = out_features
         elif lik.num_classes != out_features:
-            raise ValueError(
+            raise ModelError(
                 f"out_features={out_features} but the likelihood has {lik.num_classes} classes"
             )
         if out_features < 2:
-            raise ValueError("a categorical likelihood needs at least 2 classes")
+            raise ModelError("a categorical likelihood needs at least 2 classes")
     names = [f"layer{k + 1}" for k in range(len(hidden) + 1)]
     return MLP(
         in_features,

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from marginalize._validation import DataError
+from marginalize._validation import DataError, ModelError
 from marginalize.models.base import BNN, LayerSpec
 from marginalize.models.builders import ACTIVATIONS, dense
 from marginalize.models.likelihoods import Likelihood, get_likelihood
@@ -42,12 +42,12 @@ BLOCK_BYTES = 128 * 2**20
 
 def _pair(v: int | Sequence[int], name: str) -> tuple[int, int]:
     if isinstance(v, bool):
-        raise ValueError(f"{name} must be a positive int or a pair of them, got {v!r}")
+        raise ModelError(f"{name} must be a positive int or a pair of them, got {v!r}")
     if isinstance(v, int):
         v = (v, v)
     v = tuple(v)
     if len(v) != 2 or any(isinstance(a, bool) or not isinstance(a, int) or a < 1 for a in v):
-        raise ValueError(f"{name} must be a positive int or a pair of them, got {v!r}")
+        raise ModelError(f"{name} must be a positive int or a pair of them, got {v!r}")
     return v  # type: ignore[return-value]
 
 
@@ -296,7 +296,7 @@ def cnn(
     lik = get_likelihood(likelihood)
     for name, v in (("in_channels", in_channels),):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name} must be a positive int, got {v!r}")
+            raise ModelError(f"{name} must be a positive int, got {v!r}")
     size = _pair(image_size, "image_size")
     if isinstance(channels, int):
         channels = [channels]
@@ -304,33 +304,33 @@ def cnn(
         hidden = [hidden]
     for name, seq in (("channels", channels), ("hidden", hidden)):
         if any(isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in seq):
-            raise ValueError(f"{name} must be a sequence of positive ints, got {seq!r}")
+            raise ModelError(f"{name} must be a sequence of positive ints, got {seq!r}")
     if (
         isinstance(kernel_size, bool)
         or not isinstance(kernel_size, int)
         or kernel_size < 1
         or kernel_size % 2 == 0
     ):
-        raise ValueError(
+        raise ModelError(
             f"kernel_size must be a positive odd int ('same' padding), got {kernel_size!r}"
         )
     if pool is not None and (isinstance(pool, bool) or not isinstance(pool, int) or pool < 1):
-        raise ValueError(f"pool must be a positive int or None, got {pool!r}")
+        raise ModelError(f"pool must be a positive int or None, got {pool!r}")
     if activation not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {activation!r}; known: {sorted(ACTIVATIONS)}")
+        raise ModelError(f"unknown activation {activation!r}; known: {sorted(ACTIVATIONS)}")
     if num_classes is not None and out_features is not None and num_classes != out_features:
-        raise ValueError(f"num_classes={num_classes} and out_features={out_features} disagree")
+        raise ModelError(f"num_classes={num_classes} and out_features={out_features} disagree")
     out = num_classes if num_classes is not None else out_features
     if lik.kind == "categorical":
         out = out if out is not None else lik.num_classes
         if out is None:
-            raise ValueError("a categorical CNN needs num_classes")
+            raise ModelError("a categorical CNN needs num_classes")
         if lik.num_classes is None:
             lik.num_classes = out
         elif lik.num_classes != out:
-            raise ValueError(f"num_classes={out} but the likelihood has {lik.num_classes} classes")
+            raise ModelError(f"num_classes={out} but the likelihood has {lik.num_classes} classes")
         if out < 2:
-            raise ValueError("a categorical likelihood needs at least 2 classes")
+            raise ModelError("a categorical likelihood needs at least 2 classes")
     elif out is None:
         out = 1
     names = [f"conv{i + 1}" for i in range(len(channels))]

@@ -23,7 +23,7 @@ import pyro.distributions as dist
 import torch
 import torch.nn.functional as F
 
-from marginalize._validation import DataError
+from marginalize._validation import DataError, ModelError
 
 __all__ = [
     "Likelihood",
@@ -129,9 +129,9 @@ class Gaussian(_RealOutput):
 
     def __init__(self, noise: float | None = None, noise_prior_scale: float = 1.0):
         if noise is not None and not (noise > 0 and math.isfinite(noise)):
-            raise ValueError(f"Gaussian likelihood: noise must be positive, got {noise!r}")
+            raise ModelError(f"Gaussian likelihood: noise must be positive, got {noise!r}")
         if not noise_prior_scale > 0:
-            raise ValueError("Gaussian likelihood: noise_prior_scale must be positive")
+            raise ModelError("Gaussian likelihood: noise_prior_scale must be positive")
         self.noise = None if noise is None else float(noise)
         self.noise_prior_scale = float(noise_prior_scale)
 
@@ -271,12 +271,12 @@ def get_likelihood(spec: str | Likelihood) -> Likelihood:
         return spec
     if isinstance(spec, str) and spec in _KINDS:
         return _KINDS[spec]()
-    raise ValueError(f"unknown likelihood {spec!r}; known: {sorted(_KINDS)} or a Likelihood object")
+    raise ModelError(f"unknown likelihood {spec!r}; known: {sorted(_KINDS)} or a Likelihood object")
 
 
 def likelihood_from_config(cfg: Mapping[str, Any]) -> Likelihood:
     cfg = dict(cfg)
     kind = cfg.pop("kind")
     if kind not in _KINDS:
-        raise ValueError(f"unknown likelihood kind {kind!r}")
+        raise ModelError(f"unknown likelihood kind {kind!r}")
     return _KINDS[kind](**cfg)

@@ -24,6 +24,8 @@ import pyro
 import pyro.distributions as dist
 import torch
 
+from marginalize._validation import ModelError
+
 __all__ = ["Prior", "Normal", "ScaledNormal", "Hierarchical", "resolve_priors", "prior_from_config"]
 
 
@@ -117,7 +119,7 @@ class Normal(Prior):
 
     def __post_init__(self) -> None:
         if not (self.scale > 0 and math.isfinite(self.scale)):
-            raise ValueError(
+            raise ModelError(
                 f"Normal prior: scale must be a positive finite number, got {self.scale!r}"
             )
 
@@ -145,7 +147,7 @@ class ScaledNormal(Prior):
 
     def __post_init__(self) -> None:
         if not (self.gain > 0 and math.isfinite(self.gain)):
-            raise ValueError(
+            raise ModelError(
                 f"ScaledNormal prior: gain must be positive and finite, got {self.gain!r}"
             )
 
@@ -187,12 +189,12 @@ class Hierarchical(Prior):
 
     def __post_init__(self) -> None:
         if self.hyperprior not in _HYPERPRIORS:
-            raise ValueError(
+            raise ModelError(
                 f"Hierarchical prior: unknown hyperprior {self.hyperprior!r}; "
                 f"known: {sorted(_HYPERPRIORS)}"
             )
         if not (self.hyperscale > 0 and math.isfinite(self.hyperscale)):
-            raise ValueError(
+            raise ModelError(
                 f"Hierarchical prior: hyperscale must be positive, got {self.hyperscale!r}"
             )
 
@@ -222,7 +224,7 @@ def prior_from_config(cfg: Mapping[str, Any]) -> Prior:
     cfg = dict(cfg)
     kind = cfg.pop("kind")
     if kind not in _KINDS:
-        raise ValueError(f"unknown prior kind {kind!r}; known: {sorted(_KINDS)}")
+        raise ModelError(f"unknown prior kind {kind!r}; known: {sorted(_KINDS)}")
     return _KINDS[kind](**cfg)
 
 
@@ -244,7 +246,7 @@ def resolve_priors(
         )
     unknown = set(prior) - set(layers) - {"default"}
     if unknown:
-        raise ValueError(
+        raise ModelError(
             f"prior names unknown layers {sorted(unknown)}; layers are {layers} (or 'default')"
         )
     default = prior.get("default", Normal(1.0))
