@@ -478,3 +478,28 @@ def test_inplace_activation_without_grad_is_the_same_network(float64, activation
     assert torch.equal(f0, f1.detach())
     (g,) = torch.autograd.grad(f1.square().sum(), zg)
     assert torch.isfinite(g).all() and g.abs().sum() > 0
+
+
+@pytest.mark.parametrize(
+    "lik_name, numpy_kernel", [("gaussian_learned", True), ("categorical", False)]
+)
+def test_nuts_on_builder_mlp_takes_the_numpy_kernel(lik_name, numpy_kernel, monkeypatch):
+    """NUTS on a CPU builder MLP with a Gaussian likelihood runs its transitions in NumPy;
+    likelihoods without a NumPy potential stay on the torch kernel."""
+    from marginalize.inference import _nuts
+
+    calls = {"numpy": 0, "torch": 0}
+    orig = _nuts._Kernel.nuts
+
+    def counting(self, *args):
+        calls["numpy" if isinstance(self, _nuts._NumpyKernel) else "torch"] += 1
+        return orig(self, *args)
+
+    monkeypatch.setattr(_nuts._Kernel, "nuts", counting)
+    pb = _problem(lik_name, "normal")
+    post = mz.fit(
+        pb.model, pb.x, pb.y, method="nuts", num_samples=4, num_warmup=3, num_chains=1, seed=0
+    )
+    assert post.sample_flat(4).shape == (1, 4, pb.layout.size)
+    want = {"numpy": 7, "torch": 0} if numpy_kernel else {"numpy": 0, "torch": 7}
+    assert calls == want
