@@ -398,25 +398,28 @@ def test_fast_engine_minibatches_and_nan_policy():
 # --------------------------------------------------------------------------------------------
 # prediction
 # --------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("task", ["regression", "classification"])
-def test_prediction_chunks_equal_a_loop_over_draws(float64, task, monkeypatch):
-    """Any chunk size, and blocks of inputs, give the numbers of a loop over draws."""
+@pytest.mark.parametrize("lik", ["gaussian", "heteroscedastic", "categorical"])
+def test_prediction_chunks_equal_a_loop_over_draws(float64, lik, monkeypatch):
+    """Any chunk size, and blocks of inputs, give the numbers of a loop over draws (the
+    regression likelihoods through ``Likelihood.moments``, not distribution objects)."""
     from marginalize.inference import posterior as posterior_module
     from marginalize.inference.approximations import Empirical
     from marginalize.inference.posterior import Posterior
 
-    lik, out = ("gaussian", 1) if task == "regression" else ("categorical", 3)
+    task = "classification" if lik == "categorical" else "regression"
+    out = 3 if task == "classification" else 1
     model = mz.models.mlp(2, hidden=[7, 5], out_features=out, likelihood=lik)
     x, y = _data(lik, out, n=13)
     pb = prepare(model, x, y)
     draws = torch.stack([pb.init_from_prior(i) for i in range(37)]).reshape(1, 37, -1)
     post = Posterior(model, pb.layout, Empirical(draws), method="nuts", task=task)
     xt = torch.randn(11, 2, dtype=torch.float64)
-    per_draw = []
+    per_draw, per_draw_var = [], []
     for z in draws[0]:
         d = model.predictive_dist(pb.layout.unpack(z), xt)
         per_draw.append(d.mean if task == "regression" else d.probs)
-    per_draw = torch.stack(per_draw)
+        per_draw_var.append(d.variance if task == "regression" else d.probs)
+    per_draw, per_draw_var = torch.stack(per_draw), torch.stack(per_draw_var)
     plans = [(chunk, None) for chunk in (None, 1, 5, 37, 100)]
     # bytes per draw and input: 8 (float64) x 7 (the widest layer); with at least 2 draws per
     # chunk, blocks of 3 inputs; then 3 draws over all 11 inputs
@@ -436,8 +439,8 @@ def test_prediction_chunks_equal_a_loop_over_draws(float64, task, monkeypatch):
             assert torch.allclose(
                 pred.epistemic**2, per_draw.var(0, unbiased=False), rtol=1e-8, atol=1e-12
             )
-            noise2 = pb.layout.unpack(draws[0])["noise"] ** 2
-            assert torch.allclose(pred.aleatoric**2, noise2.mean().expand(11), rtol=1e-10)
+            assert torch.allclose(pred.aleatoric**2, per_draw_var.mean(0), rtol=1e-10)
+            assert torch.allclose(pred.draws["variance"][0], per_draw_var, rtol=1e-12)
         else:
             ent = -(per_draw * per_draw.log()).sum(-1)
             assert torch.allclose(pred.expected_entropy, ent.mean(0), rtol=1e-10, atol=1e-12)
