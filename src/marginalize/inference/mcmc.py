@@ -9,6 +9,7 @@ ArviZ's names.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from marginalize._validation import ModelError, OptionError
 from marginalize.inference import checkpoint
 from marginalize.inference._nuts import SamplingInterrupted, run_sampler
 from marginalize.inference.approximations import Empirical
+from marginalize.inference.potentials import blas_threads
 from marginalize.inference.problem import Problem
 from marginalize.inference.registry import Method, register
 
@@ -162,22 +164,25 @@ class _MCMC(Method):
                     )
                 rec.record(i, state, st)
 
+            numpy_pg = problem.numpy_potential()
+            blas = blas_threads(torch.get_num_threads()) if numpy_pg else contextlib.nullcontext()
             try:
-                d, s, state = run_sampler(
-                    problem.potential_and_grad,
-                    z0,
-                    num_warmup=num_warmup,
-                    num_samples=opts.num_samples,
-                    generator=g,
-                    algorithm=self.algorithm,
-                    target_accept=opts.target_accept,
-                    step_size=opts.step_size,
-                    adapt_mass=opts.adapt_mass,
-                    callback=callback,
-                    state=rec.resume_state,
-                    numpy_potential_and_grad=problem.numpy_potential(),
-                    **self._sampler_kwargs(opts),
-                )
+                with blas:
+                    d, s, state = run_sampler(
+                        problem.potential_and_grad,
+                        z0,
+                        num_warmup=num_warmup,
+                        num_samples=opts.num_samples,
+                        generator=g,
+                        algorithm=self.algorithm,
+                        target_accept=opts.target_accept,
+                        step_size=opts.step_size,
+                        adapt_mass=opts.adapt_mass,
+                        callback=callback,
+                        state=rec.resume_state,
+                        numpy_potential_and_grad=numpy_pg,
+                        **self._sampler_kwargs(opts),
+                    )
                 d, s = rec.join(d, s)
                 rec.finish(d, s, state)
             except (SamplingInterrupted, KeyboardInterrupt) as e:

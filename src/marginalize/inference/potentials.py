@@ -35,6 +35,7 @@ True
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -49,7 +50,7 @@ from marginalize.models.builders import MLP, dense
 from marginalize.models.likelihoods import Bernoulli, Categorical, Gaussian, Heteroscedastic
 from marginalize.models.priors import Hierarchical, Normal, ScaledNormal
 
-__all__ = ["FlatMLP", "fast_potential", "supports"]
+__all__ = ["FlatMLP", "blas_threads", "fast_potential", "supports"]
 
 _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 _LOG_2 = math.log(2.0)
@@ -80,10 +81,22 @@ class _Data(NamedTuple):
     y_onehot: torch.Tensor | None
 
 
-#: the NumPy version is used while the widest activation has at most this many numbers: there
-#: the cost is per-operation overhead; beyond, the arithmetic dominates and torch's own
-#: single-threaded kernels are the better choice (NumPy's BLAS may also start threads)
-_NP_MAX_ELEMENTS = 10_000
+#: the NumPy version is used while the widest activation has at most this many numbers: up to
+#: there it beats the torch version (1.2-2x at 5,000-100,000 numbers with few input features,
+#: even with its BLAS on one thread); beyond, the arithmetic dominates and torch's own kernels
+#: are the better choice
+_NP_MAX_ELEMENTS = 50_000
+
+
+def blas_threads(n: int):
+    """A context that limits NumPy's BLAS to ``n`` threads (``threadpoolctl``; a no-op without
+    it). Samplers running the NumPy potential use it with torch's thread count, so that
+    OpenBLAS does not start threads of its own on larger products."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - a dependency of scikit-learn
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=max(1, int(n)), user_api="blas")
 
 
 def _np_sigmoid(a):

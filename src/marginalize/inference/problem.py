@@ -13,6 +13,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import pyro
 import pyro.distributions as dist
 import torch
@@ -182,13 +183,23 @@ class Problem:
         return self.__dict__["_fast"]
 
     def numpy_potential(self):
-        """The NumPy version of :meth:`potential_and_grad` (``(D,) ndarray -> (float,
-        ndarray)``) where the fast potential has one for this problem's dtype on the CPU,
-        else ``None``. NUTS and HMC then run their transitions in NumPy."""
-        fast = self.fast_potential()
-        if fast is None or self.device.type != "cpu" or fast.numpy_dtype != self.dtype:
+        """:meth:`potential_and_grad` on NumPy arrays (``(D,) ndarray -> (float, ndarray)``)
+        for a float32/float64 problem on the CPU, else ``None``; NUTS and HMC then run their
+        transitions in NumPy. It is the fast potential's own NumPy version where there is one,
+        otherwise the torch potential behind a zero-copy conversion (the NumPy transitions
+        save more than the conversion costs)."""
+        if self.device.type != "cpu" or self.dtype not in (torch.float32, torch.float64):
             return None
-        return fast.numpy_potential_and_grad
+        fast = self.fast_potential()
+        if fast is not None and fast.numpy_dtype == self.dtype:
+            return fast.numpy_potential_and_grad
+        pg = self.potential_and_grad
+
+        def potential(zn: np.ndarray) -> tuple[float, np.ndarray]:
+            u, g = pg(torch.from_numpy(zn))
+            return float(u), g.detach().numpy()
+
+        return potential
 
     def potential_and_grad(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``U(z) = -log_joint(z)`` and its gradient; an invalid point gives ``U = inf``."""
