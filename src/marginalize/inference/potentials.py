@@ -454,10 +454,12 @@ class FlatMLP:
         s0, _, e0, fi0, o0 = plan[0]
         f = c["x_aug"] @ zn[s0:e0].reshape(fi0 + 1, o0)
         hs = []
-        for s, m, e, fi, o in plan[1:]:
+        last = len(plan) - 1
+        for k in range(1, last + 1):
+            s, m, e, fi, o = plan[k]
             h = act(f)
             hs.append(h)
-            if c["one"] and e == plan[-1][2]:  # one output: 1-D vectors, cheaper products
+            if k == last and c["one"]:  # one output: 1-D vectors, cheaper products
                 w_out = zn[s:m]
                 f = np.dot(h, w_out)
                 f += zn[m]
@@ -478,7 +480,7 @@ class FlatMLP:
         f *= inv_var
         df = f  # dU/df of the current layer's output
         deriv = c["deriv"]
-        k = len(plan) - 1
+        k = last
         if c["one"]:
             s, m, _, _, _ = plan[k]
             h = hs[k - 1]
@@ -509,18 +511,12 @@ class FlatMLP:
             np.matmul(c["x_aug_t"], df, out=grad[s0:e0].reshape(fi0 + 1, o0))
         for lay in self._hier:
             w = zn[lay.start : lay.stop]
-            uh = float(zn[lay.hyper])
-            n = lay.stop - lay.start
-            log_scale = uh + math.log(lay.c)
-            try:
-                inv_var = math.exp(-2.0 * log_scale)
-                hlp, hgrad = _hyper_log_prob_and_grad_float(lay.hyperprior, lay.hyperscale, uh)
-            except OverflowError:
+            terms = _hier_prior_terms(lay, float(w @ w), float(zn[lay.hyper]))
+            if terms is None:
                 return math.inf, np.zeros_like(zn)
-            q = float(w @ w)
-            u += 0.5 * q * inv_var + n * (log_scale + _HALF_LOG_2PI) - hlp - uh
-            grad[lay.hyper] = n - q * inv_var - hgrad - 1.0
-            grad[lay.start : lay.stop] += w * inv_var
+            u += terms[0]
+            grad[lay.hyper] = terms[1]
+            grad[lay.start : lay.stop] += w * terms[2]
         if self._fixed:  # fixed-scale Gaussian priors: one precision vector over z
             gp = zn * c["prec"]
             u += 0.5 * float(gp @ zn) - self._prior_const
@@ -576,30 +572,23 @@ class FlatMLP:
                 else self.act_backward(dh, self._pre_activation(z, k - 1, hs), h)
             )
         pieces.append((layers[0].start, torch.mm(d.x_aug_t, df).view(-1)))
+        hier_inv_var = []
         for lay in self._hier:
             w = z[lay.start : lay.stop]
-            uh = float(z[lay.hyper])
-            n = lay.stop - lay.start
-            log_scale = uh + math.log(lay.c)
-            try:
-                inv_var = math.exp(-2.0 * log_scale)
-                hlp, hgrad = _hyper_log_prob_and_grad_float(lay.hyperprior, lay.hyperscale, uh)
-            except OverflowError:
+            terms = _hier_prior_terms(lay, float(torch.dot(w, w)), float(z[lay.hyper]))
+            if terms is None:
                 return z.new_tensor(math.inf), torch.zeros_like(z)
-            q = float(torch.dot(w, w))
-            u += 0.5 * q * inv_var + n * (log_scale + _HALF_LOG_2PI) - hlp - uh
-            pieces.append((lay.hyper, _full1(n - q * inv_var - hgrad - 1.0, z)))
+            u += terms[0]
+            pieces.append((lay.hyper, _full1(terms[1], z)))
+            hier_inv_var.append(terms[2])
         pieces.sort(key=lambda t: t[0])
         grad = torch.cat([p for _, p in pieces])
         if self._fixed:
             gp = z * self._prec
             u += 0.5 * float(torch.dot(gp, z)) - self._prior_const
             grad.add_(gp)
-        for lay in self._hier:
-            grad[lay.start : lay.stop].add_(
-                z[lay.start : lay.stop],
-                alpha=math.exp(-2.0 * (float(z[lay.hyper]) + math.log(lay.c))),
-            )
+        for lay, inv_var in zip(self._hier, hier_inv_var, strict=True):
+            grad[lay.start : lay.stop].add_(z[lay.start : lay.stop], alpha=inv_var)
         if not abs(u) <= torch.finfo(z.dtype).max:  # also catches NaN
             return z.new_tensor(math.inf), torch.zeros_like(z)
         return torch.scalar_tensor(u, dtype=z.dtype, device=z.device), grad
@@ -745,6 +734,21 @@ def _gaussian_noise_terms(lik, rss: float, m: int, un: float | None):
         - un
     )
     return u, inv_var, m - rss * inv_var + s2 - 1.0
+
+
+def _hier_prior_terms(lay: _Layer, q: float, uh: float) -> tuple[float, float, float] | None:
+    """A hierarchical layer's prior in the potential, from ``q = |w|^2`` and the unconstrained
+    log scale ``uh``: ``(its share of U, dU/d uh, 1/scale^2)`` (``dU/dw = w / scale^2``),
+    hyperprior and log-Jacobian included; ``None`` when ``exp`` overflows."""
+    n = lay.stop - lay.start
+    log_scale = uh + math.log(lay.c)
+    try:
+        inv_var = math.exp(-2.0 * log_scale)
+        hlp, hgrad = _hyper_log_prob_and_grad_float(lay.hyperprior, lay.hyperscale, uh)
+    except OverflowError:
+        return None
+    u = 0.5 * q * inv_var + n * (log_scale + _HALF_LOG_2PI) - hlp - uh
+    return u, n - q * inv_var - hgrad - 1.0, inv_var
 
 
 def _is_exp(t) -> bool:
