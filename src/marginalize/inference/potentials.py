@@ -794,27 +794,21 @@ def _hyper_log_prob(kind: str, hs: float, u: torch.Tensor) -> torch.Tensor:
     raise _Unsupported(kind)
 
 
+def _hyper_log_prob_and_grad(kind: str, hs: float, u, exp=torch.exp, log1p=torch.log1p):
+    """Hyperprior log density at ``exp(u)`` and its derivative in ``u`` (tensors; with
+    ``math.exp``/``math.log1p`` floats, see :func:`_hyper_log_prob_and_grad_float`)."""
+    if kind == "half_normal":
+        s2 = exp(2.0 * u) / hs**2
+        return _LOG_2 - _HALF_LOG_2PI - math.log(hs) - 0.5 * s2, -s2
+    if kind == "half_cauchy":
+        s2 = exp(2.0 * u) / hs**2
+        return _LOG_2 - math.log(math.pi) - math.log(hs) - log1p(s2), -2.0 * s2 / (1.0 + s2)
+    if kind == "log_normal":
+        return -u - math.log(hs) - _HALF_LOG_2PI - 0.5 * (u / hs) ** 2, -1.0 - u / hs**2
+    raise _Unsupported(kind)
+
+
 def _hyper_log_prob_and_grad_float(kind: str, hs: float, u: float) -> tuple[float, float]:
-    """:func:`_hyper_log_prob_and_grad` on a Python float."""
-    if kind == "half_normal":
-        s2 = math.exp(2.0 * u) / hs**2
-        return _LOG_2 - _HALF_LOG_2PI - math.log(hs) - 0.5 * s2, -s2
-    if kind == "half_cauchy":
-        s2 = math.exp(2.0 * u) / hs**2
-        return _LOG_2 - math.log(math.pi) - math.log(hs) - math.log1p(s2), -2.0 * s2 / (1.0 + s2)
-    if kind == "log_normal":
-        return -u - math.log(hs) - _HALF_LOG_2PI - 0.5 * (u / hs) ** 2, -1.0 - u / hs**2
-    raise _Unsupported(kind)
-
-
-def _hyper_log_prob_and_grad(kind: str, hs: float, u: torch.Tensor):
-    """Hyperprior log density at ``exp(u)`` and its derivative in ``u``."""
-    if kind == "half_normal":
-        s2 = torch.exp(2.0 * u) / hs**2
-        return _LOG_2 - _HALF_LOG_2PI - math.log(hs) - 0.5 * s2, -s2
-    if kind == "half_cauchy":
-        s2 = torch.exp(2.0 * u) / hs**2
-        return _LOG_2 - math.log(math.pi) - math.log(hs) - torch.log1p(s2), -2.0 * s2 / (1.0 + s2)
-    if kind == "log_normal":
-        return -u - math.log(hs) - _HALF_LOG_2PI - 0.5 * (u / hs) ** 2, -1.0 - u / hs**2
-    raise _Unsupported(kind)
+    """:func:`_hyper_log_prob_and_grad` on a Python float (``math.exp`` raises
+    ``OverflowError`` far out, which callers turn into an invalid point)."""
+    return _hyper_log_prob_and_grad(kind, hs, u, math.exp, math.log1p)
