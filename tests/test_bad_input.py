@@ -124,6 +124,8 @@ def test_predict_checks_inputs():
         (lambda: mz.models.mlp(2, likelihood="gausian"), "unknown likelihood 'gausian'"),
         (lambda: mz.likelihoods.Gaussian(noise=-1.0), "noise must be positive"),
         (lambda: mz.models.cnn(1, 8, num_classes=1), "at least 2 classes"),
+        (lambda: mz.priors.Normal(-1.0), "scale must be a positive finite number"),
+        (lambda: mz.priors.Hierarchical("gamma"), "unknown hyperprior 'gamma'"),
     ],
 )
 def test_bad_model_arguments_raise_model_error(build, message):

@@ -467,20 +467,32 @@ def test_moments_stay_accurate_far_from_zero():
 
 @pytest.mark.parametrize("activation", ["relu", "tanh", "sigmoid", "elu", "silu", "leaky_relu"])
 def test_inplace_activation_without_grad_is_the_same_network(float64, activation):
-    """Without autograd the MLP applies its activation in place; the numbers are the same, and
-    with autograd nothing is done in place (gradients still flow)."""
+    """Without autograd the MLP applies its activation in place. Its outputs equal an
+    out-of-place forward written here, and with autograd so do its gradients."""
+    from marginalize.models.builders import ACTIVATIONS
+
     model = mz.models.mlp(2, hidden=[6, 4], activation=activation)
     x, y = _data("gaussian", 1)
     pb = prepare(model, x, y)
     z = torch.stack([pb.init_from_prior(i) for i in range(3)])
-    params = pb.layout.unpack(z)
+
+    def reference(params):
+        h = x
+        for k, spec in enumerate(model.layer_specs()):
+            h = h @ params[f"{spec.name}.weight"] + params[f"{spec.name}.bias"].unsqueeze(-2)
+            if k < len(model.layer_specs()) - 1:
+                h = ACTIVATIONS[activation](h)
+        return h
+
     with torch.no_grad():
-        f0 = model.forward(params, x)
+        f0 = model.forward(pb.layout.unpack(z), x)
+    assert torch.allclose(f0, reference(pb.layout.unpack(z)), rtol=1e-12, atol=1e-12)
     zg = z.clone().requires_grad_(True)
-    f1 = model.forward(pb.layout.unpack(zg), x)
-    assert torch.equal(f0, f1.detach())
-    (g,) = torch.autograd.grad(f1.square().sum(), zg)
-    assert torch.isfinite(g).all() and g.abs().sum() > 0
+    (g,) = torch.autograd.grad(model.forward(pb.layout.unpack(zg), x).square().sum(), zg)
+    zr = z.clone().requires_grad_(True)
+    (g_ref,) = torch.autograd.grad(reference(pb.layout.unpack(zr)).square().sum(), zr)
+    assert g.abs().sum() > 0
+    assert torch.allclose(g, g_ref, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("lik_name, own", [("gaussian_learned", True), ("categorical", False)])
@@ -509,3 +521,21 @@ def test_nuts_on_builder_mlp_takes_the_numpy_kernel(lik_name, own, monkeypatch):
     u_ref, g_ref = pb.potential_and_grad(z)
     assert u == pytest.approx(float(u_ref), rel=1e-12)
     assert np.allclose(g, g_ref.numpy(), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("in_features, out_features", [(1, 1), (1, 3), (3, 1), (3, 2)])
+@pytest.mark.parametrize("grad", [False, True])
+def test_batched_forward_equals_a_loop_over_draws(float64, in_features, out_features, grad):
+    """Every branch of ``dense`` over a stack of draws (a fused multiply-add for one input
+    feature, ``bmm`` for one output, ``baddbmm`` otherwise) gives each draw's own network."""
+    model = mz.models.mlp(in_features, hidden=[5, 4], out_features=out_features)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(9, in_features, generator=g, dtype=torch.float64)
+    y = torch.randn(9, out_features, generator=g, dtype=torch.float64).squeeze(-1)
+    pb = prepare(model, x, y)
+    z = torch.stack([pb.init_from_prior(i) for i in range(6)])
+    with torch.set_grad_enabled(grad):
+        batched = model.forward(pb.layout.unpack(z), x)
+        looped = torch.stack([model.forward(pb.layout.unpack(zi), x) for zi in z])
+    assert batched.shape == (6, 9, out_features)
+    assert torch.allclose(batched, looped, rtol=1e-12, atol=1e-12)
