@@ -369,35 +369,21 @@ def _section_quality(fits: list[_Fit], y_test) -> str:
     task = fits[0].post.task
     parts = ["<h2>3. Predictive quality on the test data</h2>"]
     if task == "classification":
-        header = ["fit", "accuracy &uarr;", "NLL &darr;", "ECE &darr;", "Brier &darr;"]
-        rows = [
-            [
-                _esc(f.name),
-                _fmt(f.metrics["accuracy"]),
-                _fmt(f.metrics["nll"]),
-                _fmt(f.metrics["ece"]),
-                _fmt(f.metrics["brier"]),
-            ]
-            for f in fits
+        columns = [
+            ("accuracy &uarr;", "accuracy"),
+            ("NLL &darr;", "nll"),
+            ("ECE &darr;", "ece"),
+            ("Brier &darr;", "brier"),
         ]
     else:
-        header = [
-            "fit",
-            "RMSE &darr;",
-            "NLL &darr;",
-            "90% interval coverage",
-            "calibration error &darr;",
+        columns = [
+            ("RMSE &darr;", "rmse"),
+            ("NLL &darr;", "nll"),
+            ("90% interval coverage", "coverage90"),
+            ("calibration error &darr;", "cal_error"),
         ]
-        rows = [
-            [
-                _esc(f.name),
-                _fmt(f.metrics["rmse"]),
-                _fmt(f.metrics["nll"]),
-                _fmt(f.metrics["coverage90"]),
-                _fmt(f.metrics["cal_error"]),
-            ]
-            for f in fits
-        ]
+    header = ["fit"] + [title for title, _ in columns]
+    rows = [[_esc(f.name)] + [_fmt(f.metrics[key]) for _, key in columns] for f in fits]
     best = {}
     for j, h in enumerate(header[1:], start=1):
         if "&darr;" in h or "&uarr;" in h:

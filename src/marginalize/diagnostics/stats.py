@@ -354,11 +354,7 @@ def loo(
     >>> float(loo(post).elpd_loo) < 0
     True
     """
-    idata = _as_idata(post_or_idata, num_samples=num_samples, seed=seed)
-    _check_loo_ready(idata, var_name)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return az.loo(idata, pointwise=pointwise, var_name=var_name)
+    return _information_criterion(az.loo, post_or_idata, pointwise, var_name, num_samples, seed)
 
 
 def waic(
@@ -370,11 +366,16 @@ def waic(
     seed: int = 0,
 ):
     """WAIC of the training data (``az.waic``); see :func:`loo`."""
+    return _information_criterion(az.waic, post_or_idata, pointwise, var_name, num_samples, seed)
+
+
+def _information_criterion(fn, post_or_idata, pointwise, var_name, num_samples, seed):
+    """``fn`` (``az.loo`` or ``az.waic``) on the training log-likelihood, checked first."""
     idata = _as_idata(post_or_idata, num_samples=num_samples, seed=seed)
     _check_loo_ready(idata, var_name)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return az.waic(idata, pointwise=pointwise, var_name=var_name)
+        return fn(idata, pointwise=pointwise, var_name=var_name)
 
 
 def compare(
