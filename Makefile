@@ -50,6 +50,7 @@ notebooks: $(STAMP)
 	$(BIN)/jupyter execute --kernel_name=python3 --output='../out/notebooks/{notebook_name}' notebooks/*.ipynb
 
 lint: $(STAMP)
+	$(BIN)/lint-imports
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
 

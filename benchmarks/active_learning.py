@@ -6,7 +6,7 @@ Results go to benchmarks/results/ (see ``marginalize bench active-learning --hel
 
 import sys
 
-from marginalize.bench import build_parser, run_parsed
+from marginalize.benchmarks import build_parser, run_parsed
 
 if __name__ == "__main__":
     argv = ["active-learning", *sys.argv[1:]]

@@ -6,7 +6,7 @@ Results go to benchmarks/results/ (see ``marginalize bench classification --help
 
 import sys
 
-from marginalize.bench import build_parser, run_parsed
+from marginalize.benchmarks import build_parser, run_parsed
 
 if __name__ == "__main__":
     argv = ["classification", *sys.argv[1:]]

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 import marginalize as mz
-from marginalize.bench._common import header, markdown_table
+from marginalize.benchmarks._common import header, markdown_table
 from marginalize.diagnostics.functions import _chunk, prior_functions
 from marginalize.diagnostics.prior_draws import _prior_groups, sample_prior
 

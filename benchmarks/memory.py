@@ -26,9 +26,9 @@ import json, resource, sys, time
 import torch
 torch.set_num_threads(1)
 import marginalize as mz
-from marginalize.inference.approximations import Gaussian
-from marginalize.inference.posterior import Posterior
-from marginalize.inference.problem import prepare
+from marginalize.core.approximations import Gaussian
+from marginalize.posterior import Posterior
+from marginalize.core.problem import prepare
 
 what, hidden, draws, n_in = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 model = mz.models.mlp(1, hidden=[hidden], activation="tanh")

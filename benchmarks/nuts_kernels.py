@@ -1,6 +1,6 @@
 """NUTS on the CPU: the NumPy transitions against the torch ones, on the same problems.
 
-Since the NumPy kernel (``inference/_nuts.py``, ``_NumpyKernel``) every float32/float64
+Since the NumPy kernel (``inference/engines/nuts.py``, ``_NumpyKernel``) every float32/float64
 problem on the CPU runs its NUTS transitions in NumPy, with the fast potential's own NumPy
 version where there is one and the torch potential behind a zero-copy conversion elsewhere.
 This script runs the same fits with the torch kernel (``Problem.numpy_potential`` switched
@@ -30,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
 import marginalize as mz  # noqa: E402
-from marginalize.bench.uci import load_regression  # noqa: E402
-from marginalize.inference.problem import Problem  # noqa: E402
+from marginalize.benchmarks.uci import load_regression  # noqa: E402
+from marginalize.core.problem import Problem  # noqa: E402
 
 
 def sine():

@@ -23,9 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
 import marginalize as mz  # noqa: E402
-from marginalize.inference.approximations import Empirical  # noqa: E402
-from marginalize.inference.posterior import Posterior  # noqa: E402
-from marginalize.inference.problem import prepare  # noqa: E402
+from marginalize.core.approximations import Empirical  # noqa: E402
+from marginalize.core.problem import prepare  # noqa: E402
+from marginalize.posterior import Posterior  # noqa: E402
 
 S = 1000
 INPLACE = {"tanh": torch.tanh_, "relu": torch.relu_}

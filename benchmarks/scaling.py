@@ -23,7 +23,7 @@ import _common as C  # noqa: E402
 from svi_step import HandBBB  # noqa: E402
 
 import marginalize as mz  # noqa: E402
-from marginalize.inference.problem import prepare  # noqa: E402
+from marginalize.core.problem import prepare  # noqa: E402
 
 D_IN, CLASSES = 16, 10
 

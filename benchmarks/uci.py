@@ -5,7 +5,7 @@ Results go to benchmarks/results/ (see ``marginalize bench uci --help``).
 
 import sys
 
-from marginalize.bench import build_parser, run_parsed
+from marginalize.benchmarks import build_parser, run_parsed
 
 if __name__ == "__main__":
     argv = ["uci", *sys.argv[1:]]

@@ -9,7 +9,7 @@ import torch
 
 import marginalize as mz
 from conftest import tiny_options
-from marginalize.diagnostics.arviz import to_inference_data
+from marginalize.core.arviz import to_inference_data
 
 N, N_TEST, HIDDEN = 24, 7, 3
 MCMC_STATS = ("lp", "diverging", "acceptance_rate", "step_size", "tree_depth", "n_steps", "energy")
@@ -130,7 +130,7 @@ def test_mcmc_keeps_every_draw_and_thins_stats_alike():
         thin.posterior["layer1.weight"].values, full.posterior["layer1.weight"].values[:, idx]
     )
     # lp is the log joint of the draw (up to the constant-free unconstrained Jacobian: none here)
-    from marginalize.inference.problem import prepare
+    from marginalize.core.problem import prepare
 
     z = post.approximation.draws
     lj = prepare(post.model, x, y).log_joint(z.reshape(-1, z.shape[-1])).reshape(2, 30)

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from marginalize import OptionError
-from marginalize.bench import _common, build_parser, uci
-from marginalize.bench import active_learning as AL
-from marginalize.bench import classification as C
+from marginalize.benchmarks import _common, build_parser, uci
+from marginalize.benchmarks import active_learning as AL
+from marginalize.benchmarks import classification as C
 
 matplotlib.use("Agg")
 

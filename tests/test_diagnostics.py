@@ -12,10 +12,10 @@ import pytest
 import torch
 
 import marginalize as mz
+from marginalize.core.approximations import Delta, Empirical, Gaussian, Mixture
+from marginalize.core.problem import prepare
 from marginalize.diagnostics import checks, stats
-from marginalize.inference.approximations import Delta, Empirical, Gaussian, Mixture
-from marginalize.inference.posterior import Posterior
-from marginalize.inference.problem import prepare
+from marginalize.posterior import Posterior
 
 SIGMA, PRIOR_S = 0.5, 1.0
 

@@ -60,8 +60,7 @@ def test_api_covers_the_top_level(gen):
     assert "def fit(model: Callable, x, y, method: str, *, seed: int = 0" in api
     assert " at 0x" not in api  # no memory addresses: the output must be reproducible
     assert (
-        "### class `marginalize.inference.posterior.Posterior`" in api
-        and "#### `Posterior.predict`" in api
+        "### class `marginalize.posterior.Posterior`" in api and "#### `Posterior.predict`" in api
     )
     assert mz.__all__
 

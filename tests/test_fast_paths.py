@@ -1,9 +1,9 @@
 """The fast paths give the same numbers as the general ones.
 
-* ``inference/potentials.py``: the closed-form potential and its hand-written gradient equal
+* ``core/potentials.py``: the closed-form potential and its hand-written gradient equal
   the Pyro trace's log joint and autograd's gradient (float64, 1e-10), for MLPs with every
   prior, likelihood and several activations; its NumPy, torch and batched versions agree.
-* ``inference/fast_vi.py``: for the same parameters and the same weight noise, the fused loss
+* ``inference/engines/fused.py``: for the same parameters and the same weight noise, the fused loss
   equals Pyro's ``Trace_ELBO`` on ``AutoNormal`` and so do the gradients; the analytic KL is the
   closed form; its optimizer step is Pyro's ``ClippedAdam``; ``engine`` selects the path.
 * prediction: the chunked batched path equals a loop over draws, for any chunk size.
@@ -26,9 +26,10 @@ from pyro.infer import Trace_ELBO
 from pyro.infer.autoguide import AutoNormal
 
 import marginalize as mz
-from marginalize.inference.fast_vi import ClippedAdamState, MeanFieldELBO
-from marginalize.inference.potentials import FlatMLP, fast_potential, supports
-from marginalize.inference.problem import prepare, scale_obs
+from marginalize.core.potentials import FlatMLP, fast_potential, supports
+from marginalize.core.problem import prepare, scale_obs
+from marginalize.inference.engines import training
+from marginalize.inference.engines.fused import ClippedAdamState, MeanFieldELBO
 
 P = mz.priors
 PRIORS = {
@@ -385,11 +386,9 @@ def test_fast_engine_minibatches_and_nan_policy():
     )
     lrs = [r["lr"] for r in back.info["rollbacks"]]
     assert (
-        len(lrs) == mz.inference.svi.MAX_ROLLBACKS
-        and lrs == sorted(lrs, reverse=True)
-        and lrs[0] > lrs[-1]
+        len(lrs) == training.MAX_ROLLBACKS and lrs == sorted(lrs, reverse=True) and lrs[0] > lrs[-1]
     )
-    with pytest.raises(mz.inference.svi.FitError, match="step 1"):
+    with pytest.raises(mz.FitError, match="step 1"):
         mz.fit(
             model, x, y, method="svi-meanfield", steps=20, progress=False, lr=1e3, on_nan="raise"
         )
@@ -402,9 +401,9 @@ def test_fast_engine_minibatches_and_nan_policy():
 def test_prediction_chunks_equal_a_loop_over_draws(float64, lik, monkeypatch):
     """Any chunk size, and blocks of inputs, give the numbers of a loop over draws (the
     regression likelihoods through ``Likelihood.moments``, not distribution objects)."""
-    from marginalize.inference import posterior as posterior_module
-    from marginalize.inference.approximations import Empirical
-    from marginalize.inference.posterior import Posterior
+    from marginalize import posterior as posterior_module
+    from marginalize.core.approximations import Empirical
+    from marginalize.posterior import Posterior
 
     task = "classification" if lik == "categorical" else "regression"
     out = 3 if task == "classification" else 1
@@ -450,7 +449,7 @@ def test_moments_stay_accurate_far_from_zero():
     """The shifted sums of the prediction accumulator: float32 values around 1e4 with spread
     0.1, in chunks of any size, give the variance to float32 accuracy (plain sums of squares
     would lose it all to cancellation)."""
-    from marginalize.inference.posterior import _Moments
+    from marginalize.core.predictive import Moments as _Moments
 
     g = torch.Generator().manual_seed(0)
     v64 = 1e4 + 0.1 * torch.randn(300, 7, generator=g, dtype=torch.float64)
@@ -499,7 +498,7 @@ def test_inplace_activation_without_grad_is_the_same_network(float64, activation
 def test_nuts_on_builder_mlp_takes_the_numpy_kernel(lik_name, own, monkeypatch):
     """NUTS on the CPU runs its transitions in NumPy: with the fast potential's own NumPy
     version (Gaussian likelihoods), or with the torch potential behind a conversion."""
-    from marginalize.inference import _nuts
+    from marginalize.inference.engines import nuts as _nuts
 
     calls = {"numpy": 0, "torch": 0}
     orig = _nuts._Kernel.nuts

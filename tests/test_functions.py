@@ -14,8 +14,8 @@ from pyro.poutine.util import site_is_subsample
 from scipy import stats
 
 import marginalize as mz
-from marginalize._validation import DataError, ModelError
 from marginalize.diagnostics import function_plots as fp
+from marginalize.diagnostics import functions
 from marginalize.diagnostics.functions import (
     FunctionDraws,
     class_pairs,
@@ -25,6 +25,7 @@ from marginalize.diagnostics.functions import (
     prior_scale_sweep,
     sample_prior,
 )
+from marginalize.errors import DataError, ModelError
 
 P = mz.priors
 
@@ -375,13 +376,13 @@ def test_function_space_figures_for_report():
     post1 = mz.fit(
         mz.models.mlp(1, [8]), x1, torch.sin(3 * x1[:, 0]), method="map", steps=20, progress=False
     )
-    figs = fp.function_space_figures(post1, x1, num_samples=20)
+    figs = functions.function_space_figures(post1, x1, num_samples=20)
     assert [t for t, _ in figs] == ["Functions: prior vs posterior (map)"]
     assert all(isinstance(f, Figure) for _, f in figs)
 
     x2 = torch.randn(30, 3)
     post2 = mz.fit(mz.models.mlp(3, [8]), x2, x2[:, 0], method="map", steps=20, progress=False)
-    figs = fp.function_space_figures([post2, post2], x2, num_samples=20)
+    figs = functions.function_space_figures([post2, post2], x2, num_samples=20)
     assert [t for t, _ in figs] == [
         "Function spread at the inputs: prior vs posterior (map)",
         "Function spread at the inputs: prior vs posterior (map (2))",
@@ -390,15 +391,12 @@ def test_function_space_figures_for_report():
     yc = (x2[:, 0] > 0).long()
     mc = mz.models.mlp(3, [8], likelihood="categorical", out_features=2)
     postc = mz.fit(mc, x2, yc, method="svi-meanfield", steps=20, progress=False)
-    figs = fp.function_space_figures({"vi": postc}, x2, y=yc, num_samples=20, num_pairs=20)
+    figs = functions.function_space_figures({"vi": postc}, x2, y=yc, num_samples=20, num_pairs=20)
     assert [t for t, _ in figs] == [
         "Class probabilities and entropy: prior vs posterior (vi)",
         "Prior correlation of outputs, same vs different class (vi)",
     ]
     with pytest.raises(DataError):
-        fp.function_space_figures(42, x2)
-    # the HTML report looks the figures up in marginalize.diagnostics.functions
-    from marginalize.diagnostics import functions
-
+        functions.function_space_figures(42, x2)
     figs = functions.function_space_figures({"a": post2}, x2, num_samples=10)
     assert [t for t, _ in figs] == ["Function spread at the inputs: prior vs posterior (a)"]

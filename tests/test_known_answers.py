@@ -138,8 +138,9 @@ def test_map_lands_on_posterior_mode(float64):
 def test_predictive_of_exact_posterior_is_exact(float64):
     """Prediction machinery on a known Gaussian: mean and variance of the predictive."""
     model, x, y, mean, cov, _ = blr_problem()
-    from marginalize.inference import Gaussian, Posterior
-    from marginalize.inference.problem import prepare
+    from marginalize import Posterior
+    from marginalize.core.approximations import Gaussian
+    from marginalize.core.problem import prepare
 
     pr = prepare(model, x, y)
     post = Posterior(

@@ -18,8 +18,9 @@ import pytest
 import torch
 
 import marginalize as mz
-from marginalize.inference.approximations import Gaussian, Kronecker, from_state
-from marginalize.inference.swag import SWAGMoments
+from marginalize.core.approximations import Gaussian, Kronecker, from_state
+from marginalize.core.problem import prepare
+from marginalize.inference.methods.swag import SWAGMoments
 
 # --------------------------------------------------------------------------------------------
 # data and models
@@ -170,7 +171,7 @@ def test_laplace_on_plain_function_is_exact_hessian(float64):
     post = mz.fit(linear_fn, X.double(), Y.double(), method="laplace", steps=300, progress=False)
     assert post.info["hessian"] == "exact" and post.info["predictive"] == "sample"
     z = post.approximation.loc.clone()
-    problem = mz.inference.problem.prepare(linear_fn, X.double(), Y.double())
+    problem = prepare(linear_fn, X.double(), Y.double())
     g = torch.autograd.functional.jacobian(problem.log_joint, z)
     assert g.abs().max() < 1e-5  # refined to the mode
     h = -torch.autograd.functional.hessian(problem.log_joint, z)
@@ -400,7 +401,7 @@ def test_bbb_needs_builder_mlp_and_valid_estimator():
 def test_bbb_local_reparam_matches_weight_sampling_in_distribution():
     """The local reparameterization samples pre-activations with the mean and variance of the
     weight-sampling ones: compare the two estimators' first-layer outputs by moments."""
-    from marginalize.inference.bbb import _layer
+    from marginalize.inference.methods.bbb import _layer
 
     g = torch.Generator().manual_seed(0)
     h = torch.randn(3, 4, generator=g, dtype=torch.float64)
@@ -460,8 +461,8 @@ def test_bayesian_sites_hold_the_rest_at_map(method, extra):
 
 
 def test_bayesian_sites_resolution_and_errors():
-    from marginalize.inference.lastlayer import resolve_sites
-    from marginalize.inference.problem import prepare
+    from marginalize.core.problem import prepare
+    from marginalize.inference.engines.subsites import resolve_sites
 
     p = prepare(mz.models.mlp(1, hidden=[4, 4]), X, Y)
     assert resolve_sites(p, "last_layer") == ["layer3.weight", "layer3.bias"]

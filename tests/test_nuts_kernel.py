@@ -1,4 +1,4 @@
-"""Tests of the pure-PyTorch NUTS / static-HMC kernel (``marginalize.inference._nuts``).
+"""Tests of the pure-PyTorch NUTS / static-HMC kernel (``marginalize.inference.engines.nuts``).
 
 Moment checks use Monte Carlo standard errors: for a quantity ``q`` of the draws
 the tolerance is ``5 * sd(q) / sqrt(ESS(q))`` with ArviZ's ESS.
@@ -18,7 +18,7 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     import arviz as az
 
-from marginalize.inference._nuts import NUTSState, SamplingInterrupted, run_sampler
+from marginalize.inference.engines.nuts import NUTSState, SamplingInterrupted, run_sampler
 
 DTYPE = torch.float64
 

@@ -19,11 +19,14 @@ from pyro.infer.autoguide import AutoDelta
 import marginalize as mz
 from conftest import tiny_options
 from marginalize._files import digest, write_verified
-from marginalize.inference import checkpoint as ckpt
-from marginalize.inference.mcmc import MCMCOptions, initial_point
-from marginalize.inference.problem import Problem, prepare
-from marginalize.inference.registry import isolated
-from marginalize.inference.svi import MAP, MAX_ROLLBACKS, FitError, run_svi
+from marginalize.core.problem import Problem, prepare
+from marginalize.errors import FitError
+from marginalize.inference.engines import checkpoint as ckpt
+from marginalize.inference.engines import training
+from marginalize.inference.engines.seeding import isolated
+from marginalize.inference.engines.training import MAX_ROLLBACKS, run_svi
+from marginalize.inference.methods.mcmc import MCMCOptions, initial_point
+from marginalize.inference.methods.svi import MAP
 
 METHODS = mz.methods()
 MODEL = mz.models.mlp(1, hidden=[3], activation="tanh")
@@ -186,10 +189,10 @@ def test_nan_from_distribution_validation_is_a_nan_loss(monkeypatch):
                     p.fill_(float("nan"))
         return value
 
-    orig_finite = mz.inference.svi._LastGood.finite
-    monkeypatch.setattr(mz.inference.svi._LastGood, "finite", lambda self: True)  # let it through
+    orig_finite = training._LastGood.finite
+    monkeypatch.setattr(training._LastGood, "finite", lambda self: True)  # let it through
     info, final, snaps = run_map(monkeypatch, after=after)
-    monkeypatch.setattr(mz.inference.svi._LastGood, "finite", orig_finite)
+    monkeypatch.setattr(training._LastGood, "finite", orig_finite)
     assert info["stopped"]["step"] == 6 and info["stopped"]["reason"] == "non-finite loss (nan)"
 
 

@@ -9,10 +9,12 @@
 import logging
 
 from marginalize import models
-from marginalize._validation import DataError, ModelError, OptionError
-from marginalize.inference import Posterior, Prediction, fit, method_info, methods, register
-from marginalize.io import FileFormatError, load
+from marginalize.errors import DataError, FileFormatError, FitError, ModelError, OptionError
+from marginalize.inference import fit, method_info, methods, register, resume
+from marginalize.io import load
 from marginalize.models import likelihoods, priors
+from marginalize.posterior import Posterior, Prediction
+from marginalize.temperature import temperature_scale
 
 __version__ = "0.1.0"
 
@@ -33,6 +35,9 @@ __all__ = [
     "ModelError",
     "OptionError",
     "FileFormatError",
+    "FitError",
+    "resume",
+    "temperature_scale",
 ]
 
 # Names provided by the diagnostics package, imported on first use (keeps `import
@@ -43,9 +48,6 @@ _LAZY = {
     "prior_functions": "marginalize.diagnostics.functions",
     "posterior_functions": "marginalize.diagnostics.functions",
     "prior_scale_sweep": "marginalize.diagnostics.functions",
-    "temperature_scale": "marginalize.inference.temperature",
-    "resume": "marginalize.inference.checkpoint",
-    "FitError": "marginalize.inference.svi",
 }
 
 

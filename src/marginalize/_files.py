@@ -1,11 +1,12 @@
 """Safe, verified files of plain tensors: atomic writes, a SHA-256 over the content, safe reads.
 
-Posterior files (``io.py``) and checkpoints (``inference/checkpoint.py``) are a ``torch.save``
-of a dict holding only tensors, strings, numbers, ``None``, lists, tuples and dicts. Writing
-goes to a temporary file in the same folder that is then renamed into place, so a crash never
-leaves a half-written file under the real name. Reading uses ``torch.load(weights_only=True)``
-(never executes code from the file) and checks a SHA-256 digest of the content stored beside
-it, so a flipped byte inside tensor data is caught as well as a truncated or foreign file.
+Posterior files (``posterior.py``, ``io.py``) and checkpoints
+(``inference/engines/checkpoint.py``) are a ``torch.save`` of a dict holding only tensors,
+strings, numbers, ``None``, lists, tuples and dicts. Writing goes to a temporary file in the
+same folder that is then renamed into place, so a crash never leaves a half-written file under
+the real name. Reading uses ``torch.load(weights_only=True)`` (never executes code from the
+file) and checks a SHA-256 digest of the content stored beside it, so a flipped byte inside
+tensor data is caught as well as a truncated or foreign file.
 
 Examples
 --------
@@ -27,15 +28,12 @@ from typing import Any
 
 import torch
 
-__all__ = ["FileFormatError", "digest", "write_verified", "read_verified", "check_path"]
+from marginalize.errors import FileFormatError
+
+__all__ = ["digest", "write_verified", "read_verified", "check_path"]
 
 #: key of the content digest inside a verified file
 DIGEST_KEY = "sha256"
-
-
-class FileFormatError(ValueError):
-    """A file that is not a marginalize file of the expected kind, is truncated or
-    corrupted (its content does not match its SHA-256), or is from an incompatible version."""
 
 
 def _feed(h, obj: Any) -> None:

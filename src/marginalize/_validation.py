@@ -1,4 +1,4 @@
-"""Input checks at the public API boundary and the error types they raise.
+"""Input checks at the public API boundary (the error types are in :mod:`marginalize.errors`).
 
 Every check names the argument and says what was expected. Errors are subclasses of
 ``ValueError``/``TypeError`` so generic handlers keep working.
@@ -13,10 +13,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from marginalize.errors import DataError, OptionError
+
 __all__ = [
-    "DataError",
-    "ModelError",
-    "OptionError",
     "as_tensor",
     "check_finite",
     "check_options",
@@ -24,18 +23,6 @@ __all__ = [
     "check_device",
     "check_positive_int",
 ]
-
-
-class DataError(ValueError):
-    """Bad data: wrong shape, dtype, NaN/inf, empty, labels out of range, length mismatch."""
-
-
-class ModelError(ValueError):
-    """The model does not follow the contract (no observed ``"y"`` site, discrete latents, ...)."""
-
-
-class OptionError(ValueError):
-    """Unknown method name, or an option a method does not take or an invalid option value."""
 
 
 def as_tensor(

@@ -93,7 +93,7 @@ def parse_model(
 
 def _parse_options(text: str | None, names: list[str]) -> dict[str, dict]:
     """``--options``: a JSON object mapping method names (from ``--method``) to option objects."""
-    from marginalize._validation import OptionError
+    from marginalize.errors import OptionError
 
     if not text:
         return {}
@@ -113,7 +113,7 @@ def _parse_options(text: str | None, names: list[str]) -> dict[str, dict]:
 
 
 def _check_args(args) -> None:
-    from marginalize._validation import OptionError
+    from marginalize.errors import OptionError
 
     if not 0 < args.test_size < 1:
         raise OptionError(f"--test-size: expected a fraction in (0, 1), got {args.test_size}")
@@ -162,7 +162,7 @@ def _fit_cmd(args) -> int:
         if ds.task == "regression":
             # the settings of the UCI benchmark (chosen on validation splits; see bench/uci.py):
             # point-estimate methods use a fixed noise SD, VI and MCMC learn it
-            from marginalize.bench.uci import MODEL_KEYS, SETTINGS
+            from marginalize.benchmarks.uci import MODEL_KEYS, SETTINGS
 
             row_settings = SETTINGS.get(m, {}).get("small", {})
             full = {k: v for k, v in row_settings.items() if k not in MODEL_KEYS} or full
@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         default=1,
         help="torch CPU threads (default 1: fastest for small networks)",
     )
-    from marginalize.bench import add_subcommands as _bench_subcommands
+    from marginalize.benchmarks import add_subcommands as _bench_subcommands
 
     _bench_subcommands(
         sub.add_parser(
@@ -270,10 +270,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{row['name']:>14}  {row['summary']}")
         return 0
     if args.cmd == "bench":
-        from marginalize.bench import run_parsed
+        from marginalize.benchmarks import run_parsed
 
         return run_parsed(args, ["marginalize", *(sys.argv[1:] if argv is None else argv)])
-    from marginalize.inference.svi import FitError
+    from marginalize.errors import FitError
 
     try:
         return _fit_cmd(args)

@@ -15,67 +15,15 @@ from collections.abc import Callable
 
 import torch
 
-from marginalize._files import FileFormatError, check_path, read_verified, write_verified
-from marginalize._validation import DataError, ModelError, check_device
-from marginalize.inference.approximations import from_state
-from marginalize.inference.posterior import Posterior
-from marginalize.inference.problem import prepare
-from marginalize.models.base import BNN, model_from_config
+from marginalize._files import check_path, read_verified
+from marginalize._validation import check_device
+from marginalize.core.approximations import from_state
+from marginalize.core.problem import prepare
+from marginalize.errors import DataError, FileFormatError, ModelError
+from marginalize.models.base import model_from_config
+from marginalize.posterior import FORMAT, VERSION, Posterior, save_posterior
 
-__all__ = ["save_posterior", "load", "FileFormatError", "FORMAT", "VERSION"]
-
-FORMAT = "marginalize.posterior"
-#: 2: a SHA-256 of the content is stored beside it
-VERSION = 2
-
-
-def _to_cpu(obj):
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu()
-    if isinstance(obj, dict):
-        return {k: _to_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_to_cpu(v) for v in obj]
-    return obj
-
-
-def _plain(obj):
-    """Keep tensors and JSON-able values; drop what cannot be stored safely."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu()
-    if isinstance(obj, dict):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    if isinstance(obj, (str, int, float, bool)) or obj is None:
-        return obj
-    return repr(obj)
-
-
-def save_posterior(post: Posterior, path) -> None:
-    """Write ``post`` to ``path`` (atomically: a temporary file is renamed into place)."""
-    path = check_path(path)
-    # builder models store their config; plain functions and bayesian(module) models (config()
-    # is None) must be passed to load(path, model=...)
-    cfg = post.model.config() if isinstance(post.model, BNN) else None
-    model_cfg = json.dumps(cfg) if cfg is not None else None
-    payload = {
-        "format": FORMAT,
-        "version": VERSION,
-        "torch_version": str(torch.__version__),
-        "method": post.method,
-        "task": post.task,
-        "seed": post.seed,
-        "num_classes": post.num_classes,
-        "options": json.dumps(_plain(post.options)),
-        "layout": json.dumps(post.layout.describe()),
-        "model_config": model_cfg,
-        "approximation": _to_cpu(post.approximation.state_dict()),
-        "info": _plain(post.info),
-        "data": None if post.data is None else {"x": post.data[0].cpu(), "y": post.data[1].cpu()},
-        "dtype": str(post.dtype).replace("torch.", ""),
-    }
-    write_verified(payload, path)
+__all__ = ["save_posterior", "load"]
 
 
 def load(path, model: Callable | None = None, *, device=None) -> Posterior:

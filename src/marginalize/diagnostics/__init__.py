@@ -1,5 +1,5 @@
 """Diagnostics: ArviZ conversion, metrics, function-space tools, plots and the HTML report.
 
-Submodules are imported on use (``marginalize.diagnostics.arviz`` is the one place that
+Submodules are imported on use (``marginalize.core.arviz`` is the one place that
 talks to ArviZ).
 """

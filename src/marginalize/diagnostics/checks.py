@@ -30,10 +30,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from marginalize.diagnostics.arviz import FUNCTION_VAR
-from marginalize.inference.approximations import Empirical, Mixture
-from marginalize.inference.posterior import Posterior
+from marginalize.core.approximations import Empirical, Mixture
+from marginalize.core.arviz import FUNCTION_VAR
 from marginalize.models.base import BNN
+from marginalize.posterior import Posterior
 
 __all__ = [
     "Finding",
@@ -105,7 +105,7 @@ def _has_hidden_layers(post: Posterior) -> bool:
 def _rhat_ess(idata, var_names):
     import warnings
 
-    from marginalize.diagnostics.arviz import az
+    from marginalize.core.arviz import az
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

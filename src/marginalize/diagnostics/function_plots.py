@@ -29,22 +29,16 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from matplotlib.figure import Figure
 
-from marginalize._validation import DataError
-from marginalize.diagnostics.functions import (
-    FunctionDraws,
-    PriorScaleSweep,
-    _as_posts,
-    class_pairs,
-    posterior_functions,
-    prior_functions,
-)
-from marginalize.models.base import BNN
+from marginalize.errors import DataError
+
+if TYPE_CHECKING:  # the data classes of functions.py, which imports this module to plot
+    from marginalize.diagnostics.functions import FunctionDraws, PriorScaleSweep
 
 __all__ = [
     "plot_function_draws",
@@ -53,7 +47,7 @@ __all__ = [
     "plot_output_correlations",
     "plot_correlation_matrix",
     "plot_scale_sweep",
-    "function_space_figures",
+    "plot_function_spread",
 ]
 
 log = logging.getLogger(__name__)
@@ -205,7 +199,7 @@ def plot_class_probabilities(
     >>> len(plot_class_probabilities(fx).axes)
     3
     """
-    fxs = [fxs] if isinstance(fxs, FunctionDraws) else list(fxs)
+    fxs = list(fxs) if isinstance(fxs, (list, tuple)) else [fxs]
     if not fxs or any(f.task != "classification" for f in fxs):
         raise DataError("plot_class_probabilities: needs classification function draws")
     labels = (
@@ -354,121 +348,8 @@ def plot_scale_sweep(sweep: PriorScaleSweep, *, bins: int = 30) -> Figure:
 
 
 # ---------------------------------------------------------------------------------------
-def _grid_1d(x: torch.Tensor, post, points: int) -> torch.Tensor:
-    pieces = [x.reshape(-1)]
-    if post.data is not None:
-        pieces.append(post.data[0].reshape(-1).to(x.device, x.dtype))
-    allx = torch.cat(pieces)
-    lo, hi = float(allx.min()), float(allx.max())
-    pad = 0.25 * (hi - lo) if hi > lo else 1.0
-    return torch.linspace(lo - pad, hi + pad, points, dtype=x.dtype, device=x.device)[:, None]
-
-
-def _is_1d(post, x: torch.Tensor) -> bool:
-    model = post.model
-    if isinstance(model, BNN) and model.in_features is not None:
-        return model.in_features == 1
-    return x.dim() == 1 or (x.dim() == 2 and x.shape[1] == 1)
-
-
-def function_space_figures(
-    posts_or_post,
-    x,
-    *,
-    y=None,
-    num_samples: int = 300,
-    seed: int = 0,
-    grid_points: int = 200,
-    num_pairs: int = 200,
-) -> list[tuple[str, Figure]]:
-    """The function-space figures of one or several fits, as ``(title, Figure)`` pairs.
-
-    For each fit: regression with 1-D inputs - prior vs posterior functions on a grid that
-    extends a quarter of the data range past the inputs and training data (training data
-    overlaid); other regression - the spread (std) of ``f`` at ``x`` under prior and
-    posterior; classification - class-probability and entropy histograms, prior overlaid on
-    posterior. With labels ``y`` for ``x`` (classification), also the prior correlation of
-    outputs for same- and different-class pairs of inputs (once per model).
-
-    Parameters
-    ----------
-    posts_or_post : Posterior, list of Posterior, or dict name -> Posterior
-    x : array-like
-        Inputs (e.g. the test inputs).
-    y : array-like, optional
-        Labels of ``x`` (classification).
-    num_samples : int
-        Prior and posterior draws per figure.
-
-    Examples
-    --------
-    >>> import torch, marginalize as mz
-    >>> x = torch.linspace(-1, 1, 30)[:, None]; y = torch.sin(3 * x[:, 0])
-    >>> post = mz.fit(mz.models.mlp(1, [10]), x, y, method="map", steps=30, progress=False)
-    >>> [t for t, _ in function_space_figures(post, x, num_samples=20)]
-    ['Functions: prior vs posterior (map)']
-    """
-    posts = _as_posts(posts_or_post)
-    out: list[tuple[str, Figure]] = []
-    priors: dict[tuple[int, str], FunctionDraws] = {}
-    done_corr: set[int] = set()
-
-    def prior_at(post, xx, key):
-        k = (id(post.model), key)
-        if k not in priors:
-            priors[k] = prior_functions(post.model, xx, num_samples, seed=seed)
-        return priors[k]
-
-    for name, post in posts.items():
-        xt = torch.as_tensor(_np(x) if not isinstance(x, torch.Tensor) else x)
-        xt = xt.to(device=post.device, dtype=post.dtype)
-        if post.task == "regression" and _is_1d(post, xt):
-            grid = _grid_1d(xt, post, grid_points)
-            pf = prior_at(post, grid, "grid")
-            qf = posterior_functions(post, grid, num_samples, seed=seed)
-            out.append(
-                (
-                    f"Functions: prior vs posterior ({name})",
-                    plot_prior_posterior(pf, qf, data=post.data),
-                )
-            )
-        elif post.task == "regression":
-            pf = prior_at(post, xt, "x")
-            qf = posterior_functions(post, xt, num_samples, seed=seed)
-            out.append(
-                (
-                    f"Function spread at the inputs: prior vs posterior ({name})",
-                    _plot_spread(pf, qf),
-                )
-            )
-        else:
-            pf = prior_at(post, xt, "x")
-            qf = posterior_functions(post, xt, num_samples, seed=seed)
-            out.append(
-                (
-                    f"Class probabilities and entropy: prior vs posterior ({name})",
-                    plot_class_probabilities([pf, qf]),
-                )
-            )
-            if y is not None and id(post.model) not in done_corr:
-                done_corr.add(id(post.model))
-                try:
-                    same, diff = class_pairs(y, num_pairs, seed)
-                except DataError as e:
-                    log.info("no correlation figure: %s", e)
-                    continue
-                out.append(
-                    (
-                        f"Prior correlation of outputs, same vs different class ({name})",
-                        plot_output_correlations(
-                            _np(pf.correlation(same)), _np(pf.correlation(diff))
-                        ),
-                    )
-                )
-    return out
-
-
-def _plot_spread(pf: FunctionDraws, qf: FunctionDraws) -> Figure:
+def plot_function_spread(pf: FunctionDraws, qf: FunctionDraws) -> Figure:
+    """Histograms of the spread (std over draws) of ``f`` per input, prior vs posterior."""
     fig, (a,) = _new()
     point = qf.f.shape[0] * qf.f.shape[1] == 1
     ps, qs = _np(pf.std()).reshape(-1), _np(qf.std()).reshape(-1)

@@ -43,9 +43,10 @@ import torch
 from pyro import poutine
 from tqdm.auto import tqdm
 
-from marginalize._validation import DataError, ModelError, OptionError, check_positive_int, check_x
+from marginalize._validation import check_positive_int, check_x
+from marginalize.core.problem import observation_dist
 from marginalize.diagnostics.prior_draws import _forked_rng, _prior_groups, sample_prior
-from marginalize.inference.problem import observation_dist
+from marginalize.errors import DataError, ModelError, OptionError
 from marginalize.models.base import BNN
 
 __all__ = [
@@ -201,7 +202,7 @@ class FunctionDraws:
 
     def to_arviz(self, idata=None):
         """An ``arviz.InferenceData`` with group :attr:`group` (added to ``idata`` if given)."""
-        from marginalize.diagnostics.arviz import az
+        from marginalize.core.arviz import az
 
         ds = self.to_xarray()
         if idata is None:
@@ -494,7 +495,7 @@ def posterior_functions(
     >>> posterior_functions(post, x[:4], num_samples=20).f.shape
     torch.Size([1, 20, 4, 1])
     """
-    from marginalize.inference.posterior import Posterior
+    from marginalize.posterior import Posterior
 
     if not isinstance(post, Posterior):
         raise DataError(f"post: expected a marginalize Posterior, got {type(post).__name__}")
@@ -658,17 +659,130 @@ def prior_scale_sweep(
     return result
 
 
-def function_space_figures(posts_or_post, x, **kwargs: Any) -> list:
-    """``(title, Figure)`` pairs for the report; see
-    :func:`marginalize.diagnostics.function_plots.function_space_figures`."""
-    from marginalize.diagnostics.function_plots import function_space_figures as figures
+def _grid_1d(x: torch.Tensor, post, points: int) -> torch.Tensor:
+    pieces = [x.reshape(-1)]
+    if post.data is not None:
+        pieces.append(post.data[0].reshape(-1).to(x.device, x.dtype))
+    allx = torch.cat(pieces)
+    lo, hi = float(allx.min()), float(allx.max())
+    pad = 0.25 * (hi - lo) if hi > lo else 1.0
+    return torch.linspace(lo - pad, hi + pad, points, dtype=x.dtype, device=x.device)[:, None]
 
-    return figures(posts_or_post, x, **kwargs)
+
+def _is_1d(post, x: torch.Tensor) -> bool:
+    model = post.model
+    if isinstance(model, BNN) and model.in_features is not None:
+        return model.in_features == 1
+    return x.dim() == 1 or (x.dim() == 2 and x.shape[1] == 1)
+
+
+def function_space_figures(
+    posts_or_post,
+    x,
+    *,
+    y=None,
+    num_samples: int = 300,
+    seed: int = 0,
+    grid_points: int = 200,
+    num_pairs: int = 200,
+) -> list[tuple[str, Any]]:
+    """The function-space figures of one or several fits, as ``(title, Figure)`` pairs.
+
+    For each fit: regression with 1-D inputs - prior vs posterior functions on a grid that
+    extends a quarter of the data range past the inputs and training data (training data
+    overlaid); other regression - the spread (std) of ``f`` at ``x`` under prior and
+    posterior; classification - class-probability and entropy histograms, prior overlaid on
+    posterior. With labels ``y`` for ``x`` (classification), also the prior correlation of
+    outputs for same- and different-class pairs of inputs (once per model).
+
+    Parameters
+    ----------
+    posts_or_post : Posterior, list of Posterior, or dict name -> Posterior
+    x : array-like
+        Inputs (e.g. the test inputs).
+    y : array-like, optional
+        Labels of ``x`` (classification).
+    num_samples : int
+        Prior and posterior draws per figure.
+
+    Examples
+    --------
+    >>> import torch, marginalize as mz
+    >>> x = torch.linspace(-1, 1, 30)[:, None]; y = torch.sin(3 * x[:, 0])
+    >>> post = mz.fit(mz.models.mlp(1, [10]), x, y, method="map", steps=30, progress=False)
+    >>> [t for t, _ in function_space_figures(post, x, num_samples=20)]
+    ['Functions: prior vs posterior (map)']
+    """
+    from marginalize.diagnostics.function_plots import (
+        plot_class_probabilities,
+        plot_function_spread,
+        plot_output_correlations,
+        plot_prior_posterior,
+    )
+
+    posts = _as_posts(posts_or_post)
+    out: list[tuple[str, Any]] = []
+    priors: dict[tuple[int, str], FunctionDraws] = {}
+    done_corr: set[int] = set()
+
+    def prior_at(post, xx, key):
+        k = (id(post.model), key)
+        if k not in priors:
+            priors[k] = prior_functions(post.model, xx, num_samples, seed=seed)
+        return priors[k]
+
+    for name, post in posts.items():
+        xt = torch.as_tensor(_np(x) if not isinstance(x, torch.Tensor) else x)
+        xt = xt.to(device=post.device, dtype=post.dtype)
+        if post.task == "regression" and _is_1d(post, xt):
+            grid = _grid_1d(xt, post, grid_points)
+            pf = prior_at(post, grid, "grid")
+            qf = posterior_functions(post, grid, num_samples, seed=seed)
+            out.append(
+                (
+                    f"Functions: prior vs posterior ({name})",
+                    plot_prior_posterior(pf, qf, data=post.data),
+                )
+            )
+        elif post.task == "regression":
+            pf = prior_at(post, xt, "x")
+            qf = posterior_functions(post, xt, num_samples, seed=seed)
+            out.append(
+                (
+                    f"Function spread at the inputs: prior vs posterior ({name})",
+                    plot_function_spread(pf, qf),
+                )
+            )
+        else:
+            pf = prior_at(post, xt, "x")
+            qf = posterior_functions(post, xt, num_samples, seed=seed)
+            out.append(
+                (
+                    f"Class probabilities and entropy: prior vs posterior ({name})",
+                    plot_class_probabilities([pf, qf]),
+                )
+            )
+            if y is not None and id(post.model) not in done_corr:
+                done_corr.add(id(post.model))
+                try:
+                    same, diff = class_pairs(y, num_pairs, seed)
+                except DataError as e:
+                    log.info("no correlation figure: %s", e)
+                    continue
+                out.append(
+                    (
+                        f"Prior correlation of outputs, same vs different class ({name})",
+                        plot_output_correlations(
+                            _np(pf.correlation(same)), _np(pf.correlation(diff))
+                        ),
+                    )
+                )
+    return out
 
 
 def _as_posts(posts_or_post) -> Mapping[str, Any]:
     """``Posterior`` | list | dict -> ``{name: Posterior}`` (used by the figures)."""
-    from marginalize.inference.posterior import Posterior
+    from marginalize.posterior import Posterior
 
     if isinstance(posts_or_post, Posterior):
         return {posts_or_post.method: posts_or_post}

@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from marginalize._validation import DataError, OptionError
+from marginalize.errors import DataError, OptionError
 
 __all__ = [
     "nll",

@@ -31,13 +31,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from marginalize._validation import DataError
+from marginalize.core.arviz import FUNCTION_VAR, az, to_inference_data
 from marginalize.diagnostics import checks, plots
 from marginalize.diagnostics import metrics as mt
-from marginalize.diagnostics.arviz import FUNCTION_VAR, az, to_inference_data
 from marginalize.diagnostics.stats import MIN_LOO_DRAWS, compare, psis_khat
-from marginalize.inference.posterior import Posterior
+from marginalize.errors import DataError
 from marginalize.models.base import BNN
+from marginalize.posterior import Posterior
 
 __all__ = ["report", "REPORT_DRAWS"]
 

@@ -33,9 +33,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from marginalize._validation import DataError, OptionError
-from marginalize.diagnostics.arviz import az, to_inference_data
-from marginalize.inference.approximations import (
+from marginalize.core.approximations import (
     Approximation,
     Delta,
     Dropout,
@@ -43,7 +41,9 @@ from marginalize.inference.approximations import (
     Gaussian,
     Mixture,
 )
-from marginalize.inference.posterior import Posterior
+from marginalize.core.arviz import az, to_inference_data
+from marginalize.errors import DataError, OptionError
+from marginalize.posterior import Posterior
 
 __all__ = [
     "summary",
@@ -118,7 +118,7 @@ def summary(
         5 training inputs spread over the data). Weight-space R-hat is misleading for neural
         networks (permutation symmetry of hidden units); the rows of ``f`` are not.
     num_samples : int, optional
-        Draws for a Posterior (see :func:`~marginalize.diagnostics.arviz.to_inference_data`).
+        Draws for a Posterior (see :func:`~marginalize.core.arviz.to_inference_data`).
     kind : {"all", "stats", "diagnostics"}
 
     Returns
@@ -273,7 +273,7 @@ def psis_khat(
     >>> psis_khat(post).reason.startswith("a point estimate")
     True
     """
-    from marginalize.inference.problem import prepare
+    from marginalize.core.problem import prepare
 
     if not isinstance(post, Posterior):
         raise DataError(f"post: expected a marginalize Posterior, got {type(post).__name__}")

@@ -1,35 +1,18 @@
-"""Inference methods by name, the Posterior type and vectorized prediction.
+"""Inference methods by name: the registry, the engines the methods share, and the methods.
 
-Importing this package registers every method (one module per method family).
+Importing this package registers every method (one module per method family in
+``inference/methods/``).
 """
 
-from marginalize.inference import bbb, dropout, ensemble, laplace, mcmc, svi, swag  # noqa: F401
-from marginalize.inference.approximations import (
-    Approximation,
-    Delta,
-    Dropout,
-    Empirical,
-    Gaussian,
-    Mixture,
+from marginalize.inference.methods import bbb, dropout, ensemble, laplace, mcmc, svi, swag  # noqa: F401
+from marginalize.inference.registry import (
+    Method,
+    fit,
+    get_method,
+    method_info,
+    methods,
+    register,
+    resume,
 )
-from marginalize.inference.layout import Layout
-from marginalize.inference.posterior import Posterior, Prediction
-from marginalize.inference.registry import Method, fit, get_method, method_info, methods, register
 
-__all__ = [
-    "Approximation",
-    "Delta",
-    "Dropout",
-    "Empirical",
-    "Gaussian",
-    "Mixture",
-    "Layout",
-    "Posterior",
-    "Prediction",
-    "Method",
-    "fit",
-    "get_method",
-    "method_info",
-    "methods",
-    "register",
-]
+__all__ = ["Method", "fit", "get_method", "method_info", "methods", "register", "resume"]

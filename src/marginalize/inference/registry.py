@@ -26,24 +26,22 @@ marginalize._validation.OptionError: unknown method 'nust'; did you mean 'nuts'?
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import difflib
 import logging
-import random
 from collections.abc import Callable
 from typing import Any, ClassVar
 
-import numpy as np
-import pyro
 import torch
 
-from marginalize._validation import OptionError, check_device, check_options, check_seed
-from marginalize.inference import checkpoint
-from marginalize.inference.posterior import Posterior
-from marginalize.inference.problem import Problem, prepare
+from marginalize._validation import check_device, check_options, check_seed
+from marginalize.core.problem import Problem, prepare
+from marginalize.errors import OptionError
+from marginalize.inference.engines import checkpoint
+from marginalize.inference.engines.seeding import isolated
+from marginalize.posterior import Posterior
 
-__all__ = ["Method", "register", "methods", "get_method", "fit", "method_info"]
+__all__ = ["Method", "register", "methods", "get_method", "fit", "resume", "method_info"]
 
 log = logging.getLogger(__name__)
 
@@ -133,26 +131,6 @@ def method_info() -> list[dict[str, Any]]:
     ]
 
 
-@contextlib.contextmanager
-def isolated(seed: int):
-    """Own param-store scope and RNG states (torch, Python, NumPy): nothing leaks between fits.
-
-    Seeds as ``pyro.set_rng_seed(seed)`` does (NumPy gets ``seed % 2**32``, so derived seeds
-    of any size work).
-    """
-    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-    py_state, np_state = random.getstate(), np.random.get_state()  # noqa: NPY002
-    with torch.random.fork_rng(devices=devices), pyro.get_param_store().scope():
-        torch.manual_seed(seed)
-        random.seed(seed)
-        np.random.seed(seed % 2**32)  # noqa: NPY002 - as pyro.set_rng_seed
-        try:
-            yield
-        finally:
-            random.setstate(py_state)
-            np.random.set_state(np_state)  # noqa: NPY002
-
-
 def fit(
     model: Callable,
     x,
@@ -214,3 +192,52 @@ def fit(
         data=(problem.x, problem.y),
         num_classes=problem.num_classes,
     )
+
+
+def resume(path, model, x, y, *, device: str | torch.device | None = None, progress: bool = True):
+    """Continue the fit saved in the checkpoint ``path`` to its end.
+
+    The method, its options and the seed come from the file; ``model``, ``x`` and ``y`` must be
+    the ones the fit started with (checked: latent sites, builder config and a SHA-256 of the
+    data). The result is bitwise the one an uninterrupted fit gives. Checkpoints continue to
+    be written to ``path``. A finished checkpoint gives back the finished fit without
+    recomputing it.
+
+    Parameters
+    ----------
+    path : str or Path
+        A file written by ``mz.fit(..., checkpoint=path)``.
+    model : callable
+        The same model (code is never stored in files).
+    x, y : array-like or torch.Tensor
+        The same training data.
+    device : optional
+        Where to continue (default: the device of ``x``).
+    progress : bool
+        Show a progress bar.
+
+    Returns
+    -------
+    Posterior
+
+    Raises
+    ------
+    FileNotFoundError, FileFormatError
+        No such file; a truncated, corrupted or foreign file.
+    ModelError, DataError
+        ``model`` or ``x``/``y`` differ from the fit's.
+
+    Examples
+    --------
+    >>> import torch, tempfile, os, marginalize as mz
+    >>> x = torch.randn(30, 1); y = x[:, 0] + 0.1 * torch.randn(30)
+    >>> model = mz.models.mlp(1, hidden=[4])
+    >>> path = os.path.join(tempfile.mkdtemp(), "fit.ckpt")
+    >>> post = mz.fit(model, x, y, method="map", steps=60, checkpoint=path, checkpoint_every=20,
+    ...               progress=False)
+    >>> again = mz.resume(path, model, x, y, progress=False)   # finished: restored, not refitted
+    >>> bool(torch.equal(post.predict(x).mean, again.predict(x).mean))
+    True
+    """
+    with checkpoint.pending(path) as (method, options, seed):
+        return fit(model, x, y, method, seed=seed, device=device, progress=progress, **options)

@@ -9,7 +9,6 @@ the prediction path use to evaluate S posterior draws in one batched pass.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +17,7 @@ import pyro
 import pyro.distributions as dist
 import torch
 
-from marginalize._validation import ModelError
+from marginalize.errors import ModelError
 from marginalize.models.likelihoods import Likelihood, likelihood_from_config
 from marginalize.models.priors import Prior, prior_from_config
 
@@ -150,17 +149,31 @@ class BNN:
         }
 
 
+#: builder name -> model class, filled by :func:`builder` (rebuilds saved models from their
+#: config without executing anything from the file)
+BUILDERS: dict[str, type[BNN]] = {}
+
+
+def builder(name: str):
+    """Class decorator: register a :class:`BNN` subclass as the builder ``name`` so
+    :func:`model_from_config` can rebuild its models (``config()["builder"] == name``)."""
+
+    def deco(cls: type[BNN]) -> type[BNN]:
+        if BUILDERS.get(name, cls) is not cls:
+            raise ValueError(f"builder name {name!r} is already registered")
+        BUILDERS[name] = cls
+        return cls
+
+    return deco
+
+
 def model_from_config(cfg: Mapping[str, Any]) -> BNN:
     """Rebuild a builder model from ``model.config()`` (no code is executed from files: the
-    builder is looked up in a fixed table)."""
-    from marginalize.models import builders
-
+    builder is looked up in the fixed table :data:`BUILDERS`)."""
     cfg = dict(cfg)
     kind = cfg.pop("builder")
-    table = builders.BUILDERS
-    if kind not in table:
-        raise ModelError(f"unknown model builder {kind!r}; known: {sorted(table)}")
+    if kind not in BUILDERS:
+        raise ModelError(f"unknown model builder {kind!r}; known: {sorted(BUILDERS)}")
     lik = likelihood_from_config(cfg.pop("likelihood"))
     priors = {k: prior_from_config(v) for k, v in cfg.pop("priors").items()}
-    module = importlib.import_module(table[kind][0])
-    return getattr(module, table[kind][1]).from_config(cfg, likelihood=lik, priors=priors)
+    return BUILDERS[kind].from_config(cfg, likelihood=lik, priors=priors)

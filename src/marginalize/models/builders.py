@@ -1,4 +1,5 @@
-"""Builders that return Pyro BNN models: :func:`mlp` (and more registered in ``BUILDERS``).
+"""Builders that return Pyro BNN models: :func:`mlp` (each builder class is registered with
+:func:`~marginalize.models.base.builder`).
 
 Examples
 --------
@@ -18,12 +19,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from marginalize._validation import DataError, ModelError
-from marginalize.models.base import BNN, LayerSpec
+from marginalize.errors import DataError, ModelError
+from marginalize.models.base import BNN, LayerSpec, builder
 from marginalize.models.likelihoods import Likelihood, get_likelihood
 from marginalize.models.priors import Prior, resolve_priors
 
-__all__ = ["MLP", "mlp", "ACTIVATIONS", "BUILDERS"]
+__all__ = ["MLP", "mlp", "ACTIVATIONS"]
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "relu": torch.relu,
@@ -47,12 +48,6 @@ _INPLACE: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "silu": functools.partial(F.silu, inplace=True),
     "leaky_relu": F.leaky_relu_,
     "identity": lambda h: h,
-}
-
-#: builder name -> (module, class) used to rebuild saved models without executing file contents
-BUILDERS: dict[str, tuple[str, str]] = {
-    "mlp": ("marginalize.models.builders", "MLP"),
-    "cnn": ("marginalize.models.cnn", "CNN"),
 }
 
 
@@ -81,6 +76,7 @@ def dense(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Ten
     return out if b is None else out + b.unsqueeze(-2)
 
 
+@builder("mlp")
 class MLP(BNN):
     """Fully connected BNN ``in_features -> hidden... -> net outputs``.
 

@@ -28,8 +28,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from marginalize._validation import DataError, ModelError
-from marginalize.models.base import BNN, LayerSpec
+from marginalize.errors import DataError, ModelError
+from marginalize.models.base import BNN, LayerSpec, builder
 from marginalize.models.builders import ACTIVATIONS, dense
 from marginalize.models.likelihoods import Likelihood, get_likelihood
 from marginalize.models.priors import Prior, resolve_priors
@@ -51,6 +51,7 @@ def _pair(v: int | Sequence[int], name: str) -> tuple[int, int]:
     return v  # type: ignore[return-value]
 
 
+@builder("cnn")
 class CNN(BNN):
     """Bayesian CNN: ``[conv k x k ('same' padding) -> activation -> max-pool] * len(channels)
     -> flatten -> [dense -> activation] * len(hidden) -> dense``.

@@ -23,7 +23,7 @@ import pyro.distributions as dist
 import torch
 import torch.nn.functional as F
 
-from marginalize._validation import DataError, ModelError
+from marginalize.errors import DataError, ModelError
 
 __all__ = [
     "Likelihood",

@@ -40,7 +40,7 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-from marginalize._validation import DataError, ModelError
+from marginalize.errors import DataError, ModelError
 from marginalize.models.base import BNN, LayerSpec
 from marginalize.models.likelihoods import Likelihood, get_likelihood
 from marginalize.models.priors import Normal, Prior

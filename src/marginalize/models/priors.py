@@ -24,7 +24,7 @@ import pyro
 import pyro.distributions as dist
 import torch
 
-from marginalize._validation import ModelError
+from marginalize.errors import ModelError
 
 __all__ = ["Prior", "Normal", "ScaledNormal", "Hierarchical", "resolve_priors", "prior_from_config"]
 

@@ -17,12 +17,12 @@ import torch
 from pyro import poutine
 from pyro.infer.autoguide.initialization import InitMessenger
 
-from marginalize._validation import OptionError
-from marginalize.inference.approximations import Dropout
-from marginalize.inference.lastlayer import BayesianSites, init_loc_fn, run_on_sites
-from marginalize.inference.layout import Layout
+from marginalize.core.approximations import Dropout
+from marginalize.core.layout import Layout
+from marginalize.errors import OptionError
+from marginalize.inference.engines.subsites import BayesianSites, init_loc_fn, run_on_sites
+from marginalize.inference.engines.training import INIT, SVIOptions, run_svi
 from marginalize.inference.registry import Method, register
-from marginalize.inference.svi import INIT, SVIOptions, run_svi
 from marginalize.models.base import BNN
 
 __all__ = ["DropoutGuide", "MCDropout", "dropout_axes"]

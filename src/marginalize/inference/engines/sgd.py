@@ -3,7 +3,7 @@
 ``sgd_loop`` minimizes ``loss_fn(idx)`` (``idx``: a minibatch of row indices, or None for the
 full batch, from an epoch-wise permutation) with any ``torch.optim`` optimizer, with gradient
 clipping, a progress bar, a per-step callback and the same non-finite-loss policy as
-:func:`~marginalize.inference.svi.run_svi`.
+:func:`~marginalize.inference.engines.training.run_svi`.
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ from pyro import poutine
 from pyro.infer.autoguide.initialization import InitMessenger
 from tqdm.auto import tqdm
 
-from marginalize.inference.problem import Problem, _no_validation
-from marginalize.inference.svi import INIT, FitError, _batches
+from marginalize.core.problem import Problem, _no_validation
+from marginalize.errors import FitError
+from marginalize.inference.engines.training import INIT, _batches
 
 __all__ = ["sgd_loop", "initial_z"]
 
@@ -46,7 +47,7 @@ def sgd_loop(
 
     ``callback(step)`` runs after each successful step. On a non-finite loss or gradient the
     parameters go back to the last finite step, then the loop stops with a warning
-    (``on_nan="stop"``) or raises :class:`~marginalize.inference.svi.FitError`. The recorded
+    (``on_nan="stop"``) or raises :class:`~marginalize.errors.FitError`. The recorded
     loss is ``loss * loss_scale``.
     """
     losses: list[float] = []

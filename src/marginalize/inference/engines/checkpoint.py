@@ -12,11 +12,12 @@ with the same seed (on the same device and library versions)::
 A fresh fit refuses to overwrite an existing checkpoint (that file may hold hours of work):
 continue it with :func:`resume`, or delete it.
 
-How it works. A fit is a sequence of *segments*: each :func:`~marginalize.inference.svi.run_svi`
-call (one per SVI fit, ensemble member, MAP initialisation...) and each MCMC chain is one,
-numbered in the order the method runs them. A segment saves either its finished result or its
-state in progress; on resume, finished segments are restored without recomputing and the
-segment in progress continues from its state. What is saved, all as plain tensors:
+How it works. A fit is a sequence of *segments*: each
+:func:`~marginalize.inference.engines.training.run_svi` call (one per SVI fit, ensemble member,
+MAP initialisation...) and each MCMC chain is one, numbered in the order the method runs them.
+A segment saves either its finished result or its state in progress; on resume, finished
+segments are restored without recomputing and the segment in progress continues from its state.
+What is saved, all as plain tensors:
 
 * SVI: the unconstrained parameters of the Pyro param store, the optimizer state
   (``PyroOptim.get_state()``: Adam moments, step counts, the decayed learning rate), the loss
@@ -51,11 +52,12 @@ import numpy as np
 import torch
 from pyro import poutine
 
-from marginalize._files import FileFormatError, check_path, digest, read_verified, write_verified
-from marginalize._validation import DataError, ModelError, OptionError, check_positive_int
+from marginalize._files import check_path, digest, read_verified, write_verified
+from marginalize._validation import check_positive_int
+from marginalize.errors import DataError, FileFormatError, ModelError, OptionError
 
 __all__ = [
-    "resume",
+    "pending",
     "session",
     "segment",
     "deferred_interrupt",
@@ -359,53 +361,10 @@ def session(method: str, opts: Any, seed: int, problem) -> Iterator[_Session | N
         sess.write()
 
 
-def resume(path, model, x, y, *, device: str | torch.device | None = None, progress: bool = True):
-    """Continue the fit saved in the checkpoint ``path`` to its end.
-
-    The method, its options and the seed come from the file; ``model``, ``x`` and ``y`` must be
-    the ones the fit started with (checked: latent sites, builder config and a SHA-256 of the
-    data). The result is bitwise the one an uninterrupted fit gives. Checkpoints continue to
-    be written to ``path``. A finished checkpoint gives back the finished fit without
-    recomputing it.
-
-    Parameters
-    ----------
-    path : str or Path
-        A file written by ``mz.fit(..., checkpoint=path)``.
-    model : callable
-        The same model (code is never stored in files).
-    x, y : array-like or torch.Tensor
-        The same training data.
-    device : optional
-        Where to continue (default: the device of ``x``).
-    progress : bool
-        Show a progress bar.
-
-    Returns
-    -------
-    Posterior
-
-    Raises
-    ------
-    FileNotFoundError, FileFormatError
-        No such file; a truncated, corrupted or foreign file.
-    ModelError, DataError
-        ``model`` or ``x``/``y`` differ from the fit's.
-
-    Examples
-    --------
-    >>> import torch, tempfile, os, marginalize as mz
-    >>> x = torch.randn(30, 1); y = x[:, 0] + 0.1 * torch.randn(30)
-    >>> model = mz.models.mlp(1, hidden=[4])
-    >>> path = os.path.join(tempfile.mkdtemp(), "fit.ckpt")
-    >>> post = mz.fit(model, x, y, method="map", steps=60, checkpoint=path, checkpoint_every=20,
-    ...               progress=False)
-    >>> again = mz.resume(path, model, x, y, progress=False)   # finished: restored, not refitted
-    >>> bool(torch.equal(post.predict(x).mean, again.predict(x).mean))
-    True
-    """
-    from marginalize.inference.registry import fit
-
+@contextlib.contextmanager
+def pending(path) -> Iterator[tuple[str, dict, int]]:
+    """Read the checkpoint ``path`` and make it the one the next :func:`session` continues:
+    yields ``(method, options, seed)`` from its header (``options`` with ``checkpoint=path``)."""
     path = check_path(path)
     payload = read_verified(path, FORMAT, VERSION, what="marginalize checkpoint")
     try:
@@ -418,7 +377,7 @@ def resume(path, model, x, y, *, device: str | torch.device | None = None, progr
     options["checkpoint"] = str(path)
     token = _PENDING.set(payload)
     try:
-        return fit(model, x, y, method, seed=seed, device=device, progress=progress, **options)
+        yield method, options, seed
     finally:
         _PENDING.reset(token)
 
@@ -495,7 +454,7 @@ class ChainRecorder:
     """Keeps a chain's draws for periodic checkpoints and joins resumed draws to saved ones."""
 
     def __init__(self, seg: Segment | None, num_warmup: int):
-        from marginalize.inference._nuts import NUTSState
+        from marginalize.inference.engines.nuts import NUTSState
 
         self.seg = seg
         self.num_warmup = num_warmup
@@ -531,7 +490,7 @@ class ChainRecorder:
             self.seg.save({"state": state.state_dict(), "draws": d, "stats": s})
 
     def _so_far(self):
-        from marginalize.inference._nuts import _STAT_DTYPES
+        from marginalize.inference.engines.nuts import _STAT_DTYPES
 
         new = {k: torch.tensor(v, dtype=_STAT_DTYPES[k]) for k, v in self._stats.items()}
         if not self._z:
@@ -564,7 +523,7 @@ class ChainRecorder:
 
 def chain_result(seg: Segment, device, dtype):
     """A finished chain from the file: ``(draws, stats, NUTSState)``."""
-    from marginalize.inference._nuts import NUTSState
+    from marginalize.inference.engines.nuts import NUTSState
 
     st = seg.saved["state"]
     try:

@@ -38,8 +38,7 @@ from dataclasses import dataclass
 import torch
 from pyro import poutine
 
-from marginalize._validation import ModelError, OptionError
-from marginalize.inference.approximations import (
+from marginalize.core.approximations import (
     Approximation,
     Delta,
     Dropout,
@@ -48,8 +47,11 @@ from marginalize.inference.approximations import (
     Kronecker,
     Mixture,
 )
-from marginalize.inference.layout import Layout
-from marginalize.inference.problem import Problem, trace_model
+from marginalize.core.layout import Layout
+from marginalize.core.problem import Problem, trace_model
+from marginalize.errors import ModelError, OptionError
+from marginalize.inference.engines.seeding import isolated
+from marginalize.inference.engines.training import SVIOptions, fit_map
 from marginalize.models.base import BNN
 
 __all__ = [
@@ -208,16 +210,13 @@ def init_loc_fn(problem: Problem, default: Callable) -> Callable:
 
 def map_point(problem: Problem, opts, seed: int, progress: bool) -> tuple[torch.Tensor, dict]:
     """A MAP fit of all sites with the SVI options found in ``opts`` (the default hook)."""
-    from marginalize.inference.registry import isolated
-    from marginalize.inference.svi import MAP, SVIOptions
-
     kw = {
         f.name: getattr(opts, f.name)
         for f in dataclasses.fields(SVIOptions)
         if hasattr(opts, f.name)
     }
     with isolated(seed):
-        approx, info = MAP().run(problem, MAP.Options(**kw), seed, progress)
+        approx, info = fit_map(problem, SVIOptions(**kw), seed, progress)
     return approx.loc, info
 
 
@@ -227,8 +226,6 @@ def run_on_sites(method, problem: Problem, opts, seed: int, progress: bool):
     Called from the start of ``method.run`` when ``opts.bayesian_sites`` is set; returns
     ``(approximation over the full z, info)``.
     """
-    from marginalize.inference.registry import isolated
-
     names = resolve_sites(problem, opts.bayesian_sites)
     inner = dataclasses.replace(opts, bayesian_sites=None)
     if len(names) == len(problem.layout.sites):

@@ -35,11 +35,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from marginalize._validation import ModelError, OptionError
-from marginalize.inference._sgd import initial_z, sgd_loop
-from marginalize.inference.approximations import Gaussian
+from marginalize.core.approximations import Gaussian
+from marginalize.errors import ModelError, OptionError
+from marginalize.inference.engines.sgd import initial_z, sgd_loop
+from marginalize.inference.engines.training import SVIOptions
 from marginalize.inference.registry import Method, register
-from marginalize.inference.svi import SVIOptions
 from marginalize.models.builders import MLP
 from marginalize.models.priors import Normal, ScaledNormal
 

@@ -17,7 +17,7 @@ repetitions.
 
 Examples
 --------
->>> from marginalize.bench import active_learning as AL
+>>> from marginalize.benchmarks import active_learning as AL
 >>> res = AL.run(seeds=1, rounds=1, acquire=5, initial=10, options={"steps": 10}, progress=False)
 >>> sorted(res["curves"]), res["labels"]
 (['bald', 'entropy', 'random'], [10, 15])
@@ -35,9 +35,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from marginalize._validation import OptionError
-from marginalize.bench._common import fmt_pm, header, markdown_table, mean_se
+from marginalize.benchmarks._common import fmt_pm, header, markdown_table, mean_se
 from marginalize.diagnostics import metrics
+from marginalize.errors import OptionError
 
 __all__ = [
     "ACQUISITIONS",
@@ -49,7 +49,7 @@ __all__ = [
     "main_active_learning",
 ]
 
-log = logging.getLogger("marginalize.bench.active_learning")
+log = logging.getLogger("marginalize.benchmarks.active_learning")
 
 ACQUISITIONS = ("bald", "entropy", "random")
 
@@ -262,7 +262,7 @@ def to_markdown(res: dict[str, Any], *, title: str, argv=None, plot: str | None 
 
 def main_active_learning(args) -> int:
     """Entry point of ``marginalize bench active-learning``."""
-    from marginalize.bench._common import cpu_threads, results_dir, select_methods
+    from marginalize.benchmarks._common import cpu_threads, results_dir, select_methods
 
     cpu_threads(args.threads)
     methods = select_methods(args.methods) if args.methods else [DEFAULT_METHOD]

@@ -17,12 +17,14 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from marginalize._validation import ModelError, OptionError
-from marginalize.inference import checkpoint
-from marginalize.inference._nuts import SamplingInterrupted, run_sampler
-from marginalize.inference.approximations import Empirical
-from marginalize.inference.potentials import blas_threads
-from marginalize.inference.problem import Problem
+from marginalize.core.approximations import Empirical
+from marginalize.core.potentials import blas_threads
+from marginalize.core.problem import Problem
+from marginalize.errors import ModelError, OptionError
+from marginalize.inference.engines import checkpoint
+from marginalize.inference.engines.nuts import SamplingInterrupted, run_sampler
+from marginalize.inference.engines.seeding import isolated
+from marginalize.inference.engines.training import SVIOptions, fit_map
 from marginalize.inference.registry import Method, register
 
 __all__ = ["NUTS", "HMC", "MCMCOptions", "initial_point"]
@@ -39,7 +41,7 @@ class MCMCOptions:
     None; init : "prior" (a prior draw), "uniform" (Stan's U(-init_radius, init_radius) in
     unconstrained space) or "map" (a short MAP fit); init_radius : half-width of the uniform
     initialization; init_steps : MAP steps for init="map"; checkpoint : file to save
-    the chains' state to, resumable with ``mz.resume`` (see ``inference/checkpoint.py``);
+    the chains' state to, resumable with ``mz.resume`` (see ``inference/engines/checkpoint.py``);
     checkpoint_every : iterations (warmup included) between checkpoints."""
 
     num_samples: int = 1000
@@ -95,12 +97,9 @@ def initial_point(problem: Problem, opts: MCMCOptions, seed: int) -> torch.Tenso
             ) * opts.init_radius
             z = z.to(problem.device, problem.dtype)
         elif opts.init == "map":
-            from marginalize.inference.registry import isolated
-            from marginalize.inference.svi import MAP
-
             with isolated(seed + attempt):
-                approx, info = MAP().run(
-                    problem, MAP.Options(steps=opts.init_steps), seed + attempt, False
+                approx, info = fit_map(
+                    problem, SVIOptions(steps=opts.init_steps), seed + attempt, False
                 )
             if info.get("stopped", {}).get("reason") == "interrupted":
                 raise KeyboardInterrupt("interrupted while finding the initial point (init='map')")

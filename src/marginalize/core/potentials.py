@@ -23,7 +23,7 @@ general path. The tests check both paths give the same numbers (float64, 1e-10).
 Examples
 --------
 >>> import torch, marginalize as mz
->>> from marginalize.inference.problem import prepare
+>>> from marginalize.core.problem import prepare
 >>> x = torch.randn(20, 2, dtype=torch.float64); y = x.sum(1)
 >>> pb = prepare(mz.models.mlp(2, hidden=[8], activation="tanh"), x, y)
 >>> fast = fast_potential(pb)
@@ -152,7 +152,7 @@ def supports(model) -> bool:
 
 
 def fast_potential(problem) -> FlatMLP | None:
-    """The fast log joint of ``problem`` (a :class:`~marginalize.inference.problem.Problem`),
+    """The fast log joint of ``problem`` (a :class:`~marginalize.core.problem.Problem`),
     or ``None`` when its model is not covered (callers then use the general path)."""
     if not supports(problem.model):
         return None

@@ -23,41 +23,13 @@ from __future__ import annotations
 
 import math
 
-import pyro.distributions as dist
 import torch
 
-from marginalize._validation import ModelError, OptionError
-from marginalize.inference.posterior import Posterior
+from marginalize.core.predictive import temper
+from marginalize.errors import OptionError
+from marginalize.posterior import Posterior
 
-__all__ = ["temperature_scale", "temper"]
-
-_LOC_SCALE = (torch.distributions.Normal, torch.distributions.Laplace, torch.distributions.Cauchy)
-
-
-def temper(d: torch.distributions.Distribution, t: float) -> torch.distributions.Distribution:
-    """``d`` with logits divided by ``t`` (Categorical, Bernoulli) or scale multiplied by ``t``
-    (Normal, StudentT, Laplace, Cauchy); Independent, Masked and Expanded wrappers are kept."""
-    if t == 1.0:
-        return d
-    if isinstance(d, torch.distributions.Independent):
-        return dist.Independent(temper(d.base_dist, t), d.reinterpreted_batch_ndims)
-    if isinstance(d, dist.MaskedDistribution):
-        return temper(d.base_dist, t).mask(d._mask)
-    if isinstance(d, dist.ExpandedDistribution):
-        return temper(d.base_dist, t).expand(d.batch_shape)
-    if isinstance(d, torch.distributions.Categorical):
-        return dist.Categorical(logits=d.logits / t)
-    if isinstance(d, torch.distributions.Bernoulli):
-        return dist.Bernoulli(logits=d.logits / t)
-    if isinstance(d, torch.distributions.StudentT):
-        return dist.StudentT(d.df, d.loc, d.scale * t)
-    if isinstance(d, _LOC_SCALE):
-        return type(d)(d.loc, d.scale * t)
-    raise ModelError(
-        f"temperature_scale: cannot temper a {type(d).__name__} observation distribution; "
-        "supported: "
-        "Categorical, Bernoulli (logits / T) and Normal, StudentT, Laplace, Cauchy (scale * T)"
-    )
+__all__ = ["temperature_scale"]
 
 
 def temperature_scale(

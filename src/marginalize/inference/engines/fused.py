@@ -8,7 +8,7 @@ objective directly on two flat vectors over the unconstrained parameters (``loc`
 softplus-parameterized ``scale``, as ``AutoNormal`` has them):
 
 * one weight sample per particle ``z = loc + softplus(rho) * e`` (reparameterization);
-* the minibatch log likelihood in closed form (:class:`~marginalize.inference.potentials.FlatMLP`),
+* the minibatch log likelihood in closed form (:class:`~marginalize.core.potentials.FlatMLP`),
   scaled to the full data;
 * ``analytic_kl=True``: the closed-form KL of every weight and bias whose prior is Normal
   (for a ``Hierarchical`` prior, given the sampled layer scale), a one-sample Monte Carlo
@@ -18,7 +18,8 @@ softplus-parameterized ``scale``, as ``AutoNormal`` has them):
   optimizer, on the stacked ``(2, D)`` parameter tensor.
 
 The minibatches, the initial point, the loss trace and the non-finite-loss policy
-(``on_nan``) are those of :func:`~marginalize.inference.svi.run_svi`. The weight noise comes
+(``on_nan``) are those of :func:`~marginalize.inference.engines.training.run_svi`.
+The weight noise comes
 from a generator seeded by the fit's seed, so the draws differ from the Pyro path's (same
 distribution). Tests check the loss equals Pyro's ``Trace_ELBO`` for the same parameters and
 the same noise, and the analytic KL its closed form.
@@ -42,9 +43,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from marginalize.inference import checkpoint
-from marginalize.inference.approximations import Gaussian
-from marginalize.inference.potentials import _HALF_LOG_2PI, FlatMLP, fast_potential
+from marginalize.core.approximations import Gaussian
+from marginalize.core.potentials import _HALF_LOG_2PI, FlatMLP, fast_potential
+from marginalize.inference.engines import checkpoint
 
 __all__ = ["MeanFieldELBO", "unsupported_reason", "run_meanfield", "ClippedAdamState"]
 
@@ -53,7 +54,7 @@ log = logging.getLogger(__name__)
 
 def unsupported_reason(problem, opts) -> str | None:
     """Why the fast engine cannot run this fit, or ``None`` when it can."""
-    from marginalize.inference.problem import Problem
+    from marginalize.core.problem import Problem
 
     if type(problem).log_joint is not Problem.log_joint:
         return "the problem is a subset of the sites (bayesian_sites)"
@@ -178,8 +179,9 @@ class ClippedAdamState:
 def run_meanfield(problem, opts, seed: int, progress: bool) -> tuple[Gaussian, dict]:
     """Fit ``svi-meanfield`` with the fused trainer; returns ``(Gaussian, info)`` like the
     Pyro engine (``info["engine"] == "fast"``)."""
-    from marginalize.inference._sgd import initial_z
-    from marginalize.inference.svi import MAX_ROLLBACKS, FitError, _batches
+    from marginalize.errors import FitError
+    from marginalize.inference.engines.sgd import initial_z
+    from marginalize.inference.engines.training import MAX_ROLLBACKS, _batches
 
     fp = problem.fast_potential() or fast_potential(problem)
     elbo = MeanFieldELBO(fp, analytic_kl=opts.analytic_kl)

@@ -16,7 +16,7 @@ for a registered method the table does not name, the budget in :data:`BUDGET`.
 
 Examples
 --------
->>> from marginalize.bench import uci
+>>> from marginalize.benchmarks import uci
 >>> rows = uci.run(["boston"], ["map"], num_splits=1, options={"map": {"steps": 20}},
 ...                progress=False)
 >>> sorted(rows[0])[:4]
@@ -37,9 +37,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from marginalize._validation import OptionError
-from marginalize.bench._common import fmt_pm, header, markdown_table, mean_se, method_options
+from marginalize.benchmarks._common import fmt_pm, header, markdown_table, mean_se, method_options
 from marginalize.diagnostics import metrics
+from marginalize.errors import OptionError
 
 __all__ = [
     "SETTINGS",
@@ -56,7 +56,7 @@ __all__ = [
     "main_uci",
 ]
 
-log = logging.getLogger("marginalize.bench.uci")
+log = logging.getLogger("marginalize.benchmarks.uci")
 
 PROTOCOL = """\
 Protocol (Hernández-Lobato & Adams 2015; Gal & Ghahramani 2016; Lakshminarayanan et al.
@@ -538,7 +538,7 @@ def to_markdown(
 
 def main_uci(args) -> int:
     """Entry point of ``marginalize bench uci`` (parsed arguments from ``bench.add_parser``)."""
-    from marginalize.bench._common import cpu_threads, results_dir, select_methods
+    from marginalize.benchmarks._common import cpu_threads, results_dir, select_methods
 
     cpu_threads(args.threads)
     methods = select_methods(args.methods, () if args.methods else EXCLUDED_BY_DEFAULT)

@@ -20,8 +20,9 @@ import torch
 from pyro import poutine
 from pyro.poutine.messenger import Messenger
 
-from marginalize._validation import DataError, ModelError, check_x, check_y
-from marginalize.inference.layout import Layout, _is_latent
+from marginalize._validation import check_x, check_y
+from marginalize.core.layout import Layout, _is_latent
+from marginalize.errors import DataError, ModelError
 from marginalize.models.base import BNN
 
 __all__ = ["Problem", "prepare", "scale_obs", "trace_model", "observation_dist", "detect_task"]
@@ -170,13 +171,13 @@ class Problem:
         return tr.log_prob_sum() + ladj
 
     def fast_potential(self):
-        """The closed-form potential with an analytic gradient (``inference/potentials.py``)
+        """The closed-form potential with an analytic gradient (``core/potentials.py``)
         for builder MLPs with the package's priors and likelihoods, else ``None``. Set
         ``meta["fast_potential"] = False`` to always use the general path."""
         if "_fast" not in self.__dict__:
             fast = None
             if self.meta.get("fast_potential", True) and type(self).log_joint is Problem.log_joint:
-                from marginalize.inference.potentials import fast_potential
+                from marginalize.core.potentials import fast_potential
 
                 fast = fast_potential(self)
             self.__dict__["_fast"] = fast

@@ -1,7 +1,7 @@
 """``ensemble``: deep ensembles as a mixture of independent MAP fits.
 
-Each member is the ``map`` method (AutoDelta trained by :func:`~marginalize.inference.svi.run_svi`)
-run in its own :func:`~marginalize.inference.registry.isolated` scope with its own seed, so
+Each member is a MAP fit (:func:`~marginalize.inference.engines.training.fit_map`)
+run in its own :func:`~marginalize.inference.engines.seeding.isolated` scope with its own seed, so
 members differ in their initialization (a prior draw) and their minibatch order. The result is
 an equal-weight ``Mixture`` of ``Delta`` points; each member is a chain, so R-hat across
 members says whether they found the same function.
@@ -22,29 +22,15 @@ import dataclasses
 import logging
 from dataclasses import dataclass
 
-import torch
+from marginalize._validation import check_positive_int
+from marginalize.core.approximations import Mixture
+from marginalize.inference.engines.seeding import isolated, member_seed
+from marginalize.inference.engines.training import SVIOptions, fit_map, stack_losses
+from marginalize.inference.registry import Method, register
 
-from marginalize.inference.approximations import Mixture
-from marginalize.inference.registry import Method, isolated, register
-from marginalize.inference.svi import MAP, SVIOptions, _check_int
-
-__all__ = ["Ensemble", "member_seed", "stack_losses"]
+__all__ = ["Ensemble"]
 
 log = logging.getLogger(__name__)
-
-
-def member_seed(seed: int, k: int) -> int:
-    """The seed of member (or run) ``k`` of a fit with ``seed`` (below 2**31, distinct per k)."""
-    return (int(seed) * 7919 + 104729 * (k + 1)) % (2**31 - 1)
-
-
-def stack_losses(losses: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(mean over members per step, (member, step) padded with NaN)`` of loss traces."""
-    n = max((len(v) for v in losses), default=0)
-    out = torch.full((len(losses), n), float("nan"), dtype=torch.float64)
-    for i, v in enumerate(losses):
-        out[i, : len(v)] = v
-    return out.nanmean(0) if n else out.new_zeros(0), out
 
 
 @register("ensemble")
@@ -70,17 +56,17 @@ class Ensemble(Method):
 
         def __post_init__(self):
             super().__post_init__()
-            _check_int("num_members", self.num_members, 1)
+            check_positive_int("num_members", self.num_members)
 
     def run(self, problem, opts, seed, progress):
-        map_opts = MAP.Options(
+        map_opts = SVIOptions(
             **{f.name: getattr(opts, f.name) for f in dataclasses.fields(SVIOptions)}
         )
         members, losses, stopped = [], [], []
         for k in range(opts.num_members):
             sk = member_seed(seed, k)
             with isolated(sk):
-                approx, info = MAP().run(problem, map_opts, sk, progress)
+                approx, info = fit_map(problem, map_opts, sk, progress)
             members.append(approx)
             losses.append(info["loss"])
             if "stopped" in info:

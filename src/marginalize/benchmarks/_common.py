@@ -2,7 +2,7 @@
 
 Examples
 --------
->>> from marginalize.bench._common import mean_se, fmt_pm
+>>> from marginalize.benchmarks._common import mean_se, fmt_pm
 >>> m, se = mean_se([1.0, 2.0, 3.0])
 >>> fmt_pm(m, se, 2)
 '2.00 ± 0.58'
@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from marginalize._validation import OptionError
+from marginalize.errors import OptionError
 
 __all__ = [
     "mean_se",
@@ -36,7 +36,7 @@ __all__ = [
     "cpu_threads",
 ]
 
-log = logging.getLogger("marginalize.bench")
+log = logging.getLogger("marginalize.benchmarks")
 
 
 def mean_se(values: Iterable[float]) -> tuple[float, float]:

@@ -1,9 +1,9 @@
-"""Guide-based methods trained by SVI: ``map``, ``svi-meanfield``, ``svi-lowrank``.
+"""The training engine: the optimization loop under the SVI-trained methods.
 
-The model never changes: each method is a Pyro autoguide on the same model, trained by
-:func:`run_svi` (minibatches with the likelihood scaled to the full data, ClippedAdam,
-progress bar, non-finite loss handling), then read out as an approximation over the flat
-unconstrained vector.
+:func:`run_svi` trains a Pyro guide on a problem's model (minibatches with the likelihood
+scaled to the full data, ClippedAdam with decay, progress bar, non-finite loss handling,
+checkpoints); :func:`fit_map` is the MAP fit other methods start from (ensemble members,
+MCMC initialization, the MAP stage of subset inference).
 """
 
 from __future__ import annotations
@@ -16,18 +16,17 @@ from dataclasses import dataclass
 import pyro
 import torch
 from pyro.infer import SVI, Trace_ELBO
-from pyro.infer.autoguide import AutoDelta, AutoLowRankMultivariateNormal, AutoNormal
+from pyro.infer.autoguide import AutoDelta
 from pyro.infer.autoguide.initialization import init_to_median, init_to_sample
 from tqdm.auto import tqdm
 
-from marginalize._validation import OptionError
-from marginalize.inference import checkpoint
-from marginalize.inference.approximations import Delta, Gaussian
-from marginalize.inference.lastlayer import BayesianSites, init_loc_fn, run_on_sites
-from marginalize.inference.problem import Problem, _ScaleObs
-from marginalize.inference.registry import Method, register
+from marginalize._validation import check_positive_int
+from marginalize.core.approximations import Delta
+from marginalize.core.problem import Problem, _ScaleObs
+from marginalize.errors import FitError, OptionError
+from marginalize.inference.engines import checkpoint
 
-__all__ = ["SVIOptions", "run_svi", "FitError", "INIT", "MAX_ROLLBACKS"]
+__all__ = ["SVIOptions", "run_svi", "fit_map", "stack_losses", "INIT", "MAX_ROLLBACKS"]
 
 log = logging.getLogger(__name__)
 
@@ -35,10 +34,6 @@ INIT = {"prior": init_to_sample, "median": init_to_median}
 
 #: with ``on_nan="rollback"``, how many times a fit may roll back before it stops
 MAX_ROLLBACKS = 3
-
-
-class FitError(RuntimeError):
-    """A fit could not continue (e.g. the loss became NaN and ``on_nan="raise"``)."""
 
 
 @dataclass
@@ -54,7 +49,7 @@ class SVIOptions:
     "rollback" (go back to the last good parameters and optimizer state, halve the learning
     rate and continue; after ``MAX_ROLLBACKS`` rollbacks, stop) or "raise" (``FitError``);
     checkpoint : file to save the fit's state to, resumable with ``mz.resume`` (see
-    ``inference/checkpoint.py``); checkpoint_every : steps between checkpoints.
+    ``inference/engines/checkpoint.py``); checkpoint_every : steps between checkpoints.
     """
 
     steps: int = 2000
@@ -69,10 +64,10 @@ class SVIOptions:
     checkpoint_every: int = 500
 
     def __post_init__(self):
-        _check_int("steps", self.steps, 1)
-        _check_int("num_particles", self.num_particles, 1)
+        check_positive_int("steps", self.steps, minimum=1)
+        check_positive_int("num_particles", self.num_particles, minimum=1)
         if self.batch_size is not None:
-            _check_int("batch_size", self.batch_size, 1)
+            check_positive_int("batch_size", self.batch_size, minimum=1)
         for name in ("lr", "clip_norm"):
             v = getattr(self, name)
             if name == "clip_norm" and v is None:
@@ -90,11 +85,6 @@ class SVIOptions:
                 f"on_nan: expected 'stop', 'rollback' or 'raise', got {self.on_nan!r}"
             )
         self.checkpoint = checkpoint.check_options(self.checkpoint, self.checkpoint_every)
-
-
-def _check_int(name, v, minimum):
-    if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
-        raise OptionError(f"{name}: expected an integer >= {minimum}, got {v!r}")
 
 
 def _batches(
@@ -328,139 +318,22 @@ def run_svi(
     return info
 
 
-def _guide_loc_scale_normal(guide: AutoNormal, problem: Problem):
-    locs, scales = [], []
-    for s in problem.layout.sites:
-        loc, scale = guide._get_loc_and_scale(s.name)
-        locs.append(loc.detach().reshape(-1))
-        scales.append(scale.detach().reshape(-1))
-    return torch.cat(locs), torch.cat(scales)
+def fit_map(
+    problem: Problem, opts: SVIOptions, seed: int, progress: bool, *, desc: str = "map"
+) -> tuple[Delta, dict]:
+    """A MAP fit of every latent site (an ``AutoDelta`` trained by :func:`run_svi`) in the
+    caller's isolated scope: ``(Delta at the MAP, info)``."""
+    guide = AutoDelta(problem.model, init_loc_fn=INIT[opts.init])
+    info = run_svi(problem, guide, opts, seed, progress, desc=desc)
+    with torch.no_grad():
+        values = guide.median(problem.x, problem.y)
+    return Delta(problem.layout.pack(values)), info
 
 
-@register("map")
-class MAP(Method):
-    summary = "Maximum a posteriori point estimate (AutoDelta trained by SVI)."
-    cost = "training: one forward/backward per step; prediction: one forward pass"
-    reference = "the regularized maximum-likelihood baseline of every BNN paper"
-
-    @dataclass
-    class Options(SVIOptions):
-        pass
-
-    def run(self, problem, opts, seed, progress):
-        guide = AutoDelta(problem.model, init_loc_fn=INIT[opts.init])
-        info = run_svi(problem, guide, opts, seed, progress, desc="map")
-        with torch.no_grad():
-            values = guide.median(problem.x, problem.y)
-        return Delta(problem.layout.pack(values)), info
-
-
-@register("svi-meanfield")
-class MeanField(Method):
-    summary = "Mean-field Gaussian variational inference (AutoNormal; Bayes by Backprop)."
-    cost = "training: ~2x MAP per step; prediction: one batched pass per chunk of draws"
-    reference = "Blundell et al. 2015, Weight Uncertainty in Neural Networks"
-
-    @dataclass
-    class Options(BayesianSites, SVIOptions):
-        """The SVI options, plus:
-
-        init_scale : float
-            Initial posterior standard deviation (default 0.01).
-        analytic_kl : bool
-            Closed-form KL against Normal-family priors in the fused trainer (default True).
-            The Pyro engine always uses Trace_ELBO, because AutoNormal emits Delta sites in
-            constrained space, for which TraceMeanField_ELBO is neither analytic nor includes
-            the log-Jacobian.
-        engine : str
-            "auto" (the fused trainer of ``fast_vi.py`` for builder MLPs, else Pyro), "fast"
-            (that trainer, or an error) or "pyro" (AutoNormal + SVI).
-        bayesian_sites : list of str or None
-            Only these sites get the approximation, the others are fitted by MAP first (see
-            ``lastlayer.py``; default: every site).
-        """
-
-        init_scale: float = 0.01
-        analytic_kl: bool = True
-        engine: str = "auto"
-
-        def __post_init__(self):
-            super().__post_init__()
-            if not (isinstance(self.init_scale, (int, float)) and 0 < self.init_scale < math.inf):
-                raise OptionError(
-                    f"init_scale: expected a finite number > 0, got {self.init_scale!r}"
-                )
-            if self.engine not in ("auto", "fast", "pyro"):
-                raise OptionError(f"engine: expected 'auto', 'fast' or 'pyro', got {self.engine!r}")
-
-    def run(self, problem, opts, seed, progress):
-        if opts.bayesian_sites is not None:
-            return run_on_sites(self, problem, opts, seed, progress)
-        if opts.engine != "pyro":
-            from marginalize.inference import fast_vi
-
-            why = fast_vi.unsupported_reason(problem, opts)
-            if why is None:
-                return fast_vi.run_meanfield(problem, opts, seed, progress)
-            if opts.engine == "fast":
-                raise OptionError(f"engine='fast': {why}; use engine='auto' or 'pyro'")
-        guide = AutoNormal(
-            problem.model,
-            init_loc_fn=init_loc_fn(problem, INIT[opts.init]),
-            init_scale=float(opts.init_scale),
-        )
-        elbo = Trace_ELBO(num_particles=opts.num_particles)
-        info = run_svi(problem, guide, opts, seed, progress, desc="svi-meanfield", elbo=elbo)
-        loc, scale = _guide_loc_scale_normal(guide, problem)
-        return Gaussian(loc, scale), info
-
-
-@register("svi-lowrank")
-class LowRank(Method):
-    summary = "Gaussian VI with diagonal plus rank-r covariance (AutoLowRankMultivariateNormal)."
-    cost = "training: O(D r) per step on top of MAP; prediction: one batched pass per chunk"
-    reference = "Rezende et al. 2014; Ong, Nott & Smith 2018 (factor covariance VI)"
-
-    @dataclass
-    class Options(BayesianSites, SVIOptions):
-        """The SVI options, plus:
-
-        rank : int
-            Rank of the covariance factor (default 10).
-        init_scale : float
-            Initial posterior standard deviation (default 0.01).
-        bayesian_sites : list of str or None
-            Only these sites get the approximation, the others are fitted by MAP first (see
-            ``lastlayer.py``; default: every site).
-        """
-
-        rank: int = 10
-        init_scale: float = 0.01
-
-        def __post_init__(self):
-            super().__post_init__()
-            _check_int("rank", self.rank, 1)
-            if not (isinstance(self.init_scale, (int, float)) and 0 < self.init_scale < math.inf):
-                raise OptionError(
-                    f"init_scale: expected a finite number > 0, got {self.init_scale!r}"
-                )
-
-    def run(self, problem, opts, seed, progress):
-        if opts.bayesian_sites is not None:
-            return run_on_sites(self, problem, opts, seed, progress)
-        guide = AutoLowRankMultivariateNormal(
-            problem.model,
-            init_loc_fn=init_loc_fn(problem, INIT[opts.init]),
-            init_scale=float(opts.init_scale),
-            rank=min(opts.rank, problem.layout.size),
-        )
-        info = run_svi(problem, guide, opts, seed, progress, desc="svi-lowrank")
-        names = list(guide._unconstrained_shapes)
-        if names != problem.layout.names:  # pragma: no cover - guards Pyro internals
-            raise RuntimeError(
-                f"latent order differs between guide {names} and layout {problem.layout.names}"
-            )
-        with torch.no_grad():
-            s = guide.scale.detach()
-            factor = guide.cov_factor.detach() * s.unsqueeze(-1)
-        return Gaussian(guide.loc.detach().clone(), s.clone(), cov_factor=factor), info
+def stack_losses(losses: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(mean over members per step, (member, step) padded with NaN)`` of loss traces."""
+    n = max((len(v) for v in losses), default=0)
+    out = torch.full((len(losses), n), float("nan"), dtype=torch.float64)
+    for i, v in enumerate(losses):
+        out[i, : len(v)] = v
+    return out.nanmean(0) if n else out.new_zeros(0), out

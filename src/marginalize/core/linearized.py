@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from marginalize._validation import ModelError
+from marginalize.errors import ModelError
 
 __all__ = ["linearized_dist"]
 

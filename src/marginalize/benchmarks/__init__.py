@@ -5,11 +5,11 @@ Each runner has a small default (minutes on 2 CPU cores) and the full protocol b
 machine, versions, date and exact command at the top.
 
 ``marginalize bench uci|classification|active-learning [--full] [--methods ...]``, or
-``python -m marginalize.bench ...``.
+``python -m marginalize.benchmarks ...``.
 
 Examples
 --------
->>> from marginalize.bench import build_parser
+>>> from marginalize.benchmarks import build_parser
 >>> args = build_parser().parse_args(["uci", "--methods", "map", "--splits", "1"])
 >>> args.methods, args.splits
 (['map'], 1)
@@ -63,7 +63,7 @@ def add_subcommands(sub) -> None:
         action="store_true",
         help="keep the per-split rows already in NAME.jsonl and run only the missing ones",
     )
-    u.set_defaults(bench_func="marginalize.bench.uci:main_uci")
+    u.set_defaults(bench_func="marginalize.benchmarks.uci:main_uci")
 
     c = sub.add_parser(
         "classification", help="digits 0-4: accuracy, NLL, ECE, Brier; digits 5-9 as OOD (AUROC)"
@@ -77,7 +77,7 @@ def add_subcommands(sub) -> None:
         choices=["mlp", "cnn"],
         help="architectures (default: mlp, and cnn when mz.models.cnn exists)",
     )
-    c.set_defaults(bench_func="marginalize.bench.classification:main_classification")
+    c.set_defaults(bench_func="marginalize.benchmarks.classification:main_classification")
 
     a = sub.add_parser("active-learning", help="BALD vs entropy vs random acquisition on digits")
     _add_common_arguments(a)
@@ -85,7 +85,7 @@ def add_subcommands(sub) -> None:
     a.add_argument("--rounds", type=int, default=None, help="acquisition rounds (default 10)")
     a.add_argument("--acquire", type=int, default=10, help="labels acquired per round")
     a.add_argument("--initial", type=int, default=20, help="initial labelled points")
-    a.set_defaults(bench_func="marginalize.bench.active_learning:main_active_learning")
+    a.set_defaults(bench_func="marginalize.benchmarks.active_learning:main_active_learning")
 
 
 def build_parser(prog: str = "marginalize bench") -> argparse.ArgumentParser:
@@ -110,7 +110,7 @@ def run_parsed(args: argparse.Namespace, argv: Sequence[str] | None = None) -> i
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m marginalize.bench uci|classification|active-learning [...]``."""
-    args = build_parser("python -m marginalize.bench").parse_args(argv)
-    shown = ["python", "-m", "marginalize.bench", *(sys.argv[1:] if argv is None else argv)]
+    """``python -m marginalize.benchmarks uci|classification|active-learning [...]``."""
+    args = build_parser("python -m marginalize.benchmarks").parse_args(argv)
+    shown = ["python", "-m", "marginalize.benchmarks", *(sys.argv[1:] if argv is None else argv)]
     return run_parsed(args, shown)

@@ -1,6 +1,6 @@
 """Posterior approximations over the flat unconstrained vector ``z`` (see ``layout.py``).
 
-Each method produces one of these; the :class:`~marginalize.inference.posterior.Posterior`
+Each method produces one of these; the :class:`~marginalize.posterior.Posterior`
 draws from it. Draws are shaped ``(chain, draw, D)``: mixture components (ensemble members,
 SWAG runs) and MCMC chains are chains. State is plain tensors, so saving never pickles code.
 """

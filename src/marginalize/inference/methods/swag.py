@@ -46,14 +46,15 @@ from dataclasses import dataclass
 
 import torch
 
-from marginalize._validation import OptionError
-from marginalize.inference._sgd import initial_z, sgd_loop
-from marginalize.inference.approximations import Delta, Gaussian, Mixture
-from marginalize.inference.ensemble import member_seed, stack_losses
-from marginalize.inference.lastlayer import BayesianSites, run_on_sites
-from marginalize.inference.problem import Problem
-from marginalize.inference.registry import Method, isolated, register
-from marginalize.inference.svi import INIT, _check_int
+from marginalize._validation import check_positive_int
+from marginalize.core.approximations import Delta, Gaussian, Mixture
+from marginalize.core.problem import Problem
+from marginalize.errors import OptionError
+from marginalize.inference.engines.seeding import isolated, member_seed
+from marginalize.inference.engines.sgd import initial_z, sgd_loop
+from marginalize.inference.engines.subsites import BayesianSites, run_on_sites
+from marginalize.inference.engines.training import INIT, stack_losses
+from marginalize.inference.registry import Method, register
 
 __all__ = ["SWAG", "MultiSWAG", "SWAGMoments", "SWAGOptions"]
 
@@ -173,13 +174,13 @@ class SWAGOptions(BayesianSites):
 
     def __post_init__(self):
         super().__post_init__()
-        _check_int("pretrain_steps", self.pretrain_steps, 0)
-        _check_int("swag_steps", self.swag_steps, 1)
+        check_positive_int("pretrain_steps", self.pretrain_steps, minimum=0)
+        check_positive_int("swag_steps", self.swag_steps, minimum=1)
         if self.batch_size is not None:
-            _check_int("batch_size", self.batch_size, 1)
+            check_positive_int("batch_size", self.batch_size, minimum=1)
         if self.collect_every != "epoch":
-            _check_int("collect_every", self.collect_every, 1)
-        _check_int("max_rank", self.max_rank, 0)
+            check_positive_int("collect_every", self.collect_every, minimum=1)
+        check_positive_int("max_rank", self.max_rank, minimum=0)
         if self.max_rank == 1:
             raise OptionError("max_rank: expected 0 (diagonal only) or an integer >= 2, got 1")
         for name in ("lr", "swag_lr", "clip_norm", "scale"):
@@ -342,7 +343,7 @@ class MultiSWAG(Method):
 
         def __post_init__(self):
             super().__post_init__()
-            _check_int("num_models", self.num_models, 1)
+            check_positive_int("num_models", self.num_models, minimum=1)
 
     def run(self, problem, opts, seed, progress):
         fields = {k: v for k, v in vars(opts).items() if k != "num_models"}

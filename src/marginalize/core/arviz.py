@@ -47,7 +47,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import arviz as az
 import numpy as np
@@ -56,9 +56,12 @@ import torch
 import xarray as xr
 from pyro import poutine
 
-from marginalize._validation import DataError, OptionError
-from marginalize.inference.approximations import Empirical, Mixture
-from marginalize.inference.posterior import Posterior, _class_probs
+from marginalize.core.approximations import Empirical, Mixture
+from marginalize.core.predictive import class_probs
+from marginalize.errors import DataError, OptionError
+
+if TYPE_CHECKING:  # the Posterior (a layer above) is passed in; never imported here
+    from marginalize.posterior import Posterior
 
 __all__ = ["to_inference_data", "draw_count", "FUNCTION_VAR", "az"]
 
@@ -132,7 +135,7 @@ def _predictive_pass(
                 yrep.append(post._per_draw(d.sample()))
                 if want_f:
                     if post.task == "classification":
-                        fs.append(post._per_draw(_class_probs(d)))
+                        fs.append(post._per_draw(class_probs(d)))
                     else:
                         fs.append(post._per_draw(d.mean))
     cat = lambda parts: torch.cat(parts) if parts else None  # noqa: E731
@@ -245,7 +248,7 @@ def to_inference_data(
     >>> sorted(post.to_arviz(prior_samples=0).groups())[:3]
     ['constant_data', 'log_likelihood', 'observed_data']
     """
-    if not isinstance(post, Posterior):
+    if not all(hasattr(post, a) for a in ("approximation", "layout", "log_likelihood")):
         raise DataError(f"post: expected a marginalize Posterior, got {type(post).__name__}")
     if isinstance(prior_samples, bool) or not isinstance(prior_samples, int) or prior_samples < 0:
         raise OptionError(f"prior_samples: expected an int >= 0, got {prior_samples!r}")

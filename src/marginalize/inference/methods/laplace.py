@@ -56,17 +56,13 @@ from dataclasses import dataclass
 import torch
 from pyro import poutine
 
-from marginalize._validation import ModelError, OptionError
-from marginalize.inference.approximations import Gaussian, Kronecker
-from marginalize.inference.lastlayer import (
-    BayesianSites,
-    map_point,
-    run_on_sites,
-    unwrap,
-)
-from marginalize.inference.problem import Problem, _no_validation
+from marginalize._validation import check_positive_int
+from marginalize.core.approximations import Gaussian, Kronecker
+from marginalize.core.problem import Problem, _no_validation
+from marginalize.errors import ModelError, OptionError
+from marginalize.inference.engines.subsites import BayesianSites, map_point, run_on_sites, unwrap
+from marginalize.inference.engines.training import SVIOptions
 from marginalize.inference.registry import Method, register
-from marginalize.inference.svi import SVIOptions, _check_int
 from marginalize.models.base import BNN
 from marginalize.models.builders import MLP, dense
 
@@ -140,7 +136,7 @@ class LaplaceOptions(BayesianSites, SVIOptions):
             raise OptionError(
                 f"prior_precision: expected a positive number or 'marginal_likelihood', got {pp!r}"
             )
-        _check_int("refine_steps", self.refine_steps, 0)
+        check_positive_int("refine_steps", self.refine_steps, minimum=0)
         if self.predictive not in ("auto", "glm", "sample"):
             raise OptionError(
                 f"predictive: expected 'auto', 'glm' or 'sample', got {self.predictive!r}"

@@ -14,7 +14,7 @@ split, MAP had ECE 0.49 with it and 0.05 with ``Normal(1.0)``).
 
 Examples
 --------
->>> from marginalize.bench import classification as C
+>>> from marginalize.benchmarks import classification as C
 >>> rows = C.run(["map"], ["mlp"], seeds=1, options={"map": {"steps": 10}}, progress=False)
 >>> sorted(k for k in rows[0] if k.startswith("auroc"))
 ['auroc_entropy', 'auroc_mi']
@@ -32,9 +32,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from marginalize._validation import ModelError, OptionError
-from marginalize.bench._common import fmt_pm, header, markdown_table, mean_se, method_options
+from marginalize.benchmarks._common import fmt_pm, header, markdown_table, mean_se, method_options
 from marginalize.diagnostics import metrics
+from marginalize.errors import ModelError, OptionError
 
 __all__ = [
     "SETTINGS",
@@ -50,7 +50,7 @@ __all__ = [
     "main_classification",
 ]
 
-log = logging.getLogger("marginalize.bench.classification")
+log = logging.getLogger("marginalize.benchmarks.classification")
 
 NUM_CLASSES = 5
 
@@ -389,7 +389,7 @@ def plot_reliability(rows, path: str | Path) -> Path:
 
 def main_classification(args) -> int:
     """Entry point of ``marginalize bench classification``."""
-    from marginalize.bench._common import cpu_threads, results_dir, select_methods
+    from marginalize.benchmarks._common import cpu_threads, results_dir, select_methods
 
     cpu_threads(args.threads)
     methods = select_methods(args.methods, () if args.methods else EXCLUDED_BY_DEFAULT)

@@ -12,6 +12,7 @@ Examples
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections.abc import Callable, Iterator
@@ -21,34 +22,29 @@ from typing import Any
 import torch
 from pyro import poutine
 
-from marginalize._validation import (
-    DataError,
-    ModelError,
-    OptionError,
-    check_positive_int,
-    check_seed,
-    check_x,
-    check_y,
+from marginalize._files import check_path, write_verified
+from marginalize._validation import check_positive_int, check_seed, check_x, check_y
+from marginalize.core.approximations import Approximation
+from marginalize.core.layout import Layout
+from marginalize.core.linearized import linearized_dist
+from marginalize.core.predictive import (
+    BLOCK_BYTES,
+    DEFAULT_CHUNK_BYTES,
+    GPU_CHUNK_BYTES,
+    MIN_DRAWS_PER_CHUNK,
+    Moments,
+    class_probs,
+    entropy,
+    log_prob,
+    temper,
 )
-from marginalize.inference.approximations import Approximation
-from marginalize.inference.layout import Layout
-from marginalize.inference.problem import _no_validation, observation_dist
+from marginalize.core.problem import _no_validation
+from marginalize.errors import DataError, ModelError, OptionError
 from marginalize.models.base import BNN
 
-__all__ = ["Posterior", "Prediction"]
+__all__ = ["Posterior", "Prediction", "save_posterior", "FORMAT", "VERSION"]
 
 log = logging.getLogger(__name__)
-
-#: bytes of one activation tensor (draws x inputs x widest layer) of a prediction chunk on the
-#: CPU, where the batched forward is memory-bound (see ``_chunk_size``)
-DEFAULT_CHUNK_BYTES = 2**20
-#: the same on a GPU, where large chunks amortize kernel launches
-GPU_CHUNK_BYTES = 256 * 2**20
-#: a builder model's prediction on the CPU: bytes of one activation tensor (draws x inputs x
-#: widest layer) of a chunk, and the fewest draws per chunk before inputs are split into blocks
-#: (see ``Posterior._block_plan``)
-BLOCK_BYTES = 4 * 2**20
-MIN_DRAWS_PER_CHUNK = 16
 
 
 @dataclass
@@ -80,82 +76,6 @@ class Prediction:
     def __repr__(self) -> str:
         shape = tuple(self.mean.shape)
         return f"Prediction(task={self.task!r}, shape={shape}, num_draws={self.num_draws})"
-
-
-def _class_probs(d) -> torch.Tensor:
-    base = observation_dist(d)
-    if isinstance(base, torch.distributions.Bernoulli):
-        p = base.probs
-        probs = torch.stack([1 - p, p], -1)
-    else:
-        probs = base.probs
-    batch = (
-        d.batch_shape + d.event_shape if isinstance(base, torch.distributions.Bernoulli) else None
-    )
-    if batch is not None and probs.shape[:-1] != batch:
-        probs = probs.expand(*batch, 2)
-    return probs
-
-
-def _entropy(p: torch.Tensor) -> torch.Tensor:
-    return -(p * torch.log(p.clamp_min(torch.finfo(p.dtype).tiny))).sum(-1)
-
-
-class _Moments:
-    """Mean and variance over draws, chunk by chunk, and plain sums.
-
-    Shifted sums: with ``K`` the first chunk's mean (the first draw for one-draw chunks), it
-    accumulates ``sum(v - K)`` and ``sum((v - K)^2)``, which keeps the variance accurate as long
-    as ``K`` lies within a few standard deviations of the mean (Chan, Golub & LeVeque 1983),
-    at fewer operations per chunk than a pairwise update: at small sizes those operations are
-    a good part of a prediction's cost.
-    """
-
-    def __init__(self):
-        self.n = 0
-        self.shift = None
-        self.s1 = self.s2 = None
-        self.sums: dict[str, torch.Tensor] = {}
-
-    def add(self, values: torch.Tensor, **sums: torch.Tensor) -> None:
-        nb = values.shape[0]
-        if self.shift is None:
-            self.shift = values[0].clone() if nb == 1 else values.mean(0)
-        d = values - self.shift
-        if self.s1 is None:
-            self.s1 = d.sum(0)
-            self.s2 = d.square_().sum(0)
-        else:
-            self.s1.add_(d.sum(0))
-            self.s2.add_(d.square_().sum(0))
-        self.n += nb
-        for k, v in sums.items():
-            part = v.sum(0)
-            if k in self.sums:
-                self.sums[k].add_(part)
-            else:
-                self.sums[k] = part
-
-    @property
-    def mean(self) -> torch.Tensor:
-        return self.shift + self.s1 / self.n
-
-    @property
-    def m2(self) -> torch.Tensor:
-        """Sum of squared deviations from the mean."""
-        return (self.s2 - self.s1.square() / self.n).clamp_min_(0.0)
-
-    @classmethod
-    def concat(cls, blocks: list[_Moments]) -> _Moments:
-        """The moments of blocks of inputs (the same draws), joined along the inputs."""
-        if len(blocks) == 1:
-            return blocks[0]
-        out = cls()
-        out.n = blocks[0].n
-        for name in ("shift", "s1", "s2"):
-            setattr(out, name, torch.cat([getattr(b, name) for b in blocks]))
-        out.sums = {k: torch.cat([b.sums[k] for b in blocks]) for k in blocks[0].sums}
-        return out
 
 
 class Posterior:
@@ -257,8 +177,6 @@ class Posterior:
         params = self.layout.unpack(z)
         if isinstance(self.model, BNN):
             if self.info.get("predictive") == "glm":  # linearized network (laplace)
-                from marginalize.inference.linearized import linearized_dist
-
                 yield self._temper(linearized_dist(self, z, x))
                 return
             with _no_validation():  # argument checks of the outputs cost as much as the network
@@ -281,8 +199,6 @@ class Posterior:
         t = self.info.get("temperature")
         if t is None:
             return d
-        from marginalize.inference.temperature import temper
-
         return temper(d, float(t))
 
     def _chunks(self, x: torch.Tensor, num_samples, seed, chunk_size):
@@ -352,7 +268,7 @@ class Posterior:
                 dists = [self._temper(lik.dist(f, p))]
         for d in dists:
             if self.task == "classification":
-                yield {"probs": self._per_draw(_class_probs(d))}
+                yield {"probs": self._per_draw(class_probs(d))}
             else:
                 yield {"mean": self._per_draw(d.mean), "variance": self._per_draw(d.variance)}
 
@@ -390,17 +306,17 @@ class Posterior:
                     getattr(self.model, "__name__", self.model),
                     n_draws,
                 )
-        blocks: list[_Moments] = []
+        blocks: list[Moments] = []
         kept: dict[str, torch.Tensor] = {}
         for i0 in range(0, n_in, per_block):
             xb = x[i0 : i0 + per_block]
-            acc = _Moments()
+            acc = Moments()
             for s0 in range(0, n_draws, per_chunk):
                 d0 = s0
                 for outs in self._outputs(flat, params, s0, s0 + per_chunk, xb):
                     if self.task == "classification":
                         p = outs["probs"]
-                        acc.add(p, ent=_entropy(p))
+                        acc.add(p, ent=entropy(p))
                     else:
                         acc.add(outs["mean"], var=outs["variance"])
                     d1 = d0 + next(iter(outs.values())).shape[0]
@@ -411,13 +327,13 @@ class Posterior:
                             kept[k][d0:d1, i0 : i0 + xb.shape[0]] = v
                     d0 = d1
             blocks.append(acc)
-        acc = _Moments.concat(blocks)
+        acc = Moments.concat(blocks)
         draws = None
         if return_draws:
             draws = {k: v.reshape(c, s, *v.shape[1:]) for k, v in kept.items()}
         if self.task == "classification":
             probs = acc.mean
-            ent = _entropy(probs)
+            ent = entropy(probs)
             exp_ent = acc.sums["ent"] / acc.n
             return Prediction(
                 "classification",
@@ -465,7 +381,7 @@ class Posterior:
         def gen():
             for _, dists in (first, *chunks):
                 for d in dists:
-                    yield self._per_draw(_log_prob(d, y))
+                    yield self._per_draw(log_prob(d, y))
 
         return first[0], gen()
 
@@ -505,13 +421,11 @@ class Posterior:
     # ---- persistence -------------------------------------------------------------------
     def save(self, path) -> None:
         """Save to ``path`` as plain tensors (``torch.load(weights_only=True)`` reads it back)."""
-        from marginalize.io import save_posterior
-
         save_posterior(self, path)
 
     def to_arviz(self, **kwargs: Any):
-        """An ``arviz.InferenceData`` of this fit (see ``marginalize.diagnostics.arviz``)."""
-        from marginalize.diagnostics.arviz import to_inference_data
+        """An ``arviz.InferenceData`` of this fit (see ``marginalize.core.arviz``)."""
+        from marginalize.core.arviz import to_inference_data
 
         return to_inference_data(self, **kwargs)
 
@@ -532,16 +446,6 @@ def _check_like_training(name: str, t: torch.Tensor, train: torch.Tensor | None)
         )
 
 
-def _log_prob(d, y: torch.Tensor) -> torch.Tensor:
-    try:
-        return d.log_prob(y)
-    except (ValueError, RuntimeError) as e:
-        raise DataError(
-            f"y: does not fit the model's observation distribution "
-            f"{type(observation_dist(d)).__name__}: {e}"
-        ) from e
-
-
 def _tensors(obj):
     if isinstance(obj, torch.Tensor):
         yield obj
@@ -551,3 +455,57 @@ def _tensors(obj):
     elif isinstance(obj, list):
         for v in obj:
             yield from _tensors(v)
+
+
+FORMAT = "marginalize.posterior"
+#: 2: a SHA-256 of the content is stored beside it
+VERSION = 2
+
+
+def _to_cpu(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_to_cpu(v) for v in obj]
+    return obj
+
+
+def _plain(obj):
+    """Keep tensors and JSON-able values; drop what cannot be stored safely."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    return repr(obj)
+
+
+def save_posterior(post: Posterior, path) -> None:
+    """Write ``post`` to ``path`` (atomically: a temporary file is renamed into place)."""
+    path = check_path(path)
+    # builder models store their config; plain functions and bayesian(module) models (config()
+    # is None) must be passed to load(path, model=...)
+    cfg = post.model.config() if isinstance(post.model, BNN) else None
+    model_cfg = json.dumps(cfg) if cfg is not None else None
+    payload = {
+        "format": FORMAT,
+        "version": VERSION,
+        "torch_version": str(torch.__version__),
+        "method": post.method,
+        "task": post.task,
+        "seed": post.seed,
+        "num_classes": post.num_classes,
+        "options": json.dumps(_plain(post.options)),
+        "layout": json.dumps(post.layout.describe()),
+        "model_config": model_cfg,
+        "approximation": _to_cpu(post.approximation.state_dict()),
+        "info": _plain(post.info),
+        "data": None if post.data is None else {"x": post.data[0].cpu(), "y": post.data[1].cpu()},
+        "dtype": str(post.dtype).replace("torch.", ""),
+    }
+    write_verified(payload, path)

@@ -1,0 +1,142 @@
+"""The predictive computations over posterior draws that every layer above uses.
+
+Class probabilities and entropies of observation distributions, running moments over chunks
+of draws (:class:`Moments`), tempering (:func:`temper`) and the chunk sizes of vectorized
+prediction. :class:`marginalize.Posterior` and the diagnostics compute with these.
+"""
+
+from __future__ import annotations
+
+import pyro.distributions as dist
+import torch
+
+from marginalize.core.problem import observation_dist
+from marginalize.errors import DataError, ModelError
+
+__all__ = ["Moments", "class_probs", "entropy", "log_prob", "temper"]
+
+#: bytes of one activation tensor (draws x inputs x widest layer) of a prediction chunk on the
+#: CPU, where the batched forward is memory-bound (see ``_chunk_size``)
+DEFAULT_CHUNK_BYTES = 2**20
+#: the same on a GPU, where large chunks amortize kernel launches
+GPU_CHUNK_BYTES = 256 * 2**20
+#: a builder model's prediction on the CPU: bytes of one activation tensor (draws x inputs x
+#: widest layer) of a chunk, and the fewest draws per chunk before inputs are split into blocks
+#: (see ``Posterior._block_plan``)
+BLOCK_BYTES = 4 * 2**20
+MIN_DRAWS_PER_CHUNK = 16
+
+
+def class_probs(d) -> torch.Tensor:
+    base = observation_dist(d)
+    if isinstance(base, torch.distributions.Bernoulli):
+        p = base.probs
+        probs = torch.stack([1 - p, p], -1)
+    else:
+        probs = base.probs
+    batch = (
+        d.batch_shape + d.event_shape if isinstance(base, torch.distributions.Bernoulli) else None
+    )
+    if batch is not None and probs.shape[:-1] != batch:
+        probs = probs.expand(*batch, 2)
+    return probs
+
+
+def entropy(p: torch.Tensor) -> torch.Tensor:
+    return -(p * torch.log(p.clamp_min(torch.finfo(p.dtype).tiny))).sum(-1)
+
+
+class Moments:
+    """Mean and variance over draws, chunk by chunk, and plain sums.
+
+    Shifted sums: with ``K`` the first chunk's mean (the first draw for one-draw chunks), it
+    accumulates ``sum(v - K)`` and ``sum((v - K)^2)``, which keeps the variance accurate as long
+    as ``K`` lies within a few standard deviations of the mean (Chan, Golub & LeVeque 1983),
+    at fewer operations per chunk than a pairwise update: at small sizes those operations are
+    a good part of a prediction's cost.
+    """
+
+    def __init__(self):
+        self.n = 0
+        self.shift = None
+        self.s1 = self.s2 = None
+        self.sums: dict[str, torch.Tensor] = {}
+
+    def add(self, values: torch.Tensor, **sums: torch.Tensor) -> None:
+        nb = values.shape[0]
+        if self.shift is None:
+            self.shift = values[0].clone() if nb == 1 else values.mean(0)
+        d = values - self.shift
+        if self.s1 is None:
+            self.s1 = d.sum(0)
+            self.s2 = d.square_().sum(0)
+        else:
+            self.s1.add_(d.sum(0))
+            self.s2.add_(d.square_().sum(0))
+        self.n += nb
+        for k, v in sums.items():
+            part = v.sum(0)
+            if k in self.sums:
+                self.sums[k].add_(part)
+            else:
+                self.sums[k] = part
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.shift + self.s1 / self.n
+
+    @property
+    def m2(self) -> torch.Tensor:
+        """Sum of squared deviations from the mean."""
+        return (self.s2 - self.s1.square() / self.n).clamp_min_(0.0)
+
+    @classmethod
+    def concat(cls, blocks: list[Moments]) -> Moments:
+        """The moments of blocks of inputs (the same draws), joined along the inputs."""
+        if len(blocks) == 1:
+            return blocks[0]
+        out = cls()
+        out.n = blocks[0].n
+        for name in ("shift", "s1", "s2"):
+            setattr(out, name, torch.cat([getattr(b, name) for b in blocks]))
+        out.sums = {k: torch.cat([b.sums[k] for b in blocks]) for k in blocks[0].sums}
+        return out
+
+
+def log_prob(d, y: torch.Tensor) -> torch.Tensor:
+    try:
+        return d.log_prob(y)
+    except (ValueError, RuntimeError) as e:
+        raise DataError(
+            f"y: does not fit the model's observation distribution "
+            f"{type(observation_dist(d)).__name__}: {e}"
+        ) from e
+
+
+_LOC_SCALE = (torch.distributions.Normal, torch.distributions.Laplace, torch.distributions.Cauchy)
+
+
+def temper(d: torch.distributions.Distribution, t: float) -> torch.distributions.Distribution:
+    """``d`` with logits divided by ``t`` (Categorical, Bernoulli) or scale multiplied by ``t``
+    (Normal, StudentT, Laplace, Cauchy); Independent, Masked and Expanded wrappers are kept."""
+    if t == 1.0:
+        return d
+    if isinstance(d, torch.distributions.Independent):
+        return dist.Independent(temper(d.base_dist, t), d.reinterpreted_batch_ndims)
+    if isinstance(d, dist.MaskedDistribution):
+        return temper(d.base_dist, t).mask(d._mask)
+    if isinstance(d, dist.ExpandedDistribution):
+        return temper(d.base_dist, t).expand(d.batch_shape)
+    if isinstance(d, torch.distributions.Categorical):
+        return dist.Categorical(logits=d.logits / t)
+    if isinstance(d, torch.distributions.Bernoulli):
+        return dist.Bernoulli(logits=d.logits / t)
+    if isinstance(d, torch.distributions.StudentT):
+        return dist.StudentT(d.df, d.loc, d.scale * t)
+    if isinstance(d, _LOC_SCALE):
+        return type(d)(d.loc, d.scale * t)
+    raise ModelError(
+        f"temperature_scale: cannot temper a {type(d).__name__} observation distribution; "
+        "supported: "
+        "Categorical, Bernoulli (logits / T) and Normal, StudentT, Laplace, Cauchy (scale * T)"
+    )
