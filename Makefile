@@ -4,9 +4,9 @@
 # Each creates and fills the virtual environment if it is missing.
 PYTHON ?= python3
 VENV ?= .venv
-# torch is installed first, pinned by default to the machine's local CPU build;
+# torch is installed first: torch==2.13.0 resolves on the public registry and, here, to the local CPU build;
 # override e.g. `make test TORCH_SPEC="torch==2.5.1"` or TORCH_SPEC=torch for the registry's newest.
-TORCH_SPEC ?= torch==2.13.0+cpu
+TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.marginalize-installed
 DEMO_METHODS ?= map,svi-meanfield,mc-dropout,ensemble,nuts
