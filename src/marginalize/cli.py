@@ -260,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
 
     _bench_subcommands(
         sub.add_parser(
-            "bench", help="benchmarks: uci, classification, active-learning"
+            "bench", help="benchmarks: uci, classification, active-learning, reference"
         ).add_subparsers(dest="bench", required=True)
     )
     args = p.parse_args(argv)
