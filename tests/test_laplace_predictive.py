@@ -264,6 +264,7 @@ def tanh_net(x, y=None):
         pyro.sample("y", dist.Normal((torch.tanh(x @ w1 + b1) @ w2 + b2)[:, 0], sigma), obs=y)
 
 
+@pytest.mark.slow
 def test_laplace_on_a_plain_function_predicts_at_least_as_well_as_its_map():
     """The plain-function Laplace (GGN through the Normal's loc, linearized predictive) is at
     least as good as the MAP it is centred on, in RMSE and in test log-likelihood."""
@@ -273,7 +274,7 @@ def test_laplace_on_a_plain_function_predicts_at_least_as_well_as_its_map():
     y = f(x) + 0.1 * torch.randn(100, generator=g)
     xt = torch.rand(200, 1, generator=g) * 4 - 2
     yt = f(xt) + 0.1 * torch.randn(200, generator=g)
-    lap = mz.fit(tanh_net, x, y, method="laplace", steps=1000, seed=0, progress=False)
+    lap = mz.fit(tanh_net, x, y, method="laplace", steps=600, seed=0, progress=False)
     assert lap.info["hessian"] == "ggn" and lap.info["predictive"] == "glm"
     z = lap.approximation.loc
     map_post = Posterior(

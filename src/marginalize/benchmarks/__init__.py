@@ -47,7 +47,8 @@ def _add_common_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_subcommands(sub) -> None:
-    """Add ``uci``, ``classification``, ``active-learning`` and ``reference`` to an argparse subparsers object."""
+    """Add ``uci``, ``classification``, ``active-learning`` and ``reference`` to an argparse
+    subparsers object."""
     u = sub.add_parser("uci", help="UCI regression: RMSE and test LL over random 90/10 splits")
     _add_common_arguments(u)
     u.add_argument(
@@ -58,6 +59,12 @@ def add_subcommands(sub) -> None:
     )
     u.add_argument(
         "--splits", type=int, default=None, help="number of splits (default 3, 20 with --full)"
+    )
+    u.add_argument(
+        "--defaults",
+        action="store_true",
+        help="every method at its own default options (NUTS/HMC: 2 chains of 500 + 500); "
+        "NAME:tuned in --methods tunes NAME per split on an inner validation split",
     )
     u.add_argument(
         "--resume",

@@ -197,7 +197,7 @@ class ReferenceProblem:
         return d
 
 
-_NUTS = {"num_chains": 8, "num_warmup": 500, "num_samples": 1000, "max_tree_depth": 10}
+_NUTS = {"num_chains": 4, "num_warmup": 400, "num_samples": 600, "max_tree_depth": 10}
 
 #: the suite (sizes chosen so one reference run converges in well under an hour on 2 CPUs)
 PROBLEMS: dict[str, ReferenceProblem] = {
@@ -593,6 +593,56 @@ def table_markdown(rows: Sequence[dict[str, Any]], out: str | Path | None = None
             body.append(line)
         parts += [f"### {task.capitalize()}", "", markdown_table(head, body), ""]
     return "\n".join(parts)
+
+
+def load_rows(jsonl: str | Path) -> list[dict[str, Any]]:
+    """The score rows stored in ``jsonl`` (empty when the file does not exist)."""
+    path = Path(jsonl)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def closest_methods(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """One line per problem: the methods closest to the reference (lowest W2 or TV), with the
+    reference's own ``nuts`` left out (it is the same sampler, run shorter)."""
+    out = []
+    for name, p in PROBLEMS.items():
+        key = "w2" if p.task == "regression" else "tv"
+        scored = sorted(
+            (r[key], r["method"])
+            for r in rows
+            if r["problem"] == name and key in r and r["method"] not in ("nuts", "hmc")
+        )
+        if scored:
+            best = ", ".join(f"`{m}` ({v:.3f})" for v, m in scored[:3])
+            worst = f"`{scored[-1][1]}` ({scored[-1][0]:.3f})"
+            out.append(f"- {name}: closest {key.upper()} {best}; farthest {worst}")
+    return out
+
+
+def guide_markdown(out: str | Path | None = None, jsonl: str | Path | None = None) -> str:
+    """The block of the user guide (``docs/guide/methods.md``) made from committed results."""
+    from marginalize.benchmarks._common import results_dir
+
+    path = Path(jsonl) if jsonl is not None else results_dir(out) / "reference.jsonl"
+    rows = load_rows(path)
+    if not rows:
+        return "No committed scores yet: run `marginalize bench reference`."
+    return "\n".join(
+        [
+            EXPLANATION.format(num=NUM_PREDICTIVE),
+            table_markdown(rows, out),
+            "Closest to the reference per problem (approximate methods; `nuts` and `hmc` "
+            "at their defaults are shorter runs of the reference's own sampler):",
+            "",
+            *closest_methods(rows),
+            "",
+            "The problems, their models and the references' diagnostics are in "
+            "`benchmarks/results/reference.md`; the scores are re-run with "
+            "`marginalize bench reference --score-only --rescore`.",
+        ]
+    )
 
 
 def references_markdown(out: str | Path | None = None) -> str:
