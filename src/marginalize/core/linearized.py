@@ -78,6 +78,7 @@ __all__ = [
     "closed_form_log_predictive",
     "linearized_dist",
     "network_mask",
+    "observation_node",
     "probit_probs",
 ]
 
@@ -139,7 +140,7 @@ class OutputMap:
         tr = poutine.trace(poutine.condition(self.model, data=self.layout.unpack(z))).get_trace(
             x, None
         )
-        d = tr.nodes["y"]["fn"]
+        d = observation_node(tr, self.layout)["fn"]
         return observation_dist(d), d
 
     def dist(self, f: torch.Tensor, z: torch.Tensor, x: torch.Tensor | None = None):
@@ -169,6 +170,27 @@ class OutputMap:
         return [n for n in names if n in self.layout]
 
 
+def observation_node(tr, layout) -> dict:
+    """The observation site of a plain model's trace: ``"y"``, or else the one sample site
+    inside a plate that is not a latent site of ``layout`` (observed or not)."""
+    if "y" in tr.nodes and tr.nodes["y"]["type"] == "sample":
+        return tr.nodes["y"]
+    names = set(layout.names)
+    cands = [
+        n
+        for n, node in tr.nodes.items()
+        if node["type"] == "sample"
+        and n not in names
+        and node["cond_indep_stack"]
+        and not node["infer"].get("is_auxiliary")
+    ]
+    if len(cands) != 1:
+        raise ModelError(
+            f"cannot tell the observation site of the model (candidates: {cands or 'none'})"
+        )
+    return tr.nodes[cands[0]]
+
+
 def output_map(model, layout, x: torch.Tensor | None = None, z: torch.Tensor | None = None):
     """The :class:`OutputMap` of ``model``, or ``None`` when its output cannot be found (a
     plain function whose observation family has no location or logits parameter)."""
@@ -183,12 +205,14 @@ def output_map(model, layout, x: torch.Tensor | None = None, z: torch.Tensor | N
             )
     except Exception:  # noqa: BLE001 - a model that cannot run here has no output map
         return None
-    d = tr.nodes["y"]["fn"]
+    d = observation_node(tr, layout)["fn"]
     base = observation_dist(d)
     fam = _family(base)
     if fam is None:
         return None
     param = getattr(base, fam[0])
+    if param.dim() == 0 or param.shape[0] != min(2, x.shape[0]):
+        return None  # the output is not one value (or vector) per example
     scalar = (
         fam[0] == "loc"
         and param.dim() == 1
@@ -511,15 +535,17 @@ def glm_closed_form(post) -> bool:
         st = _state(post)
     except ModelError:
         return False
-    return st.omap.family == "loc" and post.__dict__.get("_glm_normal", _is_normal(post, st))
+    if st.omap.family != "loc":
+        return False
+    if "_glm_normal" not in post.__dict__:
+        post.__dict__["_glm_normal"] = _is_normal(post, st)
+    return post.__dict__["_glm_normal"]
 
 
 def _is_normal(post, st) -> bool:
     with torch.no_grad(), _no_validation():
         base, _ = st.omap._trace(st.z0, post.data[0][:2])
-    ok = isinstance(base, torch.distributions.Normal)
-    post.__dict__["_glm_normal"] = ok
-    return ok
+    return isinstance(base, torch.distributions.Normal)
 
 
 def _noise_nodes(post, st: _State, f0: torch.Tensor, x: torch.Tensor):

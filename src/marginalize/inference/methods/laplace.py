@@ -4,12 +4,16 @@ Stages: a MAP fit (the ``map`` method with this method's SVI options), an L-BFGS
 it in float64 (``refine_steps``), then the precision ``P`` at the mode, over the flat
 unconstrained vector:
 
-* ``hessian="ggn"`` (builder models): the generalized Gauss-Newton ``J^T Lambda J`` over the
-  network's weights and biases (``J`` the Jacobian of the network output, ``Lambda`` the
-  Hessian of the negative log likelihood in output space, eigenvalues clipped at 0) plus the
-  prior's Hessian, which is diagonal for the builders' priors; the other sites (a learned
-  noise scale, prior scales) get their exact Hessian block, eigenvalues clipped; the cross
-  terms between the two groups are dropped.
+* ``hessian="ggn"``: the generalized Gauss-Newton ``J^T Lambda J`` over the weights that move
+  the model's output (``J`` the Jacobian of the output, ``Lambda`` the Hessian of the negative
+  log likelihood in output space, eigenvalues clipped at 0) plus the prior's Hessian there;
+  the other sites (a learned noise scale, prior scales) get their exact Hessian block,
+  eigenvalues clipped; the cross terms between the two groups are dropped. The output is the
+  network output of a builder model, and for a plain model function the location (Normal,
+  StudentT, Laplace, Cauchy) or logits (Bernoulli, Categorical) of its observation site's
+  distribution as a function of the latent sites (see ``core/linearized.py``); its weights
+  are the real-valued sites that move it. Per-example Jacobians are vmapped, or computed one
+  input at a time where ``torch.func`` cannot batch a layer (LSTM, GRU).
 * ``hessian="exact"``: the autograd Hessian in float64 (any model), as
   ``clip(H_likelihood) + H_prior`` with the likelihood part's eigenvalues clipped at 0 (the
   Hessian of a BNN at its MAP is usually indefinite, which is why Pyro's
@@ -23,11 +27,14 @@ for the bias, and ``G`` the summed GGN of its pre-activations, plus the prior pr
 other sites get the diagonal of their inverted exact block). ``bayesian_sites`` /
 ``subset="last_layer"`` restrict all of this to some sites, the rest held at the MAP.
 
-Draws predict through the network linearized at the MAP (``predictive="glm"``, the default
-for builder models, see ``linearized.py``): pushing Laplace draws through the nonlinear
-network (``predictive="sample"``) spreads the function wherever the data leave weights at the
-prior's scale; on the ``gap`` data with a 1-32-1 net that gave an epistemic std of 0.75 next
-to the data against 0.03 for the linearized predictive (noise 0.1).
+The posterior predicts through the output linearized at the MAP (``predictive="glm"``, the
+default wherever the output is known, see ``core/linearized.py``), by default in closed form
+(``link_approx="probit"``: exact for Gaussian likelihoods, the probit approximation for
+classification; no weights are drawn, and last-layer Laplace needs one pass to the last
+hidden layer), or by Monte Carlo (``link_approx="mc"``). Pushing Laplace draws through the
+nonlinear network (``predictive="sample"``) spreads the function wherever the data leave
+weights at the prior's scale; on the ``gap`` data with a 1-32-1 net that gave an epistemic
+std of 0.75 next to the data against 0.03 for the linearized predictive (noise 0.1).
 
 ``prior_precision`` multiplies the prior precision of the real-valued (weight) coordinates
 by a scalar ``alpha`` after the fit (the MAP is not refitted), or chooses ``alpha`` by
@@ -62,6 +69,7 @@ from marginalize.core.linearized import (
     LINK_APPROXIMATIONS,
     OutputMap,
     network_mask,
+    observation_node,
     output_jacobian,
     output_map,
 )
@@ -198,7 +206,7 @@ class _Target:
             ll = self.model.log_likelihood(params, self.x, self.y).sum(-1)
             return ll, self.model.log_prior(params) + ladj
         tr = poutine.trace(poutine.condition(self.model, data=params)).get_trace(self.x, self.y)
-        node = tr.nodes["y"]
+        node = observation_node(tr, self.base.layout)
         ll = node["fn"].log_prob(node["value"]).sum()
         lp = sum(
             tr.nodes[s.name]["fn"].log_prob(tr.nodes[s.name]["value"]).sum()
