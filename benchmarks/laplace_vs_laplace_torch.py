@@ -80,7 +80,9 @@ PROBLEMS = {
 
 def model_for(p):
     lik = (
-        mz.likelihoods.Gaussian(noise=p["noise"]) if p["likelihood"] == "gaussian" else "categorical"
+        mz.likelihoods.Gaussian(noise=p["noise"])
+        if p["likelihood"] == "gaussian"
+        else "categorical"
     )
     return mz.models.mlp(
         p["d_in"],

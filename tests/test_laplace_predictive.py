@@ -350,3 +350,32 @@ def test_link_approx_option():
     x, y = reg_data(10)
     with pytest.raises(mz.OptionError, match="link_approx"):
         mz.fit(mz.models.mlp(1, hidden=[2]), x, y, method="laplace", link_approx="bridge")
+
+
+@pytest.mark.parametrize("family", ["poisson", "binomial"])
+def test_ggn_on_canonical_glm_families_equals_the_exact_hessian(family):
+    """Poisson (log rate) and Binomial (logits) regression with the canonical link: the
+    linear model's GGN is its exact Hessian, so hessian="auto" (ggn through the family's
+    natural parameter) and hessian="exact" give the same Laplace posterior."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 2, generator=g, dtype=torch.float64)
+    eta = x @ torch.tensor([0.5, -0.3], dtype=torch.float64) + 0.2
+    if family == "poisson":
+        y = torch.poisson(eta.exp(), generator=g)
+    else:
+        y = torch.binomial(torch.full((40,), 5.0, dtype=torch.float64), torch.sigmoid(eta), g)
+
+    def model(x, y=None):
+        w = pyro.sample("w", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
+        b = pyro.sample("b", dist.Normal(0.0, 1.0))
+        f = x @ w + b
+        with pyro.plate("data", x.shape[0]):
+            obs = dist.Poisson(f.exp()) if family == "poisson" else dist.Binomial(5, logits=f)
+            pyro.sample("y", obs, obs=y)
+
+    a = mz.fit(model, x, y, method="laplace", steps=300, progress=False)
+    b = mz.fit(model, x, y, method="laplace", hessian="exact", steps=300, progress=False)
+    assert a.info["hessian"] == "ggn" and b.info["hessian"] == "exact"
+    assert torch.allclose(a.approximation.loc, b.approximation.loc, atol=1e-6)
+    assert torch.allclose(a.approximation.covariance(), b.approximation.covariance(), rtol=1e-5)
+    assert torch.isfinite(a.predict(x[:5]).mean).all()

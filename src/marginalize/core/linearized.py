@@ -91,21 +91,42 @@ _QUADRATURE_NODES = 20
 
 
 # ---- the model's output ---------------------------------------------------------------------
-def _family(base) -> tuple[str, Callable] | None:
-    """``(parameter that is the output, rebuild(f, base))`` for an observation family."""
+def _family(base) -> tuple[str, Callable, Callable] | None:
+    """``(name, output(base), rebuild(f, base))`` for an observation family: the output is
+    its location, its logits or its log rate (the natural parameter of a Poisson)."""
     D = torch.distributions
+
+    def loc(b):
+        return b.loc
+
+    def logits(b):
+        return b.logits
+
+    def log_rate(b):
+        return torch.log(b.rate)
+
     if isinstance(base, D.Normal):
-        return "loc", lambda f, b: dist.Normal(f, b.scale)
+        return "loc", loc, lambda f, b: dist.Normal(f, b.scale)
     if isinstance(base, D.StudentT):
-        return "loc", lambda f, b: dist.StudentT(b.df, f, b.scale)
+        return "loc", loc, lambda f, b: dist.StudentT(b.df, f, b.scale)
     if isinstance(base, D.Laplace):
-        return "loc", lambda f, b: dist.Laplace(f, b.scale)
+        return "loc", loc, lambda f, b: dist.Laplace(f, b.scale)
     if isinstance(base, D.Cauchy):
-        return "loc", lambda f, b: dist.Cauchy(f, b.scale)
+        return "loc", loc, lambda f, b: dist.Cauchy(f, b.scale)
+    if isinstance(base, D.LogNormal):
+        return "loc", loc, lambda f, b: dist.LogNormal(f, b.scale)
     if isinstance(base, D.Bernoulli):
-        return "logits", lambda f, b: dist.Bernoulli(logits=f)
+        return "logits", logits, lambda f, b: dist.Bernoulli(logits=f)
+    if isinstance(base, D.Binomial):
+        return "logits", logits, lambda f, b: dist.Binomial(b.total_count, logits=f)
+    if isinstance(base, D.NegativeBinomial):
+        return "logits", logits, lambda f, b: dist.NegativeBinomial(b.total_count, logits=f)
     if isinstance(base, D.Categorical) and not isinstance(base, D.OneHotCategorical):
-        return "logits", lambda f, b: dist.Categorical(logits=f)
+        return "logits", logits, lambda f, b: dist.Categorical(logits=f)
+    if isinstance(base, D.Poisson):
+        return "log_rate", log_rate, lambda f, b: dist.Poisson(torch.exp(f))
+    if isinstance(base, D.Exponential):
+        return "log_rate", log_rate, lambda f, b: dist.Exponential(torch.exp(f))
     return None
 
 
@@ -116,9 +137,10 @@ class OutputMap:
 
     Builder models: ``f`` is the network output and the distribution the model's likelihood;
     ``forward`` takes batched ``z`` ``(*B, D)``. Plain model functions: ``f`` is the output
-    parameter of site ``"y"``'s distribution (``loc`` of a Normal, StudentT, Laplace or
-    Cauchy; ``logits`` of a Bernoulli or Categorical), read from a trace at ``z`` (``z`` of
-    shape ``(D,)``); the distribution is rebuilt from that trace with ``f`` in its place.
+    parameter of the observation site's distribution (``loc`` of a Normal, StudentT, Laplace,
+    Cauchy or LogNormal; ``logits`` of a Bernoulli, Binomial, NegativeBinomial or
+    Categorical; the log rate of a Poisson or Exponential), read from a trace at ``z`` (``z``
+    of shape ``(D,)``); the distribution is rebuilt from that trace with ``f`` in its place.
     """
 
     model: Any
@@ -133,7 +155,7 @@ class OutputMap:
         if self.vectorized:
             return self.model.forward(self.layout.unpack(z), x)
         base, _ = self._trace(z, x)
-        f = getattr(base, self.family)
+        f = _family(base)[1](base)
         return f.unsqueeze(-1) if self.scalar else f.reshape(f.shape[0], -1)
 
     def _trace(self, z, x):
@@ -148,12 +170,8 @@ class OutputMap:
         if self.vectorized:
             return self.model.likelihood.dist(f, self.layout.unpack(z))
         base, _ = self._trace(z, x)
-        rebuild = _family(base)[1]
-        g = (
-            f[..., 0]
-            if self.scalar
-            else f.reshape(*f.shape[:-1], *getattr(base, self.family).shape[1:])
-        )
+        _, output, rebuild = _family(base)
+        g = f[..., 0] if self.scalar else f.reshape(*f.shape[:-1], *output(base).shape[1:])
         d = rebuild(g, base)
         return d.to_event(self.event_dims) if self.event_dims else d
 
@@ -210,18 +228,13 @@ def output_map(model, layout, x: torch.Tensor | None = None, z: torch.Tensor | N
     fam = _family(base)
     if fam is None:
         return None
-    param = getattr(base, fam[0])
+    param = fam[1](base)
     if param.dim() == 0 or param.shape[0] != min(2, x.shape[0]):
         return None  # the output is not one value (or vector) per example
-    scalar = (
-        fam[0] == "loc"
-        and param.dim() == 1
-        or fam[0] == "logits"
-        and isinstance(base, torch.distributions.Bernoulli)
-        and param.dim() == 1
-    )
-    if not scalar and fam[0] == "logits" and isinstance(base, torch.distributions.Bernoulli):
-        return None  # multi-label Bernoulli: not a single output per example
+    categorical = isinstance(base, torch.distributions.Categorical)
+    scalar = param.dim() == 1 and not categorical
+    if not scalar and not categorical and fam[0] == "logits":
+        return None  # multi-label Bernoulli / Binomial: not one output per example
     ev = len(d.event_shape) - len(base.event_shape)
     return OutputMap(model, layout, False, fam[0], ev, scalar)
 
@@ -341,8 +354,9 @@ def _state(post) -> _State:
     if omap is None:
         raise ModelError(
             "the linearized (glm) predictive needs the model's output: a builder model, or a "
-            "plain function whose observation site 'y' is a Normal, StudentT, Laplace or Cauchy "
-            "(its loc) or a Bernoulli or Categorical (its logits); use predictive='sample'"
+            "plain function whose observation family has a location, logits or a rate "
+            "(Normal, StudentT, Laplace, Cauchy, LogNormal, Bernoulli, Binomial, "
+            "NegativeBinomial, Categorical, Poisson, Exponential); use predictive='sample'"
         )
     var = _all_variance(approx)
     uncertain = var > 0

@@ -9,11 +9,12 @@ unconstrained vector:
   log likelihood in output space, eigenvalues clipped at 0) plus the prior's Hessian there;
   the other sites (a learned noise scale, prior scales) get their exact Hessian block,
   eigenvalues clipped; the cross terms between the two groups are dropped. The output is the
-  network output of a builder model, and for a plain model function the location (Normal,
-  StudentT, Laplace, Cauchy) or logits (Bernoulli, Categorical) of its observation site's
-  distribution as a function of the latent sites (see ``core/linearized.py``); its weights
-  are the real-valued sites that move it. Per-example Jacobians are vmapped, or computed one
-  input at a time where ``torch.func`` cannot batch a layer (LSTM, GRU).
+  network output of a builder model, and for a plain model function the location, logits or
+  log rate of its observation site's distribution as a function of the latent sites (see
+  ``core/linearized.py``); its weights are the real-valued sites that move it. Families
+  without one (Gamma, Beta, ...) get ``hessian="exact"``. Per-example Jacobians are
+  vmapped, or computed one input at a time where ``torch.func`` cannot batch a layer
+  (LSTM, GRU).
 * ``hessian="exact"``: the autograd Hessian in float64 (any model), as
   ``clip(H_likelihood) + H_prior`` with the likelihood part's eigenvalues clipped at 0 (the
   Hessian of a BNN at its MAP is usually indefinite, which is why Pyro's
@@ -105,8 +106,9 @@ class LaplaceOptions(BayesianSites, SVIOptions):
     hessian : {"auto", "ggn", "exact"}
         Curvature: generalized Gauss-Newton or the exact Hessian with clipped eigenvalues.
         "auto": ggn wherever the model's output is known (builder models; plain functions
-        whose observation site is a Normal, StudentT, Laplace or Cauchy, via its loc, or a
-        Bernoulli or Categorical, via its logits), else exact.
+        whose observation family has a location, logits or a rate: Normal, StudentT,
+        Laplace, Cauchy, LogNormal, Bernoulli, Binomial, NegativeBinomial, Categorical,
+        Poisson, Exponential), else exact.
     structure : {"auto", "full", "diag", "kron"}
         Covariance structure; "kron" (K-FAC) needs a builder MLP and hessian="ggn".
         "auto": full up to 2000 Bayesian coordinates, else kron (builder MLPs) or diag.
@@ -530,8 +532,8 @@ class Laplace(Method):
         hessian = opts.hessian if opts.hessian != "auto" else ("ggn" if known else "exact")
         why = (
             "needs the model's output: a builder model, or a plain function whose observation "
-            "site 'y' is a Normal, StudentT, Laplace or Cauchy (its loc) or a Bernoulli or "
-            "Categorical (its logits)"
+            "family has a location, logits or a rate (Normal, StudentT, Laplace, Cauchy, "
+            "LogNormal, Bernoulli, Binomial, NegativeBinomial, Categorical, Poisson, Exponential)"
         )
         if hessian == "ggn" and not known:
             raise ModelError(f"laplace: hessian='ggn' {why}; use hessian='exact'")
