@@ -50,7 +50,7 @@ class Ensemble(Method):
 
         num_members : int
             Number of independent MAP fits (default 5), each with its own initialization
-            and minibatch order.
+            and minibatch order (spread over the processes of a distributed run).
         """
 
         num_members: int = 5

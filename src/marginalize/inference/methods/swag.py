@@ -337,7 +337,8 @@ class MultiSWAG(Method):
         """Every option of ``swag`` (applied to each run), plus:
 
         num_models : int
-            Number of independent SWAG runs (default 5).
+            Number of independent SWAG runs (default 5; spread over the processes of a
+            distributed run).
         """
 
         num_models: int = 5
