@@ -39,12 +39,12 @@ class MCMCOptions:
     """num_samples : kept draws per chain; num_warmup : adaptation iterations per chain
     (default: num_samples); num_chains : chains, run one after another, or spread over the
     processes of a distributed run (R-hat needs at least 2); target_accept : the mean
-    Metropolis acceptance that step-size adaptation aims at; step_size : initial step size (None: heuristic search); adapt_mass : "diag", "dense" or
-    None; init : "prior" (a prior draw), "uniform" (Stan's U(-init_radius, init_radius) in
-    unconstrained space) or "map" (a short MAP fit); init_radius : half-width of the uniform
-    initialization; init_steps : MAP steps for init="map"; checkpoint : file to save
-    the chains' state to, resumable with ``mz.resume`` (see ``inference/engines/checkpoint.py``);
-    checkpoint_every : iterations (warmup included) between checkpoints."""
+    Metropolis acceptance that step-size adaptation aims at; step_size : initial step size
+    (None: heuristic search); adapt_mass : "diag", "dense" or None; init : "prior" (a prior
+    draw), "uniform" (Stan's U(-init_radius, init_radius) in unconstrained space) or "map" (a
+    short MAP fit); init_radius : half-width of the uniform initialization; init_steps : MAP
+    steps for init="map"; checkpoint : file to save the chains' state to, resumable with
+    ``mz.resume`` (see ``inference/engines/checkpoint.py``); checkpoint_every : iterations (warmup included) between checkpoints."""
 
     num_samples: int = 1000
     num_warmup: int | None = None
