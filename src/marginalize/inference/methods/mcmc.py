@@ -44,7 +44,8 @@ class MCMCOptions:
     draw), "uniform" (Stan's U(-init_radius, init_radius) in unconstrained space) or "map" (a
     short MAP fit); init_radius : half-width of the uniform initialization; init_steps : MAP
     steps for init="map"; checkpoint : file to save the chains' state to, resumable with
-    ``mz.resume`` (see ``inference/engines/checkpoint.py``); checkpoint_every : iterations (warmup included) between checkpoints."""
+    ``mz.resume`` (see ``inference/engines/checkpoint.py``); checkpoint_every : iterations
+    (warmup included) between checkpoints."""
 
     num_samples: int = 1000
     num_warmup: int | None = None
