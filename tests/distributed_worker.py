@@ -7,7 +7,8 @@ the single-process reference. Each rank saves what it computed to ``OUT_DIR/SCEN
 Scenarios
 ---------
 fits      ensemble (3 members: uneven over 2 ranks), multiswag, nuts (3 chains), hmc
-failures  a member that raises on rank 1, then a rank that hangs past the timeout
+failures  a member that raises on rank 1; ranks that disagree on the number of members;
+          then a rank that hangs past the timeout
 kill      ensemble and nuts with checkpoints; rank 1 kills itself (SIGKILL) mid-run
 resume    mz.resume of the checkpoints the killed run left
 cuda      the fits of ``fits`` on the GPU (device "cuda")
@@ -92,6 +93,12 @@ def failures(out: Path) -> dict:
     except Exception as e:
         res["error"] = f"{type(e).__name__}: {e}"
     res["error_seconds"] = time.monotonic() - t0
+
+    try:  # the ranks disagree on the number of members
+        distributed.run_members(2 + r, lambda k: k)
+        res["mismatch"] = None
+    except Exception as e:
+        res["mismatch"] = f"{type(e).__name__}: {e}"
 
     os.environ[distributed.TIMEOUT_ENV] = "2"
 

@@ -133,6 +133,8 @@ def test_failing_and_hung_rank_end_the_run_with_an_error_naming_it(tmp_path):
     # a member raising on rank 1: rank 1 re-raises its own error, rank 0 names rank 1
     assert r1["error"] == "ValueError: boom in member 1"
     assert r0["error"].startswith("FitError: rank 1 failed in member 1: ValueError: boom")
+    for r in (r0, r1):  # ranks called with different arguments
+        assert r["mismatch"].startswith("FitError: distributed fit: the ranks asked for different")
     # rank 1 hangs for 6 s with a 2 s timeout: rank 0 names it once the timeout is up
     assert r0["hang"].startswith("FitError: distributed fit: rank 1 died or hung"), r0["hang"]
     assert 1.5 < r0["hang_seconds"] < 5.5, r0["hang_seconds"]

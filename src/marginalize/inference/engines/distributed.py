@@ -169,7 +169,15 @@ def _group():
     world = dist.group.WORLD
     if _GROUP.get("world") is not world:
         # gloo also under an NCCL default group: results travel on the CPU
-        group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout()))
+        try:
+            group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout()))
+        except Exception as e:  # a rank that never comes: DistStoreError, RuntimeError, ...
+            raise FitError(
+                f"distributed fit: rank {rank()} could not reach the other ranks "
+                f"({_first_line(e)}). Every rank must call mz.fit with the same arguments; to "
+                "fit in one process only, call it inside "
+                "marginalize.inference.engines.distributed.local()"
+            ) from e
         _GROUP.update(world=world, group=group)
     return _GROUP["group"]
 
@@ -334,7 +342,13 @@ def run_members(
     records = {
         k: {"result": v, "segments": checkpoint.member_segments(k)} for k, v in results.items()
     }
-    gathered = _exchange({"status": status, "members": records}, group, label)
+    gathered = _exchange({"status": status, "members": records, "num": num}, group, label)
+    if any(g["num"] != num for g in gathered):
+        raise FitError(
+            f"distributed fit: the ranks asked for different numbers of {label}s "
+            f"({[g['num'] for g in gathered]}); every rank must call mz.fit with the same "
+            "arguments"
+        )
     failed = [(r, g["status"]) for r, g in enumerate(gathered) if g["status"]["state"] != "ok"]
     for r, st in failed:
         if st["state"] == "error":
