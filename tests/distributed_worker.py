@@ -102,9 +102,12 @@ def failures(out: Path) -> dict:
 
     os.environ[distributed.TIMEOUT_ENV] = "2"
 
-    def hang(k):
-        if r == 1:
-            time.sleep(6)
+    flag = out / "hang.reported"
+
+    def hang(k):  # rank 1 hangs until rank 0 has reported it (at most 60 s)
+        end = time.monotonic() + 60
+        while r == 1 and not flag.exists() and time.monotonic() < end:
+            time.sleep(0.2)
         return k
 
     t0 = time.monotonic()
@@ -114,6 +117,8 @@ def failures(out: Path) -> dict:
     except Exception as e:
         res["hang"] = f"{type(e).__name__}: {e}"
     res["hang_seconds"] = time.monotonic() - t0
+    if r == 0:
+        flag.touch()
     return res
 
 

@@ -36,7 +36,8 @@ def _free_port() -> int:
 
 def _env(rank: int, world: int, port: int, **extra) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE"))}
-    env.update(OMP_NUM_THREADS="1", MARGINALIZE_DIST_TIMEOUT="120", **extra)
+    env.update(OMP_NUM_THREADS="1", MARGINALIZE_DIST_TIMEOUT="120")
+    env.update(extra)
     if world > 1:
         env.update(
             RANK=str(rank),
@@ -135,9 +136,11 @@ def test_failing_and_hung_rank_end_the_run_with_an_error_naming_it(tmp_path):
     assert r0["error"].startswith("FitError: rank 1 failed in member 1: ValueError: boom")
     for r in (r0, r1):  # ranks called with different arguments
         assert r["mismatch"].startswith("FitError: distributed fit: the ranks asked for different")
-    # rank 1 hangs for 6 s with a 2 s timeout: rank 0 names it once the timeout is up
+    # rank 1 hangs (until rank 0 has reported it, at most 60 s) with a 2 s timeout: rank 0
+    # names it once the timeout is up
     assert r0["hang"].startswith("FitError: distributed fit: rank 1 died or hung"), r0["hang"]
-    assert 1.5 < r0["hang_seconds"] < 5.5, r0["hang_seconds"]
+    assert "no answer within 2 s" in r0["hang"]
+    assert 1.9 < r0["hang_seconds"] < 50, r0["hang_seconds"]
 
 
 @pytest.mark.slow
@@ -145,12 +148,12 @@ def test_failing_and_hung_rank_end_the_run_with_an_error_naming_it(tmp_path):
 def test_killed_rank_gives_an_error_and_the_run_resumes_bitwise(
     tmp_path, reference, method, resume_world
 ):
-    runs = launch("kill", tmp_path, world=2, MZ_TEST_METHOD=method)
+    runs = launch("kill", tmp_path, world=2, MZ_TEST_METHOD=method, MARGINALIZE_DIST_TIMEOUT="300")
     assert runs[1][0] == -9  # rank 1 killed itself (SIGKILL) at its 3rd checkpoint write
     assert runs[0][0] == 0, runs[0][1][-3000:]
     r0 = load(tmp_path, "kill", 0)
     assert r0["error"].startswith("FitError: distributed fit: rank 1 died or hung"), r0["error"]
-    assert r0["seconds"] < 60  # not the 120 s timeout: the dead rank is seen at once
+    assert r0["seconds"] < 200  # not the 300 s timeout: the dead rank is seen at once
     ckpt = tmp_path / f"{method}.ckpt"
     assert ckpt.exists() and (tmp_path / f"{method}.ckpt.rank1").exists()
     # resume on two ranks (each continues its members) or on one process (it reads both

@@ -188,10 +188,9 @@ def fit(
     problem = prepare(model, x, y, device=device)
     # a distributed run (torchrun): members and chains are spread over the ranks
     # (engines/distributed.py); progress bars on rank 0 only
-    spread = distributed.is_distributed()
-    where = {"rank": distributed.rank(), "world": distributed.world_size()} if spread else {}
+    rank = distributed.rank() if distributed.is_distributed() else 0
     progress = progress and distributed.is_main()
-    with isolated(seed), checkpoint.session(cls.name, opts, seed, problem, **where):
+    with isolated(seed), checkpoint.session(cls.name, opts, seed, problem, rank=rank):
         approx, info = cls().run(problem, opts, seed, progress)
     return Posterior(
         problem.model,

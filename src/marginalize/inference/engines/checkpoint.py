@@ -271,9 +271,7 @@ def _rank_files(path: Path) -> list[Path]:
 
 
 class _Session:
-    def __init__(
-        self, path: Path, every: int, header: dict, saved: dict, rank: int = 0, world: int = 1
-    ):
+    def __init__(self, path: Path, every: int, header: dict, saved: dict, rank: int = 0):
         self.path = path
         self.every = every
         self.header = header
@@ -283,7 +281,7 @@ class _Session:
         self.used = 0
         self.interrupted = False
         self.complete = False
-        self.rank, self.world = rank, world
+        self.rank = rank
         self.file = rank_file(path, rank)
         #: (prefix, next index) of the member scopes entered (see :func:`member`)
         self.members: list[list] = []
@@ -408,12 +406,12 @@ def _check_match(path: Path, saved: dict, now: dict) -> None:
 
 @contextlib.contextmanager
 def session(
-    method: str, opts: Any, seed: int, problem, *, rank: int = 0, world: int = 1
+    method: str, opts: Any, seed: int, problem, *, rank: int = 0
 ) -> Iterator[_Session | None]:
     """Checkpoint the fit run inside the block when ``opts.checkpoint`` is set (or resume it).
 
-    ``rank``, ``world``: this process's rank and the number of ranks of a distributed fit
-    (rank ``r > 0`` writes ``PATH.rank{r}``; see the module docstring)."""
+    ``rank``: this process's rank in a distributed fit (rank ``r > 0`` writes
+    ``PATH.rank{r}``; see the module docstring)."""
     pending = _PENDING.get()
     path = getattr(opts, "checkpoint", None)
     if path is None:
@@ -442,7 +440,7 @@ def session(
         saved = pending["segments"]
         if not isinstance(saved, dict):
             raise FileFormatError(f"{path}: malformed checkpoint (segments)")
-    sess = _Session(path, opts.checkpoint_every, header, saved, rank=rank, world=world)
+    sess = _Session(path, opts.checkpoint_every, header, saved, rank=rank)
     token, token_pending = _ACTIVE.set(sess), _PENDING.set(None)
     try:
         yield sess
