@@ -204,16 +204,11 @@ def test_cli_fit_under_torchrun_prints_once_and_matches_one_process(tmp_path, ca
 def test_bench_uci_under_torchrun_spreads_splits_and_matches_one_process(tmp_path):
     import json
 
+    from marginalize.cli import main
+
     args = ["bench", "uci", "--methods", "map", "--splits", "2", "--threads", "1"]
     args += ["--options", '{"map": {"steps": 60}}']
-    one = subprocess.run(
-        [sys.executable, "-m", "marginalize", *args, "--out", str(tmp_path / "one")],
-        env=_env(0, 1, 0),
-        capture_output=True,
-        text=True,
-        timeout=400,
-    )
-    assert one.returncode == 0, one.stderr[-3000:]
+    assert main([*args, "--out", str(tmp_path / "one")]) == 0  # one process: this one
     res = torchrun([*args, "--out", str(tmp_path / "two")], tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
 
