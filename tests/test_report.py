@@ -85,7 +85,7 @@ def test_report_reads_top_to_bottom(regression_report):
         assert col in text
     assert "Comparison by PSIS-LOO" in text and "elpd_loo" in text
     assert re.search(r"Not in the LOO table.*map", text)
-    assert "Posterior predictive bands" in text  # 1-D inputs
+    assert "Posterior predictive over x" in text  # 1-D inputs: mean and bands over a grid
     assert "permut" in text  # weight-space R-hat caveat
 
 

@@ -45,6 +45,7 @@ __all__ = [
 _LAZY = {
     "report": "marginalize.diagnostics.report",
     "compare": "marginalize.diagnostics.stats",
+    "evaluate": "marginalize.diagnostics.evaluation",
     "prior_functions": "marginalize.diagnostics.functions",
     "posterior_functions": "marginalize.diagnostics.functions",
     "prior_scale_sweep": "marginalize.diagnostics.functions",

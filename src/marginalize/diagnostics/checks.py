@@ -103,14 +103,10 @@ def _has_hidden_layers(post: Posterior) -> bool:
 
 
 def _rhat_ess(idata, var_names):
-    import warnings
+    from marginalize.core import arviz as azc
 
-    from marginalize.core.arviz import az
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        rh = az.rhat(idata, var_names=var_names)
-        ess = az.ess(idata, var_names=var_names)
+    rh = azc.rhat(idata, var_names=var_names)
+    ess = azc.ess(idata, var_names=var_names)
     rmax = max(
         (float(np.nanmax(v.values)) for v in rh.data_vars.values() if np.isfinite(v.values).any()),
         default=float("nan"),

@@ -201,16 +201,16 @@ class FunctionDraws:
         return xr.Dataset(data, coords=coords, attrs=attrs)
 
     def to_arviz(self, idata=None):
-        """An ``arviz.InferenceData`` with group :attr:`group` (added to ``idata`` if given)."""
-        from marginalize.core.arviz import az
+        """ArviZ data (InferenceData, or DataTree under arviz >= 1) with group :attr:`group`
+        (added to ``idata`` if given)."""
+        from marginalize.core.arviz import add_group, from_datasets, group_names
 
         ds = self.to_xarray()
         if idata is None:
-            return az.InferenceData(**{self.group: ds})
-        if self.group in idata.groups():
+            return from_datasets({self.group: ds})
+        if self.group in group_names(idata):
             raise DataError(f"idata already has a group {self.group!r}")
-        idata.add_groups({self.group: ds})
-        return idata
+        return add_group(idata, self.group, ds)
 
     def __repr__(self) -> str:
         return f"FunctionDraws(kind={self.kind!r}, task={self.task!r}, shape={tuple(self.f.shape)})"
