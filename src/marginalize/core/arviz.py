@@ -222,19 +222,26 @@ def loo(data, var_name: str = "y", pointwise: bool = False, ic: str = "loo"):
 
 
 def loo_fields(res) -> dict:
-    """``{"elpd", "se", "p", "pareto_k", "kind"}`` of an ``ELPDData`` of either generation
-    (``pareto_k``: a NumPy array, or None when not pointwise)."""
+    """``{"elpd", "se", "p", "elpd_i", "pareto_k", "kind"}`` of an ``ELPDData`` of either
+    generation (``elpd_i``, ``pareto_k``: NumPy arrays, or None when not pointwise)."""
     if hasattr(res, "elpd"):  # arviz >= 1
         elpd, p, kind = float(res.elpd), float(res.p), str(getattr(res, "kind", "loo"))
-    else:
-        kind = "waic" if "elpd_waic" in res else "loo"
-        elpd, p = float(res[f"elpd_{kind}"]), float(res[f"p_{kind}"])
+        pointwise = getattr(res, "elpd_i", None)
+    else:  # a pandas Series; labels and sign follow its "scale" (log, negative_log, deviance)
+        kind = "waic" if ("elpd_waic" in res or "waic" in res) else "loo"
+        value = float(res[f"elpd_{kind}"] if f"elpd_{kind}" in res else res[kind])
+        factor = {"log": 1.0, "negative_log": -1.0, "deviance": -0.5}[str(res.get("scale", "log"))]
+        elpd, p = factor * value, float(res[f"p_{kind}"])
+        pointwise = res.get(f"{kind}_i")
+        pointwise = None if pointwise is None else factor * np.asarray(pointwise)
     k = getattr(res, "pareto_k", None)
+    as_np = lambda a: None if a is None else np.asarray(a, dtype=np.float64).ravel()  # noqa: E731
     return {
         "elpd": elpd,
         "se": float(res.se),
         "p": p,
-        "pareto_k": None if k is None else np.asarray(k, dtype=np.float64).ravel(),
+        "elpd_i": as_np(pointwise),
+        "pareto_k": as_np(k),
         "kind": kind,
     }
 

@@ -99,8 +99,8 @@ class ReportResult:
 
     Attributes
     ----------
-    path : pathlib.Path
-        The HTML file.
+    path : pathlib.Path or None
+        The HTML file (None when none was written).
     problems : list of (str, Finding)
         ``(fit name, finding)`` for every finding of level ``"warn"``: results of those fits
         should not be trusted as they stand.
@@ -727,7 +727,11 @@ def build_report(
     notes: list[str] | None = None,
 ) -> ReportResult:
     """Write the report (see :func:`report`) and return what it found: a
-    :class:`ReportResult` with the path, the problems, the notes and the metrics table."""
+    :class:`ReportResult` with the path, the problems, the notes and the metrics table.
+
+    With ``path=None`` nothing is written: the fits are evaluated and checked only (the
+    command line uses this for its table and findings without ``--report``).
+    """
     t0 = time.perf_counter()
     posts = normalize_posts(posts)
     first = next(iter(posts.values()))
@@ -754,7 +758,7 @@ def build_report(
         log.info("report: evaluated %s in %.1f s", name, time.perf_counter() - ts)
         fits.append(f)
     compare_table = None
-    if len(fits) > 1:
+    if len(fits) > 1 and path is not None:
         compare_table = compare({f.name: f.idata for f in fits}, seed=seed)
     table = table_of([f.ev for f in fits])
     liks = {f.name: describe_likelihood(f.post, y_scale) for f in fits}
@@ -766,6 +770,15 @@ def build_report(
         )
     else:
         units = ""
+    findings = ReportResult(
+        None,
+        [(f.name, x) for f in fits for x in f.findings if x.level == "warn"],
+        [(f.name, x) for f in fits for x in f.findings if x.level == "info"],
+        table,
+        "; ".join(sorted(set(liks.values()))),
+    )
+    if path is None:  # the evaluation and the findings only
+        return findings
     title = title or "marginalize report"
     extra = "".join(f'<div class="info">{_esc(n)}</div>' for n in notes or [])
     body = [
@@ -791,13 +804,8 @@ def build_report(
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(doc, encoding="utf-8")
     log.info("report: wrote %s in %.1f s", out, secs)
-    return ReportResult(
-        out,
-        [(f.name, x) for f in fits for x in f.findings if x.level == "warn"],
-        [(f.name, x) for f in fits for x in f.findings if x.level == "info"],
-        table,
-        "; ".join(sorted(set(liks.values()))),
-    )
+    findings.path = out
+    return findings
 
 
 def report(
