@@ -862,22 +862,66 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class _Settings:
+    """Logging and warning settings for one command, restored afterwards (``main`` is also
+    called in-process, e.g. by tests and notebooks)."""
+
+    def __init__(self, quiet: bool, verbose: int):
+        self.quiet, self.verbose = quiet, verbose
+
+    def __enter__(self):
+        root = logging.getLogger()
+        self._root = (list(root.handlers), root.level)
+        names = (
+            "marginalize",
+            "arviz",
+            "arviz_base",
+            "arviz_stats",
+            "arviz_plots",
+            "pyro",
+            "matplotlib",
+            "py.warnings",
+        )
+        self._levels = {n: logging.getLogger(n).level for n in names}
+        self._warn = warnings.catch_warnings()
+        self._warn.__enter__()
+        _configure_logging(self.quiet, self.verbose)
+        return self
+
+    def __exit__(self, *exc):
+        logging.captureWarnings(False)
+        self._warn.__exit__(*exc)
+        root = logging.getLogger()
+        for h in list(root.handlers):
+            root.removeHandler(h)
+        for h in self._root[0]:
+            root.addHandler(h)
+        root.setLevel(self._root[1])
+        for n, level in self._levels.items():
+            logging.getLogger(n).setLevel(level)
+        return False
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.argv = argv
+    if args.cmd == "bench":  # the benchmarks log their progress at INFO themselves
+        from marginalize.benchmarks import run_parsed
+
+        return run_parsed(args, ["marginalize", *argv])
     quiet, verbose = getattr(args, "quiet", False), getattr(args, "verbose", 0)
-    _configure_logging(quiet, verbose)
+    with _Settings(quiet, verbose):
+        return _run(args, argv)
+
+
+def _run(args, argv: list[str]) -> int:
     if args.cmd == "methods":
         import marginalize as mz
 
         for row in mz.method_info():
             print(f"{row['name']:>14}  {row['summary']}")
         return EXIT_OK
-    if args.cmd == "bench":
-        from marginalize.benchmarks import run_parsed
-
-        return run_parsed(args, ["marginalize", *argv])
     from marginalize.errors import FitError
 
     try:

@@ -277,7 +277,10 @@ def compare(datas: dict, ic: str = "loo", seed: int = 0) -> pd.DataFrame:
         return table
     if ARVIZ_1:
         table = _quiet(az.compare, datas, var_name="y")
-        return table.rename(columns={"elpd": f"elpd_{ic}", "p": f"p_{ic}"})
+        table = table.rename(columns={"elpd": f"elpd_{ic}", "p": f"p_{ic}"})
+        # arviz >= 1 gives elpd - elpd_best (<= 0); arviz < 1 gave elpd_best - elpd (>= 0)
+        table["elpd_diff"] = table[f"elpd_{ic}"].max() - table[f"elpd_{ic}"]
+        return table
     return _quiet(az.compare, datas, ic=ic, var_name="y", seed=seed)
 
 

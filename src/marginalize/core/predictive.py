@@ -172,6 +172,35 @@ def _marginal_cdf(d, y: torch.Tensor) -> torch.Tensor | None:
     return c.double().reshape(-1, *y.shape)
 
 
+def _merged(dists: list, y_shape: torch.Size) -> list:
+    """One batched distribution ``(S, *y_shape)`` of the per-target marginals in place of many
+    (a plain model function yields one distribution per draw), when every draw has the same
+    family with tensor parameters; the list unchanged otherwise."""
+    if len(dists) < 2:
+        return dists
+    bases = [observation_dist(d) for d in dists]
+    family = type(bases[0])
+    if any(type(b) is not family for b in bases):
+        return dists
+    try:
+        names = list(family.arg_constraints)
+        if not names:
+            return dists
+        params = {}
+        for name in names:
+            parts = []
+            for b in bases:
+                v = getattr(b, name)
+                if not isinstance(v, torch.Tensor):
+                    return dists
+                full = torch.broadcast_shapes(b.batch_shape, y_shape)
+                parts.append(v.expand(full).reshape(-1, *y_shape))
+            params[name] = torch.cat(parts)
+        return [family(**params, validate_args=False)]
+    except (TypeError, ValueError, RuntimeError, AttributeError):
+        return dists
+
+
 class PredictiveMixture:
     """The posterior predictive of real targets as the equal-weight mixture over draws.
 
@@ -190,8 +219,8 @@ class PredictiveMixture:
     """
 
     def __init__(self, dists: list, y_shape: torch.Size, generator: torch.Generator | None = None):
-        self.dists = list(dists)
         self.y_shape = torch.Size(y_shape)
+        self.dists = _merged(list(dists), self.y_shape)
         self._generator = generator
         self._pool: torch.Tensor | None = None
         self._exact = True

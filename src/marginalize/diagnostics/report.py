@@ -86,6 +86,7 @@ class _Fit:
     khat: object = None
     findings: list = field(default_factory=list)
     loo: dict | None = None
+    loo_failed: bool = False
     pit: np.ndarray | None = None
 
     @property
@@ -247,10 +248,18 @@ def _evaluate(
         fit.findings.append(checks.Finding("info", "not applicable", reason))
     draws = fit.idata.posterior.sizes["chain"] * fit.idata.posterior.sizes["draw"]
     if draws >= MIN_LOO_DRAWS and "y" in fit.idata.log_likelihood:
-        fit.loo = azc.loo_fields(azc.loo(fit.idata, var_name="y", pointwise=True))
-        y_obs = fit.idata.observed_data["y"].values
-        if post.task == "regression" and y_obs.ndim == 1:
-            fit.pit = azc.loo_pit(fit.idata, "y")
+        try:
+            fit.loo = azc.loo_fields(azc.loo(fit.idata, var_name="y", pointwise=True))
+            y_obs = fit.idata.observed_data["y"].values
+            if post.task == "regression" and y_obs.ndim == 1:
+                fit.pit = azc.loo_pit(fit.idata, "y")
+        except (ValueError, FloatingPointError, np.linalg.LinAlgError) as e:
+            fit.loo = fit.pit = None
+            fit.loo_failed = True
+            fit.findings.append(
+                checks.Finding("info", "LOO", f"PSIS-LOO could not be computed: {e}")
+            )
+            return
         bad = int((fit.loo["pareto_k"] > 0.7).sum())
         if bad:
             fit.findings.append(
@@ -758,8 +767,14 @@ def build_report(
         log.info("report: evaluated %s in %.1f s", name, time.perf_counter() - ts)
         fits.append(f)
     compare_table = None
+    usable = {
+        f.name: f.idata for f in fits if f.loo is not None or f.post.approximation.deterministic
+    }
     if len(fits) > 1 and path is not None:
-        compare_table = compare({f.name: f.idata for f in fits}, seed=seed)
+        try:
+            compare_table = compare(usable, seed=seed) if usable else None
+        except (ValueError, FloatingPointError) as e:
+            log.warning("report: the LOO comparison failed: %s", e)
     table = table_of([f.ev for f in fits])
     liks = {f.name: describe_likelihood(f.post, y_scale) for f in fits}
     if first.task == "regression":
