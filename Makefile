@@ -15,7 +15,7 @@ TORCH_PIP_ARGS ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.marginalize-installed
 DEMO_METHODS ?= map,svi-meanfield,mc-dropout,ensemble,nuts
-DEMO_ARGS ?= --data boston --model mlp:50 --method $(DEMO_METHODS) --report out/ --json out/results.json
+DEMO_ARGS ?= --data boston --model mlp:50 --noise 0.3 --method $(DEMO_METHODS) --report out/ --json out/results.json
 PYTEST_ARGS ?= -n 2
 
 # ArviZ 1.x (DataTree) needs Python >= 3.12: `make test-arviz1` runs the ArviZ tests there in

@@ -65,7 +65,9 @@ def diabetes_run(diabetes_csv, tmp_path_factory):
         "--method",
         "map,svi-meanfield",
         "--options",
-        json.dumps({"map": {"steps": 500, "lr": 0.05}, "svi-meanfield": {"steps": 500, "lr": 0.05}}),
+        json.dumps(
+            {"map": {"steps": 500, "lr": 0.05}, "svi-meanfield": {"steps": 500, "lr": 0.05}}
+        ),
         "--num-samples",
         "50",
         "--save",
@@ -278,3 +280,30 @@ def test_help_imports_no_torch():
     ).stdout
     for flag in ("--data", "--target", "--model", "--save", "--json", "--device", "--strict"):
         assert flag in help_text
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cli_device_cuda_fits_evaluates_and_reports_on_the_gpu(diabetes_csv, tmp_path):
+    d, _ = diabetes_csv
+    options = {
+        "map": {"steps": 500},
+        "svi-meanfield": {"steps": 500},
+        "nuts": {"num_samples": 50, "num_warmup": 50, "max_tree_depth": 5},
+    }
+    rc = main(
+        [
+            "fit", "--data", str(d / "diabetes.csv"), "--target", "progression",
+            "--model", "mlp:16", "--method", "map,svi-meanfield,nuts", "--device", "cuda",
+            "--options", json.dumps(options), "--num-samples", "100", "--quiet",
+            "--json", str(tmp_path / "r.json"), "--report", str(tmp_path / "rep"),
+            "--save", str(tmp_path / "fits"),
+        ]
+    )  # fmt: skip
+    assert rc == 0
+    doc = json.loads((tmp_path / "r.json").read_text())
+    assert all(0 < r["coverage90"] <= 1 and math.isfinite(r["nll"]) for r in doc["results"])
+    post = mz.load(tmp_path / "fits" / "map.pt", device="cuda")
+    pred = post.predict(torch.zeros(4, 10, device="cuda"), num_samples=1)
+    lo, hi = pred.interval(0.9)
+    assert lo.device.type == "cuda" and (lo < hi).all()

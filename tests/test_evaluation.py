@@ -241,3 +241,19 @@ def test_bfloat16_fit_converts_to_arviz():
     idata = post.to_arviz(prior_samples=2)
     assert idata.posterior["layer1.weight"].dtype == np.float32
     assert np.isfinite(idata.log_likelihood["y"].values).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_quantiles_and_evaluate_on_cuda_match_the_cpu():
+    x, y = _data(n=20)
+    z = torch.tensor([0.7, -0.3, 0.2])
+    cpu = _posterior(_linear(), x, y, Delta(z))
+    gpu = _posterior(_linear(), x.cuda(), y.cuda(), Delta(z.cuda()))
+    q_cpu = cpu.predict(x, num_samples=1).quantile([0.1, 0.9])
+    q_gpu = gpu.predict(x.cuda(), num_samples=1).quantile([0.1, 0.9])
+    assert q_gpu.device.type == "cuda"
+    torch.testing.assert_close(q_gpu.cpu(), q_cpu, rtol=1e-5, atol=1e-5)
+    a = mz.evaluate(cpu, x, y, num_samples=1)
+    b = mz.evaluate(gpu, x.cuda(), y.cuda(), num_samples=1)
+    np.testing.assert_allclose(a.to_numpy(), b.to_numpy(), rtol=1e-5)

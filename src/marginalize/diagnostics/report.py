@@ -714,7 +714,9 @@ permutation symmetry and is shown as information only.</li>
 <li><b>Divergences</b>: NUTS/HMC trajectories whose energy blew up; the draws then miss regions of
 high curvature, and estimates can be biased.</li>
 <li><b>PSIS k-hat</b> (Yao et al. 2018): tail shape of p/q for an approximation q; above 0.7 q is
-far from the posterior.</li>
+far from the posterior. For networks with hidden layers it is a note, not a problem: no cheap
+approximation matches their weight posterior, so judge those fits by their held-out NLL,
+coverage and calibration.</li>
 <li><b>Loss not converged</b>: the smoothed loss still fell by more than 0.1% (and by more than
 three standard errors of its noise) over the last 10% of optimizer steps.</li>
 <li><b>LOO</b> (Vehtari et al. 2017): Pareto-smoothed importance-sampling leave-one-out; needs
