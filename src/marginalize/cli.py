@@ -48,7 +48,7 @@ METHOD_DEFAULTS: dict[str, tuple[dict, dict]] = {
     "svi-meanfield": ({"steps": 5000, "lr": 1e-2}, {"steps": 300}),
     "svi-lowrank": ({"steps": 5000, "lr": 1e-2, "rank": 10}, {"steps": 300}),
     "mc-dropout": ({"steps": 3000, "p": 0.05}, {"steps": 300}),
-    "ensemble": ({"steps": 3000, "num_members": 5}, {"steps": 300, "num_members": 3}),
+    "ensemble": ({"steps": 5000, "num_members": 5}, {"steps": 300, "num_members": 3}),
     "swag": (
         {"pretrain_steps": 3000, "swag_steps": 1000},
         {"pretrain_steps": 300, "swag_steps": 200},
@@ -460,8 +460,12 @@ def _writable_file(path: Path, flag: str) -> Path:
     if path.is_dir() or str(path).endswith(("/", os.sep)):
         raise OptionError(f"{flag}: {str(path)!r} is a folder; expected a file path")
     parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise OptionError(f"{flag}: folder {str(parent)!r} does not exist")
+    if parent.exists() and not parent.is_dir():
+        raise OptionError(f"{flag}: {str(parent)!r} is not a folder")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OptionError(f"{flag}: cannot create folder {str(parent)!r}: {e}") from None
     if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
         raise OptionError(f"{flag}: {str(path)!r} is not writable")
     return path
