@@ -89,6 +89,7 @@ def diabetes_run(diabetes_csv, tmp_path_factory):
 def test_cli_fits_a_users_csv_and_model_file(diabetes_run):
     rc, stdout, stderr, out, frame = diabetes_run
     assert rc == 0, stderr
+    assert "\r" not in stderr and "it/s" not in stderr  # no progress bars when not a terminal
     doc = json.loads((out / "results.json").read_text())
     assert doc["task"] == "regression" and doc["target"] == "progression"
     assert doc["n_train"] + doc["n_test"] == len(frame)
@@ -307,3 +308,17 @@ def test_cli_device_cuda_fits_evaluates_and_reports_on_the_gpu(diabetes_csv, tmp
     pred = post.predict(torch.zeros(4, 10, device="cuda"), num_samples=1)
     lo, hi = pred.interval(0.9)
     assert lo.device.type == "cuda" and (lo < hi).all()
+
+
+def test_a_fresh_process_shows_no_progress_bars_or_third_party_info(tmp_path):
+    """Output that is not a terminal gets no progress bars, and ArviZ's import-time INFO
+    lines (arviz.preview) stay hidden unless -vv asks for them."""
+    cmd = [
+        sys.executable, "-m", "marginalize.cli", "fit", "--data", "sine", "--model", "mlp:4",
+        "--method", "map", "--options", '{"map": {"steps": 50}}', "--num-samples", "10",
+        "--report", str(tmp_path / "rep"),
+    ]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert "INFO" not in out.stderr and "\r" not in out.stderr, out.stderr
+    assert "findings:" in out.stdout
