@@ -48,7 +48,7 @@ demo: $(STAMP)
 picture: browser
 	test -f out/report.html || { echo "run make demo first"; exit 1; }
 	chromium --headless --no-sandbox --disable-gpu --hide-scrollbars --force-device-scale-factor=1 \
-	  --window-size=1150,2600 --screenshot=docs/report.png out/report.html
+	  --window-size=1150,3900 --screenshot=docs/report.png out/report.html
 
 # Headless Chromium for the test that opens the HTML report (Debian's package); idempotent and
 # never fatal: without apt (or root) the browser test skips with its reason.
