@@ -191,7 +191,7 @@ class _MCMC(Method):
             total=num_warmup + opts.num_samples,
             initial=rec.start,
             desc=f"{self.name} chain {chain + 1}",
-            disable=not progress,
+            disable=None if progress else True,
             leave=False,
         )
 
