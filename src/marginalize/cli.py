@@ -929,6 +929,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "bench":  # the benchmarks log their progress at INFO themselves
             from marginalize.benchmarks import run_parsed
 
+            if not distributed.is_main():  # other ranks: errors only
+                logging.basicConfig(
+                    level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s"
+                )
+
             return run_parsed(args, ["marginalize", *argv])
         quiet = getattr(args, "quiet", False) or not distributed.is_main()
         with _Settings(quiet, getattr(args, "verbose", 0)):
