@@ -406,7 +406,7 @@ def render_methods_block() -> str:
     for r in rows:
         cls = get_method(r["name"])
         names = list(r["options"])
-        descs: dict[str, str] = {}
+        descs: dict[str, str] = {n: d for n, d in r.get("docs", {}).items() if d}
         intro = ""
         for k, doc in enumerate(_option_docs(cls.Options)):
             found, rest = parse_option_docs(doc, names)

@@ -36,14 +36,15 @@ import torch
 import torch.nn.functional as F
 
 from marginalize.core.approximations import Gaussian
-from marginalize.errors import ModelError, OptionError
-from marginalize.inference.engines.sgd import initial_z, sgd_loop
-from marginalize.inference.engines.training import SVIOptions
+from marginalize.errors import ModelError
+from marginalize.inference.engines.objectives import Batch, _Noisy, softplus_inv
+from marginalize.inference.engines.options import choice, integer, number, option
+from marginalize.inference.engines.training import TrainOptions, adam, initial_z, train
 from marginalize.inference.registry import Method, register
 from marginalize.models.builders import MLP
 from marginalize.models.priors import Normal, ScaledNormal
 
-__all__ = ["BayesByBackprop", "ESTIMATORS"]
+__all__ = ["BayesByBackprop", "BBBObjective", "ESTIMATORS"]
 
 #: estimator name -> what it is
 ESTIMATORS = {
@@ -91,6 +92,63 @@ def _kl_normal(mu, sig, prior_scale):
     ).sum()
 
 
+class BBBObjective(_Noisy):
+    """The negative ELBO of Bayes by Backprop on the flat ``(2, D)`` tensor ``[mu, rho]``
+    (``sigma = softplus(rho)``), with the layers' noise entering as ``estimator`` says."""
+
+    def __init__(self, problem, estimator: str, num_particles: int, seed: int):
+        super().__init__(problem.device, seed)
+        model = problem.model
+        self.problem, self.model, self.estimator = problem, model, estimator
+        self.num_particles = num_particles
+        self.layout, self.specs = problem.layout, model.layer_specs()
+        layer_sites = {f"{s.name}.{k}" for s in self.specs for k in ("weight", "bias")}
+        self.other = [s for s in self.layout.sites if s.name not in layer_sites]
+        self.analytic = all(type(model.priors[s.name]) in (Normal, ScaledNormal) for s in self.specs)
+
+    def _prior_scale(self, spec):
+        p = self.model.priors[spec.name]
+        return p.scale if isinstance(p, Normal) else p.scale_for(spec.fan_in)
+
+    def _one_sample(self, mu, rho, xb, yb, scale):
+        layout, model, gen = self.layout, self.model, self.generator
+        sig = F.softplus(rho)
+        z = mu + sig * _normal(mu.shape, mu, gen)
+        params, ladj = layout.unpack_with_log_det(z)
+        mus, sigs = layout.unpack_unconstrained(mu), layout.unpack_unconstrained(sig)
+        h = xb
+        for k, spec in enumerate(self.specs):
+            w, b = f"{spec.name}.weight", f"{spec.name}.bias"
+            h = _layer(h, mus[w], sigs[w], mus.get(b), sigs.get(b), self.estimator, gen)
+            if k < len(self.specs) - 1:
+                h = model.act(h)
+        ll = model.likelihood.dist(h, params).log_prob(yb).sum() * scale
+        log_q = torch.distributions.Normal(mu, sig).log_prob(z)
+        if self.analytic:
+            kl = sum(
+                _kl_normal(mus[name], sigs[name], self._prior_scale(spec))
+                for spec in self.specs
+                for name in (f"{spec.name}.weight", f"{spec.name}.bias")
+                if name in mus
+            )
+            if self.other:
+                lq = sum(log_q[layout.slice(s.name)].sum() for s in self.other)
+                lp = model.likelihood.log_prob_params(params, z.new_zeros(()))
+                kl = kl + lq - lp - ladj
+        else:
+            kl = log_q.sum() - model.log_prior(params) - ladj
+        return -ll + kl
+
+    def loss(self, params: torch.Tensor, batch: Batch) -> torch.Tensor:
+        p = self.problem
+        xb, yb = (p.x, p.y) if batch.idx is None else (p.x[batch.idx], p.y[batch.idx])
+        mu, rho = params[0], params[1]
+        total = sum(
+            self._one_sample(mu, rho, xb, yb, batch.scale) for _ in range(self.num_particles)
+        )
+        return total / self.num_particles
+
+
 @register("bbb")
 class BayesByBackprop(Method):
     summary = "Bayes by Backprop for MLPs: mean-field VI with local reparameterization or flipout."
@@ -101,33 +159,17 @@ class BayesByBackprop(Method):
     )
 
     @dataclass
-    class Options(SVIOptions):
-        """Options of the SVI methods (steps, lr, lr_final, batch_size, num_particles, clip_norm,
-        init, on_nan: "stop" or "raise"; no ``checkpoint``: the loop is plain torch), plus:
-
-        estimator : {"local_reparam", "flipout", "weights"}
-            How weight noise enters the forward pass (see the module docstring).
-        init_scale : float
-            Initial posterior standard deviation of every coordinate.
-        """
-
-        estimator: str = "local_reparam"
-        init_scale: float = 0.01
-
-        def __post_init__(self):
-            super().__post_init__()
-            if self.estimator not in ESTIMATORS:
-                raise OptionError(
-                    f"estimator: expected one of {sorted(ESTIMATORS)}, got {self.estimator!r}"
-                )
-            if isinstance(self.init_scale, bool) or not (
-                isinstance(self.init_scale, (int, float)) and self.init_scale > 0
-            ):
-                raise OptionError(f"init_scale: expected > 0, got {self.init_scale!r}")
-            if self.checkpoint is not None:
-                raise OptionError("checkpoint: bbb does not write checkpoints (a plain torch loop)")
-            if self.on_nan not in ("stop", "raise"):
-                raise OptionError(f"on_nan: bbb takes 'stop' or 'raise', got {self.on_nan!r}")
+    class Options(TrainOptions):
+        num_particles: int = option(1, integer(1, 10**4), "Monte Carlo draws of the ELBO per step")
+        estimator: str = option(
+            "local_reparam",
+            choice(*ESTIMATORS),
+            "how weight noise enters the forward pass: "
+            + "; ".join(f"'{k}': {v}" for k, v in ESTIMATORS.items()),
+        )
+        init_scale: float = option(
+            0.01, number(0, 1e3), "initial posterior standard deviation of every coordinate"
+        )
 
     def run(self, problem, opts, seed, progress):
         model = problem.model
@@ -137,71 +179,21 @@ class BayesByBackprop(Method):
                 "on each layer's pre-activations. For a plain model function use svi-meanfield "
                 "(Bayes by Backprop with weight sampling)."
             )
-        layout, specs = problem.layout, model.layer_specs()
-        n = problem.n
-        mu = initial_z(problem, opts.init).requires_grad_(True)
-        rho0 = math.log(math.expm1(float(opts.init_scale)))
-        rho = torch.full_like(mu, rho0).requires_grad_(True)
-        layer_sites = {f"{s.name}.{k}" for s in specs for k in ("weight", "bias")}
-        other = [s for s in layout.sites if s.name not in layer_sites]
-        analytic = all(type(model.priors[s.name]) in (Normal, ScaledNormal) for s in specs)
-        gen = torch.Generator(device=problem.device).manual_seed(seed)
-
-        def prior_scale(spec):
-            p = model.priors[spec.name]
-            return p.scale if isinstance(p, Normal) else p.scale_for(spec.fan_in)
-
-        def one_sample(xb, yb, scale):
-            sig = F.softplus(rho)
-            z = mu + sig * _normal(mu.shape, mu, gen)
-            params, ladj = layout.unpack_with_log_det(z)
-            mus, sigs = layout.unpack_unconstrained(mu), layout.unpack_unconstrained(sig)
-            h = xb
-            for k, spec in enumerate(specs):
-                w, b = f"{spec.name}.weight", f"{spec.name}.bias"
-                h = _layer(h, mus[w], sigs[w], mus.get(b), sigs.get(b), opts.estimator, gen)
-                if k < len(specs) - 1:
-                    h = model.act(h)
-            ll = model.likelihood.dist(h, params).log_prob(yb).sum() * scale
-            log_q = torch.distributions.Normal(mu, sig).log_prob(z)
-            if analytic:
-                kl = sum(
-                    _kl_normal(mus[name], sigs[name], prior_scale(spec))
-                    for spec in specs
-                    for name in (f"{spec.name}.weight", f"{spec.name}.bias")
-                    if name in mus
-                )
-                lq = sum(log_q[layout.slice(s.name)].sum() for s in other) if other else 0.0
-                lp = model.likelihood.log_prob_params(params, z.new_zeros(())) if other else 0.0
-                kl = kl + lq - lp - ladj
-            else:
-                kl = log_q.sum() - model.log_prior(params) - ladj
-            return -ll + kl
-
-        def loss_fn(idx):
-            xb, yb = (problem.x, problem.y) if idx is None else (problem.x[idx], problem.y[idx])
-            scale = 1.0 if idx is None else n / len(idx)
-            total = sum(one_sample(xb, yb, scale) for _ in range(opts.num_particles))
-            return total / (opts.num_particles * n)
-
-        optim = torch.optim.Adam([mu, rho], lr=opts.lr)
-        sched = torch.optim.lr_scheduler.ExponentialLR(optim, opts.lr_final ** (1.0 / opts.steps))
-        info = sgd_loop(
-            loss_fn,
-            [mu, rho],
-            optim,
+        mu = initial_z(problem, opts.init)
+        params = torch.stack([mu, torch.full_like(mu, softplus_inv(opts.init_scale))])
+        objective = BBBObjective(problem, opts.estimator, opts.num_particles, seed)
+        run = train(
+            objective,
+            adam(params, opts),
             opts.steps,
-            n,
-            opts.batch_size,
-            torch.Generator().manual_seed(seed + 1),
-            problem.device,
-            scheduler=sched,
-            clip_norm=opts.clip_norm,
+            n=problem.n,
+            batch_size=opts.batch_size,
+            seed=seed + 1,
             on_nan=opts.on_nan,
-            progress=progress,
             desc=f"bbb ({opts.estimator})",
-            loss_scale=n,
+            progress=progress,
+            advice="raise steps (or lr)",
         )
-        info["estimator"] = opts.estimator
+        info = run.info(engine="fast", details={"estimator": opts.estimator})
         with torch.no_grad():
-            return Gaussian(mu.detach().clone(), F.softplus(rho).detach().clone()), info
+            return Gaussian(run.params[0].clone(), F.softplus(run.params[1]).clone()), info
