@@ -50,7 +50,7 @@ def data(n=24, seed=0):
 X, Y = data()
 
 
-# ---- helpers ---------------------------------------------------------------------------------
+# ---- helpers ----
 class Hooked(Objective):
     """Wraps an objective: records the point of every evaluation, and lets a test corrupt the
     loss (``nan_at``), scale the gradient (``blow_at``) or press Ctrl-C (``press_at``) at given
@@ -86,7 +86,7 @@ def run(objective, optimizer, steps=20, **kw):
     return train(objective, optimizer, steps, n=X.shape[0], **kw)
 
 
-# ---- 1. non-finite values -------------------------------------------------------------------------
+# ---- 1. non-finite values ----
 @pytest.mark.parametrize("opt", ["adam", "sgd"])
 def test_stop_keeps_the_state_before_the_update_that_failed(opt, caplog):
     pb = problem()
@@ -112,6 +112,7 @@ def test_lbfgs_line_search_backs_off_from_non_finite_points():
     res = run(obj, LBFGS(pb.init_from_prior(0)), steps=50)
     assert torch.isfinite(res.params).all() and torch.isfinite(res.loss).all()
     assert any(torch.equal(res.params, p) for p in obj.seen[:8])
+    assert res.stopped.reason == "non-finite loss (line search)"
 
 
 def test_stopped_fit_predicts_finitely_and_laplace_raises_a_package_error():
@@ -122,7 +123,14 @@ def test_stopped_fit_predicts_finitely_and_laplace_raises_a_package_error():
     model = mz.models.mlp(2, hidden=[3])
     for on_nan in ("stop", "rollback"):
         post = mz.fit(
-            model, x, y, method="map", optimizer="adam", lr=100.0, steps=50, on_nan=on_nan,
+            model,
+            x,
+            y,
+            method="map",
+            optimizer="adam",
+            lr=100.0,
+            steps=50,
+            on_nan=on_nan,
             progress=False,
         )
         pred = post.predict(x)
@@ -145,7 +153,9 @@ def test_rollback_restores_state_and_keeps_halving():
     assert lrs[0] > lrs[1] > lrs[2] and lrs[1] == pytest.approx(lrs[0] / 2, rel=0.01)
     # every retry starts from the last good point (the one of call 8)
     assert torch.equal(obj.seen[9], obj.seen[7]) and torch.equal(obj.seen[10], obj.seen[7])
-    assert torch.isfinite(res.loss).all() and len(res.loss) == 30 - 3 - 1  # the undone update's loss is dropped
+    assert (
+        torch.isfinite(res.loss).all() and len(res.loss) == 30 - 3 - 1
+    )  # the undone update's loss is dropped
     # the optimizer state is the one before the failed update: redoing it with the halved
     # learning rate from the same moments gives the same direction, a shorter step
     assert torch.equal(obj.seen[11], obj.seen[7])
@@ -167,9 +177,17 @@ def test_rollback_gives_up_after_max(caplog):
 def test_raise_and_first_step():
     pb = problem()
     with pytest.raises(FitError, match="the loss became nan at step 7.*Lower lr"):
-        run(Hooked(PointObjective(pb), nan_at={8}), Adam(pb.init_from_prior(0), 0.05), on_nan="raise")
+        run(
+            Hooked(PointObjective(pb), nan_at={8}),
+            Adam(pb.init_from_prior(0), 0.05),
+            on_nan="raise",
+        )
     with pytest.raises(FitError, match="at the first step.*standardize"):
-        run(Hooked(PointObjective(pb), nan_at={1}), Adam(pb.init_from_prior(0), 0.05), on_nan="rollback")
+        run(
+            Hooked(PointObjective(pb), nan_at={1}),
+            Adam(pb.init_from_prior(0), 0.05),
+            on_nan="rollback",
+        )
 
 
 def test_non_finite_gradient_and_parameters_are_failed_steps():
@@ -188,7 +206,7 @@ def test_non_finite_gradient_and_parameters_are_failed_steps():
     assert torch.equal(res.params, obj.seen[5]) and len(res.loss) == 6
 
 
-# ---- 2. Ctrl-C --------------------------------------------------------------------------------
+# ---- 2. Ctrl-C ----
 def test_one_ctrl_c_stops_after_the_step_a_second_at_once():
     pb = problem()
     obj = Hooked(PointObjective(pb), press_at={5})
@@ -232,7 +250,7 @@ def test_deferred_interrupt_restores_the_handler():
     assert signal.getsignal(signal.SIGINT) is before
 
 
-# ---- 3. convergence ---------------------------------------------------------------------------
+# ---- 3. convergence ----
 def test_full_batch_fit_that_stops_early_warns_at_fit_time(caplog):
     with caplog.at_level(logging.WARNING):
         post = mz.fit(MODEL, X, Y, method="map", optimizer="adam", steps=30, progress=False)
@@ -252,7 +270,7 @@ def test_loss_trend():
     assert training.loss_trend(torch.ones(10))[0] is None
 
 
-# ---- 4. MAP converges to the exact mode of a conjugate posterior -------------------------------
+# ---- 4. MAP converges to the exact mode of a conjugate posterior ----
 def _blr(seed, n=60, d=3, noise=0.5, dtype=torch.float64):
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(n, d))
@@ -294,7 +312,7 @@ def test_map_defaults_reach_the_conjugate_mode(seed, kind):
     assert post.info.converged
 
 
-# ---- 5. fused paths equal the Pyro reference ------------------------------------------------------
+# ---- 5. fused paths equal the Pyro reference ----
 def _plain_blr(x, y=None):
     w = pyro.sample("w", dist.Normal(torch.zeros(2, dtype=x.dtype), 1.0).to_event(1))
     s = pyro.sample("s", dist.HalfNormal(torch.tensor(1.0, dtype=x.dtype)))
@@ -324,8 +342,9 @@ def test_point_objective_equals_autodelta_trace_elbo(float64, which):
             lo, go = ours.loss_and_grad(zt, batch)
             assert abs(float(lo) - float(lr)) < 1e-10 * (1 + abs(float(lr)))
             # the same gradient up to the chain rule of the positive sites' transform (d w / d z)
-            wz = torch.func.jacrev(lambda t: pb.layout.pack(
-                {n.split(".", 1)[1]: v for n, v in ref.values(t).items()}))(theta)
+            wz = torch.func.jacrev(
+                lambda t: pb.layout.pack({n.split(".", 1)[1]: v for n, v in ref.values(t).items()})
+            )(theta)
             assert torch.allclose(go @ wz, gr, rtol=1e-8, atol=1e-9)
 
 
@@ -343,7 +362,9 @@ def test_lowrank_objective_equals_pyro_trace_elbo(float64):
         theta = ref.initial()
         theta = theta + 0.2 * torch.randn(theta.shape, generator=g, dtype=theta.dtype)
         vals = ref.values(theta)
-        loc, f, s = (vals[f"AutoLowRankMultivariateNormal.{k}"] for k in ("loc", "cov_factor", "scale"))
+        loc, f, s = (
+            vals[f"AutoLowRankMultivariateNormal.{k}"] for k in ("loc", "cov_factor", "scale")
+        )
         d = loc.shape[0]
         rho = torch.log(torch.expm1(s))
         params = LowRankObjective.pack(loc, rho, f)
@@ -414,8 +435,9 @@ def test_dropout_objective_equals_the_pyro_guide(float64):
             lr, gr = ref.loss_and_grad(ref.initial(), batch)
             lo, go = ours.loss_and_grad(z, batch)
             assert abs(float(lo) - float(lr)) < 1e-10 * (1 + abs(float(lr)))
-            wz = torch.func.jacrev(lambda t: pb.layout.pack(
-                {n.split(".", 1)[1]: v for n, v in ref.values(t).items()}))(ref.initial())
+            wz = torch.func.jacrev(
+                lambda t: pb.layout.pack({n.split(".", 1)[1]: v for n, v in ref.values(t).items()})
+            )(ref.initial())
             assert torch.allclose(go @ wz, gr, rtol=1e-8, atol=1e-9)
 
 
@@ -441,7 +463,7 @@ def test_mc_dropout_engines_agree_within_seed_spread(engine):
     assert float((a - c).abs().max()) < 3 * spread + 0.02, (spread, (a - c).abs().max())
 
 
-# ---- 6. checkpoints ---------------------------------------------------------------------------
+# ---- 6. checkpoints ----
 def test_unwritable_checkpoint_path_is_an_option_error_before_fitting(tmp_path, monkeypatch):
     with pytest.raises(mz.OptionError, match="checkpoint: cannot create a file in /proc"):
         mz.fit(MODEL, X, Y, method="map", checkpoint="/proc/fit.ckpt", progress=False)
@@ -456,8 +478,15 @@ def test_a_finished_fit_survives_a_failed_checkpoint_write(tmp_path, monkeypatch
     monkeypatch.setattr(ckpt, "write_verified", full_disk)
     with caplog.at_level(logging.WARNING):
         post = mz.fit(
-            MODEL, X, Y, method="map", optimizer="adam", steps=30, checkpoint=tmp_path / "f.ckpt",
-            checkpoint_every=10, progress=False,
+            MODEL,
+            X,
+            Y,
+            method="map",
+            optimizer="adam",
+            steps=30,
+            checkpoint=tmp_path / "f.ckpt",
+            checkpoint_every=10,
+            progress=False,
         )
     assert post.info.steps_done == 30 and "cannot write" in caplog.text
 
@@ -482,7 +511,12 @@ def test_resume_checks_model_and_data(tmp_path):
 
 
 def test_checkpoint_options_are_validated():
-    for bad in ({"checkpoint": 3}, {"checkpoint": ""}, {"checkpoint_every": 0}, {"checkpoint_every": 2.5}):
+    for bad in (
+        {"checkpoint": 3},
+        {"checkpoint": ""},
+        {"checkpoint_every": 0},
+        {"checkpoint_every": 2.5},
+    ):
         with pytest.raises(mz.OptionError, match="^checkpoint"):
             mz.fit(MODEL, X, Y, method="map", progress=False, **bad)
 
@@ -512,7 +546,7 @@ def test_forced_interrupt_inside_a_step_keeps_the_last_checkpoint(tmp_path):
     assert torch.equal(res.approximation.loc, ref.approximation.loc)
 
 
-# ---- 7. MCMC around the engine -----------------------------------------------------------------
+# ---- 7. MCMC around the engine ----
 def test_nuts_without_valid_initial_point_says_why(monkeypatch):
     monkeypatch.setattr(Problem, "log_joint", lambda self, z, idx=None: z.sum() * float("-inf"))
     with pytest.raises(mz.ModelError, match="could not find an initial point.*standardize x and y"):
@@ -524,15 +558,23 @@ def test_nuts_without_valid_initial_point_says_why(monkeypatch):
 def test_divergences_are_counted_and_reported(caplog):
     with caplog.at_level(logging.WARNING):
         post = mz.fit(
-            MODEL, X, Y, method="nuts", num_samples=20, num_warmup=0, num_chains=2,
-            step_size=3.0, max_tree_depth=3, progress=False,
+            MODEL,
+            X,
+            Y,
+            method="nuts",
+            num_samples=20,
+            num_warmup=0,
+            num_chains=2,
+            step_size=3.0,
+            max_tree_depth=3,
+            progress=False,
         )
     div = post.info.sample_stats["diverging"]
     assert div.shape == (2, 20) and post.info.num_divergences == int(div.sum()) > 0
     assert f"{post.info.num_divergences} divergent transitions" in caplog.text
 
 
-# ---- 8. adding a method: one module, one registration line ---------------------------------------
+# ---- 8. adding a method: one module, one registration line ----
 def test_a_new_method_is_one_class_and_one_registration():
     """The example of docs/ARCHITECTURE.md ("Adding a method"), run."""
     from marginalize.inference import registry
@@ -551,8 +593,14 @@ def test_a_new_method_is_one_class_and_one_registration():
             objective = PointObjective(problem)
             z0 = training.initial_z(problem, opts.init)
             trained = train(
-                objective, adam(z0, opts), opts.steps, n=problem.n,
-                batch_size=opts.batch_size, seed=seed, on_nan=opts.on_nan, desc=self.name,
+                objective,
+                adam(z0, opts),
+                opts.steps,
+                n=problem.n,
+                batch_size=opts.batch_size,
+                seed=seed,
+                on_nan=opts.on_nan,
+                desc=self.name,
                 progress=progress,
             )
             return Delta(trained.params * opts.shrink), trained.info(engine="fast")

@@ -28,7 +28,6 @@ from pyro.infer.autoguide import AutoNormal
 import marginalize as mz
 from marginalize.core.potentials import FlatMLP, fast_potential, supports
 from marginalize.core.problem import prepare, scale_obs
-from marginalize.inference.engines import training
 from marginalize.inference.engines.fused import MeanFieldELBO
 from marginalize.inference.engines.optim import Adam, exponential
 

@@ -141,8 +141,8 @@ def test_corrupted_checkpoint(tmp_path):
         (tmp_path / "cut.ckpt").write_bytes(raw[:cut])
         with pytest.raises(mz.FileFormatError):
             mz.resume(tmp_path / "cut.ckpt", MODEL, X, Y, progress=False)
-    params = torch.load(path, weights_only=True)["segments"]["0:svi"]["state"]["params"]
-    needle = next(iter(params.values())).numpy().tobytes()
+    params = torch.load(path, weights_only=True)["segments"]["0:train"]["state"]["result"]["params"]
+    needle = params.numpy().tobytes()
     pos = raw.find(needle)
     assert pos > 0
     data = bytearray(raw)

@@ -50,6 +50,7 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from marginalize._files import check_path, digest, read_verified, write_verified
 from marginalize.errors import DataError, FileFormatError, ModelError, OptionError
 from marginalize.inference.engines import interrupt

@@ -138,7 +138,7 @@ class _Noisy(Objective):
         return torch.randn(shape, generator=self.generator, dtype=like.dtype, device=like.device)
 
 
-# ---- points -----------------------------------------------------------------------------------
+# ---- points ----
 class PointObjective(Objective):
     """``-(log p(w(z)) + scale * log p(y_batch | w(z)))``, plus ``-log|J(z)|`` with ``jacobian``.
 
@@ -179,7 +179,7 @@ class PointObjective(Objective):
         return -self.log_density(params, batch)
 
 
-# ---- Gaussian variational families --------------------------------------------------------------
+# ---- Gaussian variational families ----
 class MeanFieldObjective(_Noisy):
     """Negative ELBO of ``q(z) = N(loc, softplus(rho)^2)``; ``params = [loc, rho]`` ``(2, D)``.
 
@@ -305,7 +305,7 @@ def z_from(loc: torch.Tensor, s: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return torch.addcmul(loc, s, u)
 
 
-# ---- the Pyro reference path ----------------------------------------------------------------------
+# ---- the Pyro reference path ----
 class PyroObjective(Objective):
     """A Pyro guide's ELBO (``elbo.differentiable_loss``) as a function of its flat parameters.
 

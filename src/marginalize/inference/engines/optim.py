@@ -35,7 +35,8 @@ Closure = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 def exponential(lr_final: float, steps: int) -> Callable[[int], float]:
-    """``schedule(t) = lr_final ** (t / steps)``: 1 before the first step, ``lr_final`` at the last."""
+    """``schedule(t) = lr_final ** (t / steps)``: 1 before the first step, ``lr_final`` at the
+    last."""
     decay = float(lr_final) ** (1.0 / max(int(steps), 1))
     return lambda t: decay**t
 
@@ -81,6 +82,10 @@ class FlatOptimizer:
 
     def abort(self) -> None:
         """Make the state consistent after a :meth:`step` interrupted by ``KeyboardInterrupt``."""
+
+    #: why the last :meth:`step` failed although the gradient was finite (a line search that met
+    #: only non-finite values), or None
+    failure: str | None = None
 
     def evaluation(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``(loss, grad)`` at ``params`` if the optimizer already computed them, else None."""
@@ -331,15 +336,23 @@ class LBFGS(FlatOptimizer):
         t = min(1.0, 1.0 / max(float(g.abs().sum()), 1e-300)) * lr if first else lr
         x = self.params
 
+        bad = [False]
+
         def obj_func(x_, t_, d_):
             f, gr = closure(x_ + t_ * d_)
             f = float(f)
             if not math.isfinite(f) or not bool(torch.isfinite(gr).all()):
+                bad[0] = True
                 return 1e30, torch.zeros_like(gr)
             return f, gr.detach()
 
         self._in_step = True
-        f_new, g_new, t, _ = _strong_wolfe(obj_func, x, t, d, float(loss), g, gtd, max_ls=self.max_ls)
+        self.failure = None
+        f_new, g_new, t, _ = _strong_wolfe(
+            obj_func, x, t, d, float(loss), g, gtd, max_ls=self.max_ls
+        )
+        if bad[0] and not t:
+            self.failure = "every point the line search tried was non-finite"
         self._prev = (g, d, t)
         self.params = x + t * d
         self._cache = (torch.as_tensor(f_new, dtype=x.dtype), g_new) if f_new < 1e30 else None

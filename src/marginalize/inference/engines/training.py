@@ -392,7 +392,11 @@ def train(
                     except KeyboardInterrupt:
                         optimizer.abort()
                         raise
-                    if not _finite(optimizer.params):
+                    if optimizer.failure is not None:
+                        what, reason = optimizer.failure, "non-finite loss (line search)"
+                        optimizer.undo()  # the state before this update is the last good one
+                        undone = True
+                    elif not _finite(optimizer.params):
                         what, reason = "the parameters became non-finite", "non-finite parameters"
                         optimizer.undo()  # the state before this update is the last good one
                         undone = True
@@ -561,9 +565,7 @@ class TrainOptions(Options):
         number(optional=True),
         "clamp every gradient coordinate to [-clip_norm, clip_norm] (None: no clipping)",
     )
-    init: str = option(
-        "prior", choice(*INIT), "starting point: 'prior' (a prior draw) or 'median'"
-    )
+    init: str = option("prior", choice(*INIT), "starting point: 'prior' (a prior draw) or 'median'")
     on_nan: str = option(
         "stop",
         choice(*ON_NAN),

@@ -104,7 +104,9 @@ class BBBObjective(_Noisy):
         self.layout, self.specs = problem.layout, model.layer_specs()
         layer_sites = {f"{s.name}.{k}" for s in self.specs for k in ("weight", "bias")}
         self.other = [s for s in self.layout.sites if s.name not in layer_sites]
-        self.analytic = all(type(model.priors[s.name]) in (Normal, ScaledNormal) for s in self.specs)
+        self.analytic = all(
+            type(model.priors[s.name]) in (Normal, ScaledNormal) for s in self.specs
+        )
 
     def _prior_scale(self, spec):
         p = self.model.priors[spec.name]

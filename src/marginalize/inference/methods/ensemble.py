@@ -50,8 +50,7 @@ class Ensemble(Method):
         num_members: int = option(
             5,
             integer(1, 10**4),
-            "number of independent MAP fits, each with its own initialization and minibatch "
-            "order",
+            "number of independent MAP fits, each with its own initialization and minibatch order",
         )
 
     def run(self, problem, opts, seed, progress):

@@ -57,11 +57,11 @@ import torch
 from pyro import poutine
 
 from marginalize.core.approximations import Gaussian, Kronecker
-from marginalize.core.problem import Problem, _no_validation
 from marginalize.core.info import FitInfo
+from marginalize.core.problem import Problem, _no_validation
 from marginalize.errors import FitError, ModelError, OptionError
-from marginalize.inference.engines.subsites import BayesianSites, map_point, run_on_sites, unwrap
 from marginalize.inference.engines.options import choice, either, integer, number, option
+from marginalize.inference.engines.subsites import BayesianSites, map_point, run_on_sites, unwrap
 from marginalize.inference.engines.training import MAPOptions
 from marginalize.inference.registry import Method, register
 from marginalize.models.base import BNN
@@ -99,9 +99,11 @@ class LaplaceOptions(BayesianSites, MAPOptions):
     )
     prior_precision: float | str = option(
         1.0,
-        either(number(0, 1e12), choice("marginal_likelihood"), what=(
-            "a positive number or 'marginal_likelihood'"
-        )),
+        either(
+            number(0, 1e12),
+            choice("marginal_likelihood"),
+            what=("a positive number or 'marginal_likelihood'"),
+        ),
         "multiplier of the weights' prior precision (1.0: the model's prior), or "
         "'marginal_likelihood' to tune it by maximizing the Laplace evidence",
     )
@@ -494,9 +496,7 @@ class Laplace(Method):
                 if info.stopped is not None
                 else "; train the MAP longer (steps) or check the data scale and priors"
             )
-            raise FitError(
-                f"laplace: the curvature at the MAP is not usable ({e}){where}"
-            ) from e
+            raise FitError(f"laplace: the curvature at the MAP is not usable ({e}){where}") from e
         info.predictive = (
             opts.predictive if opts.predictive != "auto" else ("glm" if builder else "sample")
         )

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 from dataclasses import dataclass
 
 import torch
@@ -24,8 +23,8 @@ from marginalize.core.problem import Problem
 from marginalize.errors import ModelError
 from marginalize.inference.engines import checkpoint, interrupt
 from marginalize.inference.engines.nuts import SamplingInterrupted, run_sampler
-from marginalize.inference.engines.seeding import isolated
 from marginalize.inference.engines.options import Options, choice, integer, number, option
+from marginalize.inference.engines.seeding import isolated
 from marginalize.inference.engines.training import (
     MAPOptions,
     checkpoint_every_option,
@@ -69,9 +68,7 @@ class MCMCOptions(Options):
         "'prior' (a prior draw), 'uniform' (Stan's U(-init_radius, init_radius) in "
         "unconstrained space) or 'map' (a short MAP fit)",
     )
-    init_radius: float = option(
-        2.0, number(0, 1e6), "half-width of the uniform initialization"
-    )
+    init_radius: float = option(2.0, number(0, 1e6), "half-width of the uniform initialization")
     init_steps: int = option(500, integer(1, 10**9), "MAP steps for init='map'")
     checkpoint: str | None = checkpoint_option()
     checkpoint_every: int = checkpoint_every_option(50)

@@ -65,8 +65,8 @@ from marginalize.inference.engines.seeding import isolated, member_seed
 from marginalize.inference.engines.subsites import BayesianSites, run_on_sites
 from marginalize.inference.engines.training import (
     INIT,
-    ON_NAN,
     MAX_ROLLBACKS,
+    ON_NAN,
     Trained,
     checkpoint_every_option,
     checkpoint_option,
@@ -252,7 +252,13 @@ def _pretrain(problem: Problem, opts: SWAGOptions, seed: int, progress: bool):
         z, opts.lr, exponential(opts.lr_final, opts.pretrain_steps), clip_norm=opts.clip_norm
     )
     run = _train(
-        problem, _objective(problem), optim, opts.pretrain_steps, opts, seed, progress,
+        problem,
+        _objective(problem),
+        optim,
+        opts.pretrain_steps,
+        opts,
+        seed,
+        progress,
         "swag pretrain",
     )
     return run.params.clone(), run
@@ -319,8 +325,15 @@ class SWAG(Method):
             optim = Adam(z, opts.swag_lr, constant, clip_norm=opts.clip_norm)
         moments = SWAGMoments(problem.layout.size, opts.max_rank, problem.device, every)
         run = _train(
-            problem, _objective(problem), optim, opts.swag_steps, opts, seed + 1, progress,
-            "swag collect", callback=moments,
+            problem,
+            _objective(problem),
+            optim,
+            opts.swag_steps,
+            opts,
+            seed + 1,
+            progress,
+            "swag collect",
+            callback=moments,
         )
         info = run.info(
             loss=_losses(pre, run) * n,
@@ -332,6 +345,7 @@ class SWAG(Method):
             },
         )
         info.steps_done = (0 if pre is None else pre.steps_done) + run.steps_done
+        info.rollbacks = (pre.rollbacks if pre is not None else []) + run.rollbacks
         info.converged = None
         if run.stopped is not None:
             info.stopped.part = "swag collect"
@@ -345,7 +359,11 @@ class SWAG(Method):
     def _early(z, pre, run, part, n):
         """A fit that ended before any iterate was collected: the point reached."""
         last = run if run is not None else pre
-        info = FitInfo(loss=_losses(pre, run) * n, details={"num_collected": 0})
+        info = FitInfo(
+            loss=_losses(pre, run) * n,
+            details={"num_collected": 0},
+            rollbacks=[rb for r in (pre, run) if r is not None for rb in r.rollbacks],
+        )
         stopped = None if last is None else last.stopped
         if stopped is not None:
             stopped.part = part
@@ -393,10 +411,13 @@ class MultiSWAG(Method):
             steps_done=sum(i.steps_done or 0 for i in infos),
             details={"num_collected": [i.details.get("num_collected") for i in infos]},
             bayesian_sites=infos[0].bayesian_sites,
+            rollbacks=[rb for i in infos for rb in i.rollbacks],
         )
         for k, i in enumerate(infos):
             if i.stopped is not None:
-                i.stopped.part = f"model {k + 1}" + (f", {i.stopped.part}" if i.stopped.part else "")
+                i.stopped.part = f"model {k + 1}" + (
+                    f", {i.stopped.part}" if i.stopped.part else ""
+                )
                 out.stopped = i.stopped
                 break
         return Mixture(comps), out
