@@ -616,3 +616,30 @@ def test_a_new_method_is_one_class_and_one_registration():
             mz.fit(MODEL, X, Y, method="test-shrunk", shrink=2.0, progress=False)
     finally:
         registry._REGISTRY.pop("test-shrunk", None)
+
+
+@pytest.mark.parametrize("estimator", ["local_reparam", "flipout", "weights"])
+@pytest.mark.parametrize("lik", ["gaussian", "categorical"])
+def test_fused_bbb_equals_the_general_objective(float64, estimator, lik, monkeypatch):
+    """With the weight noise at zero both BBB objectives are the same function of (mu, rho):
+    equal losses and gradients (the noise itself is tested in test_methods_extra.py)."""
+    from marginalize.inference.methods import bbb
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(30, 3, generator=g, dtype=torch.float64)
+    y = (x[:, 0] > 0).long() if lik == "categorical" else torch.sin(x[:, 0])
+    model = mz.models.mlp(
+        3, hidden=[5], out_features=2 if lik == "categorical" else None, likelihood=lik
+    )
+    pb = prepare(model, x, y)
+    mu = pb.init_from_prior(0)
+    params = torch.stack([mu, torch.full_like(mu, -3.0)])
+    monkeypatch.setattr(bbb, "_normal", lambda shape, like, gen: like.new_zeros(shape))
+    fused = bbb.FusedBBB(pb, pb.fast_potential(), estimator, 1, 0)
+    fused.normal = lambda shape, like: like.new_zeros(shape)
+    general = bbb.BBBObjective(pb, estimator, 1, 0)
+    for batch in (FULL, Batch(torch.arange(0, 30, 3), 3.0)):
+        lf, gf = fused.loss_and_grad(params, batch)
+        lg, gg = general.loss_and_grad(params, batch)
+        assert abs(float(lf) - float(lg)) < 1e-9 * (1 + abs(float(lg)))
+        assert torch.allclose(gf, gg, rtol=1e-8, atol=1e-10)

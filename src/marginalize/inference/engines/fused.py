@@ -81,13 +81,21 @@ class MeanFieldELBO:
         loc, rho = params[0], params[1]
         sigma = F.softplus(rho)
         z = torch.addcmul(loc, sigma, eps)
+        ll = self.fp.log_likelihood(z, data)
+        loss = self.kl(loc, sigma, z, eps) - obs_scale * ll
+        return loss.mean() if loss.dim() else loss
+
+    def kl(
+        self, loc: torch.Tensor, sigma: torch.Tensor, z: torch.Tensor, eps: torch.Tensor
+    ) -> torch.Tensor:
+        """``KL(q || p)`` (analytic) or its one-sample estimate ``log q(z) - log p(z)`` at the
+        draw ``z = loc + sigma * eps``. The analytic form reads ``z`` and ``eps`` only at the
+        positive sites (layer scales, noise)."""
         fp = self.fp
-        ll = fp.log_likelihood(z, data)
         log_sigma_sum = torch.log(sigma).sum()
         if not self.analytic:
             log_q = -log_sigma_sum - 0.5 * eps.square().sum(-1) - self.dim * _HALF_LOG_2PI
-            loss = log_q - fp.log_prior(z) - obs_scale * ll
-            return loss.mean() if loss.dim() else loss
+            return log_q - fp.log_prior(z)
         moment = sigma.square() + loc.square()  # E_q[w^2] per coordinate
         kl = torch.dot(moment, fp._prec) * 0.5 + self.kl_const - log_sigma_sum
         for lay in fp._hier:
@@ -106,5 +114,4 @@ class MeanFieldELBO:
                 - self.mc_idx.numel() * _HALF_LOG_2PI
                 - fp.log_hyper(z)
             )
-        loss = kl - obs_scale * ll
-        return loss.mean() if loss.dim() else loss
+        return kl

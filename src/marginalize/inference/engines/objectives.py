@@ -229,12 +229,14 @@ class LowRankObjective(_Noisy):
     parameterization of Pyro's ``AutoLowRankMultivariateNormal`` (its ``cov_factor`` is ``F``,
     its ``scale`` is ``softplus(rho)``).
 
-    ``params`` is the flat ``[loc (D), rho (D), F (D * r)]``. A draw is ``z = loc + S (F eta +
-    eps)``. With ``analytic_kl`` the entropy of ``q`` is closed form (``log det`` through the
-    ``r x r`` matrix ``I + F^T F``) and, for builder MLPs, so is the expected log prior of every
-    weight with a Normal prior (``E[z_i^2] = loc_i^2 + s_i^2 (1 + |F_i|^2)``); the rest is the
-    one-sample Monte Carlo estimate. Without it, the ``Trace_ELBO`` estimator ``log q(z) - log
-    p(y, w(z)) - log|J|``.
+    ``params`` is the flat ``[loc (D), rho (D), F^T (r * D)]`` (the factor stored transposed:
+    ``r`` contiguous rows of ``D``, which the products below read fastest). A draw is ``z = loc
+    + S (F eta + eps)``. With ``analytic_kl`` the entropy of ``q`` is closed form (``log det``
+    through the ``r x r`` matrix ``C = I + F^T F``, with its gradient ``2 F C^-1`` written out
+    rather than differentiated through the Cholesky factor) and, for builder MLPs, so is the
+    expected log prior of every weight with a Normal prior (``E[z_i^2] = loc_i^2 + s_i^2 (1 +
+    |F_i|^2)``); the rest is the one-sample Monte Carlo estimate. Without it, the
+    ``Trace_ELBO`` estimator ``log q(z) - log p(y, w(z)) - log|J|``.
     """
 
     def __init__(
@@ -254,36 +256,57 @@ class LowRankObjective(_Noisy):
         self.num_particles = num_particles
         self.analytic = analytic_kl
         self.fp = closed_form(problem) if engine == "fast" else None
+        self._eye = torch.eye(self.rank, dtype=problem.dtype, device=problem.device)
+        fp = self.fp
+        #: the log prior beyond the fixed-scale Normal terms is only the positive sites' part
+        self._simple_prior = fp is not None and not fp._hier
 
     def split(self, params: torch.Tensor):
+        """``(loc, rho, F^T)`` views of ``params``; ``F^T`` is ``(r, D)``."""
         d, r = self.dim, self.rank
-        return params[:d], params[d : 2 * d], params[2 * d :].view(d, r)
+        return params[:d], params[d : 2 * d], params[2 * d :].view(r, d)
 
     @staticmethod
     def pack(loc: torch.Tensor, rho: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-        return torch.cat([loc, rho, factor.reshape(-1)])
+        """The flat parameters from ``loc``, ``rho`` and the ``(D, r)`` factor ``F``."""
+        return torch.cat([loc, rho, factor.T.reshape(-1)])
+
+    @staticmethod
+    def factor(params_ft: torch.Tensor) -> torch.Tensor:
+        """``F`` ``(D, r)`` from the ``F^T`` view of :meth:`split`."""
+        return params_ft.T
 
     def _draw(self, params):
-        loc, rho, f = self.split(params)
+        loc, rho, ft = self.split(params)
         s = F.softplus(rho)
         p = self.num_particles
         shape = (self.dim,) if p == 1 else (p, self.dim)
         eps = self.normal(shape, params)
         eta = self.normal((self.rank,) if p == 1 else (p, self.rank), params)
-        u = eps + eta @ f.T
-        return loc, s, f, z_from(loc, s, u), eps, eta
+        u = torch.addmm(eps, eta, ft) if p > 1 else torch.addmv(eps, ft.T, eta)
+        return loc, s, ft, z_from(loc, s, u), eps, eta
+
+    def _log_det_factor(self, ft: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``log det(I + F^T F)`` with the gradient ``2 C^-1 F^T`` (w.r.t. ``F^T``), and
+        the Cholesky factor of ``C``."""
+        with torch.no_grad():
+            chol = torch.linalg.cholesky(torch.addmm(self._eye, ft, ft.T))
+            value = 2.0 * torch.log(torch.diagonal(chol)).sum()
+            grad = 2.0 * (torch.cholesky_inverse(chol) @ ft)
+        if not ft.requires_grad:
+            return value, chol
+        surrogate = (grad * ft).sum()  # the gradient of this linear term is ``grad``
+        return value + surrogate - surrogate.detach(), chol
 
     def loss(self, params, batch):
-        loc, s, f, z, eps, eta = self._draw(params)
-        gram = f.T @ f
-        cap = gram + torch.eye(self.rank, dtype=gram.dtype, device=gram.device)
-        chol = torch.linalg.cholesky(cap)
-        log_det = 2.0 * torch.log(s).sum() + 2.0 * torch.log(torch.diagonal(chol)).sum()
+        loc, s, ft, z, eps, eta = self._draw(params)
+        log_det_f, chol = self._log_det_factor(ft)
+        log_det = 2.0 * torch.log(s).sum() + log_det_f
         if not self.analytic:
-            u = z - loc
-            w = u / s
-            proj = torch.cholesky_solve((w @ f).unsqueeze(-1), chol).squeeze(-1)
-            quad = w.square().sum(-1) - (proj * (w @ f)).sum(-1)
+            w = (z - loc) / s
+            wf = w @ ft.T
+            proj = torch.cholesky_solve(wf.unsqueeze(-1), chol).squeeze(-1)
+            quad = w.square().sum(-1) - (proj * wf).sum(-1)
             log_q = -0.5 * quad - 0.5 * log_det - self.dim * _HALF_LOG_2PI
             out = log_q - _log_joint(self.problem, z, batch)
             return out.mean() if out.dim() else out
@@ -294,11 +317,67 @@ class LowRankObjective(_Noisy):
             return (-lj).mean() - entropy if lj.dim() else -lj - entropy
         ll = fp.log_likelihood(z, _rows(fp, batch.idx))
         # E_q[log N(z_i; 0, s_i)] in closed form for fixed-scale Normal priors
-        second = loc.square() + s.square() * (1.0 + f.square().sum(-1))
+        second = loc.square() + s.square() * (1.0 + ft.square().sum(0))
         lp_fixed = -0.5 * torch.dot(second, fp._prec) + fp._prior_const
-        lp_rest = fp.log_prior(z) - (-0.5 * (z.square() * fp._prec).sum(-1) + fp._prior_const)
+        if self._simple_prior:
+            lp_rest = fp.log_hyper(z)
+        else:
+            lp_rest = fp.log_prior(z) - (-0.5 * (z.square() * fp._prec).sum(-1) + fp._prior_const)
         out = -(batch.scale * ll + lp_rest)
         return (out.mean() if out.dim() else out) - lp_fixed - entropy
+
+    def loss_and_grad(self, params, batch):
+        """Builder MLPs with ``analytic_kl``: autograd only through the network (w.r.t. the
+        draw ``z``); the gradients w.r.t. ``loc``, ``rho`` and ``F`` are written out (chain rule
+        through ``z = loc + s (eps + F eta)``, the closed-form prior term and the entropy)."""
+        fp = self.fp
+        if not self.analytic or fp is None or not self._simple_prior:
+            return super().loss_and_grad(params, batch)
+        with torch.no_grad():
+            loc, rho, ft = self.split(params)
+            s = F.softplus(rho)
+            p = self.num_particles
+            eps = self.normal((self.dim,) if p == 1 else (p, self.dim), params)
+            eta = self.normal((self.rank,) if p == 1 else (p, self.rank), params)
+            u = torch.addmm(eps, eta, ft) if p > 1 else torch.addmv(eps, ft.T, eta)
+            z = torch.addcmul(loc, s, u)
+        z.requires_grad_(True)
+        with torch.enable_grad():
+            lj = batch.scale * fp.log_likelihood(z, _rows(fp, batch.idx)) + fp.log_hyper(z)
+            loss_z = -(lj.mean() if lj.dim() else lj)
+            (g_z,) = torch.autograd.grad(loss_z, z)
+        with torch.no_grad():
+            chol = torch.linalg.cholesky(torch.addmm(self._eye, ft, ft.T))
+            cinv = torch.cholesky_inverse(chol)
+            row2 = (ft * ft).sum(0)  # |F_i|^2
+            prec = fp._prec
+            w = prec * s * s
+            lp_fixed = -0.5 * (torch.dot(w, 1.0 + row2) + torch.dot(prec, loc * loc))
+            lp_fixed = lp_fixed + fp._prior_const
+            log_det = 2.0 * torch.log(s).sum() + 2.0 * torch.log(torch.diagonal(chol)).sum()
+            entropy = 0.5 * log_det + self.dim * (0.5 + _HALF_LOG_2PI)
+            loss = loss_z.detach() - lp_fixed - entropy
+            grad = torch.empty_like(params)
+            g_loc, g_rho, g_ft = self.split(grad)
+            if p > 1:
+                torch.sum(g_z, 0, out=g_loc)
+                g_s = (g_z * u).sum(0)
+            else:
+                g_loc.copy_(g_z)
+                g_s = g_z * u
+            g_loc.addcmul_(prec, loc)
+            # d/ds: the draw, the prior's E[z^2] and the entropy's -sum(log s)
+            g_s.addcmul_(prec * s, 1.0 + row2).sub_(1.0 / s)
+            torch.mul(g_s, torch.sigmoid(rho), out=g_rho)
+            # d/dF^T: -C^-1 F^T (entropy), (prec s^2) F^T (prior), eta (g_z s)^T (the draw)
+            torch.mm(cinv, ft, out=g_ft)
+            g_ft.neg_().addcmul_(ft, w)
+            gs = g_z * s
+            if p > 1:
+                g_ft.addmm_(eta.T, gs)
+            else:
+                g_ft.addr_(eta, gs)
+        return loss, grad
 
 
 def z_from(loc: torch.Tensor, s: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

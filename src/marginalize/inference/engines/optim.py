@@ -33,6 +33,9 @@ __all__ = ["FlatOptimizer", "Adam", "SGD", "LBFGS", "exponential", "constant"]
 
 Closure = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
+#: torch's fused Adam kernel (an ATen op; absent from some builds)
+_FUSED_ADAM = getattr(torch, "_fused_adam_", None)
+
 
 def exponential(lr_final: float, steps: int) -> Callable[[int], float]:
     """``schedule(t) = lr_final ** (t / steps)``: 1 before the first step, ``lr_final`` at the
@@ -193,15 +196,44 @@ class Adam(_DoubleBuffered):
         self.eps = eps
         self._denom = torch.empty_like(self.params)
 
+    #: use torch's fused Adam kernel (one pass) where it runs; else the composite update
+    fused = True
+
     def step(self, grad, loss=None, closure=None):
         grad = _clip(grad, self.clip_value, self.clip_norm)
         t = self.t + 1
         cur, new = self._cur, self._spare
         m, v = new["m"], new["v"]
-        torch.mul(cur["m"], self.b1, out=m).add_(grad, alpha=1.0 - self.b1)
+        lr = self.lr_at(t)
+        if self.fused and _FUSED_ADAM is not None and math.isfinite(lr):
+            # ClippedAdam's update written as torch's: eps / sqrt(1 - b2^t) in the denominator
+            for k in ("params", "m", "v"):
+                new[k].copy_(cur[k])
+            step = torch.full((), float(t), dtype=torch.float32, device=grad.device)
+            try:
+                _FUSED_ADAM(
+                    [new["params"]],
+                    [grad],
+                    [m],
+                    [v],
+                    [],
+                    [step],
+                    lr=lr,
+                    beta1=self.b1,
+                    beta2=self.b2,
+                    weight_decay=0.0,
+                    eps=self.eps / math.sqrt(1.0 - self.b2**t),
+                    amsgrad=False,
+                    maximize=False,
+                )
+                self._commit(t)
+                return
+            except (RuntimeError, TypeError, NotImplementedError):
+                type(self).fused = False  # not on this build or device: the composite update
+        torch.lerp(cur["m"], grad, 1.0 - self.b1, out=m)
         torch.mul(cur["v"], self.b2, out=v).addcmul_(grad, grad, value=1.0 - self.b2)
         torch.sqrt(v, out=self._denom).add_(self.eps)
-        size = self.lr_at(t) * math.sqrt(1.0 - self.b2**t) / (1.0 - self.b1**t)
+        size = lr * math.sqrt(1.0 - self.b2**t) / (1.0 - self.b1**t)
         torch.addcdiv(cur["params"], m, self._denom, value=-size, out=new["params"])
         self._commit(t)
 

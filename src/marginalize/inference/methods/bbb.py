@@ -11,11 +11,14 @@ noise enters the forward pass:
   across examples by random sign flips, ``h mu_W + ((h * s_in) dW) * s_out`` (bias likewise);
 * ``"weights"`` (Blundell et al. 2015): one weight draw per step shared by the minibatch.
 
-The KL term is analytic for weights and biases when every layer's prior is ``Normal`` or
-``ScaledNormal``; otherwise (e.g. ``Hierarchical``), and always for the non-weight sites (a
-learned noise scale), it is a one-sample Monte Carlo estimate ``log q(z) - log p(z)`` with the
-transforms' Jacobian. The result is ``Gaussian(mu, sigma)`` over the flat vector, so it
-predicts like ``svi-meanfield``.
+For builder MLPs with the package's priors and likelihoods the step is fused torch code
+(:class:`FusedBBB`): the KL is analytic for weights and biases (for a ``Hierarchical`` prior,
+given the sampled layer scale) and a one-sample Monte Carlo estimate ``log q(z) - log p(z)``
+with the transforms' Jacobian for the positive sites (a learned noise scale, layer scales), and
+the likelihood of the network output is closed form. Other MLPs (e.g. without biases) take
+:class:`BBBObjective`, with distribution objects, analytic KL when every layer's prior is
+``Normal`` or ``ScaledNormal`` and a Monte Carlo KL otherwise. The result is
+``Gaussian(mu, sigma)`` over the flat vector, so it predicts like ``svi-meanfield``.
 
 Examples
 --------
@@ -37,14 +40,21 @@ import torch.nn.functional as F
 
 from marginalize.core.approximations import Gaussian
 from marginalize.errors import ModelError
-from marginalize.inference.engines.objectives import Batch, _Noisy, softplus_inv
+from marginalize.inference.engines.fused import MeanFieldELBO
+from marginalize.inference.engines.objectives import (
+    Batch,
+    _Noisy,
+    _rows,
+    closed_form,
+    softplus_inv,
+)
 from marginalize.inference.engines.options import choice, integer, number, option
 from marginalize.inference.engines.training import TrainOptions, adam, initial_z, train
 from marginalize.inference.registry import Method, register
 from marginalize.models.builders import MLP
 from marginalize.models.priors import Normal, ScaledNormal
 
-__all__ = ["BayesByBackprop", "BBBObjective", "ESTIMATORS"]
+__all__ = ["BayesByBackprop", "BBBObjective", "FusedBBB", "ESTIMATORS"]
 
 #: estimator name -> what it is
 ESTIMATORS = {
@@ -151,6 +161,67 @@ class BBBObjective(_Noisy):
         return total / self.num_particles
 
 
+class FusedBBB(_Noisy):
+    """Bayes by Backprop on the closed-form pieces of a builder MLP: the layers read views of
+    the flat ``[mu, rho]`` tensor, the likelihood of the network output is the closed form of
+    :class:`~marginalize.core.potentials.FlatMLP`, and the KL is that of the fused mean-field
+    ELBO (:class:`~marginalize.inference.engines.fused.MeanFieldELBO`: analytic for weights and
+    biases, given the sampled layer scale for ``Hierarchical`` priors; a one-sample estimate
+    for the positive sites). Only the positive sites are drawn as a vector; the weights' noise
+    enters through ``estimator``."""
+
+    def __init__(self, problem, fp, estimator: str, num_particles: int, seed: int):
+        super().__init__(problem.device, seed)
+        self.fp, self.estimator, self.num_particles = fp, estimator, num_particles
+        self.elbo = MeanFieldELBO(fp, analytic_kl=True)
+        self.mc_idx = self.elbo.mc_idx
+        self.last = len(fp.layers) - 1
+
+    def _views(self, v: torch.Tensor):
+        for lay in self.fp.layers:
+            mid = lay.start + lay.fan_in * lay.out
+            yield v[lay.start : mid].view(lay.fan_in, lay.out), v[mid : lay.stop]
+
+    def _one(self, mu, sig, data, scale):
+        fp, gen, est = self.fp, self.generator, self.estimator
+        eps = torch.zeros_like(mu)
+        if self.mc_idx.numel():
+            eps[self.mc_idx] = self.normal((self.mc_idx.numel(),), mu)
+        z = torch.addcmul(mu, sig, eps)  # the draw of the positive sites; mu elsewhere
+        h = data.x
+        sig2 = sig * sig if est == "local_reparam" else None
+        var_views = self._views(sig2) if sig2 is not None else None
+        for k, ((w_mu, b_mu), (w_sig, b_sig)) in enumerate(
+            zip(self._views(mu), self._views(sig), strict=True)
+        ):
+            if est == "local_reparam":
+                w_var, b_var = next(var_views)
+                mean = torch.addmm(b_mu, h, w_mu)
+                var = torch.addmm(b_var, h * h, w_var)
+                h = torch.addcmul(mean, var.clamp_min(1e-30).sqrt(), self.normal(mean.shape, h))
+            elif est == "flipout":
+                s_in, s_out = _signs(h.shape, h, gen), _signs((h.shape[0], w_mu.shape[1]), h, gen)
+                pert = (h * s_in) @ (w_sig * _normal(w_sig.shape, h, gen))
+                pert = pert + b_sig * _normal(b_sig.shape, h, gen)
+                h = torch.addcmul(torch.addmm(b_mu, h, w_mu), pert, s_out)
+            else:
+                w = torch.addcmul(w_mu, w_sig, _normal(w_sig.shape, h, gen))
+                b = torch.addcmul(b_mu, b_sig, _normal(b_sig.shape, h, gen))
+                h = torch.addmm(b, h, w)
+            if k < self.last:
+                h = fp.act(h)
+        ll = fp.log_likelihood(z, data, f=h)
+        return self.elbo.kl(mu, sig, z, eps) - scale * ll
+
+    def loss(self, params: torch.Tensor, batch: Batch) -> torch.Tensor:
+        mu, sig = params[0], F.softplus(params[1])
+        data = _rows(self.fp, batch.idx)
+        total = self._one(mu, sig, data, batch.scale)
+        for _ in range(self.num_particles - 1):
+            total = total + self._one(mu, sig, data, batch.scale)
+        return total / self.num_particles
+
+
 @register("bbb")
 class BayesByBackprop(Method):
     summary = "Bayes by Backprop for MLPs: mean-field VI with local reparameterization or flipout."
@@ -183,7 +254,11 @@ class BayesByBackprop(Method):
             )
         mu = initial_z(problem, opts.init)
         params = torch.stack([mu, torch.full_like(mu, softplus_inv(opts.init_scale))])
-        objective = BBBObjective(problem, opts.estimator, opts.num_particles, seed)
+        fp = closed_form(problem)
+        if fp is not None:
+            objective = FusedBBB(problem, fp, opts.estimator, opts.num_particles, seed)
+        else:
+            objective = BBBObjective(problem, opts.estimator, opts.num_particles, seed)
         run = train(
             objective,
             adam(params, opts),

@@ -196,8 +196,8 @@ class LowRank(Method):
             rho0 = softplus_inv(0.5**0.5 * opts.init_scale)
             params = LowRankObjective.pack(loc0, torch.full_like(loc0, rho0), f0)
             run = _train(problem, objective, params, opts, seed, progress, self.name)
-            loc, rho, factor = objective.split(run.params)
-            loc, s = loc.clone(), F.softplus(rho)
+            loc, rho, ft = objective.split(run.params)
+            loc, s, factor = loc.clone(), F.softplus(rho), LowRankObjective.factor(ft)
         return (
             Gaussian(loc.clone(), s.clone(), cov_factor=factor * s.unsqueeze(-1)),
             run.info(engine=engine),
