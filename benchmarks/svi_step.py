@@ -386,7 +386,7 @@ def main(argv=None):
             times[name].append(fn())
     med = {k: statistics.median(v) for k, v in times.items()}
     table_rows, notes = [], []
-    for name, goal, ref, target, _ in rows:
+    for name, _goal, ref, target, _ in rows:
         ratio = f"{med[name] / med[ref]:.2f}x" if ref else ""
         verdict = ""
         if target is not None:
