@@ -643,3 +643,29 @@ def test_fused_bbb_equals_the_general_objective(float64, estimator, lik, monkeyp
         lg, gg = general.loss_and_grad(params, batch)
         assert abs(float(lf) - float(lg)) < 1e-9 * (1 + abs(float(lg)))
         assert torch.allclose(gf, gg, rtol=1e-8, atol=1e-10)
+
+
+def test_fit_info_is_typed_and_reads_older_files(tmp_path):
+    from marginalize.core.info import FitInfo, Rollback, Stop
+
+    old = {  # the info dict of a file written before FitInfo
+        "loss": torch.tensor([3.0, 2.0]),
+        "stopped": {"member": 1, "step": 3, "reason": "interrupted"},
+        "rollbacks": [{"step": 2, "lr": 0.005}],
+        "predictive": "glm",
+        "temperature": 1.5,
+        "hessian": "ggn",
+    }
+    info = FitInfo.from_dict(old)
+    assert info.stopped == Stop(3, "interrupted", "member 1") and info.interrupted
+    assert info.rollbacks == [Rollback(2, 0.005)] and info.predictive == "glm"
+    assert info.temperature == 1.5 and info.details == {"hessian": "ggn"}
+    assert info["hessian"] == "ggn" and info.get("sample_stats") is None and "loss" in info
+    back = FitInfo.from_dict(info.to_dict())
+    assert back.stopped == info.stopped and torch.equal(back.loss, info.loss)
+    # a posterior's info survives save / load, typed
+    post = mz.fit(MODEL, X, Y, method="map", optimizer="adam", steps=30, progress=False)
+    post.save(tmp_path / "p.pt")
+    loaded = mz.load(tmp_path / "p.pt")
+    assert isinstance(loaded.info, FitInfo) and loaded.info.engine == "fast"
+    assert torch.equal(loaded.info.loss, post.info.loss) and loaded.info.converged is False

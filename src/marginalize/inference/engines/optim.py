@@ -429,14 +429,19 @@ class LBFGS(FlatOptimizer):
         return out
 
     def load_state_dict(self, st: dict) -> None:
+        dev, dt = self.params.device, self.params.dtype
+
+        def to(t):
+            return t.to(dev, dt)
+
         def unpack(d):
             prev = d["prev"]
             return (
-                d["params"].to(self.params.device, self.params.dtype),
+                to(d["params"]),
                 int(d["t"]),
-                (list(d["y"]), list(d["s"]), [float(r) for r in d["ro"]]),
+                ([to(v) for v in d["y"]], [to(v) for v in d["s"]], [float(r) for r in d["ro"]]),
                 float(d["h_diag"]),
-                None if prev is None else (prev[0], prev[1], float(prev[2])),
+                None if prev is None else (to(prev[0]), to(prev[1]), float(prev[2])),
                 None,
             )
 
