@@ -209,14 +209,29 @@ def test_non_finite_values_follow_on_nan(method, monkeypatch):
         post = mz.fit(REG, x, y, method=method, seed=0, progress=False, **opts)
         assert calls["n"] > 25 and torch.isfinite(post.approximation.draws).all()
         return
-    orig = Objective.loss_and_grad
+    depth = {"n": 0}
 
-    def lg(self, params, batch):
-        calls["n"] += 1
-        loss, g = orig(self, params, batch)
-        return (loss * math.nan, g) if calls["n"] == 12 else (loss, g)
+    def poisoned(orig):
+        def lg(self, params, batch):  # the 12th evaluation of the loop (outermost call) is NaN
+            depth["n"] += 1
+            try:
+                outer = depth["n"] == 1
+                calls["n"] += outer
+                loss, g = orig(self, params, batch)
+            finally:
+                depth["n"] -= 1
+            return (loss * math.nan, g) if outer and calls["n"] == 12 else (loss, g)
 
-    monkeypatch.setattr(Objective, "loss_and_grad", lg)
+        return lg
+
+    def classes(c):
+        yield c
+        for sub in c.__subclasses__():
+            yield from classes(sub)
+
+    for cls in set(classes(Objective)):
+        if "loss_and_grad" in cls.__dict__:
+            monkeypatch.setattr(cls, "loss_and_grad", poisoned(cls.__dict__["loss_and_grad"]))
     post = mz.fit(REG, x, y, method=method, seed=0, progress=False, on_nan="stop", **opts)
     assert post.info.stopped is not None and "non-finite" in post.info.stopped.reason
     assert torch.isfinite(post.predict(x, num_samples=5, seed=0).mean).all()

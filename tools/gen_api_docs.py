@@ -41,6 +41,7 @@ BEGIN, END = "<!-- BEGIN GENERATED: methods -->", "<!-- END GENERATED: methods -
 MODULES = [
     "marginalize.inference.registry",
     "marginalize.posterior",
+    "marginalize.core.info",
     "marginalize.models.builders",
     "marginalize.models.cnn",
     "marginalize.models.module",
@@ -49,6 +50,8 @@ MODULES = [
     "marginalize.models.base",
     "marginalize.temperature",
     "marginalize.inference.engines.checkpoint",
+    "marginalize.inference.engines.training",
+    "marginalize.inference.engines.options",
     "marginalize.core.approximations",
     "marginalize.io",
     "marginalize.datasets",
