@@ -380,9 +380,15 @@ class LBFGS(FlatOptimizer):
 
         self._in_step = True
         self.failure = None
-        f_new, g_new, t, _ = _strong_wolfe(
-            obj_func, x, t, d, float(loss), g, gtd, max_ls=self.max_ls
-        )
+        for _ in range(8):  # a search that met only non-finite points starts again, shorter
+            bad[0] = False
+            f_new, g_new, t_new, _ = _strong_wolfe(
+                obj_func, x, t, d, float(loss), g, gtd, max_ls=self.max_ls
+            )
+            if not (bad[0] and not t_new):
+                break
+            t *= 1e-3
+        t = t_new
         if bad[0] and not t:
             self.failure = "every point the line search tried was non-finite"
         self._prev = (g, d, t)

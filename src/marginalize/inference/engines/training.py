@@ -86,6 +86,7 @@ __all__ = [
     "ON_NAN",
     "MAX_ROLLBACKS",
     "LOSS_RTOL",
+    "MAX_LR",
 ]
 
 log = logging.getLogger(__name__)
@@ -100,6 +101,9 @@ MAX_ROLLBACKS = 10
 LOSS_RTOL = 1e-3
 #: consecutive small changes that stop a deterministic objective
 PATIENCE = 3
+#: the largest learning rate an option accepts (larger ones are typing mistakes: 1e308 overflows
+#: the first step whatever the problem; a merely too large one is what ``on_nan`` handles)
+MAX_LR = 1e12
 
 
 @dataclass
@@ -549,7 +553,7 @@ class TrainOptions(Options):
     """Options of every method trained by the training loop (``engines/training.py``)."""
 
     steps: int = option(2000, integer(1, 10**9), "optimizer steps (minibatches)")
-    lr: float | None = option(1e-2, number(0, 1e3), "learning rate (Adam)")
+    lr: float | None = option(1e-2, number(0, MAX_LR), "learning rate (Adam)")
     lr_final: float = option(
         0.1,
         number(0, 1),
@@ -591,7 +595,7 @@ class MAPOptions(TrainOptions):
 
     lr: float | None = option(
         None,
-        number(0, 1e3, optional=True),
+        number(0, MAX_LR, optional=True),
         "learning rate (None: 1.0 for L-BFGS, whose line search adapts it; 0.01 for Adam)",
     )
     optimizer: str = option(

@@ -65,6 +65,7 @@ from marginalize.inference.engines.seeding import isolated, member_seed
 from marginalize.inference.engines.subsites import BayesianSites, run_on_sites
 from marginalize.inference.engines.training import (
     INIT,
+    MAX_LR,
     MAX_ROLLBACKS,
     ON_NAN,
     Trained,
@@ -169,12 +170,14 @@ class SWAGOptions(BayesianSites):
     pretrain_steps: int = option(
         1000, integer(0, 10**9), "Adam steps from the initialization before collecting (0: none)"
     )
-    lr: float = option(1e-2, number(0, 1e3), "pretraining learning rate (Adam)")
+    lr: float = option(1e-2, number(0, MAX_LR), "pretraining learning rate (Adam)")
     lr_final: float = option(
         0.1, number(0, 1), "pretraining learning rate at its last step, as a fraction of lr"
     )
     swag_steps: int = option(1000, integer(1, 10**9), "steps of the collection phase")
-    swag_lr: float = option(1e-2, number(0, 1e3), "constant learning rate of the collection phase")
+    swag_lr: float = option(
+        1e-2, number(0, MAX_LR), "constant learning rate of the collection phase"
+    )
     optimizer: str = option(
         "sgd",
         choice("sgd", "adam"),
