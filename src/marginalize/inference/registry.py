@@ -41,7 +41,7 @@ from marginalize._validation import check_device, check_options, check_seed
 from marginalize.core.info import FitInfo
 from marginalize.core.problem import Problem, prepare
 from marginalize.errors import OptionError
-from marginalize.inference.engines import checkpoint, interrupt
+from marginalize.inference.engines import checkpoint, distributed, interrupt
 from marginalize.inference.engines.options import Options
 from marginalize.inference.engines.seeding import isolated
 from marginalize.posterior import Posterior
@@ -179,6 +179,14 @@ def fit(
         current step and returns what it reached (``post.info.stopped``); a second stops at
         once.
 
+    Notes
+    -----
+    In a distributed run (an initialized ``torch.distributed`` process group, e.g. under
+    ``torchrun``), the members and chains of ``ensemble``, ``multiswag``, ``nuts`` and ``hmc``
+    are spread over the ranks and gathered: every rank returns the same posterior, bitwise the
+    one a single process gives with the same seed (same machine and torch thread count).
+    Every rank must call ``fit`` with the same arguments. See ``docs/guide/distributed.md``.
+
     Returns
     -------
     Posterior
@@ -193,10 +201,14 @@ def fit(
     seed = check_seed("seed", seed)
     device = check_device(device)
     problem = prepare(model, x, y, device=device)
+    # a distributed run (torchrun): members and chains are spread over the ranks
+    # (engines/distributed.py); progress bars on rank 0 only
+    rank = distributed.rank() if distributed.is_distributed() else 0
+    progress = progress and distributed.is_main()
     with (
         interrupt.scope(),
         isolated(seed),
-        checkpoint.session(cls.name, opts, seed, problem),
+        checkpoint.session(cls.name, opts, seed, problem, rank=rank),
     ):
         approx, info = cls().run(problem, opts, seed, progress)
     if not isinstance(info, FitInfo):

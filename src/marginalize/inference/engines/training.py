@@ -153,11 +153,12 @@ class Trained:
         }
 
     @classmethod
-    def from_state(cls, st: dict, device, dtype) -> Trained:
+    def from_state(cls, st: dict, device=None, dtype=None) -> Trained:
         stopped = st["stopped"]
         conv = int(st["converged"])
+        params = st["params"]
         return cls(
-            params=st["params"].to(device, dtype),
+            params=params if device is None else params.to(device, dtype),
             loss=st["loss"],
             stopped=None if stopped is None else Stop(**stopped),
             rollbacks=[Rollback(int(r["step"]), float(r["lr"])) for r in st["rollbacks"]],

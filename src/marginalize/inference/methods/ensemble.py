@@ -24,9 +24,10 @@ from dataclasses import dataclass
 
 from marginalize.core.approximations import Delta, Mixture
 from marginalize.inference.engines import interrupt
+from marginalize.inference.engines.distributed import run_members
 from marginalize.inference.engines.options import integer, option
 from marginalize.inference.engines.seeding import isolated, member_seed
-from marginalize.inference.engines.training import MAPOptions, fit_point, stack_losses
+from marginalize.inference.engines.training import MAPOptions, Trained, fit_point, stack_losses
 from marginalize.inference.registry import Method, register
 
 __all__ = ["Ensemble"]
@@ -57,17 +58,25 @@ class Ensemble(Method):
         map_opts = MAPOptions(
             **{f.name: getattr(opts, f.name) for f in dataclasses.fields(MAPOptions)}
         )
-        members, runs = [], []
-        for k in range(opts.num_members):
-            if interrupt.requested():
-                break
+
+        def member(k):
             sk = member_seed(seed, k)
             with isolated(sk):
                 z, run, engine = fit_point(problem, map_opts, sk, progress, desc=f"member {k + 1}")
-            members.append(Delta(z))
-            runs.append(run)
-        if not runs:
+            return Delta(z), {"run": run.to_state(), "engine": engine}
+
+        # spread over the ranks of a distributed run (torchrun), gathered on every rank; one
+        # Ctrl-C ends the member it hits and the members after it
+        results = run_members(
+            opts.num_members,
+            member,
+            label="member",
+            stop=lambda r: _trained(r[1]).interrupted or interrupt.requested(),
+        )
+        if not results:
             raise KeyboardInterrupt("interrupted before the first member started")
+        members = [approx for approx, _ in results]
+        runs = [_trained(r) for _, r in results]
         mean_loss, member_loss = stack_losses([r.loss for r in runs])
         stopped = next((r.stopped for r in runs if r.stopped is not None), None)
         if stopped is not None:
@@ -78,13 +87,13 @@ class Ensemble(Method):
                     "ensemble: interrupted; returning the %d member(s) reached", len(members)
                 )
         converged = [r.converged for r in runs]
-        info = runs[0].info(
-            loss=mean_loss,
-            member_loss=member_loss,
-            engine=engine,
-        )
+        info = runs[0].info(loss=mean_loss, member_loss=member_loss, engine=results[0][1]["engine"])
         info.stopped = stopped
         info.steps_done = sum(r.steps_done for r in runs)
         info.converged = None if None in converged else all(converged)
         info.rollbacks = [rb for r in runs for rb in r.rollbacks]
         return Mixture(members), info
+
+
+def _trained(record: dict) -> Trained:
+    return Trained.from_state(record["run"], None, None)

@@ -2,7 +2,8 @@
 
 The potential is ``-Problem.log_joint(z)``: for the builders' models a pure-torch batched
 log joint (no Pyro trace per gradient), for plain model functions a Pyro trace. Chains run
-one after another, each from its own seed; per-draw statistics (``lp``, ``diverging``,
+one after another, each from its own seed (in a distributed run, spread over the ranks:
+``engines/distributed.py``); per-draw statistics (``lp``, ``diverging``,
 ``acceptance_rate``, ``step_size``, ``tree_depth``, ``n_steps``, ``energy``) are kept with
 ArviZ's names.
 """
@@ -22,6 +23,7 @@ from marginalize.core.potentials import blas_threads
 from marginalize.core.problem import Problem
 from marginalize.errors import ModelError
 from marginalize.inference.engines import checkpoint, interrupt
+from marginalize.inference.engines.distributed import run_members
 from marginalize.inference.engines.nuts import SamplingInterrupted, run_sampler
 from marginalize.inference.engines.options import Options, choice, integer, number, option
 from marginalize.inference.engines.seeding import isolated
@@ -49,7 +51,10 @@ class MCMCOptions(Options):
         "adaptation iterations per chain (None: num_samples)",
     )
     num_chains: int = option(
-        4, integer(1, 10**4), "chains, run one after another (R-hat needs at least 2)"
+        4,
+        integer(1, 10**4),
+        "chains, run one after another or spread over the processes of a distributed run "
+        "(R-hat needs at least 2)",
     )
     target_accept: float = option(
         0.8,
@@ -118,84 +123,25 @@ class _MCMC(Method):
 
     def run(self, problem, opts, seed, progress):
         num_warmup = opts.num_samples if opts.num_warmup is None else opts.num_warmup
-        draws, stats, states = [], [], []
-        stopped = None
-        for chain in range(opts.num_chains):
-            chain_seed = seed * 1009 + chain
-            try:
-                z0 = initial_point(problem, opts, chain_seed)
-                seg = checkpoint.segment("mcmc", f"{self.name} chain {chain + 1}")
-            except KeyboardInterrupt:
-                log.warning("%s: interrupted before chain %d started", self.name, chain + 1)
-                stopped = Stop(0, "interrupted", f"chain {chain + 1}")
-                break
-            if seg is not None and seg.saved is not None and seg.saved["done"]:
-                d, s, state = checkpoint.chain_result(seg, problem.device, problem.dtype)
-                seg.finish({"draws": d, "stats": s, "state": state.state_dict()})
-                draws.append(d)
-                stats.append(s)
-                states.append(state)
-                continue
-            rec = checkpoint.ChainRecorder(seg, num_warmup)
-            g = torch.Generator(device=problem.device).manual_seed(chain_seed)
-            bar = tqdm(
-                total=num_warmup + opts.num_samples,
-                initial=rec.start,
-                desc=f"{self.name} chain {chain + 1}",
-                disable=not progress,
-                leave=False,
-            )
 
-            def callback(i, state, st, bar=bar, rec=rec):
-                interrupt.check()  # Ctrl-C (the fit-wide flag): stop after this iteration
-                bar.update(1)
-                if st is not None and i % 20 == 0:
-                    bar.set_postfix(
-                        step=f"{state.step_size:.3g}", depth=int(st.get("tree_depth", 0))
-                    )
-                rec.record(i, state, st)
+        def chain(k):
+            chain_seed = seed * 1009 + k
+            with isolated(chain_seed):
+                return self._chain(problem, opts, k, chain_seed, num_warmup, progress)
 
-            numpy_pg = problem.numpy_potential()
-            blas = blas_threads(torch.get_num_threads()) if numpy_pg else contextlib.nullcontext()
-            try:
-                with blas:
-                    d, s, state = run_sampler(
-                        problem.potential_and_grad,
-                        z0,
-                        num_warmup=num_warmup,
-                        num_samples=opts.num_samples,
-                        generator=g,
-                        algorithm=self.algorithm,
-                        target_accept=opts.target_accept,
-                        step_size=opts.step_size,
-                        adapt_mass=opts.adapt_mass,
-                        callback=callback,
-                        state=rec.resume_state,
-                        numpy_potential_and_grad=numpy_pg,
-                        **self._sampler_kwargs(opts),
-                    )
-                d, s = rec.join(d, s)
-                rec.finish(d, s, state)
-            except (SamplingInterrupted, KeyboardInterrupt) as e:
-                log.warning("%s: interrupted in chain %d", self.name, chain + 1)
-                interrupt.request()
-                stopped = Stop(0, "interrupted", f"chain {chain + 1}")
-                if isinstance(e, SamplingInterrupted):
-                    d, s = rec.join(e.draws, e.stats)
-                    state = e.state
-                else:  # before the sampling loop: nothing new since the last checkpoint
-                    d, s = rec.join(None, {})
-                    state = None
-                rec.interrupt(d, s, state)
-                if d is None or not len(d):
-                    break
-            finally:
-                bar.close()
-            draws.append(d)
-            stats.append(s)
-            states.append(state)
-            if stopped:
-                break
+        # spread over the ranks of a distributed run (torchrun), gathered on every rank;
+        # an interrupted chain ends its process's loop
+        results = run_members(
+            opts.num_chains,
+            chain,
+            label="chain",
+            stop=lambda r: r["stopped"] is not None or interrupt.requested(),
+        )
+        stopped = next((r["stopped"] for r in results if r["stopped"] is not None), None)
+        kept = [r for r in results if r["draws"] is not None and len(r["draws"])]
+        draws = [r["draws"] for r in kept]
+        stats = [r["stats"] for r in kept]
+        final_states = [r["state"] for r in kept if r["state"] is not None]
         if not draws:
             raise KeyboardInterrupt("interrupted before any draw was kept")
         n = min(d.shape[0] for d in draws)
@@ -213,15 +159,87 @@ class _MCMC(Method):
         info = FitInfo(
             sample_stats=sample_stats,
             num_divergences=n_div,
-            stopped=stopped,
-            details={
-                "num_warmup": num_warmup,
-                "final_states": [st.state_dict() for st in states if st is not None],
-            },
+            details={"num_warmup": num_warmup, "final_states": final_states},
         )
-        if stopped is not None:
-            stopped.step = int(draws[-1].shape[0]) if draws else 0
+        if stopped is not None:  # the chain Ctrl-C ended, and how many draws it kept
+            r = next(r for r in results if r["stopped"] is not None)
+            kept_draws = 0 if r["draws"] is None else int(r["draws"].shape[0])
+            chain_k = int(stopped["chain"]) + 1
+            info.stopped = Stop(kept_draws, str(stopped["reason"]), f"chain {chain_k}")
         return approx, info
+
+    def _chain(self, problem, opts, chain, chain_seed, num_warmup, progress) -> dict:
+        """One chain: ``{"draws", "stats", "state" (a state dict), "stopped"}`` (draws None when
+        it was interrupted before keeping any)."""
+        out = {"draws": None, "stats": {}, "state": None, "stopped": None}
+        try:
+            z0 = initial_point(problem, opts, chain_seed)
+            seg = checkpoint.segment("mcmc", f"{self.name} chain {chain + 1}")
+        except KeyboardInterrupt:
+            log.warning("%s: interrupted before chain %d started", self.name, chain + 1)
+            out["stopped"] = {"chain": chain, "reason": "interrupted"}
+            return out
+        if seg is not None and seg.saved is not None and seg.saved["done"]:
+            d, s, state = checkpoint.chain_result(seg, problem.device, problem.dtype)
+            seg.finish({"draws": d, "stats": s, "state": state.state_dict()})
+            return {**out, "draws": d, "stats": s, "state": state.state_dict()}
+        rec = checkpoint.ChainRecorder(seg, num_warmup)
+        g = torch.Generator(device=problem.device).manual_seed(chain_seed)
+        bar = tqdm(
+            total=num_warmup + opts.num_samples,
+            initial=rec.start,
+            desc=f"{self.name} chain {chain + 1}",
+            disable=None if progress else True,
+            leave=False,
+        )
+
+        def callback(i, state, st):
+            interrupt.check()  # Ctrl-C (the fit-wide flag): stop after this iteration
+            bar.update(1)
+            if st is not None and i % 20 == 0:
+                bar.set_postfix(step=f"{state.step_size:.3g}", depth=int(st.get("tree_depth", 0)))
+            rec.record(i, state, st)
+
+        numpy_pg = problem.numpy_potential()
+        blas = blas_threads(torch.get_num_threads()) if numpy_pg else contextlib.nullcontext()
+        try:
+            with blas:
+                d, s, state = run_sampler(
+                    problem.potential_and_grad,
+                    z0,
+                    num_warmup=num_warmup,
+                    num_samples=opts.num_samples,
+                    generator=g,
+                    algorithm=self.algorithm,
+                    target_accept=opts.target_accept,
+                    step_size=opts.step_size,
+                    adapt_mass=opts.adapt_mass,
+                    callback=callback,
+                    state=rec.resume_state,
+                    numpy_potential_and_grad=numpy_pg,
+                    **self._sampler_kwargs(opts),
+                )
+            d, s = rec.join(d, s)
+            rec.finish(d, s, state)
+        except (SamplingInterrupted, KeyboardInterrupt) as e:
+            log.warning("%s: interrupted in chain %d", self.name, chain + 1)
+            interrupt.request()  # one Ctrl-C ends the fit: no further chain starts
+            out["stopped"] = {"chain": chain, "reason": "interrupted"}
+            if isinstance(e, SamplingInterrupted):
+                d, s = rec.join(e.draws, e.stats)
+                state = e.state
+            else:  # before the sampling loop: nothing new since the last checkpoint
+                d, s = rec.join(None, {})
+                state = None
+            rec.interrupt(d, s, state)
+        finally:
+            bar.close()
+        return {
+            **out,
+            "draws": d,
+            "stats": s,
+            "state": None if state is None else state.state_dict(),
+        }
 
 
 @register("nuts")

@@ -51,6 +51,7 @@ from marginalize.core.info import FitInfo
 from marginalize.core.problem import Problem
 from marginalize.errors import OptionError
 from marginalize.inference.engines import interrupt
+from marginalize.inference.engines.distributed import run_members
 from marginalize.inference.engines.objectives import PointObjective, Scaled
 from marginalize.inference.engines.optim import SGD, Adam, constant, exponential
 from marginalize.inference.engines.options import (
@@ -391,20 +392,32 @@ class MultiSWAG(Method):
     class Options(SWAGOptions):
         """Every option of ``swag`` (applied to each run), plus the number of runs."""
 
-        num_models: int = option(5, integer(1, 10**4), "number of independent SWAG runs")
+        num_models: int = option(
+            5,
+            integer(1, 10**4),
+            "number of independent SWAG runs (spread over the processes of a distributed run)",
+        )
 
     def run(self, problem, opts, seed, progress):
         fields = {k: v for k, v in opts.as_dict().items() if k != "num_models"}
         swag_opts = SWAGOptions(**fields)
-        comps, infos = [], []
-        for k in range(opts.num_models):
-            if interrupt.requested():
-                break
+
+        def one(k):
             sk = member_seed(seed, k)
             with isolated(sk):
                 approx, info = SWAG().run(problem, swag_opts, sk, progress)
-            comps.append(approx)
-            infos.append(info)
+            return approx, info.to_dict()
+
+        # spread over the ranks of a distributed run (torchrun), gathered on every rank; one
+        # Ctrl-C ends the run it hits and the runs after it
+        results = run_members(
+            opts.num_models,
+            one,
+            label="SWAG run",
+            stop=lambda r: FitInfo.from_dict(r[1]).interrupted or interrupt.requested(),
+        )
+        comps = [approx for approx, _ in results]
+        infos = [FitInfo.from_dict(i) for _, i in results]
         if not infos:
             raise KeyboardInterrupt("interrupted before the first SWAG run started")
         mean_loss, member_loss = stack_losses([i.loss for i in infos])
