@@ -669,7 +669,7 @@ def _fit_cmd(args) -> int:
             print(f"marginalize: {m}: the fit failed: {e}", file=sys.stderr)
             continue
         secs = time.perf_counter() - t0
-        post.info.setdefault("fit_seconds", secs)
+        post.info.fit_seconds = post.info.fit_seconds or secs
         posts[m], seconds[m] = post, secs
         if save_dir is not None and main_rank:
             path = save_dir / f"{m}.pt"
