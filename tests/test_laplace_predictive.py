@@ -184,8 +184,9 @@ def test_probit_binary_against_quadrature_and_monte_carlo(binary_laplace, seed):
 def test_probit_multiclass_and_deferred_epistemic_split(seed):
     """Softmax outputs: the per-class probit is an approximation without a known worst case; on
     this problem it agrees with Monte Carlo on the predicted class and within 0.03 in mean
-    total variation (0.1 at worst; measured 0.012 and 0.051). The expected entropy (computed on first access, from draws of
-    the output Gaussian) equals the Monte Carlo one within its MCSE."""
+    total variation (0.1 at worst; measured 0.012 and 0.051). The expected entropy (computed
+    on first access, from draws of the output Gaussian) equals the Monte Carlo one within its
+    MCSE."""
     x, y = cls_data(n=90, classes=3)
     model = mz.models.mlp(
         2, hidden=[8], out_features=3, likelihood="categorical", activation="tanh"

@@ -45,6 +45,7 @@ QBEGIN, QEND = "<!-- BEGIN GENERATED: quality -->", "<!-- END GENERATED: quality
 MODULES = [
     "marginalize.inference.registry",
     "marginalize.posterior",
+    "marginalize.core.info",
     "marginalize.models.builders",
     "marginalize.models.cnn",
     "marginalize.models.module",
@@ -53,11 +54,14 @@ MODULES = [
     "marginalize.models.base",
     "marginalize.temperature",
     "marginalize.inference.engines.checkpoint",
+    "marginalize.inference.engines.training",
+    "marginalize.inference.engines.options",
     "marginalize.core.approximations",
     "marginalize.core.linearized",
     "marginalize.io",
     "marginalize.datasets",
     "marginalize.diagnostics.report",
+    "marginalize.diagnostics.evaluation",
     "marginalize.core.arviz",
     "marginalize.diagnostics.stats",
     "marginalize.diagnostics.checks",
@@ -411,7 +415,7 @@ def render_methods_block() -> str:
     for r in rows:
         cls = get_method(r["name"])
         names = list(r["options"])
-        descs: dict[str, str] = {}
+        descs: dict[str, str] = {n: d for n, d in r.get("docs", {}).items() if d}
         intro = ""
         for k, doc in enumerate(_option_docs(cls.Options)):
             found, rest = parse_option_docs(doc, names)

@@ -7,11 +7,11 @@ the approximation's ``loc``, ``J`` the Jacobian there). This is the predictive t
 a Laplace approximation (MacKay 1992; Immer, Korzepa & Bauer 2021): sampling the weights and
 running the nonlinear network instead puts large function-space variance along the
 directions the data leave at the prior's scale. A posterior uses it when
-``info["predictive"] == "glm"`` (``laplace`` sets it by default).
+``info.predictive == "glm"`` (``laplace`` sets it by default).
 
 Under a Gaussian posterior ``N(z0, Sigma)`` the linearized output at one input is Gaussian,
 ``f ~ N(f(x; z0), J Sigma J^T)``, so the predictive has closed forms
-(``info["link_approx"]``):
+(``info["link_approx"]``, a detail of the fit):
 
 * ``"probit"`` (default): regression with a Gaussian likelihood is exact: mean ``f(x; z0)``,
   epistemic variance ``diag(J Sigma J^T)``, aleatoric variance the noise variance averaged
@@ -40,7 +40,7 @@ Examples
 >>> import torch, marginalize as mz
 >>> x = torch.linspace(-1, 1, 40)[:, None]; y = torch.sin(3 * x[:, 0])
 >>> post = mz.fit(mz.models.mlp(1, hidden=[8]), x, y, method="laplace", steps=100, progress=False)
->>> post.info["predictive"], post.info["link_approx"]
+>>> post.info.predictive, post.info["link_approx"]
 ('glm', 'probit')
 >>> mu, var = glm_moments(post, x[:5])
 >>> mu.shape, var.shape

@@ -12,24 +12,39 @@ with the same seed (on the same device and library versions)::
 A fresh fit refuses to overwrite an existing checkpoint (that file may hold hours of work):
 continue it with :func:`resume`, or delete it.
 
-How it works. A fit is a sequence of *segments*: each
-:func:`~marginalize.inference.engines.training.run_svi` call (one per SVI fit, ensemble member,
-MAP initialisation...) and each MCMC chain is one, numbered in the order the method runs them.
+How it works. A fit is a sequence of *segments*: each run of the training loop
+(:func:`~marginalize.inference.engines.training.train`: one per SVI fit, ensemble member, SWAG
+phase, MAP stage...) and each MCMC chain is one, numbered in the order the method runs them.
 A segment saves either its finished result or its state in progress; on resume, finished
 segments are restored without recomputing and the segment in progress continues from its state.
+Segments run inside a member of
+:func:`~marginalize.inference.engines.distributed.run_members` (ensemble members, SWAG runs,
+MCMC chains) are keyed by the member (``m{k}.{j}:{kind}``), the others by their order in the
+fit (``{j}:{kind}``), so a checkpoint does not depend on which process ran a member.
+
+Distributed runs (several processes, see ``docs/guide/distributed.md``): rank 0 writes
+``PATH`` with every segment it knows; rank ``r > 0`` writes ``PATH.rank{r}`` with only the
+member segments it runs (the others are computed identically on every rank). After the
+members are gathered rank 0 knows them all: at the end of the fit it writes the complete
+``PATH`` and deletes the ``PATH.rank*`` files. :func:`pending` reads ``PATH`` and every
+``PATH.rank*`` beside it and keeps, per segment, the finished one or else the one saved last,
+so a fit can be resumed by any number of processes (on a file system all ranks share).
+
 What is saved, all as plain tensors:
 
-* SVI: the unconstrained parameters of the Pyro param store, the optimizer state
-  (``PyroOptim.get_state()``: Adam moments, step counts, the decayed learning rate), the loss
-  trace, the number of steps done and the global RNG states (torch, Python ``random``,
-  NumPy, and CUDA when used). The minibatch order is a function of ``(seed, step)``: its
-  generator is replayed to the saved step.
+* training: the optimizer's state (parameters, moments, step count, learning-rate backoff, and
+  the state before its last update), the objective's noise generator, the state of a per-step
+  callback (SWAG's moments), the loss trace, the rollbacks, the number of steps done and the
+  global RNG states (torch, Python ``random``, NumPy, and CUDA when used). The minibatch order is
+  a function of ``(seed, step)``: its generator is replayed to the saved step.
 * MCMC: per chain ``NUTSState.state_dict()`` (position, step size, metric, adaptation
   accumulators and the chain's generator state) plus the draws and sampler statistics so far.
 
+The path is checked before fitting (its folder must exist and accept a new file); a write that
+fails later (a full disk) is a warning, and the fit goes on and returns its result.
 Files are written atomically (temporary file + rename) and verified on load (format, version,
 SHA-256 of the content; ``torch.load(weights_only=True)``): see :mod:`marginalize._files`.
-Ctrl-C during SVI takes effect at the end of the current step (press it twice to stop at once;
+Ctrl-C during training takes effect at the end of the current step (press it twice to stop at once;
 the file then keeps the last completed checkpoint), so the saved state is always consistent.
 """
 
@@ -38,30 +53,34 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import glob
 import json
 import logging
 import os
 import random
-import signal
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from pyro import poutine
 
 from marginalize._files import check_path, digest, read_verified, write_verified
-from marginalize._validation import check_positive_int
 from marginalize.errors import DataError, FileFormatError, ModelError, OptionError
+from marginalize.inference.engines import interrupt
 
 __all__ = [
     "pending",
     "session",
     "segment",
+    "member",
+    "member_segments",
+    "adopt",
+    "rank_file",
     "deferred_interrupt",
-    "check_options",
+    "restore_error",
+    "rng_state",
+    "set_rng_state",
     "FORMAT",
     "VERSION",
 ]
@@ -69,28 +88,12 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 FORMAT = "marginalize.checkpoint"
-VERSION = 1
+VERSION = 3  # 2: member segments keyed by member (distributed runs); 3: training-loop segments
 
 _ACTIVE: contextvars.ContextVar[_Session | None] = contextvars.ContextVar(
     "mz_checkpoint", default=None
 )
 _PENDING: contextvars.ContextVar[dict | None] = contextvars.ContextVar("mz_resume", default=None)
-
-
-# ---- options -----------------------------------------------------------------------------
-def check_options(checkpoint: Any, every: Any) -> str | None:
-    """Validate the ``checkpoint`` / ``checkpoint_every`` options; return the path as a str."""
-    check_positive_int("checkpoint_every", every)
-    if checkpoint is None:
-        return None
-    if isinstance(checkpoint, bool) or not isinstance(checkpoint, (str, os.PathLike)):
-        raise OptionError(
-            f"checkpoint: expected a file path (str or os.PathLike) or None, got {checkpoint!r}"
-        )
-    path = os.fspath(checkpoint)
-    if not path or path.endswith(os.sep):
-        raise OptionError(f"checkpoint: expected a file path, got {path!r}")
-    return path
 
 
 # ---- RNG state as plain tensors ----------------------------------------------------------
@@ -152,42 +155,18 @@ def _cpu(obj):
 
 # ---- Ctrl-C at a safe point ----------------------------------------------------------------
 class _Interrupt:
-    def __init__(self):
-        self.pending = False
-
     def check(self) -> None:
-        """Raise ``KeyboardInterrupt`` here if Ctrl-C was pressed since the last check."""
-        if self.pending:
-            self.pending = False
-            raise KeyboardInterrupt("interrupted (Ctrl-C)")
+        """Raise ``KeyboardInterrupt`` here if Ctrl-C was pressed (see ``engines/interrupt.py``)."""
+        interrupt.check()
 
 
 @contextlib.contextmanager
 def deferred_interrupt() -> Iterator[_Interrupt]:
-    """Within the block, Ctrl-C only sets a flag that :meth:`_Interrupt.check` turns into a
-    ``KeyboardInterrupt`` at the next safe point; a second Ctrl-C interrupts at once.
-
-    Outside the main thread (where signal handlers cannot be set) this does nothing.
-    """
-    flag = _Interrupt()
-    if threading.current_thread() is not threading.main_thread():
-        yield flag
-        return
-    old = signal.getsignal(signal.SIGINT)
-    if old is None or old is signal.SIG_IGN:  # a handler not set from Python, or ignored: leave it
-        yield flag
-        return
-
-    def handler(signum, frame):
-        if flag.pending:
-            raise KeyboardInterrupt
-        flag.pending = True
-
-    signal.signal(signal.SIGINT, handler)
-    try:
-        yield flag
-    finally:
-        signal.signal(signal.SIGINT, old)
+    """Within the block, Ctrl-C only asks the fit to stop; :meth:`_Interrupt.check` raises
+    ``KeyboardInterrupt`` at the next safe point; a second Ctrl-C interrupts at once (the
+    fit-wide behaviour of :func:`marginalize.inference.engines.interrupt.scope`)."""
+    with interrupt.scope():
+        yield _Interrupt()
 
 
 # ---- the session of one fit --------------------------------------------------------------
@@ -213,21 +192,22 @@ class Segment:
 
     def save(self, state: dict) -> None:
         """Write ``state`` (this segment in progress) with every finished segment."""
-        self.session.segments[self.key] = {
-            "label": self.label,
-            "done": False,
-            "state": _clone(_cpu(state)),
-        }
-        self.session.write()
+        self._store(False, state)
 
     def finish(self, state: dict) -> None:
         """Record this segment's result (cloned: the caller may keep mutating its tensors)."""
+        self._store(True, state)
+
+    def _store(self, done: bool, state: dict) -> None:
+        old = self.session.segments.get(self.key) or {}
         self.session.segments[self.key] = {
             "label": self.label,
-            "done": True,
+            "done": done,
             "state": _clone(_cpu(state)),
+            # how often this segment was saved: on resume, the copy saved last wins
+            "seq": int(old.get("seq", 0)) + 1,
         }
-        self.session.write()
+        self.session.write(member=self.key.startswith("m"))
 
     def interrupt(self, state: dict | None) -> None:
         """Save ``state`` (None: keep the last checkpoint) and stop the rest of the fit."""
@@ -236,37 +216,113 @@ class Segment:
         self.session.interrupted = True
         log.warning(
             "checkpoint saved to %s (%s); continue with mz.resume(%r, model, x, y)",
-            self.session.path,
+            self.session.file,
             self.label,
             str(self.session.path),
         )
 
 
+def rank_file(path: Path, rank: int) -> Path:
+    """The checkpoint file of rank ``rank`` of a distributed run (``path`` for rank 0)."""
+    return path if rank == 0 else path.with_name(f"{path.name}.rank{rank}")
+
+
+def _rank_files(path: Path) -> list[Path]:
+    return sorted(path.parent.glob(f"{glob.escape(path.name)}.rank*"))
+
+
 class _Session:
-    def __init__(self, path: Path, every: int, header: dict, saved: dict):
+    def __init__(self, path: Path, every: int, header: dict, saved: dict, rank: int = 0):
         self.path = path
         self.every = every
         self.header = header
         self.saved = saved
         self.segments: dict[str, dict] = dict(saved)
         self.counter = 0
+        self.used = 0
         self.interrupted = False
         self.complete = False
+        self.broken = False
+        self.rank = rank
+        self.file = rank_file(path, rank)
+        #: (prefix, next index) of the member scopes entered (see :func:`member`)
+        self.members: list[list] = []
 
     def segment(self, kind: str, label: str) -> Segment:
         if self.interrupted:
             raise KeyboardInterrupt("an earlier part of this fit was interrupted")
-        key = f"{self.counter}:{kind}"
-        self.counter += 1
+        if self.members:
+            scope = self.members[-1]
+            key = f"{scope[0]}{scope[1]}:{kind}"
+            scope[1] += 1
+        else:
+            key = f"{self.counter}:{kind}"
+            self.counter += 1
+        self.used += 1
         saved = self.saved.get(key)
         if saved is not None and not {"done", "state"} <= set(saved):
             raise FileFormatError(f"{self.path}: segment {key} is incomplete")
         return Segment(self, key, label, saved)
 
-    def write(self) -> None:
-        write_verified(
-            {**self.header, "complete": self.complete, "segments": self.segments}, self.path
-        )
+    def write(self, member: bool = True) -> None:
+        """Write this rank's file: everything on rank 0; on rank ``r > 0`` the member
+        segments only (the others are identical on rank 0), and nothing for the others. A
+        failed write is a warning (the fit goes on), and later writes are skipped."""
+        if self.broken:
+            return
+        if self.rank == 0:
+            segments = self.segments
+        elif not member:
+            return
+        else:
+            segments = {k: v for k, v in self.segments.items() if k.startswith("m")}
+        try:
+            write_verified(
+                {**self.header, "complete": self.complete, "segments": segments}, self.file
+            )
+        except OSError as e:
+            self.broken = True
+            log.warning(
+                "checkpoint: cannot write %s (%s); the fit continues without checkpoints",
+                self.file,
+                e,
+            )
+
+
+@contextlib.contextmanager
+def member(k: int) -> Iterator[None]:
+    """Segments started inside the block belong to member (or chain) ``k`` of the fit: their
+    keys do not depend on what ran before them, nor on which process runs them."""
+    sess = _ACTIVE.get()
+    if sess is None:
+        yield
+        return
+    outer = sess.members[-1][0] if sess.members else ""
+    sess.members.append([f"{outer}m{int(k)}.", 0])
+    try:
+        yield
+    finally:
+        sess.members.pop()
+
+
+def member_segments(k: int) -> dict[str, dict]:
+    """The saved segments of member ``k`` in the active checkpointed fit (``{}`` if none)."""
+    sess = _ACTIVE.get()
+    if sess is None:
+        return {}
+    prefix = (sess.members[-1][0] if sess.members else "") + f"m{int(k)}."
+    return {key: v for key, v in sess.segments.items() if key.startswith(prefix)}
+
+
+def adopt(segments: dict[str, dict], interrupted: bool = False) -> None:
+    """Take in segments another rank ran (gathered); ``interrupted``: a rank was interrupted,
+    so the checkpoint must not be marked complete."""
+    sess = _ACTIVE.get()
+    if sess is None:
+        return
+    sess.segments.update(segments)
+    if interrupted:
+        sess.interrupted = True
 
 
 def segment(kind: str, label: str) -> Segment | None:
@@ -323,9 +379,33 @@ def _check_match(path: Path, saved: dict, now: dict) -> None:
         )
 
 
+def _check_writable(path: Path) -> None:
+    """``OptionError`` unless a file can be created next to ``path`` (before any fitting)."""
+    folder = path.parent
+    if not folder.is_dir():
+        raise OptionError(f"checkpoint: the folder {folder} does not exist")
+    probe = folder / f".{path.name}.{os.getpid()}.probe"
+    try:
+        with open(probe, "wb") as f:
+            f.write(b"0")
+    except OSError as e:
+        raise OptionError(
+            f"checkpoint: cannot create a file in {folder} ({e.strerror or e}); choose a "
+            "writable folder"
+        ) from e
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink()
+
+
 @contextlib.contextmanager
-def session(method: str, opts: Any, seed: int, problem) -> Iterator[_Session | None]:
-    """Checkpoint the fit run inside the block when ``opts.checkpoint`` is set (or resume it)."""
+def session(
+    method: str, opts: Any, seed: int, problem, *, rank: int = 0
+) -> Iterator[_Session | None]:
+    """Checkpoint the fit run inside the block when ``opts.checkpoint`` is set (or resume it).
+
+    ``rank``: this process's rank in a distributed fit (rank ``r > 0`` writes
+    ``PATH.rank{r}``; see the module docstring)."""
     pending = _PENDING.get()
     path = getattr(opts, "checkpoint", None)
     if path is None:
@@ -339,26 +419,35 @@ def session(method: str, opts: Any, seed: int, problem) -> Iterator[_Session | N
                 f"checkpoint: {path} already exists (from an earlier fit?); continue that fit with "
                 f"mz.resume({str(path)!r}, model, x, y), or delete the file or choose another path"
             )
-        if not path.parent.is_dir():
-            raise OptionError(f"checkpoint: the folder {path.parent} does not exist")
+        stale = _rank_files(path)
+        if stale:
+            raise OptionError(
+                f"checkpoint: {stale[0]} exists (the part of a distributed fit that another "
+                f"process ran); continue that fit with mz.resume({str(path)!r}, model, x, y), or "
+                "delete the files or choose another path"
+            )
+        _check_writable(path)
         saved = {}
     else:
         _check_match(path, pending, header)
         saved = pending["segments"]
         if not isinstance(saved, dict):
             raise FileFormatError(f"{path}: malformed checkpoint (segments)")
-    sess = _Session(path, opts.checkpoint_every, header, saved)
+    sess = _Session(path, opts.checkpoint_every, header, saved, rank=rank)
     token, token_pending = _ACTIVE.set(sess), _PENDING.set(None)
     try:
         yield sess
     finally:
         _ACTIVE.reset(token)
         _PENDING.reset(token_pending)
-    if sess.counter == 0:
+    if sess.used == 0:
         log.warning("method %r did not write checkpoints (it has no resumable loop)", method)
-    elif not sess.interrupted:
+    elif not sess.interrupted and rank == 0:
+        # rank 0 holds every segment (the members were gathered): one complete file
         sess.complete = True
         sess.write()
+        for f in _rank_files(path):
+            f.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
@@ -366,7 +455,8 @@ def pending(path) -> Iterator[tuple[str, dict, int]]:
     """Read the checkpoint ``path`` and make it the one the next :func:`session` continues:
     yields ``(method, options, seed)`` from its header (``options`` with ``checkpoint=path``)."""
     path = check_path(path)
-    payload = read_verified(path, FORMAT, VERSION, what="marginalize checkpoint")
+    others = [] if path.is_dir() else _rank_files(path)
+    payload = _merged(([path] if path.exists() or not others else []) + others)
     try:
         options = json.loads(payload["options"])
         method, seed = payload["method"], payload["seed"]
@@ -382,71 +472,42 @@ def pending(path) -> Iterator[tuple[str, dict, int]]:
         _PENDING.reset(token)
 
 
-# ---- SVI state -----------------------------------------------------------------------------
-def svi_state(store, optim, step: int, losses: list[float], rollbacks: list, device) -> dict:
-    """The state of an SVI run after ``step`` steps, as plain tensors."""
-    return {
-        "step": int(step),
-        "losses": torch.tensor(losses, dtype=torch.float64),
-        "rollbacks": list(rollbacks),
-        "params": {k: v.detach() for k, v in store.named_parameters()},
-        "optim": optim.get_state(),
-        "rng": rng_state(device),
-    }
+def restore_error(seg: Segment, e: Exception) -> FileFormatError:
+    """The error for a saved segment that cannot be restored."""
+    if isinstance(e, FileFormatError):
+        return e
+    return FileFormatError(
+        f"{seg.session.path}: cannot restore {seg.label} ({type(e).__name__}: {e})"
+    )
 
 
-def svi_result(store, info: dict, device) -> dict:
-    """What a finished SVI run leaves behind: parameters, RNG state and its info."""
-    return {
-        "params": {k: v.detach() for k, v in store.named_parameters()},
-        "rng": rng_state(device),
-        "info": info,
-    }
+def _merged(files: list[Path]) -> dict:
+    """The first file's header with the segments of all files (per key: a finished one,
+    else the one saved most often)."""
+    payloads = [read_verified(f, FORMAT, VERSION, what="marginalize checkpoint") for f in files]
+    first = payloads[0]
+    keys = ("method", "options", "seed", "data_sha256", "layout", "model_config")
+    segments: dict[str, dict] = {}
+    for f, p in zip(files, payloads, strict=True):
+        if any(p.get(k) != first.get(k) for k in keys):
+            raise FileFormatError(
+                f"{f}: belongs to another fit than {files[0]} (method, options, seed or data "
+                "differ); delete the stale file"
+            )
+        segs = p.get("segments")
+        if not isinstance(segs, dict):
+            raise FileFormatError(f"{f}: malformed checkpoint (segments)")
+        for key, seg in segs.items():
+            old = segments.get(key)
+            if old is None or _rank(seg) > _rank(old):
+                segments[key] = seg
+    return {**first, "segments": segments}
 
 
-def _setup_params(guide, problem, batch_size: int | None, params: dict, path) -> None:
-    """Create the guide's parameters (one guide call) and overwrite them with saved values."""
-    from pyro import get_param_store
-
-    k = problem.n if batch_size is None else min(batch_size, problem.n)
-    with poutine.block(), torch.no_grad():
-        guide(problem.x[:k], problem.y[:k])
-    store = get_param_store()
-    names = dict(store.named_parameters())
-    if set(names) != set(params):
-        raise FileFormatError(
-            f"{path}: saved parameters {sorted(params)} do not match the guide's {sorted(names)}"
-        )
-    with torch.no_grad():
-        for k_, v in names.items():
-            if v.shape != params[k_].shape:
-                raise FileFormatError(
-                    f"{path}: saved parameter {k_!r} has shape "
-                    f"{tuple(params[k_].shape)}, the guide's {tuple(v.shape)}"
-                )
-            v.copy_(params[k_])
-
-
-def restore_svi(seg: Segment, guide, problem, optim, batch_size: int | None):
-    """Restore a saved SVI segment.
-
-    Returns ``("done", info)`` for a finished one (parameters and RNG as they were at its
-    end), else ``("running", state)`` with parameters, optimizer state and RNG restored.
-    """
-    st = seg.saved["state"]
-    try:
-        _setup_params(guide, problem, batch_size, st["params"], seg.session.path)
-        set_rng_state(st["rng"], problem.device)
-        if seg.saved["done"]:
-            return "done", st["info"]
-        optim.set_state(_clone(st["optim"]))
-        return "running", st
-    except (KeyError, TypeError, ValueError, RuntimeError) as e:
-        if isinstance(e, FileFormatError):
-            raise
-        raise FileFormatError(
-            f"{seg.session.path}: cannot restore {seg.label} ({type(e).__name__}: {e})"
-        ) from e
+def _rank(seg) -> tuple:
+    if not isinstance(seg, dict):
+        return (False, 0)
+    return (bool(seg.get("done")), int(seg.get("seq", 0)))
 
 
 # ---- MCMC chains -------------------------------------------------------------------------

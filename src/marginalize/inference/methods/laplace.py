@@ -64,8 +64,8 @@ from dataclasses import dataclass
 import torch
 from pyro import poutine
 
-from marginalize._validation import check_positive_int
 from marginalize.core.approximations import Gaussian, Kronecker
+from marginalize.core.info import FitInfo
 from marginalize.core.linearized import (
     LINK_APPROXIMATIONS,
     OutputMap,
@@ -75,7 +75,8 @@ from marginalize.core.linearized import (
     output_map,
 )
 from marginalize.core.problem import Problem, _no_validation
-from marginalize.errors import ModelError, OptionError
+from marginalize.errors import FitError, ModelError, OptionError
+from marginalize.inference.engines.options import choice, either, integer, number, option
 from marginalize.inference.engines.subsites import (
     BayesianSites,
     SubProblem,
@@ -84,7 +85,7 @@ from marginalize.inference.engines.subsites import (
     run_on_sites,
     unwrap,
 )
-from marginalize.inference.engines.training import SVIOptions
+from marginalize.inference.engines.training import MAPOptions
 from marginalize.inference.registry import Method, register
 from marginalize.models.base import BNN
 from marginalize.models.builders import MLP, dense
@@ -100,84 +101,70 @@ _CHUNK_BYTES = 64 * 2**20
 
 
 @dataclass
-class LaplaceOptions(BayesianSites, SVIOptions):
-    """Options of ``laplace``: those of ``map`` for the MAP stage (steps, lr, ...), plus
+class LaplaceOptions(BayesianSites, MAPOptions):
+    """Options of ``laplace``: those of ``map`` for the MAP stage (steps, lr, ...), plus the
+    curvature, its structure and the predictive."""
 
-    hessian : {"auto", "ggn", "exact"}
-        Curvature: generalized Gauss-Newton or the exact Hessian with clipped eigenvalues.
-        "auto": ggn wherever the model's output is known (builder models; plain functions
-        whose observation family has a location, logits or a rate: Normal, StudentT,
-        Laplace, Cauchy, LogNormal, Bernoulli, Binomial, NegativeBinomial, Categorical,
-        Poisson, Exponential), else exact.
-    structure : {"auto", "full", "diag", "kron"}
-        Covariance structure; "kron" (K-FAC) needs a builder MLP and hessian="ggn".
-        "auto": full up to 2000 Bayesian coordinates, else kron (builder MLPs) or diag.
-    subset : {"all", "last_layer"}
-        Shorthand for ``bayesian_sites="last_layer"``.
-    prior_precision : float or "marginal_likelihood"
-        Multiplier of the weights' prior precision (1.0: the model's prior), or tune it
-        by maximizing the Laplace evidence.
-    refine_steps : int
-        L-BFGS iterations polishing the MAP in float64 (0: none).
-    predictive : {"auto", "glm", "sample"}
-        How draws predict: "glm" through the model's output linearized at the MAP (see
-        ``core/linearized.py``), "sample" through the network itself. "auto": glm wherever
-        the output is known (as for ``hessian``), else sample.
-    link_approx : {"probit", "mc"}
-        How the glm predictive integrates over the Gaussian of the outputs: "probit" (default)
-        in closed form, without drawing weights: exact for a Gaussian likelihood, the probit
-        approximation for Bernoulli (MacKay 1992) and its per-class extension for softmax
-        outputs (Gibbs 1997; Daxberger et al. 2021); "mc" by Monte Carlo over weight draws
-        through the linearized output (``num_samples`` of ``predict``).
-    bayesian_sites : see ``inference/engines/subsites.py``.
-    """
+    hessian: str = option(
+        "auto",
+        choice("auto", "ggn", "exact"),
+        "curvature: generalized Gauss-Newton or the exact Hessian with clipped eigenvalues; "
+        "'auto': ggn wherever the model's output is known (builder models; plain functions "
+        "whose observation family has a location, logits or a rate: Normal, StudentT, "
+        "Laplace, Cauchy, LogNormal, Bernoulli, Binomial, NegativeBinomial, Categorical, "
+        "Poisson, Exponential), else exact",
+    )
+    structure: str = option(
+        "auto",
+        choice("auto", "full", "diag", "kron"),
+        "covariance structure; 'kron' (K-FAC) needs a builder MLP and hessian='ggn'; 'auto': "
+        "full up to 2000 Bayesian coordinates, else kron (builder MLPs) or diag",
+    )
+    subset: str = option(
+        "all", choice("all", "last_layer"), "shorthand for bayesian_sites='last_layer'"
+    )
+    prior_precision: float | str = option(
+        1.0,
+        either(
+            number(0, 1e12),
+            choice("marginal_likelihood"),
+            what=("a positive number or 'marginal_likelihood'"),
+        ),
+        "multiplier of the weights' prior precision (1.0: the model's prior), or "
+        "'marginal_likelihood' to tune it by maximizing the Laplace evidence",
+    )
+    refine_steps: int = option(
+        100, integer(0, 10**6), "L-BFGS iterations polishing the MAP in float64 (0: none)"
+    )
+    predictive: str = option(
+        "auto",
+        choice("auto", "glm", "sample"),
+        "how draws predict: 'glm' through the model's output linearized at the MAP (see "
+        "`core/linearized.py`), 'sample' through the network itself; 'auto': glm wherever "
+        "the output is known (as for hessian), else sample",
+    )
+    link_approx: str = option(
+        "probit",
+        choice(*LINK_APPROXIMATIONS),
+        "how the glm predictive integrates over the Gaussian of the outputs: 'probit' in "
+        "closed form, without drawing weights (exact for a Gaussian likelihood, the probit "
+        "approximation for Bernoulli, MacKay 1992, and its per-class extension for softmax "
+        "outputs, Gibbs 1997; Daxberger et al. 2021); 'mc' by Monte Carlo over weight draws "
+        "through the linearized output (num_samples of predict)",
+    )
 
-    hessian: str = "auto"
-    structure: str = "auto"
-    subset: str = "all"
-    prior_precision: float | str = 1.0
-    refine_steps: int = 100
-    predictive: str = "auto"
-    link_approx: str = "probit"
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.hessian not in ("auto", "ggn", "exact"):
-            raise OptionError(f"hessian: expected 'auto', 'ggn' or 'exact', got {self.hessian!r}")
-        if self.structure not in ("auto", "full", "diag", "kron"):
-            raise OptionError(
-                f"structure: expected 'auto', 'full', 'diag' or 'kron', got {self.structure!r}"
-            )
+    def validate(self):
+        super().validate()
         if self.structure == "kron" and self.hessian == "exact":
             raise OptionError(
-                "structure='kron' is a Gauss-Newton approximation: use hessian='ggn' or 'auto'"
+                "structure: 'kron' is a Gauss-Newton approximation: use hessian='ggn' or 'auto'"
             )
-        if self.subset not in ("all", "last_layer"):
-            raise OptionError(f"subset: expected 'all' or 'last_layer', got {self.subset!r}")
         if self.subset == "last_layer":
             if self.bayesian_sites not in (None, "last_layer"):
                 raise OptionError(
-                    "subset='last_layer' conflicts with bayesian_sites; give only one"
+                    "subset: 'last_layer' conflicts with bayesian_sites; give only one"
                 )
             self.bayesian_sites, self.subset = "last_layer", "all"
-        pp = self.prior_precision
-        if pp != "marginal_likelihood" and (
-            isinstance(pp, bool)
-            or not isinstance(pp, (int, float))
-            or not (pp > 0 and math.isfinite(pp))
-        ):
-            raise OptionError(
-                f"prior_precision: expected a positive number or 'marginal_likelihood', got {pp!r}"
-            )
-        check_positive_int("refine_steps", self.refine_steps, minimum=0)
-        if self.predictive not in ("auto", "glm", "sample"):
-            raise OptionError(
-                f"predictive: expected 'auto', 'glm' or 'sample', got {self.predictive!r}"
-            )
-        if self.link_approx not in LINK_APPROXIMATIONS:
-            raise OptionError(
-                f"link_approx: expected one of {LINK_APPROXIMATIONS}, got {self.link_approx!r}"
-            )
 
 
 # ---- log densities of the free coordinates ------------------------------------------------
@@ -485,14 +472,14 @@ class Laplace(Method):
         hessian, predictive, structure, omap = self._plan(problem, opts, seed)
         if opts.bayesian_sites is not None:
             return run_on_sites(self, problem, opts, seed, progress)
-        info: dict = {}
+        info = FitInfo()
         if "init" in problem.meta:
             z = problem.meta["init"]
         else:
-            z, map_info = map_point(problem, opts, seed, progress)
-            info["loss"] = map_info["loss"]
-            if "stopped" in map_info:
-                info["stopped"] = map_info["stopped"]
+            z, map_run = map_point(problem, opts, seed, progress)
+            info = map_run.info()
+            if info.stopped is not None:
+                info.stopped.part = "MAP stage"
         target = _Target(problem, z, torch.float64)
         try:
             with _no_validation():
@@ -502,24 +489,37 @@ class Laplace(Method):
                 "laplace: the model does not evaluate in float64 (%s); using %s", e, problem.dtype
             )
             target = _Target(problem, z, problem.dtype)
-        theta, info["refine"] = _refine(target, z.to(target.dtype), opts.refine_steps)
-        curv, extra = self._curvature(problem, target, theta, hessian, structure, omap)
-        alpha = (
-            1.0 if opts.prior_precision == "marginal_likelihood" else float(opts.prior_precision)
-        )
-        evidence = self._evidence_fn(target, theta, curv, extra["b"])
-        if opts.prior_precision == "marginal_likelihood":
-            alpha = self._tune(evidence, extra["b"])
-        info.update(
+        try:
+            theta, refine = _refine(target, z.to(target.dtype), opts.refine_steps)
+            curv, extra = self._curvature(problem, target, theta, hessian, structure, omap)
+            alpha = (
+                1.0
+                if opts.prior_precision == "marginal_likelihood"
+                else float(opts.prior_precision)
+            )
+            evidence = self._evidence_fn(target, theta, curv, extra["b"])
+            if opts.prior_precision == "marginal_likelihood":
+                alpha = self._tune(evidence, extra["b"])
+            approx = curv.approximation(theta, alpha, problem.dtype)
+            log_evidence = float(evidence(alpha))
+        except torch.linalg.LinAlgError as e:
+            where = (
+                f"; the MAP stage stopped early ({info.stopped}), lower lr"
+                if info.stopped is not None
+                else "; train the MAP longer (steps) or check the data scale and priors"
+            )
+            raise FitError(f"laplace: the curvature at the MAP is not usable ({e}){where}") from e
+        info.predictive = predictive
+        info.details.update(
+            refine=refine,
             hessian=hessian,
             structure=structure,
             prior_precision=alpha,
-            predictive=predictive,
             link_approx=opts.link_approx,
-            log_evidence=float(evidence(alpha)),
+            log_evidence=log_evidence,
             num_clipped=extra["clipped"],
         )
-        return curv.approximation(theta, alpha, problem.dtype), info
+        return approx, info
 
     # -- what to compute, decided before any fitting
     def _plan(self, problem, opts, seed) -> tuple[str, str, str, OutputMap | None]:
