@@ -348,6 +348,21 @@ _NARY = _ELEMENTWISE_BINARY | {
 }
 
 
+_RESHAPES = (aten.view.default, aten._unsafe_view.default, aten.reshape.default)
+
+
+def _broadcast_source(a):
+    """``p`` when ``a`` is ``expand(p)`` or a reshape of a 0-d ``p`` (a broadcast of a
+    smaller tensor), else ``None``."""
+    if not isinstance(a, _Node) or a.kind != "call" or _tensor(a) is None:
+        return None
+    if a.target is aten.expand.default and _tensor(a.args[0]) is not None:
+        return a.args[0]
+    if a.target in _RESHAPES and _tensor(a.args[0]) is not None and a.args[0].val.dim() == 0:
+        return a.args[0]
+    return None
+
+
 def _is_num(a) -> bool:
     return isinstance(a, (int, float)) and not isinstance(a, bool)
 
@@ -378,6 +393,17 @@ class _Simplifier:
             g.dce()
             if not self.changed:
                 break
+        for extra in (self._merge_column_sums, self._rank_one_backward, self._scalar_sums):
+            self.changed = False
+            extra()
+            for _ in range(12):
+                self._fold_constants()
+                self._rewrite()
+                self._cse()
+                g.dce()
+                if not self.changed:
+                    break
+                self.changed = False
         self._assemble()
         g.dce()
         g.renumber()
@@ -519,15 +545,25 @@ class _Simplifier:
             and not (a[2] if len(a) > 2 else n.kwargs.get("keepdim", False))
         ):
             return self._sum_all(n)
+        if (
+            t is aten.sum.dim_IntList
+            and n.kwargs.get("dtype") is None
+            and val.numel() == 1
+            and _tensor(a[0]) is not None
+            and a[0].val.dtype == val.dtype
+        ):  # a sum to one element: the sum of all, reshaped
+            total = self._new(_SUM_ALL, (a[0],), before=n)
+            return self._set(n, aten.view.default, (total, list(val.shape)))
         return None
 
     def _unary(self, n: _Node):
         x = n.args[0]
         if not isinstance(x, _Node) or x.kind != "call":
             return None
-        if x.target is aten.expand.default and _tensor(x.args[0]) is not None:
+        src = _broadcast_source(x)
+        if src is not None:
             # op(expand(p)) = expand(op(p)): the operation on the smaller tensor
-            inner = self._new(n.target, (x.args[0], *n.args[1:]), n.kwargs, before=n)
+            inner = self._new(n.target, (src, *n.args[1:]), n.kwargs, before=n)
             return self._set(n, aten.expand.default, (inner, list(n.val.shape)))
         if n.target is aten.neg.default:
             if x.target is aten.neg.default:
@@ -543,8 +579,9 @@ class _Simplifier:
         constant for a constant repeating one number; else ``None``."""
         if not isinstance(a, _Node) or not isinstance(a.val, torch.Tensor) or a.val.dim() == 0:
             return None
-        if a.kind == "call" and a.target is aten.expand.default and _tensor(a.args[0]) is not None:
-            return a.args[0]
+        src = _broadcast_source(a)
+        if src is not None:
+            return src
         if a.kind == "const":
             c = _uniform_scalar(a.val)
             if c is not None:
@@ -566,7 +603,7 @@ class _Simplifier:
             for i in tensors
             if args[i].val.dim() > 0
             and (
-                (args[i].kind == "call" and args[i].target is aten.expand.default)
+                _broadcast_source(args[i]) is not None
                 or (args[i].kind == "const" and _uniform_scalar(args[i].val) is not None)
             )
         }
@@ -574,7 +611,7 @@ class _Simplifier:
         full = [i for i in tensors if i not in is_expand and args[i].val.shape == out.shape]
         if full and real_expands:
             for i in real_expands:
-                args[i] = args[i].args[0]
+                args[i] = _broadcast_source(args[i])
             return self._set(n, n.target, args, n.kwargs)
         if full or not is_expand:
             return None
@@ -775,6 +812,267 @@ class _Simplifier:
         if t in _SUB and x.args[0] is not p:  # s - p
             return self._set(n, aten.sub.Tensor, (shift, inner))
         return self._set(n, aten.add.Tensor if t in _ADD else aten.sub.Tensor, (inner, shift))
+
+    # -- products sharing an operand ------------------------------------------------------------
+    def _merge_column_sums(self) -> None:
+        """``sum(G, 0)`` next to ``C @ G`` with a constant ``C``: one product ``[C; 1] @ G``
+        and two slices of it (a layer's weight and bias gradients from one matrix product)."""
+        g = self.g
+        g.count_users()
+        for n in list(g.nodes):
+            if n.kind != "call" or n.target is not aten.sum.dim_IntList or n.kwargs:
+                continue
+            gmat = n.args[0]
+            dims = n.args[1] if len(n.args) > 1 else None
+            gt = _tensor(gmat)
+            if (
+                gt is None
+                or gt.dim() != 2
+                or not gt.is_floating_point()
+                or list(dims or [])
+                not in (
+                    [0],
+                    [-2],
+                )
+            ):
+                continue
+            keep = bool(n.args[2]) if len(n.args) > 2 else False
+            partner = next(
+                (
+                    m
+                    for m in g.nodes
+                    if m.kind == "call"
+                    and m.target is aten.mm.default
+                    and m.args[1] is gmat
+                    and isinstance(m.args[0], _Node)
+                    and m.args[0].kind == "const"
+                    and m.args[0].val.dtype == gt.dtype
+                    and g.nodes.index(m) > g.nodes.index(gmat)
+                ),
+                None,
+            )
+            if partner is None:
+                continue
+            c = partner.args[0].val
+            k = c.shape[0]
+            ones = torch.ones(1, c.shape[1], dtype=c.dtype, device=c.device)
+            c1 = _Node("const", val=torch.cat([c, ones], 0))
+            first = min(g.nodes.index(n), g.nodes.index(partner))
+            g.nodes.insert(first, c1)
+            both = self._new(aten.mm.default, (c1, gmat), before=g.nodes[first + 1])
+            self._set(partner, aten.slice.Tensor, (both, 0, 0, k))
+            if keep:
+                self._set(n, aten.slice.Tensor, (both, 0, k, k + 1))
+            else:
+                self._set(n, aten.select.int, (both, 0, k))
+
+    def _rank_one_backward(self) -> None:
+        """``K @ ((a b^T) * D)`` with a column ``a`` and a row ``b`` (the gradient reaching a
+        hidden layer from a single output unit): ``((K * a^T) @ D) * b``, without the
+        ``(N, H)`` outer product."""
+        g = self.g
+        g.count_users()
+        for n in list(g.nodes):
+            if n.kind != "call" or n.target is not aten.mm.default:
+                continue
+            k, gm = n.args
+            if _tensor(k) is None or _tensor(gm) is None or gm.kind != "call" or gm.users != 1:
+                continue
+            t = gm.target
+            if t is aten.tanh_backward.default:
+                outer, h = gm.args
+                d = self._new(aten.square.default, (h,), before=n)
+                d = self._new(aten.rsub.Scalar, (d, 1), before=n)
+            elif t is aten.sigmoid_backward.default:
+                outer, h = gm.args
+                d = self._new(aten.rsub.Scalar, (h, 1), before=n)
+                d = self._new(aten.mul.Tensor, (d, h), before=n)
+            elif t in _MUL and len(gm.args) == 2 and _tensor(gm.args[1]) is not None:
+                outer, d = gm.args
+            else:
+                continue
+            if not (
+                isinstance(outer, _Node)
+                and outer.kind == "call"
+                and (outer.target in _MUL or outer.target is aten.mm.default)
+                and outer.users == 1
+                and len(outer.args) == 2
+                and not outer.kwargs
+            ):
+                continue
+            a, b = outer.args
+            if _tensor(a) is None or _tensor(b) is None:
+                continue
+            if (
+                a.val.dim() == 2
+                and a.val.shape[1] == 1
+                and b.val.dim() == 2
+                and b.val.shape[0] == 1
+            ):
+                pass
+            elif (
+                b.val.dim() == 2
+                and b.val.shape[1] == 1
+                and a.val.dim() == 2
+                and a.val.shape[0] == 1
+            ):
+                a, b = b, a
+            else:
+                continue
+            if d.val.shape != gm.val.shape or k.val.dim() != 2:
+                continue
+            at = self._new(aten.t.default, (a,), before=n)
+            ka = self._new(aten.mul.Tensor, (k, at), before=n)
+            prod = self._new(aten.mm.default, (ka, d), before=n)
+            self._set(n, aten.mul.Tensor, (prod, b))
+
+    # -- scalar sums ------------------------------------------------------------------------------
+    def _scalar_sums(self) -> None:
+        """Sums of scalars (the log density is one) as ``sum_j c_j * (t_j1 + t_j2 + ...) + k``:
+        constants added once, one product per coefficient, and sums of squares of adjacent
+        slices of one vector with the same coefficient (independent Normal priors with one
+        scale) as one sum of squares of the joined slice."""
+        g = self.g
+        g.count_users()
+        linear = {id(n) for n in g.nodes if self._is_linear_scalar(n)}
+        if not linear:
+            return
+        roots = []
+        users: dict[int, list[_Node]] = {}
+        for n in g.nodes:
+            for a in _nodes_in((n.args, n.kwargs)):
+                users.setdefault(id(a), []).append(n)
+        for n in g.nodes:
+            if id(n) not in linear:
+                continue
+            if n in g.outputs or any(id(u) not in linear for u in users.get(id(n), [])):
+                roots.append(n)
+        for r in roots:
+            terms, const = self._expand_linear(r, linear)
+            if sum(1 for _ in terms) <= 2:
+                continue
+            self._rebuild(r, terms, const)
+
+    def _is_linear_scalar(self, n: _Node) -> bool:
+        if n.kind != "call" or _tensor(n) is None or n.val.dim() != 0:
+            return False
+        if not n.val.is_floating_point() or n.kwargs:
+            return False
+        if n.target in _ADD or n.target in _SUB:
+            return len(n.args) == 2
+        if n.target is aten.neg.default:
+            return True
+        if n.target in _MUL:
+            return len(n.args) == 2 and (_is_num(n.args[0]) or _is_num(n.args[1]))
+        return False
+
+    def _expand_linear(self, n, linear) -> tuple[dict, float]:
+        """``n`` as ``{term: coefficient}`` and a constant."""
+        terms: dict[int, list] = {}
+        const = 0.0
+
+        def walk(a, c):
+            nonlocal const
+            if _is_num(a):
+                const += c * a
+                return
+            if a.kind == "const" and a.val.dim() == 0:
+                const += c * float(a.val)
+                return
+            if id(a) not in linear:
+                if id(a) in terms:
+                    terms[id(a)][1] += c
+                else:
+                    terms[id(a)] = [a, c]
+                return
+            t = a.target
+            if t in _ADD or t in _SUB:
+                walk(a.args[0], c)
+                walk(a.args[1], c if t in _ADD else -c)
+            elif t is aten.neg.default:
+                walk(a.args[0], -c)
+            else:  # a product with a number
+                x, k = (a.args[1], a.args[0]) if _is_num(a.args[0]) else a.args
+                walk(x, c * k)
+
+        walk(n, 1.0)
+        return terms, const
+
+    def _rebuild(self, root: _Node, terms: dict, const: float) -> None:
+        groups: dict[float, list[_Node]] = {}
+        for node, c in terms.values():
+            if c != 0:
+                groups.setdefault(c, []).append(node)
+        pieces = []
+        for c, nodes in groups.items():
+            nodes = self._join_squares(nodes, root)
+            acc = nodes[0]
+            for m in nodes[1:]:
+                acc = self._new(aten.add.Tensor, (acc, m), before=root)
+            if c != 1:
+                acc = self._new(aten.mul.Tensor, (acc, c), before=root)
+            pieces.append(acc)
+        if not pieces:
+            return
+        acc = pieces[0]
+        for m in pieces[1:-1] if const == 0 else pieces[1:]:
+            acc = self._new(aten.add.Tensor, (acc, m), before=root)
+        if const != 0:
+            self._set(root, aten.add.Tensor, (acc, const))
+        elif len(pieces) > 1:
+            self._set(root, aten.add.Tensor, (acc, pieces[-1]))
+        else:
+            self._set(root, aten.mul.Tensor, (acc, 1.0))
+
+    def _join_squares(self, nodes: list[_Node], before: _Node) -> list[_Node]:
+        """Sums of squares of adjacent slices of one vector become one."""
+        spans, rest = [], []
+        for m in nodes:
+            sl = self._square_of_slice(m)
+            (spans if sl is not None else rest).append((sl, m))
+        if len(spans) < 2:
+            return nodes
+        spans.sort(key=lambda e: (id(e[0][0]), e[0][1]))
+        out = [m for _, m in rest]
+        i = 0
+        while i < len(spans):
+            (base, lo, hi), m = spans[i]
+            j = i + 1
+            while j < len(spans) and spans[j][0][0] is base and spans[j][0][1] == hi:
+                hi = spans[j][0][2]
+                j += 1
+            if j == i + 1:
+                out.append(m)
+            else:
+                piece = self._new(aten.slice.Tensor, (base, 0, lo, hi), before=before)
+                sq = self._new(aten.square.default, (piece,), before=before)
+                out.append(self._new(_SUM_ALL, (sq,), before=before))
+            i = j
+        return out
+
+    @staticmethod
+    def _square_of_slice(m: _Node):
+        """``(base, lo, hi)`` when ``m`` is the sum of squares of a slice of a 1-D ``base``."""
+        if m.kind != "call" or m.target is not _SUM_ALL:
+            return None
+        sq = m.args[0]
+        if not (isinstance(sq, _Node) and sq.kind == "call" and sq.target is aten.square.default):
+            return None
+        q = sq.args[0]
+        while isinstance(q, _Node) and q.kind == "call" and q.target in _RESHAPES:
+            q = q.args[0]
+        if not (isinstance(q, _Node) and q.kind == "call" and q.target is aten.slice.Tensor):
+            return None
+        base = q.args[0]
+        d = q.args[1] if len(q.args) > 1 else 0
+        lo = q.args[2] if len(q.args) > 2 else None
+        hi = q.args[3] if len(q.args) > 3 else None
+        step = q.args[4] if len(q.args) > 4 else 1
+        if _tensor(base) is None or base.val.dim() != 1 or d != 0 or step != 1:
+            return None
+        if not (_is_num(lo) and _is_num(hi)) or hi - lo != q.val.numel():
+            return None
+        return base, lo, hi
 
     # -- common subexpressions ------------------------------------------------------------------
     def _cse(self) -> None:
@@ -1015,6 +1313,10 @@ class _NumpyEmitter:
                     x, y = (self.arg(v) for v in n.args)
                     return f"{fn}({x}, {y}, out={self.arg(a)})"
             return None
+        if t in (aten.rsub.Scalar, aten.rsub.Tensor) and self._reusable(n.args[0], n):
+            self.fresh.add(id(n))
+            x = self.arg(n.args[0])
+            return f"np.subtract({self.arg(n.args[1])}, {x}, out={x})"
         fn = _INPLACE_UNARY.get(t)
         if fn is not None and len(n.args) == 1 and self._reusable(n.args[0], n):
             self.fresh.add(id(n))
@@ -1256,9 +1558,12 @@ def _np_rules() -> dict:
 
     for t in _DIV:
         r[t] = div
-    r[aten.rsub.Scalar] = lambda e, n: (
-        f"({e.arg(n.args[1])} - {_lit(n.kwargs.get('alpha', 1), e.env)} * {e.arg(n.args[0])})"
-    )
+    def rsub(e, n):
+        alpha = n.kwargs.get("alpha", 1)
+        x = e.arg(n.args[0]) if alpha == 1 else f"({_lit(alpha, e.env)} * {e.arg(n.args[0])})"
+        return f"({e.arg(n.args[1])} - {x})"
+
+    r[aten.rsub.Scalar] = rsub
     r[aten.rsub.Tensor] = r[aten.rsub.Scalar]
 
     def unary(fn):
@@ -1486,6 +1791,8 @@ def _np_rules() -> dict:
     def reshape(e, n):
         x = n.args[0]
         if isinstance(x, _Node) and isinstance(x.val, torch.Tensor) and x.val.dim() > 0:
+            if n.val.dim() == 0:  # a NumPy scalar (cheaper to compute with than a 0-d array)
+                return f"{e.arg(x)}.ravel()[0]"
             return f"{e.arg(x)}.reshape({tuple(n.val.shape)!r})"
         return f"np.reshape({e.arg(x)}, {tuple(n.val.shape)!r})"
 
