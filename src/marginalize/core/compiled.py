@@ -71,6 +71,7 @@ import logging
 import math
 import operator
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -1558,6 +1559,7 @@ def _np_rules() -> dict:
 
     for t in _DIV:
         r[t] = div
+
     def rsub(e, n):
         alpha = n.kwargs.get("alpha", 1)
         x = e.arg(n.args[0]) if alpha == 1 else f"({_lit(alpha, e.env)} * {e.arg(n.args[0])})"
@@ -2063,6 +2065,51 @@ def capture_graph(fn: Callable, example_inputs: list[torch.Tensor]) -> _Graph:
 # ------------------------------------------------------------------------------------------
 # the compiled log joint of a problem
 # ------------------------------------------------------------------------------------------
+class _BlasLimit:
+    """Holds NumPy's BLAS to ``n`` threads while compiled code runs, as torch is: OpenBLAS's
+    own threads can stall products of a few hundred rows by milliseconds when the cores are
+    busy. The library handles are found once (``threadpoolctl``); setting the count is one
+    C call."""
+
+    def __init__(self):
+        self._libs: list | None = None
+        self._n = 0
+        self._saved: list[int] = []
+
+    def libs(self) -> list:
+        if self._libs is None:
+            try:
+                from threadpoolctl import ThreadpoolController
+
+                ctl = ThreadpoolController()
+                self._libs = [c for c in ctl.lib_controllers if c.user_api == "blas"]
+            except Exception:  # noqa: BLE001 - without it, BLAS keeps its own setting
+                self._libs = []
+        return self._libs
+
+    def limit(self, n: int) -> _BlasLimit:
+        self._n = max(1, int(n))
+        return self
+
+    def __enter__(self):
+        self._saved = []
+        for lib in self.libs():
+            old = lib.num_threads
+            self._saved.append(old)
+            if old != self._n:
+                lib.set_num_threads(self._n)
+        return self
+
+    def __exit__(self, *exc):
+        for lib, old in zip(self.libs(), self._saved, strict=False):
+            if old != self._n:
+                lib.set_num_threads(old)
+        return False
+
+
+_BLAS = _BlasLimit()
+
+
 class _Compiled:
     """One compiled signature: ``fn(z[, x, y]) -> (U, dU/dz)`` or ``(U,)`` with ``U`` the
     negated log joint (the potential), as arrays of the kind it was emitted for."""
@@ -2074,6 +2121,37 @@ class _Compiled:
         self.source = source
         self.bridged = sorted(set(bridged))
         self.num_ops = sum(1 for n in graph.nodes if n.kind == "call")
+        #: a batched signature evaluated as a loop over the unbatched function
+        self.looped = False
+
+
+def _looped(single: _Compiled, batch: tuple[int, ...]) -> _Compiled:
+    """A batched signature as a loop over the unbatched NumPy function."""
+    fn = single.fn
+
+    def looped(z, *data):
+        flat = z.reshape(-1, z.shape[-1])
+        outs = [fn(zi, *data) for zi in flat]
+        return tuple(
+            np.stack([o[i] for o in outs]).reshape(*batch, *np.shape(outs[0][i]))
+            for i in range(len(outs[0]))
+        )
+
+    comp = _Compiled(looped, True, single.graph, single.source, single.bridged)
+    comp.looped = True
+    return comp
+
+
+def _time_of(fn, z, data, calls: int = 3) -> float:
+    """Best of a few calls (seconds, CPU time of the process)."""
+    with np.errstate(all="ignore"), _BLAS.limit(torch.get_num_threads()):
+        fn(z, *data)
+        best = math.inf
+        for _ in range(calls):
+            t = time.process_time()
+            fn(z, *data)
+            best = min(best, time.process_time() - t)
+    return best
 
 
 class CompiledLogJoint:
@@ -2136,6 +2214,31 @@ class CompiledLogJoint:
         return part
 
     def _build(self, key) -> _Compiled:
+        batch, rows, grad = key
+        single = None
+        if batch and self.numpy:
+            single = self.compiled((), rows, grad)
+            if single is None:
+                raise CaptureError(self.reason or "the unbatched log joint is not compiled")
+            if math.prod(batch) == 1:  # one z: the unbatched function
+                return _looped(single, batch)
+        comp = self._capture(key)
+        if single is not None:
+            # a batched graph loses the rewrites that need scalars (sums of priors, one
+            # product per layer); on small models a loop over the unbatched one is faster:
+            # measure both, keep the faster
+            looped = _looped(single, batch)
+            z = self._example_z(batch).numpy()
+            data = (
+                []
+                if rows is None
+                else [self.problem.x[:rows].numpy(), self.problem.y[:rows].numpy()]
+            )
+            if _time_of(looped.fn, z, data) < _time_of(comp.fn, z, data):
+                return looped
+        return comp
+
+    def _capture(self, key) -> _Compiled:
         batch, rows, grad = key
         pb = self.problem
         f = self._target(rows)
@@ -2235,10 +2338,11 @@ class CompiledLogJoint:
                     )
                 else:
                     bridged = f"; by torch: {', '.join(comp.bridged)}" if comp.bridged else ""
+                    loop = ", a loop over z" if comp.looped else ""
                     self._say(
                         f"{self._model_name()}: compiled log joint ({self._describe(key)}; "
                         f"{comp.num_ops} operations in {'NumPy' if comp.numpy else 'torch'}"
-                        f"{bridged})"
+                        f"{loop}{bridged})"
                     )
             else:
                 self._say(
@@ -2273,7 +2377,7 @@ class CompiledLogJoint:
         data = [] if idx is None else [pb.x[idx], pb.y[idx]]
         if comp.numpy:
             args = [z.detach().cpu().numpy()] + [d.numpy() for d in data]
-            with np.errstate(all="ignore"):
+            with np.errstate(all="ignore"), _BLAS.limit(torch.get_num_threads()):
                 outs = comp.fn(*args)
             dt = _np_dtype(pb.dtype)
             return tuple(torch.from_numpy(np.asarray(o, dtype=dt)) for o in outs)

@@ -670,15 +670,15 @@ class _NumpyKernel(_Kernel):
         return z1, p, v, g, u, 0.5 * float(p @ v)
 
     def find_step_size(self, z, u0, g0, eps):
-        with np.errstate(over="ignore", invalid="ignore"):
+        with np.errstate(all="ignore"):
             return super().find_step_size(z, u0, g0, eps)
 
     def nuts(self, z0, u0, g0, eps):
-        with np.errstate(over="ignore", invalid="ignore"):
+        with np.errstate(all="ignore"):
             return super().nuts(z0, u0, g0, eps)
 
     def hmc(self, z0, u0, g0, eps, n_steps):
-        with np.errstate(over="ignore", invalid="ignore"):
+        with np.errstate(all="ignore"):
             return super().hmc(z0, u0, g0, eps, n_steps)
 
 
@@ -865,7 +865,7 @@ def run_sampler(
     except RuntimeError as exc:  # torch.linalg.LinAlgError
         raise ValueError("state.inverse_mass is not positive definite") from exc
     z = kernel.native(z)
-    with np.errstate(over="ignore", invalid="ignore"):
+    with np.errstate(all="ignore"):
         u, g = kernel._potential(z)
     if not math.isfinite(u):
         raise ValueError(f"initial point has non-finite potential ({u})")
