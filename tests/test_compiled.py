@@ -448,3 +448,30 @@ def test_plain_predict_that_cannot_vectorize_uses_the_loop(caplog):
         p = post.predict(x[:4], num_samples=6)
     assert p.mean.shape == (4,)
     assert "moments with a loop over draws" in caplog.text
+
+
+def with_param(x, y=None):
+    w = pyro.sample("w", dist.Normal(0.0, 1.0).expand([x.shape[1]]).to_event(1))
+    s = pyro.param("s", torch.tensor(0.5, dtype=x.dtype), constraint=dist.constraints.positive)
+    with pyro.plate("data", x.shape[0]):
+        pyro.sample("y", dist.Normal(x @ w, s), obs=y)
+
+
+def test_models_with_parameters_are_not_compiled(caplog, float64):
+    """A pyro.param's value may change between calls (it would be frozen into the graph)."""
+    pyro.clear_param_store()
+    pb = prepare(with_param, *_data("reg", 2))
+    with caplog.at_level(logging.INFO, logger="marginalize.core.compiled"):
+        z = _points(pb, 1)[0]
+        assert torch.allclose(pb.log_joint(z), pb.log_joint_traced(z))
+    assert not pb.compiled().ok and "pyro.param" in pb.compiled().reason
+    assert "log joint by the Pyro trace" in caplog.text
+    pyro.clear_param_store()
+
+
+def test_boolean_masks_use_the_pyro_path(float64):
+    pb = prepare(regression, *_data("reg", 3))
+    z = _points(pb, 2)
+    mask = torch.zeros(pb.n, dtype=torch.bool)
+    mask[:5] = True
+    assert torch.allclose(pb.log_joint(z, mask), pb.log_joint_traced(z, mask))

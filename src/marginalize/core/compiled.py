@@ -2069,12 +2069,10 @@ class _BlasLimit:
     """Holds NumPy's BLAS to ``n`` threads while compiled code runs, as torch is: OpenBLAS's
     own threads can stall products of a few hundred rows by milliseconds when the cores are
     busy. The library handles are found once (``threadpoolctl``); setting the count is one
-    C call."""
+    C call. ``limit(n)`` returns a context of its own (safe across threads)."""
 
     def __init__(self):
         self._libs: list | None = None
-        self._n = 0
-        self._saved: list[int] = []
 
     def libs(self) -> list:
         if self._libs is None:
@@ -2087,22 +2085,27 @@ class _BlasLimit:
                 self._libs = []
         return self._libs
 
-    def limit(self, n: int) -> _BlasLimit:
-        self._n = max(1, int(n))
-        return self
+    def limit(self, n: int) -> _BlasScope:
+        return _BlasScope(self.libs(), max(1, int(n)))
+
+
+class _BlasScope:
+    __slots__ = ("libs", "n", "saved")
+
+    def __init__(self, libs: list, n: int):
+        self.libs, self.n, self.saved = libs, n, []
 
     def __enter__(self):
-        self._saved = []
-        for lib in self.libs():
+        for lib in self.libs:
             old = lib.num_threads
-            self._saved.append(old)
-            if old != self._n:
-                lib.set_num_threads(self._n)
+            self.saved.append(old)
+            if old != self.n:
+                lib.set_num_threads(self.n)
         return self
 
     def __exit__(self, *exc):
-        for lib, old in zip(self.libs(), self._saved, strict=False):
-            if old != self._n:
+        for lib, old in zip(self.libs, self.saved, strict=False):
+            if old != self.n:
                 lib.set_num_threads(old)
         return False
 
@@ -2215,6 +2218,8 @@ class CompiledLogJoint:
 
     def _build(self, key) -> _Compiled:
         batch, rows, grad = key
+        if not self._checked_structure:
+            self._check_sites()
         single = None
         if batch and self.numpy:
             single = self.compiled((), rows, grad)
@@ -2276,6 +2281,21 @@ class CompiledLogJoint:
         emitter = (_NumpyEmitter if self.numpy else _TorchEmitter)(graph, pb.dtype)
         run = emitter.emit()
         return _Compiled(run, self.numpy, graph, emitter.source, emitter.bridged)
+
+    def _check_sites(self) -> None:
+        """Parameters (``pyro.param``) would be frozen into the graph at their current
+        values, and may change between calls: such a model is not compiled."""
+        from pyro import poutine
+
+        pb = self.problem
+        with _quiet_capture():
+            tr = poutine.trace(pb.model).get_trace(pb.x[:2], pb.y[:2])
+        params = [name for name, node in tr.nodes.items() if node["type"] == "param"]
+        if params:
+            raise CaptureError(
+                f"it has parameter sites (pyro.param: {', '.join(params[:5])}), whose values "
+                "may change between calls"
+            )
 
     def _example_z(self, batch: tuple[int, ...], shift: int = 0) -> torch.Tensor:
         """A recording point: a prior draw (finite density), one per batch element."""
@@ -2387,8 +2407,22 @@ class CompiledLogJoint:
         """``log p(w(z), y | x) + log|J|`` batched over leading dims of ``z``, differentiable
         in ``z`` (first order); ``None`` when this signature is not compiled or inside a
         ``torch.func`` transform (the caller then uses the Pyro path)."""
-        if torch._C._are_functorch_transforms_active() or z.dim() == 0:
+        pb = self.problem
+        if (
+            torch._C._are_functorch_transforms_active()
+            or z.dim() == 0
+            or z.shape[-1] != pb.layout.size
+            or z.dtype != pb.dtype
+            or z.device != pb.device
+        ):
             return None
+        if idx is not None and (
+            not isinstance(idx, torch.Tensor)
+            or idx.dim() != 1
+            or idx.dtype in (torch.bool, torch.uint8)
+            or idx.is_floating_point()
+        ):
+            return None  # index tensors only (a mask selects a varying number of rows)
         batch = tuple(z.shape[:-1])
         rows = None if idx is None else int(idx.shape[0])
         grad = z.requires_grad and torch.is_grad_enabled()
