@@ -1233,6 +1233,10 @@ class _NumpyEmitter:
 
     def arg(self, a) -> str:
         if isinstance(a, _Node):
+            v = a.val
+            if a.kind == "const" and isinstance(v, torch.Tensor) and v.dim() == 0:
+                if v.dtype in (torch.float32, torch.float64, torch.int64, torch.bool):
+                    return _lit(v.item(), self.env)  # a weak Python number, as torch treats it
             return self.names[id(a)]
         if isinstance(a, (list, tuple)) and any(isinstance(x, _Node) for x in a):
             inner = ", ".join(self.arg(x) for x in a)
@@ -1257,6 +1261,11 @@ class _NumpyEmitter:
             if id(n) in self.fused:
                 continue
             line = self.inplace(n)
+            if line is None and _is_float_scalar(n):
+                # 0-d values are Python floats: their arithmetic costs a third of NumPy's
+                line = _py_expr(self, n)
+                if line is None:
+                    line = f"float({self.expr(n)})"
             if line is None:
                 line = self.expr(n)
                 if (
@@ -1391,6 +1400,154 @@ def _index_text(idx: tuple) -> str:
         else:
             parts.append(str(int(s)))
     return ", ".join(parts) + ("," if len(parts) == 1 else "")
+
+
+def _is_float_scalar(n: _Node) -> bool:
+    v = n.val
+    return (
+        n.kind == "call"
+        and isinstance(v, torch.Tensor)
+        and v.dim() == 0
+        and v.dtype in (torch.float32, torch.float64)
+    )
+
+
+def _py_expr(e: _NumpyEmitter, n: _Node) -> str | None:
+    """A 0-d floating node as Python float arithmetic (``None``: no such form). Every
+    tensor argument of such a node is 0-d (a Python float) or a number."""
+    t, a = n.target, n.args
+    if n.kwargs and set(n.kwargs) != {"alpha"}:
+        return None
+    if any(isinstance(x, _Node) and (_tensor(x) is None or x.val.dim() != 0) for x in a):
+        return None
+    e.env.update(_PY_HELPERS)
+    args = [e.arg(x) for x in a]
+    if t in _ADD or t in _SUB or t in (aten.rsub.Scalar, aten.rsub.Tensor):
+        alpha = n.kwargs.get("alpha", 1)
+        x, y = args
+        if alpha != 1:
+            y = f"({_lit(alpha, e.env)} * {y})"
+        if t in (aten.rsub.Scalar, aten.rsub.Tensor):
+            return f"({args[1]} - {x if alpha == 1 else y})"
+        return f"({x} {'+' if t in _ADD else '-'} {y})"
+    if t in _MUL:
+        return f"({args[0]} * {args[1]})"
+    if t in _DIV:
+        if n.kwargs or len(a) != 2:
+            return None
+        if _is_num(a[1]) and a[1] != 0:
+            return f"({args[0]} / {args[1]})"
+        return f"_pdiv({args[0]}, {args[1]})"
+    if t is aten.pow.Tensor_Scalar and _is_num(a[1]):
+        if a[1] == 2:
+            return f"({args[0]} * {args[0]})"
+        return f"_ppow({args[0]}, {args[1]})"
+    if t is aten.square.default:
+        return f"({args[0]} * {args[0]})"
+    if t is aten.reciprocal.default:
+        return f"_pdiv(1.0, {args[0]})"
+    if t is aten.rsqrt.default:
+        return f"_pdiv(1.0, _psqrt({args[0]}))"
+    fn = _PY_UNARY.get(t)
+    if fn is not None and len(a) == 1:
+        return f"{fn}({args[0]})"
+    if t is aten.xlogy.Tensor:
+        return f"_pxlogy({args[0]}, {args[1]})"
+    if t is aten.where.self:
+        return f"({args[1]} if {args[0]} else {args[2]})"
+    if t is aten._to_copy.default:
+        return f"float({args[0]})"
+    return None
+
+
+def _pexp(x):
+    try:
+        return math.exp(x)
+    except OverflowError:
+        return math.inf
+
+
+def _pexpm1(x):
+    try:
+        return math.expm1(x)
+    except OverflowError:
+        return math.inf
+
+
+def _plog(x):
+    return math.log(x) if x > 0 else (-math.inf if x == 0 else math.nan)
+
+
+def _plog1p(x):
+    return math.log1p(x) if x > -1 else (-math.inf if x == -1 else math.nan)
+
+
+def _psqrt(x):
+    return math.sqrt(x) if x >= 0 else math.nan
+
+
+def _pdiv(a, b):
+    try:
+        return a / b
+    except ZeroDivisionError:
+        if a == 0 or a != a:
+            return math.nan
+        return math.copysign(math.inf, a) * math.copysign(1.0, b)
+
+
+def _ppow(a, p):
+    try:
+        r = a**p
+    except OverflowError:
+        return math.inf
+    except ZeroDivisionError:
+        return math.inf
+    return math.nan if isinstance(r, complex) else float(r)
+
+
+def _psigmoid(x):
+    try:
+        return 1.0 / (1.0 + math.exp(-x))
+    except OverflowError:
+        return 0.0
+
+
+def _plgamma(x):
+    try:
+        return math.lgamma(x)
+    except (ValueError, OverflowError):
+        return math.inf
+
+
+def _pxlogy(a, b):
+    return 0.0 if a == 0 and b == b else a * _plog(b)
+
+
+_PY_HELPERS = {
+    "_pexp": _pexp,
+    "_pexpm1": _pexpm1,
+    "_plog": _plog,
+    "_plog1p": _plog1p,
+    "_psqrt": _psqrt,
+    "_pdiv": _pdiv,
+    "_ppow": _ppow,
+    "_psigmoid": _psigmoid,
+    "_plgamma": _plgamma,
+    "_pxlogy": _pxlogy,
+    "_math": math,
+}
+_PY_UNARY = {
+    aten.neg.default: "-",
+    aten.exp.default: "_pexp",
+    aten.expm1.default: "_pexpm1",
+    aten.log.default: "_plog",
+    aten.log1p.default: "_plog1p",
+    aten.sqrt.default: "_psqrt",
+    aten.tanh.default: "_math.tanh",
+    aten.sigmoid.default: "_psigmoid",
+    aten.abs.default: "abs",
+    aten.lgamma.default: "_plgamma",
+}
 
 
 def _const_to_numpy(v):
