@@ -166,6 +166,10 @@ class Posterior:
                 width = max(
                     width, s.weight_shape[-1], math.prod(s.weight_shape) // max(n_inputs, 1)
                 )
+        else:  # a plain model's activations are about as wide as its weight matrices
+            for s in self.layout.sites:
+                if len(s.shape) >= 2:
+                    width = max(width, s.shape[-1], s.shape[-2])
         itemsize = torch.finfo(self.dtype).bits // 8
         # one activation tensor of about 1 MiB: it stays in cache, and on the CPU a larger one is
         # a fresh page-faulted allocation at every operation (measured in benchmarks/prediction.py)
