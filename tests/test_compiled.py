@@ -475,3 +475,27 @@ def test_boolean_masks_use_the_pyro_path(float64):
     mask = torch.zeros(pb.n, dtype=torch.bool)
     mask[:5] = True
     assert torch.allclose(pb.log_joint(z, mask), pb.log_joint_traced(z, mask))
+
+
+def test_compiled_code_that_raises_hands_over_to_the_pyro_path(caplog, float64):
+    pb = prepare(regression, *_data("reg", 3))
+    z = _points(pb, 2)
+    comp = pb.compiled().compiled((), None, True)
+
+    def broken(*args):
+        raise ValueError("cannot reshape array")
+
+    comp.fn = broken
+    pot = pb.numpy_potential()
+    ref_v, ref_g = _traced(pb, z)
+    with caplog.at_level(logging.WARNING, logger="marginalize.core.compiled"):
+        u, g = pot(z[0].numpy().copy())
+        assert "using the Pyro trace from now on" in caplog.text
+    _assert_close(torch.tensor(-u), ref_v[0])
+    _assert_close(-torch.from_numpy(g), ref_g[0])
+    assert not pb.compiled().ok
+    zb = z.clone().requires_grad_(True)
+    lj = pb.log_joint(zb)  # every signature: the Pyro path
+    (gb,) = torch.autograd.grad(lj.sum(), zb)
+    _assert_close(lj.detach(), ref_v)
+    _assert_close(gb, ref_g)

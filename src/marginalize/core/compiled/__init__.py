@@ -15,36 +15,48 @@ that without Pyro:
    and the model's Python run only while recording. A model whose Python branches on the
    values of its latents cannot be recorded (reading a tensor's value while recording
    raises); that, and any other failure, is caught.
-2. **Simplify.** Everything that does not depend on ``z`` (the data's own transformations,
-   the priors' constant parameters, ``log`` of constant scales, the gradient's seed) is
-   evaluated once; constant operands that are a single repeated number become scalars; then
-   identities (``x + 0``, ``x * 1``, a ``view`` to the same shape), chains of scalar products
-   and sums of scalar-shifted terms are folded, common subexpressions merged, dead code
-   removed, and the gradient's pieces of ``z`` are written into one vector (one
-   ``concatenate`` instead of a zero vector per site).
-3. **Emit.** The remaining operations are written out as a Python function. On the CPU in
-   float32/float64 the function computes in NumPy (an operation costs a fraction of a
-   microsecond of overhead against several for a torch operation; operations NumPy has no
-   counterpart for are run by torch on the same memory); elsewhere it calls the ATen
-   operations directly. :meth:`Problem.numpy_potential` hands the NumPy version to the NUTS
-   and HMC transitions, which already run in NumPy.
-4. **Check.** The model is recorded twice at different points and the two recordings must be
-   the same operations; the compiled value and gradient must equal the Pyro trace's at three
-   points (float tolerance). Otherwise the Pyro path is used. Either way, one INFO message
-   on the ``marginalize.core.compiled`` logger says which path was taken and why.
+2. **Simplify** (``simplify.py``). Everything that does not depend on ``z`` (the data's own
+   transformations, the priors' constant parameters, ``log`` of constant scales, the
+   gradient's seed) is evaluated once; constants repeating one number and broadcasts of
+   scalars become scalars; identities, chains of scalar factors and scalar shifts inside
+   sums are folded; the log density's sum of scalars is regrouped by coefficient, and the
+   sums of squares of adjacent slices of ``z`` with one coefficient (independent Normal
+   priors of one scale) become one dot product; a constant-input layer ``C @ W + b`` is one
+   product ``[C, 1] @ [W; b]`` and its weight and bias gradients one product too; the
+   gradient reaching a hidden layer from a single output unit skips the ``(N, H)`` outer
+   product; common subexpressions are merged, dead code removed, and the gradient's pieces
+   of ``z`` written into one vector.
+3. **Emit** (``codegen.py``). The remaining operations (about 75 for a one-hidden-layer
+   network, from about 250 recorded) are written out as a Python function. On the CPU in
+   float32/float64 it computes in NumPy (a fraction of a microsecond per operation against
+   several for a torch operation; 0-d values as Python floats; results written into
+   operands nobody else uses; operations without a NumPy form run by torch on the same
+   memory); elsewhere it calls the ATen operations directly. :meth:`Problem.numpy_potential`
+   hands the NumPy version to the NUTS and HMC transitions, which run in NumPy already.
+4. **Check.** The model is recorded twice at different points and the two recordings must
+   be the same operations; the compiled value and gradient must equal the Pyro trace's at
+   three other points (float tolerance); a model with ``pyro.param`` sites is not compiled
+   (their values would be frozen). Otherwise the Pyro path is used. Either way one INFO
+   message on this module's logger says which path was taken and why.
 
-Why this design (measured on a 1-50-1 tanh BNN written as a plain function, 100 points,
-one thread; ``benchmarks/nuts_vs_numpyro.py``): the Pyro trace costs about 1 ms per
-gradient; the recorded graph run as an ``fx.GraphModule`` (about 250 ATen calls) about as
-much, since each call dispatches through torch; TorchInductor's C++ compilation of the same
-graph took a minute to compile on this machine and still ~130 us per call; a replay of
+Why this design: the options were measured on a 1-50-1 tanh BNN written as a plain
+function (100 points, float32, one thread, CPU time on a shared 2-core machine): the Pyro
+trace costs about 1 ms per value and gradient (3.5 ms when the machine was busiest); the
+same recording run as an ``fx.GraphModule`` (about 250 ATen calls, each dispatched through
+torch) about 2 ms; TorchInductor's C++ compilation of it took a minute and still ran ~130 us
+per call; ``torch.jit``/TorchScript keeps the per-operation dispatch; a replay of
 ``(distribution, value)`` pairs cannot reach the model's own computation of the likelihood's
-parameters. The simplified graph (about 50 operations) in NumPy is 20-40 us per
-gradient, and recording plus checking takes about a second.
+parameters. The simplified graph in NumPy costs ~26 us (the builder's hand-written NumPy
+potential, ``core/potentials.py``: ~20 us); recording and checking take about 0.5 s per
+model after a one-time ~2 s import of torch's recorder.
 
-Batches of ``z`` (chains, SVI particles, draws) are recorded under ``torch.func.vmap``: the
-model's code sees one ``z`` and needs no batch awareness; a model that ``vmap`` cannot run
-(data-dependent shapes, in-place writes into captured tensors) falls back to a loop.
+Batches of ``z`` (chains, SVI particles) are recorded under ``torch.func.vmap``: the model's
+code sees one ``z`` and needs no batch awareness. The batched graph loses the rewrites that
+need scalars, so for each batch shape the faster of it and a loop over the unbatched
+function is measured and kept (one ``z``: the unbatched function). Evaluating several NUTS
+chains together with a batched potential does not pay off here: four ``z`` cost about as
+much per ``z`` as one (``benchmarks/log_joint.py`` shows the batched cost), while the
+transitions' own Python work per chain stays the same.
 
 Examples
 --------
@@ -491,6 +503,27 @@ class CompiledLogJoint:
             return tuple(torch.from_numpy(np.asarray(o, dtype=dt)) for o in outs)
         return tuple(o.to(pb.dtype) for o in comp.fn(z.detach(), *data))
 
+    def _try(self, comp: _Compiled, z: torch.Tensor, idx: torch.Tensor | None):
+        """:meth:`_call`, or ``None`` after the compiled code raised (then every later call
+        uses the Pyro path: a shape that depends on the values, say, broke it)."""
+        try:
+            return self._call(comp, z, idx)
+        except Exception as e:  # noqa: BLE001 - the Pyro path takes over
+            self._failed(e)
+            return None
+
+    def _failed(self, e: Exception) -> None:
+        with self._lock:
+            self.ok = False
+            self.reason = f"its compiled code raised {type(e).__name__}: {e}"
+            self._cache = dict.fromkeys(self._cache)
+        log.warning(
+            "%s: the compiled log joint raised %s (%s); using the Pyro trace from now on",
+            self._model_name(),
+            type(e).__name__,
+            str(e)[:200],
+        )
+
     def log_joint(self, z: torch.Tensor, idx: torch.Tensor | None = None):
         """``log p(w(z), y | x) + log|J|`` batched over leading dims of ``z``, differentiable
         in ``z`` (first order); ``None`` when this signature is not compiled or inside a
@@ -513,13 +546,18 @@ class CompiledLogJoint:
             return None  # index tensors only (a mask selects a varying number of rows)
         batch = tuple(z.shape[:-1])
         rows = None if idx is None else int(idx.shape[0])
-        grad = z.requires_grad and torch.is_grad_enabled()
-        comp = self.compiled(batch, rows, grad)
+        # one signature with the gradient serves both (a value-only graph would be a second
+        # compilation, e.g. for the initial point of a sampler, to save a few microseconds)
+        comp = self.compiled(batch, rows, True)
         if comp is None:
             return None
-        if not grad:
-            return -self._call(comp, z, idx)[0].to(z.device)
-        return _LogJoint.apply(z, self, comp, idx)
+        out = self._try(comp, z, idx)
+        if out is None:
+            return None
+        u, g = (t.to(z.device) for t in out)
+        if not (z.requires_grad and torch.is_grad_enabled()):
+            return -u
+        return _LogJoint.apply(z, u, g, self.problem, idx)
 
     def potential_and_grad(self, z: torch.Tensor):
         """``(U, dU/dz)`` with ``U = -log joint`` (``U = inf`` at an invalid point), or
@@ -527,7 +565,10 @@ class CompiledLogJoint:
         comp = self.compiled((), None, True)
         if comp is None:
             return None
-        u, g = self._call(comp, z, None)
+        out = self._try(comp, z, None)
+        if out is None:
+            return None
+        u, g = out
         if not bool(torch.isfinite(u)):
             return z.new_tensor(math.inf), torch.zeros_like(z)
         return u.to(z.device), g.to(z.device)
@@ -535,16 +576,30 @@ class CompiledLogJoint:
     def numpy_potential(self):
         """``(D,) ndarray -> (U, dU/dz)`` in NumPy, or ``None`` when not compiled in NumPy.
 
-        Floating-point warnings are the caller's to silence (the samplers do)."""
+        Floating-point warnings are the caller's to silence (the samplers do). Should the
+        compiled code raise, this call and every later one use the Pyro trace."""
         comp = self.compiled((), None, True)
         if comp is None or not comp.numpy:
             return None
         fn = comp.fn
         isfinite = math.isfinite
         inf = math.inf
+        pb = self.problem
+        state = {"failed": False}
+
+        def fallback(zn: np.ndarray) -> tuple[float, np.ndarray]:
+            u, g = pb.potential_and_grad(torch.from_numpy(zn))
+            return float(u), g.detach().numpy()
 
         def potential(zn: np.ndarray) -> tuple[float, np.ndarray]:
-            u, g = fn(zn)
+            if state["failed"]:
+                return fallback(zn)
+            try:
+                u, g = fn(zn)
+            except Exception as e:  # noqa: BLE001 - the Pyro path takes over
+                state["failed"] = True
+                self._failed(e)
+                return fallback(zn)
             u = float(u)
             if not isfinite(u):
                 return inf, np.zeros_like(zn)
@@ -554,25 +609,24 @@ class CompiledLogJoint:
 
 
 class _LogJoint(torch.autograd.Function):
-    """The compiled log joint with its compiled gradient as the backward (one evaluation)."""
+    """The compiled log joint ``-u`` with its compiled gradient ``-g`` as the backward (one
+    evaluation for both)."""
 
     @staticmethod
-    def forward(ctx, z, owner, comp, idx):
-        u, g = owner._call(comp, z, idx)
-        g = g.to(z.device)
+    def forward(ctx, z, u, g, problem, idx):
         ctx.save_for_backward(z, g)
-        ctx.owner, ctx.idx = owner, idx
-        return -u.to(z.device)
+        ctx.problem, ctx.idx = problem, idx
+        return -u
 
     @staticmethod
     def backward(ctx, grad_out):
         z, g = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: differentiate the Pyro path instead
             with torch.enable_grad():
-                v = ctx.owner.problem.log_joint_traced(z, ctx.idx)
+                v = ctx.problem.log_joint_traced(z, ctx.idx)
                 (dv,) = torch.autograd.grad(v.sum(), z, create_graph=True)
-            return grad_out.unsqueeze(-1) * dv, None, None, None
-        return -grad_out.unsqueeze(-1) * g, None, None, None
+            return grad_out.unsqueeze(-1) * dv, None, None, None, None
+        return -grad_out.unsqueeze(-1) * g, None, None, None, None
 
 
 def _close(a: torch.Tensor, b: torch.Tensor, rtol: float) -> bool:
