@@ -1,8 +1,9 @@
 """What every method is handed: the model, validated data, the layout and a log joint.
 
 ``Problem.log_joint(z)`` is the unnormalized log posterior of the flat unconstrained vector
-(Jacobian of the transforms included), batched over leading dims of ``z`` for the
-builders' models (pure torch, no Pyro trace) and by a Pyro trace for plain model functions.
+(Jacobian of the transforms included), batched over leading dims of ``z``: pure torch for the
+builders' models, the compiled log joint (``core/compiled``) for plain model functions, and
+a Pyro trace for those that cannot be compiled.
 """
 
 from __future__ import annotations
@@ -159,8 +160,8 @@ class Problem:
         """``log p(w(z), y | x) + log|J|``; with ``idx`` a minibatch scaled to the full data.
 
         Batched over leading dims of ``z`` and differentiable in ``z``. Plain model functions
-        are evaluated by their compiled log joint (``core/compiled.py``) where the model
-        could be captured, else by :meth:`log_joint_traced`."""
+        are evaluated by their compiled log joint (``core/compiled``) where the model could be
+        compiled, else by :meth:`log_joint_traced`."""
         if self.vectorized:
             x, y = (self.x, self.y) if idx is None else (self.x[idx], self.y[idx])
             scale = 1.0 if idx is None else self.n / len(idx)
@@ -189,11 +190,16 @@ class Problem:
         return tr.log_prob_sum() + ladj
 
     def compiled(self):
-        """The compiled log joint of a plain model function (``core/compiled.py``), or
-        ``None`` for builder models and when ``meta["compiled"] = False``."""
+        """The compiled log joint of a plain model function (``core/compiled``), or ``None``
+        for builder models, subclasses with their own ``log_joint`` and when
+        ``meta["compiled"] = False``."""
         if "_compiled" not in self.__dict__:
             comp = None
-            if not self.vectorized and self.meta.get("compiled", True):
+            if (
+                not self.vectorized
+                and self.meta.get("compiled", True)
+                and type(self).log_joint is Problem.log_joint
+            ):
                 from marginalize.core.compiled import CompiledLogJoint
 
                 comp = CompiledLogJoint(self)
@@ -225,8 +231,9 @@ class Problem:
         if fast is not None and fast.numpy_dtype == self.dtype:
             return fast.numpy_potential_and_grad
         compiled = None if fast is not None else self.compiled()
-        if compiled is not None and compiled.numpy_potential() is not None:
-            return compiled.numpy_potential()
+        numpy_pg = None if compiled is None else compiled.numpy_potential()
+        if numpy_pg is not None:
+            return numpy_pg
         pg = self.potential_and_grad
 
         def potential(zn: np.ndarray) -> tuple[float, np.ndarray]:
