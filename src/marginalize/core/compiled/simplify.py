@@ -76,6 +76,14 @@ class _Simplifier:
                 self.changed = False
         self._assemble()
         g.dce()
+        if self._merge_assembled_sums():
+            for _ in range(6):
+                self.changed = False
+                self._rewrite()
+                self._cse()
+                g.dce()
+                if not self.changed:
+                    break
         g.renumber()
         return g
 
@@ -773,6 +781,116 @@ class _Simplifier:
             else:
                 seen[k] = n
         g.outputs = [repl.get(id(o), o) for o in g.outputs]
+
+    # -- adjacent sums in the gradient vector -------------------------------------------------
+    def _merge_assembled_sums(self) -> bool:
+        """Adjacent pieces of a 1-D gradient that are sums of adjacent pieces of the same two
+        tensors (a layer's weight and bias: prior gradient plus likelihood gradient) become
+        one sum, written once."""
+        changed = False
+        for a in list(self.g.nodes):
+            if a.kind != "call" or a.target != "assemble" or len(a.args[0]) != 1:
+                continue
+            shape, entries = a.args
+            if not all(
+                len(idx) == 1 and isinstance(idx[0], slice) and idx[0].step in (None, 1)
+                for idx, _ in entries
+            ):
+                continue
+            ordered = sorted(entries, key=lambda e: e[0][0].start or 0)
+            groups: list[list] = []
+            for idx, v in ordered:
+                sl = idx[0]
+                lo, hi = sl.start or 0, min(shape[0], sl.stop)
+                pieces = self._sum_of_flat_pieces(v)
+                last = groups[-1] if groups else None
+                if (
+                    last is not None
+                    and pieces is not None
+                    and last[-1][3] is not None
+                    and last[-1][1] == lo
+                ):
+                    prev = last[-1][3]
+                    joined = self._adjacent(prev, pieces)
+                    if joined is not None:
+                        last.append((lo, hi, v, joined))
+                        continue
+                groups.append([(lo, hi, v, pieces)])
+            if all(len(grp) == 1 for grp in groups):
+                continue
+            new_entries = []
+            for grp in groups:
+                if len(grp) == 1:
+                    lo, hi, v, _ = grp[0]
+                    new_entries.append(((slice(lo, hi, None),), v))
+                    continue
+                (x1, a1, _), (x2, a2, _) = grp[0][3]
+                (_, _, b1), (_, _, b2) = grp[-1][3]
+                left = self._flat_piece_node(x1, a1, b1, before=a)
+                right = self._flat_piece_node(x2, a2, b2, before=a)
+                total = self._new(aten.add.Tensor, (left, right), before=a)
+                new_entries.append(((slice(grp[0][0], grp[-1][1], None),), total))
+            a.args = (shape, new_entries)
+            changed = True
+        return changed
+
+    @staticmethod
+    def _adjacent(prev, pieces):
+        """``pieces`` continuing ``prev`` (both pairs of ``(base, lo, hi)``), in either order
+        of the sum's operands: the pair in ``prev``'s order, else ``None``."""
+        for cand in (pieces, pieces[::-1]):
+            if all(p[0] is c[0] and p[2] == c[1] for p, c in zip(prev, cand, strict=True)):
+                return (prev[0][0], prev[0][1], cand[0][2]), (prev[1][0], prev[1][1], cand[1][2])
+        return None
+
+    def _sum_of_flat_pieces(self, v):
+        """``((x, lo, hi), (y, lo, hi))`` when ``v`` is ``a + b`` with ``a`` and ``b`` the flat
+        (C-order) elements ``lo:hi`` of tensors ``x`` and ``y``, else ``None``."""
+        if not (isinstance(v, _Node) and v.kind == "call" and v.target is aten.add.Tensor):
+            return None
+        if v.kwargs or len(v.args) != 2 or not v.val.is_floating_point():
+            return None
+        out = []
+        for p in v.args:
+            pt = _tensor(p)
+            if pt is None or pt.numel() != v.val.numel() or pt.dtype != v.val.dtype:
+                return None
+            out.append(self._flat_piece(p))
+        return tuple(out)
+
+    @staticmethod
+    def _flat_piece(p: _Node) -> tuple:
+        """``(x, lo, hi)``: ``p`` is the flat elements ``lo:hi`` of ``x`` (through reshapes
+        and first-axis slices)."""
+        if p.kind == "call" and p.target in _RESHAPES:
+            return _Simplifier._flat_piece(p.args[0])
+        if p.kind == "call" and p.target in (aten.slice.Tensor, aten.select.int):
+            q = p.args[0]
+            qt = _tensor(q)
+            dim = p.args[1] if len(p.args) > 1 else 0
+            if qt is not None and qt.dim() > 0 and dim % qt.dim() == 0:
+                n0 = qt.shape[0]
+                row = qt[0].numel() if n0 else 0
+                if p.target is aten.select.int:
+                    i = p.args[2] % n0 if n0 else 0
+                    lo_r, hi_r = i, i + 1
+                else:
+                    step = p.args[4] if len(p.args) > 4 else 1
+                    start = p.args[2] if len(p.args) > 2 and p.args[2] is not None else 0
+                    stop = p.args[3] if len(p.args) > 3 and p.args[3] is not None else n0
+                    if step != 1 or not (_is_num(start) and _is_num(stop)):
+                        return (p, 0, p.val.numel())
+                    lo_r = max(0, start + n0 if start < 0 else start)
+                    hi_r = min(n0, stop + n0 if stop < 0 else stop)
+                x, lo, _ = _Simplifier._flat_piece(q)
+                return (x, lo + lo_r * row, lo + hi_r * row)
+        return (p, 0, p.val.numel())
+
+    def _flat_piece_node(self, x: _Node, lo: int, hi: int, *, before: _Node) -> _Node:
+        flat = x if x.val.dim() == 1 else self._new(aten.view.default, (x, [-1]), before=before)
+        if lo == 0 and hi == flat.val.numel():
+            return flat
+        return self._new(aten.slice.Tensor, (flat, 0, lo, hi), before=before)
 
     # -- the gradient of z in one piece ---------------------------------------------------------
     def _assemble(self) -> None:
