@@ -336,11 +336,7 @@ class CompiledLogJoint:
             # measure both, keep the faster
             looped = _looped(single, batch)
             z = self._example_z(batch).numpy()
-            data = (
-                []
-                if rows is None
-                else [self.problem.x[:rows].numpy(), self.problem.y[:rows].numpy()]
-            )
+            data = [] if rows is None else [d.numpy() for d in self._example_rows(rows)]
             if _time_of(looped.fn, z, data) < _time_of(comp.fn, z, data):
                 return looped
         return comp
@@ -369,7 +365,7 @@ class CompiledLogJoint:
         else:
             fn = one
         z0 = self._example_z(batch)
-        data = [] if rows is None else [pb.x[:rows], pb.y[:rows]]
+        data = [] if rows is None else self._example_rows(rows)
         graph = capture_graph(fn, [z0, *data])
         if not self._checked_structure and not batch and rows is None:
             # a second recording elsewhere must be the same computation
@@ -383,6 +379,12 @@ class CompiledLogJoint:
         emitter = (_NumpyEmitter if self.numpy else _TorchEmitter)(graph, pb.dtype)
         run = emitter.emit()
         return _Compiled(run, self.numpy, graph, emitter.source, emitter.bridged)
+
+    def _example_rows(self, rows: int) -> list[torch.Tensor]:
+        """``rows`` rows of the data (repeating it when a minibatch is larger)."""
+        pb = self.problem
+        idx = torch.arange(rows, device=pb.device) % pb.n
+        return [pb.x[idx], pb.y[idx]]
 
     def _check_sites(self) -> None:
         """Parameters (``pyro.param``) would be frozen into the graph at their current
@@ -412,7 +414,7 @@ class CompiledLogJoint:
         batch, rows, grad = key
         pb = self.problem
         rtol = _RTOL.get(pb.dtype, 1e-3)
-        idx = None if rows is None else torch.arange(rows, device=pb.device)
+        idx = None if rows is None else torch.arange(rows, device=pb.device) % pb.n
         for shift in (2, 3, 4):
             z = self._example_z(batch, shift)
             out = self._call(comp, z, idx)
@@ -448,13 +450,14 @@ class CompiledLogJoint:
                 try:
                     comp = self._build(key)
                     self._check(comp, key)
-                except CaptureError as e:
+                except Exception as e:  # noqa: BLE001 - whatever fails: the Pyro path
                     comp = None
+                    why = str(e) if isinstance(e, CaptureError) else f"{type(e).__name__}: {e}"
                     if not batch and rows is None:
-                        self.ok, self.reason = False, str(e)
+                        self.ok, self.reason = False, why
                     self._say(
                         f"{self._model_name()}: log joint by the Pyro trace "
-                        f"({self._describe(key)}): the model cannot be compiled: {e}"
+                        f"({self._describe(key)}): the model cannot be compiled: {why}"
                     )
                 else:
                     bridged = f"; by torch: {', '.join(comp.bridged)}" if comp.bridged else ""
