@@ -149,7 +149,7 @@ def test_data_parallel_training_matches_one_process(tmp_path):
             assert abs(float(ref[name]["loss"] - r0[name]["loss"])) < 0.05 * abs(
                 float(ref[name]["loss"])
             )
-        else:  # measured: at most 7e-7 of predictions of scale 1.6-5.3 (map by L-BFGS: 3.4e-6 of 0.23)
+        else:  # measured: <= 7e-7 of predictions of scale 1.6-5.3 (L-BFGS map: 3.4e-6 of 0.23)
             assert diff <= 1e-4 * max(scale, 1.0), (name, diff)
 
 
