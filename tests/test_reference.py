@@ -89,3 +89,20 @@ def test_cli_options():
         build_parser().parse_args(["reference", "--score-only", "--build-only"])
     with pytest.raises(OptionError, match="unknown"):
         R._problem("moons")
+
+
+def test_committed_references_are_converged_and_current():
+    """Every committed reference passed the harness's bar (function-space R-hat and bulk
+    ESS at every test input, no divergences) and was built from the problem as it is
+    defined now (a changed problem makes it stale)."""
+    from pathlib import Path
+
+    res = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "reference"
+    built = sorted(res.glob("*.json"))
+    assert built, "no committed reference"
+    for path in built:
+        meta = json.loads(path.read_text())
+        assert meta["converged"] and meta["divergences"] == 0, path.name
+        assert meta["rhat_max"] <= R.RHAT_MAX and meta["ess_bulk_min"] >= R.ESS_MIN, path.name
+        assert meta["config"] == R._problem(meta["problem"]).config(), path.name
+        assert (res / f"{meta['problem']}.npz").exists()
