@@ -329,6 +329,7 @@ def main(argv=None):
     )
     ap.add_argument("--models", nargs="+", choices=sorted(PROBLEMS), default=sorted(PROBLEMS))
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--name", default=None, help="results file stem (default by --full)")
     ap.add_argument(
         "--no-one-core",
         dest="one_core",
@@ -452,7 +453,7 @@ def main(argv=None):
         "per run (ESS weights median, ESS f(x) median, wall s): " + " | ".join(per_run),
     ]
     C.report(
-        "nuts_vs_numpyro" + ("_full" if args.full else ""),
+        args.name or "nuts_vs_numpyro" + ("_full" if args.full else ""),
         "NUTS on BNNs: marginalize (builder and plain functions) vs NumPyro",
         body,
         extra_versions={"numpyro/jax": np_versions} if runner else None,

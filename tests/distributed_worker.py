@@ -61,6 +61,16 @@ DATA_PARALLEL = {
     "bbb": {"steps": 200, "batch_size": 8},
     "mc-dropout": {"steps": 300, "batch_size": 8},
     "swag": {"pretrain_steps": 100, "swag_steps": 60, "batch_size": 8},
+    # MAP stage data-parallel, curvature (GGN; K-FAC factors) summed over the ranks' rows
+    "laplace": {"optimizer": "adam", "steps": 300, "batch_size": 8, "refine_steps": 0},
+    "laplace-kron": {
+        "method": "laplace",
+        "structure": "kron",
+        "optimizer": "adam",
+        "steps": 300,
+        "batch_size": 8,
+        "refine_steps": 0,
+    },
 }
 
 
@@ -80,6 +90,7 @@ def dataparallel(out: Path) -> dict:
         res[name] = {
             "approx": post.approximation.state_dict(),
             "mean": pred.mean.detach(),
+            "std": pred.std.detach(),
             "loss": None if loss is None else torch.as_tensor(loss)[-20:].mean(),
         }
     return res

@@ -72,6 +72,8 @@ __all__ = [
     "run_members",
     "DataParallel",
     "data_parallel",
+    "row_share",
+    "sum_over_ranks",
     "init_from_env",
     "encode",
     "decode",
@@ -522,3 +524,21 @@ def data_parallel(objective: Objective, params: torch.Tensor, n: int) -> Objecti
         return objective
     dist.broadcast(params.data, src=0)
     return DataParallel(objective, n)
+
+
+def row_share(n: int) -> slice:
+    """This rank's contiguous share of ``n`` rows for a data-parallel sum (every row in a
+    single process, inside :func:`local` or a member)."""
+    if not is_distributed():
+        return slice(0, n)
+    world, me = world_size(), rank()
+    bounds = [(n * r) // world for r in range(world + 1)]
+    return slice(bounds[me], bounds[me + 1])
+
+
+def sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    """``t`` summed over the ranks (in place; ``t`` itself without a process group): the
+    total of a sum over rows each rank computed on its :func:`row_share`."""
+    if is_distributed():
+        dist.all_reduce(t)
+    return t

@@ -76,6 +76,7 @@ from marginalize.core.linearized import (
 )
 from marginalize.core.problem import Problem, _no_validation
 from marginalize.errors import FitError, ModelError, OptionError
+from marginalize.inference.engines import distributed
 from marginalize.inference.engines.options import choice, either, integer, number, option
 from marginalize.inference.engines.subsites import (
     BayesianSites,
@@ -380,11 +381,13 @@ def _ggn(
     out_dim = lfac.shape[1]
     chunk = max(1, _CHUNK_BYTES // (8 * out_dim * max(dn, 1)))
     acc = theta.new_zeros(dn) if diag_only else theta.new_zeros(dn, dn)
-    for start in range(0, target.n, chunk):
-        j = output_jacobian(omap, z, target.x[start : start + chunk], cols)  # (B, O, Dn)
-        m = torch.einsum("bok,bod->bkd", lfac[start : start + chunk], j).reshape(-1, dn)
+    rows = distributed.row_share(target.n)  # several processes: each sums its share of rows
+    for start in range(rows.start, rows.stop, chunk):
+        stop = min(start + chunk, rows.stop)
+        j = output_jacobian(omap, z, target.x[start:stop], cols)  # (B, O, Dn)
+        m = torch.einsum("bok,bod->bkd", lfac[start:stop], j).reshape(-1, dn)
         acc += (m * m).sum(0) if diag_only else m.T @ m
-    return acc
+    return distributed.sum_over_ranks(acc)
 
 
 def _layer_blocks(problem: Problem, model: MLP) -> list[dict]:
@@ -417,11 +420,12 @@ def _kfac(
     """``(A, G)`` per layer: mean input outer product (bias 1 appended) and summed GGN of
     the pre-activations."""
     model: MLP = target.model
-    lfac = _output_factor(target, theta, omap)
+    rows = distributed.row_share(target.n)  # several processes: each sums its share of rows
+    lfac = _output_factor(target, theta, omap)[rows]
     params, _ = target.params(theta.detach())
     wanted = {layer["spec"].name for layer in layers}
     inputs, pre = {}, {}
-    h = target.x
+    h = target.x[rows]
     specs = model.layer_specs()
     with torch.enable_grad():
         for k, spec in enumerate(specs):
@@ -447,7 +451,10 @@ def _kfac(
         a = inputs[name]
         if layer["bias"]:
             a = torch.cat([a, a.new_ones(a.shape[0], 1)], 1)
-        out.append(((a.T @ a) / target.n, gs[name].detach()))
+        a_mat = distributed.sum_over_ranks((a.T @ a) / target.n)
+        width = pre[name].shape[-1]
+        g_mat = gs[name].detach() if torch.is_tensor(gs[name]) else a_mat.new_zeros(width, width)
+        out.append((a_mat, distributed.sum_over_ranks(g_mat)))
     return out
 
 
