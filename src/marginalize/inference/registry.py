@@ -34,7 +34,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from marginalize._validation import check_device, check_options, check_seed
+from marginalize._validation import check_device, check_option_values, check_options, check_seed
 from marginalize.core.problem import Problem, prepare
 from marginalize.errors import OptionError
 from marginalize.inference.engines import checkpoint
@@ -178,6 +178,7 @@ def fit(
     seed = check_seed("seed", seed)
     device = check_device(device)
     problem = prepare(model, x, y, device=device)
+    check_option_values(opts, problem.dtype)
     with isolated(seed), checkpoint.session(cls.name, opts, seed, problem):
         approx, info = cls().run(problem, opts, seed, progress)
     return Posterior(

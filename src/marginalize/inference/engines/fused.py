@@ -187,7 +187,8 @@ def run_meanfield(problem, opts, seed: int, progress: bool) -> tuple[Gaussian, d
     elbo = MeanFieldELBO(fp, analytic_kl=opts.analytic_kl)
     n = problem.n
     loc0 = initial_z(problem, opts.init)
-    rho0 = math.log(math.expm1(float(opts.init_scale)))
+    s0 = float(opts.init_scale)  # inverse softplus; expm1 overflows past 709
+    rho0 = math.log(math.expm1(s0)) if s0 < 30 else s0 + math.log1p(-math.exp(-s0))
     params = torch.stack([loc0, torch.full_like(loc0, rho0)])
     decay = opts.lr_final ** (1.0 / max(opts.steps, 1))
     optim = ClippedAdamState(params, opts.lr, decay, opts.clip_norm)

@@ -140,7 +140,8 @@ class BayesByBackprop(Method):
         layout, specs = problem.layout, model.layer_specs()
         n = problem.n
         mu = initial_z(problem, opts.init).requires_grad_(True)
-        rho0 = math.log(math.expm1(float(opts.init_scale)))
+        s0 = float(opts.init_scale)  # inverse softplus; expm1 overflows past 709
+        rho0 = math.log(math.expm1(s0)) if s0 < 30 else s0 + math.log1p(-math.exp(-s0))
         rho = torch.full_like(mu, rho0).requires_grad_(True)
         layer_sites = {f"{s.name}.{k}" for s in specs for k in ("weight", "bias")}
         other = [s for s in layout.sites if s.name not in layer_sites]
