@@ -131,6 +131,9 @@ def as_tensor(
         if value.is_quantized or value.is_nested:
             raise DataError(f"{name}: quantized and nested tensors are not supported")
         t = value.detach()
+        if t.is_inference():  # made under torch.inference_mode(): a fit needs autograd on it
+            with torch.inference_mode(False):
+                t = t.clone()
     else:
         arr = _to_numpy(name, value)
         if np.issubdtype(arr.dtype, np.floating):

@@ -22,7 +22,8 @@ from typing import Any
 import torch
 from pyro import poutine
 
-from marginalize._files import check_path, write_verified
+from marginalize._files import check_save_path, write_verified
+from marginalize._isolation import exclusive
 from marginalize._validation import check_positive_int, check_seed, check_x, check_y
 from marginalize.core.approximations import Approximation
 from marginalize.core.layout import Layout
@@ -42,7 +43,7 @@ from marginalize.core.problem import _no_validation
 from marginalize.errors import DataError, ModelError, OptionError
 from marginalize.models.base import BNN
 
-__all__ = ["Posterior", "Prediction", "save_posterior", "FORMAT", "VERSION"]
+__all__ = ["Posterior", "Prediction", "save_posterior", "FORMAT", "VERSION", "SAVE_NAME"]
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +187,8 @@ class Posterior:
             for s in range(z.shape[0]):
                 p = {k: v[s] for k, v in params.items()}
                 try:
-                    tr = poutine.trace(poutine.condition(self.model, data=p)).get_trace(x, None)
+                    with exclusive():  # Pyro's handler stack is global (marginalize._isolation)
+                        tr = poutine.trace(poutine.condition(self.model, data=p)).get_trace(x, None)
                 except Exception as e:
                     raise ModelError(
                         f"the model raised {type(e).__name__} when called as model(x) "
@@ -420,7 +422,14 @@ class Posterior:
 
     # ---- persistence -------------------------------------------------------------------
     def save(self, path) -> None:
-        """Save to ``path`` as plain tensors (``torch.load(weights_only=True)`` reads it back)."""
+        """Save to ``path`` as plain tensors (``torch.load(weights_only=True)`` reads it back).
+
+        A folder (an existing one, or a path ending in a separator, created if only its last
+        level is missing) gets the file ``posterior.pt`` inside; :func:`marginalize.load` of
+        that folder reads it. A missing folder, an empty path or a path where a non-regular
+        file exists raise ``OSError`` subclasses naming the problem, before anything is written
+        (see ``docs/input_checks.md``).
+        """
         save_posterior(self, path)
 
     def to_arviz(self, **kwargs: Any):
@@ -458,6 +467,8 @@ def _tensors(obj):
 
 
 FORMAT = "marginalize.posterior"
+#: the file name of a posterior saved to (or loaded from) a folder
+SAVE_NAME = "posterior.pt"
 #: 2: a SHA-256 of the content is stored beside it
 VERSION = 2
 
@@ -487,7 +498,8 @@ def _plain(obj):
 
 def save_posterior(post: Posterior, path) -> None:
     """Write ``post`` to ``path`` (atomically: a temporary file is renamed into place)."""
-    path = check_path(path)
+    # checked before any work; a folder (or a path ending in a separator) gets SAVE_NAME inside
+    path = check_save_path(path, default_name=SAVE_NAME)
     # builder models store their config; plain functions and bayesian(module) models (config()
     # is None) must be passed to load(path, model=...)
     cfg = post.model.config() if isinstance(post.model, BNN) else None

@@ -34,6 +34,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from marginalize._isolation import exclusive
 from marginalize._validation import check_device, check_option_values, check_options, check_seed
 from marginalize.core.problem import Problem, prepare
 from marginalize.errors import OptionError
@@ -154,7 +155,9 @@ def fit(
         A name from :func:`methods`.
     seed : int
         In ``[0, 2**32 - 1]``. All randomness of the fit derives from it; the same seed gives
-        bitwise the same result on the same device.
+        bitwise the same result on the same device. The fit runs alone: fits in other threads
+        wait for it, and Pyro handlers the caller left open (``pyro.plate``,
+        ``poutine.scale``, ...) do not act on it.
     device : str or torch.device, optional
         Where to fit (default: the device of ``x``, else the CPU).
     progress : bool
@@ -177,10 +180,13 @@ def fit(
     opts = cls.make_options(options)
     seed = check_seed("seed", seed)
     device = check_device(device)
-    problem = prepare(model, x, y, device=device)
-    check_option_values(opts, problem.dtype)
-    with isolated(seed), checkpoint.session(cls.name, opts, seed, problem):
-        approx, info = cls().run(problem, opts, seed, progress)
+    # Pyro's param store, handler stack and plate dims are process globals: one fit at a time,
+    # with the caller's open handlers set aside (see marginalize._isolation)
+    with exclusive():
+        problem = prepare(model, x, y, device=device)
+        check_option_values(opts, problem.dtype)
+        with isolated(seed), checkpoint.session(cls.name, opts, seed, problem):
+            approx, info = cls().run(problem, opts, seed, progress)
     return Posterior(
         problem.model,
         problem.layout,
