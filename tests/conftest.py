@@ -13,14 +13,20 @@ torch.set_num_threads(int(os.environ.get("MARGINALIZE_TEST_THREADS", "1")))
 SEED_OFFSET = int(os.environ.get("MARGINALIZE_TEST_SEED_OFFSET", "0"))
 
 
+def rseed(k: int = 0) -> int:
+    """Seed ``k`` of a statistical test (data, fit or draws): ``k`` plus the run's offset."""
+    return SEED_OFFSET + k
+
+
 def seeds(n: int) -> list[int]:
     """``n`` seeds of a sweep: a property tested over them must hold for every one."""
-    return [SEED_OFFSET + i for i in range(n)]
+    return [rseed(i) for i in range(n)]
 
 
 @pytest.fixture
 def seed_offset() -> int:
     return SEED_OFFSET
+
 
 # Shrink these options (when a method has them) for the quick contract tests.
 TINY = {
