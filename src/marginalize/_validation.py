@@ -173,9 +173,20 @@ def check_finite(name: str, t: torch.Tensor) -> None:
 
 
 def check_x(
-    name: str, x: Any, *, device=None, in_features: int | None = None, dtype=None
+    name: str,
+    x: Any,
+    *,
+    device=None,
+    in_features: int | None = None,
+    dtype=None,
+    keep_int: bool = False,
 ) -> torch.Tensor:
-    t = as_tensor(name, x, device=device, allow_int=False, dtype=dtype)
+    """Inputs as a tensor with a leading data dimension: floats in ``dtype`` (default: as
+    :func:`as_tensor`), integers as floats unless ``keep_int`` (e.g. token ids for a module
+    with an ``nn.Embedding``, see ``BNN.integer_inputs``)."""
+    t = as_tensor(name, x, device=device, allow_int=keep_int)
+    if dtype is not None and (t.is_floating_point() or not keep_int):
+        t = t.to(dtype)
     if t.dim() == 0:
         raise DataError(
             f"{name}: expected an array of inputs with a leading data dimension, got a scalar"

@@ -153,7 +153,12 @@ class Problem:
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.x.dtype
+        """The float dtype of the fit: x's, or the default one for integer inputs."""
+        return (
+            self.x.dtype
+            if self.x.is_floating_point()
+            else self.meta.get("dtype", torch.get_default_dtype())
+        )
 
     def log_joint(self, z: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
         """``log p(w(z), y | x) + log|J|``; with ``idx`` a minibatch scaled to the full data."""
@@ -234,8 +239,10 @@ def prepare(model: Callable, x, y, *, device=None) -> Problem:
         raise ModelError(f"model must be callable as model(x, y=None), got {type(model).__name__}")
     if device is None and isinstance(x, torch.Tensor):
         device = x.device
-    x_t = check_x("x", x, device=device)
+    keep_int = isinstance(model, BNN) and model.integer_inputs  # e.g. token ids (Embedding)
+    x_t = check_x("x", x, device=device, keep_int=keep_int)
     y_t = check_y(y, x_t.shape[0], device=device)
+    fdtype = x_t.dtype if x_t.is_floating_point() else torch.get_default_dtype()
     num_classes = None
     if isinstance(model, BNN):
         x_t = model.check_input(x_t, "x")
@@ -244,11 +251,12 @@ def prepare(model: Callable, x, y, *, device=None) -> Problem:
         if lik.task == "classification":
             num_classes = targets if lik.kind == "categorical" else 2
         y_t = lik.check_y(y_t, targets)
+        fdtype = x_t.dtype if x_t.is_floating_point() else fdtype  # check_input may cast x
         if torch.is_floating_point(y_t):  # regression targets, Bernoulli labels
-            y_t = y_t.to(x_t.dtype)
+            y_t = y_t.to(fdtype)
     else:
         if torch.is_floating_point(y_t):
-            y_t = y_t.to(x_t.dtype)
+            y_t = y_t.to(fdtype)
     with torch.random.fork_rng(devices=[]):
         tr = trace_model(model, x_t, y_t)
         # latent shapes must not depend on the number of data points
@@ -288,7 +296,7 @@ def prepare(model: Callable, x, y, *, device=None) -> Problem:
         ) from e
     if not bool(torch.isfinite(lp).all()):
         raise _blame_non_finite(ysite["fn"], ysite["value"], x_t)
-    return Problem(model, x_t, y_t, layout, task, num_classes)
+    return Problem(model, x_t, y_t, layout, task, num_classes, meta={"dtype": fdtype})
 
 
 def _blame_non_finite(d: dist.Distribution, y: torch.Tensor, x: torch.Tensor) -> DataError:
