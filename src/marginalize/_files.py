@@ -329,6 +329,11 @@ def _check_structure(path: Path, obj: Any, what: str) -> None:
         )
 
 
+def _equal_plain(value: Any, want: str | int) -> bool:
+    """``value == want`` for a value of ``want``'s own type only (a tensor never compares)."""
+    return type(value) is type(want) and value == want
+
+
 def read_verified(path, fmt: str, version: int, *, what: str = "marginalize file") -> dict:
     """Read a file written by :func:`write_verified` and check format, version and digest.
 
@@ -363,9 +368,9 @@ def read_verified(path, fmt: str, version: int, *, what: str = "marginalize file
             f"loading refuses anything but plain tensors): {type(e).__name__}: {e}"
         ) from e
     del data
-    if not isinstance(payload, dict) or payload.get("format") != fmt:
+    if not isinstance(payload, dict) or not _equal_plain(payload.get("format"), fmt):
         raise FileFormatError(f"{path}: not a {what} (format {fmt!r})")
-    if payload.get("version") != version:
+    if not _equal_plain(payload.get("version"), version):
         raise FileFormatError(
             f"{path}: written by {what} format version {payload.get('version')!r}; this version of "
             f"marginalize reads version {version}"

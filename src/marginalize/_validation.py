@@ -36,7 +36,7 @@ MAX_COUNT = 2**53
 def _sparse_kind(value: Any) -> str | None:
     """The name of a sparse container (torch sparse layouts, SciPy sparse arrays), else None."""
     if isinstance(value, torch.Tensor):
-        return None if value.layout == torch.strided else f"torch {value.layout} tensor"
+        return None if value.layout == torch.strided else f"sparse tensor ({value.layout})"
     mod = type(value).__module__ or ""
     if mod.startswith("scipy.sparse"):
         return f"SciPy sparse {type(value).__name__}"
@@ -56,10 +56,10 @@ def _from_pandas(name: str, value: Any) -> np.ndarray:
         try:  # nullable extension dtypes (Int64, Float64, boolean) hold pd.NA
             arr = value.to_numpy(dtype=np.float64, na_value=np.nan)
         except (TypeError, ValueError):
+            kinds = list(value.dtypes) if getattr(value, "ndim", 1) == 2 else [value.dtype]
             raise DataError(
                 f"{name}: a pandas object with non-numeric columns (dtypes "
-                f"{sorted({str(d) for d in np.atleast_1d(getattr(value, 'dtypes', value.dtype))})})"
-                "; encode them as numbers first"
+                f"{sorted({str(d) for d in kinds})}); encode them as numbers first"
             ) from None
     return arr
 

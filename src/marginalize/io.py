@@ -120,10 +120,12 @@ def load(path, model: Callable | None = None, *, device=None) -> Posterior:
             )
         raise FileFormatError(f"{path}: the model's latent sites do not match the saved posterior")
     if f.info.get("predictive") == "glm" and not (
-        isinstance(problem.model, BNN) and f.approximation["kind"] in ("delta", "gaussian")
+        isinstance(problem.model, BNN)
+        and f.approximation["kind"] in ("delta", "gaussian", "kronecker", "dropout")
     ):
         raise FileFormatError(
-            f"{path}: info['predictive'] is 'glm', which needs a builder model and a Gaussian"
+            f"{path}: info['predictive'] is 'glm', which needs a builder model and an "
+            "approximation with a mean"
         )
     try:
         approx = from_state(f.approximation)
@@ -227,7 +229,7 @@ class _Fields:
         if p.get("model_config") is not None:
             self.model_config = self._json(p, "model_config", dict)
         dtype = p.get("dtype")
-        if dtype not in _DTYPES:
+        if not isinstance(dtype, str) or dtype not in _DTYPES:
             self.fail(f"dtype {dtype!r} is not one of {sorted(_DTYPES)}")
         self.dtype = getattr(torch, dtype)
         data = p.get("data")
@@ -302,7 +304,7 @@ class _Fields:
             "mixture": {"components"},
             "kronecker": {"loc", "scale", "blocks"},
         }
-        if kind not in allowed or (nested and kind == "mixture"):
+        if not isinstance(kind, str) or kind not in allowed or (nested and kind == "mixture"):
             self.fail(f"unknown approximation kind {kind!r}")
         if not set(t) <= allowed[kind]:
             self.fail(f"a {kind} approximation holds {sorted(set(t) - allowed[kind])}")
@@ -383,7 +385,7 @@ class _Fields:
         ):
             self.fail("info['loss'] is not a 1-D or 2-D array of numbers")
         steps = info.get("steps_done")
-        if steps is not None and not (_is_int(steps) and steps >= 0):
+        if "steps_done" in info and not (_is_int(steps) and steps >= 0):
             self.fail(f"info['steps_done'] {steps!r} is not a count")
         stats = info.get("sample_stats")
         if stats is not None:
