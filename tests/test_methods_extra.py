@@ -136,6 +136,7 @@ def test_laplace_evidence_and_prior_precision(float64):
     assert torch.allclose(fixed.approximation.covariance(), expect, atol=1e-9)
 
 
+@pytest.mark.statistical
 def test_laplace_glm_predictive(float64):
     """Linear in the weights: the linearized predictive equals sampling the network; for a
     nonlinear net its mean is the MAP prediction (within Monte Carlo error)."""
@@ -148,7 +149,7 @@ def test_laplace_glm_predictive(float64):
     assert torch.allclose(a.mean, b.mean) and torch.allclose(a.std, b.std)
     post = mz.fit(MLP, X.double(), Y.double(), method="laplace", steps=200, progress=False)
     n = 4000
-    pred = post.predict(XT, num_samples=n, seed=0)
+    pred = post.predict(XT, num_samples=n, seed=rseed())
     f0 = MLP.forward(post.layout.unpack(post.approximation.loc), XT.double())[:, 0]
     assert torch.all((pred.mean - f0).abs() < 5 * pred.epistemic / math.sqrt(n))
 
@@ -216,6 +217,7 @@ def test_swag_covariance_formula(scale):
     assert torch.allclose(half, 0.5 * full, atol=1e-12)
 
 
+@pytest.mark.statistical
 def test_swag_sampled_covariance_matches_formula():
     its = synthetic_iterates(d=3)
     m = SWAGMoments(3, max_rank=4)
@@ -223,7 +225,7 @@ def test_swag_sampled_covariance_matches_formula():
         m.update(z)
     g = m.gaussian(0.5, dtype=torch.float64)
     n = 40000
-    draws = g.sample(n, torch.Generator().manual_seed(0))[0]
+    draws = g.sample(n, torch.Generator().manual_seed(rseed()))[0]
     emp = torch.cov(draws.T)
     cov = g.covariance()
     se = ((cov.diagonal()[:, None] * cov.diagonal()[None, :] + cov**2) / n).sqrt()

@@ -707,3 +707,40 @@ def test_reading_memory_is_bounded_by_the_file(saved):
     finally:
         tracemalloc.stop()
     assert peak < 4 * size + 2**20, (peak, size)
+
+
+# ------------------------------------------------------------------------------------------
+# 4. the same on a GPU (skipped without CUDA)
+# ------------------------------------------------------------------------------------------
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.gpu
+@cuda
+def test_gpu_inputs_checks_and_files(tmp_path):
+    dev = torch.device("cuda")
+    xc, yc = X.to(dev), Y.to(dev)
+    with pytest.raises(mz.DataError, match="x: has values up to"):
+        fit_map(xc * 1e30, yc)
+    with pytest.raises(mz.DataError, match="sparse"):
+        fit_map(xc.to_sparse(), yc)
+    post = fit_map(xc, yc)
+    assert post.device.type == "cuda" and post.data[0].device.type == "cuda"
+    post.save(tmp_path / "g.pt")
+    back = mz.load(tmp_path / "g.pt", device="cuda")
+    assert back.device.type == "cuda"
+    assert torch.equal(back.predict(xc).mean, post.predict(xc).mean)
+    with poutine.scale(scale=10.0):
+        again = fit_map(xc, yc)
+    assert torch.equal(again.approximation.loc, post.approximation.loc)
+
+
+@pytest.mark.gpu
+@cuda
+def test_gpu_integer_ids():
+    dev = torch.device("cuda")
+    ids = torch.randint(0, 10, (40,), generator=torch.Generator().manual_seed(1)).to(dev)
+    model = mz.models.bayesian(EmbedNet(), prior=mz.priors.Normal(1.0))
+    post = mz.fit(model, ids, torch.sin(ids.float()), method="map", steps=20, progress=False)
+    assert post.data[0].dtype == torch.int64 and post.device.type == "cuda"
+    assert torch.isfinite(post.predict(ids[:5]).mean).all()
