@@ -685,30 +685,56 @@ GAP_MODEL = mz.models.mlp(1, hidden=[16, 16], prior=mz.priors.Normal(1.0))
 # the data. Its gap/near ratio is 0.97-1.07 over seeds 0-2 at the default settings (0.6-1.0
 # with other priors and widths): no in-between uncertainty. MultiSWAG gets it from the
 # diversity between runs, which shows when each run's own spread (set by swag_lr) is below it.
+# Measured gap/near ratios over seeds 0-5 and 1000 (tools/gap_sweep.py): ensemble 1.3-7.2,
+# multiswag with 8 runs 2.4-8.9 (with 4 runs 0.94 at seed 3), laplace 1.8-107, hmc with 2
+# chains 1.8-16 (one chain: 1.1 at seed 3). Every seed must pass: the test runs again with
+# other seeds in CI (make test-varied).
 GAP = [
     ("ensemble", dict(num_members=4, steps=400, lr=0.02)),
     (
         "multiswag",
         dict(
-            num_models=4, pretrain_steps=400, swag_steps=200, batch_size=16, lr=0.02, swag_lr=2e-4
+            num_models=8, pretrain_steps=400, swag_steps=200, batch_size=16, lr=0.02, swag_lr=2e-4
         ),
     ),
     ("laplace", dict(steps=400, lr=0.02)),
     ("laplace", dict(steps=400, lr=0.02, structure="kron")),
     ("laplace", dict(steps=400, lr=0.02, subset="last_layer")),
+    ("hmc", dict(num_samples=100, num_warmup=100, num_chains=2, num_steps=20, init="map")),
+]
+# Bayes by Backprop (mean-field VI) is not in GAP: mean-field Gaussians provably lack
+# in-between uncertainty for one hidden layer and rarely show it in deeper nets (Foong et al.
+# 2019, "'In-Between' Uncertainty in Bayesian Neural Networks"). Here its gap/near ratio is
+# 0.84-1.58 over seeds 0-5 and 1000 (above 1 for 3 of 7 seeds: the test it had passed by the
+# luck of seed 0), with either estimator. What it does show for every seed is uncertainty that
+# grows away from the data: far/near ratio 2.2-12 (test_bbb_uncertainty_grows_away_from_data).
+BBB = [
     ("bbb", dict(steps=1500, lr=0.02, batch_size=32)),
     ("bbb", dict(steps=1500, lr=0.02, batch_size=32, estimator="flipout")),
-    ("hmc", dict(num_samples=100, num_warmup=100, num_chains=1, num_steps=20, init="map")),
 ]
+INSIDE = torch.linspace(-0.2, 0.2, 9)[:, None]
+NEAR = torch.cat([torch.linspace(-0.8, -0.5, 5), torch.linspace(0.5, 0.8, 5)])[:, None]
+FAR = torch.cat([torch.linspace(-2.0, -1.6, 5), torch.linspace(1.6, 2.0, 5)])[:, None]
+
+
+def _gap_fit(method, options):
+    ds = mz.datasets.load("gap")
+    x, y = torch.tensor(ds.x, dtype=torch.float32), torch.tensor(ds.y, dtype=torch.float32)
+    post = mz.fit(GAP_MODEL, x, y, method=method, seed=rseed(), progress=False, **options)
+    return lambda pts: post.predict(pts, num_samples=300, seed=rseed()).epistemic.mean()
 
 
 @pytest.mark.slow
+@pytest.mark.statistical
 @pytest.mark.parametrize("method,options", GAP)
 def test_epistemic_uncertainty_grows_in_the_gap(method, options):
-    ds = mz.datasets.load("gap")
-    x, y = torch.tensor(ds.x, dtype=torch.float32), torch.tensor(ds.y, dtype=torch.float32)
-    post = mz.fit(GAP_MODEL, x, y, method=method, seed=0, progress=False, **options)
-    inside = post.predict(torch.linspace(-0.2, 0.2, 9)[:, None], num_samples=300, seed=0).epistemic
-    near = torch.cat([torch.linspace(-0.8, -0.5, 5), torch.linspace(0.5, 0.8, 5)])[:, None]
-    near_data = post.predict(near, num_samples=300, seed=0).epistemic
-    assert inside.mean() > near_data.mean()
+    epistemic = _gap_fit(method, options)
+    assert epistemic(INSIDE) > epistemic(NEAR)
+
+
+@pytest.mark.slow
+@pytest.mark.statistical
+@pytest.mark.parametrize("method,options", BBB)
+def test_bbb_uncertainty_grows_away_from_data(method, options):
+    epistemic = _gap_fit(method, options)
+    assert epistemic(FAR) > epistemic(NEAR)
