@@ -43,11 +43,12 @@ test-fast: $(STAMP) browser
 # another set of seeds (tests read MARGINALIZE_TEST_SEED_OFFSET through conftest.rseed), two
 # threads instead of one, torch's and MKL's AVX2 kernels instead of AVX-512, OpenBLAS's Haswell
 # kernels. A test that passes only by the luck of one seed, CPU or thread count fails here.
-# CI runs it after `make test`.
+# CI runs it after `make test`. (No doctest collection: importing every module would reset the
+# thread count.)
 VARIED_ENV ?= MARGINALIZE_TEST_SEED_OFFSET=1000 MARGINALIZE_TEST_THREADS=2 OMP_NUM_THREADS=2 \
 	MKL_NUM_THREADS=2 ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 OPENBLAS_CORETYPE=Haswell
 test-varied: $(STAMP)
-	$(VARIED_ENV) $(BIN)/python -m pytest tests -m "slow or statistical" \
+	$(VARIED_ENV) $(BIN)/python -m pytest tests -m "slow or statistical" -o addopts="-ra --strict-markers" \
 	  --ignore=tests/test_notebooks.py $(PYTEST_ARGS)
 
 # API reference (docs/api.md) and the methods table in docs/guide/methods.md, from the code;
