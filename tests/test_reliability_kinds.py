@@ -432,6 +432,13 @@ def test_a_tensor_larger_than_its_storage_is_refused_before_allocation(tmp_path)
         mz.load(_crafted(tmp_path / "big.pt", {"d": [huge]}))
 
 
+def test_a_structure_of_millions_of_small_objects_is_refused_before_unpickling(tmp_path):
+    # one byte of pickle per empty dict, 64 bytes of memory each: bounded by the opcode count
+    path = _crafted(tmp_path / "many.pt", {"d": [{} for _ in range(600_000)]})
+    with time_limit(60), pytest.raises(mz.FileFormatError, match="parts"):
+        mz.load(path)
+
+
 def test_compressed_records_are_refused(saved, tmp_path):
     _, paths = saved
     raw = zipfile.ZipFile(paths["map"])

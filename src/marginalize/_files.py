@@ -24,6 +24,7 @@ import errno
 import hashlib
 import io
 import os
+import pickletools
 import stat
 import threading
 import zipfile
@@ -233,6 +234,10 @@ def write_verified(payload: Mapping[str, Any], path) -> None:
 
 #: deepest nesting of containers a verified file may hold (marginalize writes fewer than 10)
 MAX_DEPTH = 32
+#: most pickle opcodes (each makes at most one object, ~100 bytes at worst) of a verified
+#: file's structure: marginalize's files have a few thousand; this bounds what unpickling can
+#: allocate (tens of MB) whatever the file's size
+MAX_PICKLE_OPS = 2**20
 
 
 def _read_regular(path: Path, what: str) -> bytes:
@@ -284,6 +289,28 @@ def _check_archive(path: Path, data: bytes, what: str) -> None:
         raise FileFormatError(
             f"{path}: its records claim {total} bytes in a file of {len(data)}; not a {what}"
         )
+    pickles = [r for r in records if r.filename.endswith("data.pkl")]
+    if len(pickles) != 1:
+        raise FileFormatError(f"{path}: not a {what} (no single data.pkl record)")
+    start = pickles[0].header_offset
+    # the local header: 30 bytes, then the name and the extra field, then the stored bytes
+    name_len = int.from_bytes(data[start + 26 : start + 28], "little")
+    extra_len = int.from_bytes(data[start + 28 : start + 30], "little")
+    body = start + 30 + name_len + extra_len
+    ops = 0
+    try:
+        for _ in pickletools.genops(data[body : body + pickles[0].file_size]):
+            ops += 1
+            if ops > MAX_PICKLE_OPS:
+                raise FileFormatError(
+                    f"{path}: its structure has more than {MAX_PICKLE_OPS} parts; not a {what}"
+                )
+    except FileFormatError:
+        raise
+    except Exception as e:  # malformed pickle: torch.load would refuse it as well
+        raise FileFormatError(
+            f"{path}: cannot be read as a {what} (a damaged structure: {type(e).__name__}: {e})"
+        ) from None
 
 
 def _check_structure(path: Path, obj: Any, what: str) -> None:
