@@ -40,6 +40,7 @@ from marginalize._files import check_path, read_verified
 from marginalize._isolation import exclusive
 from marginalize._validation import check_device
 from marginalize.core.approximations import from_state
+from marginalize.core.info import FitInfo
 from marginalize.core.problem import prepare
 from marginalize.errors import DataError, FileFormatError, ModelError
 from marginalize.models.base import BNN, model_from_config
@@ -133,6 +134,10 @@ def load(path, model: Callable | None = None, *, device=None) -> Posterior:
         raise FileFormatError(f"{path}: inconsistent approximation ({e})") from e
     if device is not None:
         approx = approx.to(device)
+    try:
+        info = FitInfo.from_dict(f.info)
+    except (KeyError, TypeError, ValueError) as e:
+        raise FileFormatError(f"{path}: inconsistent info ({e})") from e
     return Posterior(
         problem.model,
         problem.layout,
@@ -140,7 +145,7 @@ def load(path, model: Callable | None = None, *, device=None) -> Posterior:
         method=f.method,
         task=f.task,
         options=f.options,
-        info=f.info,
+        info=info,
         seed=f.seed,
         data=(problem.x, problem.y),
         num_classes=f.num_classes,
@@ -376,8 +381,8 @@ class _Fields:
         t = info.get("temperature")
         if t is not None and not (_is_real(t) and 0 < t < math.inf):
             self.fail(f"info['temperature'] {t!r} is not a positive number")
-        if info.get("predictive") not in (None, "glm"):
-            self.fail(f"info['predictive'] {info.get('predictive')!r} is not 'glm'")
+        if info.get("predictive") not in (None, "sample", "glm"):
+            self.fail(f"info['predictive'] {info.get('predictive')!r} is not 'sample' or 'glm'")
         loss = info.get("loss")
         if loss is not None and not (
             (isinstance(loss, torch.Tensor) and loss.dim() in (1, 2) and not loss.is_complex())
