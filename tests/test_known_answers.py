@@ -2,7 +2,9 @@
 
 A BNN with no hidden layer, a Normal(0, s^2) prior and Gaussian noise sigma: the posterior over
 theta = (w, b) has precision L = I/s^2 + Phi^T Phi / sigma^2 and mean L^-1 Phi^T y / sigma^2,
-Phi = [x, 1]. NUTS tolerances come from the Monte Carlo standard error (ArviZ ESS).
+Phi = [x, 1]. NUTS tolerances come from the Monte Carlo standard error (ArviZ ESS): 5 MCSE per
+compared quantity, so a test with ~10 comparisons raises a false alarm for about one seed in
+10**5. Every seed comes from ``conftest.rseed``; CI runs this file again with another offset.
 """
 
 import arviz as az
@@ -11,12 +13,15 @@ import pytest
 import torch
 
 import marginalize as mz
+from conftest import rseed
+
+pytestmark = pytest.mark.statistical
 
 SIGMA, PRIOR_S = 0.5, 1.0
 
 
-def blr_problem(n=30, d=2, corr=0.0, seed=0):
-    g = torch.Generator().manual_seed(seed)
+def blr_problem(n=30, d=2, corr=0.0, seed=None):
+    g = torch.Generator().manual_seed(rseed() if seed is None else seed)
     x = torch.randn(n, d, generator=g)
     if corr:
         x[:, 1] = corr * x[:, 0] + (1 - corr**2) ** 0.5 * x[:, 1]
@@ -54,7 +59,7 @@ def test_nuts_matches_exact_posterior(float64):
         num_samples=1000,
         num_warmup=500,
         num_chains=2,
-        seed=1,
+        seed=rseed(1),
         progress=False,
     )
     draws = post.sample_flat(num_samples=2000)  # all draws, (chain, draw, D)
@@ -65,16 +70,16 @@ def test_nuts_matches_exact_posterior(float64):
     assert (rhat < 1.01).all(), rhat
     flat = arr.reshape(-1, 3)
     sd = np.sqrt(np.diag(cov.numpy()))
-    # mean: MCSE = sd / sqrt(ESS); 4 MCSE bounds the error with ~1e-4 false alarm per coordinate
-    assert np.all(np.abs(flat.mean(0) - mean.numpy()) < 4 * sd / np.sqrt(ess)), (flat.mean(0), mean)
+    # mean: MCSE = sd / sqrt(ESS); 5 MCSE: a false alarm ~6e-7 per coordinate
+    assert np.all(np.abs(flat.mean(0) - mean.numpy()) < 5 * sd / np.sqrt(ess)), (flat.mean(0), mean)
     # variance: for a Gaussian, sd(var_hat) ~ var * sqrt(2 / ESS)
     var_hat = flat.var(0)
     var = np.diag(cov.numpy())
-    assert np.all(np.abs(var_hat - var) < 4 * var * np.sqrt(2 / ess)), (var_hat, var)
+    assert np.all(np.abs(var_hat - var) < 5 * var * np.sqrt(2 / ess)), (var_hat, var)
     # correlation of (w1, b) etc.: sd(r_hat) ~ (1 - r^2) / sqrt(ESS)
     r_hat = np.corrcoef(flat.T)
     r = (cov / torch.outer(torch.tensor(sd), torch.tensor(sd))).numpy()
-    tol = 4 * (1 - r**2) / np.sqrt(ess.min()) + 1e-12
+    tol = 5 * (1 - r**2) / np.sqrt(ess.min()) + 1e-12
     assert np.all(np.abs(r_hat - r) <= tol), (r_hat, r)
 
 
@@ -92,7 +97,7 @@ def test_meanfield_matches_exact_mean_and_meanfield_variances(float64, engine):
         lr=0.02,
         lr_final=0.01,
         num_particles=4,
-        seed=0,
+        seed=rseed(),
         progress=False,
     )
     q = post.approximation
@@ -107,7 +112,7 @@ def test_meanfield_matches_exact_mean_and_meanfield_variances(float64, engine):
 
 @pytest.mark.slow
 def test_lowrank_closer_in_kl_than_meanfield_on_correlated_posterior(float64, engine="auto"):
-    model, x, y, mean, cov, _ = blr_problem(corr=0.95)
+    model, x, y, mean, cov, prec = blr_problem(corr=0.95)
     kls = {}
     for method, extra in (("svi-meanfield", {}), ("svi-lowrank", {"rank": 2})):
         post = mz.fit(
@@ -119,7 +124,7 @@ def test_lowrank_closer_in_kl_than_meanfield_on_correlated_posterior(float64, en
             lr=0.02,
             lr_final=0.01,
             num_particles=4,
-            seed=0,
+            seed=rseed(),
             progress=False,
             engine=engine,
             **extra,
@@ -127,13 +132,18 @@ def test_lowrank_closer_in_kl_than_meanfield_on_correlated_posterior(float64, en
         q = post.approximation
         kls[method] = float(gauss_kl(q.loc, q.covariance(), mean, cov))
     assert kls["svi-lowrank"] < 0.5 * kls["svi-meanfield"], kls
-    assert kls["svi-lowrank"] < 0.05, kls
+    # Rank 2 (plus the diagonal) holds this 3-D posterior exactly: what is left after 4000 steps
+    # is unconverged bias, 0.0007-0.057 over seed offsets 0-3 (0.014 at offset 2 after 8000).
+    # It is bounded against the closed-form KL of the best mean-field Gaussian (exact mean,
+    # variances 1/diag(precision); 1.4 here), not a number that suits one seed.
+    mf_opt = float(gauss_kl(mean, torch.diag(1 / torch.diag(prec)), mean, cov))
+    assert kls["svi-lowrank"] < 0.1 * mf_opt, (kls, mf_opt)
 
 
 @pytest.mark.parametrize("engine", ["auto", "pyro"])
 def test_map_lands_on_posterior_mode(float64, engine):
     model, x, y, mean, _, _ = blr_problem()
-    post = mz.fit(model, x, y, method="map", seed=0, progress=False, engine=engine)
+    post = mz.fit(model, x, y, method="map", seed=rseed(), progress=False, engine=engine)
     assert torch.allclose(post.approximation.loc, mean, atol=1e-4), (post.approximation.loc, mean)
 
 
@@ -153,13 +163,13 @@ def test_predictive_of_exact_posterior_is_exact(float64):
         task="regression",
         data=(pr.x, pr.y),
     )
-    xt = torch.randn(7, 2, generator=torch.Generator().manual_seed(3))
+    xt = torch.randn(7, 2, generator=torch.Generator().manual_seed(rseed(3)))
     phi = torch.cat([xt, torch.ones(7, 1)], 1)
     S = 20000
-    pred = post.predict(xt, num_samples=S, seed=0)
+    pred = post.predict(xt, num_samples=S, seed=rseed())
     f_var = torch.einsum("ni,ij,nj->n", phi, cov, phi)
-    # MC error of the mean: sqrt(f_var / S); of the variance: f_var * sqrt(2 / S)
-    assert torch.all((pred.mean - phi @ mean).abs() < 4 * (f_var / S).sqrt())
-    assert torch.all((pred.epistemic**2 - f_var).abs() < 4 * f_var * (2 / S) ** 0.5)
+    # MC error of the mean: sqrt(f_var / S); of the variance: f_var * sqrt(2 / S); 5 of them
+    assert torch.all((pred.mean - phi @ mean).abs() < 5 * (f_var / S).sqrt())
+    assert torch.all((pred.epistemic**2 - f_var).abs() < 5 * f_var * (2 / S) ** 0.5)
     assert torch.allclose(pred.aleatoric, torch.full((7,), SIGMA))
     assert torch.allclose(pred.std**2, pred.epistemic**2 + pred.aleatoric**2)

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import marginalize as mz
+from conftest import rseed
 from marginalize.core.approximations import Gaussian, Kronecker, from_state
 from marginalize.core.problem import prepare
 from marginalize.inference.methods.swag import SWAGMoments
@@ -142,6 +143,7 @@ def test_laplace_evidence_and_prior_precision(float64):
     assert torch.allclose(fixed.approximation.covariance(), expect, atol=1e-9)
 
 
+@pytest.mark.statistical
 def test_laplace_glm_predictive(float64):
     """Linear in the weights: the linearized predictive equals sampling the network; for a
     nonlinear net its mean is the MAP prediction (within Monte Carlo error)."""
@@ -154,7 +156,7 @@ def test_laplace_glm_predictive(float64):
     assert torch.allclose(a.mean, b.mean) and torch.allclose(a.std, b.std)
     post = mz.fit(MLP, X.double(), Y.double(), method="laplace", steps=200, progress=False)
     n = 4000
-    pred = post.predict(XT, num_samples=n, seed=0)
+    pred = post.predict(XT, num_samples=n, seed=rseed())
     f0 = MLP.forward(post.layout.unpack(post.approximation.loc), XT.double())[:, 0]
     assert torch.all((pred.mean - f0).abs() < 5 * pred.epistemic / math.sqrt(n))
 
@@ -234,6 +236,7 @@ def test_swag_covariance_formula(scale):
     assert torch.allclose(half, 0.5 * full, atol=1e-12)
 
 
+@pytest.mark.statistical
 def test_swag_sampled_covariance_matches_formula():
     its = synthetic_iterates(d=3)
     m = SWAGMoments(3, max_rank=4)
@@ -241,7 +244,7 @@ def test_swag_sampled_covariance_matches_formula():
         m.update(z)
     g = m.gaussian(0.5, dtype=torch.float64)
     n = 40000
-    draws = g.sample(n, torch.Generator().manual_seed(0))[0]
+    draws = g.sample(n, torch.Generator().manual_seed(rseed()))[0]
     emp = torch.cov(draws.T)
     cov = g.covariance()
     se = ((cov.diagonal()[:, None] * cov.diagonal()[None, :] + cov**2) / n).sqrt()
@@ -324,20 +327,35 @@ def test_swag_options():
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
+@pytest.mark.statistical
 def test_modes_of_a_symmetric_posterior():
-    g = torch.Generator().manual_seed(1)
+    """Each member (run) starts at a prior draw and lands in the mode of its sign, +1 or -1
+    with probability 1/2 each: with 16 members (runs) all land in one mode for about one seed
+    in 2**15 (with the 6 members and 4 runs this test once had: one seed in 32 and 8)."""
+    g = torch.Generator().manual_seed(rseed(1))
     x, y = torch.zeros(20, 1), 1 + 0.2 * torch.randn(20, generator=g)
     ens = mz.fit(
-        square_model, x, y, method="ensemble", num_members=6, steps=300, lr=0.05, progress=False
+        square_model,
+        x,
+        y,
+        method="ensemble",
+        num_members=16,
+        steps=300,
+        lr=0.05,
+        seed=rseed(),
+        progress=False,
     )
     w = ens.sample()["w"][:, 0]
     assert (w > 0).any() and (w < 0).any()
-    kw = dict(pretrain_steps=300, swag_steps=100, batch_size=5, lr=0.05, max_rank=5)
-    one = mz.fit(square_model, x, y, method="swag", progress=False, **kw)
+    kw = dict(pretrain_steps=150, swag_steps=60, batch_size=5, lr=0.05, max_rank=5)
+    one = mz.fit(square_model, x, y, method="swag", seed=rseed(), progress=False, **kw)
     w1 = one.sample(400)["w"]
     assert bool((w1 > 0).all()) or bool((w1 < 0).all())
-    multi = mz.fit(square_model, x, y, method="multiswag", num_models=4, progress=False, **kw)
-    wm = multi.sample(600)["w"]  # (chain, draw)
+    multi = mz.fit(
+        square_model, x, y, method="multiswag", num_models=16, seed=rseed(), progress=False, **kw
+    )
+    wm = multi.sample(1600)["w"]  # (chain, draw)
     signs = torch.sign(wm)
     assert torch.all(signs == signs[:, :1])  # each SWAG stays in its mode
     assert (wm > 0).any() and (wm < 0).any()
@@ -558,6 +576,7 @@ def test_kronecker_approximation_sampling_and_state():
 
 
 def test_temperature_regression_known_answer(tmp_path):
+    """One draw of a Gaussian likelihood: ``T = sqrt(mean(r^2)) / sigma`` in closed form."""
     model = mz.models.mlp(
         1, hidden=[6], activation="tanh", likelihood=mz.likelihoods.Gaussian(noise=0.02)
     )
@@ -566,15 +585,82 @@ def test_temperature_regression_known_answer(tmp_path):
     xv = torch.rand(50, 1, generator=g) * 2 - 1
     yv = torch.sin(3 * xv[:, 0]) + 0.1 * torch.randn(50, generator=g)
     scaled = mz.temperature_scale(post, xv, yv)
-    resid = yv - post.predict(xv).mean
+    resid = yv.double() - post.predict(xv).mean.double()
     t = float(scaled.info["temperature"])
-    assert t == pytest.approx(float(resid.pow(2).mean().sqrt()) / 0.02, rel=1e-4)  # MLE of a scale
+    # the float32 network output is the only rounding: ~1e-7 relative, so 1e-5 is machine-proof
+    assert t == pytest.approx(float(resid.pow(2).mean().sqrt()) / 0.02, rel=1e-5)
     assert torch.allclose(scaled.predict(xv).std, torch.full((50,), 0.02 * t), rtol=1e-5)
     assert scaled.log_predictive(xv, yv).mean() > post.log_predictive(xv, yv).mean()
     assert "temperature" not in post.info  # the original is untouched
     scaled.save(tmp_path / "t.pt")
     loaded = mz.load(tmp_path / "t.pt")
     assert torch.equal(loaded.log_predictive(xv, yv), scaled.log_predictive(xv, yv))
+
+
+@pytest.mark.parametrize("noise", ["gaussian", "laplace"])
+def test_temperature_one_draw_closed_form_is_the_optimum(noise):
+    """The closed form (Normal: root mean square, Laplace: mean absolute standardized residual)
+    is the minimum of the float64 objective: no other T does better, whatever the machine."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(80, 2, generator=g)
+    loc = x @ torch.tensor([0.7, -0.3])
+    scale = 0.1 + 0.2 * torch.rand(80, generator=g)
+    y = loc + 0.5 * torch.randn(80, generator=g)
+    base = dist.Normal if noise == "gaussian" else dist.Laplace
+
+    def model(x, y=None):
+        w = pyro.sample("w", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("y", base(x @ w, scale[: x.shape[0]]), obs=y)
+
+    pr = prepare(model, x, y)
+    from marginalize.core.approximations import Delta
+
+    post = mz.Posterior(
+        model, pr.layout, Delta(torch.tensor([0.7, -0.3])), method="exact", task="regression"
+    )
+    t = mz.temperature_scale(post, x, y).info["temperature"]
+    r = ((y - loc) / scale).double()
+    want = float(r.square().mean().sqrt()) if noise == "gaussian" else float(r.abs().mean())
+    assert t == pytest.approx(want, rel=1e-6)
+
+    def nll(temp):
+        d = base(loc.double(), scale.double() * temp)
+        return float(-d.log_prob(y.double()).mean())
+
+    assert all(nll(t) < nll(t * (1 + f)) for f in (-1e-3, 1e-3))
+
+
+def test_temperature_many_draws_converges_to_the_optimum(float64):
+    """Several draws (a Gaussian mixture predictive, no closed form): the numerical optimum
+    is a stationary point of the float64 objective to the stated tolerance."""
+    model, x, y, mean, cov, _ = blr_problem(sigma=0.1)
+    pr = prepare(model, x, y)
+    post = mz.Posterior(
+        model,
+        pr.layout,
+        Gaussian(mean, scale_tril=torch.linalg.cholesky(cov)),
+        method="exact",
+        task="regression",
+    )
+    g = torch.Generator().manual_seed(8)
+    xv = torch.randn(60, 3, generator=g)
+    yv = xv @ mean[:3] + mean[3] + 0.4 * torch.randn(60, generator=g)  # noisier than sigma
+    scaled = mz.temperature_scale(post, xv, yv, num_samples=16, seed=2)
+    t = scaled.info["temperature"]
+    z = post.sample_flat(16, seed=2).reshape(16, -1)
+    f = z[:, :3] @ xv.T + z[:, 3:]  # (S, N)
+
+    def nll(temp):
+        lp = torch.distributions.Normal(f, 0.1 * temp).log_prob(yv)
+        return float(-(torch.logsumexp(lp, 0) - math.log(16)).mean())
+
+    h = 1e-4  # central difference of d nll / d log T: zero at the optimum
+    slope = (nll(t * math.exp(h)) - nll(t * math.exp(-h))) / (2 * h)
+    curvature = (nll(t * math.exp(h)) - 2 * nll(t) + nll(t * math.exp(-h))) / h**2
+    assert curvature > 0
+    assert abs(slope / curvature) < 10 * mz.temperature.XATOL + 1e-7  # distance to the root
+    assert scaled.info["temperature_nll"][1] == pytest.approx(nll(t), rel=1e-12)
 
 
 def test_temperature_classification():
@@ -588,13 +674,13 @@ def test_temperature_classification():
     scaled = mz.temperature_scale(post, xv, yv, num_samples=2)
     t = scaled.info["temperature"]
 
-    def nll(temp):
+    def nll(temp):  # in float64, as temperature_scale evaluates it
         z = post.sample_flat(2).reshape(-1, post.layout.size)
-        logits = model.forward(post.layout.unpack(z), xv) / temp
+        logits = model.forward(post.layout.unpack(z), xv).double() / temp
         lp = torch.log_softmax(logits, -1).gather(-1, yv.expand(2, -1)[..., None])[..., 0]
         return float(-(torch.logsumexp(lp, 0) - math.log(2)).mean())
 
-    assert all(nll(t) <= nll(t * f) + 1e-7 for f in (0.8, 0.95, 1.05, 1.25))
+    assert all(nll(t) <= nll(t * f) for f in (0.99, 0.999, 1.001, 1.01))
     z = post.sample_flat(2).reshape(-1, post.layout.size)
     probs = torch.softmax(model.forward(post.layout.unpack(z), xv) / t, -1).mean(0)
     assert torch.allclose(scaled.predict(xv, num_samples=2).probs, probs, atol=1e-6)
@@ -618,30 +704,57 @@ GAP_MODEL = mz.models.mlp(1, hidden=[16, 16], prior=mz.priors.Normal(1.0))
 # the data. Its gap/near ratio is 0.97-1.07 over seeds 0-2 at the default settings (0.6-1.0
 # with other priors and widths): no in-between uncertainty. MultiSWAG gets it from the
 # diversity between runs, which shows when each run's own spread (set by swag_lr) is below it.
+# Measured gap/near ratios over seeds 0-5 and 1000 (tools/gap_sweep.py): ensemble 1.3-7.2,
+# multiswag with 8 runs 2.4-8.9 (with 4 runs 0.94 at seed 3), laplace 1.8-107, hmc with 2
+# chains 1.8-16 (one chain: 1.1 at seed 3). Every seed must pass: the test runs again with
+# other seeds in CI (make test-varied).
 GAP = [
     ("ensemble", dict(num_members=4, steps=400, lr=0.02)),
     (
         "multiswag",
         dict(
-            num_models=4, pretrain_steps=400, swag_steps=200, batch_size=16, lr=0.02, swag_lr=2e-4
+            num_models=8, pretrain_steps=400, swag_steps=200, batch_size=16, lr=0.02, swag_lr=2e-4
         ),
     ),
     ("laplace", dict(steps=400, lr=0.02)),
     ("laplace", dict(steps=400, lr=0.02, structure="kron")),
     ("laplace", dict(steps=400, lr=0.02, subset="last_layer")),
+    ("hmc", dict(num_samples=100, num_warmup=100, num_chains=2, num_steps=20, init="map")),
+]
+# Bayes by Backprop (mean-field VI) is not in GAP: mean-field Gaussians provably lack
+# in-between uncertainty for one hidden layer and rarely show it in deeper nets (Foong et al.
+# 2019, "'In-Between' Uncertainty in Bayesian Neural Networks"). Here its gap/near ratio over
+# seeds 0-5 and 1000 is 0.84-1.58 (local reparameterization) and 0.78-3.39 (flipout), above 1
+# for 3 of 7 seeds each: the gap test it had passed by the luck of seed 0. What it does show for
+# every seed is uncertainty that grows away from the data: far/near ratio 2.2-12 and 2.3-9.2
+# (test_bbb_uncertainty_grows_away_from_data).
+BBB = [
     ("bbb", dict(steps=1500, lr=0.02, batch_size=32)),
     ("bbb", dict(steps=1500, lr=0.02, batch_size=32, estimator="flipout")),
-    ("hmc", dict(num_samples=100, num_warmup=100, num_chains=1, num_steps=20, init="map")),
 ]
+INSIDE = torch.linspace(-0.2, 0.2, 9)[:, None]
+NEAR = torch.cat([torch.linspace(-0.8, -0.5, 5), torch.linspace(0.5, 0.8, 5)])[:, None]
+FAR = torch.cat([torch.linspace(-2.0, -1.6, 5), torch.linspace(1.6, 2.0, 5)])[:, None]
+
+
+def _gap_fit(method, options):
+    ds = mz.datasets.load("gap")
+    x, y = torch.tensor(ds.x, dtype=torch.float32), torch.tensor(ds.y, dtype=torch.float32)
+    post = mz.fit(GAP_MODEL, x, y, method=method, seed=rseed(), progress=False, **options)
+    return lambda pts: post.predict(pts, num_samples=300, seed=rseed()).epistemic.mean()
 
 
 @pytest.mark.slow
+@pytest.mark.statistical
 @pytest.mark.parametrize("method,options", GAP)
 def test_epistemic_uncertainty_grows_in_the_gap(method, options):
-    ds = mz.datasets.load("gap")
-    x, y = torch.tensor(ds.x, dtype=torch.float32), torch.tensor(ds.y, dtype=torch.float32)
-    post = mz.fit(GAP_MODEL, x, y, method=method, seed=0, progress=False, **options)
-    inside = post.predict(torch.linspace(-0.2, 0.2, 9)[:, None], num_samples=300, seed=0).epistemic
-    near = torch.cat([torch.linspace(-0.8, -0.5, 5), torch.linspace(0.5, 0.8, 5)])[:, None]
-    near_data = post.predict(near, num_samples=300, seed=0).epistemic
-    assert inside.mean() > near_data.mean()
+    epistemic = _gap_fit(method, options)
+    assert epistemic(INSIDE) > epistemic(NEAR)
+
+
+@pytest.mark.slow
+@pytest.mark.statistical
+@pytest.mark.parametrize("method,options", BBB)
+def test_bbb_uncertainty_grows_away_from_data(method, options):
+    epistemic = _gap_fit(method, options)
+    assert epistemic(FAR) > epistemic(NEAR)

@@ -7,6 +7,7 @@ import pytest
 import torch
 from sklearn import metrics as skm
 
+from conftest import rseed
 from marginalize import DataError, OptionError
 from marginalize.diagnostics import metrics as M
 
@@ -105,18 +106,20 @@ def test_ece_is_zero_for_perfectly_calibrated_bins_and_large_when_overconfident(
     assert M.ece(p, np.ones(10, dtype=int)) == pytest.approx(0.8)
 
 
+@pytest.mark.statistical
 def test_interval_coverage_and_regression_calibration():
-    rng = np.random.default_rng(3)
+    rng = np.random.default_rng(rseed(3))
     n = 20000
     y = rng.normal(size=n)
     mean, std = np.zeros(n), np.ones(n)
     se = math.sqrt(0.95 * 0.05 / n)
-    assert M.interval_coverage(mean, std, y, 0.95) == pytest.approx(0.95, abs=4 * se)
+    # binomial standard errors; 5 of them (19 levels: a false alarm below 1e-5)
+    assert M.interval_coverage(mean, std, y, 0.95) == pytest.approx(0.95, abs=5 * se)
     r = M.regression_calibration(mean, std, y)
-    assert r.levels.shape == (19,) and r.error < 4 * math.sqrt(0.25 / n)
+    assert r.levels.shape == (19,) and r.error < 5 * math.sqrt(0.25 / n)
     # too-narrow predictive: coverage of the nominal 95% interval of std 0.5 is P(|Z| < 0.98)
     narrow = M.interval_coverage(mean, 0.5 * std, y, 0.95)
-    assert narrow == pytest.approx(math.erf(0.5 * 1.959964 / math.sqrt(2)), abs=4 * se)
+    assert narrow == pytest.approx(math.erf(0.5 * 1.959964 / math.sqrt(2)), abs=5 * se)
     r2 = M.regression_calibration(mean, 0.5 * std, y)
     assert np.all(r2.observed <= r2.levels + 0.01) and r2.error > 0.1
     # hand-computed

@@ -18,7 +18,13 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     import arviz as az
 
-from marginalize.inference.engines.nuts import NUTSState, SamplingInterrupted, run_sampler
+from conftest import rseed
+from marginalize.inference.engines.nuts import (
+    NUTSState,
+    SamplingInterrupted,
+    _mass_windows,
+    run_sampler,
+)
 
 DTYPE = torch.float64
 
@@ -68,7 +74,8 @@ def funnel(z):
 
 
 def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
+    """The generator of seed ``seed`` of this run (``conftest.rseed``: CI shifts them all)."""
+    return torch.Generator().manual_seed(rseed(seed))
 
 
 # --------------------------------------------------------------------------- #
@@ -136,6 +143,7 @@ def nuts_gaussian(request):
     return mass, target, draws, stats, state
 
 
+@pytest.mark.statistical
 def test_nuts_recovers_correlated_gaussian(nuts_gaussian):
     mass, target, draws, stats, state = nuts_gaussian
     check_gaussian_recovered(draws, target)
@@ -143,6 +151,7 @@ def test_nuts_recovers_correlated_gaussian(nuts_gaussian):
     assert state.inverse_mass.shape == ((5, 5) if mass == "dense" else (5,))
 
 
+@pytest.mark.statistical
 def test_adapted_metric_approximates_covariance(nuts_gaussian):
     mass, target, draws, stats, state = nuts_gaussian
     est = state.inverse_mass
@@ -150,10 +159,21 @@ def test_adapted_metric_approximates_covariance(nuts_gaussian):
         assert torch.allclose(est, est.mT)
         assert torch.linalg.eigvalsh(est).min() > 0
         est = torch.diagonal(est)
-    rel = est / torch.diagonal(target.cov)
-    assert torch.allclose(rel, torch.ones(5, dtype=DTYPE), atol=0.35), rel
+    # The metric is the variance of the last slow window's n draws (shrunk by n / (n + 5)):
+    # its relative MCSE is sd(q) / mean(q) / sqrt(n_eff) with q the squared deviations and n_eff
+    # n times the ESS per draw of q among the kept draws. Over 30 seeds the largest of the 5
+    # deviations was 3.5 of these (diag) and 2.6 (dense); 6 leaves a false alarm below 1e-6.
+    start, stop = _mass_windows(1000)[-1]
+    n = stop - start
+    rel = (est / torch.diagonal(target.cov)).numpy()
+    d = draws.numpy() - target.mean.numpy()
+    for j in range(5):
+        q = d[:, j] ** 2
+        mcse = q.std() / q.mean() / math.sqrt(n * ess(q) / len(q))
+        assert abs(rel[j] - 1) < 6 * mcse + 5 / (n + 5), (j, rel[j], mcse)
 
 
+@pytest.mark.statistical
 def test_stats_shapes_dtypes_and_acceptance(nuts_gaussian):
     mass, target, draws, stats, state = nuts_gaussian
     n = 2000
@@ -186,14 +206,17 @@ def test_stats_shapes_dtypes_and_acceptance(nuts_gaussian):
     assert ((acc >= 0) & (acc <= 1)).all()
     # Stan-style dual averaging ends at the *averaged* log step size, which on a
     # low-dimensional target lands above the target acceptance (Stan and Pyro
-    # give the same ~0.9 here for target 0.8); so the band is asymmetric.
-    assert 0.8 - 0.05 < acc.mean().item() < 0.8 + 0.15
+    # give the same ~0.9 here for target 0.8); so the band is asymmetric. Over 30 seeds the
+    # mean was 0.87-0.94 (seed-to-seed sd 0.01-0.015, from the adapted step size): the band
+    # is over 4 of those from either end and still catches a step size far too small or large.
+    assert 0.8 - 0.05 < acc.mean().item() < 0.98
     assert state.iteration == 3000
 
 
 # --------------------------------------------------------------------------- #
 # 2: static HMC
 # --------------------------------------------------------------------------- #
+@pytest.mark.statistical
 @pytest.mark.parametrize("mass", ["diag", "dense"])
 def test_hmc_recovers_2d_gaussian(mass):
     target = gaussian_2d()
@@ -307,19 +330,69 @@ def test_resume_rejects_changed_warmup_schedule():
 # --------------------------------------------------------------------------- #
 # 4: funnel divergences and the tree-depth cap
 # --------------------------------------------------------------------------- #
-def test_funnel_diverges_and_depth_is_capped():
-    draws, stats, _ = run_sampler(
-        funnel,
-        torch.zeros(10, dtype=DTYPE),
-        num_warmup=200,
-        num_samples=700,
-        generator=gen(1),
-        target_accept=0.6,
-        max_tree_depth=6,
+@pytest.mark.statistical
+@pytest.mark.parametrize("algorithm", ["nuts", "hmc"])
+@pytest.mark.parametrize("seed", range(5))
+def test_divergence_detector_on_a_constructed_energy_error(algorithm, seed):
+    """A step 100 times a standard Gaussian's scale makes every leapfrog step multiply the
+    energy by ~1e4 (a first-step energy error below 1000 has probability ~1e-27 in 10-D), and a
+    step of 0.05 keeps the error of a whole trajectory near 1e-3: every transition of the first
+    diverges and none of the second, for every seed."""
+    target = Gaussian(torch.zeros(10), torch.eye(10))
+    common = dict(
+        num_warmup=0,
+        num_samples=15,
+        generator=gen(seed),
+        algorithm=algorithm,
+        adapt_step_size=False,
+        adapt_mass=None,
+        max_tree_depth=5,
     )
-    assert stats["diverging"].sum() > 0
-    assert stats["tree_depth"].max() == 6
-    assert (stats["n_steps"] <= 2**6 - 1).all()
+    if algorithm == "hmc":
+        common["num_steps"] = 8
+    z0 = torch.ones(10, dtype=DTYPE)
+    draws, wild, _ = run_sampler(target, z0, step_size=100.0, **common)
+    assert wild["diverging"].all()
+    assert (draws == z0).all()  # a divergent trajectory's far end is never taken
+    _, calm, _ = run_sampler(target, z0, step_size=0.05, **common)
+    assert not calm["diverging"].any()
+
+
+def funnel_np(z: np.ndarray) -> tuple[float, np.ndarray]:
+    """:func:`funnel` on NumPy arrays (the sampler's NumPy transitions: several times faster)."""
+    v, x = z[0], z[1:]
+    e = np.exp(-v)
+    s = float(x @ x)
+    n = x.shape[0]
+    u = v * v / 18.0 + 0.5 * s * e + 0.5 * n * v
+    return float(u), np.concatenate([[v / 9.0 - 0.5 * s * e + 0.5 * n], x * e])
+
+
+@pytest.mark.statistical
+@pytest.mark.slow
+def test_funnel_diverges_and_depth_is_capped():
+    """Neal's centred funnel makes adapted NUTS diverge in its neck, but any one run may see
+    no divergence: 8 of 40 seeds saw none in 200 + 700 iterations (measured with
+    ``tools/funnel_sweep.py``). So the property is over a sweep of 10 seeds, where missing
+    them all has probability about 0.2**10 = 1e-7; the tree-depth cap holds in every run."""
+    diverging, deepest = 0, 0
+    for seed in range(10):  # gen() adds the run's seed offset
+        _, stats, _ = run_sampler(
+            funnel,
+            torch.zeros(10, dtype=DTYPE),
+            num_warmup=200,
+            num_samples=700,
+            generator=gen(seed),
+            target_accept=0.6,
+            max_tree_depth=6,
+            numpy_potential_and_grad=funnel_np,
+        )
+        assert (stats["tree_depth"] <= 6).all()
+        assert (stats["n_steps"] <= 2**6 - 1).all()
+        diverging += int(stats["diverging"].sum())
+        deepest = max(deepest, int(stats["tree_depth"].max()))
+    assert diverging > 0
+    assert deepest == 6
 
 
 def test_tree_depth_cap_exact():

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import marginalize as mz
+from conftest import rseed
 from marginalize.diagnostics import functions
 
 
@@ -204,29 +205,32 @@ def funnel(x, y=None):
         pyro.sample("y", dist.Normal(0.0, 1.0), obs=y)
 
 
-@pytest.mark.slow
+@pytest.mark.statistical
 def test_report_flags_divergences_on_the_funnel(tmp_path, float64):
-    g = torch.Generator().manual_seed(0)
+    """Divergences for every seed: no warmup and a step 20 times the funnel's widest scale
+    make every trajectory's energy error explode (adapted NUTS on the funnel diverges only in
+    some runs: see tests/test_nuts_kernel.py::test_funnel_diverges_and_depth_is_capped)."""
+    g = torch.Generator().manual_seed(rseed())
     x, y = torch.zeros(8, 1), torch.randn(8, generator=g)
     post = mz.fit(
         funnel,
         x,
         y,
         method="nuts",
-        num_samples=200,
-        num_warmup=50,
+        num_samples=100,
+        num_warmup=0,
         num_chains=2,
+        step_size=60.0,
         max_tree_depth=5,
-        target_accept=0.6,
-        seed=0,
+        seed=rseed(),
         progress=False,
     )
     n_div = int(post.info["sample_stats"]["diverging"].sum())
-    assert n_div > 0
+    assert n_div > 100
     text = mz.report(
         {"funnel": post}, x[:4], y[:4], path=tmp_path / "f.html", khat_samples=100
     ).read_text()
-    assert re.search(rf'class="warn">.*?<b>divergences</b>: {n_div} of 400 draws', text)
+    assert re.search(rf'class="warn">.*?<b>divergences</b>: {n_div} of 200 draws', text)
     assert "plain Pyro model function <code>funnel</code>" in text
     assert "problem(s) found" in text
 

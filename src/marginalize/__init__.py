@@ -1,9 +1,13 @@
 """marginalize: Bayesian neural networks as Pyro models, inference chosen by name.
 
->>> import marginalize as mz
->>> model = mz.models.mlp(13, hidden=[50], likelihood="gaussian")
->>> sorted(mz.methods())[:3]
-['ensemble', 'hmc', 'laplace']
+>>> import torch, marginalize as mz
+>>> x = torch.linspace(-1, 1, 20)[:, None]; y = 2 * x[:, 0]
+>>> model = mz.models.mlp(1, hidden=[8], likelihood="gaussian")
+>>> post = mz.fit(model, x, y, method="map", steps=50, progress=False)
+>>> post.predict(x).mean.shape
+torch.Size([20])
+>>> {"map", "nuts", "svi-meanfield", "laplace", "ensemble"} <= set(mz.methods())
+True
 
 Every public name is imported on first use (PEP 562), so ``import marginalize`` and
 ``marginalize --help`` do not load torch, Pyro, ArviZ or matplotlib until they are needed.

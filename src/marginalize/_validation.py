@@ -6,6 +6,7 @@ Every check names the argument and says what was expected. Errors are subclasses
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Mapping
 from typing import Any
@@ -22,7 +23,81 @@ __all__ = [
     "check_seed",
     "check_device",
     "check_positive_int",
+    "check_option_values",
+    "MAX_COUNT",
 ]
+
+
+#: largest count (steps, draws, members, ...) an option may ask for: exactly representable in
+#: the float64 arithmetic of schedules and in the int64 tensors of checkpoints
+MAX_COUNT = 2**53
+
+
+def _sparse_kind(value: Any) -> str | None:
+    """The name of a sparse container (torch sparse layouts, SciPy sparse arrays), else None."""
+    if isinstance(value, torch.Tensor):
+        return None if value.layout == torch.strided else f"sparse tensor ({value.layout})"
+    mod = type(value).__module__ or ""
+    if mod.startswith("scipy.sparse"):
+        return f"SciPy sparse {type(value).__name__}"
+    if mod.startswith("pandas") and hasattr(value, "sparse"):
+        try:
+            value.sparse  # noqa: B018 - raises unless the frame/series has sparse columns
+        except (AttributeError, TypeError, ValueError):
+            return None
+        return "pandas sparse frame"
+    return None
+
+
+def _from_pandas(name: str, value: Any) -> np.ndarray:
+    """A DataFrame/Series as a fresh NumPy array; nullable columns with missing values as NaN."""
+    arr = value.to_numpy()
+    if arr.dtype == object:
+        try:  # nullable extension dtypes (Int64, Float64, boolean) hold pd.NA
+            arr = value.to_numpy(dtype=np.float64, na_value=np.nan)
+        except (TypeError, ValueError):
+            kinds = list(value.dtypes) if getattr(value, "ndim", 1) == 2 else [value.dtype]
+            raise DataError(
+                f"{name}: a pandas object with non-numeric columns (dtypes "
+                f"{sorted({str(d) for d in kinds})}); encode them as numbers first"
+            ) from None
+    return arr
+
+
+def _to_numpy(name: str, value: Any) -> np.ndarray:
+    """Array-likes (lists, NumPy, pandas, masked arrays) as a NumPy array torch can take."""
+    if isinstance(value, np.ma.MaskedArray):
+        masked = int(np.ma.count_masked(value))
+        if masked:
+            raise DataError(
+                f"{name}: is a NumPy masked array with {masked} masked value(s), and "
+                "marginalize does not impute: drop the rows that hold them "
+                f"(np.ma.getmaskarray({name}) marks them) or fill them ({name}.filled(value)) "
+                "first"
+            )
+        value = np.ma.getdata(value)
+    if type(value).__module__.startswith("pandas") and hasattr(value, "to_numpy"):
+        arr = _from_pandas(name, value)
+    else:
+        try:
+            arr = np.asarray(value)
+        except Exception as e:
+            raise DataError(f"{name}: cannot be converted to an array ({e})") from e
+    if arr.dtype == object or not (
+        np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.bool_)
+    ):
+        raise DataError(f"{name}: expected a numeric array, got dtype {arr.dtype}")
+    if np.issubdtype(arr.dtype, np.complexfloating):
+        raise DataError(f"{name}: complex values are not supported")
+    if np.issubdtype(arr.dtype, np.floating) and arr.dtype.itemsize > 8:  # long double
+        arr = arr.astype(np.float64)  # becomes the default float dtype below, like float64
+    elif arr.dtype in (np.uint16, np.uint32, np.uint64):  # torch's unsigned types do little
+        if arr.size and int(arr.max()) > np.iinfo(np.int64).max:
+            raise DataError(f"{name}: integer values beyond the int64 range")
+        arr = arr.astype(np.int64)
+    if not arr.flags.writeable:  # read-only views (pandas >= 3, np.broadcast_to): own a copy
+        arr = arr.copy()
+    return arr
 
 
 def as_tensor(
@@ -30,21 +105,37 @@ def as_tensor(
 ) -> torch.Tensor:
     """Convert arrays/lists to a tensor, keeping torch tensors' dtype and device unless asked.
 
-    NumPy floating arrays become the torch default dtype (float32 unless changed).
+    NumPy floating arrays become the torch default dtype (float32 unless changed); long double
+    first becomes float64. pandas objects, read-only arrays and masked arrays without a masked
+    value are accepted and give what the same values as a plain NumPy array give.
+
+    Raises
+    ------
+    DataError
+        None, non-numeric or complex values, masked values, sparse containers, tensors without
+        data (meta device), quantized or nested tensors.
     """
     if value is None:
         raise DataError(f"{name}: expected a numeric array, got None")
+    sparse = _sparse_kind(value)
+    if sparse is not None:
+        raise DataError(
+            f"{name}: is a {sparse}; pass a dense array ({name}.to_dense(), {name}.toarray() "
+            f"or {name}.sparse.to_dense())"
+        )
     if isinstance(value, torch.Tensor):
+        if value.device.type == "meta":
+            raise DataError(
+                f"{name}: is on the 'meta' device (a shape without data); pass a tensor with values"
+            )
+        if value.is_quantized or value.is_nested:
+            raise DataError(f"{name}: quantized and nested tensors are not supported")
         t = value.detach()
+        if t.is_inference():  # made under torch.inference_mode(): a fit needs autograd on it
+            with torch.inference_mode(False):
+                t = t.clone()
     else:
-        try:
-            arr = np.asarray(value)
-        except Exception as e:  # pragma: no cover - exotic inputs
-            raise DataError(f"{name}: cannot be converted to an array ({e})") from e
-        if arr.dtype == object or not (
-            np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.bool_)
-        ):
-            raise DataError(f"{name}: expected a numeric array, got dtype {arr.dtype}")
+        arr = _to_numpy(name, value)
         if np.issubdtype(arr.dtype, np.floating):
             t = torch.as_tensor(arr, dtype=torch.get_default_dtype())
         else:
@@ -61,6 +152,9 @@ def as_tensor(
 
 
 def check_finite(name: str, t: torch.Tensor) -> None:
+    """No NaN or inf, and no value whose square overflows the tensor's float dtype (every
+    likelihood and layer squares or multiplies its inputs: beyond ``sqrt(finfo.max)``, about
+    1.8e19 in float32, the fit's arithmetic overflows and the error would surface elsewhere)."""
     if torch.is_floating_point(t):
         bad = ~torch.isfinite(t)
         if bool(bad.any()):
@@ -69,12 +163,30 @@ def check_finite(name: str, t: torch.Tensor) -> None:
             raise DataError(
                 f"{name}: contains {n_nan} NaN and {n_inf} inf values; clean or impute them first"
             )
+        limit = math.sqrt(torch.finfo(t.dtype).max)
+        big = float(t.abs().max()) if t.numel() else 0.0
+        if big > limit:
+            raise DataError(
+                f"{name}: has values up to {big:.3g}, beyond what {str(t.dtype)[6:]} arithmetic "
+                f"can square ({limit:.3g}); rescale {name} (e.g. standardize each column)"
+            )
 
 
 def check_x(
-    name: str, x: Any, *, device=None, in_features: int | None = None, dtype=None
+    name: str,
+    x: Any,
+    *,
+    device=None,
+    in_features: int | None = None,
+    dtype=None,
+    keep_int: bool = False,
 ) -> torch.Tensor:
-    t = as_tensor(name, x, device=device, allow_int=False, dtype=dtype)
+    """Inputs as a tensor with a leading data dimension: floats in ``dtype`` (default: as
+    :func:`as_tensor`), integers as floats unless ``keep_int`` (e.g. token ids for a module
+    with an ``nn.Embedding``, see ``BNN.integer_inputs``)."""
+    t = as_tensor(name, x, device=device, allow_int=keep_int)
+    if dtype is not None and (t.is_floating_point() or not keep_int):
+        t = t.to(dtype)
     if t.dim() == 0:
         raise DataError(
             f"{name}: expected an array of inputs with a leading data dimension, got a scalar"
@@ -104,10 +216,48 @@ def check_y(y: Any, n: int, *, device=None) -> torch.Tensor:
     return t
 
 
-def check_positive_int(name: str, value: Any, *, minimum: int = 1) -> int:
+def check_positive_int(name: str, value: Any, *, minimum: int = 1, maximum: int = MAX_COUNT) -> int:
+    """An integer option in ``[minimum, maximum]`` (bools rejected)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         raise OptionError(f"{name}: expected an integer >= {minimum}, got {value!r}")
+    if value > maximum:
+        raise OptionError(f"{name}: expected an integer <= {maximum}, got {value!r}")
     return int(value)
+
+
+def check_option_values(options: Any, dtype: torch.dtype) -> None:
+    """Every number in a method's options (a dataclass) is usable in the fit's arithmetic.
+
+    Floats must be finite and within the range of ``dtype`` (an ``lr`` of 1e308 cannot update
+    float32 parameters); integers at most :data:`MAX_COUNT`. Checked once the data's dtype is
+    known, before fitting.
+    """
+    big = torch.finfo(dtype).max if dtype.is_floating_point else torch.finfo().max
+
+    def check(name: str, v: Any) -> None:
+        if isinstance(v, bool) or v is None or isinstance(v, str):
+            return
+        if isinstance(v, numbers.Integral):
+            if abs(int(v)) > MAX_COUNT:
+                raise OptionError(f"{name}: expected an integer <= {MAX_COUNT}, got {v!r}")
+        elif isinstance(v, numbers.Real):
+            if not math.isfinite(float(v)):
+                raise OptionError(f"{name}: expected a finite number, got {v!r}")
+            if abs(float(v)) > big:
+                raise OptionError(
+                    f"{name}: {v!r} is beyond the range of the fit's {str(dtype)[6:]} arithmetic "
+                    f"(largest {big:.3g})"
+                )
+        elif isinstance(v, (list, tuple)):
+            for i, item in enumerate(v):
+                check(f"{name}[{i}]", item)
+        elif isinstance(v, Mapping):
+            for k, item in v.items():
+                check(f"{name}[{k!r}]", item)
+
+    fields = getattr(options, "__dataclass_fields__", {})
+    for f in fields:
+        check(f, getattr(options, f))
 
 
 def check_seed(name: str, value: Any) -> int:

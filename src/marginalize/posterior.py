@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from marginalize._files import check_path, write_verified
+from marginalize._files import check_save_path, write_verified
 from marginalize._validation import check_positive_int, check_seed, check_x, check_y
 from marginalize.core.approximations import Approximation
 from marginalize.core.info import FitInfo
@@ -49,7 +49,7 @@ from marginalize.core.problem import _no_validation
 from marginalize.errors import DataError, OptionError
 from marginalize.models.base import BNN
 
-__all__ = ["Posterior", "Prediction", "save_posterior", "FORMAT", "VERSION"]
+__all__ = ["Posterior", "Prediction", "save_posterior", "FORMAT", "VERSION", "SAVE_NAME"]
 
 log = logging.getLogger(__name__)
 
@@ -330,7 +330,8 @@ class Posterior:
         return t if self._batched else t.unsqueeze(0)
 
     def _check_x(self, x, name="x") -> torch.Tensor:
-        t = check_x(name, x, device=self.device, dtype=self.dtype)
+        keep_int = isinstance(self.model, BNN) and self.model.integer_inputs  # token ids
+        t = check_x(name, x, device=self.device, dtype=self.dtype, keep_int=keep_int)
         if isinstance(self.model, BNN):
             return self.model.check_input(t, name)
         _check_like_training(name, t, None if self.data is None else self.data[0])
@@ -587,7 +588,14 @@ class Posterior:
 
     # ---- persistence -------------------------------------------------------------------
     def save(self, path) -> None:
-        """Save to ``path`` as plain tensors (``torch.load(weights_only=True)`` reads it back)."""
+        """Save to ``path`` as plain tensors (``torch.load(weights_only=True)`` reads it back).
+
+        A folder (an existing one, or a path ending in a separator, created if only its last
+        level is missing) gets the file ``posterior.pt`` inside; :func:`marginalize.load` of
+        that folder reads it. A missing folder, an empty path or a path where a non-regular
+        file exists raise ``OSError`` subclasses naming the problem, before anything is written
+        (see ``docs/input_checks.md``).
+        """
         save_posterior(self, path)
 
     def to_arviz(self, **kwargs: Any):
@@ -625,6 +633,8 @@ def _tensors(obj):
 
 
 FORMAT = "marginalize.posterior"
+#: the file name of a posterior saved to (or loaded from) a folder
+SAVE_NAME = "posterior.pt"
 #: 2: a SHA-256 of the content is stored beside it
 VERSION = 2
 
@@ -654,7 +664,8 @@ def _plain(obj):
 
 def save_posterior(post: Posterior, path) -> None:
     """Write ``post`` to ``path`` (atomically: a temporary file is renamed into place)."""
-    path = check_path(path)
+    # checked before any work; a folder (or a path ending in a separator) gets SAVE_NAME inside
+    path = check_save_path(path, default_name=SAVE_NAME)
     # builder models store their config; plain functions and bayesian(module) models (config()
     # is None) must be passed to load(path, model=...)
     cfg = post.model.config() if isinstance(post.model, BNN) else None

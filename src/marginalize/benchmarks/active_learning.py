@@ -18,7 +18,8 @@ repetitions.
 Examples
 --------
 >>> from marginalize.benchmarks import active_learning as AL
->>> res = AL.run(seeds=1, rounds=1, acquire=5, initial=10, options={"steps": 10}, progress=False)
+>>> res = AL.run(seeds=1, rounds=1, acquire=5, initial=10, options={"steps": 10},
+...              num_predictive=4, progress=False)
 >>> sorted(res["curves"]), res["labels"]
 (['bald', 'entropy', 'random'], [10, 15])
 """

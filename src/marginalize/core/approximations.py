@@ -74,7 +74,7 @@ class Delta(Approximation):
     deterministic = True
 
     def __init__(self, loc: torch.Tensor):
-        self.loc = loc.detach()
+        self.loc = loc.detach().contiguous()
 
     @property
     def dim(self):
@@ -99,10 +99,10 @@ class Gaussian(Approximation):
     def __init__(self, loc, scale=None, cov_factor=None, scale_tril=None):
         if scale is None and scale_tril is None:
             raise ValueError("Gaussian approximation needs scale or scale_tril")
-        self.loc = loc.detach()
-        self.scale = None if scale is None else scale.detach()
-        self.cov_factor = None if cov_factor is None else cov_factor.detach()
-        self.scale_tril = None if scale_tril is None else scale_tril.detach()
+        self.loc = loc.detach().contiguous()
+        self.scale = None if scale is None else scale.detach().contiguous()
+        self.cov_factor = None if cov_factor is None else cov_factor.detach().contiguous()
+        self.scale_tril = None if scale_tril is None else scale_tril.detach().contiguous()
 
     @property
     def dim(self):
@@ -169,7 +169,7 @@ class Dropout(Approximation):
     kind = "dropout"
 
     def __init__(self, loc: torch.Tensor, unit: torch.Tensor, num_units: int, p: float):
-        self.loc = loc.detach()
+        self.loc = loc.detach().contiguous()
         self.unit = unit
         self.num_units = int(num_units)
         self.p = float(p)
@@ -213,7 +213,7 @@ class Empirical(Approximation):
     def __init__(self, draws: torch.Tensor):
         if draws.dim() != 3:
             raise ValueError("Empirical draws must be shaped (chain, draw, D)")
-        self.draws = draws.detach()
+        self.draws = draws.detach().contiguous()
         self.num_chains = draws.shape[0]
 
     @property
@@ -277,9 +277,9 @@ class Kronecker(Approximation):
     kind = "kronecker"
 
     def __init__(self, loc, scale, blocks):
-        self.loc = loc.detach()
-        self.scale = scale.detach()
-        self.blocks = [{k: v.detach() for k, v in b.items()} for b in blocks]
+        self.loc = loc.detach().contiguous()
+        self.scale = scale.detach().contiguous()
+        self.blocks = [{k: v.detach().contiguous() for k, v in b.items()} for b in blocks]
 
     @property
     def dim(self):

@@ -14,6 +14,7 @@ import pyro.distributions as dist
 import torch
 from pyro.poutine.messenger import Messenger
 
+from marginalize._isolation import exclusive
 from marginalize.core.problem import _no_validation, observation_dist
 from marginalize.errors import DataError, ModelError
 
@@ -204,7 +205,8 @@ class PlainDraws:
         """The observation distribution of one draw ``z`` (``(D,)``) at ``x``
         (``ModelError`` when the model raises)."""
         try:
-            return self._dist(z, x)
+            with exclusive():  # Pyro's handler stack is global (marginalize._isolation)
+                return self._dist(z, x)
         except Exception as e:
             raise ModelError(
                 f"the model raised {type(e).__name__} when called as model(x) "
@@ -241,7 +243,8 @@ class PlainDraws:
         ``"moments"`` (mean and variance), ``"probs"`` (class probabilities) or
         ``"log_prob"`` (log density of ``y``, ``(S, N)``)."""
         one = self._one(kind, x, y)
-        with _no_validation():
+        # Pyro's handler stack is global: the caller's handlers are set aside (_isolation)
+        with exclusive(), _no_validation():
             if self.vectorized.get(kind, True) and z.shape[0] > 1:
                 out = self._vectorized(kind, self._one(kind, x, y, checked=False), one, z)
                 if out is not None:

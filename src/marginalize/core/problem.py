@@ -154,7 +154,12 @@ class Problem:
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.x.dtype
+        """The float dtype of the fit: x's, or the default one for integer inputs."""
+        return (
+            self.x.dtype
+            if self.x.is_floating_point()
+            else self.meta.get("dtype", torch.get_default_dtype())
+        )
 
     def log_joint(self, z: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
         """``log p(w(z), y | x) + log|J|``; with ``idx`` a minibatch scaled to the full data.
@@ -278,8 +283,10 @@ def prepare(model: Callable, x, y, *, device=None) -> Problem:
         raise ModelError(f"model must be callable as model(x, y=None), got {type(model).__name__}")
     if device is None and isinstance(x, torch.Tensor):
         device = x.device
-    x_t = check_x("x", x, device=device)
+    keep_int = isinstance(model, BNN) and model.integer_inputs  # e.g. token ids (Embedding)
+    x_t = check_x("x", x, device=device, keep_int=keep_int)
     y_t = check_y(y, x_t.shape[0], device=device)
+    fdtype = x_t.dtype if x_t.is_floating_point() else torch.get_default_dtype()
     num_classes = None
     if isinstance(model, BNN):
         x_t = model.check_input(x_t, "x")
@@ -288,11 +295,12 @@ def prepare(model: Callable, x, y, *, device=None) -> Problem:
         if lik.task == "classification":
             num_classes = targets if lik.kind == "categorical" else 2
         y_t = lik.check_y(y_t, targets)
+        fdtype = x_t.dtype if x_t.is_floating_point() else fdtype  # check_input may cast x
         if torch.is_floating_point(y_t):  # regression targets, Bernoulli labels
-            y_t = y_t.to(x_t.dtype)
+            y_t = y_t.to(fdtype)
     else:
         if torch.is_floating_point(y_t):
-            y_t = y_t.to(x_t.dtype)
+            y_t = y_t.to(fdtype)
     with torch.random.fork_rng(devices=[]):
         tr = trace_model(model, x_t, y_t)
         # latent shapes must not depend on the number of data points
@@ -331,5 +339,44 @@ def prepare(model: Callable, x, y, *, device=None) -> Problem:
             f"{type(observation_dist(ysite['fn'])).__name__}: {e}"
         ) from e
     if not bool(torch.isfinite(lp).all()):
-        raise DataError("y: has values outside the support of the model's observation distribution")
-    return Problem(model, x_t, y_t, layout, task, num_classes)
+        raise _blame_non_finite(ysite["fn"], ysite["value"], x_t)
+    return Problem(model, x_t, y_t, layout, task, num_classes, meta={"dtype": fdtype})
+
+
+def _blame_non_finite(d: dist.Distribution, y: torch.Tensor, x: torch.Tensor) -> DataError:
+    """The error for a non-finite log likelihood at a prior draw, naming its real cause: the
+    model's output (x too large for the network), y outside the support, or an overflow."""
+    base = observation_dist(d)
+    params = {}
+    for name in base.arg_constraints:
+        v = getattr(base, name, None)
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and v.numel():
+            params[name] = v
+    x_max = f"the largest |x| is {float(x.abs().max()):.3g}" if x.is_floating_point() else ""
+    for name, v in params.items():
+        if not bool(torch.isfinite(v).all()):
+            return DataError(
+                f"x: the model's output ({type(base).__name__} {name}) is not finite at these "
+                f"inputs under a draw from the prior ({x_max}): rescale x (e.g. standardize "
+                "each column), or check the priors"
+            )
+    try:
+        inside = bool(base.support.check(y).all())
+    except (RuntimeError, ValueError, TypeError):
+        inside = True
+    if not inside:
+        return DataError(
+            "y: has values outside the support of the model's observation distribution"
+        )
+    out = max((float(v.abs().max()) for v in params.values()), default=0.0)
+    y_max = float(y.abs().max()) if y.is_floating_point() and y.numel() else 0.0
+    if out > 1e3 * max(1.0, y_max):
+        return DataError(
+            f"x: the model's output reaches {out:.3g} at these inputs under a draw from the prior "
+            f"({x_max}) and its log likelihood overflows: rescale x (e.g. standardize each column)"
+        )
+    return DataError(
+        "y: the log likelihood overflows at these values under a draw from the prior "
+        f"(the largest |y| is {y_max:.3g}, the model's output {out:.3g}): rescale y "
+        "(e.g. standardize it)"
+    )

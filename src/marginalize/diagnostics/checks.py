@@ -338,8 +338,8 @@ def check_inference(post: Posterior, idata=None, *, khat=None) -> list[Finding]:
     >>> import torch, marginalize as mz
     >>> x = torch.randn(20, 1); y = x[:, 0]
     >>> post = mz.fit(mz.models.mlp(1, hidden=[]), x, y, method="map", steps=5, progress=False)
-    >>> [f.level for f in check_inference(post)]
-    ['info']
+    >>> [(f.level, f.message) for f in check_inference(post)]  # 5 steps: not converged
+    [('warn', 'the loss was still changing at the last of 5 steps: ... Run more steps.')]
     """
     out = _stopped(post)
     if isinstance(post.approximation, Empirical):

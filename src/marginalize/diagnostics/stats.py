@@ -405,9 +405,9 @@ def compare(
     >>> import torch, marginalize as mz
     >>> x = torch.randn(40, 1); y = 2 * x[:, 0] + 0.3 * torch.randn(40)
     >>> m = mz.models.mlp(1, hidden=[])
-    >>> posts = {k: mz.fit(m, x, y, method=k, steps=200, progress=False)
+    >>> posts = {k: mz.fit(m, x, y, method=k, steps=50, progress=False)
     ...          for k in ("svi-meanfield", "svi-lowrank", "map")}
-    >>> tab = mz.compare(posts)
+    >>> tab = mz.compare(posts, num_samples=200)
     >>> sorted(tab.index), list(tab.attrs["skipped"])
     (['svi-lowrank', 'svi-meanfield'], ['map'])
     """

@@ -24,7 +24,7 @@ True
 >>> mz.fit(None, [[0.0]], [0.0], method="nust")
 Traceback (most recent call last):
 ...
-marginalize._validation.OptionError: unknown method 'nust'; did you mean 'nuts'? known: ...
+marginalize.errors.OptionError: unknown method 'nust'; did you mean 'nuts'? known: ...
 """
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from marginalize._validation import check_device, check_options, check_seed
+from marginalize._isolation import exclusive
+from marginalize._validation import check_device, check_option_values, check_options, check_seed
 from marginalize.core.info import FitInfo
 from marginalize.core.problem import Problem, prepare
 from marginalize.errors import OptionError
@@ -166,7 +167,9 @@ def fit(
         A name from :func:`methods`.
     seed : int
         In ``[0, 2**32 - 1]``. All randomness of the fit derives from it; the same seed gives
-        bitwise the same result on the same device.
+        bitwise the same result on the same device. The fit runs alone: fits in other threads
+        wait for it, and Pyro handlers the caller left open (``pyro.plate``,
+        ``poutine.scale``, ...) do not act on it.
     device : str or torch.device, optional
         Where to fit (default: the device of ``x``, else the CPU).
     progress : bool
@@ -202,17 +205,21 @@ def fit(
     opts = cls.make_options(options)
     seed = check_seed("seed", seed)
     device = check_device(device)
-    problem = prepare(model, x, y, device=device)
-    # a distributed run (torchrun): members and chains are spread over the ranks
-    # (engines/distributed.py); progress bars on rank 0 only
-    rank = distributed.rank() if distributed.is_distributed() else 0
-    progress = progress and distributed.is_main()
-    with (
-        interrupt.scope(),
-        isolated(seed),
-        checkpoint.session(cls.name, opts, seed, problem, rank=rank),
-    ):
-        approx, info = cls().run(problem, opts, seed, progress)
+    # Pyro's param store, handler stack and plate dims are process globals: one fit at a time,
+    # with the caller's open handlers set aside (see marginalize._isolation)
+    with exclusive():
+        problem = prepare(model, x, y, device=device)
+        check_option_values(opts, problem.dtype)
+        # a distributed run (torchrun): members and chains are spread over the ranks
+        # (engines/distributed.py); progress bars on rank 0 only
+        rank = distributed.rank() if distributed.is_distributed() else 0
+        progress = progress and distributed.is_main()
+        with (
+            interrupt.scope(),
+            isolated(seed),
+            checkpoint.session(cls.name, opts, seed, problem, rank=rank),
+        ):
+            approx, info = cls().run(problem, opts, seed, progress)
     if not isinstance(info, FitInfo):
         info = FitInfo.from_dict(info)
     return Posterior(

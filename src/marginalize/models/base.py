@@ -74,6 +74,10 @@ class BNN:
     def in_features(self) -> int | None:
         return getattr(self, "_in_features", None)
 
+    #: whether integer inputs may stay integers (``prepare`` keeps them; ``check_input`` then
+    #: decides): False for the builders, whose layers take floats
+    integer_inputs: bool = False
+
     def check_input(self, x: torch.Tensor, name: str = "x") -> torch.Tensor:
         """Validate/reshape inputs for this architecture (raise ``DataError``)."""
         return x
@@ -91,7 +95,9 @@ class BNN:
         return params
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        params = self.sample_params(x)
+        # weights in x's float dtype (the default one for integer inputs such as token ids)
+        like = x if x.is_floating_point() else x.new_zeros((), dtype=torch.get_default_dtype())
+        params = self.sample_params(like)
         f = self.forward(params, x)
         d = self.likelihood.dist(f, params)
         with pyro.plate("data", x.shape[0]):

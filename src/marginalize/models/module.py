@@ -82,6 +82,9 @@ class ModuleBNN(BNN):
     """
 
     builder = "module"
+    #: integer inputs (token ids for an ``nn.Embedding``) stay integers when the module takes
+    #: them (see :meth:`check_input`)
+    integer_inputs = True
 
     def __init__(
         self,
@@ -239,7 +242,8 @@ class ModuleBNN(BNN):
         return self._cache[key]
 
     def _call(self, weights: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        out = torch.func.functional_call(self.module, {**self._fixed(x), **weights}, (x,))
+        like = next(iter(weights.values())) if weights else _float_like(x)
+        out = torch.func.functional_call(self.module, {**self._fixed(like), **weights}, (x,))
         if not isinstance(out, torch.Tensor):
             raise ModelError(f"module: forward must return one tensor, got {type(out).__name__}")
         return out
@@ -257,7 +261,7 @@ class ModuleBNN(BNN):
             handles = [m.register_forward_hook(hook) for m in self.module.modules()]
             try:
                 with torch.no_grad():
-                    self._call(self.module_params(x.device, x.dtype), x[:1])
+                    self._call(self.module_params(x.device, _float_like(x).dtype), x[:1])
             finally:
                 for h in handles:
                     h.remove()
@@ -307,13 +311,20 @@ class ModuleBNN(BNN):
         return out
 
     def check_input(self, x: torch.Tensor, name: str = "x") -> torch.Tensor:
-        """Run the module once on ``x[:2]``; infer/check the number of outputs."""
+        """Run the module once on ``x[:2]``; infer/check the number of outputs.
+
+        Integer inputs stay integers when the module takes them (token ids for an
+        ``nn.Embedding``); otherwise they become the default float dtype, as for every model.
+        """
+        dtype = _float_like(x).dtype
         try:
             with torch.no_grad():
-                out = self._call(self.module_params(x.device, x.dtype), x[:2])
+                out = self._call(self.module_params(x.device, dtype), x[:2])
         except ModelError:
             raise
         except Exception as e:
+            if not x.is_floating_point():  # a module of floats given integers: cast, as before
+                return self.check_input(x.to(dtype), name)
             raise DataError(
                 f"{name}: the module fails on inputs of shape {tuple(x.shape)} "
                 f"({type(e).__name__}: {e})"
@@ -348,6 +359,11 @@ class ModuleBNN(BNN):
             f"bayesian({type(self.module).__name__}, sites={len(self.bayesian_sites)} of "
             f"{len(self._shapes)} parameters, {self.likelihood!r})"
         )
+
+
+def _float_like(x: torch.Tensor) -> torch.Tensor:
+    """``x``, or for integer inputs a float scalar of the default dtype (the weights' dtype)."""
+    return x if x.is_floating_point() else x.new_zeros((), dtype=torch.get_default_dtype())
 
 
 def _resolve_sites(module: nn.Module, sites, prior: Prior) -> dict[str, Prior]:
