@@ -65,7 +65,7 @@ def load(path, model: Callable | None = None, *, device=None) -> Posterior:
         dtype = getattr(torch, payload["dtype"])
         x, y = data["x"].to(device), data["y"].to(device)
         try:
-            problem = prepare(model, x, y, device=device)
+            problem = prepare(model, x, y, device=device, obs_site=payload.get("obs_site"))
         except (DataError, ModelError) as e:
             if not user_model:
                 raise FileFormatError(
@@ -98,7 +98,7 @@ def load(path, model: Callable | None = None, *, device=None) -> Posterior:
         ) from e
     del dtype
     return Posterior(
-        model,
+        problem.model,  # a model function comes back with its contract (UserModel)
         problem.layout,
         approx,
         method=payload["method"],

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,12 +34,14 @@ from marginalize.core.predictive import (
     GPU_CHUNK_BYTES,
     MIN_DRAWS_PER_CHUNK,
     Moments,
+    MomentWarning,
     class_probs,
     entropy,
     log_prob,
+    regression_moments,
     temper,
 )
-from marginalize.core.problem import _no_validation
+from marginalize.core.problem import UserModel, _no_validation
 from marginalize.errors import DataError, ModelError, OptionError
 from marginalize.models.base import BNN
 
@@ -53,7 +56,12 @@ class Prediction:
 
     Regression: ``mean``, ``std`` (total), ``epistemic`` (std of the per-draw means) and
     ``aleatoric`` (root mean per-draw noise variance), with
-    ``std**2 == epistemic**2 + aleatoric**2``.
+    ``std**2 == epistemic**2 + aleatoric**2``. Where a draw's predictive mean or variance does
+    not exist (heavy tails: a Student-t with ``df <= 1`` or ``df <= 2``), ``predict`` warns
+    (:class:`~marginalize.core.predictive.MomentWarning`), says what it reported instead in
+    ``notes``, and reports the median for that draw's mean and, for every draw, the half-width
+    of the central 68.27% interval (the standard deviation for a normal) in place of the noise
+    standard deviation; ``log_predictive`` and predictive draws are unaffected.
 
     Classification: ``probs`` (mean class probabilities, also ``mean``), ``entropy`` of the
     mean (total uncertainty), ``expected_entropy`` (aleatoric) and ``mutual_info``
@@ -72,6 +80,8 @@ class Prediction:
     mutual_info: torch.Tensor | None = None
     #: per-draw outputs ``(chain, draw, N, ...)`` when asked for (``return_draws=True``)
     draws: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+    #: what was reported in place of moments that do not exist (empty when none)
+    notes: tuple[str, ...] = ()
 
     def __repr__(self) -> str:
         shape = tuple(self.mean.shape)
@@ -146,8 +156,38 @@ class Posterior:
     def sample(
         self, num_samples: int | None = None, seed: int | None = None
     ) -> dict[str, torch.Tensor]:
-        """Constrained draws of every latent site, ``(chain, draw, *site_shape)``."""
-        return self.layout.unpack(self.sample_flat(num_samples, seed))
+        """Constrained draws of every latent site, ``(chain, draw, *site_shape)``, and of the
+        model's ``pyro.deterministic`` sites (model functions; evaluated at the training
+        data, one model trace per draw)."""
+        z = self.sample_flat(num_samples, seed)
+        out = self.layout.unpack(z)
+        out.update(self._deterministic_draws(z))
+        return out
+
+    @property
+    def deterministic_sites(self) -> tuple[str, ...]:
+        """Names of the model's ``pyro.deterministic`` sites (model functions only)."""
+        return self.model.deterministic if isinstance(self.model, UserModel) else ()
+
+    @torch.no_grad()
+    def _deterministic_draws(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The ``pyro.deterministic`` sites at each draw of ``z`` ``(chain, draw, D)``, at the
+        training data: ``{name: (chain, draw, *site_shape)}``."""
+        names = self.deterministic_sites
+        if not names or self.data is None:
+            return {}
+        x, y = self.data
+        flat = z.reshape(-1, z.shape[-1])
+        params = self.layout.unpack(flat)
+        vals: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+        devices = [x.device.index or 0] if x.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), _no_validation():
+            for s in range(flat.shape[0]):
+                p = {k: v[s] for k, v in params.items()}
+                tr = poutine.trace(poutine.condition(self.model, data=p)).get_trace(x, y)
+                for n in names:
+                    vals[n].append(tr.nodes[n]["value"].detach())
+        return {n: torch.stack(v).reshape(*z.shape[:-1], *v[0].shape) for n, v in vals.items()}
 
     def _default_num(self, num_samples: int | None) -> int:
         if num_samples is None:
@@ -270,7 +310,12 @@ class Posterior:
             if self.task == "classification":
                 yield {"probs": self._per_draw(class_probs(d))}
             else:
-                yield {"mean": self._per_draw(d.mean), "variance": self._per_draw(d.variance)}
+                m = regression_moments(d)
+                out = {"mean": self._per_draw(m["mean"]), "variance": self._per_draw(m["variance"])}
+                rv = m["robust_variance"]
+                m["robust_variance"] = out["variance"] if rv is None else self._per_draw(rv)
+                out["_moments"] = m
+                yield out
 
     @torch.no_grad()
     def predict(
@@ -308,17 +353,24 @@ class Posterior:
                 )
         blocks: list[Moments] = []
         kept: dict[str, torch.Tensor] = {}
+        missing = {"no_mean": 0, "no_variance": 0, "unsubstituted": 0}  # draws, at the first block
         for i0 in range(0, n_in, per_block):
             xb = x[i0 : i0 + per_block]
             acc = Moments()
             for s0 in range(0, n_draws, per_chunk):
                 d0 = s0
                 for outs in self._outputs(flat, params, s0, s0 + per_chunk, xb):
+                    m = outs.pop("_moments", None)
                     if self.task == "classification":
                         p = outs["probs"]
                         acc.add(p, ent=entropy(p))
-                    else:
+                    elif m is None:
                         acc.add(outs["mean"], var=outs["variance"])
+                    else:
+                        acc.add(outs["mean"], var=outs["variance"], rvar=m["robust_variance"])
+                        for k in ("no_mean", "no_variance"):
+                            missing[k] += int(m[k])
+                        missing["unsubstituted"] += int(not m["substituted"])
                     d1 = d0 + next(iter(outs.values())).shape[0]
                     if return_draws:
                         for k, v in outs.items():
@@ -347,6 +399,11 @@ class Posterior:
             )
         epi_var = acc.m2 / acc.n
         ale_var = acc.sums["var"] / acc.n
+        notes = _moment_notes(missing, acc.n, len(blocks))
+        if missing["no_variance"] and "rvar" in acc.sums:
+            ale_var = acc.sums["rvar"] / acc.n
+        for note in notes:
+            warnings.warn(note, MomentWarning, stacklevel=3)
         return Prediction(
             "regression",
             acc.mean,
@@ -355,6 +412,7 @@ class Posterior:
             epistemic=epi_var.sqrt(),
             aleatoric=ale_var.sqrt(),
             draws=draws,
+            notes=notes,
         )
 
     @torch.no_grad()
@@ -408,6 +466,8 @@ class Posterior:
         if isinstance(self.model, BNN):
             t = self.model.likelihood.check_y(t, self.model.out_features)
         else:
+            if isinstance(self.model, UserModel):
+                t = self.model.coerce_y(t)
             _check_like_training("y", t, None if self.data is None else self.data[1])
             if self.task == "classification":
                 if torch.is_floating_point(t) and not torch.equal(t, t.round()):
@@ -434,6 +494,32 @@ class Posterior:
             f"Posterior(method={self.method!r}, task={self.task!r}, "
             f"chains={self.num_chains}, params={self.layout.size})"
         )
+
+
+def _moment_notes(missing: dict, n: int, blocks: int) -> tuple[str, ...]:
+    """The notes (and warnings) of a prediction in which some moments do not exist."""
+    notes = []
+    per = max(blocks, 1)  # every block of inputs counts its draws again
+    no_mean, no_var, kept = (missing[k] // per for k in ("no_mean", "no_variance", "unsubstituted"))
+    if kept:
+        notes.append(
+            f"the predictive mean or variance does not exist for {kept} of {n} draws and the "
+            "observation family has no quantile function to stand in: pred.mean/std are "
+            "NaN or inf there; use log_predictive or predictive draws"
+        )
+    if no_mean:
+        notes.append(
+            f"the predictive mean does not exist for {no_mean} of {n} draws (heavy tails, e.g. "
+            "a Student-t with df <= 1): pred.mean uses their median (the location) instead"
+        )
+    if no_var:
+        notes.append(
+            f"the predictive variance does not exist for {no_var} of {n} draws (heavy tails, "
+            "e.g. a Student-t with df <= 2): pred.std and pred.aleatoric use, for every draw, "
+            "the half-width of its central 68.27% predictive interval (the standard deviation "
+            "for a normal) in place of the noise standard deviation"
+        )
+    return tuple(notes)
 
 
 def _check_like_training(name: str, t: torch.Tensor, train: torch.Tensor | None) -> None:
@@ -502,6 +588,7 @@ def save_posterior(post: Posterior, path) -> None:
         "num_classes": post.num_classes,
         "options": json.dumps(_plain(post.options)),
         "layout": json.dumps(post.layout.describe()),
+        "obs_site": post.model.obs_site if isinstance(post.model, UserModel) else None,
         "model_config": model_cfg,
         "approximation": _to_cpu(post.approximation.state_dict()),
         "info": _plain(post.info),

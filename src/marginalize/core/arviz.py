@@ -262,6 +262,9 @@ def to_inference_data(
 
     posterior = {k: _np(v) for k, v in post.layout.unpack(z).items()}
     dims: dict[str, list[str]] = {s.name: list(s.dims) for s in post.layout.sites}
+    for k, v in post._deterministic_draws(z).items():  # pyro.deterministic sites
+        posterior[k] = _np(v)
+        dims[k] = [f"{k}_dim_{i}" for i in range(v.dim() - 2)]
     coords: dict[str, Any] = {}
     constant: dict[str, np.ndarray] = {}
     observed: dict[str, np.ndarray] = {}

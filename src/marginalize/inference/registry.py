@@ -140,6 +140,7 @@ def fit(
     seed: int = 0,
     device: str | torch.device | None = None,
     progress: bool = True,
+    obs_site: str | None = None,
     **options: Any,
 ) -> Posterior:
     """Fit ``model`` to ``(x, y)`` with the inference method named ``method``.
@@ -147,8 +148,9 @@ def fit(
     Parameters
     ----------
     model : callable
-        A Pyro model ``model(x, y=None)`` with latent weight sites and observation site
-        ``"y"`` inside ``pyro.plate("data", N)``, e.g. from :func:`marginalize.models.mlp`.
+        A Pyro model ``model(x, y=None)`` with latent weight sites and one observed site
+        (``"y"``, ``"obs"``, ...) inside ``pyro.plate("data", N)``, e.g. from
+        :func:`marginalize.models.mlp` (see ``docs/guide/bring_your_own_model.md``).
     x, y : array-like or torch.Tensor
     method : str
         A name from :func:`methods`.
@@ -159,6 +161,9 @@ def fit(
         Where to fit (default: the device of ``x``, else the CPU).
     progress : bool
         Show a progress bar.
+    obs_site : str, optional
+        The observed site to fit, for a model function with several (default: its one
+        observed site).
     **options
         The method's options (see ``mz.method_info()``); an unknown one raises ``OptionError``.
         SVI-based methods and ``nuts``/``hmc`` take ``checkpoint=PATH, checkpoint_every=N``:
@@ -177,7 +182,7 @@ def fit(
     opts = cls.make_options(options)
     seed = check_seed("seed", seed)
     device = check_device(device)
-    problem = prepare(model, x, y, device=device)
+    problem = prepare(model, x, y, device=device, obs_site=obs_site)
     with isolated(seed), checkpoint.session(cls.name, opts, seed, problem):
         approx, info = cls().run(problem, opts, seed, progress)
     return Posterior(
@@ -194,7 +199,16 @@ def fit(
     )
 
 
-def resume(path, model, x, y, *, device: str | torch.device | None = None, progress: bool = True):
+def resume(
+    path,
+    model,
+    x,
+    y,
+    *,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    obs_site: str | None = None,
+):
     """Continue the fit saved in the checkpoint ``path`` to its end.
 
     The method, its options and the seed come from the file; ``model``, ``x`` and ``y`` must be
@@ -215,6 +229,8 @@ def resume(path, model, x, y, *, device: str | torch.device | None = None, progr
         Where to continue (default: the device of ``x``).
     progress : bool
         Show a progress bar.
+    obs_site : str, optional
+        As given to :func:`fit` (model functions with several observed sites).
 
     Returns
     -------
@@ -240,4 +256,14 @@ def resume(path, model, x, y, *, device: str | torch.device | None = None, progr
     True
     """
     with checkpoint.pending(path) as (method, options, seed):
-        return fit(model, x, y, method, seed=seed, device=device, progress=progress, **options)
+        return fit(
+            model,
+            x,
+            y,
+            method,
+            seed=seed,
+            device=device,
+            progress=progress,
+            obs_site=obs_site,
+            **options,
+        )

@@ -188,6 +188,12 @@ class ModuleBNN(BNN):
     def dropout_axes(self) -> dict[str, int]:
         return {n: 1 for n in self.bayesian_sites if len(self._shapes[n]) >= 2}
 
+    @staticmethod
+    def _float(x: torch.Tensor) -> torch.dtype:
+        """The dtype of the weights for inputs ``x`` (integer inputs, e.g. token ids for an
+        ``nn.Embedding``, get the default float dtype)."""
+        return x.dtype if torch.is_floating_point(x) else torch.get_default_dtype()
+
     def module_params(self, device=None, dtype=None) -> dict[str, torch.Tensor]:
         """The module's own values of the Bayesian sites (e.g. to check the forward)."""
         own = dict(self.module.named_parameters())
@@ -195,6 +201,8 @@ class ModuleBNN(BNN):
 
     # ---- Pyro model and log prior --------------------------------------------------------
     def sample_params(self, like: torch.Tensor) -> dict[str, torch.Tensor]:
+        if not torch.is_floating_point(like):  # integer inputs: float weights
+            like = like.new_zeros((), dtype=self._float(like))
         params: dict[str, torch.Tensor] = {}
         for g in self._groups:
             scale = g.prior._scale(g.layer, g.fan_in, like)  # samples the hyper sites, if any
@@ -239,7 +247,8 @@ class ModuleBNN(BNN):
         return self._cache[key]
 
     def _call(self, weights: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        out = torch.func.functional_call(self.module, {**self._fixed(x), **weights}, (x,))
+        like = next(iter(weights.values())) if weights else x  # the weights' dtype, not x's
+        out = torch.func.functional_call(self.module, {**self._fixed(like), **weights}, (x,))
         if not isinstance(out, torch.Tensor):
             raise ModelError(f"module: forward must return one tensor, got {type(out).__name__}")
         return out
@@ -257,7 +266,7 @@ class ModuleBNN(BNN):
             handles = [m.register_forward_hook(hook) for m in self.module.modules()]
             try:
                 with torch.no_grad():
-                    self._call(self.module_params(x.device, x.dtype), x[:1])
+                    self._call(self.module_params(x.device, self._float(x)), x[:1])
             finally:
                 for h in handles:
                     h.remove()
@@ -310,7 +319,7 @@ class ModuleBNN(BNN):
         """Run the module once on ``x[:2]``; infer/check the number of outputs."""
         try:
             with torch.no_grad():
-                out = self._call(self.module_params(x.device, x.dtype), x[:2])
+                out = self._call(self.module_params(x.device, self._float(x)), x[:2])
         except ModelError:
             raise
         except Exception as e:

@@ -11,6 +11,10 @@ noise enters the forward pass:
   across examples by random sign flips, ``h mu_W + ((h * s_in) dW) * s_out`` (bias likewise);
 * ``"weights"`` (Blundell et al. 2015): one weight draw per step shared by the minibatch.
 
+``"auto"`` (the default) is ``"local_reparam"`` for builder MLPs and ``"weights"`` for every
+other model (model functions, ``bayesian(module)``), whose layers the estimator cannot see:
+there the ELBO is the model's own log joint at one draw of ``z``.
+
 The KL term is analytic for weights and biases when every layer's prior is ``Normal`` or
 ``ScaledNormal``; otherwise (e.g. ``Hierarchical``), and always for the non-weight sites (a
 learned noise scale), it is a one-sample Monte Carlo estimate ``log q(z) - log p(z)`` with the
@@ -47,6 +51,7 @@ __all__ = ["BayesByBackprop", "ESTIMATORS"]
 
 #: estimator name -> what it is
 ESTIMATORS = {
+    "auto": "local_reparam for builder MLPs, weights for every other model",
     "local_reparam": "sample pre-activations per example (Kingma et al. 2015)",
     "flipout": "one weight perturbation per step, sign-flipped per example (Wen et al. 2018)",
     "weights": "one weight draw per step shared by the minibatch (Blundell et al. 2015)",
@@ -93,7 +98,7 @@ def _kl_normal(mu, sig, prior_scale):
 
 @register("bbb")
 class BayesByBackprop(Method):
-    summary = "Bayes by Backprop for MLPs: mean-field VI with local reparameterization or flipout."
+    summary = "Bayes by Backprop: mean-field VI with local reparameterization or flipout (MLPs)."
     cost = "training: ~2x MAP per step (means and variances forward); prediction: as svi-meanfield"
     reference = (
         "Blundell et al. 2015; Kingma, Salimans & Welling 2015 (local reparameterization); "
@@ -105,13 +110,14 @@ class BayesByBackprop(Method):
         """Options of the SVI methods (steps, lr, lr_final, batch_size, num_particles, clip_norm,
         init, on_nan: "stop" or "raise"; no ``checkpoint``: the loop is plain torch), plus:
 
-        estimator : {"local_reparam", "flipout", "weights"}
-            How weight noise enters the forward pass (see the module docstring).
+        estimator : {"auto", "local_reparam", "flipout", "weights"}
+            How weight noise enters the forward pass (see the module docstring); "auto":
+            local_reparam for builder MLPs, weights for other models.
         init_scale : float
             Initial posterior standard deviation of every coordinate.
         """
 
-        estimator: str = "local_reparam"
+        estimator: str = "auto"
         init_scale: float = 0.01
 
         def __post_init__(self):
@@ -131,27 +137,39 @@ class BayesByBackprop(Method):
 
     def run(self, problem, opts, seed, progress):
         model = problem.model
-        if not isinstance(model, MLP) or getattr(problem, "base", None) is not None:
+        layered = isinstance(model, MLP) and getattr(problem, "base", None) is None
+        estimator = opts.estimator
+        if estimator == "auto":
+            estimator = "local_reparam" if layered else "weights"
+        if not layered and estimator != "weights":
             raise ModelError(
-                "bbb needs a builder MLP (mz.models.mlp): local reparameterization and flipout act "
-                "on each layer's pre-activations. For a plain model function use svi-meanfield "
-                "(Bayes by Backprop with weight sampling)."
+                f"bbb estimator={estimator!r} needs a builder MLP (mz.models.mlp): local "
+                "reparameterization and flipout act on each layer's pre-activations. For this "
+                "model use estimator='weights' (the default 'auto' does)."
             )
-        layout, specs = problem.layout, model.layer_specs()
-        n = problem.n
         mu = initial_z(problem, opts.init).requires_grad_(True)
         rho0 = math.log(math.expm1(float(opts.init_scale)))
         rho = torch.full_like(mu, rho0).requires_grad_(True)
+        gen = torch.Generator(device=problem.device).manual_seed(seed)
+        if not layered:  # the model's own log joint at one draw (Blundell et al. 2015)
+
+            def one_sample(xb, yb, scale, idx=None):
+                sig = F.softplus(rho)
+                z = mu + sig * _normal(mu.shape, mu, gen)
+                log_q = torch.distributions.Normal(mu, sig).log_prob(z).sum()
+                return log_q - problem.log_joint(z, idx)
+
+            return self._train(problem, opts, seed, progress, one_sample, mu, rho, estimator)
+        layout, specs = problem.layout, model.layer_specs()
         layer_sites = {f"{s.name}.{k}" for s in specs for k in ("weight", "bias")}
         other = [s for s in layout.sites if s.name not in layer_sites]
         analytic = all(type(model.priors[s.name]) in (Normal, ScaledNormal) for s in specs)
-        gen = torch.Generator(device=problem.device).manual_seed(seed)
 
         def prior_scale(spec):
             p = model.priors[spec.name]
             return p.scale if isinstance(p, Normal) else p.scale_for(spec.fan_in)
 
-        def one_sample(xb, yb, scale):
+        def one_sample(xb, yb, scale, idx=None):
             sig = F.softplus(rho)
             z = mu + sig * _normal(mu.shape, mu, gen)
             params, ladj = layout.unpack_with_log_det(z)
@@ -159,7 +177,7 @@ class BayesByBackprop(Method):
             h = xb
             for k, spec in enumerate(specs):
                 w, b = f"{spec.name}.weight", f"{spec.name}.bias"
-                h = _layer(h, mus[w], sigs[w], mus.get(b), sigs.get(b), opts.estimator, gen)
+                h = _layer(h, mus[w], sigs[w], mus.get(b), sigs.get(b), estimator, gen)
                 if k < len(specs) - 1:
                     h = model.act(h)
             ll = model.likelihood.dist(h, params).log_prob(yb).sum() * scale
@@ -178,10 +196,16 @@ class BayesByBackprop(Method):
                 kl = log_q.sum() - model.log_prior(params) - ladj
             return -ll + kl
 
+        return self._train(problem, opts, seed, progress, one_sample, mu, rho, estimator)
+
+    @staticmethod
+    def _train(problem, opts, seed, progress, one_sample, mu, rho, estimator):
+        n = problem.n
+
         def loss_fn(idx):
             xb, yb = (problem.x, problem.y) if idx is None else (problem.x[idx], problem.y[idx])
             scale = 1.0 if idx is None else n / len(idx)
-            total = sum(one_sample(xb, yb, scale) for _ in range(opts.num_particles))
+            total = sum(one_sample(xb, yb, scale, idx) for _ in range(opts.num_particles))
             return total / (opts.num_particles * n)
 
         optim = torch.optim.Adam([mu, rho], lr=opts.lr)
@@ -199,9 +223,9 @@ class BayesByBackprop(Method):
             clip_norm=opts.clip_norm,
             on_nan=opts.on_nan,
             progress=progress,
-            desc=f"bbb ({opts.estimator})",
+            desc=f"bbb ({estimator})",
             loss_scale=n,
         )
-        info["estimator"] = opts.estimator
+        info["estimator"] = estimator
         with torch.no_grad():
             return Gaussian(mu.detach().clone(), F.softplus(rho).detach().clone()), info

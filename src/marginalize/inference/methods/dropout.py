@@ -59,7 +59,7 @@ class DropoutGuide:
             if s.name in self.axes:
                 loc = pyro.param(f"mcd.{s.name}", lambda s=s: self.init[s.name].detach().clone())
                 axis = self.axes[s.name]
-                keep = x.new_full((s.shape[axis],), 1.0 - self.p)
+                keep = loc.new_full((s.shape[axis],), 1.0 - self.p)  # not x: x may be token ids
                 m = pyro.sample(
                     f"{s.name}.dropout_mask",
                     dist.Bernoulli(keep).mask(False).to_event(1),

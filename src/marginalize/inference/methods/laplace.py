@@ -151,7 +151,7 @@ class _Target:
         base, embed, idx = unwrap(problem)
         self.problem, self.base, self.dtype = problem, base, dtype
         self.model = base.model
-        self.x = base.x.to(dtype)
+        self.x = base.x.to(dtype) if torch.is_floating_point(base.x) else base.x  # token ids stay
         self.y = base.y.to(dtype) if torch.is_floating_point(base.y) else base.y
         full = embed(theta.detach())
         self.zfull = full.to(dtype)
