@@ -57,7 +57,7 @@ import xarray as xr
 from pyro import poutine
 
 from marginalize.core.approximations import Empirical, Mixture
-from marginalize.core.predictive import class_probs
+from marginalize.core.predictive import class_probs, regression_moments
 from marginalize.errors import DataError, OptionError
 
 if TYPE_CHECKING:  # the Posterior (a layer above) is passed in; never imported here
@@ -137,7 +137,7 @@ def _predictive_pass(
                     if post.task == "classification":
                         fs.append(post._per_draw(class_probs(d)))
                     else:
-                        fs.append(post._per_draw(d.mean))
+                        fs.append(post._per_draw(regression_moments(d)["mean"]))  # median w/o mean
     cat = lambda parts: torch.cat(parts) if parts else None  # noqa: E731
     return cat(ll), cat(yrep), cat(fs)
 

@@ -301,9 +301,15 @@ def _contract(fn: Callable, x: torch.Tensor, y: torch.Tensor, obs_site: str | No
     # may hold weights)
     data_plates = {f.name for f in onode["cond_indep_stack"] if f.size == x.shape[0]}
     if not data_plates:
+        hint = ""
+        if not onode["cond_indep_stack"] and tuple(onode["fn"].event_shape)[:1] == (x.shape[0],):
+            hint = (
+                f"; its rows are event dims (.to_event): drop that and write "
+                f"`with pyro.plate('data', x.shape[0]): pyro.sample({obs!r}, ..., obs=y)`"
+            )
         raise ModelError(
             f"site {obs!r} must be inside pyro.plate('data', N) so it can be minibatched "
-            f"(N = x.shape[0] = {x.shape[0]})"
+            f"(N = x.shape[0] = {x.shape[0]}){hint}"
         )
     event_sites = []
     for name, node in tr.nodes.items():
