@@ -53,6 +53,7 @@ MODULES = [
     "marginalize.io",
     "marginalize.datasets",
     "marginalize.diagnostics.report",
+    "marginalize.diagnostics.evaluation",
     "marginalize.core.arviz",
     "marginalize.diagnostics.stats",
     "marginalize.diagnostics.checks",

@@ -35,6 +35,7 @@ from marginalize.core.predictive import (
     MIN_DRAWS_PER_CHUNK,
     Moments,
     MomentWarning,
+    PredictiveMixture,
     class_probs,
     entropy,
     log_prob,
@@ -66,6 +67,24 @@ class Prediction:
     Classification: ``probs`` (mean class probabilities, also ``mean``), ``entropy`` of the
     mean (total uncertainty), ``expected_entropy`` (aleatoric) and ``mutual_info``
     (``entropy - expected_entropy``, epistemic; the BALD score).
+
+    Regression also gives the quantiles of the posterior predictive itself, the equal-weight
+    mixture over draws ``p(y | x, D) = (1/S) sum_s p(y | x, w_s)`` (not a Gaussian with the
+    predictive mean and std): :meth:`quantile`, :meth:`interval` and :meth:`cdf` (PIT values).
+    They are defined where the std is not (e.g. Student-t noise with ``df <= 2``).
+
+    Examples
+    --------
+    >>> import torch, marginalize as mz
+    >>> x = torch.linspace(-1, 1, 30)[:, None]; y = x[:, 0] + 0.1 * torch.randn(30)
+    >>> post = mz.fit(mz.models.mlp(1, hidden=[]), x, y, method="svi-meanfield", steps=200,
+    ...               progress=False)
+    >>> pred = post.predict(x[:4], num_samples=100)
+    >>> lo, hi = pred.interval(0.9)
+    >>> bool((lo < pred.quantile(0.5)).all() and (pred.quantile(0.5) < hi).all())
+    True
+    >>> pred.quantile([0.05, 0.5, 0.95]).shape
+    torch.Size([3, 4])
     """
 
     task: str
@@ -82,6 +101,60 @@ class Prediction:
     draws: dict[str, torch.Tensor] | None = field(default=None, repr=False)
     #: what was reported in place of moments that do not exist (empty when none)
     notes: tuple[str, ...] = ()
+    #: rebuilds the predictive mixture (the same draws) for quantiles; set by ``predict``
+    mixture_fn: Callable[[], PredictiveMixture] | None = field(
+        default=None, repr=False, compare=False
+    )
+    _mixture: PredictiveMixture | None = field(default=None, init=False, repr=False, compare=False)
+
+    def mixture(self) -> PredictiveMixture:
+        """The predictive mixture over the draws (built on first use, then kept).
+
+        Holds the observation distribution of every draw at every input (memory of the order
+        of ``num_draws x N`` parameters of the family).
+        """
+        if self.task != "regression":
+            raise OptionError(
+                "quantiles and intervals are for regression; for classification use probs"
+            )
+        if self._mixture is None:
+            if self.mixture_fn is None:
+                raise OptionError("this Prediction was not made by Posterior.predict")
+            self._mixture = self.mixture_fn()
+        return self._mixture
+
+    def quantile(self, q) -> torch.Tensor:
+        """Quantile(s) ``q`` in (0, 1) of the posterior predictive of y at each input.
+
+        Shape ``mean.shape`` for one ``q``, ``(len(q), *mean.shape)`` for a sequence. Exact
+        (bisection on the mixture CDF) for families with a CDF; Monte Carlo otherwise.
+
+        Raises
+        ------
+        OptionError
+            For classification, or ``q`` outside (0, 1).
+        """
+        mix = self.mixture()
+        try:
+            return mix.quantile(q).to(self.mean.dtype)
+        except ValueError as e:
+            raise OptionError(str(e)) from None
+
+    def interval(self, level: float = 0.9) -> tuple[torch.Tensor, torch.Tensor]:
+        """Central posterior predictive interval ``(lower, upper)`` holding ``level`` of the
+        predictive mass at each input (quantiles ``(1 -+ level) / 2``)."""
+        if isinstance(level, bool) or not isinstance(level, (int, float)) or not 0 < level < 1:
+            raise OptionError(f"level: expected a probability in (0, 1), got {level!r}")
+        q = self.quantile([(1 - level) / 2, (1 + level) / 2])
+        return q[0], q[1]
+
+    def cdf(self, y) -> torch.Tensor:
+        """The predictive CDF at observed ``y`` (PIT values, uniform when calibrated)."""
+        mix = self.mixture()
+        t = torch.as_tensor(y, device=self.mean.device)
+        if t.shape != self.mean.shape:
+            raise DataError(f"y: expected shape {tuple(self.mean.shape)}, got {tuple(t.shape)}")
+        return mix.cdf(t).to(self.mean.dtype)
 
     def __repr__(self) -> str:
         shape = tuple(self.mean.shape)
@@ -413,7 +486,26 @@ class Posterior:
             aleatoric=ale_var.sqrt(),
             draws=draws,
             notes=notes,
+            mixture_fn=lambda: self.predictive_mixture(
+                x, num_samples, seed=seed, chunk_size=chunk_size
+            ),
         )
+
+    @torch.no_grad()
+    def predictive_mixture(
+        self, x, num_samples: int | None = None, *, seed: int | None = None, chunk_size=None
+    ) -> PredictiveMixture:
+        """The posterior predictive at ``x`` as a mixture over draws (regression): the same
+        draws as :meth:`predict` with the same ``num_samples`` and ``seed``."""
+        if self.task != "regression":
+            raise OptionError("predictive_mixture: for regression models only")
+        x = self._check_x(x)
+        dists = [d for _, chunk in self._chunks(x, num_samples, seed, chunk_size) for d in chunk]
+        first = dists[0]
+        shape = first.batch_shape + first.event_shape
+        if isinstance(self.model, BNN):
+            shape = shape[1:]  # (S, N, ...) per chunk
+        return PredictiveMixture(dists, shape, self._generator(seed))
 
     @torch.no_grad()
     def log_likelihood(

@@ -10,7 +10,8 @@ Each :class:`Finding` has a level: ``"warn"`` (a problem: results may be wrong),
   unchanged, so chains in equivalent modes disagree in weight space without anything wrong);
 - ensembles and multi-run methods: whether members agree in function space;
 - approximate posteriors with a density: PSIS k-hat (above 0.7: the approximation misses
-  posterior mass);
+  posterior mass; a problem for models without hidden layers, information for networks with
+  them, whose weight posterior no cheap approximation matches);
 - optimizer-trained methods: whether the loss still fell over the last 10% of steps.
 
 Examples
@@ -103,14 +104,10 @@ def _has_hidden_layers(post: Posterior) -> bool:
 
 
 def _rhat_ess(idata, var_names):
-    import warnings
+    from marginalize.core import arviz as azc
 
-    from marginalize.core.arviz import az
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        rh = az.rhat(idata, var_names=var_names)
-        ess = az.ess(idata, var_names=var_names)
+    rh = azc.rhat(idata, var_names=var_names)
+    ess = azc.ess(idata, var_names=var_names)
     rmax = max(
         (float(np.nanmax(v.values)) for v in rh.data_vars.values() if np.isfinite(v.values).any()),
         default=float("nan"),
@@ -268,13 +265,27 @@ def _members(post: Posterior, idata) -> list[Finding]:
     ]
 
 
-def _khat(khat) -> list[Finding]:
+def _khat(khat, post: Posterior | None = None) -> list[Finding]:
     if khat is None:
         return []
     k = float(khat.khat)
     if math.isnan(k):
         return [Finding("info", "PSIS k-hat", f"not defined: {khat.reason}")]
     if k > KHAT_MAX:
+        if post is not None and _has_hidden_layers(post):
+            # a network's weight posterior (multimodal, with strongly correlated weights) is
+            # matched by no cheap approximation: k-hat says so for every one of them
+            return [
+                Finding(
+                    "info",
+                    "PSIS k-hat",
+                    f"k-hat = {k:.2f} > {KHAT_MAX}: the {post.approximation.kind} approximation "
+                    "does not match the posterior over the weights. That is usual for networks "
+                    "with hidden layers (their weight posterior is multimodal and strongly "
+                    "correlated): do not read its weight uncertainty as the posterior's, and "
+                    "judge its predictions by the held-out NLL, coverage and calibration.",
+                )
+            ]
         return [
             Finding(
                 "warn",
@@ -355,5 +366,5 @@ def check_inference(post: Posterior, idata=None, *, khat=None) -> list[Finding]:
     elif isinstance(post.approximation, Mixture):
         out += _members(post, idata)
     out += _loss(post)
-    out += _khat(khat)
+    out += _khat(khat, post)
     return out

@@ -202,7 +202,7 @@ def run_meanfield(problem, opts, seed: int, progress: bool) -> tuple[Gaussian, d
     rollbacks: list[dict] = []
     stopped = None
     desc = "svi-meanfield"
-    bar = tqdm(total=opts.steps, desc=desc, disable=not progress, leave=False)
+    bar = tqdm(total=opts.steps, desc=desc, disable=None if progress else True, leave=False)
     with checkpoint.deferred_interrupt() as interrupt:
         try:
             for step, idx in enumerate(

@@ -53,7 +53,7 @@ def sgd_loop(
     losses: list[float] = []
     stopped = None
     last = [p.detach().clone() for p in params]
-    bar = tqdm(total=steps, desc=desc, disable=not progress, leave=False)
+    bar = tqdm(total=steps, desc=desc, disable=None if progress else True, leave=False)
     try:
         with _no_validation():
             for step, idx in enumerate(_batches(n, batch_size, steps, generator, device)):

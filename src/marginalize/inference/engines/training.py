@@ -231,7 +231,9 @@ def run_svi(
     gen = torch.Generator().manual_seed(seed)
     stopped = None
     in_step = False
-    bar = tqdm(total=opts.steps, initial=done, desc=desc, disable=not progress, leave=False)
+    bar = tqdm(
+        total=opts.steps, initial=done, desc=desc, disable=None if progress else True, leave=False
+    )
     with checkpoint.deferred_interrupt() as interrupt:
         try:
             batches = _batches(n, opts.batch_size, opts.steps, gen, problem.device, start=done)

@@ -50,6 +50,7 @@ from marginalize._validation import check_positive_int
 from marginalize.core.approximations import Delta, Gaussian, Mixture
 from marginalize.core.problem import Problem
 from marginalize.errors import OptionError
+from marginalize.inference.engines.distributed import run_members
 from marginalize.inference.engines.seeding import isolated, member_seed
 from marginalize.inference.engines.sgd import initial_z, sgd_loop
 from marginalize.inference.engines.subsites import BayesianSites, run_on_sites
@@ -336,7 +337,8 @@ class MultiSWAG(Method):
         """Every option of ``swag`` (applied to each run), plus:
 
         num_models : int
-            Number of independent SWAG runs (default 5).
+            Number of independent SWAG runs (default 5; spread over the processes of a
+            distributed run).
         """
 
         num_models: int = 5
@@ -348,14 +350,17 @@ class MultiSWAG(Method):
     def run(self, problem, opts, seed, progress):
         fields = {k: v for k, v in vars(opts).items() if k != "num_models"}
         swag_opts = SWAGOptions(**fields)
-        comps, losses, extra = [], [], []
-        for k in range(opts.num_models):
+
+        def run(k):
             sk = member_seed(seed, k)
             with isolated(sk):
-                approx, info = SWAG().run(problem, swag_opts, sk, progress)
-            comps.append(approx)
-            losses.append(info["loss"])
-            extra.append(info)
+                return SWAG().run(problem, swag_opts, sk, progress)
+
+        # spread over the ranks of a distributed run (torchrun), gathered on every rank
+        results = run_members(opts.num_models, run, label="SWAG run")
+        comps = [approx for approx, _ in results]
+        extra = [info for _, info in results]
+        losses = [info["loss"] for info in extra]
         mean_loss, member_loss = stack_losses(losses)
         out = {
             "loss": mean_loss,
