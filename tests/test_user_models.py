@@ -338,7 +338,7 @@ def test_moments_that_exist_are_exact_and_silent():
     var = 0.25 * (5 / 3 + 7 / 5) / 2
     assert torch.allclose(pred.mean, x[:4] @ torch.tensor([1.0, -1.0]))
     assert torch.allclose(pred.aleatoric, torch.full((4,), math.sqrt(var)), rtol=1e-5)
-    assert pred.notes == ()
+    assert pred.notes == () and pred.missing_moments == ()
 
 
 def test_moments_that_do_not_exist_are_reported_not_silent():
@@ -348,7 +348,7 @@ def test_moments_that_do_not_exist_are_reported_not_silent():
     text = " ".join(str(w.message) for w in rec)
     assert "mean does not exist for 1 of 3 draws" in text
     assert "variance does not exist for 2 of 3 draws" in text
-    assert len(pred.notes) == 2
+    assert len(pred.notes) == 2 and pred.missing_moments == ("mean", "variance")
     for t in (pred.mean, pred.std, pred.epistemic, pred.aleatoric):
         assert torch.isfinite(t).all()
     # the mean: the location (median) of each draw, which is its mean wherever that exists
@@ -358,9 +358,11 @@ def test_moments_that_do_not_exist_are_reported_not_silent():
     assert torch.allclose(
         pred.aleatoric, torch.full((4,), float(np.sqrt(np.mean(half**2)))), rtol=1e-5
     )
-    # the rest of the predictive is untouched
+    # the rest of the predictive is untouched: log densities and quantiles (the mixture)
     lp = post.log_predictive(x[:4], torch.zeros(4), num_samples=3)
     assert torch.isfinite(lp).all()
+    med = pred.quantile(0.5)
+    assert torch.allclose(med, x[:4] @ torch.tensor([1.0, -1.0]), atol=1e-4)
 
 
 def test_student_t_fit_predicts_finite_summaries():  # the user_05 case, end to end

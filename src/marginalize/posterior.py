@@ -59,10 +59,11 @@ class Prediction:
     ``aleatoric`` (root mean per-draw noise variance), with
     ``std**2 == epistemic**2 + aleatoric**2``. Where a draw's predictive mean or variance does
     not exist (heavy tails: a Student-t with ``df <= 1`` or ``df <= 2``), ``predict`` warns
-    (:class:`~marginalize.core.predictive.MomentWarning`), says what it reported instead in
-    ``notes``, and reports the median for that draw's mean and, for every draw, the half-width
-    of the central 68.27% interval (the standard deviation for a normal) in place of the noise
-    standard deviation; ``log_predictive`` and predictive draws are unaffected.
+    (:class:`~marginalize.core.predictive.MomentWarning`), names them in ``missing_moments``,
+    says what it reported instead in ``notes``, and reports the median for that draw's mean
+    and, for every draw, the half-width of the central 68.27% interval (the standard deviation
+    for a normal) in place of the noise standard deviation; quantiles, ``log_predictive`` and
+    predictive draws are exact as always.
 
     Classification: ``probs`` (mean class probabilities, also ``mean``), ``entropy`` of the
     mean (total uncertainty), ``expected_entropy`` (aleatoric) and ``mutual_info``
@@ -101,6 +102,8 @@ class Prediction:
     draws: dict[str, torch.Tensor] | None = field(default=None, repr=False)
     #: what was reported in place of moments that do not exist (empty when none)
     notes: tuple[str, ...] = ()
+    #: the moments (``"mean"``, ``"variance"``) that do not exist for some draw (heavy tails)
+    missing_moments: tuple[str, ...] = ()
     #: rebuilds the predictive mixture (the same draws) for quantiles; set by ``predict``
     mixture_fn: Callable[[], PredictiveMixture] | None = field(
         default=None, repr=False, compare=False
@@ -486,6 +489,9 @@ class Posterior:
             aleatoric=ale_var.sqrt(),
             draws=draws,
             notes=notes,
+            missing_moments=tuple(
+                k for k, c in (("mean", "no_mean"), ("variance", "no_variance")) if missing[c]
+            ),
             mixture_fn=lambda: self.predictive_mixture(
                 x, num_samples, seed=seed, chunk_size=chunk_size
             ),
