@@ -168,7 +168,8 @@ def test_killed_rank_gives_an_error_and_the_run_resumes_bitwise(
     payload = torch.load(ckpt, weights_only=True)
     assert payload["complete"] and all(s["done"] for s in payload["segments"].values())
     keys = sorted(payload["segments"])
-    assert keys == sorted(f"m{k}.0:{'svi' if method == 'ensemble' else 'mcmc'}" for k in range(3))
+    kind = "train" if method == "ensemble" else "mcmc"
+    assert keys == sorted(f"m{k}.0:{kind}" for k in range(3))
 
 
 # ---- the command line under torchrun ----------------------------------------------------------
@@ -226,7 +227,8 @@ def test_bench_uci_under_torchrun_spreads_splits_and_matches_one_process(tmp_pat
 
     assert rows("two") == rows("one")
     assert (tmp_path / "two" / "uci.md").exists()
-    assert "split 0" in res.stderr and "split 1" not in res.stderr  # rank 1 ran split 1
+    # each split ran once, on one rank (rank 1's log lines may or may not reach stderr)
+    assert res.stderr.count("split 0 map") == 1 and res.stderr.count("split 1 map") <= 1
 
 
 # ---- in-process pieces (no process group) ----------------------------------------------------

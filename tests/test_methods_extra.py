@@ -287,7 +287,7 @@ def test_swag_options():
     ):
         with pytest.raises(mz.OptionError, match=next(iter(bad))):
             mz.fit(MLP, X, Y, method="swag", **bad)
-    with pytest.raises(mz.OptionError, match="no iterate was collected"):
+    with pytest.raises(mz.OptionError, match="swag_steps: 3 steps collect no iterate"):
         mz.fit(
             MLP,
             X,

@@ -669,7 +669,7 @@ def _fit_cmd(args) -> int:
             print(f"marginalize: {m}: the fit failed: {e}", file=sys.stderr)
             continue
         secs = time.perf_counter() - t0
-        post.info.setdefault("fit_seconds", secs)
+        post.info.fit_seconds = post.info.fit_seconds or secs
         posts[m], seconds[m] = post, secs
         if save_dir is not None and main_rank:
             path = save_dir / f"{m}.pt"
@@ -928,6 +928,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.cmd == "bench":  # the benchmarks log their progress at INFO themselves
             from marginalize.benchmarks import run_parsed
+
+            if not distributed.is_main():  # other ranks: errors only
+                logging.basicConfig(
+                    level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s"
+                )
 
             return run_parsed(args, ["marginalize", *argv])
         quiet = getattr(args, "quiet", False) or not distributed.is_main()

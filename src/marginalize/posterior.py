@@ -26,6 +26,7 @@ from pyro import poutine
 from marginalize._files import check_path, write_verified
 from marginalize._validation import check_positive_int, check_seed, check_x, check_y
 from marginalize.core.approximations import Approximation
+from marginalize.core.info import FitInfo
 from marginalize.core.layout import Layout
 from marginalize.core.linearized import linearized_dist
 from marginalize.core.predictive import (
@@ -177,8 +178,9 @@ class Posterior:
         The distribution over the flat unconstrained parameter vector.
     layout : Layout
         Sites, shapes and transforms of that vector.
-    info : dict
-        Fit diagnostics: ``loss`` (SVI), ``sample_stats`` (MCMC, ``(chain, draw)`` tensors), ...
+    info : FitInfo
+        What the fit reports about itself: ``loss``, ``converged``, ``stopped`` (optimization),
+        ``sample_stats`` (MCMC, ``(chain, draw)`` tensors), ``predictive``, ``temperature``...
     """
 
     def __init__(
@@ -190,7 +192,7 @@ class Posterior:
         method: str,
         task: str,
         options: dict | None = None,
-        info: dict | None = None,
+        info: FitInfo | dict | None = None,
         seed: int | None = None,
         data: tuple[torch.Tensor, torch.Tensor] | None = None,
         num_classes: int | None = None,
@@ -201,7 +203,7 @@ class Posterior:
         self.method = method
         self.task = task
         self.options = dict(options or {})
-        self.info = dict(info or {})
+        self.info = info if isinstance(info, FitInfo) else FitInfo.from_dict(info)
         self.seed = seed
         self.data = data
         self.num_classes = num_classes
@@ -292,7 +294,7 @@ class Posterior:
         """Yield the observation distribution for a chunk of flat draws ``(S, D)``."""
         params = self.layout.unpack(z)
         if isinstance(self.model, BNN):
-            if self.info.get("predictive") == "glm":  # linearized network (laplace)
+            if self.info.predictive == "glm":  # linearized network (laplace)
                 yield self._temper(linearized_dist(self, z, x))
                 return
             with _no_validation():  # argument checks of the outputs cost as much as the network
@@ -311,8 +313,8 @@ class Posterior:
                 yield self._temper(tr.nodes["y"]["fn"])
 
     def _temper(self, d):
-        """Apply a fitted ``info["temperature"]`` (see :func:`marginalize.temperature_scale`)."""
-        t = self.info.get("temperature")
+        """Apply a fitted ``info.temperature`` (see :func:`marginalize.temperature_scale`)."""
+        t = self.info.temperature
         if t is None:
             return d
         return temper(d, float(t))
@@ -374,7 +376,7 @@ class Posterior:
             p = {k: v[s0:s1] for k, v in params.items()}  # views: a few microseconds
             f = self.model.forward(p, x)
             lik = self.model.likelihood
-            if self.task == "regression" and self.info.get("temperature") is None:
+            if self.task == "regression" and self.info.temperature is None:
                 moments = lik.moments(f, p)
                 if moments is not None:  # no distribution object: its overhead is per chunk
                     mean, var = moments
@@ -414,7 +416,7 @@ class Posterior:
         c, s = z.shape[:2]
         flat = z.reshape(c * s, -1)
         n_draws, n_in = flat.shape[0], x.shape[0]
-        builder = isinstance(self.model, BNN) and self.info.get("predictive") != "glm"
+        builder = isinstance(self.model, BNN) and self.info.predictive != "glm"
         if builder:
             per_chunk, per_block = self._block_plan(n_in, n_draws, chunk_size)
             params = self.layout.unpack(flat)  # once: slicing it per chunk is cheaper
@@ -689,7 +691,7 @@ def save_posterior(post: Posterior, path) -> None:
         "obs_site": post.model.obs_site if isinstance(post.model, UserModel) else None,
         "model_config": model_cfg,
         "approximation": _to_cpu(post.approximation.state_dict()),
-        "info": _plain(post.info),
+        "info": _plain(post.info.to_dict()),
         "data": None if post.data is None else {"x": post.data[0].cpu(), "y": post.data[1].cpu()},
         "dtype": str(post.dtype).replace("torch.", ""),
     }

@@ -383,7 +383,7 @@ def _y_dims(y: np.ndarray, obs_dim: str, name: str) -> list[str]:
 
 
 def _optimization_group(post: Posterior) -> xr.Dataset | None:
-    loss = post.info.get("loss")
+    loss = post.info.loss
     if loss is None:
         return None
     arr = np.asarray(_np(loss) if isinstance(loss, torch.Tensor) else loss, dtype=np.float64)
@@ -394,18 +394,17 @@ def _optimization_group(post: Posterior) -> xr.Dataset | None:
     else:
         dims = tuple(f"loss_dim_{i}" for i in range(arr.ndim - 1)) + ("step",)
     ds = xr.Dataset({"loss": (dims, arr)})
-    if "steps_done" in post.info:
-        ds.attrs["steps_done"] = int(post.info["steps_done"])
-    stopped = post.info.get("stopped")
-    if stopped:
-        ds.attrs["stopped"] = (
-            str(stopped.get("reason", stopped)) if isinstance(stopped, dict) else str(stopped)
-        )
+    if post.info.steps_done is not None:
+        ds.attrs["steps_done"] = int(post.info.steps_done)
+    if post.info.converged is not None:
+        ds.attrs["converged"] = int(post.info.converged)
+    if post.info.stopped is not None:
+        ds.attrs["stopped"] = str(post.info.stopped)
     return ds
 
 
 def _sample_stats(post: Posterior, index: torch.Tensor | None) -> dict[str, np.ndarray] | None:
-    stats = post.info.get("sample_stats")
+    stats = post.info.sample_stats
     if not stats:
         return None
     out = {}

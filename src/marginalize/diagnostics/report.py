@@ -157,13 +157,11 @@ def _fmt(v, digits: int = 3) -> str:
 
 
 def _fit_seconds(post: Posterior):
-    for k in ("fit_seconds", "seconds", "time_s", "fit_time"):
-        if k in post.info:
-            try:
-                return float(post.info[k])
-            except (TypeError, ValueError):
-                return None
-    return None
+    secs = post.info.fit_seconds
+    try:
+        return None if secs is None else float(secs)
+    except (TypeError, ValueError):
+        return None
 
 
 def describe_likelihood(post: Posterior, y_scale=None) -> str:
@@ -378,9 +376,7 @@ def _section_worked(fits: list[_Fit]) -> str:
     parts.append(
         _table(["fit", "k-hat", "PSIS ESS", "why undefined"], khat_rows, 1, left_last=True)
     )
-    mcmc = [
-        f for f in fits if f.post.info.get("sample_stats") and FUNCTION_VAR in f.idata.posterior
-    ]
+    mcmc = [f for f in fits if f.post.info.sample_stats and FUNCTION_VAR in f.idata.posterior]
     for f in mcmc:
         vals = f.idata.posterior[FUNCTION_VAR].values
         vals = vals.reshape(*vals.shape[:2], -1)[..., :3]
@@ -404,7 +400,7 @@ def _colors(fits: list[_Fit]) -> dict[str, str]:
 
 
 def _loss_array(post: Posterior):
-    loss = post.info.get("loss")
+    loss = post.info.loss
     if loss is None:
         return None
     a = loss.detach().cpu().numpy() if isinstance(loss, torch.Tensor) else np.asarray(loss)
@@ -424,7 +420,7 @@ def _section_function_table(fits: list[_Fit], fin: torch.Tensor) -> str:
         for f in fits:
             mean, sd, rhat = vals[f.name][i]
             cell = f"{_fmt(mean)} &plusmn; {_fmt(sd)}"
-            if rhat is not None and math.isfinite(rhat) and f.post.info.get("sample_stats"):
+            if rhat is not None and math.isfinite(rhat) and f.post.info.sample_stats:
                 cls = "badge-warn" if rhat > checks.RHAT_MAX else "note"
                 cell += f' <span class="{cls}">(R-hat {rhat:.3f})</span>'
             row.append(cell)
