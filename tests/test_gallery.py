@@ -73,7 +73,6 @@ SLOW_METHODS = {"nuts", "hmc", "ensemble", "multiswag"}
 SLOW_MODELS = {"gru_module", "lstm_module", "cnn_digits", "pyro_tutorial"}
 
 _LAPLACE_PLAIN = "pending: laplace on model functions predicts far worse than its MAP (quality)"
-_INTEGER_X = "pending: integer inputs (token ids) kept integer by _validation (reliability)"
 #: (model, method) -> why the cell fails until another branch lands
 PENDING = {
     **{
@@ -88,7 +87,6 @@ PENDING = {
     },
     ("gru_module", "laplace"): "pending: laplace on recurrent modules (quality)",
     ("lstm_module", "laplace"): "pending: laplace on recurrent modules (quality)",
-    **{("embedding_module", m): _INTEGER_X for m in METHODS},
 }
 
 

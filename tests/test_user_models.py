@@ -9,6 +9,8 @@
 * ``y`` must have the observation site's shape: one that broadcasts (``(N, 1)`` against
   ``(N,)``) is a ``DataError`` before fitting; the forms it can take give the same fit;
 * integer labels/counts for families whose densities need floats give the float-label fit;
+* integer inputs reach ``bayesian()`` modules as integers (token ids); read-only arrays convert
+  without warnings;
 * predictive moments that do not exist are reported (warning, notes), never silent NaN/inf.
 """
 
@@ -200,7 +202,7 @@ def test_model_subsampling_its_plate_is_refused_before_fitting(monkeypatch):
 
     svi = importlib.import_module("marginalize.inference.methods.svi")
 
-    monkeypatch.setattr(svi, "fit_map", lambda *a, **k: pytest.fail("fitting started"))
+    monkeypatch.setattr(svi, "fit_point", lambda *a, **k: pytest.fail("fitting started"))
     x, y = _data(n=64)
     with pytest.raises(mz.ModelError, match=r"subsample_size=16\).*batch_size=16"):
         mz.fit(model, x, y, method="map")
@@ -297,6 +299,45 @@ def test_integer_labels_give_the_float_label_fit(model, make):
     for y in (labels, torch.as_tensor(labels), pd.Series(labels)):
         ll = ints.log_likelihood(x, y, num_samples=1)
         assert torch.equal(ll, floats.log_likelihood(x, labels.astype(np.float32), num_samples=1))
+
+
+class _EmbedNet(nn.Module):  # token ids in, as nn.Embedding takes them (user_10)
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(10, 3)
+        self.fc = nn.Linear(3, 1)
+
+    def forward(self, ids):
+        return self.fc(self.emb(ids))
+
+
+def test_integer_inputs_reach_a_module_as_integers():
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 10, (40,), generator=g)
+    y = torch.sin(ids.float()) + 0.1 * torch.randn(40, generator=g)
+    model = mz.models.bayesian(_EmbedNet(), prior=mz.priors.Normal(1.0))
+    for x in (ids, ids.numpy(), ids.tolist()):
+        post = mz.fit(model, x, y, method="map", steps=30, seed=0, progress=False)
+        assert post.dtype == torch.get_default_dtype()
+        pred = post.predict(ids[:5], num_samples=1)
+        assert pred.mean.shape == (5,) and torch.isfinite(pred.mean).all()
+    # a model function still gets float inputs from integer arrays (x @ w works)
+    xi = np.arange(12).reshape(6, 2) % 3
+    post = mz.fit(_named("y"), xi, np.ones(6), method="map", steps=5, seed=0, progress=False)
+    assert post.dtype == torch.get_default_dtype()
+
+
+def test_read_only_arrays_convert_without_warnings():  # pandas >= 3 views (user_12)
+    x, y = _data()
+    xa, ya = x.numpy().copy(), y.numpy().copy()
+    xa.flags.writeable = False
+    ya.flags.writeable = False
+    frame = pd.DataFrame(x.numpy(), columns=["a", "b"])
+    for xs, ys in ((xa, ya), (frame, pd.Series(y.numpy()))):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            post = mz.fit(_named("y"), xs, ys, method="map", steps=5, seed=0, progress=False)
+            post.predict(xs, num_samples=1)
 
 
 def test_bernoulli_labels_outside_0_1_are_refused():

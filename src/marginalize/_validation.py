@@ -45,6 +45,8 @@ def as_tensor(
             np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.bool_)
         ):
             raise DataError(f"{name}: expected a numeric array, got dtype {arr.dtype}")
+        if not arr.flags.writeable:  # e.g. pandas >= 3 views: torch warns on sharing them
+            arr = arr.copy()
         if np.issubdtype(arr.dtype, np.floating):
             t = torch.as_tensor(arr, dtype=torch.get_default_dtype())
         else:
@@ -72,9 +74,22 @@ def check_finite(name: str, t: torch.Tensor) -> None:
 
 
 def check_x(
-    name: str, x: Any, *, device=None, in_features: int | None = None, dtype=None
+    name: str,
+    x: Any,
+    *,
+    device=None,
+    in_features: int | None = None,
+    dtype=None,
+    keep_int: bool = False,
 ) -> torch.Tensor:
-    t = as_tensor(name, x, device=device, allow_int=False, dtype=dtype)
+    """Inputs as a tensor with a leading data dimension; integer inputs become ``dtype`` (the
+    default float dtype) unless ``keep_int`` (e.g. token ids for ``nn.Embedding``)."""
+    if keep_int:
+        t = as_tensor(name, x, device=device)
+        if dtype is not None and torch.is_floating_point(t):
+            t = t.to(dtype)
+    else:
+        t = as_tensor(name, x, device=device, allow_int=False, dtype=dtype)
     if t.dim() == 0:
         raise DataError(
             f"{name}: expected an array of inputs with a leading data dimension, got a scalar"

@@ -338,7 +338,8 @@ class Posterior:
         return t if isinstance(self.model, BNN) else t.unsqueeze(0)
 
     def _check_x(self, x, name="x") -> torch.Tensor:
-        t = check_x(name, x, device=self.device, dtype=self.dtype)
+        keep = getattr(self.model, "integer_inputs", False)
+        t = check_x(name, x, device=self.device, dtype=self.dtype, keep_int=keep)
         if isinstance(self.model, BNN):
             return self.model.check_input(t, name)
         _check_like_training(name, t, None if self.data is None else self.data[0])

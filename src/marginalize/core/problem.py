@@ -551,8 +551,9 @@ def prepare(model: Callable, x, y, *, device=None, obs_site: str | None = None) 
         raise ModelError(f"model must be callable as model(x, y=None), got {type(model).__name__}")
     if device is None and isinstance(x, torch.Tensor):
         device = x.device
-    x_t = check_x("x", x, device=device)
+    x_t = check_x("x", x, device=device, keep_int=getattr(model, "integer_inputs", False))
     y_t = check_y(y, x_t.shape[0], device=device)
+    fdtype = x_t.dtype if torch.is_floating_point(x_t) else torch.get_default_dtype()
     num_classes = None
     if isinstance(model, BNN):
         if obs_site not in (None, OBS):
@@ -566,10 +567,10 @@ def prepare(model: Callable, x, y, *, device=None, obs_site: str | None = None) 
             num_classes = targets if lik.kind == "categorical" else 2
         y_t = lik.check_y(y_t, targets)
         if torch.is_floating_point(y_t):  # regression targets, Bernoulli labels
-            y_t = y_t.to(x_t.dtype)
+            y_t = y_t.to(fdtype)
     else:
         if torch.is_floating_point(y_t):
-            y_t = y_t.to(x_t.dtype)
+            y_t = y_t.to(fdtype)
         if isinstance(model, UserModel):
             if obs_site is None or obs_site == model.obs_site:
                 obs_site = model.obs_site

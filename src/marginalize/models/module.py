@@ -82,6 +82,7 @@ class ModuleBNN(BNN):
     """
 
     builder = "module"
+    integer_inputs = True  # the module decides (nn.Embedding takes integer ids)
 
     def __init__(
         self,
