@@ -73,6 +73,11 @@ SLOW_METHODS = {"nuts", "hmc", "ensemble", "multiswag"}
 SLOW_MODELS = {"gru_module", "lstm_module", "cnn_digits", "pyro_tutorial"}
 
 _LAPLACE_PLAIN = "pending: laplace on model functions predicts far worse than its MAP (quality)"
+_TUTORIAL_INIT = (
+    "pending: init at any prior scale (defaults): from a draw of the tutorial's N(0, 5^2) "
+    "priors the method ends 4-35x worse than MAP (init='median': svi-meanfield 3.63 -> 0.42, "
+    "swag 1.86 -> 0.09)"
+)
 #: (model, method) -> why the cell fails until another branch lands
 PENDING = {
     **{
@@ -83,7 +88,13 @@ PENDING = {
             "poisson_counts",
             "x_1d",
             "pandas_numpy",
+            "multi_output",
         )
+    },
+    **{
+        ("pyro_tutorial", m): _TUTORIAL_INIT
+        for m in METHODS
+        if m not in ("map", "ensemble")  # MAP is L-BFGS; the ensemble's members fit
     },
     ("gru_module", "laplace"): "pending: laplace on recurrent modules (quality)",
     ("lstm_module", "laplace"): "pending: laplace on recurrent modules (quality)",
@@ -163,24 +174,7 @@ def test_gallery_cell(name, method, tmp_path):
 REGRESSION = [n for n in GALLERY if GALLERY[n](0).task == "regression"]
 
 
-@pytest.mark.parametrize(
-    "name",
-    [
-        pytest.param(
-            n,
-            marks=[
-                pytest.mark.xfail(
-                    strict=True,
-                    reason="pending: init at any prior scale (defaults): the tutorial's N(0, 5^2) "
-                    "priors with init='prior' leave map underfit",
-                )
-            ]
-            if n == "pyro_tutorial"
-            else [],
-        )
-        for n in REGRESSION
-    ],
-)
+@pytest.mark.parametrize("name", REGRESSION)
 def test_map_reference_learns(name):
     """The MAP reference the matrix compares against fits each regression model: its RMSE
     is well below the spread of the function (so "as accurate as MAP" means something)."""
