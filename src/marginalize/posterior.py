@@ -36,15 +36,17 @@ from marginalize.core.predictive import (
     MIN_DRAWS_PER_CHUNK,
     Moments,
     MomentWarning,
+    PlainDraws,
     PredictiveMixture,
     class_probs,
     entropy,
+    heavy_tailed,
     log_prob,
     regression_moments,
     temper,
 )
 from marginalize.core.problem import UserModel, _no_validation
-from marginalize.errors import DataError, ModelError, OptionError
+from marginalize.errors import DataError, OptionError
 from marginalize.models.base import BNN
 
 __all__ = ["Posterior", "Prediction", "save_posterior", "FORMAT", "VERSION"]
@@ -284,6 +286,10 @@ class Posterior:
                 width = max(
                     width, s.weight_shape[-1], math.prod(s.weight_shape) // max(n_inputs, 1)
                 )
+        else:  # a plain model's activations are about as wide as its weight matrices
+            for s in self.layout.sites:
+                if len(s.shape) >= 2:
+                    width = max(width, s.shape[-1], s.shape[-2])
         itemsize = torch.finfo(self.dtype).bits // 8
         # one activation tensor of about 1 MiB: it stays in cache, and on the CPU a larger one is
         # a fresh page-faulted allocation at every operation (measured in benchmarks/prediction.py)
@@ -302,15 +308,14 @@ class Posterior:
             yield self._temper(d)
         else:
             for s in range(z.shape[0]):
-                p = {k: v[s] for k, v in params.items()}
-                try:
-                    tr = poutine.trace(poutine.condition(self.model, data=p)).get_trace(x, None)
-                except Exception as e:
-                    raise ModelError(
-                        f"the model raised {type(e).__name__} when called as model(x) "
-                        f"with x of shape {tuple(x.shape)}: {e}"
-                    ) from e
-                yield self._temper(tr.nodes["y"]["fn"])
+                yield self._plain_draws.dist(z[s], x)
+
+    @property
+    def _plain_draws(self) -> PlainDraws:
+        """Outputs of a plain model function, vectorized over draws where it allows."""
+        if "_plain" not in self.__dict__:
+            self.__dict__["_plain"] = PlainDraws(self.model, self.layout, self._temper)
+        return self.__dict__["_plain"]
 
     def _temper(self, d):
         """Apply a fitted ``info.temperature`` (see :func:`marginalize.temperature_scale`)."""
@@ -371,7 +376,22 @@ class Posterior:
         """Per-draw outputs of draws ``s0:s1`` at ``x``: ``{"probs": (S, N, C)}`` or
         ``{"mean": ..., "variance": ...}`` (``(S, N, ...)``); plain models yield one draw at a
         time. ``params`` holds all draws unpacked (builder models), or is ``None``."""
-        if params is None:
+        plain = params is None and not isinstance(self.model, BNN)
+        if plain and self.task == "classification":
+            yield {"probs": self._plain_draws("probs", flat[s0:s1], x)[0]}
+            return
+        if plain:
+            with _no_validation():
+                heavy = heavy_tailed(self._plain_draws.dist(flat[s0], x))
+        if plain and not heavy:
+            mean, var = self._plain_draws("moments", flat[s0:s1], x)  # vectorized over draws
+            if bool(torch.isfinite(mean).all() & torch.isfinite(var).all()):
+                flags = {"no_mean": False, "no_variance": False, "substituted": True}
+                yield {"mean": mean, "variance": var, "_moments": {"robust_variance": var, **flags}}
+                return
+        if plain:  # moments that may not exist: per draw, with substitutes (regression_moments)
+            dists = (self._plain_draws.dist(zs, x) for zs in flat[s0:s1])
+        elif params is None:
             dists = self._dists(flat[s0:s1], x)
         else:
             p = {k: v[s0:s1] for k, v in params.items()}  # views: a few microseconds
@@ -424,12 +444,6 @@ class Posterior:
         else:
             per_chunk, per_block = self._chunk_size(n_in, chunk_size), n_in
             params = None
-            if not isinstance(self.model, BNN) and n_draws > 1:
-                log.info(
-                    "model %s is a plain function: predicting with a loop over %d draws",
-                    getattr(self.model, "__name__", self.model),
-                    n_draws,
-                )
         blocks: list[Moments] = []
         kept: dict[str, torch.Tensor] = {}
         missing = {"no_mean": 0, "no_variance": 0, "unsubstituted": 0}  # draws, at the first block
@@ -534,6 +548,16 @@ class Posterior:
         """``(chain, draw)`` of the draws, and an iterator of ``(S_chunk, N)`` log likelihoods."""
         x = self._check_x(x)
         y = self._check_y(y, x.shape[0])
+        if not isinstance(self.model, BNN):  # vectorized over draws where the model allows
+            z = self.sample_flat(num_samples, seed)
+            flat = z.reshape(-1, z.shape[-1])
+            size = self._chunk_size(x.shape[0], chunk_size)
+
+            def plain():
+                for start in range(0, flat.shape[0], size):
+                    yield self._plain_draws("log_prob", flat[start : start + size], x, y)[0]
+
+            return z.shape[:2], plain()
         chunks = iter(self._chunks(x, num_samples, seed, chunk_size))
         first = next(chunks)
 
