@@ -84,11 +84,8 @@ PENDING = {
         (m, "laplace"): _LAPLACE_PLAIN
         for m in (
             "numpyro_bnn",
-            "forum_idioms",
             "poisson_counts",
             "x_1d",
-            "pandas_numpy",
-            "multi_output",
         )
     },
     **{
