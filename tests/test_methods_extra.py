@@ -429,8 +429,10 @@ def test_plain_model_function(method, tmp_path):
 
 
 def test_bbb_needs_builder_mlp_and_valid_estimator():
-    with pytest.raises(mz.ModelError, match="bbb needs a builder MLP"):
-        mz.fit(linear_fn, X, Y, method="bbb", steps=5, progress=False)
+    with pytest.raises(mz.ModelError, match="needs a builder MLP"):
+        mz.fit(linear_fn, X, Y, method="bbb", estimator="flipout", steps=5, progress=False)
+    post = mz.fit(linear_fn, X, Y, method="bbb", steps=5, progress=False)  # auto: weights
+    assert post.info["estimator"] == "weights"
     with pytest.raises(mz.OptionError, match="estimator"):
         mz.fit(MLP, X, Y, method="bbb", estimator="reinforce")
 

@@ -106,7 +106,9 @@ def load(path, model: Callable | None = None, *, device=None) -> Posterior:
                 "model; pass it as load(path, model=...)"
             )
         try:
-            problem = prepare(model, f.x.to(device), f.y.to(device), device=device)
+            problem = prepare(
+                model, f.x.to(device), f.y.to(device), device=device, obs_site=f.obs_site
+            )
         except (DataError, ModelError) as e:
             if not user_model:
                 raise FileFormatError(
@@ -139,7 +141,7 @@ def load(path, model: Callable | None = None, *, device=None) -> Posterior:
     except (KeyError, TypeError, ValueError) as e:
         raise FileFormatError(f"{path}: inconsistent info ({e})") from e
     return Posterior(
-        problem.model,
+        problem.model,  # a model function comes back with its contract (UserModel)
         problem.layout,
         approx,
         method=f.method,
@@ -251,6 +253,9 @@ class _Fields:
         if self.x.shape[0] != self.y.shape[0]:
             self.fail("the training x and y have different numbers of rows")
         self.approximation = self._approx(p.get("approximation"), nested=False)
+        self.obs_site = p.get("obs_site")
+        if self.obs_site is not None and not (isinstance(self.obs_site, str) and self.obs_site):
+            self.fail(f"obs_site {self.obs_site!r} is not a site name")
         self.info = p.get("info")
         if not isinstance(self.info, dict):
             self.fail("info is not a dict")

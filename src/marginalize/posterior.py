@@ -15,11 +15,13 @@ from __future__ import annotations
 import json
 import logging
 import math
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from pyro import poutine
 
 from marginalize._files import check_save_path, write_verified
 from marginalize._validation import check_positive_int, check_seed, check_x, check_y
@@ -38,14 +40,17 @@ from marginalize.core.predictive import (
     GPU_CHUNK_BYTES,
     MIN_DRAWS_PER_CHUNK,
     Moments,
+    MomentWarning,
     PlainDraws,
     PredictiveMixture,
     class_probs,
     entropy,
+    heavy_tailed,
     log_prob,
+    regression_moments,
     temper,
 )
-from marginalize.core.problem import _no_validation
+from marginalize.core.problem import UserModel, _no_validation
 from marginalize.errors import DataError, OptionError
 from marginalize.models.base import BNN
 
@@ -60,7 +65,13 @@ class Prediction:
 
     Regression: ``mean``, ``std`` (total), ``epistemic`` (std of the per-draw means) and
     ``aleatoric`` (root mean per-draw noise variance), with
-    ``std**2 == epistemic**2 + aleatoric**2``.
+    ``std**2 == epistemic**2 + aleatoric**2``. Where a draw's predictive mean or variance does
+    not exist (heavy tails: a Student-t with ``df <= 1`` or ``df <= 2``), ``predict`` warns
+    (:class:`~marginalize.core.predictive.MomentWarning`), names them in ``missing_moments``,
+    says what it reported instead in ``notes``, and reports the median for that draw's mean
+    and, for every draw, the half-width of the central 68.27% interval (the standard deviation
+    for a normal) in place of the noise standard deviation; quantiles, ``log_predictive`` and
+    predictive draws are exact as always.
 
     Classification: ``probs`` (mean class probabilities, also ``mean``), ``entropy`` of the
     mean (total uncertainty), ``expected_entropy`` (aleatoric) and ``mutual_info``
@@ -101,6 +112,10 @@ class Prediction:
     mutual_info: torch.Tensor | None = None
     #: per-draw outputs ``(chain, draw, N, ...)`` when asked for (``return_draws=True``)
     draws: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+    #: what was reported in place of moments that do not exist (empty when none)
+    notes: tuple[str, ...] = ()
+    #: the moments (``"mean"``, ``"variance"``) that do not exist for some draw (heavy tails)
+    missing_moments: tuple[str, ...] = ()
     #: computes ``(expected_entropy, mutual_info)`` when they are first read (closed forms)
     deferred: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = field(
         default=None, repr=False, compare=False
@@ -245,8 +260,38 @@ class Posterior:
     def sample(
         self, num_samples: int | None = None, seed: int | None = None
     ) -> dict[str, torch.Tensor]:
-        """Constrained draws of every latent site, ``(chain, draw, *site_shape)``."""
-        return self.layout.unpack(self.sample_flat(num_samples, seed))
+        """Constrained draws of every latent site, ``(chain, draw, *site_shape)``, and of the
+        model's ``pyro.deterministic`` sites (model functions; evaluated at the training
+        data, one model trace per draw)."""
+        z = self.sample_flat(num_samples, seed)
+        out = self.layout.unpack(z)
+        out.update(self._deterministic_draws(z))
+        return out
+
+    @property
+    def deterministic_sites(self) -> tuple[str, ...]:
+        """Names of the model's ``pyro.deterministic`` sites (model functions only)."""
+        return self.model.deterministic if isinstance(self.model, UserModel) else ()
+
+    @torch.no_grad()
+    def _deterministic_draws(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The ``pyro.deterministic`` sites at each draw of ``z`` ``(chain, draw, D)``, at the
+        training data: ``{name: (chain, draw, *site_shape)}``."""
+        names = self.deterministic_sites
+        if not names or self.data is None:
+            return {}
+        x, y = self.data
+        flat = z.reshape(-1, z.shape[-1])
+        params = self.layout.unpack(flat)
+        vals: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+        devices = [x.device.index or 0] if x.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), _no_validation():
+            for s in range(flat.shape[0]):
+                p = {k: v[s] for k, v in params.items()}
+                tr = poutine.trace(poutine.condition(self.model, data=p)).get_trace(x, y)
+                for n in names:
+                    vals[n].append(tr.nodes[n]["value"].detach())
+        return {n: torch.stack(v).reshape(*z.shape[:-1], *v[0].shape) for n, v in vals.items()}
 
     def _default_num(self, num_samples: int | None) -> int:
         if num_samples is None:
@@ -363,15 +408,22 @@ class Posterior:
         """Per-draw outputs of draws ``s0:s1`` at ``x``: ``{"probs": (S, N, C)}`` or
         ``{"mean": ..., "variance": ...}`` (``(S, N, ...)``); plain models yield one draw at a
         time. ``params`` holds all draws unpacked (builder models), or is ``None``."""
-        if params is None and not isinstance(self.model, BNN):  # a plain model function
-            kind = "probs" if self.task == "classification" else "moments"
-            out = self._plain_draws(kind, flat[s0:s1], x)
-            if kind == "probs":
-                yield {"probs": out[0]}
-            else:
-                yield {"mean": out[0], "variance": out[1]}
+        plain = params is None and not self._batched  # a plain function, not linearized
+        if plain and self.task == "classification":
+            yield {"probs": self._plain_draws("probs", flat[s0:s1], x)[0]}
             return
-        if params is None:
+        if plain:
+            with _no_validation():
+                heavy = heavy_tailed(self._plain_draws.dist(flat[s0], x))
+        if plain and not heavy:
+            mean, var = self._plain_draws("moments", flat[s0:s1], x)  # vectorized over draws
+            if bool(torch.isfinite(mean).all() & torch.isfinite(var).all()):
+                flags = {"no_mean": False, "no_variance": False, "substituted": True}
+                yield {"mean": mean, "variance": var, "_moments": {"robust_variance": var, **flags}}
+                return
+        if plain:  # moments that may not exist: per draw, with substitutes (regression_moments)
+            dists = (self._plain_draws.dist(zs, x) for zs in flat[s0:s1])
+        elif params is None:
             dists = self._dists(flat[s0:s1], x)
         else:
             p = {k: v[s0:s1] for k, v in params.items()}  # views: a few microseconds
@@ -389,7 +441,12 @@ class Posterior:
             if self.task == "classification":
                 yield {"probs": self._per_draw(class_probs(d))}
             else:
-                yield {"mean": self._per_draw(d.mean), "variance": self._per_draw(d.variance)}
+                m = regression_moments(d)
+                out = {"mean": self._per_draw(m["mean"]), "variance": self._per_draw(m["variance"])}
+                rv = m["robust_variance"]
+                m["robust_variance"] = out["variance"] if rv is None else self._per_draw(rv)
+                out["_moments"] = m
+                yield out
 
     @torch.no_grad()
     def predict(
@@ -443,17 +500,24 @@ class Posterior:
             params = None
         blocks: list[Moments] = []
         kept: dict[str, torch.Tensor] = {}
+        missing = {"no_mean": 0, "no_variance": 0, "unsubstituted": 0}  # draws, at the first block
         for i0 in range(0, n_in, per_block):
             xb = x[i0 : i0 + per_block]
             acc = Moments()
             for s0 in range(0, n_draws, per_chunk):
                 d0 = s0
                 for outs in self._outputs(flat, params, s0, s0 + per_chunk, xb):
+                    m = outs.pop("_moments", None)
                     if self.task == "classification":
                         p = outs["probs"]
                         acc.add(p, ent=entropy(p))
-                    else:
+                    elif m is None:
                         acc.add(outs["mean"], var=outs["variance"])
+                    else:
+                        acc.add(outs["mean"], var=outs["variance"], rvar=m["robust_variance"])
+                        for k in ("no_mean", "no_variance"):
+                            missing[k] += int(m[k])
+                        missing["unsubstituted"] += int(not m["substituted"])
                     d1 = d0 + next(iter(outs.values())).shape[0]
                     if return_draws:
                         for k, v in outs.items():
@@ -482,6 +546,11 @@ class Posterior:
             )
         epi_var = acc.m2 / acc.n
         ale_var = acc.sums["var"] / acc.n
+        notes = _moment_notes(missing, acc.n, len(blocks))
+        if missing["no_variance"] and "rvar" in acc.sums:
+            ale_var = acc.sums["rvar"] / acc.n
+        for note in notes:
+            warnings.warn(note, MomentWarning, stacklevel=3)
         return Prediction(
             "regression",
             acc.mean,
@@ -490,6 +559,10 @@ class Posterior:
             epistemic=epi_var.sqrt(),
             aleatoric=ale_var.sqrt(),
             draws=draws,
+            notes=notes,
+            missing_moments=tuple(
+                k for k, c in (("mean", "no_mean"), ("variance", "no_variance")) if missing[c]
+            ),
             mixture_fn=lambda: self.predictive_mixture(
                 x, num_samples, seed=seed, chunk_size=chunk_size
             ),
@@ -576,6 +649,8 @@ class Posterior:
         if isinstance(self.model, BNN):
             t = self.model.likelihood.check_y(t, self.model.out_features)
         else:
+            if isinstance(self.model, UserModel):
+                t = self.model.coerce_y(t)
             _check_like_training("y", t, None if self.data is None else self.data[1])
             if self.task == "classification":
                 if torch.is_floating_point(t) and not torch.equal(t, t.round()):
@@ -609,6 +684,32 @@ class Posterior:
             f"Posterior(method={self.method!r}, task={self.task!r}, "
             f"chains={self.num_chains}, params={self.layout.size})"
         )
+
+
+def _moment_notes(missing: dict, n: int, blocks: int) -> tuple[str, ...]:
+    """The notes (and warnings) of a prediction in which some moments do not exist."""
+    notes = []
+    per = max(blocks, 1)  # every block of inputs counts its draws again
+    no_mean, no_var, kept = (missing[k] // per for k in ("no_mean", "no_variance", "unsubstituted"))
+    if kept:
+        notes.append(
+            f"the predictive mean or variance does not exist for {kept} of {n} draws and the "
+            "observation family has no quantile function to stand in: pred.mean/std are "
+            "NaN or inf there; use log_predictive or predictive draws"
+        )
+    if no_mean:
+        notes.append(
+            f"the predictive mean does not exist for {no_mean} of {n} draws (heavy tails, e.g. "
+            "a Student-t with df <= 1): pred.mean uses their median (the location) instead"
+        )
+    if no_var:
+        notes.append(
+            f"the predictive variance does not exist for {no_var} of {n} draws (heavy tails, "
+            "e.g. a Student-t with df <= 2): pred.std and pred.aleatoric use, for every draw, "
+            "the half-width of its central 68.27% predictive interval (the standard deviation "
+            "for a normal) in place of the noise standard deviation"
+        )
+    return tuple(notes)
 
 
 def _check_like_training(name: str, t: torch.Tensor, train: torch.Tensor | None) -> None:
@@ -680,6 +781,7 @@ def save_posterior(post: Posterior, path) -> None:
         "num_classes": post.num_classes,
         "options": json.dumps(_plain(post.options)),
         "layout": json.dumps(post.layout.describe()),
+        "obs_site": post.model.obs_site if isinstance(post.model, UserModel) else None,
         "model_config": model_cfg,
         "approximation": _to_cpu(post.approximation.state_dict()),
         "info": _plain(post.info.to_dict()),

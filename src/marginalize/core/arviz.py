@@ -65,7 +65,7 @@ import xarray as xr
 from pyro import poutine
 
 from marginalize.core.approximations import Empirical, Mixture
-from marginalize.core.predictive import class_probs
+from marginalize.core.predictive import class_probs, regression_moments
 from marginalize.errors import DataError, OptionError
 
 if TYPE_CHECKING:  # the Posterior (a layer above) is passed in; never imported here
@@ -352,7 +352,7 @@ def _predictive_pass(
                     if post.task == "classification":
                         fs.append(post._per_draw(class_probs(d)))
                     else:
-                        fs.append(post._per_draw(d.mean))
+                        fs.append(post._per_draw(regression_moments(d)["mean"]))  # median w/o mean
     cat = lambda parts: torch.cat(parts) if parts else None  # noqa: E731
     return cat(ll), cat(yrep), cat(fs)
 
@@ -479,6 +479,9 @@ def to_inference_data(
 
     posterior = {k: _np(v) for k, v in post.layout.unpack(z).items()}
     dims: dict[str, list[str]] = {s.name: list(s.dims) for s in post.layout.sites}
+    for k, v in post._deterministic_draws(z).items():  # pyro.deterministic sites
+        posterior[k] = _np(v)
+        dims[k] = [f"{k}_dim_{i}" for i in range(v.dim() - 2)]
     coords: dict[str, Any] = {}
     constant: dict[str, np.ndarray] = {}
     observed: dict[str, np.ndarray] = {}

@@ -13,6 +13,7 @@ import math
 import pyro.distributions as dist
 import torch
 from pyro.poutine.messenger import Messenger
+from scipy import special
 
 from marginalize._isolation import exclusive
 from marginalize.core.problem import _no_validation, observation_dist
@@ -20,11 +21,14 @@ from marginalize.errors import DataError, ModelError
 
 __all__ = [
     "Moments",
+    "MomentWarning",
     "PlainDraws",
     "PredictiveMixture",
     "class_probs",
     "entropy",
     "log_prob",
+    "heavy_tailed",
+    "regression_moments",
     "temper",
 ]
 
@@ -55,6 +59,77 @@ def class_probs(d) -> torch.Tensor:
     if batch is not None and probs.shape[:-1] != batch:
         probs = probs.expand(*batch, 2)
     return probs
+
+
+class MomentWarning(UserWarning):
+    """A predictive moment does not exist (heavy tails) and a substitute was reported."""
+
+
+#: P(Z <= 1) for a standard normal: the central interval between the 15.87% and 84.13%
+#: quantiles is mean +- one standard deviation for a normal distribution
+_ONE_SIGMA = 0.5 * (1.0 + math.erf(1.0 / math.sqrt(2.0)))
+
+
+_HEAVY = (torch.distributions.StudentT, torch.distributions.Cauchy)
+
+
+def _median_and_half_width(d) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Median and half the width of the central 68.27% interval of ``d`` (the standard
+    deviation for a normal distribution), shaped like ``d.mean``; ``None`` where unknown."""
+    base = observation_dist(d)
+    shape = d.batch_shape + d.event_shape
+    if isinstance(base, torch.distributions.StudentT):
+        df = base.df.detach().cpu().double().numpy()
+        q = torch.as_tensor(special.stdtrit(df, _ONE_SIGMA), dtype=base.scale.dtype)
+        half = base.scale * q.to(base.scale.device)
+        return base.loc.expand(shape), half.expand(shape)
+    if isinstance(base, torch.distributions.Cauchy):
+        half = base.scale * math.tan(math.pi * (_ONE_SIGMA - 0.5))
+        return base.loc.expand(shape), half.expand(shape)
+    try:
+        ps = (1 - _ONE_SIGMA, 0.5, _ONE_SIGMA)
+        lo, med, hi = (base.icdf(d.mean.new_tensor(p)) for p in ps)
+        return med.expand(shape), ((hi - lo) / 2).expand(shape)
+    except (NotImplementedError, AttributeError, TypeError, ValueError, RuntimeError):
+        return None, None
+
+
+def heavy_tailed(d) -> bool:
+    """Whether ``d``'s observation family may lack a mean or variance (Student-t, Cauchy)."""
+    return isinstance(observation_dist(d), _HEAVY)
+
+
+def regression_moments(d) -> dict:
+    """Per-draw predictive mean and variance of an observation distribution ``d``, with
+    substitutes where a moment does not exist (heavy tails: a Student-t with ``df <= 1`` has
+    no mean, with ``df <= 2`` no variance; a Cauchy has neither).
+
+    Returns a dict: ``mean`` (the median where the mean does not exist: for a symmetric
+    family that is the location, which is the mean wherever the mean exists), ``variance``
+    (inf where it does not exist), ``robust_variance`` (the squared half-width of the central
+    68.27% interval, which is the variance for a normal: always for the heavy-tailed
+    families, for others only where a variance does not exist, else ``None``),
+    ``no_mean``/``no_variance`` (bool: some entry lacks that moment) and ``substituted``
+    (False when the family has no quantile function to substitute with: the missing moments
+    stay NaN/inf).
+    """
+    mean, var = d.mean, d.variance
+    if var.shape != mean.shape:
+        var = var.expand_as(mean)
+    bad_mean, bad_var = ~torch.isfinite(mean), ~torch.isfinite(var)
+    heavy = isinstance(observation_dist(d), _HEAVY)
+    out = {"mean": mean, "variance": var, "robust_variance": None, "substituted": True}
+    if heavy or bool(bad_mean.any()) or bool(bad_var.any()):
+        med, half = _median_and_half_width(d)
+        if med is None:  # no substitute: the moments are reported as not existing (NaN/inf)
+            out["substituted"] = False
+        else:
+            finite = torch.isfinite(med) & torch.isfinite(half)  # NaN weights: not heavy tails
+            bad_mean, bad_var = bad_mean & finite, bad_var & finite
+            out["mean"] = torch.where(bad_mean, med, mean)
+            out["robust_variance"] = half.square()
+    out["no_mean"], out["no_variance"] = bool(bad_mean.any()), bool(bad_var.any())
+    return out
 
 
 def entropy(p: torch.Tensor) -> torch.Tensor:

@@ -4,6 +4,12 @@
 (Jacobian of the transforms included), batched over leading dims of ``z``: pure torch for the
 builders' models, the compiled log joint (``core/compiled``) for plain model functions, and
 a Pyro trace for those that cannot be compiled.
+
+A plain model function is taken as users write it (:func:`prepare` reads its contract from a
+trace and wraps it in a :class:`UserModel`): the observed site may have any name (``"y"``,
+``"obs"``, ...), global weight sites may carry batch dims instead of ``.to_event`` (NumPyro
+style) or sit in plates other than the data plate, ``pyro.deterministic`` sites are recorded,
+and integer labels keep working for observation families that need float values.
 """
 
 from __future__ import annotations
@@ -20,27 +26,47 @@ import pyro.distributions as dist
 import torch
 from pyro import poutine
 from pyro.poutine.messenger import Messenger
+from pyro.poutine.subsample_messenger import _Subsample
+from pyro.poutine.util import site_is_subsample
 
 from marginalize._validation import check_x, check_y
 from marginalize.core.layout import Layout, _is_latent
 from marginalize.errors import DataError, ModelError
 from marginalize.models.base import BNN
 
-__all__ = ["Problem", "prepare", "scale_obs", "trace_model", "observation_dist", "detect_task"]
+__all__ = [
+    "Problem",
+    "UserModel",
+    "prepare",
+    "canonical_model",
+    "scale_obs",
+    "trace_model",
+    "observation_dist",
+    "detect_task",
+]
 
 log = logging.getLogger(__name__)
 
+#: the name every method reads the observation site by (a :class:`UserModel` renames the
+#: user's observed site to it while the model runs)
+OBS = "y"
+
 
 class _ScaleObs(Messenger):
-    """Multiply the log likelihood of site ``"y"`` by ``scale`` (minibatch -> full data)."""
+    """Multiply the log likelihood by ``scale`` (minibatch -> full data): every observed site
+    inside a plate (the observation site ``"y"``, and any other observation in the data
+    plate); priors, which sit outside every plate, are not scaled."""
 
     def __init__(self, scale: float):
         super().__init__()
         self.scale = scale
 
     def _process_message(self, msg):
-        if msg["type"] == "sample" and msg["name"] == "y":
-            msg["scale"] = msg["scale"] * self.scale
+        if msg["type"] == "sample" and (
+            msg["name"] == OBS or (msg["is_observed"] and msg["cond_indep_stack"])
+        ):
+            if not msg["infer"].get("_deterministic") and not isinstance(msg["fn"], _Subsample):
+                msg["scale"] = msg["scale"] * self.scale
 
 
 def scale_obs(model: Callable, scale: float) -> Callable:
@@ -80,8 +106,277 @@ def detect_task(d: dist.Distribution) -> str:
     return "regression"
 
 
+# ---- the contract of a user's model function ----------------------------------------------
+class _Canonical(Messenger):
+    """While a user's model runs: its observed site is named ``"y"``, and the batch dims of
+    the global latent sites in ``event_sites`` (no ``.to_event``, or inside a plate that is not
+    the data plate) become event dims, so that each such site is one draw of one weight
+    array, as in the builders' models."""
+
+    def __init__(self, obs_site: str, event_sites: frozenset[str]):
+        super().__init__()
+        self.obs_site = obs_site
+        self.event_sites = event_sites
+
+    def _process_message(self, msg):
+        if msg["type"] != "sample":
+            return
+        name = msg["name"]
+        if name == self.obs_site and name != OBS:
+            msg["name"] = OBS
+        elif name in self.event_sites:
+            msg["cond_indep_stack"] = ()  # plates outside the data plate only (prepare checks)
+            k = len(msg["fn"].batch_shape)
+            if k:
+                msg["fn"] = msg["fn"].to_event(k)
+
+
+class _RefuseSubsample(Messenger):
+    """Refuse ``pyro.plate(..., subsample_size=B)`` before Pyro draws a subsample."""
+
+    def _process_message(self, msg):
+        fn = msg["fn"]
+        if (
+            msg["type"] == "sample"
+            and isinstance(fn, _Subsample)
+            and fn.subsample_size is not None
+            and msg["value"] is None
+        ):
+            raise ModelError(
+                f"the model subsamples its own plate: pyro.plate({msg['name']!r}, {fn.size}, "
+                f"subsample_size={fn.subsample_size}). marginalize drives minibatches itself "
+                "(NUTS, Laplace and predictions need every row, at any number of inputs): "
+                "remove subsample_size (and the indexing by the plate's indices) and pass "
+                f"batch_size={fn.subsample_size} to mz.fit instead"
+            )
+
+
+class UserModel:
+    """A user's Pyro model function with its contract resolved by :func:`prepare`.
+
+    Callable as ``model(x, y=None)`` like the function it wraps (``fn``), which runs under a
+    handler that names its observed site ``"y"`` (whatever the user called it,
+    ``obs_site``) and makes the batch dims of the global latent sites ``event_sites`` event
+    dims. Integer ``y`` becomes ``y_dtype`` for observation families whose densities need
+    float values (Bernoulli, Poisson, ...). ``deterministic`` lists the
+    ``pyro.deterministic`` sites, which :meth:`marginalize.Posterior.sample` records.
+
+    Attributes
+    ----------
+    fn : callable
+        The user's model.
+    obs_site : str
+        The name of its observed site.
+    event_sites : frozenset of str
+        Latent sites whose batch dims are read as event dims.
+    deterministic : tuple of str
+        Names of its ``pyro.deterministic`` sites.
+    y_dtype : torch.dtype or None
+        The dtype integer targets are converted to (None: kept).
+    """
+
+    def __init__(
+        self,
+        fn: Callable,
+        obs_site: str = OBS,
+        event_sites=(),
+        deterministic=(),
+        y_dtype: torch.dtype | None = None,
+    ):
+        self.fn = fn
+        self.obs_site = obs_site
+        self.event_sites = frozenset(event_sites)
+        self.deterministic = tuple(deterministic)
+        self.y_dtype = y_dtype
+        self.__name__ = getattr(fn, "__name__", type(fn).__name__)
+
+    def coerce_y(self, y):
+        """``y`` as the model's observation site takes it (integer labels to ``y_dtype``)."""
+        if (
+            isinstance(y, torch.Tensor)
+            and self.y_dtype is not None
+            and not torch.is_floating_point(y)
+        ):
+            return y.to(self.y_dtype)
+        return y
+
+    def __call__(self, x, y=None):
+        with _Canonical(self.obs_site, self.event_sites):
+            return self.fn(x, self.coerce_y(y))
+
+    def __repr__(self) -> str:
+        extra = "" if self.obs_site == OBS else f", obs_site={self.obs_site!r}"
+        return f"UserModel({self.__name__}{extra})"
+
+
+def _raw_trace(fn: Callable, x: torch.Tensor, y: torch.Tensor | None):
+    try:
+        with _RefuseSubsample():
+            return poutine.trace(fn).get_trace(x, y)
+    except (DataError, ModelError):
+        raise
+    except Exception as e:
+        raise ModelError(
+            f"the model raised {type(e).__name__} when called as model(x, y) with x of shape "
+            f"{tuple(x.shape)}: {e}"
+        ) from e
+
+
+def _is_observation(node) -> bool:
+    return (
+        node["type"] == "sample"
+        and node["is_observed"]
+        and not site_is_subsample(node)
+        and not node["infer"].get("is_auxiliary")
+        and not node["infer"].get("_deterministic")
+    )
+
+
+def _choose_obs_site(fn, tr, x, y, obs_site: str | None) -> str:
+    observed = [n for n, node in tr.nodes.items() if _is_observation(node)]
+    if obs_site is not None:
+        if not isinstance(obs_site, str):
+            raise ModelError(f"obs_site: expected a site name (str), got {obs_site!r}")
+        node = tr.nodes.get(obs_site)
+        if node is None or node["type"] != "sample":
+            raise ModelError(
+                f"obs_site={obs_site!r}: the model has no sample site of that name; its "
+                f"observed sites are {observed}"
+            )
+        if not node["is_observed"]:
+            raise ModelError(
+                f"site {obs_site!r} is not observed: pass obs=y to pyro.sample({obs_site!r}, ...)"
+            )
+        return obs_site
+    cands = observed
+    if len(cands) > 1:  # keep the sites that y feeds: the others are fixed observations
+        try:
+            with torch.random.fork_rng(devices=[]):
+                free = _raw_trace(fn, x, None).nodes
+            narrowed = [n for n in cands if n in free and not free[n]["is_observed"]]
+        except (DataError, ModelError):
+            narrowed = []
+        cands = narrowed or cands
+    if len(cands) > 1:
+        raise ModelError(
+            f"the model has {len(cands)} observed sites ({', '.join(map(repr, cands))}); "
+            "marginalize fits one observation site: choose it with "
+            f"mz.fit(..., obs_site={cands[0]!r}) (the others stay in the log joint as fixed "
+            "observations)"
+        )
+    if not cands:
+        for name in (OBS, "obs"):
+            node = tr.nodes.get(name)
+            if node is not None and node["type"] == "sample" and _is_latent(node):
+                raise ModelError(
+                    f"site {name!r} is not observed: pass obs=y to pyro.sample({name!r}, ...)"
+                )
+        raise ModelError(
+            "the model has no observed sample site (no sample site named 'y' or otherwise); "
+            "observations must be pyro.sample('y', ..., obs=y) inside pyro.plate('data', N)"
+        )
+    return cands[0]
+
+
+def _contract(fn: Callable, x: torch.Tensor, y: torch.Tensor, obs_site: str | None) -> UserModel:
+    """Read a model function's contract from one trace on the data (before any fitting)."""
+    with torch.random.fork_rng(devices=[]):
+        tr = _raw_trace(fn, x, y)
+    params = [n for n, node in tr.nodes.items() if node["type"] == "param"]
+    if params:
+        raise ModelError(
+            f"the model has parameters without a prior ({', '.join(map(repr, params[:5]))}"
+            f"{', ...' if len(params) > 5 else ''}: pyro.param, or an nn.Parameter of a "
+            "PyroModule not made a PyroSample). marginalize infers sample sites: give each a "
+            "prior (PyroSample / pyro.sample), or wrap an nn.Module with "
+            "mz.models.bayesian(module, sites=...) to hold some parameters fixed"
+        )
+    obs = _choose_obs_site(fn, tr, x, y, obs_site)
+    if obs != OBS and OBS in tr.nodes:
+        raise ModelError(
+            f"the model has a site named 'y' besides its observed site {obs!r}: marginalize "
+            "reads the observation as 'y', so rename the other site"
+        )
+    onode = tr.nodes[obs]
+    # the data plate: the observation's plate over the rows of x (others, e.g. over outputs,
+    # may hold weights)
+    data_plates = {f.name for f in onode["cond_indep_stack"] if f.size == x.shape[0]}
+    if not data_plates:
+        hint = ""
+        if not onode["cond_indep_stack"] and tuple(onode["fn"].event_shape)[:1] == (x.shape[0],):
+            hint = (
+                f"; its rows are event dims (.to_event): drop that and write "
+                f"`with pyro.plate('data', x.shape[0]): pyro.sample({obs!r}, ..., obs=y)`"
+            )
+        raise ModelError(
+            f"site {obs!r} must be inside pyro.plate('data', N) so it can be minibatched "
+            f"(N = x.shape[0] = {x.shape[0]}){hint}"
+        )
+    event_sites = []
+    for name, node in tr.nodes.items():
+        if not _is_latent(node):
+            continue
+        if node["fn"].support.is_discrete:
+            raise ModelError(
+                f"latent site {name!r} is discrete; only continuous latents are supported"
+            )
+        frames = {f.name for f in node["cond_indep_stack"]}
+        if frames & data_plates:
+            raise ModelError(
+                f"latent site {name!r} is inside a plate: marginalize supports global latent "
+                f"variables (weights, scales) only, and {name!r} is inside the data plate "
+                f"{sorted(frames & data_plates)[0]!r}"
+            )
+        if frames or len(node["fn"].batch_shape):
+            event_sites.append(name)
+    deterministic = [
+        n
+        for n, node in tr.nodes.items()
+        if node["type"] == "sample" and node["infer"].get("_deterministic")
+    ]
+    y_dtype = None
+    base = observation_dist(onode["fn"])
+    if not torch.is_floating_point(y) and not isinstance(base, torch.distributions.Categorical):
+        y_dtype = x.dtype if torch.is_floating_point(x) else torch.get_default_dtype()
+    if event_sites:
+        log.info(
+            "model %s: the batch dims of latent sites %s are read as event dims "
+            "(as with .to_event)",
+            getattr(fn, "__name__", type(fn).__name__),
+            event_sites,
+        )
+    return UserModel(fn, obs, event_sites, deterministic, y_dtype)
+
+
+def canonical_model(model: Callable, x, y=None, *, obs_site: str | None = None) -> Callable:
+    """``model`` in the form every method reads: builder models and :class:`UserModel` as
+    they are, a plain function wrapped in a :class:`UserModel` read from a trace at ``x``
+    (and ``y``; without ``y``, the model's own draw of its observation stands in: the last
+    sample site inside a plate, in execution order, that the model observes when given it)."""
+    if isinstance(model, (BNN, UserModel)):
+        return model
+    xt = check_x("x", x)
+    if y is not None:
+        return _contract(model, xt, check_y(y, xt.shape[0]), obs_site)
+    with torch.random.fork_rng(devices=[]):
+        tr = _raw_trace(model, xt, None)
+    local = [n for n, node in tr.nodes.items() if _is_latent(node) and node["cond_indep_stack"]]
+    for name in reversed([obs_site] if obs_site in local else local):
+        value = tr.nodes[name]["value"].detach()
+        if value.dim() == 0 or value.shape[0] != xt.shape[0]:
+            continue
+        try:
+            return _contract(model, xt, value, obs_site)
+        except (DataError, ModelError):
+            continue
+    raise ModelError(
+        "the model has no observation site to read: a sample site inside pyro.plate('data', N) "
+        f"that takes obs=y (sample sites inside plates: {local})"
+    )
+
+
 def trace_model(model: Callable, x: torch.Tensor, y: torch.Tensor | None):
-    """Trace the model once and check the contract; return the trace."""
+    """Trace the (canonical) model once and check the contract; return the trace."""
     try:
         tr = poutine.trace(model).get_trace(x, y)
     except (DataError, ModelError):
@@ -91,12 +386,12 @@ def trace_model(model: Callable, x: torch.Tensor, y: torch.Tensor | None):
             f"the model raised {type(e).__name__} when called as model(x, y) with x of shape "
             f"{tuple(x.shape)}: {e}"
         ) from e
-    if "y" not in tr.nodes or tr.nodes["y"]["type"] != "sample":
+    if OBS not in tr.nodes or tr.nodes[OBS]["type"] != "sample":
         raise ModelError(
             "the model has no sample site named 'y'; observations must be "
             "pyro.sample('y', ..., obs=y) inside pyro.plate('data', N)"
         )
-    ysite = tr.nodes["y"]
+    ysite = tr.nodes[OBS]
     if y is not None and not ysite["is_observed"]:
         raise ModelError("site 'y' is not observed: pass obs=y to pyro.sample('y', ...)")
     if not ysite["cond_indep_stack"]:
@@ -277,8 +572,28 @@ class Problem:
         )
 
 
-def prepare(model: Callable, x, y, *, device=None) -> Problem:
-    """Validate ``x``/``y`` against the model and build the :class:`Problem`."""
+def prepare(model: Callable, x, y, *, device=None, obs_site: str | None = None) -> Problem:
+    """Validate ``x``/``y`` against the model and build the :class:`Problem`.
+
+    Parameters
+    ----------
+    model : callable
+        A builder model, or a Pyro model function ``model(x, y=None)`` (wrapped in a
+        :class:`UserModel`; a :class:`UserModel` is taken as it is).
+    x, y : array-like or torch.Tensor
+        Training inputs ``(N, ...)`` and targets ``(N, ...)``.
+    device : optional
+        Where the data go (default: ``x``'s device, else the CPU).
+    obs_site : str, optional
+        Which observed site of a model function is the observation, when it has several.
+
+    Raises
+    ------
+    ModelError
+        The model breaks the contract (see ``docs/guide/models.md``).
+    DataError
+        ``x`` or ``y`` do not fit the model, e.g. ``y`` shaped unlike the observation site.
+    """
     if not callable(model):
         raise ModelError(f"model must be callable as model(x, y=None), got {type(model).__name__}")
     if device is None and isinstance(x, torch.Tensor):
@@ -289,6 +604,10 @@ def prepare(model: Callable, x, y, *, device=None) -> Problem:
     fdtype = x_t.dtype if x_t.is_floating_point() else torch.get_default_dtype()
     num_classes = None
     if isinstance(model, BNN):
+        if obs_site not in (None, OBS):
+            raise ModelError(
+                f"obs_site={obs_site!r}: a builder model's observation site is always 'y'"
+            )
         x_t = model.check_input(x_t, "x")
         lik = model.likelihood
         targets = model.out_features
@@ -301,6 +620,12 @@ def prepare(model: Callable, x, y, *, device=None) -> Problem:
     else:
         if torch.is_floating_point(y_t):
             y_t = y_t.to(fdtype)
+        if isinstance(model, UserModel):
+            if obs_site is None or obs_site == model.obs_site:
+                obs_site = model.obs_site
+            model = model.fn
+        model = _contract(model, x_t, y_t, obs_site)
+        y_t = model.coerce_y(y_t)
     with torch.random.fork_rng(devices=[]):
         tr = trace_model(model, x_t, y_t)
         # latent shapes must not depend on the number of data points
@@ -315,7 +640,8 @@ def prepare(model: Callable, x, y, *, device=None) -> Problem:
     layout = Layout.from_trace(tr, dims)
     if layout.size == 0:
         raise ModelError("the model has no latent sample sites (nothing to infer)")
-    ysite = tr.nodes["y"]
+    ysite = tr.nodes[OBS]
+    _check_obs_shape(model, ysite, y_t)
     task = model.task if isinstance(model, BNN) else detect_task(ysite["fn"])
     if task == "classification" and num_classes is None:
         base = observation_dist(ysite["fn"])
@@ -380,3 +706,34 @@ def _blame_non_finite(d: dist.Distribution, y: torch.Tensor, x: torch.Tensor) ->
         f"(the largest |y| is {y_max:.3g}, the model's output {out:.3g}): rescale y "
         "(e.g. standardize it)"
     )
+
+
+def _check_obs_shape(model, ysite, y: torch.Tensor) -> None:
+    """The observed value must have the observation site's shape exactly: one that
+    broadcasts against it (``(N, 1)`` against ``(N,)``) would give an N x N likelihood."""
+    fn, value = ysite["fn"], ysite["value"]
+    want = tuple(fn.batch_shape + fn.event_shape)
+    got = tuple(value.shape)
+    if got == want:
+        return
+    name = model.obs_site if isinstance(model, UserModel) else OBS
+    msg = (
+        f"y: the model's observation site {name!r} has shape {want} for these inputs, but the "
+        f"value it observes has shape {got}"
+    )
+    if tuple(y.shape) != got:
+        msg += f" (from y of shape {tuple(y.shape)})"
+    try:
+        both = tuple(torch.broadcast_shapes(want, got))
+    except RuntimeError:
+        both = None
+    if both is not None and both != want:
+        msg += f"; broadcasting them would give a {both} likelihood, not one term per observation"
+    if math.prod(want) == math.prod(got):
+        msg += f"; pass y reshaped to {want}"
+    else:
+        msg += (
+            "; check that the model's output has one entry per observation (e.g. a mean of "
+            "shape (N,) in pyro.plate('data', N) for y of shape (N,))"
+        )
+    raise DataError(msg)

@@ -186,12 +186,15 @@ def evaluate_fit(
     mean = to_numpy(pred.mean).astype(np.float64).reshape(n, d)
     std = None if pred.std is None else to_numpy(pred.std).astype(np.float64).reshape(n, d)
     na = []
-    if not np.isfinite(mean).all():
+    # a moment that does not exist for some draw: predict reports a stand-in (median, robust
+    # scale) and names it in missing_moments
+    no_mean = "mean" in pred.missing_moments or not np.isfinite(mean).all()
+    if no_mean:
         na.append(
             "rmse: the predictive mean is not finite (e.g. Student-t noise with df <= 1), "
             "so RMSE is not applicable; MAE uses the predictive median"
         )
-    if std is not None and not np.isfinite(std).all():
+    if "variance" in pred.missing_moments or (std is not None and not np.isfinite(std).all()):
         na.append(
             "std: the predictive variance is infinite (e.g. Student-t noise with df <= 2); "
             "intervals, coverage and calibration come from the predictive quantiles"
@@ -206,7 +209,7 @@ def evaluate_fit(
         err = (mean_u[:, sel] - y_u[:, sel]).ravel()
         p = pit[:, sel].ravel()
         return {
-            "rmse": float(np.sqrt(np.mean(err**2))) if np.isfinite(err).all() else math.nan,
+            "rmse": math.nan if no_mean else float(np.sqrt(np.mean(err**2))),
             "mae": float(np.mean(np.abs(med_u[:, sel] - y_u[:, sel]))),
             "nll": nll,
             "coverage": _coverage(p, level),

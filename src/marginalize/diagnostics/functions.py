@@ -44,7 +44,7 @@ from pyro import poutine
 from tqdm.auto import tqdm
 
 from marginalize._validation import check_positive_int, check_x
-from marginalize.core.problem import observation_dist
+from marginalize.core.problem import canonical_model, observation_dist
 from marginalize.diagnostics.prior_draws import _forked_rng, _prior_groups, sample_prior
 from marginalize.errors import DataError, ModelError, OptionError
 from marginalize.models.base import BNN
@@ -433,6 +433,7 @@ def prior_functions(
         raise OptionError(f"seed: expected an int, got {seed!r}")
     x = _check_inputs(model, x)
     if not isinstance(model, BNN):
+        model = canonical_model(model, x)  # the observed site by any name, weights as arrays
         f, link = _plain_loop(model, x, s, seed, progress, "prior functions")
         return FunctionDraws(f.unsqueeze(0), x, "prior", _task(link), link)
     gen = torch.Generator(device=x.device)

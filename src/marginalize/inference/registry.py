@@ -153,6 +153,7 @@ def fit(
     seed: int = 0,
     device: str | torch.device | None = None,
     progress: bool = True,
+    obs_site: str | None = None,
     **options: Any,
 ) -> Posterior:
     """Fit ``model`` to ``(x, y)`` with the inference method named ``method``.
@@ -160,8 +161,9 @@ def fit(
     Parameters
     ----------
     model : callable
-        A Pyro model ``model(x, y=None)`` with latent weight sites and observation site
-        ``"y"`` inside ``pyro.plate("data", N)``, e.g. from :func:`marginalize.models.mlp`.
+        A Pyro model ``model(x, y=None)`` with latent weight sites and one observed site
+        (``"y"``, ``"obs"``, ...) inside ``pyro.plate("data", N)``, e.g. from
+        :func:`marginalize.models.mlp` (see ``docs/guide/bring_your_own_model.md``).
     x, y : array-like or torch.Tensor
     method : str
         A name from :func:`methods`.
@@ -174,6 +176,9 @@ def fit(
         Where to fit (default: the device of ``x``, else the CPU).
     progress : bool
         Show a progress bar.
+    obs_site : str, optional
+        The observed site to fit, for a model function with several (default: its one
+        observed site).
     **options
         The method's options (see ``mz.method_info()``); an unknown one raises ``OptionError``.
         Every method takes ``checkpoint=PATH, checkpoint_every=N`` (except ``laplace``'s
@@ -208,7 +213,7 @@ def fit(
     # Pyro's param store, handler stack and plate dims are process globals: one fit at a time,
     # with the caller's open handlers set aside (see marginalize._isolation)
     with exclusive():
-        problem = prepare(model, x, y, device=device)
+        problem = prepare(model, x, y, device=device, obs_site=obs_site)
         check_option_values(opts, problem.dtype)
         # a distributed run (torchrun): members and chains are spread over the ranks
         # (engines/distributed.py); progress bars on rank 0 only
@@ -236,7 +241,16 @@ def fit(
     )
 
 
-def resume(path, model, x, y, *, device: str | torch.device | None = None, progress: bool = True):
+def resume(
+    path,
+    model,
+    x,
+    y,
+    *,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    obs_site: str | None = None,
+):
     """Continue the fit saved in the checkpoint ``path`` to its end.
 
     The method, its options and the seed come from the file; ``model``, ``x`` and ``y`` must be
@@ -257,6 +271,8 @@ def resume(path, model, x, y, *, device: str | torch.device | None = None, progr
         Where to continue (default: the device of ``x``).
     progress : bool
         Show a progress bar.
+    obs_site : str, optional
+        As given to :func:`fit` (model functions with several observed sites).
 
     Returns
     -------
@@ -282,4 +298,14 @@ def resume(path, model, x, y, *, device: str | torch.device | None = None, progr
     True
     """
     with checkpoint.pending(path) as (method, options, seed):
-        return fit(model, x, y, method, seed=seed, device=device, progress=progress, **options)
+        return fit(
+            model,
+            x,
+            y,
+            method,
+            seed=seed,
+            device=device,
+            progress=progress,
+            obs_site=obs_site,
+            **options,
+        )

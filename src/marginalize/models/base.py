@@ -47,6 +47,8 @@ class BNN:
 
     #: name used by :func:`model_from_config`
     builder: str = "bnn"
+    #: whether integer inputs reach the model as they are (token ids); else they become floats
+    integer_inputs: bool = False
 
     def __init__(self, likelihood: Likelihood, priors: Mapping[str, Prior], out_features: int):
         self.likelihood = likelihood

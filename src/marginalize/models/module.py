@@ -191,6 +191,12 @@ class ModuleBNN(BNN):
     def dropout_axes(self) -> dict[str, int]:
         return {n: 1 for n in self.bayesian_sites if len(self._shapes[n]) >= 2}
 
+    @staticmethod
+    def _float(x: torch.Tensor) -> torch.dtype:
+        """The dtype of the weights for inputs ``x`` (integer inputs, e.g. token ids for an
+        ``nn.Embedding``, get the default float dtype)."""
+        return x.dtype if torch.is_floating_point(x) else torch.get_default_dtype()
+
     def module_params(self, device=None, dtype=None) -> dict[str, torch.Tensor]:
         """The module's own values of the Bayesian sites (e.g. to check the forward)."""
         own = dict(self.module.named_parameters())
@@ -198,6 +204,8 @@ class ModuleBNN(BNN):
 
     # ---- Pyro model and log prior --------------------------------------------------------
     def sample_params(self, like: torch.Tensor) -> dict[str, torch.Tensor]:
+        if not torch.is_floating_point(like):  # integer inputs: float weights
+            like = like.new_zeros((), dtype=self._float(like))
         params: dict[str, torch.Tensor] = {}
         for g in self._groups:
             scale = g.prior._scale(g.layer, g.fan_in, like)  # samples the hyper sites, if any

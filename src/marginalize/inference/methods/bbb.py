@@ -11,6 +11,11 @@ noise enters the forward pass:
   across examples by random sign flips, ``h mu_W + ((h * s_in) dW) * s_out`` (bias likewise);
 * ``"weights"`` (Blundell et al. 2015): one weight draw per step shared by the minibatch.
 
+``"auto"`` (the default) is ``"local_reparam"`` for builder MLPs and ``"weights"`` for every
+other model (model functions, ``bayesian(module)``), whose layers the estimator cannot see:
+there the ELBO is the model's own log joint at one draw of ``z``
+(:class:`~marginalize.inference.engines.objectives.MeanFieldObjective`).
+
 For builder MLPs with the package's priors and likelihoods the step is fused torch code
 (:class:`FusedBBB`): the KL is analytic for weights and biases (for a ``Hierarchical`` prior,
 given the sampled layer scale) and a one-sample Monte Carlo estimate ``log q(z) - log p(z)``
@@ -43,6 +48,7 @@ from marginalize.errors import ModelError
 from marginalize.inference.engines.fused import MeanFieldELBO
 from marginalize.inference.engines.objectives import (
     Batch,
+    MeanFieldObjective,
     _Noisy,
     _rows,
     closed_form,
@@ -58,6 +64,7 @@ __all__ = ["BayesByBackprop", "BBBObjective", "FusedBBB", "ESTIMATORS"]
 
 #: estimator name -> what it is
 ESTIMATORS = {
+    "auto": "local_reparam for builder MLPs, weights for every other model",
     "local_reparam": "sample pre-activations per example (Kingma et al. 2015)",
     "flipout": "one weight perturbation per step, sign-flipped per example (Wen et al. 2018)",
     "weights": "one weight draw per step shared by the minibatch (Blundell et al. 2015)",
@@ -224,7 +231,7 @@ class FusedBBB(_Noisy):
 
 @register("bbb")
 class BayesByBackprop(Method):
-    summary = "Bayes by Backprop for MLPs: mean-field VI with local reparameterization or flipout."
+    summary = "Bayes by Backprop: mean-field VI with local reparameterization or flipout (MLPs)."
     cost = "training: ~2x MAP per step (means and variances forward); prediction: as svi-meanfield"
     reference = (
         "Blundell et al. 2015; Kingma, Salimans & Welling 2015 (local reparameterization); "
@@ -235,7 +242,7 @@ class BayesByBackprop(Method):
     class Options(TrainOptions):
         num_particles: int = option(1, integer(1, 10**4), "Monte Carlo draws of the ELBO per step")
         estimator: str = option(
-            "local_reparam",
+            "auto",
             choice(*ESTIMATORS),
             "how weight noise enters the forward pass: "
             + "; ".join(f"'{k}': {v}" for k, v in ESTIMATORS.items()),
@@ -246,19 +253,27 @@ class BayesByBackprop(Method):
 
     def run(self, problem, opts, seed, progress):
         model = problem.model
-        if not isinstance(model, MLP) or getattr(problem, "base", None) is not None:
+        layered = isinstance(model, MLP) and getattr(problem, "base", None) is None
+        estimator = opts.estimator
+        if estimator == "auto":
+            estimator = "local_reparam" if layered else "weights"
+        if not layered and estimator != "weights":
             raise ModelError(
-                "bbb needs a builder MLP (mz.models.mlp): local reparameterization and flipout act "
-                "on each layer's pre-activations. For a plain model function use svi-meanfield "
-                "(Bayes by Backprop with weight sampling)."
+                f"bbb estimator={estimator!r} needs a builder MLP (mz.models.mlp): local "
+                "reparameterization and flipout act on each layer's pre-activations. For this "
+                "model use estimator='weights' (the default 'auto' does)."
             )
         mu = initial_z(problem, opts.init)
         params = torch.stack([mu, torch.full_like(mu, softplus_inv(opts.init_scale))])
-        fp = closed_form(problem)
-        if fp is not None:
-            objective = FusedBBB(problem, fp, opts.estimator, opts.num_particles, seed)
+        fp = closed_form(problem) if layered else None
+        if not layered:  # the model's own log joint at one draw (Blundell et al. 2015)
+            objective = MeanFieldObjective(
+                problem, seed, num_particles=opts.num_particles, engine="generic"
+            )
+        elif fp is not None:
+            objective = FusedBBB(problem, fp, estimator, opts.num_particles, seed)
         else:
-            objective = BBBObjective(problem, opts.estimator, opts.num_particles, seed)
+            objective = BBBObjective(problem, estimator, opts.num_particles, seed)
         run = train(
             objective,
             adam(params, opts),
@@ -267,10 +282,10 @@ class BayesByBackprop(Method):
             batch_size=opts.batch_size,
             seed=seed + 1,
             on_nan=opts.on_nan,
-            desc=f"bbb ({opts.estimator})",
+            desc=f"bbb ({estimator})",
             progress=progress,
             advice="raise steps (or lr)",
         )
-        info = run.info(engine="fast", details={"estimator": opts.estimator})
+        info = run.info(engine="fast", details={"estimator": estimator})
         with torch.no_grad():
             return Gaussian(run.params[0].clone(), F.softplus(run.params[1]).clone()), info
