@@ -12,13 +12,12 @@ import logging
 from collections.abc import Callable, Sequence
 
 import torch
-from pyro import poutine
-from pyro.infer.autoguide.initialization import InitMessenger
 from tqdm.auto import tqdm
 
-from marginalize.core.problem import Problem, _no_validation
+from marginalize.core.problem import _no_validation
 from marginalize.errors import FitError
-from marginalize.inference.engines.training import INIT, _batches
+from marginalize.inference.engines.init import initial_z
+from marginalize.inference.engines.training import _batches
 
 __all__ = ["sgd_loop", "initial_z"]
 
@@ -99,14 +98,3 @@ def sgd_loop(
     if stopped:
         info["stopped"] = stopped
     return info
-
-
-def initial_z(problem: Problem, init: str) -> torch.Tensor:
-    """The starting point: ``problem.meta["init"]`` if set, else an ``init`` ("prior" or
-    "median") draw of the latent sites from the current Pyro RNG, packed."""
-    if "init" in problem.meta:
-        return problem.meta["init"].detach().clone()
-    with torch.random.fork_rng(devices=[]):
-        tr = poutine.trace(InitMessenger(INIT[init])(problem.model)).get_trace(problem.x[:2], None)
-    values = {s.name: tr.nodes[s.name]["value"].detach() for s in problem.layout.sites}
-    return problem.layout.pack(values).to(problem.device, problem.dtype)

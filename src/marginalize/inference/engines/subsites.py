@@ -61,7 +61,6 @@ __all__ = [
     "run_on_sites",
     "embed",
     "unwrap",
-    "init_loc_fn",
     "map_point",
 ]
 
@@ -196,16 +195,6 @@ def unwrap(
     if isinstance(problem, SubProblem):
         return problem.base, problem.embed, problem.idx
     return problem, (lambda z: z), None
-
-
-def init_loc_fn(problem: Problem, default: Callable) -> Callable:
-    """An autoguide ``init_loc_fn``: the MAP values of a :class:`SubProblem`, else ``default``."""
-    values = problem.meta.get("init_values")
-    if not values:
-        return default
-    from pyro.infer.autoguide.initialization import init_to_value
-
-    return init_to_value(values=values)
 
 
 def map_point(problem: Problem, opts, seed: int, progress: bool) -> tuple[torch.Tensor, dict]:

@@ -17,7 +17,6 @@ import pyro
 import torch
 from pyro.infer import SVI, Trace_ELBO
 from pyro.infer.autoguide import AutoDelta
-from pyro.infer.autoguide.initialization import init_to_median, init_to_sample
 from tqdm.auto import tqdm
 
 from marginalize._validation import check_positive_int
@@ -25,12 +24,11 @@ from marginalize.core.approximations import Delta
 from marginalize.core.problem import Problem, _ScaleObs
 from marginalize.errors import FitError, OptionError
 from marginalize.inference.engines import checkpoint
+from marginalize.inference.engines.init import INIT, init_loc_fn
 
 __all__ = ["SVIOptions", "run_svi", "fit_map", "stack_losses", "INIT", "MAX_ROLLBACKS"]
 
 log = logging.getLogger(__name__)
-
-INIT = {"prior": init_to_sample, "median": init_to_median}
 
 #: with ``on_nan="rollback"``, how many times a fit may roll back before it stops
 MAX_ROLLBACKS = 3
@@ -44,7 +42,9 @@ class SVIOptions:
     last step as a fraction of ``lr`` (exponential decay); batch_size : minibatch size (None:
     full batch); num_particles : ELBO samples per step; clip_norm : elementwise gradient clip
     (None: none; Adam is scale-invariant, and clipping noisy minibatch gradients biases the fit);
-    init : "prior" (a prior draw) or "median"; on_nan : what a non-finite loss (or non-finite
+    init : where the optimization starts: "scaled" (default: fan-in scaled weights and biases,
+    capped by the prior SD, the prior median elsewhere; see ``engines/init.py``), "median" or
+    "prior" (a prior draw); on_nan : what a non-finite loss (or non-finite
     parameters) does: "stop" (keep the last good parameters and stop, with a warning),
     "rollback" (go back to the last good parameters and optimizer state, halve the learning
     rate and continue; after ``MAX_ROLLBACKS`` rollbacks, stop) or "raise" (``FitError``);
@@ -58,7 +58,7 @@ class SVIOptions:
     batch_size: int | None = None
     num_particles: int = 1
     clip_norm: float | None = None
-    init: str = "prior"
+    init: str = "scaled"
     on_nan: str = "stop"
     checkpoint: str | None = None
     checkpoint_every: int = 500
@@ -323,7 +323,7 @@ def fit_map(
 ) -> tuple[Delta, dict]:
     """A MAP fit of every latent site (an ``AutoDelta`` trained by :func:`run_svi`) in the
     caller's isolated scope: ``(Delta at the MAP, info)``."""
-    guide = AutoDelta(problem.model, init_loc_fn=INIT[opts.init])
+    guide = AutoDelta(problem.model, init_loc_fn=init_loc_fn(problem, opts.init))
     info = run_svi(problem, guide, opts, seed, progress, desc=desc)
     with torch.no_grad():
         values = guide.median(problem.x, problem.y)

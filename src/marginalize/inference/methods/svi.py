@@ -20,8 +20,9 @@ from marginalize.core.approximations import Gaussian
 from marginalize.core.problem import Problem
 from marginalize.errors import OptionError
 from marginalize.inference.engines import fused
-from marginalize.inference.engines.subsites import BayesianSites, init_loc_fn, run_on_sites
-from marginalize.inference.engines.training import INIT, SVIOptions, fit_map, run_svi
+from marginalize.inference.engines.init import init_loc_fn
+from marginalize.inference.engines.subsites import BayesianSites, run_on_sites
+from marginalize.inference.engines.training import SVIOptions, fit_map, run_svi
 from marginalize.inference.registry import Method, register
 
 __all__ = ["MAP", "MeanField", "LowRank"]
@@ -101,7 +102,7 @@ class MeanField(Method):
                 raise OptionError(f"engine='fast': {why}; use engine='auto' or 'pyro'")
         guide = AutoNormal(
             problem.model,
-            init_loc_fn=init_loc_fn(problem, INIT[opts.init]),
+            init_loc_fn=init_loc_fn(problem, opts.init),
             init_scale=float(opts.init_scale),
         )
         elbo = Trace_ELBO(num_particles=opts.num_particles)
@@ -145,7 +146,7 @@ class LowRank(Method):
             return run_on_sites(self, problem, opts, seed, progress)
         guide = AutoLowRankMultivariateNormal(
             problem.model,
-            init_loc_fn=init_loc_fn(problem, INIT[opts.init]),
+            init_loc_fn=init_loc_fn(problem, opts.init),
             init_scale=float(opts.init_scale),
             rank=min(opts.rank, problem.layout.size),
         )
