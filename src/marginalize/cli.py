@@ -1,5 +1,9 @@
 """Command line: ``marginalize fit``, ``marginalize methods``, ``marginalize bench``.
 
+Under ``torchrun --nproc-per-node=K -m marginalize fit ...`` the processes form a gloo process
+group: members and chains are spread over them (``docs/guide/distributed.md``), and only rank 0
+prints, predicts and writes the report (the other ranks log errors only).
+
 Examples
 --------
 ``marginalize fit --data boston --model mlp:50 --method nuts,map --report out/``
@@ -126,6 +130,7 @@ def _check_args(args) -> None:
 def _fit_cmd(args) -> int:
     import marginalize as mz
     from marginalize import datasets
+    from marginalize.inference.engines import distributed
 
     _check_args(args)
     names = [m.strip() for m in args.method.split(",") if m.strip()]
@@ -152,10 +157,12 @@ def _fit_cmd(args) -> int:
     y_train = torch.as_tensor(ytr_s, dtype=torch.float32 if ds.task == "regression" else torch.long)
     x_test = torch.as_tensor(xte_s, dtype=torch.float32)
     posts, rows = {}, []
-    print(
-        f"data: {ds.name} ({ds.x.shape[0]} rows, {ds.x.shape[1]} features), "
-        f"{len(xtr)} train / {len(xte)} test, model {model!r}"
-    )
+    main_rank = distributed.is_main()  # a torchrun launch: only rank 0 predicts and writes
+    if main_rank:
+        print(
+            f"data: {ds.name} ({ds.x.shape[0]} rows, {ds.x.shape[1]} features), "
+            f"{len(xtr)} train / {len(xte)} test, model {model!r}"
+        )
     for m in names:
         full, quick = METHOD_DEFAULTS.get(m, ({}, {}))
         m_model = model
@@ -180,6 +187,8 @@ def _fit_cmd(args) -> int:
         secs = time.perf_counter() - t0
         post.info.setdefault("fit_seconds", secs)  # shown by the report
         posts[m] = post
+        if not main_rank:
+            continue
         row = {"method": m, "seconds": secs}
         if ds.task == "regression":
             pred = post.predict(x_test, num_samples=args.num_samples)
@@ -195,7 +204,7 @@ def _fit_cmd(args) -> int:
             row["test_ll"] = float(ll.mean())
         rows.append(row)
         print(_format_row(row), flush=True)
-    if args.report:
+    if args.report and main_rank:
         out = Path(args.report)
         out.mkdir(parents=True, exist_ok=True)
         _write_report(posts, x_test, yte, sy, ds, out, args)
@@ -264,11 +273,25 @@ def main(argv: list[str] | None = None) -> int:
         ).add_subparsers(dest="bench", required=True)
     )
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.cmd == "methods":
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
         for row in mz.method_info():
             print(f"{row['name']:>14}  {row['summary']}")
         return 0
+    from marginalize.inference.engines import distributed
+
+    # launched by torchrun: one gloo process group (members and chains over the ranks)
+    created = distributed.init_from_env("gloo")
+    level = logging.INFO if distributed.is_main() else logging.ERROR
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return _command(args, argv)
+    finally:
+        if created:
+            torch.distributed.destroy_process_group()
+
+
+def _command(args, argv) -> int:
     if args.cmd == "bench":
         from marginalize.benchmarks import run_parsed
 

@@ -35,6 +35,7 @@ import torch
 from marginalize.benchmarks._common import fmt_pm, header, markdown_table, mean_se, method_options
 from marginalize.diagnostics import metrics
 from marginalize.errors import ModelError, OptionError
+from marginalize.inference.engines import distributed
 
 __all__ = [
     "SETTINGS",
@@ -232,31 +233,47 @@ def run(
     rows = []
     for arch in models:
         build_model(arch)  # fail early on an unknown or missing architecture
-        for m in methods:
-            for seed in range(seeds):
-                try:
-                    row = run_one(m, arch, seed, opts[m], progress=progress, keep_probs=keep_probs)
-                except ModelError as e:  # the method does not apply to this architecture
-                    log.warning("%s %s: not applicable: %s", arch, m, e)
-                    rows.append({"method": m, "model": arch, "seed": seed, "error": str(e)})
-                    if on_row is not None:
-                        on_row(rows)
-                    break
-                log.info(
-                    "%s %s seed %d: acc %.3f nll %.3f ece %.3f auroc(H) %.3f (%.1f s)",
-                    arch,
-                    m,
-                    seed,
-                    row["accuracy"],
-                    row["nll"],
-                    row["ece"],
-                    row["auroc_entropy"],
-                    row["seconds"],
-                )
-                rows.append(row)
-                if on_row is not None:
-                    on_row(rows)
-    return rows
+    tasks = [(arch, m, seed) for arch in models for m in methods for seed in range(seeds)]
+    not_applicable: set[tuple[str, str]] = set()
+
+    def task(i: int) -> dict[str, Any] | None:
+        arch, m, seed = tasks[i]
+        if (arch, m) in not_applicable:
+            return None
+        try:
+            row = run_one(m, arch, seed, opts[m], progress=progress, keep_probs=keep_probs)
+        except ModelError as e:  # the method does not apply to this architecture
+            log.warning("%s %s: not applicable: %s", arch, m, e)
+            not_applicable.add((arch, m))
+            row = {"method": m, "model": arch, "seed": seed, "error": str(e)}
+        else:
+            log.info(
+                "%s %s seed %d: acc %.3f nll %.3f ece %.3f auroc(H) %.3f (%.1f s)",
+                arch,
+                m,
+                seed,
+                row["accuracy"],
+                row["nll"],
+                row["ece"],
+                row["auroc_entropy"],
+                row["seconds"],
+            )
+        rows.append(row)
+        if on_row is not None and distributed.is_main():
+            on_row(rows)
+        return row
+
+    # under torchrun the (architecture, method, seed) runs are spread over the ranks
+    out, failed = [], set()
+    for row in distributed.run_members(len(tasks), task, label="benchmark run"):
+        if row is None or (row["model"], row["method"]) in failed:
+            continue
+        key = (row["model"], row["method"])
+        if "error" in row:  # one row per architecture and method it does not apply to
+            failed.add(key)
+            out = [r for r in out if (r["model"], r["method"]) != key]
+        out.append(row)
+    return out
 
 
 _METRICS = ("accuracy", "nll", "brier", "ece", "auroc_entropy", "auroc_mi", "seconds")
@@ -426,6 +443,7 @@ def main_classification(args) -> int:
         keep_probs=True,
         on_row=write,
     )
-    write(rows, plot_reliability(rows, png).name)
-    print(md)
+    if distributed.is_main():  # under torchrun: rank 0 writes the results
+        write(rows, plot_reliability(rows, png).name)
+        print(md)
     return 0

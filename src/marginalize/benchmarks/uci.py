@@ -40,6 +40,7 @@ import torch
 from marginalize.benchmarks._common import fmt_pm, header, markdown_table, mean_se, method_options
 from marginalize.diagnostics import metrics
 from marginalize.errors import OptionError
+from marginalize.inference.engines import distributed
 
 __all__ = [
     "SETTINGS",
@@ -387,34 +388,37 @@ def run(
                 r = json.loads(line)
                 done[(r["dataset"], r["method"], r["split"])] = r
     rows: list[dict[str, Any]] = []
-    for name in datasets:
-        x, y, _ = load_regression(name)
-        for split in range(num_splits):
-            for m in methods:
-                key = (name, m, split)
-                if key in done:
-                    rows.append(done[key])
-                    continue
-                row = {
-                    "dataset": name,
-                    **run_split(x, y, m, split, per_method[m], progress=progress),
-                }
-                log.info(
-                    "%s split %d %s: rmse %.3f test_ll %.3f (%.1f s)",
-                    name,
-                    split,
-                    m,
-                    row["rmse"],
-                    row["test_ll"],
-                    row["seconds"],
-                )
-                rows.append(row)
-                if jsonl is not None:
-                    with open(jsonl, "a") as fh:
-                        fh.write(json.dumps(row) + "\n")
-                if on_row is not None:
-                    on_row(rows)
-    return rows
+    tasks = [(n, split, m) for n in datasets for split in range(num_splits) for m in methods]
+    data: dict[str, tuple] = {}
+
+    def task(i: int) -> dict[str, Any]:
+        name, split, m = tasks[i]
+        if (name, m, split) in done:
+            rows.append(done[(name, m, split)])
+            return done[(name, m, split)]
+        if name not in data:
+            data[name] = load_regression(name)
+        x, y, _ = data[name]
+        row = {"dataset": name, **run_split(x, y, m, split, per_method[m], progress=progress)}
+        log.info(
+            "%s split %d %s: rmse %.3f test_ll %.3f (%.1f s)",
+            name,
+            split,
+            m,
+            row["rmse"],
+            row["test_ll"],
+            row["seconds"],
+        )
+        rows.append(row)
+        if jsonl is not None:  # one line per append: safe from several processes
+            with open(jsonl, "a") as fh:
+                fh.write(json.dumps(row) + "\n")
+        if on_row is not None and distributed.is_main():
+            on_row(rows)
+        return row
+
+    # under torchrun the (data set, split, method) runs are spread over the ranks
+    return distributed.run_members(len(tasks), task, label="benchmark run")
 
 
 def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -548,7 +552,7 @@ def main_uci(args) -> int:
     out = results_dir(args.out)
     name = args.name or ("uci_full" if args.full else "uci")
     md_path, jsonl = out / f"{name}.md", out / f"{name}.jsonl"
-    if not args.resume and jsonl.exists():
+    if not args.resume and jsonl.exists() and distributed.is_main():
         jsonl.unlink()  # the per-split rows of this run are kept beside the table
     title = f"UCI regression benchmark ({'full protocol' if args.full else 'small default run'})"
 
@@ -569,6 +573,7 @@ def main_uci(args) -> int:
         jsonl=jsonl,
         on_row=write,
     )
-    write(rows)
-    print(md_path)
+    if distributed.is_main():  # under torchrun: rank 0 writes the results
+        write(rows)
+        print(md_path)
     return 0

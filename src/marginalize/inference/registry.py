@@ -37,7 +37,7 @@ import torch
 from marginalize._validation import check_device, check_options, check_seed
 from marginalize.core.problem import Problem, prepare
 from marginalize.errors import OptionError
-from marginalize.inference.engines import checkpoint
+from marginalize.inference.engines import checkpoint, distributed
 from marginalize.inference.engines.seeding import isolated
 from marginalize.posterior import Posterior
 
@@ -164,6 +164,14 @@ def fit(
         SVI-based methods and ``nuts``/``hmc`` take ``checkpoint=PATH, checkpoint_every=N``:
         the fit's state is saved there and :func:`marginalize.resume` continues it.
 
+    Notes
+    -----
+    In a distributed run (an initialized ``torch.distributed`` process group, e.g. under
+    ``torchrun``), the members and chains of ``ensemble``, ``multiswag``, ``nuts`` and ``hmc``
+    are spread over the ranks and gathered: every rank returns the same posterior, bitwise the
+    one a single process gives with the same seed (same machine and torch thread count).
+    Every rank must call ``fit`` with the same arguments. See ``docs/guide/distributed.md``.
+
     Returns
     -------
     Posterior
@@ -178,7 +186,11 @@ def fit(
     seed = check_seed("seed", seed)
     device = check_device(device)
     problem = prepare(model, x, y, device=device)
-    with isolated(seed), checkpoint.session(cls.name, opts, seed, problem):
+    # a distributed run (torchrun): members and chains are spread over the ranks
+    # (engines/distributed.py); progress bars on rank 0 only
+    rank = distributed.rank() if distributed.is_distributed() else 0
+    progress = progress and distributed.is_main()
+    with isolated(seed), checkpoint.session(cls.name, opts, seed, problem, rank=rank):
         approx, info = cls().run(problem, opts, seed, progress)
     return Posterior(
         problem.model,

@@ -17,6 +17,19 @@ How it works. A fit is a sequence of *segments*: each
 MAP initialisation...) and each MCMC chain is one, numbered in the order the method runs them.
 A segment saves either its finished result or its state in progress; on resume, finished
 segments are restored without recomputing and the segment in progress continues from its state.
+Segments run inside a member of
+:func:`~marginalize.inference.engines.distributed.run_members` (ensemble members, SWAG runs,
+MCMC chains) are keyed by the member (``m{k}.{j}:{kind}``), the others by their order in the
+fit (``{j}:{kind}``), so a checkpoint does not depend on which process ran a member.
+
+Distributed runs (several processes, see ``docs/guide/distributed.md``): rank 0 writes
+``PATH`` with every segment it knows; rank ``r > 0`` writes ``PATH.rank{r}`` with only the
+member segments it runs (the others are computed identically on every rank). After the
+members are gathered rank 0 knows them all: at the end of the fit it writes the complete
+``PATH`` and deletes the ``PATH.rank*`` files. :func:`pending` reads ``PATH`` and every
+``PATH.rank*`` beside it and keeps, per segment, the finished one or else the one saved last,
+so a fit can be resumed by any number of processes (on a file system all ranks share).
+
 What is saved, all as plain tensors:
 
 * SVI: the unconstrained parameters of the Pyro param store, the optimizer state
@@ -38,6 +51,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import glob
 import json
 import logging
 import os
@@ -60,6 +74,10 @@ __all__ = [
     "pending",
     "session",
     "segment",
+    "member",
+    "member_segments",
+    "adopt",
+    "rank_file",
     "deferred_interrupt",
     "check_options",
     "FORMAT",
@@ -69,7 +87,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 FORMAT = "marginalize.checkpoint"
-VERSION = 1
+VERSION = 2  # 2: member segments keyed by member (distributed runs)
 
 _ACTIVE: contextvars.ContextVar[_Session | None] = contextvars.ContextVar(
     "mz_checkpoint", default=None
@@ -213,21 +231,22 @@ class Segment:
 
     def save(self, state: dict) -> None:
         """Write ``state`` (this segment in progress) with every finished segment."""
-        self.session.segments[self.key] = {
-            "label": self.label,
-            "done": False,
-            "state": _clone(_cpu(state)),
-        }
-        self.session.write()
+        self._store(False, state)
 
     def finish(self, state: dict) -> None:
         """Record this segment's result (cloned: the caller may keep mutating its tensors)."""
+        self._store(True, state)
+
+    def _store(self, done: bool, state: dict) -> None:
+        old = self.session.segments.get(self.key) or {}
         self.session.segments[self.key] = {
             "label": self.label,
-            "done": True,
+            "done": done,
             "state": _clone(_cpu(state)),
+            # how often this segment was saved: on resume, the copy saved last wins
+            "seq": int(old.get("seq", 0)) + 1,
         }
-        self.session.write()
+        self.session.write(member=self.key.startswith("m"))
 
     def interrupt(self, state: dict | None) -> None:
         """Save ``state`` (None: keep the last checkpoint) and stop the rest of the fit."""
@@ -236,37 +255,99 @@ class Segment:
         self.session.interrupted = True
         log.warning(
             "checkpoint saved to %s (%s); continue with mz.resume(%r, model, x, y)",
-            self.session.path,
+            self.session.file,
             self.label,
             str(self.session.path),
         )
 
 
+def rank_file(path: Path, rank: int) -> Path:
+    """The checkpoint file of rank ``rank`` of a distributed run (``path`` for rank 0)."""
+    return path if rank == 0 else path.with_name(f"{path.name}.rank{rank}")
+
+
+def _rank_files(path: Path) -> list[Path]:
+    return sorted(path.parent.glob(f"{glob.escape(path.name)}.rank*"))
+
+
 class _Session:
-    def __init__(self, path: Path, every: int, header: dict, saved: dict):
+    def __init__(self, path: Path, every: int, header: dict, saved: dict, rank: int = 0):
         self.path = path
         self.every = every
         self.header = header
         self.saved = saved
         self.segments: dict[str, dict] = dict(saved)
         self.counter = 0
+        self.used = 0
         self.interrupted = False
         self.complete = False
+        self.rank = rank
+        self.file = rank_file(path, rank)
+        #: (prefix, next index) of the member scopes entered (see :func:`member`)
+        self.members: list[list] = []
 
     def segment(self, kind: str, label: str) -> Segment:
         if self.interrupted:
             raise KeyboardInterrupt("an earlier part of this fit was interrupted")
-        key = f"{self.counter}:{kind}"
-        self.counter += 1
+        if self.members:
+            scope = self.members[-1]
+            key = f"{scope[0]}{scope[1]}:{kind}"
+            scope[1] += 1
+        else:
+            key = f"{self.counter}:{kind}"
+            self.counter += 1
+        self.used += 1
         saved = self.saved.get(key)
         if saved is not None and not {"done", "state"} <= set(saved):
             raise FileFormatError(f"{self.path}: segment {key} is incomplete")
         return Segment(self, key, label, saved)
 
-    def write(self) -> None:
-        write_verified(
-            {**self.header, "complete": self.complete, "segments": self.segments}, self.path
-        )
+    def write(self, member: bool = True) -> None:
+        """Write this rank's file: everything on rank 0; on rank ``r > 0`` the member
+        segments only (the others are identical on rank 0), and nothing for the others."""
+        if self.rank == 0:
+            segments = self.segments
+        elif not member:
+            return
+        else:
+            segments = {k: v for k, v in self.segments.items() if k.startswith("m")}
+        write_verified({**self.header, "complete": self.complete, "segments": segments}, self.file)
+
+
+@contextlib.contextmanager
+def member(k: int) -> Iterator[None]:
+    """Segments started inside the block belong to member (or chain) ``k`` of the fit: their
+    keys do not depend on what ran before them, nor on which process runs them."""
+    sess = _ACTIVE.get()
+    if sess is None:
+        yield
+        return
+    outer = sess.members[-1][0] if sess.members else ""
+    sess.members.append([f"{outer}m{int(k)}.", 0])
+    try:
+        yield
+    finally:
+        sess.members.pop()
+
+
+def member_segments(k: int) -> dict[str, dict]:
+    """The saved segments of member ``k`` in the active checkpointed fit (``{}`` if none)."""
+    sess = _ACTIVE.get()
+    if sess is None:
+        return {}
+    prefix = (sess.members[-1][0] if sess.members else "") + f"m{int(k)}."
+    return {key: v for key, v in sess.segments.items() if key.startswith(prefix)}
+
+
+def adopt(segments: dict[str, dict], interrupted: bool = False) -> None:
+    """Take in segments another rank ran (gathered); ``interrupted``: a rank was interrupted,
+    so the checkpoint must not be marked complete."""
+    sess = _ACTIVE.get()
+    if sess is None:
+        return
+    sess.segments.update(segments)
+    if interrupted:
+        sess.interrupted = True
 
 
 def segment(kind: str, label: str) -> Segment | None:
@@ -324,8 +405,13 @@ def _check_match(path: Path, saved: dict, now: dict) -> None:
 
 
 @contextlib.contextmanager
-def session(method: str, opts: Any, seed: int, problem) -> Iterator[_Session | None]:
-    """Checkpoint the fit run inside the block when ``opts.checkpoint`` is set (or resume it)."""
+def session(
+    method: str, opts: Any, seed: int, problem, *, rank: int = 0
+) -> Iterator[_Session | None]:
+    """Checkpoint the fit run inside the block when ``opts.checkpoint`` is set (or resume it).
+
+    ``rank``: this process's rank in a distributed fit (rank ``r > 0`` writes
+    ``PATH.rank{r}``; see the module docstring)."""
     pending = _PENDING.get()
     path = getattr(opts, "checkpoint", None)
     if path is None:
@@ -339,6 +425,13 @@ def session(method: str, opts: Any, seed: int, problem) -> Iterator[_Session | N
                 f"checkpoint: {path} already exists (from an earlier fit?); continue that fit with "
                 f"mz.resume({str(path)!r}, model, x, y), or delete the file or choose another path"
             )
+        stale = _rank_files(path)
+        if stale:
+            raise OptionError(
+                f"checkpoint: {stale[0]} exists (the part of a distributed fit that another "
+                f"process ran); continue that fit with mz.resume({str(path)!r}, model, x, y), or "
+                "delete the files or choose another path"
+            )
         if not path.parent.is_dir():
             raise OptionError(f"checkpoint: the folder {path.parent} does not exist")
         saved = {}
@@ -347,18 +440,21 @@ def session(method: str, opts: Any, seed: int, problem) -> Iterator[_Session | N
         saved = pending["segments"]
         if not isinstance(saved, dict):
             raise FileFormatError(f"{path}: malformed checkpoint (segments)")
-    sess = _Session(path, opts.checkpoint_every, header, saved)
+    sess = _Session(path, opts.checkpoint_every, header, saved, rank=rank)
     token, token_pending = _ACTIVE.set(sess), _PENDING.set(None)
     try:
         yield sess
     finally:
         _ACTIVE.reset(token)
         _PENDING.reset(token_pending)
-    if sess.counter == 0:
+    if sess.used == 0:
         log.warning("method %r did not write checkpoints (it has no resumable loop)", method)
-    elif not sess.interrupted:
+    elif not sess.interrupted and rank == 0:
+        # rank 0 holds every segment (the members were gathered): one complete file
         sess.complete = True
         sess.write()
+        for f in _rank_files(path):
+            f.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
@@ -366,7 +462,8 @@ def pending(path) -> Iterator[tuple[str, dict, int]]:
     """Read the checkpoint ``path`` and make it the one the next :func:`session` continues:
     yields ``(method, options, seed)`` from its header (``options`` with ``checkpoint=path``)."""
     path = check_path(path)
-    payload = read_verified(path, FORMAT, VERSION, what="marginalize checkpoint")
+    others = [] if path.is_dir() else _rank_files(path)
+    payload = _merged(([path] if path.exists() or not others else []) + others)
     try:
         options = json.loads(payload["options"])
         method, seed = payload["method"], payload["seed"]
@@ -380,6 +477,35 @@ def pending(path) -> Iterator[tuple[str, dict, int]]:
         yield method, options, seed
     finally:
         _PENDING.reset(token)
+
+
+def _merged(files: list[Path]) -> dict:
+    """The first file's header with the segments of all files (per key: a finished one,
+    else the one saved most often)."""
+    payloads = [read_verified(f, FORMAT, VERSION, what="marginalize checkpoint") for f in files]
+    first = payloads[0]
+    keys = ("method", "options", "seed", "data_sha256", "layout", "model_config")
+    segments: dict[str, dict] = {}
+    for f, p in zip(files, payloads, strict=True):
+        if any(p.get(k) != first.get(k) for k in keys):
+            raise FileFormatError(
+                f"{f}: belongs to another fit than {files[0]} (method, options, seed or data "
+                "differ); delete the stale file"
+            )
+        segs = p.get("segments")
+        if not isinstance(segs, dict):
+            raise FileFormatError(f"{f}: malformed checkpoint (segments)")
+        for key, seg in segs.items():
+            old = segments.get(key)
+            if old is None or _rank(seg) > _rank(old):
+                segments[key] = seg
+    return {**first, "segments": segments}
+
+
+def _rank(seg) -> tuple:
+    if not isinstance(seg, dict):
+        return (False, 0)
+    return (bool(seg.get("done")), int(seg.get("seq", 0)))
 
 
 # ---- SVI state -----------------------------------------------------------------------------

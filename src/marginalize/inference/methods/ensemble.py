@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 from marginalize._validation import check_positive_int
 from marginalize.core.approximations import Mixture
+from marginalize.inference.engines.distributed import run_members
 from marginalize.inference.engines.seeding import isolated, member_seed
 from marginalize.inference.engines.training import SVIOptions, fit_map, stack_losses
 from marginalize.inference.registry import Method, register
@@ -50,7 +51,7 @@ class Ensemble(Method):
 
         num_members : int
             Number of independent MAP fits (default 5), each with its own initialization
-            and minibatch order.
+            and minibatch order (spread over the processes of a distributed run).
         """
 
         num_members: int = 5
@@ -63,15 +64,19 @@ class Ensemble(Method):
         map_opts = SVIOptions(
             **{f.name: getattr(opts, f.name) for f in dataclasses.fields(SVIOptions)}
         )
-        members, losses, stopped = [], [], []
-        for k in range(opts.num_members):
+
+        def member(k):
             sk = member_seed(seed, k)
             with isolated(sk):
-                approx, info = fit_map(problem, map_opts, sk, progress)
-            members.append(approx)
-            losses.append(info["loss"])
-            if "stopped" in info:
-                stopped.append({"member": k, **info["stopped"]})
+                return fit_map(problem, map_opts, sk, progress)
+
+        # spread over the ranks of a distributed run (torchrun), gathered on every rank
+        results = run_members(opts.num_members, member, label="member")
+        members = [approx for approx, _ in results]
+        losses = [info["loss"] for _, info in results]
+        stopped = [
+            {"member": k, **i["stopped"]} for k, (_, i) in enumerate(results) if "stopped" in i
+        ]
         mean_loss, member_loss = stack_losses(losses)
         out = {"loss": mean_loss, "member_loss": member_loss}
         if stopped:

@@ -2,7 +2,8 @@
 
 The potential is ``-Problem.log_joint(z)``: for the builders' models a pure-torch batched
 log joint (no Pyro trace per gradient), for plain model functions a Pyro trace. Chains run
-one after another, each from its own seed; per-draw statistics (``lp``, ``diverging``,
+one after another, each from its own seed (in a distributed run, spread over the ranks:
+``engines/distributed.py``); per-draw statistics (``lp``, ``diverging``,
 ``acceptance_rate``, ``step_size``, ``tree_depth``, ``n_steps``, ``energy``) are kept with
 ArviZ's names.
 """
@@ -22,6 +23,7 @@ from marginalize.core.potentials import blas_threads
 from marginalize.core.problem import Problem
 from marginalize.errors import ModelError, OptionError
 from marginalize.inference.engines import checkpoint
+from marginalize.inference.engines.distributed import run_members
 from marginalize.inference.engines.nuts import SamplingInterrupted, run_sampler
 from marginalize.inference.engines.seeding import isolated
 from marginalize.inference.engines.training import SVIOptions, fit_map
@@ -35,14 +37,15 @@ log = logging.getLogger(__name__)
 @dataclass
 class MCMCOptions:
     """num_samples : kept draws per chain; num_warmup : adaptation iterations per chain
-    (default: num_samples); num_chains : chains, run one after another (R-hat needs at least
-    2); target_accept : the mean Metropolis acceptance that step-size adaptation aims at;
-    step_size : initial step size (None: heuristic search); adapt_mass : "diag", "dense" or
-    None; init : "prior" (a prior draw), "uniform" (Stan's U(-init_radius, init_radius) in
-    unconstrained space) or "map" (a short MAP fit); init_radius : half-width of the uniform
-    initialization; init_steps : MAP steps for init="map"; checkpoint : file to save
-    the chains' state to, resumable with ``mz.resume`` (see ``inference/engines/checkpoint.py``);
-    checkpoint_every : iterations (warmup included) between checkpoints."""
+    (default: num_samples); num_chains : chains, run one after another, or spread over the
+    processes of a distributed run (R-hat needs at least 2); target_accept : the mean
+    Metropolis acceptance that step-size adaptation aims at; step_size : initial step size
+    (None: heuristic search); adapt_mass : "diag", "dense" or None; init : "prior" (a prior
+    draw), "uniform" (Stan's U(-init_radius, init_radius) in unconstrained space) or "map" (a
+    short MAP fit); init_radius : half-width of the uniform initialization; init_steps : MAP
+    steps for init="map"; checkpoint : file to save the chains' state to, resumable with
+    ``mz.resume`` (see ``inference/engines/checkpoint.py``); checkpoint_every : iterations
+    (warmup included) between checkpoints."""
 
     num_samples: int = 1000
     num_warmup: int | None = None
@@ -127,82 +130,22 @@ class _MCMC(Method):
 
     def run(self, problem, opts, seed, progress):
         num_warmup = opts.num_samples if opts.num_warmup is None else opts.num_warmup
-        draws, stats, states = [], [], []
-        stopped = None
-        for chain in range(opts.num_chains):
-            chain_seed = seed * 1009 + chain
-            try:
-                z0 = initial_point(problem, opts, chain_seed)
-                seg = checkpoint.segment("mcmc", f"{self.name} chain {chain + 1}")
-            except KeyboardInterrupt:
-                log.warning("%s: interrupted before chain %d started", self.name, chain + 1)
-                stopped = {"chain": chain, "reason": "interrupted"}
-                break
-            if seg is not None and seg.saved is not None and seg.saved["done"]:
-                d, s, state = checkpoint.chain_result(seg, problem.device, problem.dtype)
-                seg.finish({"draws": d, "stats": s, "state": state.state_dict()})
-                draws.append(d)
-                stats.append(s)
-                states.append(state)
-                continue
-            rec = checkpoint.ChainRecorder(seg, num_warmup)
-            g = torch.Generator(device=problem.device).manual_seed(chain_seed)
-            bar = tqdm(
-                total=num_warmup + opts.num_samples,
-                initial=rec.start,
-                desc=f"{self.name} chain {chain + 1}",
-                disable=not progress,
-                leave=False,
-            )
 
-            def callback(i, state, st, bar=bar, rec=rec):
-                bar.update(1)
-                if st is not None and i % 20 == 0:
-                    bar.set_postfix(
-                        step=f"{state.step_size:.3g}", depth=int(st.get("tree_depth", 0))
-                    )
-                rec.record(i, state, st)
+        def chain(k):
+            chain_seed = seed * 1009 + k
+            with isolated(chain_seed):
+                return self._chain(problem, opts, k, chain_seed, num_warmup, progress)
 
-            numpy_pg = problem.numpy_potential()
-            blas = blas_threads(torch.get_num_threads()) if numpy_pg else contextlib.nullcontext()
-            try:
-                with blas:
-                    d, s, state = run_sampler(
-                        problem.potential_and_grad,
-                        z0,
-                        num_warmup=num_warmup,
-                        num_samples=opts.num_samples,
-                        generator=g,
-                        algorithm=self.algorithm,
-                        target_accept=opts.target_accept,
-                        step_size=opts.step_size,
-                        adapt_mass=opts.adapt_mass,
-                        callback=callback,
-                        state=rec.resume_state,
-                        numpy_potential_and_grad=numpy_pg,
-                        **self._sampler_kwargs(opts),
-                    )
-                d, s = rec.join(d, s)
-                rec.finish(d, s, state)
-            except (SamplingInterrupted, KeyboardInterrupt) as e:
-                log.warning("%s: interrupted in chain %d", self.name, chain + 1)
-                stopped = {"chain": chain, "reason": "interrupted"}
-                if isinstance(e, SamplingInterrupted):
-                    d, s = rec.join(e.draws, e.stats)
-                    state = e.state
-                else:  # before the sampling loop: nothing new since the last checkpoint
-                    d, s = rec.join(None, {})
-                    state = None
-                rec.interrupt(d, s, state)
-                if d is None or not len(d):
-                    break
-            finally:
-                bar.close()
-            draws.append(d)
-            stats.append(s)
-            states.append(state)
-            if stopped:
-                break
+        # spread over the ranks of a distributed run (torchrun), gathered on every rank;
+        # an interrupted chain ends its process's loop
+        results = run_members(
+            opts.num_chains, chain, label="chain", stop=lambda r: r["stopped"] is not None
+        )
+        stopped = next((r["stopped"] for r in results if r["stopped"] is not None), None)
+        kept = [r for r in results if r["draws"] is not None and len(r["draws"])]
+        draws = [r["draws"] for r in kept]
+        stats = [r["stats"] for r in kept]
+        final_states = [r["state"] for r in kept if r["state"] is not None]
         if not draws:
             raise KeyboardInterrupt("interrupted before any draw was kept")
         n = min(d.shape[0] for d in draws)
@@ -221,11 +164,82 @@ class _MCMC(Method):
             "sample_stats": sample_stats,
             "num_divergences": n_div,
             "num_warmup": num_warmup,
-            "final_states": [st.state_dict() for st in states if st is not None],
+            "final_states": final_states,
         }
         if stopped:
             info["stopped"] = stopped
         return approx, info
+
+    def _chain(self, problem, opts, chain, chain_seed, num_warmup, progress) -> dict:
+        """One chain: ``{"draws", "stats", "state" (a state dict), "stopped"}`` (draws None when
+        it was interrupted before keeping any)."""
+        out = {"draws": None, "stats": {}, "state": None, "stopped": None}
+        try:
+            z0 = initial_point(problem, opts, chain_seed)
+            seg = checkpoint.segment("mcmc", f"{self.name} chain {chain + 1}")
+        except KeyboardInterrupt:
+            log.warning("%s: interrupted before chain %d started", self.name, chain + 1)
+            out["stopped"] = {"chain": chain, "reason": "interrupted"}
+            return out
+        if seg is not None and seg.saved is not None and seg.saved["done"]:
+            d, s, state = checkpoint.chain_result(seg, problem.device, problem.dtype)
+            seg.finish({"draws": d, "stats": s, "state": state.state_dict()})
+            return {**out, "draws": d, "stats": s, "state": state.state_dict()}
+        rec = checkpoint.ChainRecorder(seg, num_warmup)
+        g = torch.Generator(device=problem.device).manual_seed(chain_seed)
+        bar = tqdm(
+            total=num_warmup + opts.num_samples,
+            initial=rec.start,
+            desc=f"{self.name} chain {chain + 1}",
+            disable=not progress,
+            leave=False,
+        )
+
+        def callback(i, state, st):
+            bar.update(1)
+            if st is not None and i % 20 == 0:
+                bar.set_postfix(step=f"{state.step_size:.3g}", depth=int(st.get("tree_depth", 0)))
+            rec.record(i, state, st)
+
+        numpy_pg = problem.numpy_potential()
+        blas = blas_threads(torch.get_num_threads()) if numpy_pg else contextlib.nullcontext()
+        try:
+            with blas:
+                d, s, state = run_sampler(
+                    problem.potential_and_grad,
+                    z0,
+                    num_warmup=num_warmup,
+                    num_samples=opts.num_samples,
+                    generator=g,
+                    algorithm=self.algorithm,
+                    target_accept=opts.target_accept,
+                    step_size=opts.step_size,
+                    adapt_mass=opts.adapt_mass,
+                    callback=callback,
+                    state=rec.resume_state,
+                    numpy_potential_and_grad=numpy_pg,
+                    **self._sampler_kwargs(opts),
+                )
+            d, s = rec.join(d, s)
+            rec.finish(d, s, state)
+        except (SamplingInterrupted, KeyboardInterrupt) as e:
+            log.warning("%s: interrupted in chain %d", self.name, chain + 1)
+            out["stopped"] = {"chain": chain, "reason": "interrupted"}
+            if isinstance(e, SamplingInterrupted):
+                d, s = rec.join(e.draws, e.stats)
+                state = e.state
+            else:  # before the sampling loop: nothing new since the last checkpoint
+                d, s = rec.join(None, {})
+                state = None
+            rec.interrupt(d, s, state)
+        finally:
+            bar.close()
+        return {
+            **out,
+            "draws": d,
+            "stats": s,
+            "state": None if state is None else state.state_dict(),
+        }
 
 
 @register("nuts")

@@ -80,6 +80,7 @@ from marginalize._validation import check_positive_int
 from marginalize.core.approximations import Delta, Gaussian, Mixture
 from marginalize.core.problem import Problem
 from marginalize.errors import OptionError
+from marginalize.inference.engines.distributed import run_members
 from marginalize.inference.engines.init import INIT, initial_z
 from marginalize.inference.engines.seeding import isolated, member_seed
 from marginalize.inference.engines.sgd import sgd_loop
@@ -557,7 +558,8 @@ class MultiSWAG(Method):
         """Every option of ``swag`` (applied to each run), plus:
 
         num_models : int
-            Number of independent SWAG runs (default 5).
+            Number of independent SWAG runs (default 5; spread over the processes of a
+            distributed run).
         """
 
         num_models: int = 5
@@ -570,14 +572,17 @@ class MultiSWAG(Method):
         fields = {k: v for k, v in vars(opts).items() if k != "num_models"}
         swag_opts = SWAGOptions(**fields)
         _plan(problem, swag_opts)  # nothing collected: say so before any run starts
-        comps, losses, extra = [], [], []
-        for k in range(opts.num_models):
+
+        def run(k):
             sk = member_seed(seed, k)
             with isolated(sk):
-                approx, info = SWAG().run(problem, swag_opts, sk, progress)
-            comps.append(approx)
-            losses.append(info["loss"])
-            extra.append(info)
+                return SWAG().run(problem, swag_opts, sk, progress)
+
+        # spread over the ranks of a distributed run (torchrun), gathered on every rank
+        results = run_members(opts.num_models, run, label="SWAG run")
+        comps = [approx for approx, _ in results]
+        extra = [info for _, info in results]
+        losses = [info["loss"] for info in extra]
         mean_loss, member_loss = stack_losses(losses)
         out = {
             "loss": mean_loss,
