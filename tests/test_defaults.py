@@ -390,7 +390,48 @@ def gap_problem(seed: int):
     return model, x, y
 
 
-GAP_METHODS = [m for m in mz.methods() if m != "map"]
+#: Methods that do not meet the requirement at their defaults, with what was measured
+#: (``benchmarks/gap_defaults.py --problem cubic --seeds 0 1 2``; NUTS: gap SD 1.31, data
+#: 0.032, noise 0.115). They run and fail visibly as XFAIL; a strict one that starts passing
+#: fails the suite, so the mark is removed with the fix.
+GAP_SHORT = {
+    "swag": (
+        "SWAG's covariance is that of SGD iterates, in the span of the minibatch gradient noise "
+        "(directions that move f at the data); prior-only directions get no spread: ratio "
+        "0.85-0.88 (noise 0.100-0.115 is right); 0.77-0.88 with 10x longer SWA phases",
+        True,
+    ),
+    "multiswag": (
+        "scaled starts give runs that agree in the gap: ratio 1.30-1.79, noise 0.10-0.12 "
+        "(init='prior' gave 3.2 and 0.112 on seed 0, but underfits at wide priors)",
+        False,
+    ),
+    "mc-dropout": (
+        "the dropout objective's optimum inflates the learned noise by the dropout variance: "
+        "0.37-0.39 at p=0.1 (0.35 with the exact expectation over masks and 20,000 steps; "
+        "0.28 at p=0.05, 0.19 at p=0.005); ratio 0.77-0.84",
+        True,
+    ),
+    "svi-meanfield": (
+        "the ELBO optimum under the N(0, 1) prior prunes the 50-unit layer and explains the "
+        "data as noise: noise 0.54-0.59 at 2000 steps, 1.0-1.1 at 10,000 (-ELBO 220 there vs "
+        "435-470 for fits with noise 0.23-0.29 started at the MAP); ratio 0.89",
+        True,
+    ),
+    "svi-lowrank": ("as svi-meanfield (a rank-10 factor does not help): noise 0.47-0.49", True),
+    "bbb": ("the mean-field ELBO, as svi-meanfield: noise 0.60", True),
+}
+
+GAP_METHODS = [
+    pytest.param(
+        m,
+        marks=pytest.mark.xfail(strict=GAP_SHORT[m][1], reason=GAP_SHORT[m][0]),
+    )
+    if m in GAP_SHORT
+    else m
+    for m in mz.methods()
+    if m != "map"
+]
 
 
 @pytest.mark.slow

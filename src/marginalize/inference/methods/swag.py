@@ -300,6 +300,9 @@ def _plan(problem: Problem, opts: SWAGOptions) -> _Plan:
             f"Raise swag_steps to at least {2 * every} (or leave it None, which sizes it), "
             "or collect more often (collect_every=<steps>, or a larger batch_size)"
         )
+    if problem.meta.get("swag_plan_checked"):  # MultiSWAG: said once, before its runs
+        return _Plan(per_epoch, every, steps, burn, collected)
+    problem.meta["swag_plan_checked"] = True
     if opts.max_rank and collected < 2:
         log.warning(
             "swag: only %d iterate would be collected (swag_steps=%d, %s each); the "
