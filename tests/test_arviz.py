@@ -9,7 +9,7 @@ import torch
 
 import marginalize as mz
 from conftest import tiny_options
-from marginalize.core.arviz import to_inference_data
+from marginalize.core.arviz import ARVIZ_1, group_names, loo_fields, to_inference_data
 
 N, N_TEST, HIDDEN = 24, 7, 3
 MCMC_STATS = ("lp", "diverging", "acceptance_rate", "step_size", "tree_depth", "n_steps", "energy")
@@ -31,7 +31,7 @@ def test_every_method_converts(method, tmp_path):
         x_test=xt, y_test=yt, function_inputs=xt[:4], num_samples=40, prior_samples=6
     )
 
-    groups = set(idata.groups())
+    groups = set(group_names(idata))
     assert {
         "posterior",
         "log_likelihood",
@@ -95,7 +95,7 @@ def test_every_method_converts(method, tmp_path):
     path = tmp_path / "fit.nc"
     idata.to_netcdf(str(path))
     back = az.from_netcdf(str(path))
-    assert set(back.groups()) == groups
+    assert set(group_names(back)) == groups
     np.testing.assert_array_equal(back.posterior["layer1.weight"].values, w.values)
     np.testing.assert_array_equal(
         back.log_likelihood["y_test"].values, idata.log_likelihood["y_test"].values
@@ -198,3 +198,27 @@ def test_bad_input():
         post.to_arviz(num_samples=0)
     with pytest.raises(mz.DataError, match="Posterior"):
         to_inference_data("not a posterior")
+
+
+def test_the_arviz_generation_decides_the_type():
+    """InferenceData under arviz < 1, an xarray DataTree under arviz >= 1; the same groups and
+    variables either way (`make test-arviz1` runs this file under arviz >= 1)."""
+    import xarray as xr
+
+    x, y, xt, yt = _data()
+    post = mz.fit(
+        mz.models.mlp(2, hidden=[2]), x, y, method="svi-meanfield", steps=20, progress=False
+    )
+    data = post.to_arviz(x_test=xt, y_test=yt, num_samples=25, prior_samples=3)
+    assert isinstance(data, xr.DataTree if ARVIZ_1 else az.InferenceData)
+    assert ARVIZ_1 == (int(az.__version__.split(".")[0]) >= 1)
+    assert {"posterior", "log_likelihood", "prior", "optimization"} <= set(group_names(data))
+    assert data.posterior["layer1.weight"].shape == (1, 25, 2, 2)
+    # the statistics marginalize uses work on it
+    from marginalize.diagnostics import stats
+
+    fields = loo_fields(stats.loo(data, pointwise=True))
+    assert np.isfinite(fields["elpd"]) and fields["pareto_k"].shape == (N,)
+    tab = stats.summary(data, var_names=["layer1.bias"])
+    assert {"mean", "r_hat", "ess_bulk"} <= set(tab.columns)
+    assert tab["mean"].dtype.kind == "f"

@@ -14,6 +14,7 @@ from pyro.poutine.util import site_is_subsample
 from scipy import stats
 
 import marginalize as mz
+from marginalize.core.arviz import group_names
 from marginalize.diagnostics import function_plots as fp
 from marginalize.diagnostics import functions
 from marginalize.diagnostics.functions import (
@@ -247,10 +248,10 @@ def test_to_xarray_and_arviz_groups():
     assert ds["probs"].dims == ("chain", "draw", "obs_id", "class")
     np.testing.assert_allclose(ds["x"].values, x.numpy())
     idata = fx.to_arviz()
-    assert "prior_functions" in idata.groups()
+    assert "prior_functions" in group_names(idata)
     post_fx = FunctionDraws(fx.f, fx.x, "posterior", fx.task, fx.link)
     idata = post_fx.to_arviz(idata)
-    assert {"prior_functions", "posterior_functions"} <= set(idata.groups())
+    assert {"prior_functions", "posterior_functions"} <= set(group_names(idata))
     with pytest.raises(DataError, match="already"):
         fx.to_arviz(idata)
 

@@ -79,13 +79,15 @@ def test_nuts_matches_exact_posterior(float64):
 
 
 @pytest.mark.slow
-def test_meanfield_matches_exact_mean_and_meanfield_variances(float64):
+@pytest.mark.parametrize("engine", ["auto", "pyro"])  # the fused path and the Pyro reference
+def test_meanfield_matches_exact_mean_and_meanfield_variances(float64, engine):
     model, x, y, mean, cov, prec = blr_problem()
     post = mz.fit(
         model,
         x,
         y,
         method="svi-meanfield",
+        engine=engine,
         steps=4000,
         lr=0.02,
         lr_final=0.01,
@@ -104,7 +106,7 @@ def test_meanfield_matches_exact_mean_and_meanfield_variances(float64):
 
 
 @pytest.mark.slow
-def test_lowrank_closer_in_kl_than_meanfield_on_correlated_posterior(float64):
+def test_lowrank_closer_in_kl_than_meanfield_on_correlated_posterior(float64, engine="auto"):
     model, x, y, mean, cov, _ = blr_problem(corr=0.95)
     kls = {}
     for method, extra in (("svi-meanfield", {}), ("svi-lowrank", {"rank": 2})):
@@ -119,6 +121,7 @@ def test_lowrank_closer_in_kl_than_meanfield_on_correlated_posterior(float64):
             num_particles=4,
             seed=0,
             progress=False,
+            engine=engine,
             **extra,
         )
         q = post.approximation
@@ -127,11 +130,10 @@ def test_lowrank_closer_in_kl_than_meanfield_on_correlated_posterior(float64):
     assert kls["svi-lowrank"] < 0.05, kls
 
 
-def test_map_lands_on_posterior_mode(float64):
+@pytest.mark.parametrize("engine", ["auto", "pyro"])
+def test_map_lands_on_posterior_mode(float64, engine):
     model, x, y, mean, _, _ = blr_problem()
-    post = mz.fit(
-        model, x, y, method="map", steps=1500, lr=0.05, lr_final=0.01, seed=0, progress=False
-    )
+    post = mz.fit(model, x, y, method="map", seed=0, progress=False, engine=engine)
     assert torch.allclose(post.approximation.loc, mean, atol=1e-4), (post.approximation.loc, mean)
 
 

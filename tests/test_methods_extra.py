@@ -551,7 +551,9 @@ def test_temperature_regression_known_answer(tmp_path):
     scaled = mz.temperature_scale(post, xv, yv)
     resid = yv - post.predict(xv).mean
     t = float(scaled.info["temperature"])
-    assert t == pytest.approx(float(resid.pow(2).mean().sqrt()) / 0.02, rel=1e-4)  # MLE of a scale
+    # MLE of a scale; the float32 NLL is flat to its rounding (~1e-7) within a relative step of
+    # about sqrt(1e-7) = 3e-4 of its minimum, so that is as close as any search can get
+    assert t == pytest.approx(float(resid.pow(2).mean().sqrt()) / 0.02, rel=1e-3)
     assert torch.allclose(scaled.predict(xv).std, torch.full((50,), 0.02 * t), rtol=1e-5)
     assert scaled.log_predictive(xv, yv).mean() > post.log_predictive(xv, yv).mean()
     assert "temperature" not in post.info  # the original is untouched

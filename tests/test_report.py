@@ -85,7 +85,7 @@ def test_report_reads_top_to_bottom(regression_report):
         assert col in text
     assert "Comparison by PSIS-LOO" in text and "elpd_loo" in text
     assert re.search(r"Not in the LOO table.*map", text)
-    assert "Posterior predictive bands" in text  # 1-D inputs
+    assert "Posterior predictive over x" in text  # 1-D inputs: mean and bands over a grid
     assert "permut" in text  # weight-space R-hat caveat
 
 
@@ -229,3 +229,79 @@ def test_report_flags_divergences_on_the_funnel(tmp_path, float64):
     assert re.search(rf'class="warn">.*?<b>divergences</b>: {n_div} of 400 draws', text)
     assert "plain Pyro model function <code>funnel</code>" in text
     assert "problem(s) found" in text
+
+
+# ---- every model the fit accepts gets a report (issue 13 cases) ---------------------------
+def test_report_multi_output_regression_has_metrics_per_target(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(60, 2, generator=g)
+    y = torch.stack([x[:, 0], 3.0 * x[:, 1]], 1) + 0.1 * torch.randn(60, 2, generator=g)
+    model = mz.models.mlp(2, hidden=[], out_features=2, likelihood="gaussian")
+    post = mz.fit(model, x[:40], y[:40], method="svi-meanfield", steps=200, seed=0, progress=False)
+    text = mz.report(
+        {"vi": post}, x[40:], y[40:], path=tmp_path / "m.html", num_samples=50, khat_samples=100
+    ).read_text()
+    rows = re.findall(r"<tr><td class=\"l\">vi</td><td class=\"l\">([^<]+)</td>", text)
+    assert rows == ["y[0]", "y[1]", "all"]
+    table = mz.evaluate({"vi": post}, x[40:], y[40:], num_samples=50)
+    # target 1 has three times the scale of target 0: its RMSE is not target 0's
+    assert table.loc[("vi", "y[1]"), "rmse"] != table.loc[("vi", "y[0]"), "rmse"]
+    assert "all targets pooled" in text
+
+
+def test_report_accepts_the_one_hot_format_a_model_was_fitted_with(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(60, 2, generator=g)
+    labels = (x[:, 0] > 0).long() + (x[:, 1] > 0.5).long()
+    y = torch.nn.functional.one_hot(labels, 3).float()
+
+    def model(x, y=None):
+        w = pyro.sample("w", dist.Normal(0.0, 1.0).expand([2, 3]).to_event(2))
+        with pyro.plate("data", x.shape[0]):
+            return pyro.sample("y", dist.OneHotCategorical(logits=x @ w), obs=y)
+
+    post = mz.fit(model, x, y, method="map", steps=200, seed=0, progress=False)
+    a = mz.report({"map": post}, x, y, path=tmp_path / "a.html").read_text()
+    b = mz.report({"map": post}, x, labels, path=tmp_path / "b.html").read_text()
+    acc = float((post.predict(x).probs.argmax(-1) == labels).double().mean())
+    for text in (a, b):
+        assert "accuracy" in text and f"{acc:.3f}" in text
+        assert "OneHotCategorical, as written in the model function" in text
+
+
+def test_report_with_infinite_predictive_variance_keeps_what_is_defined(tmp_path):
+    """Student-t noise with df 1.5: the mean is defined, the variance is not; intervals,
+    coverage and NLL come from the predictive mixture and stay."""
+
+    def model(x, y=None):
+        w = pyro.sample("w", dist.Normal(0.0, 1.0).expand([1]).to_event(1))
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("y", dist.StudentT(1.5, x @ w, 0.3), obs=y)
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(50, 1, generator=g)
+    y = x[:, 0] + 0.3 * torch.distributions.StudentT(1.5).sample((50,))
+    post = mz.fit(model, x[:35], y[:35], method="svi-meanfield", steps=300, progress=False)
+    text = mz.report(
+        {"t": post}, x[35:], y[35:], path=tmp_path / "t.html", num_samples=50, khat_samples=100
+    ).read_text()
+    assert "variance is infinite" in text
+    quality = text[text.index("3. Predictive quality") :]
+    row = re.search(r"<tr><td class=\"l\">t</td>(.*?)</tr>", quality).group(1)
+    cells = re.findall(r"<td[^>]*>(.*?)</td>", row)
+    assert len(cells) == 6 and all(c not in ("&ndash;", "nan", "inf") for c in cells), cells
+    assert "Posterior predictive over x" in text  # 1-D: the band figure from quantiles
+    assert "StudentT (df 1.5)" in text
+
+
+def test_report_states_the_likelihood_and_the_units(tmp_path):
+    x, y, xt, yt = _sine()
+    m1 = mz.models.mlp(1, hidden=[4], likelihood=mz.likelihoods.Gaussian(noise=0.2))
+    m2 = mz.models.mlp(1, hidden=[4])
+    a = mz.fit(m1, x, y, method="map", steps=30, progress=False)
+    b = mz.fit(m2, x, y, method="map", steps=30, progress=False)
+    one = mz.report({"a": a}, xt, yt, path=tmp_path / "1.html", y_loc=5.0, y_scale=2.0).read_text()
+    assert "Likelihood</b> (every fit): Gaussian noise, SD fixed at 0.2" in one
+    assert "0.4 in the target" in one and "target&#x27;s units" in one
+    two = mz.report({"a": a, "b": b}, xt, yt, path=tmp_path / "2.html").read_text()
+    assert "The fits use different likelihoods" in two and "SD learned" in two

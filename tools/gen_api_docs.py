@@ -41,6 +41,7 @@ BEGIN, END = "<!-- BEGIN GENERATED: methods -->", "<!-- END GENERATED: methods -
 MODULES = [
     "marginalize.inference.registry",
     "marginalize.posterior",
+    "marginalize.core.info",
     "marginalize.models.builders",
     "marginalize.models.cnn",
     "marginalize.models.module",
@@ -49,10 +50,13 @@ MODULES = [
     "marginalize.models.base",
     "marginalize.temperature",
     "marginalize.inference.engines.checkpoint",
+    "marginalize.inference.engines.training",
+    "marginalize.inference.engines.options",
     "marginalize.core.approximations",
     "marginalize.io",
     "marginalize.datasets",
     "marginalize.diagnostics.report",
+    "marginalize.diagnostics.evaluation",
     "marginalize.core.arviz",
     "marginalize.diagnostics.stats",
     "marginalize.diagnostics.checks",
@@ -406,7 +410,7 @@ def render_methods_block() -> str:
     for r in rows:
         cls = get_method(r["name"])
         names = list(r["options"])
-        descs: dict[str, str] = {}
+        descs: dict[str, str] = {n: d for n, d in r.get("docs", {}).items() if d}
         intro = ""
         for k, doc in enumerate(_option_docs(cls.Options)):
             found, rest = parse_option_docs(doc, names)

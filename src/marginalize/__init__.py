@@ -4,21 +4,48 @@
 >>> model = mz.models.mlp(13, hidden=[50], likelihood="gaussian")
 >>> sorted(mz.methods())[:3]
 ['ensemble', 'hmc', 'laplace']
+
+Every public name is imported on first use (PEP 562), so ``import marginalize`` and
+``marginalize --help`` do not load torch, Pyro, ArviZ or matplotlib until they are needed.
 """
 
+import importlib
 import logging
 
-from marginalize import models
 from marginalize.errors import DataError, FileFormatError, FitError, ModelError, OptionError
-from marginalize.inference import fit, method_info, methods, register, resume
-from marginalize.io import load
-from marginalize.models import likelihoods, priors
-from marginalize.posterior import Posterior, Prediction
-from marginalize.temperature import temperature_scale
 
 __version__ = "0.1.0"
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
+
+#: public name -> the module that defines it (imported on first use)
+_LAZY = {
+    "fit": "marginalize.inference",
+    "methods": "marginalize.inference",
+    "method_info": "marginalize.inference",
+    "register": "marginalize.inference",
+    "resume": "marginalize.inference",
+    "load": "marginalize.io",
+    "Posterior": "marginalize.posterior",
+    "Prediction": "marginalize.posterior",
+    "temperature_scale": "marginalize.temperature",
+    "report": "marginalize.diagnostics.report",
+    "evaluate": "marginalize.diagnostics.evaluation",
+    "compare": "marginalize.diagnostics.stats",
+    "prior_functions": "marginalize.diagnostics.functions",
+    "posterior_functions": "marginalize.diagnostics.functions",
+    "prior_scale_sweep": "marginalize.diagnostics.functions",
+}
+#: public submodules (``mz.models``, ``mz.priors``, ...), imported on first use
+_SUBMODULES = {
+    "models": "marginalize.models",
+    "priors": "marginalize.models.priors",
+    "likelihoods": "marginalize.models.likelihoods",
+    "datasets": "marginalize.datasets",
+    "diagnostics": "marginalize.diagnostics",
+    "inference": "marginalize.inference",
+    "metrics": "marginalize.diagnostics.metrics",
+}
 
 __all__ = [
     "models",
@@ -38,27 +65,20 @@ __all__ = [
     "FitError",
     "resume",
     "temperature_scale",
+    "evaluate",
 ]
-
-# Names provided by the diagnostics package, imported on first use (keeps `import
-# marginalize` light: ArviZ and matplotlib load only when needed).
-_LAZY = {
-    "report": "marginalize.diagnostics.report",
-    "compare": "marginalize.diagnostics.stats",
-    "prior_functions": "marginalize.diagnostics.functions",
-    "posterior_functions": "marginalize.diagnostics.functions",
-    "prior_scale_sweep": "marginalize.diagnostics.functions",
-}
 
 
 def __getattr__(name):
     if name in _LAZY:
-        import importlib
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+    elif name in _SUBMODULES:
+        value = importlib.import_module(_SUBMODULES[name])
+    else:
+        raise AttributeError(f"module 'marginalize' has no attribute {name!r}")
+    globals()[name] = value  # later look-ups skip __getattr__
+    return value
 
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    if name in ("datasets", "diagnostics", "inference", "metrics"):
-        import importlib
 
-        mod = "marginalize.diagnostics.metrics" if name == "metrics" else f"marginalize.{name}"
-        return importlib.import_module(mod)
-    raise AttributeError(f"module 'marginalize' has no attribute {name!r}")
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY) | set(_SUBMODULES))

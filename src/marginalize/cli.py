@@ -1,12 +1,24 @@
 """Command line: ``marginalize fit``, ``marginalize methods``, ``marginalize bench``.
 
+``marginalize fit`` takes a data set (a built-in name, or a CSV/Parquet file with
+``--target``), a model (``mlp:WIDTHS``, ``linear``, or the user's own ``PATH.py:FUNCTION``) and
+methods by name; it checks everything (options of every method, data against the model,
+output paths) before the first fit, fits each method with the same likelihood, prints one
+results table in the target's units, and ends with the report's findings.
+
 Under ``torchrun --nproc-per-node=K -m marginalize fit ...`` the processes form a gloo process
 group: members and chains are spread over them (``docs/guide/distributed.md``), and only rank 0
-prints, predicts and writes the report (the other ranks log errors only).
+prints, predicts, saves and writes the report (the other ranks log errors only).
 
 Examples
 --------
 ``marginalize fit --data boston --model mlp:50 --method nuts,map --report out/``
+
+``marginalize fit --data mydata.csv --target price --model mymodel.py:model --method map,nuts
+--save fits/ --json results.json --report out/ --strict``
+
+Heavy modules (torch, Pyro, ArviZ, pandas) are imported only once a command runs, so
+``marginalize --help`` is fast.
 """
 
 from __future__ import annotations
@@ -17,22 +29,30 @@ import logging
 import math
 import sys
 import time
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-import numpy as np
-import torch
-
-__all__ = ["main", "parse_model", "METHOD_DEFAULTS"]
+__all__ = [
+    "main",
+    "build_parser",
+    "parse_model",
+    "load_model_file",
+    "read_table",
+    "METHOD_DEFAULTS",
+]
 
 log = logging.getLogger("marginalize.cli")
 
-#: settings used by the CLI for each method: (full, --quick)
+#: settings used by the CLI for each method: (full, --quick). Chosen so that on the README's
+#: demo (Boston housing, mlp:50) the report's checks find no problems; see README.md.
 METHOD_DEFAULTS: dict[str, tuple[dict, dict]] = {
     "map": ({"steps": 3000, "lr": 1e-2}, {"steps": 300}),
     "svi-meanfield": ({"steps": 5000, "lr": 1e-2}, {"steps": 300}),
     "svi-lowrank": ({"steps": 5000, "lr": 1e-2, "rank": 10}, {"steps": 300}),
     "mc-dropout": ({"steps": 3000, "p": 0.05}, {"steps": 300}),
-    "ensemble": ({"steps": 3000, "num_members": 5}, {"steps": 300, "num_members": 3}),
+    "ensemble": ({"steps": 5000, "num_members": 5}, {"steps": 300, "num_members": 3}),
     "swag": (
         {"pretrain_steps": 3000, "swag_steps": 1000},
         {"pretrain_steps": 300, "swag_steps": 200},
@@ -53,20 +73,193 @@ METHOD_DEFAULTS: dict[str, tuple[dict, dict]] = {
     ),
 }
 
+#: exit codes
+EXIT_OK, EXIT_FIT_FAILED, EXIT_BAD_INPUT, EXIT_PROBLEMS, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
-def _dataset_names() -> list[str]:
-    from marginalize.datasets import names
+_TABLE_SUFFIXES = {
+    ".csv": "csv",
+    ".txt": "csv",
+    ".tsv": "tsv",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+}
 
-    return names()
+
+# ---- data ------------------------------------------------------------------------------
+@dataclass
+class Data:
+    """A table as arrays: ``x`` ``(N, D)`` float, ``y`` ``(N,)`` float or int labels."""
+
+    name: str
+    x: Any
+    y: Any
+    task: str
+    target: str
+    feature_names: list[str]
+    num_classes: int | None = None
+    classes: list | None = None
+    notes: list[str] = field(default_factory=list)
 
 
+def read_table(path: Path):
+    """A CSV, TSV or Parquet file as a pandas DataFrame (``DataError`` if it cannot be read)."""
+    import pandas as pd
+
+    from marginalize.errors import DataError
+
+    kind = _TABLE_SUFFIXES.get(path.suffix.lower())
+    if kind is None:
+        raise DataError(
+            f"--data: {str(path)!r} is not a table this command reads; expected a .csv, .tsv "
+            "or .parquet file, or a built-in data set name"
+        )
+    try:
+        if kind == "parquet":
+            try:
+                return pd.read_parquet(path)
+            except ImportError as e:
+                raise DataError(
+                    f"--data: reading Parquet needs pyarrow ({e}); `pip install pyarrow`, or "
+                    "pass a CSV file"
+                ) from None
+        return pd.read_csv(path, sep="\t" if kind == "tsv" else ",")
+    except DataError:
+        raise
+    except Exception as e:  # pandas raises many types for unreadable files
+        raise DataError(f"--data: cannot read {str(path)!r} as {kind}: {e}") from None
+
+
+def table_to_data(df, target: str | None, task: str, name: str) -> Data:
+    """Split a DataFrame into features and target, checking both; see ``marginalize fit -h``.
+
+    Numeric and boolean columns are features as they are; text or categorical feature columns
+    are one-hot encoded. A text, categorical or boolean target means classification (unless
+    ``task`` says otherwise); a numeric one regression. Missing values are an error.
+    """
+    import difflib
+
+    import numpy as np
+    import pandas as pd
+
+    from marginalize.errors import DataError
+
+    cols = [str(c) for c in df.columns]
+    if target is None:
+        raise DataError(
+            f"--target: name the target column of {name!r}; its columns are {cols[:20]}"
+            + (" ..." if len(cols) > 20 else "")
+        )
+    if target not in cols:
+        close = difflib.get_close_matches(target, cols, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise DataError(f"--target: no column {target!r} in {name!r}{hint} (columns: {cols[:20]})")
+    df = df.rename(columns=str)
+    if len(df) < 4:
+        raise DataError(f"--data: {name!r} has {len(df)} rows; at least 4 are needed")
+    missing = {c: int(n) for c, n in df.isna().sum().items() if n}
+    if missing:
+        raise DataError(
+            f"--data: {name!r} has missing values ({missing}); fill or drop them first "
+            "(nothing is imputed silently)"
+        )
+    yser = df[target]
+    feats = df.drop(columns=[target])
+    if feats.shape[1] == 0:
+        raise DataError(f"--data: {name!r} has no feature columns besides the target")
+    notes = []
+    numeric_target = pd.api.types.is_numeric_dtype(yser) and not pd.api.types.is_bool_dtype(yser)
+    if task == "auto":
+        task = "regression" if numeric_target else "classification"
+    if task == "regression":
+        if not numeric_target:
+            raise DataError(
+                f"--task regression: target {target!r} is not numeric (dtype {yser.dtype})"
+            )
+        y = yser.to_numpy(np.float64)
+        classes = None
+        num_classes = None
+    else:
+        codes, uniques = pd.factorize(yser, sort=True)
+        classes = [u.item() if hasattr(u, "item") else u for u in uniques]
+        if len(classes) < 2:
+            raise DataError(f"--target: {target!r} has a single class {classes}")
+        if numeric_target and len(classes) > 50:
+            raise DataError(
+                f"--task classification: numeric target {target!r} has {len(classes)} distinct "
+                "values; is it a regression target?"
+            )
+        y = codes.astype(np.int64)
+        num_classes = len(classes)
+    bad = [c for c in feats.columns if pd.api.types.is_datetime64_any_dtype(feats[c])]
+    if bad:
+        raise DataError(f"--data: date/time feature columns {bad} need encoding as numbers")
+    text = [
+        c
+        for c in feats.columns
+        if not (pd.api.types.is_numeric_dtype(feats[c]) or pd.api.types.is_bool_dtype(feats[c]))
+    ]
+    if text:
+        feats = pd.get_dummies(feats, columns=text, dtype=np.float64)
+        notes.append(f"one-hot encoded the text/categorical feature columns {text}")
+    x = feats.to_numpy(np.float64)
+    return Data(
+        name, x, y, task, target, [str(c) for c in feats.columns], num_classes, classes, notes
+    )
+
+
+def load_data(spec: str, target: str | None, task: str) -> Data:
+    """A built-in data set by name, or a CSV/Parquet file."""
+    from marginalize import datasets
+    from marginalize.errors import DataError
+
+    path = Path(spec)
+    if spec in datasets.names() and not path.exists():
+        if target is not None:
+            raise DataError(f"--target: {spec!r} is a built-in data set with its own target")
+        ds = datasets.load(spec)
+        if task not in ("auto", ds.task):
+            raise DataError(f"--task {task}: the built-in data set {spec!r} is {ds.task}")
+        y = ds.y.astype("int64") if ds.task == "classification" else ds.y.astype("float64")
+        return Data(
+            ds.name,
+            ds.x.astype("float64"),
+            y,
+            ds.task,
+            "target",
+            list(ds.feature_names or [f"x{i}" for i in range(ds.x.shape[1])]),
+            ds.num_classes,
+        )
+    if not path.exists():
+        if path.suffix.lower() in _TABLE_SUFFIXES:
+            raise DataError(f"--data: no such file {spec!r}")
+        import difflib
+
+        close = difflib.get_close_matches(spec, datasets.names(), n=1)
+        raise DataError(
+            f"--data: {spec!r} is neither a file nor a built-in data set"
+            + (f" (did you mean {close[0]!r}?)" if close else "")
+            + f"; built-in: {', '.join(datasets.names())}"
+        )
+    if path.is_dir():
+        raise DataError(f"--data: {spec!r} is a folder; expected a .csv or .parquet file")
+    return table_to_data(read_table(path), target, task, path.name)
+
+
+# ---- models ----------------------------------------------------------------------------
 def parse_model(
-    spec: str, in_features: int, task: str, num_classes: int | None, noise: float | None = None
+    spec: str,
+    in_features: int,
+    task: str,
+    num_classes: int | None,
+    noise: float | None = None,
+    likelihood: str = "gaussian",
 ):
     """``mlp:50`` or ``mlp:100,100`` (hidden widths); ``linear`` for no hidden layer.
 
-    ``noise``: fixed Gaussian noise SD on the standardized scale (None: learned)."""
+    ``noise``: fixed Gaussian noise SD on the standardized scale (None: learned);
+    ``likelihood``: ``"gaussian"`` or ``"heteroscedastic"`` for regression."""
     import marginalize as mz
+    from marginalize.errors import ModelError
 
     kind, _, rest = spec.partition(":")
     if kind == "linear":
@@ -75,14 +268,19 @@ def parse_model(
         try:
             hidden = [int(h) for h in rest.split(",") if h] if rest else [50]
         except ValueError:
-            raise SystemExit(
+            raise ModelError(
                 f"--model: bad hidden widths in {spec!r}; expected e.g. mlp:50 or mlp:100,100"
             ) from None
+        if any(h < 1 for h in hidden):
+            raise ModelError(f"--model: hidden widths must be positive, got {spec!r}")
     else:
-        raise SystemExit(f"--model: unknown model {spec!r}; expected mlp:WIDTHS or linear")
+        raise ModelError(
+            f"--model: unknown model {spec!r}; expected mlp:WIDTHS, linear or PATH.py:FUNCTION"
+        )
     if task == "classification":
-        lik = "categorical"
-        out = num_classes
+        lik, out = "categorical", num_classes
+    elif likelihood == "heteroscedastic":
+        lik, out = "heteroscedastic", 1
     else:
         lik, out = mz.likelihoods.Gaussian(noise=noise), 1
     return mz.models.mlp(
@@ -95,6 +293,83 @@ def parse_model(
     )
 
 
+def _is_model_file(spec: str) -> bool:
+    path = spec.rpartition(":")[0] if ":" in spec else spec
+    return path.endswith(".py")
+
+
+def load_model_file(spec: str, in_features: int, task: str, num_classes: int | None):
+    """``PATH.py:FUNCTION``: the user's Pyro model, or a function returning one.
+
+    The file is imported with importlib from the path given (it is the user's own code).
+    ``FUNCTION`` is used as the model when it takes the data (``model(x, y=None)``); when it
+    takes none of them, or keyword ``in_features``, it is called (with those of
+    ``in_features``, ``out_features``, ``num_classes`` and ``task`` it accepts) and must return
+    the model (e.g. ``mz.models.mlp(...)``). A module attribute that is a builder model is
+    used as it is.
+    """
+    import importlib.util
+    import inspect
+
+    from marginalize.errors import ModelError
+    from marginalize.models.base import BNN
+
+    path_s, sep, func = spec.rpartition(":")
+    if not sep:
+        path_s, func = spec, ""
+    path = Path(path_s)
+    if not func:
+        raise ModelError(f"--model: name the function in {path_s!r}: --model {path_s}:FUNCTION")
+    if not path.is_file():
+        raise ModelError(f"--model: no such file {path_s!r}")
+    mod_name = f"marginalize_user_model_{abs(hash(str(path.resolve())))}"
+    try:
+        spec_obj = importlib.util.spec_from_file_location(mod_name, path)
+        module = importlib.util.module_from_spec(spec_obj)
+        spec_obj.loader.exec_module(module)
+    except Exception as e:
+        raise ModelError(f"--model: importing {path_s!r} raised {type(e).__name__}: {e}") from e
+    if not hasattr(module, func):
+        found = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_"))
+        raise ModelError(f"--model: {path_s!r} has no {func!r}; it defines {found}")
+    obj = getattr(module, func)
+    if isinstance(obj, BNN):
+        return obj
+    if not callable(obj):
+        raise ModelError(f"--model: {spec!r} is a {type(obj).__name__}, not a model or function")
+    try:
+        params = inspect.signature(obj).parameters
+    except (TypeError, ValueError):
+        return obj
+    required = [
+        p
+        for p in params.values()
+        if p.default is inspect.Parameter.empty
+        and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    ]
+    is_factory = "in_features" in params or not required
+    if not is_factory:
+        return obj
+    given = {
+        "in_features": in_features,
+        "out_features": num_classes if task == "classification" else 1,
+        "num_classes": num_classes,
+        "task": task,
+    }
+    kwargs = {k: v for k, v in given.items() if k in params}
+    try:
+        model = obj(**kwargs)
+    except Exception as e:
+        raise ModelError(f"--model: calling {func}({kwargs}) raised {type(e).__name__}: {e}") from e
+    if not callable(model):
+        raise ModelError(
+            f"--model: {func}() returned a {type(model).__name__}; expected a model "
+            "(a Pyro model function or e.g. mz.models.mlp(...))"
+        )
+    return model
+
+
+# ---- options ---------------------------------------------------------------------------
 def _parse_options(text: str | None, names: list[str]) -> dict[str, dict]:
     """``--options``: a JSON object mapping method names (from ``--method``) to option objects."""
     from marginalize.errors import OptionError
@@ -116,6 +391,26 @@ def _parse_options(text: str | None, names: list[str]) -> dict[str, dict]:
     return options
 
 
+def method_options(names: list[str], quick: bool, user: dict[str, dict]) -> dict[str, dict]:
+    """The options each method will run with, every one validated before any fit."""
+    import marginalize as mz
+    from marginalize.errors import OptionError
+
+    out = {}
+    for m in names:
+        cls = mz.inference.get_method(m)  # unknown names raise with a suggestion
+        full, small = METHOD_DEFAULTS.get(cls.name, ({}, {}))
+        accepted = cls.option_defaults()
+        kw = {k: v for k, v in {**full, **(small if quick else {})}.items() if k in accepted}
+        kw.update(user.get(m, {}))
+        try:
+            cls.make_options(kw)
+        except (OptionError, TypeError, ValueError) as e:
+            raise OptionError(f"--options for {m}: {e}") from None
+        out[m] = kw
+    return out
+
+
 def _check_args(args) -> None:
     from marginalize.errors import OptionError
 
@@ -125,145 +420,450 @@ def _check_args(args) -> None:
         raise OptionError(f"--num-samples: expected an integer >= 1, got {args.num_samples}")
     if not 0 <= args.seed < 2**32:
         raise OptionError(f"--seed: expected an integer in [0, 2**32 - 1], got {args.seed}")
+    if args.threads < 1:
+        raise OptionError(f"--threads: expected an integer >= 1, got {args.threads}")
 
 
+def _parse_noise(text: str | None) -> float | None:
+    from marginalize.errors import OptionError
+
+    if text is None or text == "learned":
+        return None
+    try:
+        v = float(text)
+    except ValueError:
+        raise OptionError(
+            f"--noise: expected 'learned' or a positive number, got {text!r}"
+        ) from None
+    if not (v > 0 and math.isfinite(v)):
+        raise OptionError(f"--noise: expected a positive number, got {text!r}")
+    return v
+
+
+def _writable_dir(path: Path, flag: str) -> Path:
+    import os
+
+    from marginalize.errors import OptionError
+
+    if path.exists() and not path.is_dir():
+        raise OptionError(f"{flag}: {str(path)!r} exists and is not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OptionError(f"{flag}: cannot create folder {str(path)!r}: {e}") from None
+    if not os.access(path, os.W_OK):
+        raise OptionError(f"{flag}: folder {str(path)!r} is not writable")
+    return path
+
+
+def _writable_file(path: Path, flag: str) -> Path:
+    import os
+
+    from marginalize.errors import OptionError
+
+    if path.is_dir() or str(path).endswith(("/", os.sep)):
+        raise OptionError(f"{flag}: {str(path)!r} is a folder; expected a file path")
+    parent = path.parent if str(path.parent) else Path(".")
+    if parent.exists() and not parent.is_dir():
+        raise OptionError(f"{flag}: {str(parent)!r} is not a folder")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OptionError(f"{flag}: cannot create folder {str(parent)!r}: {e}") from None
+    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise OptionError(f"{flag}: {str(path)!r} is not writable")
+    return path
+
+
+# ---- output ----------------------------------------------------------------------------
+class _Out:
+    """Terminal output: nothing with ``--quiet``."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+
+    def __call__(self, *parts: str) -> None:
+        if not self.quiet:
+            print(*parts, flush=True)
+
+
+_COLUMNS = {
+    "regression": [
+        ("RMSE", "rmse", "{:9.3f}"),
+        ("MAE", "mae", "{:9.3f}"),
+        ("NLL", "nll", "{:8.3f}"),
+        ("cov90", "coverage90", "{:6.2f}"),
+        ("width90", "width90", "{:9.3f}"),
+    ],
+    "classification": [
+        ("accuracy", "accuracy", "{:9.3f}"),
+        ("NLL", "nll", "{:8.3f}"),
+        ("ECE", "ece", "{:7.3f}"),
+        ("Brier", "brier", "{:7.3f}"),
+    ],
+}
+
+
+def format_table(table, seconds: dict[str, float]) -> list[str]:
+    """The results table as text lines, with a header (``table`` from ``mz.evaluate``)."""
+    cols = _COLUMNS[table.attrs.get("task", "regression")]
+    width = max([len("method")] + [len(str(i)) for i in table.index])
+    head = (
+        f"{'method':<{width}}"
+        + "".join(f"{t:>{len(fmt.format(0.0))}}" for t, _, fmt in cols)
+        + f"{'fit s':>8}"
+    )
+    lines = [head, "-" * len(head)]
+    for name, row in table.iterrows():
+        cells = []
+        for _, key, fmt in cols:
+            v = float(row[key])
+            cells.append(fmt.format(v) if math.isfinite(v) else f"{'n/a':>{len(fmt.format(0.0))}}")
+        secs = seconds.get(str(name))
+        lines.append(
+            f"{str(name):<{width}}" + "".join(cells) + (f"{secs:8.1f}" if secs is not None else "")
+        )
+    return lines
+
+
+def _configure_logging(quiet: bool, verbose: int) -> None:
+    """Warnings and errors by default; ``-v``: marginalize's INFO lines; ``-vv``: everyone's
+    (third-party INFO such as ``arviz.preview`` only then); ``--quiet``: errors only."""
+    level = logging.ERROR if quiet else logging.WARNING
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    logging.basicConfig(
+        level=logging.INFO if verbose >= 2 else level,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    logging.getLogger("marginalize").setLevel(logging.INFO if verbose >= 1 else level)
+    for name in ("arviz", "arviz_base", "arviz_stats", "arviz_plots", "pyro", "matplotlib"):
+        logging.getLogger(name).setLevel(logging.INFO if verbose >= 2 else logging.WARNING)
+    logging.captureWarnings(True)  # Python warnings go through logging: --quiet silences them
+    if quiet:
+        warnings.simplefilter("ignore")
+
+
+# ---- fit -------------------------------------------------------------------------------
 def _fit_cmd(args) -> int:
-    import marginalize as mz
-    from marginalize import datasets
     from marginalize.inference.engines import distributed
 
     _check_args(args)
+    main_rank = distributed.is_main()  # a torchrun launch: only rank 0 predicts and writes
+    out = _Out(args.quiet or not main_rank)
+    import numpy as np
+    import torch
+
+    import marginalize as mz
+    from marginalize import datasets
+    from marginalize._validation import check_device
+    from marginalize.core.problem import prepare
+    from marginalize.diagnostics.report import build_report, describe_likelihood
+
+    # 1. everything that can be checked is checked before the first fit
     names = [m.strip() for m in args.method.split(",") if m.strip()]
     if not names:
         raise mz.OptionError("--method: expected one or more method names separated by commas")
-    for m in names:
-        mz.inference.get_method(m)  # raises with a suggestion
-    options = _parse_options(args.options, names)
-    ds = datasets.load(args.data)
-    xtr, ytr, xte, yte = ds.split(test_size=args.test_size, seed=args.seed)
-    sx = datasets.Standardizer(xtr)
-    xtr_s, xte_s = sx(xtr), sx(xte)
-    sy = None
-    if ds.task == "regression":
-        sy = datasets.Standardizer(ytr)
-        ytr_s = sy(ytr)
-    else:
-        ytr_s = ytr
-    model = parse_model(args.model, xtr.shape[1], ds.task, ds.num_classes)
-    if args.threads < 1:
-        raise mz.OptionError(f"--threads: expected an integer >= 1, got {args.threads}")
+    names = list(dict.fromkeys(mz.inference.get_method(m).name for m in names))
+    options = method_options(names, args.quick, _parse_options(args.options, names))
+    noise = _parse_noise(args.noise)
+    device = check_device(args.device)
+    save_dir = _writable_dir(Path(args.save), "--save") if args.save else None
+    json_path = _writable_file(Path(args.json), "--json") if args.json else None
+    report_dir = _writable_dir(Path(args.report), "--report") if args.report else None
     torch.set_num_threads(args.threads)
-    x_train = torch.as_tensor(xtr_s, dtype=torch.float32)
-    y_train = torch.as_tensor(ytr_s, dtype=torch.float32 if ds.task == "regression" else torch.long)
-    x_test = torch.as_tensor(xte_s, dtype=torch.float32)
-    posts, rows = {}, []
-    main_rank = distributed.is_main()  # a torchrun launch: only rank 0 predicts and writes
-    if main_rank:
-        print(
-            f"data: {ds.name} ({ds.x.shape[0]} rows, {ds.x.shape[1]} features), "
-            f"{len(xtr)} train / {len(xte)} test, model {model!r}"
-        )
-    for m in names:
-        full, quick = METHOD_DEFAULTS.get(m, ({}, {}))
-        m_model = model
-        if ds.task == "regression":
-            # the settings of the UCI benchmark (chosen on validation splits; see bench/uci.py):
-            # point-estimate methods use a fixed noise SD, VI and MCMC learn it
-            from marginalize.benchmarks.uci import MODEL_KEYS, SETTINGS
 
-            row_settings = SETTINGS.get(m, {}).get("small", {})
-            full = {k: v for k, v in row_settings.items() if k not in MODEL_KEYS} or full
-            if "num_chains" in full:  # R-hat needs two chains at least
-                full["num_chains"] = max(2, full["num_chains"])
-            if row_settings.get("noise") is not None:
-                m_model = parse_model(
-                    args.model, xtr.shape[1], ds.task, ds.num_classes, noise=row_settings["noise"]
-                )
-        kw = {**full, **(quick if args.quick else {}), **options.get(m, {})}
-        t0 = time.perf_counter()
-        post = mz.fit(
-            m_model, x_train, y_train, method=m, seed=args.seed, progress=not args.quiet, **kw
-        )
-        secs = time.perf_counter() - t0
-        post.info.setdefault("fit_seconds", secs)  # shown by the report
-        posts[m] = post
-        if not main_rank:
-            continue
-        row = {"method": m, "seconds": secs}
-        if ds.task == "regression":
-            pred = post.predict(x_test, num_samples=args.num_samples)
-            mean = sy.inverse(pred.mean.numpy())
-            row["rmse"] = float(np.sqrt(np.mean((mean - yte) ** 2)))
-            y_te_s = torch.as_tensor(sy(yte), dtype=torch.float32)
-            ll = post.log_predictive(x_test, y_te_s, num_samples=args.num_samples)
-            row["test_ll"] = float(ll.mean()) - math.log(float(sy.std))
-        else:
-            pred = post.predict(x_test, num_samples=args.num_samples)
-            row["accuracy"] = float((pred.probs.argmax(-1).numpy() == yte).mean())
-            ll = post.log_predictive(x_test, torch.as_tensor(yte), num_samples=args.num_samples)
-            row["test_ll"] = float(ll.mean())
-        rows.append(row)
-        print(_format_row(row), flush=True)
-    if args.report and main_rank:
-        out = Path(args.report)
-        out.mkdir(parents=True, exist_ok=True)
-        _write_report(posts, x_test, yte, sy, ds, out, args)
-    return 0
-
-
-def _format_row(row: dict) -> str:
-    parts = [f"{row['method']:>14}"]
-    for k in ("rmse", "accuracy", "test_ll"):
-        if k in row:
-            parts.append(f"{k} {row[k]:8.3f}")
-    parts.append(f"({row['seconds']:.1f} s)")
-    return "  ".join(parts)
-
-
-def _write_report(posts, x_test, y_test, sy, ds, out: Path, args) -> None:
-    try:
-        from marginalize.diagnostics.report import report
-    except ImportError:  # pragma: no cover - the report arrives with the diagnostics package
-        log.warning("the HTML report is not available in this build")
-        return
-    y = torch.as_tensor(
-        sy(y_test) if sy is not None else y_test,
-        dtype=torch.float32 if ds.task == "regression" else torch.long,
+    data = load_data(args.data, args.target, args.task)
+    xtr, ytr, xte, yte = datasets.train_test_split(
+        data.x,
+        data.y,
+        test_size=args.test_size,
+        seed=args.seed,
+        stratify=data.task == "classification",
     )
-    path = report(posts, x_test, y, path=out / "report.html", title=f"marginalize: {ds.name}")
-    print(f"report: {path}")
+    if len(xte) < 2 or len(xtr) < 2:
+        raise mz.DataError(
+            f"--test-size {args.test_size}: {len(xtr)} train / {len(xte)} test rows; "
+            "both need at least 2"
+        )
+    user_model = _is_model_file(args.model)
+    if user_model and (args.noise is not None or args.likelihood is not None):
+        raise mz.OptionError(
+            "--noise / --likelihood: for the built-in models; a model file defines its own "
+            "likelihood"
+        )
+    if data.task == "classification" and (args.noise is not None or args.likelihood):
+        raise mz.OptionError("--noise / --likelihood: for regression only")
+    sx = datasets.Standardizer(xtr) if args.standardize else None
+    sy = datasets.Standardizer(ytr) if args.standardize and data.task == "regression" else None
+    xtr_s = sx(xtr) if sx else xtr
+    xte_s = sx(xte) if sx else xte
+    ytr_s = sy(ytr) if sy else ytr
+    yte_s = sy(yte) if sy else yte
+    if user_model:
+        model = load_model_file(args.model, xtr.shape[1], data.task, data.num_classes)
+    else:
+        model = parse_model(
+            args.model,
+            xtr.shape[1],
+            data.task,
+            data.num_classes,
+            noise=noise,
+            likelihood=args.likelihood or "gaussian",
+        )
+    dev = device or torch.device("cpu")
+    ydt = torch.get_default_dtype() if data.task == "regression" else torch.long
+    x_train = torch.as_tensor(xtr_s, dtype=torch.get_default_dtype(), device=dev)
+    y_train = torch.as_tensor(ytr_s, dtype=ydt, device=dev)
+    x_test = torch.as_tensor(xte_s, dtype=torch.get_default_dtype(), device=dev)
+    y_test = torch.as_tensor(yte_s, dtype=ydt, device=dev)
+    prepare(model, x_train, y_train, device=device)  # the model contract, against the data
+    y_loc = None if sy is None else float(np.asarray(sy.mean).reshape(-1)[0])
+    y_scale = None if sy is None else float(np.asarray(sy.std).reshape(-1)[0])
+
+    # 2. what is run, said up front
+    out(
+        f"data: {data.name} ({len(data.x)} rows, {data.x.shape[1]} features), "
+        f"target {data.target!r} ({data.task}"
+        + (f", {data.num_classes} classes" if data.num_classes else "")
+        + f"), {len(xtr)} train / {len(xte)} test (--test-size {args.test_size}, "
+        f"--seed {args.seed})"
+    )
+    for n in data.notes:
+        out(f"data: {n}")
+    if args.standardize:
+        out(
+            "data: inputs"
+            + (" and target" if sy is not None else "")
+            + " standardized with the training split's mean and SD"
+        )
+    from marginalize.models.base import BNN
+
+    model_desc = (
+        repr(model)
+        if isinstance(model, BNN)
+        else f"{getattr(model, '__name__', type(model).__name__)} from {args.model}"
+    )
+    out(f"model: {model_desc}")
+
+    # 3. fits
+    posts: dict[str, Any] = {}
+    seconds: dict[str, float] = {}
+    saved: dict[str, str] = {}
+    failed: dict[str, str] = {}
+    for m in names:
+        t0 = time.perf_counter()
+        try:
+            post = mz.fit(
+                model,
+                x_train,
+                y_train,
+                method=m,
+                seed=args.seed,
+                progress=not args.quiet,
+                **options[m],
+            )
+        except mz.FitError as e:
+            failed[m] = str(e)
+            print(f"marginalize: {m}: the fit failed: {e}", file=sys.stderr)
+            continue
+        secs = time.perf_counter() - t0
+        post.info.fit_seconds = post.info.fit_seconds or secs
+        posts[m], seconds[m] = post, secs
+        if save_dir is not None and main_rank:
+            path = save_dir / f"{m}.pt"
+            post.save(path)
+            saved[m] = str(path)
+        out(f"fitted {m} in {secs:.1f} s" + (f" (saved to {saved[m]})" if m in saved else ""))
+    if not posts:
+        return EXIT_FIT_FAILED
+    if not main_rank:  # the fits are gathered on every rank; rank 0 evaluates and writes
+        return EXIT_FIT_FAILED if failed else EXIT_OK
+    first = next(iter(posts.values()))
+    likelihood = describe_likelihood(first, y_scale)
+    out(f"likelihood (every method): {likelihood}")
+
+    # 4. one evaluation: the table, the report and its findings
+    notes = [f"Command: marginalize {' '.join(args.argv)}"]
+    res = build_report(
+        posts,
+        x_test,
+        y_test,
+        path=None if report_dir is None else report_dir / "report.html",
+        title=f"marginalize: {data.name}",
+        num_samples=args.num_samples,
+        seed=args.seed,
+        y_loc=y_loc,
+        y_scale=y_scale,
+        notes=notes,
+    )
+    table = res.metrics
+    units = "in the target's units" if data.task == "regression" else ""
+    out("")
+    out(f"results on the {len(xte)} test points {units}".rstrip() + ":")
+    for line in format_table(table, seconds):
+        out("  " + line)
+    for name, reasons in (table.attrs.get("not_applicable") or {}).items():
+        for r in reasons:
+            out(f"  note: {name}: {r}")
+    if res.path is not None:
+        out(f"report: {res.path}")
+    if res.problems:
+        out(f"findings: {len(res.problems)} problem(s):")
+        for fit_name, f in res.problems:
+            out(f"  {fit_name}: {f.check}: {f.message}")
+    else:
+        out("findings: no problems found by the report's checks")
+    if save_dir is not None:
+        out(
+            f"saved: {', '.join(saved.values())} (load with mz.load"
+            + (f"(path, model=...) and the model from {args.model}" if user_model else "(path)")
+            + ")"
+        )
+        run = {
+            "data": data.name,
+            "target": data.target,
+            "task": data.task,
+            "feature_names": data.feature_names,
+            "classes": data.classes,
+            "x_mean": None if sx is None else np.asarray(sx.mean).tolist(),
+            "x_std": None if sx is None else np.asarray(sx.std).tolist(),
+            "y_mean": y_loc,
+            "y_std": y_scale,
+            "model": args.model,
+            "fits": saved,
+        }
+        (save_dir / "run.json").write_text(json.dumps(run, indent=2), encoding="utf-8")
+    if json_path is not None:
+        rows = []
+        for name, row in table.iterrows():
+            r = {"method": str(name), "fit_seconds": seconds.get(str(name))}
+            r.update(
+                {k: (None if not math.isfinite(float(v)) else float(v)) for k, v in row.items()}
+            )
+            rows.append(r)
+        doc = {
+            "command": ["marginalize", *args.argv],
+            "data": data.name,
+            "target": data.target,
+            "task": data.task,
+            "n_train": len(xtr),
+            "n_test": len(xte),
+            "units": "target" if data.task == "regression" else None,
+            "likelihood": likelihood,
+            "model": model_desc,
+            "results": rows,
+            "not_applicable": table.attrs.get("not_applicable") or {},
+            "problems": [
+                {"fit": n, "check": f.check, "message": f.message} for n, f in res.problems
+            ],
+            "notes": [{"fit": n, "check": f.check, "message": f.message} for n, f in res.notes],
+            "failed": failed,
+            "report": None if res.path is None else str(res.path),
+            "saved": saved,
+        }
+        json_path.write_text(json.dumps(doc, indent=2), encoding="utf-8")
+        out(f"json: {json_path}")
+    if failed:
+        return EXIT_FIT_FAILED
+    if args.strict and res.problems:
+        return EXIT_PROBLEMS
+    return EXIT_OK
 
 
-def main(argv: list[str] | None = None) -> int:
-    import marginalize as mz
-
-    p = argparse.ArgumentParser(prog="marginalize", description="Bayesian neural networks on Pyro.")
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (built without importing torch)."""
+    p = argparse.ArgumentParser(
+        prog="marginalize",
+        description="Bayesian neural networks on Pyro: fit with inference methods by name, "
+        "compare them on held-out data, and write the ArviZ report.",
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("methods", help="list the registered inference methods")
-    f = sub.add_parser("fit", help="fit a BNN on a data set with methods chosen by name")
-    f.add_argument(
+    f = sub.add_parser(
+        "fit",
+        help="fit a BNN with methods chosen by name",
+        description="Fit a model with each method named in --method, print one results table "
+        "(held-out data, target's units) and the report's findings. Every option, the data "
+        "and the model are checked before the first fit. Exit codes: 0 done, 1 a fit "
+        "failed, 2 bad input, 3 problems found (with --strict), 130 interrupted.",
+    )
+    d = f.add_argument_group("data")
+    d.add_argument(
         "--data",
         default="boston",
-        help=f"data set name ({', '.join(_dataset_names())})",
+        help="a built-in data set (boston, breast_cancer, digits, gap, sine, two_moons) or a "
+        ".csv/.tsv/.parquet file (default: boston)",
     )
-    f.add_argument(
-        "--model", default="mlp:50", help="mlp:WIDTHS (e.g. mlp:50 or mlp:100,100) or linear"
+    d.add_argument("--target", default=None, help="the target column of a file")
+    d.add_argument(
+        "--task",
+        choices=["auto", "regression", "classification"],
+        default="auto",
+        help="auto: a numeric target is regression, a text/categorical/boolean one classification",
     )
-    f.add_argument("--method", default="map", help="comma-separated method names")
-    f.add_argument("--seed", type=int, default=0)
-    f.add_argument("--test-size", type=float, default=0.1)
-    f.add_argument("--num-samples", type=int, default=500, help="posterior draws for prediction")
-    f.add_argument(
-        "--options", default=None, help='JSON: per-method options, e.g. {"nuts": {"num_chains": 4}}'
+    d.add_argument("--test-size", type=float, default=0.1, help="held-out fraction (0.1)")
+    d.add_argument(
+        "--no-standardize",
+        dest="standardize",
+        action="store_false",
+        help="fit the raw values (default: inputs and a regression target are standardized "
+        "with the training split's statistics; results are reported in the target's units)",
     )
-    f.add_argument("--report", default=None, help="folder for the HTML report")
-    f.add_argument("--quick", action="store_true", help="small settings (smoke test)")
-    f.add_argument("--quiet", action="store_true", help="no progress bars")
-    f.add_argument(
+    m = f.add_argument_group("model and methods")
+    m.add_argument(
+        "--model",
+        default="mlp:50",
+        help="mlp:WIDTHS (e.g. mlp:50, mlp:100,100), linear, or PATH.py:FUNCTION: your Pyro "
+        "model model(x, y=None), or a function returning a model (called with those of "
+        "in_features, out_features, num_classes, task it takes)",
+    )
+    m.add_argument(
+        "--likelihood",
+        choices=["gaussian", "heteroscedastic"],
+        default=None,
+        help="regression likelihood of the built-in models, the same for every method "
+        "(default gaussian)",
+    )
+    m.add_argument(
+        "--noise",
+        default=None,
+        help="Gaussian noise SD of the built-in models on the standardized scale: 'learned' "
+        "(default; a HalfNormal(1) prior) or a number, the same for every method",
+    )
+    m.add_argument("--method", default="map", help="comma-separated method names (default map)")
+    m.add_argument(
+        "--options",
+        default=None,
+        help='JSON: per-method options over the defaults, e.g. {"nuts": {"num_chains": 4}}',
+    )
+    m.add_argument("--quick", action="store_true", help="small settings (a smoke test)")
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--num-samples", type=int, default=500, help="posterior draws for evaluation")
+    m.add_argument("--device", default=None, help="cpu or cuda (default: cpu)")
+    m.add_argument(
         "--threads",
         type=int,
         default=1,
         help="torch CPU threads (default 1: fastest for small networks)",
+    )
+    o = f.add_argument_group("output")
+    o.add_argument("--report", default=None, help="folder for the HTML report (report.html)")
+    o.add_argument(
+        "--save", default=None, help="folder: each fit as METHOD.pt (mz.load) + run.json"
+    )
+    o.add_argument("--json", default=None, help="file: the results table and findings as JSON")
+    o.add_argument(
+        "--strict", action="store_true", help="exit 3 when the report's checks find problems"
+    )
+    o.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    o.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=0,
+        help="-v: marginalize's log lines; -vv: third-party INFO lines too",
     )
     from marginalize.benchmarks import add_subcommands as _bench_subcommands
 
@@ -272,43 +872,99 @@ def main(argv: list[str] | None = None) -> int:
             "bench", help="benchmarks: uci, classification, active-learning"
         ).add_subparsers(dest="bench", required=True)
     )
-    args = p.parse_args(argv)
+    return p
+
+
+class _Settings:
+    """Logging and warning settings for one command, restored afterwards (``main`` is also
+    called in-process, e.g. by tests and notebooks)."""
+
+    def __init__(self, quiet: bool, verbose: int):
+        self.quiet, self.verbose = quiet, verbose
+
+    def __enter__(self):
+        root = logging.getLogger()
+        self._root = (list(root.handlers), root.level)
+        names = (
+            "marginalize",
+            "arviz",
+            "arviz_base",
+            "arviz_stats",
+            "arviz_plots",
+            "pyro",
+            "matplotlib",
+            "py.warnings",
+        )
+        self._levels = {n: logging.getLogger(n).level for n in names}
+        self._warn = warnings.catch_warnings()
+        self._warn.__enter__()
+        _configure_logging(self.quiet, self.verbose)
+        return self
+
+    def __exit__(self, *exc):
+        logging.captureWarnings(False)
+        self._warn.__exit__(*exc)
+        root = logging.getLogger()
+        for h in list(root.handlers):
+            root.removeHandler(h)
+        for h in self._root[0]:
+            root.addHandler(h)
+        root.setLevel(self._root[1])
+        for n, level in self._levels.items():
+            logging.getLogger(n).setLevel(level)
+        return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    args.argv = argv
     if args.cmd == "methods":
-        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-        for row in mz.method_info():
-            print(f"{row['name']:>14}  {row['summary']}")
-        return 0
+        return _run(args, argv)
     from marginalize.inference.engines import distributed
 
     # launched by torchrun: one gloo process group (members and chains over the ranks)
     created = distributed.init_from_env("gloo")
-    level = logging.INFO if distributed.is_main() else logging.ERROR
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return _command(args, argv)
+        if args.cmd == "bench":  # the benchmarks log their progress at INFO themselves
+            from marginalize.benchmarks import run_parsed
+
+            if not distributed.is_main():  # other ranks: errors only
+                logging.basicConfig(
+                    level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s"
+                )
+
+            return run_parsed(args, ["marginalize", *argv])
+        quiet = getattr(args, "quiet", False) or not distributed.is_main()
+        with _Settings(quiet, getattr(args, "verbose", 0)):
+            return _run(args, argv)
     finally:
         if created:
+            import torch.distributed
+
             torch.distributed.destroy_process_group()
 
 
-def _command(args, argv) -> int:
-    if args.cmd == "bench":
-        from marginalize.benchmarks import run_parsed
+def _run(args, argv: list[str]) -> int:
+    if args.cmd == "methods":
+        import marginalize as mz
 
-        return run_parsed(args, ["marginalize", *(sys.argv[1:] if argv is None else argv)])
+        for row in mz.method_info():
+            print(f"{row['name']:>14}  {row['summary']}")
+        return EXIT_OK
     from marginalize.errors import FitError
 
     try:
         return _fit_cmd(args)
     except (ValueError, TypeError) as e:  # bad input: DataError, ModelError, OptionError, ...
         print(f"marginalize: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     except FitError as e:
         print(f"marginalize: the fit failed: {e}", file=sys.stderr)
-        return 1
+        return EXIT_FIT_FAILED
     except KeyboardInterrupt:
         print("marginalize: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":  # pragma: no cover

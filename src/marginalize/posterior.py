@@ -25,6 +25,7 @@ from pyro import poutine
 from marginalize._files import check_path, write_verified
 from marginalize._validation import check_positive_int, check_seed, check_x, check_y
 from marginalize.core.approximations import Approximation
+from marginalize.core.info import FitInfo
 from marginalize.core.layout import Layout
 from marginalize.core.linearized import linearized_dist
 from marginalize.core.predictive import (
@@ -33,6 +34,7 @@ from marginalize.core.predictive import (
     GPU_CHUNK_BYTES,
     MIN_DRAWS_PER_CHUNK,
     Moments,
+    PredictiveMixture,
     class_probs,
     entropy,
     log_prob,
@@ -58,6 +60,24 @@ class Prediction:
     Classification: ``probs`` (mean class probabilities, also ``mean``), ``entropy`` of the
     mean (total uncertainty), ``expected_entropy`` (aleatoric) and ``mutual_info``
     (``entropy - expected_entropy``, epistemic; the BALD score).
+
+    Regression also gives the quantiles of the posterior predictive itself, the equal-weight
+    mixture over draws ``p(y | x, D) = (1/S) sum_s p(y | x, w_s)`` (not a Gaussian with the
+    predictive mean and std): :meth:`quantile`, :meth:`interval` and :meth:`cdf` (PIT values).
+    They are defined where the std is not (e.g. Student-t noise with ``df <= 2``).
+
+    Examples
+    --------
+    >>> import torch, marginalize as mz
+    >>> x = torch.linspace(-1, 1, 30)[:, None]; y = x[:, 0] + 0.1 * torch.randn(30)
+    >>> post = mz.fit(mz.models.mlp(1, hidden=[]), x, y, method="svi-meanfield", steps=200,
+    ...               progress=False)
+    >>> pred = post.predict(x[:4], num_samples=100)
+    >>> lo, hi = pred.interval(0.9)
+    >>> bool((lo < pred.quantile(0.5)).all() and (pred.quantile(0.5) < hi).all())
+    True
+    >>> pred.quantile([0.05, 0.5, 0.95]).shape
+    torch.Size([3, 4])
     """
 
     task: str
@@ -72,6 +92,60 @@ class Prediction:
     mutual_info: torch.Tensor | None = None
     #: per-draw outputs ``(chain, draw, N, ...)`` when asked for (``return_draws=True``)
     draws: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+    #: rebuilds the predictive mixture (the same draws) for quantiles; set by ``predict``
+    mixture_fn: Callable[[], PredictiveMixture] | None = field(
+        default=None, repr=False, compare=False
+    )
+    _mixture: PredictiveMixture | None = field(default=None, init=False, repr=False, compare=False)
+
+    def mixture(self) -> PredictiveMixture:
+        """The predictive mixture over the draws (built on first use, then kept).
+
+        Holds the observation distribution of every draw at every input (memory of the order
+        of ``num_draws x N`` parameters of the family).
+        """
+        if self.task != "regression":
+            raise OptionError(
+                "quantiles and intervals are for regression; for classification use probs"
+            )
+        if self._mixture is None:
+            if self.mixture_fn is None:
+                raise OptionError("this Prediction was not made by Posterior.predict")
+            self._mixture = self.mixture_fn()
+        return self._mixture
+
+    def quantile(self, q) -> torch.Tensor:
+        """Quantile(s) ``q`` in (0, 1) of the posterior predictive of y at each input.
+
+        Shape ``mean.shape`` for one ``q``, ``(len(q), *mean.shape)`` for a sequence. Exact
+        (bisection on the mixture CDF) for families with a CDF; Monte Carlo otherwise.
+
+        Raises
+        ------
+        OptionError
+            For classification, or ``q`` outside (0, 1).
+        """
+        mix = self.mixture()
+        try:
+            return mix.quantile(q).to(self.mean.dtype)
+        except ValueError as e:
+            raise OptionError(str(e)) from None
+
+    def interval(self, level: float = 0.9) -> tuple[torch.Tensor, torch.Tensor]:
+        """Central posterior predictive interval ``(lower, upper)`` holding ``level`` of the
+        predictive mass at each input (quantiles ``(1 -+ level) / 2``)."""
+        if isinstance(level, bool) or not isinstance(level, (int, float)) or not 0 < level < 1:
+            raise OptionError(f"level: expected a probability in (0, 1), got {level!r}")
+        q = self.quantile([(1 - level) / 2, (1 + level) / 2])
+        return q[0], q[1]
+
+    def cdf(self, y) -> torch.Tensor:
+        """The predictive CDF at observed ``y`` (PIT values, uniform when calibrated)."""
+        mix = self.mixture()
+        t = torch.as_tensor(y, device=self.mean.device)
+        if t.shape != self.mean.shape:
+            raise DataError(f"y: expected shape {tuple(self.mean.shape)}, got {tuple(t.shape)}")
+        return mix.cdf(t).to(self.mean.dtype)
 
     def __repr__(self) -> str:
         shape = tuple(self.mean.shape)
@@ -91,8 +165,9 @@ class Posterior:
         The distribution over the flat unconstrained parameter vector.
     layout : Layout
         Sites, shapes and transforms of that vector.
-    info : dict
-        Fit diagnostics: ``loss`` (SVI), ``sample_stats`` (MCMC, ``(chain, draw)`` tensors), ...
+    info : FitInfo
+        What the fit reports about itself: ``loss``, ``converged``, ``stopped`` (optimization),
+        ``sample_stats`` (MCMC, ``(chain, draw)`` tensors), ``predictive``, ``temperature``...
     """
 
     def __init__(
@@ -104,7 +179,7 @@ class Posterior:
         method: str,
         task: str,
         options: dict | None = None,
-        info: dict | None = None,
+        info: FitInfo | dict | None = None,
         seed: int | None = None,
         data: tuple[torch.Tensor, torch.Tensor] | None = None,
         num_classes: int | None = None,
@@ -115,7 +190,7 @@ class Posterior:
         self.method = method
         self.task = task
         self.options = dict(options or {})
-        self.info = dict(info or {})
+        self.info = info if isinstance(info, FitInfo) else FitInfo.from_dict(info)
         self.seed = seed
         self.data = data
         self.num_classes = num_classes
@@ -176,7 +251,7 @@ class Posterior:
         """Yield the observation distribution for a chunk of flat draws ``(S, D)``."""
         params = self.layout.unpack(z)
         if isinstance(self.model, BNN):
-            if self.info.get("predictive") == "glm":  # linearized network (laplace)
+            if self.info.predictive == "glm":  # linearized network (laplace)
                 yield self._temper(linearized_dist(self, z, x))
                 return
             with _no_validation():  # argument checks of the outputs cost as much as the network
@@ -195,8 +270,8 @@ class Posterior:
                 yield self._temper(tr.nodes["y"]["fn"])
 
     def _temper(self, d):
-        """Apply a fitted ``info["temperature"]`` (see :func:`marginalize.temperature_scale`)."""
-        t = self.info.get("temperature")
+        """Apply a fitted ``info.temperature`` (see :func:`marginalize.temperature_scale`)."""
+        t = self.info.temperature
         if t is None:
             return d
         return temper(d, float(t))
@@ -258,7 +333,7 @@ class Posterior:
             p = {k: v[s0:s1] for k, v in params.items()}  # views: a few microseconds
             f = self.model.forward(p, x)
             lik = self.model.likelihood
-            if self.task == "regression" and self.info.get("temperature") is None:
+            if self.task == "regression" and self.info.temperature is None:
                 moments = lik.moments(f, p)
                 if moments is not None:  # no distribution object: its overhead is per chunk
                     mean, var = moments
@@ -293,7 +368,7 @@ class Posterior:
         c, s = z.shape[:2]
         flat = z.reshape(c * s, -1)
         n_draws, n_in = flat.shape[0], x.shape[0]
-        builder = isinstance(self.model, BNN) and self.info.get("predictive") != "glm"
+        builder = isinstance(self.model, BNN) and self.info.predictive != "glm"
         if builder:
             per_chunk, per_block = self._block_plan(n_in, n_draws, chunk_size)
             params = self.layout.unpack(flat)  # once: slicing it per chunk is cheaper
@@ -355,7 +430,26 @@ class Posterior:
             epistemic=epi_var.sqrt(),
             aleatoric=ale_var.sqrt(),
             draws=draws,
+            mixture_fn=lambda: self.predictive_mixture(
+                x, num_samples, seed=seed, chunk_size=chunk_size
+            ),
         )
+
+    @torch.no_grad()
+    def predictive_mixture(
+        self, x, num_samples: int | None = None, *, seed: int | None = None, chunk_size=None
+    ) -> PredictiveMixture:
+        """The posterior predictive at ``x`` as a mixture over draws (regression): the same
+        draws as :meth:`predict` with the same ``num_samples`` and ``seed``."""
+        if self.task != "regression":
+            raise OptionError("predictive_mixture: for regression models only")
+        x = self._check_x(x)
+        dists = [d for _, chunk in self._chunks(x, num_samples, seed, chunk_size) for d in chunk]
+        first = dists[0]
+        shape = first.batch_shape + first.event_shape
+        if isinstance(self.model, BNN):
+            shape = shape[1:]  # (S, N, ...) per chunk
+        return PredictiveMixture(dists, shape, self._generator(seed))
 
     @torch.no_grad()
     def log_likelihood(
@@ -504,7 +598,7 @@ def save_posterior(post: Posterior, path) -> None:
         "layout": json.dumps(post.layout.describe()),
         "model_config": model_cfg,
         "approximation": _to_cpu(post.approximation.state_dict()),
-        "info": _plain(post.info),
+        "info": _plain(post.info.to_dict()),
         "data": None if post.data is None else {"x": post.data[0].cpu(), "y": post.data[1].cpu()},
         "dtype": str(post.dtype).replace("torch.", ""),
     }

@@ -5,7 +5,7 @@ posterior predictive density ``sum_n log mean_s p_T(y_n | x_n, w_s)`` (the draws
 fixed), and returns a copy of the posterior whose per-draw observation distribution is
 tempered: classification logits are divided by ``T`` (Guo et al. 2017); for regression the
 noise scale of a location-scale likelihood (Normal, StudentT, Laplace, Cauchy) is multiplied
-by ``T``. ``T`` is stored as ``info["temperature"]``, so ``predict``, ``log_predictive``,
+by ``T``. ``T`` is stored as ``info.temperature``, so ``predict``, ``log_predictive``,
 ``log_likelihood``, ``to_arviz`` and save/load all respect it.
 
 Examples
@@ -15,7 +15,7 @@ Examples
 >>> model = mz.models.mlp(1, hidden=[8], likelihood=mz.likelihoods.Gaussian(noise=0.05))
 >>> post = mz.fit(model, x, y, method="map", steps=200, progress=False)
 >>> scaled = mz.temperature_scale(post, x, y)
->>> scaled.info["temperature"] > 1
+>>> scaled.info.temperature > 1
 True
 """
 
@@ -59,7 +59,7 @@ def temperature_scale(
     Returns
     -------
     Posterior
-        Same draws; ``info["temperature"]`` is ``T`` and ``info["temperature_nll"]`` the
+        Same draws; ``info.temperature`` is ``T`` and ``info.temperature_nll`` the
         validation negative log predictive density per point before and after.
 
     Examples
@@ -97,12 +97,11 @@ def temperature_scale(
     before, after = nll(1.0), nll(t)
     if after > before:  # the bounded search missed: T = 1 is at least as good
         t, after = 1.0, before
-    return _copy(posterior, {"temperature": t, "temperature_nll": [before, after]})
+    return _copy(posterior, t, [before, after])
 
 
-def _copy(post: Posterior, extra: dict | None) -> Posterior:
-    info = {k: v for k, v in post.info.items() if k not in ("temperature", "temperature_nll")}
-    info.update(extra or {})
+def _copy(post: Posterior, temperature: float | None, nll: list | None = None) -> Posterior:
+    info = post.info.replace(temperature=temperature, temperature_nll=nll)
     return Posterior(
         post.model,
         post.layout,

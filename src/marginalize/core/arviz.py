@@ -1,7 +1,14 @@
-"""Posterior -> ``arviz.InferenceData``: the one module in marginalize that imports ArviZ.
+"""Posterior -> ArviZ data: the one module in marginalize that imports ArviZ.
 
 Every method converts the same way, because every method yields draws of the same latent
 sites shaped ``(chain, draw, ...)``: NUTS chains, ensemble members and SWAG runs are chains.
+
+Two ArviZ generations are supported: with ``arviz < 1`` the result is an
+``arviz.InferenceData``; with ``arviz >= 1`` (Python >= 3.12; arviz-base, arviz-stats) it is
+an ``xarray.DataTree`` with the same groups. Both read alike (``data.posterior["f"]``,
+``data.log_likelihood["y"]``). The rest of marginalize talks to ArviZ only through the helpers
+below (:func:`group_names`, :func:`rhat`, :func:`ess`, :func:`psislw`, :func:`loo`,
+:func:`loo_pit`, :func:`compare`, :func:`summary`), so the difference stays in this module.
 
 Groups written (those that apply):
 
@@ -51,6 +58,7 @@ from typing import TYPE_CHECKING, Any
 
 import arviz as az
 import numpy as np
+import pandas as pd
 import pyro
 import torch
 import xarray as xr
@@ -63,7 +71,28 @@ from marginalize.errors import DataError, OptionError
 if TYPE_CHECKING:  # the Posterior (a layer above) is passed in; never imported here
     from marginalize.posterior import Posterior
 
-__all__ = ["to_inference_data", "draw_count", "FUNCTION_VAR", "az"]
+__all__ = [
+    "to_inference_data",
+    "draw_count",
+    "FUNCTION_VAR",
+    "az",
+    "ARVIZ_1",
+    "ARVIZ_VERSION",
+    "is_arviz_data",
+    "group_names",
+    "from_datasets",
+    "add_group",
+    "to_numpy",
+    "rhat",
+    "ess",
+    "psislw",
+    "loo",
+    "loo_fields",
+    "loo_pit",
+    "compare",
+    "check_ic",
+    "summary",
+]
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +102,194 @@ FUNCTION_VAR = "f"
 DEFAULT_DRAWS = 1000
 
 
-def _np(t: torch.Tensor) -> np.ndarray:
-    return t.detach().cpu().numpy()
+#: the installed ArviZ version, and whether it is the DataTree generation (arviz >= 1)
+ARVIZ_VERSION = str(az.__version__)
+ARVIZ_1 = int(ARVIZ_VERSION.split(".")[0]) >= 1
+
+
+def to_numpy(t) -> np.ndarray:
+    """A tensor (any device and dtype) or array as NumPy: the boundary where tensors leave torch.
+
+    Float types NumPy has no equivalent for (bfloat16) become float32; float16 is kept.
+    """
+    if isinstance(t, torch.Tensor):
+        t = t.detach()
+        if t.dtype == torch.bfloat16:
+            t = t.float()
+        return t.cpu().numpy()
+    return np.asarray(t)
+
+
+_np = to_numpy
+
+
+# ---- the ArviZ data object, either generation ---------------------------------------------
+def is_arviz_data(obj) -> bool:
+    """Whether ``obj`` is ArviZ data: an InferenceData (arviz < 1) or a DataTree (>= 1)."""
+    if ARVIZ_1:
+        return isinstance(obj, xr.DataTree)
+    return isinstance(obj, az.InferenceData)
+
+
+def group_names(data) -> list[str]:
+    """The group names of ArviZ data (``["posterior", "log_likelihood", ...]``)."""
+    if ARVIZ_1:
+        return [str(k) for k in data.children]
+    return list(data.groups())
+
+
+def from_datasets(groups: dict[str, xr.Dataset]):
+    """ArviZ data (InferenceData or DataTree) made of ready ``xarray.Dataset`` groups."""
+    if ARVIZ_1:
+        return xr.DataTree.from_dict({f"/{k}": v for k, v in groups.items()})
+    return az.InferenceData(**groups)
+
+
+def add_group(data, name: str, ds: xr.Dataset):
+    """Add group ``name`` to ArviZ data (in place) and return it."""
+    if ARVIZ_1:
+        data[name] = xr.DataTree(ds)
+    else:
+        data.add_groups({name: ds})
+    return data
+
+
+def _from_dict(groups: dict[str, dict | None], dims, coords):
+    groups = {k: v for k, v in groups.items() if v}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if ARVIZ_1:
+            return az.from_dict(groups, dims=dims, coords=coords)
+        return az.from_dict(**groups, dims=dims, coords=coords)
+
+
+# ---- statistics, the same call under either generation ------------------------------------
+def _quiet(fn, *args, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fn(*args, **kwargs)
+
+
+def rhat(data, var_names: list[str] | None = None):
+    """Rank-normalized split R-hat (Vehtari et al. 2021).
+
+    ``data``: a ``(chain, draw)`` array (returns a float) or ArviZ data (returns an
+    ``xarray.Dataset`` of the posterior's variables).
+    """
+    if isinstance(data, np.ndarray):
+        return float(np.asarray(_quiet(az.rhat, data)))
+    out = _quiet(az.rhat, data, var_names=var_names)
+    return out.to_dataset() if ARVIZ_1 and isinstance(out, xr.DataTree) else out
+
+
+def ess(data, var_names: list[str] | None = None, method: str = "bulk"):
+    """Effective sample size (bulk by default); see :func:`rhat` for ``data``."""
+    if isinstance(data, np.ndarray):
+        return float(np.asarray(_quiet(az.ess, data, method=method)))
+    out = _quiet(az.ess, data, var_names=var_names, method=method)
+    return out.to_dataset() if ARVIZ_1 and isinstance(out, xr.DataTree) else out
+
+
+def psislw(log_ratios: np.ndarray) -> tuple[np.ndarray, float]:
+    """Pareto-smoothed log importance weights of 1-D ``log_ratios`` and the Pareto k-hat."""
+    if ARVIZ_1:
+        from arviz_stats.base import array_stats
+
+        lw, k = _quiet(array_stats.psislw, np.asarray(log_ratios, dtype=np.float64))
+    else:
+        lw, k = _quiet(az.psislw, np.asarray(log_ratios, dtype=np.float64))
+    return np.asarray(lw), float(np.asarray(k))
+
+
+def check_ic(ic: str) -> None:
+    """Raise ``OptionError`` unless ``ic`` is an information criterion this ArviZ has."""
+    if ic not in ("loo", "waic"):
+        raise OptionError(f"ic: expected 'loo' or 'waic', got {ic!r}")
+    if ic == "waic" and ARVIZ_1:
+        raise OptionError(
+            f"ic: WAIC is not part of ArviZ {ARVIZ_VERSION} (arviz >= 1 has PSIS-LOO only); "
+            "use ic='loo'"
+        )
+
+
+def loo(data, var_name: str = "y", pointwise: bool = False, ic: str = "loo"):
+    """PSIS-LOO (or WAIC, arviz < 1 only) of ``log_likelihood[var_name]``: ArviZ's
+    ``ELPDData``; read it with :func:`loo_fields`."""
+    check_ic(ic)
+    if ic == "waic":
+        return _quiet(az.waic, data, pointwise=pointwise, var_name=var_name)
+    return _quiet(az.loo, data, pointwise=pointwise, var_name=var_name)
+
+
+def loo_fields(res) -> dict:
+    """``{"elpd", "se", "p", "elpd_i", "pareto_k", "kind"}`` of an ``ELPDData`` of either
+    generation (``elpd_i``, ``pareto_k``: NumPy arrays, or None when not pointwise)."""
+    if hasattr(res, "elpd"):  # arviz >= 1
+        elpd, p, kind = float(res.elpd), float(res.p), str(getattr(res, "kind", "loo"))
+        pointwise = getattr(res, "elpd_i", None)
+    else:  # a pandas Series; labels and sign follow its "scale" (log, negative_log, deviance)
+        kind = "waic" if ("elpd_waic" in res or "waic" in res) else "loo"
+        value = float(res[f"elpd_{kind}"] if f"elpd_{kind}" in res else res[kind])
+        factor = {"log": 1.0, "negative_log": -1.0, "deviance": -0.5}[str(res.get("scale", "log"))]
+        elpd, p = factor * value, float(res[f"p_{kind}"])
+        pointwise = res.get(f"{kind}_i")
+        pointwise = None if pointwise is None else factor * np.asarray(pointwise)
+    k = getattr(res, "pareto_k", None)
+    as_np = lambda a: None if a is None else np.asarray(a, dtype=np.float64).ravel()  # noqa: E731
+    return {
+        "elpd": elpd,
+        "se": float(res.se),
+        "p": p,
+        "elpd_i": as_np(pointwise),
+        "pareto_k": as_np(k),
+        "kind": kind,
+    }
+
+
+def loo_pit(data, var_name: str = "y") -> np.ndarray:
+    """LOO-PIT values of the observations of ``var_name``, flat."""
+    if ARVIZ_1:
+        out = _quiet(az.loo_pit, data, var_names=var_name)
+        return np.asarray(out[var_name].values).ravel()
+    return np.asarray(_quiet(az.loo_pit, data, y=var_name)).ravel()
+
+
+def compare(datas: dict, ic: str = "loo", seed: int = 0) -> pd.DataFrame:
+    """``az.compare`` of several fits on ``log_likelihood["y"]``, with the column names of
+    arviz < 1 under either generation: ``rank``, ``elpd_loo`` (or ``elpd_waic``), ``p_loo``,
+    ``elpd_diff``, ``weight``, ``se``, ``dse``, ``warning``."""
+    check_ic(ic)
+    if len(datas) == 1:
+        name, data = next(iter(datas.items()))
+        f = loo_fields(loo(data, "y", ic=ic))
+        table = pd.DataFrame(
+            {
+                "rank": [0],
+                f"elpd_{ic}": [f["elpd"]],
+                f"p_{ic}": [f["p"]],
+                "elpd_diff": [0.0],
+                "weight": [1.0],
+                "se": [f["se"]],
+                "dse": [0.0],
+            },
+            index=[name],
+        )
+        return table
+    if ARVIZ_1:
+        table = _quiet(az.compare, datas, var_name="y")
+        table = table.rename(columns={"elpd": f"elpd_{ic}", "p": f"p_{ic}"})
+        # arviz >= 1 gives elpd - elpd_best (<= 0); arviz < 1 gave elpd_best - elpd (>= 0)
+        table["elpd_diff"] = table[f"elpd_{ic}"].max() - table[f"elpd_{ic}"]
+        return table
+    return _quiet(az.compare, datas, ic=ic, var_name="y", seed=seed)
+
+
+def summary(data, var_names: list[str] | None = None, kind: str = "all") -> pd.DataFrame:
+    """``az.summary``: mean, sd, credible interval, MCSE, bulk/tail ESS and R-hat (numbers,
+    not rounded strings, under either generation)."""
+    if ARVIZ_1:
+        return _quiet(az.summary, data, var_names=var_names, kind=kind, round_to="none")
+    return _quiet(az.summary, data, var_names=var_names, kind=kind)
 
 
 def draw_count(post: Posterior, num_samples: int | None = None) -> int:
@@ -168,7 +383,7 @@ def _y_dims(y: np.ndarray, obs_dim: str, name: str) -> list[str]:
 
 
 def _optimization_group(post: Posterior) -> xr.Dataset | None:
-    loss = post.info.get("loss")
+    loss = post.info.loss
     if loss is None:
         return None
     arr = np.asarray(_np(loss) if isinstance(loss, torch.Tensor) else loss, dtype=np.float64)
@@ -179,18 +394,17 @@ def _optimization_group(post: Posterior) -> xr.Dataset | None:
     else:
         dims = tuple(f"loss_dim_{i}" for i in range(arr.ndim - 1)) + ("step",)
     ds = xr.Dataset({"loss": (dims, arr)})
-    if "steps_done" in post.info:
-        ds.attrs["steps_done"] = int(post.info["steps_done"])
-    stopped = post.info.get("stopped")
-    if stopped:
-        ds.attrs["stopped"] = (
-            str(stopped.get("reason", stopped)) if isinstance(stopped, dict) else str(stopped)
-        )
+    if post.info.steps_done is not None:
+        ds.attrs["steps_done"] = int(post.info.steps_done)
+    if post.info.converged is not None:
+        ds.attrs["converged"] = int(post.info.converged)
+    if post.info.stopped is not None:
+        ds.attrs["stopped"] = str(post.info.stopped)
     return ds
 
 
 def _sample_stats(post: Posterior, index: torch.Tensor | None) -> dict[str, np.ndarray] | None:
-    stats = post.info.get("sample_stats")
+    stats = post.info.sample_stats
     if not stats:
         return None
     out = {}
@@ -212,8 +426,11 @@ def to_inference_data(
     prior_samples: int = 200,
     *,
     seed: int = 0,
-) -> az.InferenceData:
-    """Convert a fitted :class:`~marginalize.Posterior` to an ``arviz.InferenceData``.
+) -> az.InferenceData | xr.DataTree:
+    """Convert a fitted :class:`~marginalize.Posterior` to ArviZ data.
+
+    An ``arviz.InferenceData`` under arviz < 1, an ``xarray.DataTree`` under arviz >= 1; the
+    groups, variables and dims are the same.
 
     Parameters
     ----------
@@ -238,14 +455,14 @@ def to_inference_data(
 
     Returns
     -------
-    arviz.InferenceData
+    arviz.InferenceData or xarray.DataTree
 
     Examples
     --------
     >>> import torch, marginalize as mz
     >>> x = torch.randn(20, 1); y = x[:, 0]
     >>> post = mz.fit(mz.models.mlp(1, hidden=[3]), x, y, method="map", steps=20, progress=False)
-    >>> sorted(post.to_arviz(prior_samples=0).groups())[:3]
+    >>> sorted(group_names(post.to_arviz(prior_samples=0)))[:3]
     ['constant_data', 'log_likelihood', 'observed_data']
     """
     if not all(hasattr(post, a) for a in ("approximation", "layout", "log_likelihood")):
@@ -309,23 +526,23 @@ def to_inference_data(
         if isinstance(post.approximation, Empirical)
         else None
     )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        idata = az.from_dict(
-            posterior=posterior,
-            sample_stats=_sample_stats(post, index),
-            log_likelihood=loglik or None,
-            posterior_predictive=ppc or None,
-            prior=prior,
-            prior_predictive=prior_pred,
-            observed_data=observed or None,
-            constant_data=constant or None,
-            dims=dims,
-            coords=coords,
-        )
+    idata = _from_dict(
+        {
+            "posterior": posterior,
+            "sample_stats": _sample_stats(post, index),
+            "log_likelihood": loglik,
+            "posterior_predictive": ppc,
+            "prior": prior,
+            "prior_predictive": prior_pred,
+            "observed_data": observed,
+            "constant_data": constant,
+        },
+        dims,
+        coords,
+    )
     opt = _optimization_group(post)
     if opt is not None:
-        idata.add_groups({"optimization": opt})
+        add_group(idata, "optimization", opt)
     idata.posterior.attrs.update(
         {
             "method": post.method,

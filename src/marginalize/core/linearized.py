@@ -7,14 +7,14 @@ Jacobian there), computed as a batched Jacobian-vector product. Sites outside th
 that goes with a Laplace approximation (Immer, Korzepa & Bauer 2021): sampling the weights
 and running the nonlinear network instead puts large function-space variance along the
 directions the data leave at the prior's scale. A posterior uses it when
-``info["predictive"] == "glm"`` (``laplace`` sets it by default for builder models).
+``info.predictive == "glm"`` (``laplace`` sets it by default for builder models).
 
 Examples
 --------
 >>> import torch, marginalize as mz
 >>> x = torch.linspace(-1, 1, 40)[:, None]; y = torch.sin(3 * x[:, 0])
 >>> post = mz.fit(mz.models.mlp(1, hidden=[8]), x, y, method="laplace", steps=100, progress=False)
->>> post.info["predictive"]
+>>> post.info.predictive
 'glm'
 """
 

@@ -3,14 +3,15 @@
 Each :class:`Finding` has a level: ``"warn"`` (a problem: results may be wrong), ``"info"``
 (worth knowing, not a failure) or ``"ok"`` (a check that passed). The checks:
 
-- the fit stopped early (``post.info["stopped"]``);
+- the fit stopped early (``post.info.stopped``);
 - MCMC: divergent transitions, trees at the maximum depth, R-hat above 1.01 and few
   effective draws of the function-space outputs (weight-space R-hat of a network with hidden
   layers is reported as information only: permuting hidden units leaves the function
   unchanged, so chains in equivalent modes disagree in weight space without anything wrong);
 - ensembles and multi-run methods: whether members agree in function space;
 - approximate posteriors with a density: PSIS k-hat (above 0.7: the approximation misses
-  posterior mass);
+  posterior mass; a problem for models without hidden layers, information for networks with
+  them, whose weight posterior no cheap approximation matches);
 - optimizer-trained methods: whether the loss still fell over the last 10% of steps.
 
 Examples
@@ -32,6 +33,7 @@ import torch
 
 from marginalize.core.approximations import Empirical, Mixture
 from marginalize.core.arviz import FUNCTION_VAR
+from marginalize.inference.engines.training import loss_trend
 from marginalize.models.base import BNN
 from marginalize.posterior import Posterior
 
@@ -65,37 +67,16 @@ class Finding:
 
 
 def loss_converged(loss, window: float = 0.1, rtol: float = LOSS_RTOL) -> tuple[bool | None, float]:
-    """Whether an optimizer's loss trace has flattened out.
+    """Whether an optimizer's loss trace has flattened out: the training engine's own check
+    (:func:`marginalize.inference.engines.training.loss_trend`), ``(converged, relative_change)``.
 
     Compares the mean loss over the last ``window`` fraction of steps with the mean over the
     ``window`` before it. Not converged when the loss still fell by more than ``rtol``
     (relative to ``max(|loss|, 1)``) and by more than three standard errors of that
     difference (so SVI's noisy single-sample losses do not raise false alarms).
-
-    Returns
-    -------
-    (converged, relative_change)
-        ``converged`` is None when the trace is too short (fewer than 20 steps) to judge.
+    ``converged`` is None when the trace is too short (fewer than 20 steps) to judge.
     """
-    a = np.asarray(
-        loss.detach().cpu() if isinstance(loss, torch.Tensor) else loss, dtype=np.float64
-    )
-    if a.ndim > 1:
-        results = [loss_converged(row, window, rtol) for row in a.reshape(-1, a.shape[-1])]
-        worst = max(results, key=lambda r: r[1] if math.isfinite(r[1]) else -np.inf)
-        return (None if any(r[0] is None for r in results) else all(r[0] for r in results)), worst[
-            1
-        ]
-    a = a[np.isfinite(a)]
-    n = a.size
-    if n < 20:
-        return None, float("nan")
-    w = max(2, int(round(window * n)))
-    last, before = a[-w:], a[-2 * w : -w]
-    drop = float(before.mean() - last.mean())
-    rel = drop / max(abs(float(last.mean())), 1.0)
-    se = math.sqrt(last.var(ddof=1) / last.size + before.var(ddof=1) / before.size)
-    return not (rel > rtol and drop > 3 * se), rel
+    return loss_trend(loss, window, rtol)
 
 
 def _has_hidden_layers(post: Posterior) -> bool:
@@ -103,14 +84,10 @@ def _has_hidden_layers(post: Posterior) -> bool:
 
 
 def _rhat_ess(idata, var_names):
-    import warnings
+    from marginalize.core import arviz as azc
 
-    from marginalize.core.arviz import az
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        rh = az.rhat(idata, var_names=var_names)
-        ess = az.ess(idata, var_names=var_names)
+    rh = azc.rhat(idata, var_names=var_names)
+    ess = azc.ess(idata, var_names=var_names)
     rmax = max(
         (float(np.nanmax(v.values)) for v in rh.data_vars.values() if np.isfinite(v.values).any()),
         default=float("nan"),
@@ -123,15 +100,10 @@ def _rhat_ess(idata, var_names):
 
 
 def _stopped(post: Posterior) -> list[Finding]:
-    stopped = post.info.get("stopped")
-    if not stopped:
+    stopped = post.info.stopped
+    if stopped is None:
         return []
-    if isinstance(stopped, dict):
-        where = ", ".join(f"{k} {v}" for k, v in stopped.items() if k != "reason")
-        reason = stopped.get("reason", "")
-        text = f"{reason} ({where})" if where else str(reason)
-    else:
-        text = str(stopped)
+    text = str(stopped)
     return [
         Finding(
             "warn",
@@ -144,7 +116,7 @@ def _stopped(post: Posterior) -> list[Finding]:
 
 def _mcmc(post: Posterior, idata) -> list[Finding]:
     out: list[Finding] = []
-    stats = post.info.get("sample_stats") or {}
+    stats = post.info.sample_stats or {}
     if "diverging" in stats:
         div = stats["diverging"]
         n_div, total = int(torch.as_tensor(div).sum()), int(torch.as_tensor(div).numel())
@@ -268,13 +240,27 @@ def _members(post: Posterior, idata) -> list[Finding]:
     ]
 
 
-def _khat(khat) -> list[Finding]:
+def _khat(khat, post: Posterior | None = None) -> list[Finding]:
     if khat is None:
         return []
     k = float(khat.khat)
     if math.isnan(k):
         return [Finding("info", "PSIS k-hat", f"not defined: {khat.reason}")]
     if k > KHAT_MAX:
+        if post is not None and _has_hidden_layers(post):
+            # a network's weight posterior (multimodal, with strongly correlated weights) is
+            # matched by no cheap approximation: k-hat says so for every one of them
+            return [
+                Finding(
+                    "info",
+                    "PSIS k-hat",
+                    f"k-hat = {k:.2f} > {KHAT_MAX}: the {post.approximation.kind} approximation "
+                    "does not match the posterior over the weights. That is usual for networks "
+                    "with hidden layers (their weight posterior is multimodal and strongly "
+                    "correlated): do not read its weight uncertainty as the posterior's, and "
+                    "judge its predictions by the held-out NLL, coverage and calibration.",
+                )
+            ]
         return [
             Finding(
                 "warn",
@@ -296,22 +282,28 @@ def _khat(khat) -> list[Finding]:
 
 
 def _loss(post: Posterior) -> list[Finding]:
-    loss = post.info.get("loss")
+    loss = post.info.loss
     if loss is None:
         return []
     arr = loss if isinstance(loss, torch.Tensor) else torch.as_tensor(np.asarray(loss))
     if arr.numel() == 0:
         return []
     ok, rel = loss_converged(arr)
+    if post.info.converged is not None:  # the fit's own verdict (e.g. L-BFGS stopped converged)
+        ok = post.info.converged
     if ok is None:
         return [Finding("info", "loss", f"too few steps ({arr.shape[-1]}) to judge convergence")]
     if not ok:
+        how = (
+            f"the loss still fell by {100 * rel:.1f}% over the last 10% of {arr.shape[-1]} steps"
+            if math.isfinite(rel) and rel > LOSS_RTOL
+            else f"the loss was still changing at the last of {arr.shape[-1]} steps"
+        )
         return [
             Finding(
                 "warn",
                 "loss not converged",
-                f"the loss still fell by {100 * rel:.1f}% over the last 10% of "
-                f"{arr.shape[-1]} steps: the optimizer had not converged. Run more steps.",
+                f"{how}: the optimizer had not converged. Run more steps.",
             )
         ]
     if rel > LOSS_RTOL:
@@ -355,5 +347,5 @@ def check_inference(post: Posterior, idata=None, *, khat=None) -> list[Finding]:
     elif isinstance(post.approximation, Mixture):
         out += _members(post, idata)
     out += _loss(post)
-    out += _khat(khat)
+    out += _khat(khat, post)
     return out

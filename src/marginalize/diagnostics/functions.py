@@ -201,16 +201,16 @@ class FunctionDraws:
         return xr.Dataset(data, coords=coords, attrs=attrs)
 
     def to_arviz(self, idata=None):
-        """An ``arviz.InferenceData`` with group :attr:`group` (added to ``idata`` if given)."""
-        from marginalize.core.arviz import az
+        """ArviZ data (InferenceData, or DataTree under arviz >= 1) with group :attr:`group`
+        (added to ``idata`` if given)."""
+        from marginalize.core.arviz import add_group, from_datasets, group_names
 
         ds = self.to_xarray()
         if idata is None:
-            return az.InferenceData(**{self.group: ds})
-        if self.group in idata.groups():
+            return from_datasets({self.group: ds})
+        if self.group in group_names(idata):
             raise DataError(f"idata already has a group {self.group!r}")
-        idata.add_groups({self.group: ds})
-        return idata
+        return add_group(idata, self.group, ds)
 
     def __repr__(self) -> str:
         return f"FunctionDraws(kind={self.kind!r}, task={self.task!r}, shape={tuple(self.f.shape)})"
@@ -361,7 +361,7 @@ def _plain_loop(
     out, link = [], "identity"
     with _forked_rng(x.device), torch.no_grad():
         pyro.set_rng_seed(seed)
-        for i in tqdm(range(n), desc=desc, disable=not progress, leave=False):
+        for i in tqdm(range(n), desc=desc, disable=None if progress else True, leave=False):
             m = model if isinstance(draws, int) else poutine.condition(model, data=draws[i])
             try:
                 tr = poutine.trace(m).get_trace(x, None)
@@ -440,7 +440,9 @@ def prior_functions(
     n_params = sum(math.prod(shape) for g in _prior_groups(model) for _, shape in g.sites)
     size = _chunk(model, x, chunk_size, n_params)
     f = None
-    for start in tqdm(range(0, s, size), desc="prior functions", disable=not progress, leave=False):
+    for start in tqdm(
+        range(0, s, size), desc="prior functions", disable=None if progress else True, leave=False
+    ):
         params = sample_prior(model, min(size, s - start), x, gen)
         f = _write(f, start, model.forward(params, x), s)
     link = _link(model)
@@ -514,7 +516,7 @@ def posterior_functions(
         for start in tqdm(
             range(0, flat.shape[0], size),
             desc="posterior functions",
-            disable=not progress,
+            disable=None if progress else True,
             leave=False,
         ):
             chunk = model.forward(post.layout.unpack(flat[start : start + size]), x)
@@ -639,7 +641,7 @@ def prior_scale_sweep(
     if y is not None:
         same, diff = class_pairs(y, num_pairs, seed)
     result: PriorScaleSweep | None = None
-    for a in tqdm(alphas, desc="prior scales", disable=not progress):
+    for a in tqdm(alphas, desc="prior scales", disable=None if progress else True):
         fx = prior_functions(build_model(a), x, num_samples, seed=seed, chunk_size=chunk_size)
         if result is None:
             k = fx.probs().shape[-1] if fx.task == "classification" else None

@@ -277,63 +277,83 @@ def trace_plot(values: np.ndarray, labels: Sequence[str], title: str = "") -> Fi
 
 
 def bands_1d(
-    x: np.ndarray,
-    y: np.ndarray | None,
-    preds: Mapping[str, tuple[np.ndarray, np.ndarray]],
-    x_train: np.ndarray | None = None,
-    y_train: np.ndarray | None = None,
+    grid: np.ndarray,
+    bands: Mapping[str, tuple[np.ndarray, ...]],
+    x_data: tuple[np.ndarray, np.ndarray] | None = None,
+    x_train: tuple[np.ndarray, np.ndarray] | None = None,
     colors: Mapping[str, str] | None = None,
 ) -> Figure:
-    """Posterior predictive mean and +-2 std bands over a 1-D input, one panel per method.
+    """Posterior predictive over a 1-D input, one panel per method: the mean and central 50%
+    and 90% predictive bands over ``grid``, with the data.
 
-    ``preds`` maps a name to ``(mean, std)`` evaluated at ``x`` (sorted inside).
+    ``bands`` maps a name to ``(mean, q05, q25, q75, q95)`` evaluated at ``grid`` (sorted);
+    ``x_data`` (test) and ``x_train`` are ``(x, y)`` pairs drawn as crosses and dots.
     """
-    fig, axes = _grid(len(preds), width=3.6, height=2.8)
-    x = np.asarray(x).ravel()
-    order = np.argsort(x)
-    for i, (ax, (name, (m, s))) in enumerate(zip(axes, preds.items(), strict=True)):
-        m, s = np.asarray(m).ravel()[order], np.asarray(s).ravel()[order]
-        ax.fill_between(
-            x[order],
-            m - 2 * s,
-            m + 2 * s,
-            color=_pick(colors, name, i),
-            alpha=0.25,
-            label="+-2 std",
-        )
-        ax.plot(x[order], m, color=_pick(colors, name, i), label="mean")
-        if x_train is not None and y_train is not None:
+    fig, axes = _grid(len(bands), width=3.8, height=3.0)
+    g = np.asarray(grid, dtype=np.float64).ravel()
+    ys = [np.asarray(v, dtype=np.float64).ravel() for b in bands.values() for v in b]
+    for pair in (x_data, x_train):
+        if pair is not None:
+            ys.append(np.asarray(pair[1], dtype=np.float64).ravel())
+    allv = np.concatenate([v[np.isfinite(v)] for v in ys]) if ys else np.zeros(1)
+    lo, hi = np.percentile(allv, [0.5, 99.5]) if allv.size else (0.0, 1.0)
+    pad = 0.1 * (hi - lo or 1.0)
+    for i, (ax, (name, b)) in enumerate(zip(axes, bands.items(), strict=True)):
+        mean, q05, q25, q75, q95 = (np.asarray(v, dtype=np.float64).ravel() for v in b)
+        c = _pick(colors, name, i)
+        ax.fill_between(g, q05, q95, color=c, alpha=0.18, lw=0, label="90% interval")
+        ax.fill_between(g, q25, q75, color=c, alpha=0.35, lw=0, label="50% interval")
+        ax.plot(g, mean, color=c, lw=1.6, label="mean")
+        if x_train is not None:
             ax.scatter(
-                np.asarray(x_train).ravel(),
-                np.asarray(y_train).ravel(),
-                s=6,
-                color="grey",
+                np.asarray(x_train[0]).ravel(),
+                np.asarray(x_train[1]).ravel(),
+                s=7,
+                color="#555555",
+                alpha=0.7,
                 label="train",
+                zorder=3,
             )
-        if y is not None:
-            ax.scatter(x, np.asarray(y).ravel(), s=8, color="black", marker="x", label="test")
+        if x_data is not None:
+            ax.scatter(
+                np.asarray(x_data[0]).ravel(),
+                np.asarray(x_data[1]).ravel(),
+                s=14,
+                color="black",
+                marker="x",
+                lw=0.9,
+                label="test",
+                zorder=4,
+            )
+        ax.set_ylim(lo - pad, hi + pad)
         ax.set_title(name, fontsize=10)
         ax.set_xlabel("x")
         ax.set_ylabel("y")
-    axes[0].legend(fontsize=7)
+    axes[0].legend(fontsize=7, loc="best")
     return fig
 
 
 def pred_vs_obs(
     y: np.ndarray,
-    preds: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    preds: Mapping[str, tuple[np.ndarray, np.ndarray, np.ndarray]],
     colors: Mapping[str, str] | None = None,
 ) -> Figure:
-    """Predicted mean (with +-2 std bars) against the observed target, one panel per method."""
+    """Predicted against observed targets, one panel per method.
+
+    ``preds`` maps a name to ``(center, lower, upper)`` (e.g. the predictive median and a
+    central interval) with ``y``'s shape; several targets are pooled in one panel.
+    """
     fig, axes = _grid(len(preds), width=3.0, height=2.8)
     y = np.asarray(y, dtype=np.float64).ravel()
     lo, hi = float(y.min()), float(y.max())
-    for i, (ax, (name, (m, s))) in enumerate(zip(axes, preds.items(), strict=True)):
-        m, s = np.asarray(m, dtype=np.float64).ravel(), np.asarray(s, dtype=np.float64).ravel()
+    for i, (ax, (name, (m, lo_i, hi_i))) in enumerate(zip(axes, preds.items(), strict=True)):
+        m = np.asarray(m, dtype=np.float64).ravel()
+        lo_i = np.asarray(lo_i, dtype=np.float64).ravel()
+        hi_i = np.asarray(hi_i, dtype=np.float64).ravel()
         ax.errorbar(
             y,
             m,
-            yerr=2 * s,
+            yerr=[np.clip(m - lo_i, 0, None), np.clip(hi_i - m, 0, None)],
             fmt="o",
             ms=2.5,
             color=_pick(colors, name, i),
@@ -344,5 +364,5 @@ def pred_vs_obs(
         ax.plot([lo, hi], [lo, hi], color="black", ls="--", lw=1)
         ax.set_title(name, fontsize=10)
         ax.set_xlabel("observed y")
-        ax.set_ylabel("predicted mean +- 2 std")
+        ax.set_ylabel("predicted (median, 90% interval)")
     return fig

@@ -31,15 +31,24 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from marginalize.core.arviz import FUNCTION_VAR, az, to_inference_data
+from marginalize.core import arviz as azc
+from marginalize.core.arviz import FUNCTION_VAR, to_inference_data, to_numpy
+from marginalize.core.problem import observation_dist
 from marginalize.diagnostics import checks, plots
 from marginalize.diagnostics import metrics as mt
+from marginalize.diagnostics.evaluation import (
+    FitEvaluation,
+    evaluate_fit,
+    model_targets,
+    normalize_posts,
+    one_hot_classes,
+    table_of,
+)
 from marginalize.diagnostics.stats import MIN_LOO_DRAWS, compare, psis_khat
-from marginalize.errors import DataError
 from marginalize.models.base import BNN
 from marginalize.posterior import Posterior
 
-__all__ = ["report", "REPORT_DRAWS"]
+__all__ = ["report", "build_report", "ReportResult", "describe_likelihood", "REPORT_DRAWS"]
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +56,8 @@ log = logging.getLogger(__name__)
 REPORT_DRAWS = 400
 #: test inputs at which function-space outputs are summarized
 NUM_FUNCTION_INPUTS = 5
+#: grid points of the 1-D predictive band figure
+BAND_GRID = 200
 
 _CSS = """
 body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1100px;margin:2em auto;
@@ -71,12 +82,42 @@ class _Fit:
     name: str
     post: Posterior
     idata: object = None
-    pred: object = None
+    ev: FitEvaluation | None = None
     khat: object = None
     findings: list = field(default_factory=list)
-    metrics: dict = field(default_factory=dict)
-    loo: object = None
+    loo: dict | None = None
+    loo_failed: bool = False
     pit: np.ndarray | None = None
+
+    @property
+    def pred(self):
+        return self.ev.pred
+
+
+@dataclass
+class ReportResult:
+    """What :func:`build_report` wrote and found.
+
+    Attributes
+    ----------
+    path : pathlib.Path or None
+        The HTML file (None when none was written).
+    problems : list of (str, Finding)
+        ``(fit name, finding)`` for every finding of level ``"warn"``: results of those fits
+        should not be trusted as they stand.
+    notes : list of (str, Finding)
+        ``(fit name, finding)`` of level ``"info"``: worth knowing, not failures.
+    metrics : pandas.DataFrame
+        The held-out metrics table (:func:`marginalize.evaluate`), in the target's units.
+    likelihood : str
+        The observation model in words (one line per distinct likelihood).
+    """
+
+    path: Path
+    problems: list
+    notes: list
+    metrics: object
+    likelihood: str
 
 
 def _esc(s) -> str:
@@ -110,83 +151,114 @@ def _fmt(v, digits: int = 3) -> str:
     v = float(v)
     if math.isnan(v):
         return "&ndash;"
+    if math.isinf(v):
+        return "&infin;" if v > 0 else "-&infin;"
     return f"{v:.{digits}g}" if abs(v) >= 1e4 or (v != 0 and abs(v) < 1e-3) else f"{v:.{digits}f}"
 
 
-def _normalize(posts) -> dict[str, Posterior]:
-    if isinstance(posts, Posterior):
-        return {posts.method: posts}
-    if not isinstance(posts, Mapping) or not posts:
-        raise DataError("posts: expected a Posterior or a non-empty mapping of name to Posterior")
-    out = {}
-    for k, p in posts.items():
-        if not isinstance(p, Posterior):
-            raise DataError(f"posts[{k!r}]: expected a Posterior, got {type(p).__name__}")
-        out[str(k)] = p
-    tasks = {p.task for p in out.values()}
-    if len(tasks) > 1:
-        raise DataError(f"posts: fits of different tasks {sorted(tasks)} cannot share a report")
-    return out
-
-
 def _fit_seconds(post: Posterior):
-    for k in ("fit_seconds", "seconds", "time_s", "fit_time"):
-        if k in post.info:
-            try:
-                return float(post.info[k])
-            except (TypeError, ValueError):
-                return None
-    return None
+    secs = post.info.fit_seconds
+    try:
+        return None if secs is None else float(secs)
+    except (TypeError, ValueError):
+        return None
 
 
-# ---- evaluation ---------------------------------------------------------------------------
+def describe_likelihood(post: Posterior, y_scale=None) -> str:
+    """The observation model of ``post`` in words, e.g. ``"Gaussian noise, SD learned (latent
+    site 'noise', HalfNormal(1) prior)"``; ``y_scale`` converts a fixed SD to the target's
+    units."""
+    model = post.model
+    if isinstance(model, BNN):
+        lik = model.likelihood
+        cfg = lik.config()
+        kind = cfg.get("kind")
+        if kind == "gaussian":
+            if cfg.get("noise") is None:
+                return (
+                    "Gaussian noise, SD learned (latent site 'noise', "
+                    f"HalfNormal({cfg.get('noise_prior_scale', 1.0):g}) prior)"
+                )
+            text = f"Gaussian noise, SD fixed at {cfg['noise']:g}"
+            if y_scale is not None:
+                sc = np.asarray(y_scale, dtype=np.float64).ravel()
+                units = ", ".join(f"{cfg['noise'] * v:.3g}" for v in sc)
+                text += f" on the standardized scale ({units} in the target's units)"
+            return text
+        if kind == "heteroscedastic":
+            return "Gaussian noise with an input-dependent SD (a second network output)"
+        if kind == "categorical":
+            return f"Categorical over {cfg.get('num_classes')} classes (softmax of the outputs)"
+        if kind == "bernoulli":
+            return "Bernoulli (sigmoid of the output)"
+        return repr(lik)
+    try:
+        z = post.sample_flat(1, seed=0).reshape(1, -1)
+        x = post.data[0][:2] if post.data is not None else None
+        d = next(post._dists(z, x)) if x is not None else None
+    except Exception:  # a description must not fail the report
+        d = None
+    if d is None:
+        return "defined by the model function"
+    base = observation_dist(d)
+    extra = ""
+    if isinstance(base, torch.distributions.StudentT):
+        df = base.df.detach().reshape(-1)
+        extra = f" (df {float(df.min()):.3g})" if df.numel() else ""
+    return f"{type(base).__name__}{extra}, as written in the model function"
+
+
 def _evaluate(
-    fit: _Fit, x_test, y_test, fin, num_samples: int, khat_samples: int, seed: int
+    fit: _Fit,
+    x_test,
+    y_test,
+    fin,
+    num_samples: int,
+    khat_samples: int,
+    seed: int,
+    y_loc,
+    y_scale,
 ) -> None:
     post = fit.post
+    y_model, _ = model_targets(post, y_test, x_test.shape[0])
     fit.idata = to_inference_data(
         post,
         x_test=x_test,
-        y_test=y_test,
+        y_test=y_model,
         num_samples=num_samples,
         function_inputs=fin,
         prior_samples=0,
         seed=seed,
     )
-    fit.pred = post.predict(x_test, num_samples=num_samples, seed=seed)
-    ll = fit.idata.log_likelihood["y_test"].values.reshape(
-        -1, fit.idata.log_likelihood["y_test"].shape[-1]
+    fit.ev = evaluate_fit(
+        fit.name,
+        post,
+        x_test,
+        y_model,
+        num_samples=num_samples,
+        seed=seed,
+        y_loc=y_loc,
+        y_scale=y_scale,
     )
-    log_pred = np.logaddexp.reduce(ll, axis=0) - math.log(ll.shape[0])
-    y = y_test.detach().cpu().numpy()
-    m = {"nll": mt.nll_from_log_predictive(log_pred)}
-    if post.task == "classification":
-        probs = fit.pred.probs.detach().cpu().numpy()
-        m.update(accuracy=mt.accuracy(probs, y), ece=mt.ece(probs, y), brier=mt.brier(probs, y))
-    else:
-        mean = fit.pred.mean.detach().cpu().numpy().reshape(len(y), -1)[:, 0]
-        std = fit.pred.std.detach().cpu().numpy().reshape(len(y), -1)[:, 0]
-        yy = y.reshape(len(y), -1)[:, 0]
-        cal = mt.regression_calibration(mean, std, yy)
-        m.update(
-            rmse=mt.rmse(mean, yy),
-            coverage90=mt.interval_coverage(mean, std, yy, 0.9),
-            cal_error=cal.error,
-            cal_curve=(cal.levels, cal.observed),
-            mean=mean,
-            std=std,
-        )
-    fit.metrics = m
     fit.khat = psis_khat(post, khat_samples, seed=seed)
     fit.findings = checks.check_inference(post, fit.idata, khat=fit.khat)
+    for reason in fit.ev.not_applicable:
+        fit.findings.append(checks.Finding("info", "not applicable", reason))
     draws = fit.idata.posterior.sizes["chain"] * fit.idata.posterior.sizes["draw"]
     if draws >= MIN_LOO_DRAWS and "y" in fit.idata.log_likelihood:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            fit.loo = az.loo(fit.idata, var_name="y", pointwise=True)
-            if post.task == "regression":
-                fit.pit = np.asarray(az.loo_pit(fit.idata, y="y")).ravel()
-        bad = int((np.asarray(fit.loo.pareto_k) > 0.7).sum())
+        try:
+            fit.loo = azc.loo_fields(azc.loo(fit.idata, var_name="y", pointwise=True))
+            y_obs = fit.idata.observed_data["y"].values
+            if post.task == "regression" and y_obs.ndim == 1:
+                fit.pit = azc.loo_pit(fit.idata, "y")
+        except (ValueError, FloatingPointError, np.linalg.LinAlgError) as e:
+            fit.loo = fit.pit = None
+            fit.loo_failed = True
+            fit.findings.append(
+                checks.Finding("info", "LOO", f"PSIS-LOO could not be computed: {e}")
+            )
+            return
+        bad = int((fit.loo["pareto_k"] > 0.7).sum())
         if bad:
             fit.findings.append(
                 checks.Finding(
@@ -199,7 +271,7 @@ def _evaluate(
 
 
 # ---- sections -----------------------------------------------------------------------------
-def _section_fitted(fits: list[_Fit], x_test, y_test) -> str:
+def _section_fitted(fits: list[_Fit], x_test, y_test, liks: dict[str, str], units: str) -> str:
     post = fits[0].post
     model = post.model
     if isinstance(model, BNN):
@@ -213,11 +285,22 @@ def _section_fitted(fits: list[_Fit], x_test, y_test) -> str:
         for s in post.layout.sites
     ]
     task = post.task + (f" ({post.num_classes} classes)" if post.num_classes else "")
+    distinct = sorted(set(liks.values()))
+    if len(distinct) == 1:
+        lik_line = f"<p><b>Likelihood</b> (every fit): {_esc(distinct[0])}.</p>"
+    else:
+        lik_line = (
+            '<div class="info"><b>The fits use different likelihoods</b>; compare their NLL '
+            "with that in mind:<ul>"
+            + "".join(f"<li><b>{_esc(k)}</b>: {_esc(v)}</li>" for k, v in liks.items())
+            + "</ul></div>"
+        )
     parts = [
         "<h2>1. What was fitted</h2>",
         f"<p>Model: {desc}, {post.layout.size} parameters. Task: {_esc(task)}. "
         f"Training data: {n_train} points with {x_test.shape[-1] if x_test.dim() > 1 else 1} "
-        f"input features; test data: {x_test.shape[0]} points.</p>",
+        f"input features; test data: {x_test.shape[0]} points. {_esc(units)}</p>",
+        lik_line,
         "<details><summary>Latent sites</summary>"
         + _table(["site", "shape", "dims"], rows_sites, 3)
         + "</details>",
@@ -293,9 +376,7 @@ def _section_worked(fits: list[_Fit]) -> str:
     parts.append(
         _table(["fit", "k-hat", "PSIS ESS", "why undefined"], khat_rows, 1, left_last=True)
     )
-    mcmc = [
-        f for f in fits if f.post.info.get("sample_stats") and FUNCTION_VAR in f.idata.posterior
-    ]
+    mcmc = [f for f in fits if f.post.info.sample_stats and FUNCTION_VAR in f.idata.posterior]
     for f in mcmc:
         vals = f.idata.posterior[FUNCTION_VAR].values
         vals = vals.reshape(*vals.shape[:2], -1)[..., :3]
@@ -319,7 +400,7 @@ def _colors(fits: list[_Fit]) -> dict[str, str]:
 
 
 def _loss_array(post: Posterior):
-    loss = post.info.get("loss")
+    loss = post.info.loss
     if loss is None:
         return None
     a = loss.detach().cpu().numpy() if isinstance(loss, torch.Tensor) else np.asarray(loss)
@@ -339,7 +420,7 @@ def _section_function_table(fits: list[_Fit], fin: torch.Tensor) -> str:
         for f in fits:
             mean, sd, rhat = vals[f.name][i]
             cell = f"{_fmt(mean)} &plusmn; {_fmt(sd)}"
-            if rhat is not None and math.isfinite(rhat) and f.post.info.get("sample_stats"):
+            if rhat is not None and math.isfinite(rhat) and f.post.info.sample_stats:
                 cls = "badge-warn" if rhat > checks.RHAT_MAX else "note"
                 cell += f' <span class="{cls}">(R-hat {rhat:.3f})</span>'
             row.append(cell)
@@ -360,50 +441,88 @@ def _f_summary(idata):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for i in range(v.shape[-1]):
-            rhat = float(az.rhat(v[:, :, i])) if v.shape[0] > 1 and v.shape[1] >= 4 else None
+            rhat = azc.rhat(v[:, :, i]) if v.shape[0] > 1 and v.shape[1] >= 4 else None
             out.append((flat[:, i].mean(), flat[:, i].std(), rhat))
     return out
 
 
-def _section_quality(fits: list[_Fit], y_test) -> str:
+_QUALITY_COLUMNS = {
+    "classification": [
+        ("accuracy &uarr;", "accuracy"),
+        ("NLL &darr;", "nll"),
+        ("ECE &darr;", "ece"),
+        ("Brier &darr;", "brier"),
+    ],
+    "regression": [
+        ("RMSE &darr;", "rmse"),
+        ("MAE &darr;", "mae"),
+        ("NLL &darr;", "nll"),
+        ("90% interval coverage", "coverage90"),
+        ("90% interval width", "width90"),
+        ("calibration error &darr;", "cal_error"),
+    ],
+}
+
+
+def metrics_rows(table) -> tuple[list[str], list[list[str]]]:
+    """Header and formatted rows (best value per target in bold) of an evaluation table."""
+    cols = _QUALITY_COLUMNS[table.attrs.get("task", "regression")]
+    multi = table.index.nlevels > 1
+    header = ["fit"] + (["target"] if multi else []) + [t for t, _ in cols]
+    off = 2 if multi else 1
+    rows, groups = [], {}
+    for i, (idx, r) in enumerate(table.iterrows()):
+        key = idx if multi else (idx,)
+        rows.append([_esc(k) for k in key] + [_fmt(r[c]) for _, c in cols])
+        groups.setdefault(key[1] if multi else "", []).append(i)
+    for j, (title, c) in enumerate(cols, start=off):
+        if "&darr;" not in title and "&uarr;" not in title:
+            continue
+        for members in groups.values():
+            col = np.array([float(table.iloc[i][c]) for i in members])
+            if len(members) < 2 or not np.isfinite(col).any():
+                continue
+            best = members[int(np.nanargmin(col) if "&darr;" in title else np.nanargmax(col))]
+            rows[best][j] = f"<b>{rows[best][j]}</b>"
+    return header, rows
+
+
+def _section_quality(fits: list[_Fit], table, x_test, units: str) -> str:
     task = fits[0].post.task
     parts = ["<h2>3. Predictive quality on the test data</h2>"]
-    if task == "classification":
-        columns = [
-            ("accuracy &uarr;", "accuracy"),
-            ("NLL &darr;", "nll"),
-            ("ECE &darr;", "ece"),
-            ("Brier &darr;", "brier"),
-        ]
-    else:
-        columns = [
-            ("RMSE &darr;", "rmse"),
-            ("NLL &darr;", "nll"),
-            ("90% interval coverage", "coverage90"),
-            ("calibration error &darr;", "cal_error"),
-        ]
-    header = ["fit"] + [title for title, _ in columns]
-    rows = [[_esc(f.name)] + [_fmt(f.metrics[key]) for _, key in columns] for f in fits]
-    best = {}
-    for j, h in enumerate(header[1:], start=1):
-        if "&darr;" in h or "&uarr;" in h:
-            col = [float(r[j]) if r[j] != "&ndash;" else np.nan for r in rows]
-            if np.isfinite(col).any():
-                best[j] = int(np.nanargmin(col) if "&darr;" in h else np.nanargmax(col))
-    for j, i in best.items():
-        rows[i][j] = f"<b>{rows[i][j]}</b>"
-    parts.append(_table(header, rows, 1))
-    parts.append(
-        '<p class="note">NLL is the mean negative log posterior predictive density of the '
-        "test points, in the units of the targets as given to the report (e.g. "
-        "standardized). Best value per column in bold.</p>"
-    )
+    if task == "regression" and x_test.dim() == 2 and x_test.shape[1] == 1:
+        parts.append(_bands_section(fits, x_test))
+    header, rows = metrics_rows(table)
+    parts.append(_table(header, rows, 2 if table.index.nlevels > 1 else 1))
     if task == "regression":
+        parts.append(
+            '<p class="note">Every column comes from the posterior predictive, the mixture over '
+            "posterior draws (not a Gaussian fitted to its mean and SD): RMSE of the predictive "
+            "mean, MAE of the predictive median, NLL the mean negative log predictive density, "
+            "coverage and width of the central 90% predictive interval, and the calibration "
+            "error (mean gap between observed and nominal coverage of central intervals). "
+            f"{_esc(units)} Best value per column in bold.</p>"
+        )
+    else:
+        parts.append(
+            '<p class="note">NLL is the mean negative log posterior predictive probability of '
+            "the test labels; ECE uses 15 equal-width confidence bins. Best value per column "
+            "in bold.</p>"
+        )
+    na = table.attrs.get("not_applicable") or {}
+    for name, reasons in na.items():
+        for r in reasons:
+            parts.append(f'<div class="info"><b>{_esc(name)}</b>: {_esc(r)}.</div>')
+    if task == "regression":
+        parts.append(
+            "<p>Predicted against observed test targets: the predictive median with its "
+            "central 90% interval.</p>"
+        )
         parts.append(
             _img(
                 plots.pred_vs_obs(
-                    y_test.detach().cpu().numpy(),
-                    {f.name: (f.metrics["mean"], f.metrics["std"]) for f in fits},
+                    fits[0].ev.y,
+                    {f.name: (f.ev.median, f.ev.lower, f.ev.upper) for f in fits},
                     _colors(fits),
                 ),
                 "predicted vs observed",
@@ -412,13 +531,47 @@ def _section_quality(fits: list[_Fit], y_test) -> str:
     return "\n".join(parts)
 
 
+def _bands_section(fits: list[_Fit], x_test) -> str:
+    """The 1-D picture: predictive mean and central 50% / 90% bands over a grid, with data."""
+    post0 = fits[0].post
+    xs = [x_test.detach().cpu().double()[:, 0]]
+    if post0.data is not None:
+        xs.append(post0.data[0].detach().cpu().double()[:, 0])
+    allx = torch.cat(xs)
+    lo, hi = float(allx.min()), float(allx.max())
+    pad = 0.15 * (hi - lo or 1.0)
+    grid = torch.linspace(lo - pad, hi + pad, BAND_GRID, dtype=torch.float64)[:, None]
+    ev0 = fits[0].ev
+    bands = {}
+    for f in fits:
+        pred = f.post.predict(grid.to(f.post.device, f.post.dtype), num_samples=f.ev.pred.num_draws)
+        q = to_numpy(pred.quantile([0.05, 0.25, 0.75, 0.95])).astype(np.float64)
+        mean = to_numpy(pred.mean).astype(np.float64)
+        bands[f.name] = (f.ev.to_units(mean), *(f.ev.to_units(v) for v in q))
+    xtr = ytr = None
+    if post0.data is not None and post0.data[1].dim() == 1:
+        xtr = to_numpy(post0.data[0])[:, 0]
+        ytr = fits[0].ev.to_units(to_numpy(post0.data[1]).astype(np.float64))
+    fig = plots.bands_1d(
+        to_numpy(grid)[:, 0],
+        bands,
+        x_data=(to_numpy(x_test)[:, 0], ev0.y[:, 0]),
+        x_train=None if xtr is None else (xtr, ytr),
+        colors=_colors(fits),
+    )
+    return (
+        "<h3>Posterior predictive over x</h3>"
+        "<p>Predictive mean (line) and central 50% and 90% predictive intervals (bands) over "
+        "the input range, with the training data (grey dots) and the test data (black "
+        "crosses). Epistemic uncertainty shows as bands that widen away from the data.</p>"
+        + _img(fig, "posterior predictive bands")
+    )
+
+
 def _section_calibration(fits: list[_Fit], y_test) -> str:
     parts = ["<h2>4. Calibration</h2>"]
     if fits[0].post.task == "classification":
-        y = y_test.detach().cpu().numpy()
-        curves = {
-            f.name: mt.calibration_curve(f.pred.probs.detach().cpu().numpy(), y) for f in fits
-        }
+        curves = {f.name: mt.calibration_curve(f.ev.probs, f.ev.labels) for f in fits}
         parts.append(
             "<p>Reliability diagrams: accuracy against confidence in 15 bins; bars below the "
             "diagonal mean over-confidence.</p>"
@@ -426,30 +579,38 @@ def _section_calibration(fits: list[_Fit], y_test) -> str:
         parts.append(_img(plots.reliability_diagram(curves, _colors(fits)), "reliability diagram"))
     else:
         parts.append(
-            "<p>Coverage of central predictive intervals on the test data (Gaussian "
-            "intervals from the predictive mean and standard deviation). Below the diagonal: "
-            "intervals too narrow (over-confident); above: too wide.</p>"
+            "<p>Coverage of central predictive intervals on the test data (intervals of the "
+            "posterior predictive mixture). Below the diagonal: intervals too narrow "
+            "(over-confident); above: too wide.</p>"
         )
         parts.append(
             _img(
-                plots.coverage_plot({f.name: f.metrics["cal_curve"] for f in fits}, _colors(fits)),
+                plots.coverage_plot({f.name: f.ev.cal_curve for f in fits}, _colors(fits)),
                 "coverage",
             )
         )
     return "\n".join(parts)
 
 
+def _as_labels(a: np.ndarray, one_hot: bool) -> np.ndarray:
+    return a.argmax(-1) if one_hot else a
+
+
 def _section_checks(fits: list[_Fit], compare_table) -> str:
     parts = ["<h2>5. Predictive checks and leave-one-out</h2>"]
-    obs = fits[0].idata.observed_data["y"].values
-    draws = {f.name: f.idata.posterior_predictive["y"].values for f in fits}
+    post0 = fits[0].post
+    one_hot = one_hot_classes(post0) is not None
+    obs = _as_labels(fits[0].idata.observed_data["y"].values, one_hot)
+    draws = {f.name: _as_labels(f.idata.posterior_predictive["y"].values, one_hot) for f in fits}
     parts.append(
         "<p>Posterior predictive check on the training data: data sets replicated from "
-        "each posterior (coloured) against the observed one (black).</p>"
+        "each posterior (coloured) against the observed one (black)"
+        + (", all targets pooled" if obs.ndim > 1 else "")
+        + ".</p>"
     )
     parts.append(
         _img(
-            plots.ppc_plot(obs, draws, fits[0].post.task, colors=_colors(fits)),
+            plots.ppc_plot(obs, draws, post0.task, colors=_colors(fits)),
             "posterior predictive check",
         )
     )
@@ -473,9 +634,10 @@ def _section_checks(fits: list[_Fit], compare_table) -> str:
         ]
         parts.append(
             "<h3>Comparison by PSIS-LOO (training data)</h3>"
-            "<p>Expected log predictive density of left-out training points; higher is "
-            "better. <code>elpd_diff</code> and <code>dse</code> are the difference to the "
-            "best fit and its standard error; <code>weight</code> is the stacking weight.</p>"
+            "<p>Expected log predictive density of left-out training points (in the units "
+            "the models were fitted in); higher is better. <code>elpd_diff</code> and "
+            "<code>dse</code> are the difference to the best fit and its standard error; "
+            "<code>weight</code> is the stacking weight.</p>"
         )
         parts.append(_table(["fit", *[_esc(c) for c in cols]], rows, 1))
     skipped = compare_table.attrs.get("skipped", {}) if compare_table is not None else {}
@@ -538,24 +700,6 @@ def _section_functions(fits: list[_Fit], posts, x_test, y_test, fin) -> str:
             "this build (<code>marginalize.diagnostics.functions.function_space_figures</code> "
             "is missing); this section shows posterior predictive summaries only.</div>"
         )
-    if x_test.dim() == 2 and x_test.shape[1] == 1 and fits[0].post.task == "regression":
-        x = x_test.detach().cpu().numpy()
-        xtr, ytr = (
-            (
-                fits[0].post.data[0].detach().cpu().numpy(),
-                fits[0].post.data[1].detach().cpu().numpy(),
-            )
-            if fits[0].post.data is not None
-            else (None, None)
-        )
-        preds = {f.name: (f.metrics["mean"], f.metrics["std"]) for f in fits}
-        parts.append("<h3>Posterior predictive bands</h3>")
-        parts.append(
-            _img(
-                plots.bands_1d(x, y_test.detach().cpu().numpy(), preds, xtr, ytr, _colors(fits)),
-                "bands",
-            )
-        )
     return "\n".join(parts)
 
 
@@ -566,14 +710,16 @@ permutation symmetry and is shown as information only.</li>
 <li><b>Divergences</b>: NUTS/HMC trajectories whose energy blew up; the draws then miss regions of
 high curvature, and estimates can be biased.</li>
 <li><b>PSIS k-hat</b> (Yao et al. 2018): tail shape of p/q for an approximation q; above 0.7 q is
-far from the posterior.</li>
+far from the posterior. For networks with hidden layers it is a note, not a problem: no cheap
+approximation matches their weight posterior, so judge those fits by their held-out NLL,
+coverage and calibration.</li>
 <li><b>Loss not converged</b>: the smoothed loss still fell by more than 0.1% (and by more than
 three standard errors of its noise) over the last 10% of optimizer steps.</li>
 <li><b>LOO</b> (Vehtari et al. 2017): Pareto-smoothed importance-sampling leave-one-out; needs
 posterior draws, so point estimates are compared on the test data instead.</li></ul>"""
 
 
-def report(
+def build_report(
     posts,
     x_test,
     y_test,
@@ -583,42 +729,21 @@ def report(
     num_samples: int = REPORT_DRAWS,
     khat_samples: int = 1000,
     seed: int = 0,
-) -> Path:
-    """Write a self-contained HTML report on one or several fits; return its path.
+    y_loc=None,
+    y_scale=None,
+    notes: list[str] | None = None,
+) -> ReportResult:
+    """Write the report (see :func:`report`) and return what it found: a
+    :class:`ReportResult` with the path, the problems, the notes and the metrics table.
 
-    Parameters
-    ----------
-    posts : Posterior or mapping of name to Posterior
-        Fits of the same model type and training data (e.g. several methods).
-    x_test, y_test : array-like
-        Held-out data for predictive quality and calibration.
-    path : str or Path
-        Where to write the HTML file (parent folders are created).
-    title : str, optional
-    num_samples : int
-        Posterior draws per fit (MCMC: at most this many of the stored draws).
-    khat_samples : int
-        Draws from each approximation for PSIS k-hat.
-    seed : int
-
-    Returns
-    -------
-    pathlib.Path
-
-    Examples
-    --------
-    >>> import torch, tempfile, marginalize as mz
-    >>> x = torch.randn(40, 2); y = x[:, 0] + 0.1 * torch.randn(40)
-    >>> post = mz.fit(mz.models.mlp(2, hidden=[4]), x[:30], y[:30], method="map", steps=50,
-    ...               progress=False)
-    >>> mz.report(post, x[30:], y[30:], path=tempfile.mkdtemp() + "/r.html").suffix
-    '.html'
+    With ``path=None`` nothing is written: the fits are evaluated and checked only (the
+    command line uses this for its table and findings without ``--report``).
     """
     t0 = time.perf_counter()
-    posts = _normalize(posts)
+    posts = normalize_posts(posts)
     first = next(iter(posts.values()))
     x_t = first._check_x(x_test, "x_test")
-    y_t = first._check_y(y_test, x_t.shape[0])
+    y_t, _ = model_targets(first, y_test, x_t.shape[0])
     from marginalize.diagnostics.stats import function_inputs_for
 
     fin = function_inputs_for(x_t, NUM_FUNCTION_INPUTS)
@@ -629,25 +754,54 @@ def report(
         _evaluate(
             f,
             post._check_x(x_test, "x_test"),
-            post._check_y(y_test, x_t.shape[0]),
+            y_test,
             fin.to(post.device, post.dtype),
             num_samples,
             khat_samples,
             seed,
+            y_loc,
+            y_scale,
         )
         log.info("report: evaluated %s in %.1f s", name, time.perf_counter() - ts)
         fits.append(f)
     compare_table = None
-    if len(fits) > 1:
-        compare_table = compare({f.name: f.idata for f in fits}, seed=seed)
+    usable = {
+        f.name: f.idata for f in fits if f.loo is not None or f.post.approximation.deterministic
+    }
+    if len(fits) > 1 and path is not None:
+        try:
+            compare_table = compare(usable, seed=seed) if usable else None
+        except (ValueError, FloatingPointError) as e:
+            log.warning("report: the LOO comparison failed: %s", e)
+    table = table_of([f.ev for f in fits])
+    liks = {f.name: describe_likelihood(f.post, y_scale) for f in fits}
+    if first.task == "regression":
+        units = (
+            "Metrics are in the target's units (the models were fitted to standardized targets)."
+            if y_scale is not None or y_loc is not None
+            else "Metrics are in the units of the targets as given."
+        )
+    else:
+        units = ""
+    findings = ReportResult(
+        None,
+        [(f.name, x) for f in fits for x in f.findings if x.level == "warn"],
+        [(f.name, x) for f in fits for x in f.findings if x.level == "info"],
+        table,
+        "; ".join(sorted(set(liks.values()))),
+    )
+    if path is None:  # the evaluation and the findings only
+        return findings
     title = title or "marginalize report"
+    extra = "".join(f'<div class="info">{_esc(n)}</div>' for n in notes or [])
     body = [
         f"<h1>{_esc(title)}</h1>",
         f'<p class="note">Fits: {_esc(", ".join(posts))}. Written by marginalize with ArviZ '
-        f"{_esc(az.__version__)}.</p>",
-        _section_fitted(fits, x_t, y_t),
+        f"{_esc(azc.ARVIZ_VERSION)}.</p>",
+        extra,
+        _section_fitted(fits, x_t, y_t, liks, units),
         _section_worked(fits),
-        _section_quality(fits, y_t),
+        _section_quality(fits, table, x_t, units),
         _section_calibration(fits, y_t),
         _section_checks(fits, compare_table),
         _section_functions(fits, posts, x_t, y_t, fin),
@@ -663,4 +817,76 @@ def report(
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(doc, encoding="utf-8")
     log.info("report: wrote %s in %.1f s", out, secs)
-    return out
+    findings.path = out
+    return findings
+
+
+def report(
+    posts,
+    x_test,
+    y_test,
+    path="report.html",
+    title: str | None = None,
+    *,
+    num_samples: int = REPORT_DRAWS,
+    khat_samples: int = 1000,
+    seed: int = 0,
+    y_loc=None,
+    y_scale=None,
+    notes: list[str] | None = None,
+) -> Path:
+    """Write a self-contained HTML report on one or several fits; return its path.
+
+    Parameters
+    ----------
+    posts : Posterior or mapping of name to Posterior
+        Fits of the same model type and training data (e.g. several methods).
+    x_test, y_test : array-like
+        Held-out data for predictive quality and calibration, ``y_test`` in the format the
+        models were fitted with (a model fitted with one-hot targets also takes labels).
+    path : str or Path
+        Where to write the HTML file (parent folders are created).
+    title : str, optional
+    num_samples : int
+        Posterior draws per fit (MCMC: at most this many of the stored draws).
+    khat_samples : int
+        Draws from each approximation for PSIS k-hat.
+    seed : int
+    y_loc, y_scale : float or sequence of float, optional
+        The models were fitted to ``(y - y_loc) / y_scale`` and ``y_test`` is on that scale:
+        the metrics and figures are given in the units of ``y`` (see
+        :func:`marginalize.evaluate`).
+    notes : list of str, optional
+        Lines shown under the title (e.g. how the fits were run).
+
+    Returns
+    -------
+    pathlib.Path
+
+    Raises
+    ------
+    DataError
+        Bad ``posts`` or data that do not fit the models.
+
+    Examples
+    --------
+    >>> import torch, tempfile, marginalize as mz
+    >>> x = torch.randn(40, 2); y = x[:, 0] + 0.1 * torch.randn(40)
+    >>> post = mz.fit(mz.models.mlp(2, hidden=[4]), x[:30], y[:30], method="map", steps=50,
+    ...               progress=False)
+    >>> mz.report(post, x[30:], y[30:], path=tempfile.mkdtemp() + "/r.html").suffix
+    '.html'
+    """
+    return build_report(
+        posts,
+        x_test,
+        y_test,
+        path,
+        title,
+        num_samples=num_samples,
+        khat_samples=khat_samples,
+        seed=seed,
+        y_loc=y_loc,
+        y_scale=y_scale,
+        notes=notes,
+    ).path

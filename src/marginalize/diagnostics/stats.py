@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import logging
 import math
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -33,6 +32,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from marginalize.core import arviz as azc
 from marginalize.core.approximations import (
     Approximation,
     Delta,
@@ -41,7 +41,7 @@ from marginalize.core.approximations import (
     Gaussian,
     Mixture,
 )
-from marginalize.core.arviz import az, to_inference_data
+from marginalize.core.arviz import to_inference_data
 from marginalize.errors import DataError, OptionError
 from marginalize.posterior import Posterior
 
@@ -91,9 +91,11 @@ def _as_idata(obj, *, function_inputs=None, num_samples=None, x_test=None, y_tes
             prior_samples=0,
             seed=seed,
         )
-    if isinstance(obj, az.InferenceData):
+    if azc.is_arviz_data(obj):
         return obj
-    raise DataError(f"expected a Posterior or an arviz.InferenceData, got {type(obj).__name__}")
+    raise DataError(
+        f"expected a Posterior or ArviZ data (InferenceData / DataTree), got {type(obj).__name__}"
+    )
 
 
 def summary(
@@ -139,9 +141,7 @@ def summary(
     idata = _as_idata(
         post_or_idata, function_inputs=function_inputs, num_samples=num_samples, seed=seed
     )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return az.summary(idata, var_names=var_names, kind=kind)
+    return azc.summary(idata, var_names=var_names, kind=kind)
 
 
 # ---- PSIS k-hat of an approximate posterior (Yao, Vehtari, Simpson & Gelman 2018) ----------
@@ -308,9 +308,7 @@ def psis_khat(
             "psis_khat: %d of %d importance ratios are not finite", (~finite).sum(), len(log_r)
         )
         log_r = np.where(finite, log_r, -np.inf)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        lw, k = az.psislw(log_r)
+    lw, k = azc.psislw(log_r)
     w = np.exp(lw - lw.max())
     w /= w.sum()
     return PSISResult(float(k), None, int(len(log_r)), float(1.0 / np.sum(w**2)))
@@ -323,7 +321,7 @@ def _total_draws(idata) -> int:
 
 
 def _check_loo_ready(idata, var_name: str) -> None:
-    if "log_likelihood" not in idata.groups() or var_name not in idata.log_likelihood:
+    if "log_likelihood" not in azc.group_names(idata) or var_name not in idata.log_likelihood:
         raise DataError(f"the InferenceData has no log_likelihood[{var_name!r}]")
     if _total_draws(idata) < MIN_LOO_DRAWS:
         raise DataError(
@@ -354,7 +352,7 @@ def loo(
     >>> float(loo(post).elpd_loo) < 0
     True
     """
-    return _information_criterion(az.loo, post_or_idata, pointwise, var_name, num_samples, seed)
+    return _information_criterion("loo", post_or_idata, pointwise, var_name, num_samples, seed)
 
 
 def waic(
@@ -365,17 +363,16 @@ def waic(
     num_samples: int | None = None,
     seed: int = 0,
 ):
-    """WAIC of the training data (``az.waic``); see :func:`loo`."""
-    return _information_criterion(az.waic, post_or_idata, pointwise, var_name, num_samples, seed)
+    """WAIC of the training data (``az.waic``; arviz < 1 only: ArviZ 1 dropped WAIC, and this
+    raises ``OptionError`` there); see :func:`loo`."""
+    return _information_criterion("waic", post_or_idata, pointwise, var_name, num_samples, seed)
 
 
-def _information_criterion(fn, post_or_idata, pointwise, var_name, num_samples, seed):
-    """``fn`` (``az.loo`` or ``az.waic``) on the training log-likelihood, checked first."""
+def _information_criterion(ic, post_or_idata, pointwise, var_name, num_samples, seed):
+    """PSIS-LOO or WAIC on the training log-likelihood, checked first."""
     idata = _as_idata(post_or_idata, num_samples=num_samples, seed=seed)
     _check_loo_ready(idata, var_name)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return fn(idata, pointwise=pointwise, var_name=var_name)
+    return azc.loo(idata, var_name=var_name, pointwise=pointwise, ic=ic)
 
 
 def compare(
@@ -414,8 +411,7 @@ def compare(
     >>> sorted(tab.index), list(tab.attrs["skipped"])
     (['svi-lowrank', 'svi-meanfield'], ['map'])
     """
-    if ic not in ("loo", "waic"):
-        raise OptionError(f"ic: expected 'loo' or 'waic', got {ic!r}")
+    azc.check_ic(ic)
     if not isinstance(posts, Mapping) or not posts:
         raise DataError("posts: expected a non-empty mapping of name to Posterior")
     usable, skipped = {}, {}
@@ -435,18 +431,7 @@ def compare(
             )
         n_obs = n
         usable[name] = idata
-    if not usable:
-        table = pd.DataFrame()
-    else:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            if len(usable) == 1:
-                name, idata = next(iter(usable.items()))
-                res = (az.loo if ic == "loo" else az.waic)(idata, var_name="y")
-                table = pd.DataFrame([res]).set_axis([name])
-                table.insert(0, "rank", 0)
-            else:
-                table = az.compare(usable, ic=ic, var_name="y", seed=seed)
+    table = pd.DataFrame() if not usable else azc.compare(usable, ic=ic, seed=seed)
     table.attrs["skipped"] = skipped
     return table
 
@@ -454,6 +439,4 @@ def compare(
 def loo_pit(idata, var_name: str = "y") -> np.ndarray:
     """LOO-PIT values of the training observations (``az.loo_pit``); uniform when calibrated."""
     _check_loo_ready(idata, var_name)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return np.asarray(az.loo_pit(idata, y=var_name))
+    return azc.loo_pit(idata, var_name)

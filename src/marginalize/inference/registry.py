@@ -1,17 +1,20 @@
 """The registry: inference methods by name, and :func:`fit`.
 
-A method is a class with a ``name``, an ``Options`` dataclass (every option with its default;
-``__post_init__`` validates values) and ``run(problem, options, seed, progress)`` returning
-``(approximation, info)``. Registration is explicit::
+A method is a class with a ``name``, an ``Options`` dataclass (every option declared with
+its default, its check and its meaning: :mod:`~marginalize.inference.engines.options`) and
+``run(problem, options, seed, progress)`` returning ``(approximation, info)`` with ``info`` a
+:class:`~marginalize.core.info.FitInfo`. Registration is explicit::
 
     @register("my-method")
     class MyMethod(Method):
         @dataclass
-        class Options:
-            steps: int = 1000
+        class Options(TrainOptions):
+            my_option: float = option(1.0, number(0, 10), "what it does")
         def run(self, problem, opts, seed, progress):
             ...
-            return approximation, {"loss": losses}
+            return approximation, run.info()
+
+``docs/ARCHITECTURE.md`` ("Adding a method") shows a complete one.
 
 Examples
 --------
@@ -35,9 +38,11 @@ from typing import Any, ClassVar
 import torch
 
 from marginalize._validation import check_device, check_options, check_seed
+from marginalize.core.info import FitInfo
 from marginalize.core.problem import Problem, prepare
 from marginalize.errors import OptionError
-from marginalize.inference.engines import checkpoint, distributed
+from marginalize.inference.engines import checkpoint, distributed, interrupt
+from marginalize.inference.engines.options import Options
 from marginalize.inference.engines.seeding import isolated
 from marginalize.posterior import Posterior
 
@@ -59,22 +64,19 @@ class Method:
     #: the paper it follows
     reference: ClassVar[str] = ""
 
-    @dataclasses.dataclass
-    class Options:
-        pass
+    Options: ClassVar[type[Options]] = Options
 
-    def run(self, problem: Problem, opts: Any, seed: int, progress: bool):
+    def run(self, problem: Problem, opts: Any, seed: int, progress: bool) -> tuple[Any, FitInfo]:
+        """Fit ``problem``: ``(approximation over z, FitInfo)``."""
         raise NotImplementedError
 
     @classmethod
     def option_defaults(cls) -> dict[str, Any]:
-        out = {}
-        for f in dataclasses.fields(cls.Options):
-            if f.default is not dataclasses.MISSING:
-                out[f.name] = f.default
-            elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-                out[f.name] = f.default_factory()  # type: ignore[misc]
-        return out
+        return cls.Options.defaults()
+
+    @classmethod
+    def option_docs(cls) -> dict[str, str]:
+        return cls.Options.docs()
 
     @classmethod
     def make_options(cls, given: dict[str, Any]):
@@ -118,12 +120,22 @@ def get_method(name: str) -> type[Method]:
 
 
 def method_info() -> list[dict[str, Any]]:
-    """One row per method: name, summary, options with defaults, cost and reference."""
+    """One row per method: ``name``, ``summary``, ``options`` (name -> default), ``docs``
+    (name -> meaning), ``cost`` and ``reference``, from the method's declared options.
+
+    Examples
+    --------
+    >>> import marginalize as mz
+    >>> row = next(r for r in mz.method_info() if r["name"] == "svi-lowrank")
+    >>> row["options"]["rank"], row["docs"]["rank"]
+    (10, 'rank of the covariance factor')
+    """
     return [
         {
             "name": n,
             "summary": c.summary,
             "options": c.option_defaults(),
+            "docs": c.option_docs(),
             "cost": c.cost,
             "reference": c.reference,
         }
@@ -161,8 +173,11 @@ def fit(
         Show a progress bar.
     **options
         The method's options (see ``mz.method_info()``); an unknown one raises ``OptionError``.
-        SVI-based methods and ``nuts``/``hmc`` take ``checkpoint=PATH, checkpoint_every=N``:
-        the fit's state is saved there and :func:`marginalize.resume` continues it.
+        Every method takes ``checkpoint=PATH, checkpoint_every=N`` (except ``laplace``'s
+        curvature, every part of a fit is resumable): the fit's state is saved there and
+        :func:`marginalize.resume` continues it. One Ctrl-C stops the fit at the end of the
+        current step and returns what it reached (``post.info.stopped``); a second stops at
+        once.
 
     Notes
     -----
@@ -190,8 +205,14 @@ def fit(
     # (engines/distributed.py); progress bars on rank 0 only
     rank = distributed.rank() if distributed.is_distributed() else 0
     progress = progress and distributed.is_main()
-    with isolated(seed), checkpoint.session(cls.name, opts, seed, problem, rank=rank):
+    with (
+        interrupt.scope(),
+        isolated(seed),
+        checkpoint.session(cls.name, opts, seed, problem, rank=rank),
+    ):
         approx, info = cls().run(problem, opts, seed, progress)
+    if not isinstance(info, FitInfo):
+        info = FitInfo.from_dict(info)
     return Posterior(
         problem.model,
         problem.layout,

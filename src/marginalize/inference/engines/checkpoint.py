@@ -12,9 +12,9 @@ with the same seed (on the same device and library versions)::
 A fresh fit refuses to overwrite an existing checkpoint (that file may hold hours of work):
 continue it with :func:`resume`, or delete it.
 
-How it works. A fit is a sequence of *segments*: each
-:func:`~marginalize.inference.engines.training.run_svi` call (one per SVI fit, ensemble member,
-MAP initialisation...) and each MCMC chain is one, numbered in the order the method runs them.
+How it works. A fit is a sequence of *segments*: each run of the training loop
+(:func:`~marginalize.inference.engines.training.train`: one per SVI fit, ensemble member, SWAG
+phase, MAP stage...) and each MCMC chain is one, numbered in the order the method runs them.
 A segment saves either its finished result or its state in progress; on resume, finished
 segments are restored without recomputing and the segment in progress continues from its state.
 Segments run inside a member of
@@ -32,17 +32,19 @@ so a fit can be resumed by any number of processes (on a file system all ranks s
 
 What is saved, all as plain tensors:
 
-* SVI: the unconstrained parameters of the Pyro param store, the optimizer state
-  (``PyroOptim.get_state()``: Adam moments, step counts, the decayed learning rate), the loss
-  trace, the number of steps done and the global RNG states (torch, Python ``random``,
-  NumPy, and CUDA when used). The minibatch order is a function of ``(seed, step)``: its
-  generator is replayed to the saved step.
+* training: the optimizer's state (parameters, moments, step count, learning-rate backoff, and
+  the state before its last update), the objective's noise generator, the state of a per-step
+  callback (SWAG's moments), the loss trace, the rollbacks, the number of steps done and the
+  global RNG states (torch, Python ``random``, NumPy, and CUDA when used). The minibatch order is
+  a function of ``(seed, step)``: its generator is replayed to the saved step.
 * MCMC: per chain ``NUTSState.state_dict()`` (position, step size, metric, adaptation
   accumulators and the chain's generator state) plus the draws and sampler statistics so far.
 
+The path is checked before fitting (its folder must exist and accept a new file); a write that
+fails later (a full disk) is a warning, and the fit goes on and returns its result.
 Files are written atomically (temporary file + rename) and verified on load (format, version,
 SHA-256 of the content; ``torch.load(weights_only=True)``): see :mod:`marginalize._files`.
-Ctrl-C during SVI takes effect at the end of the current step (press it twice to stop at once;
+Ctrl-C during training takes effect at the end of the current step (press it twice to stop at once;
 the file then keeps the last completed checkpoint), so the saved state is always consistent.
 """
 
@@ -56,19 +58,16 @@ import json
 import logging
 import os
 import random
-import signal
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from pyro import poutine
 
 from marginalize._files import check_path, digest, read_verified, write_verified
-from marginalize._validation import check_positive_int
 from marginalize.errors import DataError, FileFormatError, ModelError, OptionError
+from marginalize.inference.engines import interrupt
 
 __all__ = [
     "pending",
@@ -79,7 +78,9 @@ __all__ = [
     "adopt",
     "rank_file",
     "deferred_interrupt",
-    "check_options",
+    "restore_error",
+    "rng_state",
+    "set_rng_state",
     "FORMAT",
     "VERSION",
 ]
@@ -87,28 +88,12 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 FORMAT = "marginalize.checkpoint"
-VERSION = 2  # 2: member segments keyed by member (distributed runs)
+VERSION = 3  # 2: member segments keyed by member (distributed runs); 3: training-loop segments
 
 _ACTIVE: contextvars.ContextVar[_Session | None] = contextvars.ContextVar(
     "mz_checkpoint", default=None
 )
 _PENDING: contextvars.ContextVar[dict | None] = contextvars.ContextVar("mz_resume", default=None)
-
-
-# ---- options -----------------------------------------------------------------------------
-def check_options(checkpoint: Any, every: Any) -> str | None:
-    """Validate the ``checkpoint`` / ``checkpoint_every`` options; return the path as a str."""
-    check_positive_int("checkpoint_every", every)
-    if checkpoint is None:
-        return None
-    if isinstance(checkpoint, bool) or not isinstance(checkpoint, (str, os.PathLike)):
-        raise OptionError(
-            f"checkpoint: expected a file path (str or os.PathLike) or None, got {checkpoint!r}"
-        )
-    path = os.fspath(checkpoint)
-    if not path or path.endswith(os.sep):
-        raise OptionError(f"checkpoint: expected a file path, got {path!r}")
-    return path
 
 
 # ---- RNG state as plain tensors ----------------------------------------------------------
@@ -170,42 +155,18 @@ def _cpu(obj):
 
 # ---- Ctrl-C at a safe point ----------------------------------------------------------------
 class _Interrupt:
-    def __init__(self):
-        self.pending = False
-
     def check(self) -> None:
-        """Raise ``KeyboardInterrupt`` here if Ctrl-C was pressed since the last check."""
-        if self.pending:
-            self.pending = False
-            raise KeyboardInterrupt("interrupted (Ctrl-C)")
+        """Raise ``KeyboardInterrupt`` here if Ctrl-C was pressed (see ``engines/interrupt.py``)."""
+        interrupt.check()
 
 
 @contextlib.contextmanager
 def deferred_interrupt() -> Iterator[_Interrupt]:
-    """Within the block, Ctrl-C only sets a flag that :meth:`_Interrupt.check` turns into a
-    ``KeyboardInterrupt`` at the next safe point; a second Ctrl-C interrupts at once.
-
-    Outside the main thread (where signal handlers cannot be set) this does nothing.
-    """
-    flag = _Interrupt()
-    if threading.current_thread() is not threading.main_thread():
-        yield flag
-        return
-    old = signal.getsignal(signal.SIGINT)
-    if old is None or old is signal.SIG_IGN:  # a handler not set from Python, or ignored: leave it
-        yield flag
-        return
-
-    def handler(signum, frame):
-        if flag.pending:
-            raise KeyboardInterrupt
-        flag.pending = True
-
-    signal.signal(signal.SIGINT, handler)
-    try:
-        yield flag
-    finally:
-        signal.signal(signal.SIGINT, old)
+    """Within the block, Ctrl-C only asks the fit to stop; :meth:`_Interrupt.check` raises
+    ``KeyboardInterrupt`` at the next safe point; a second Ctrl-C interrupts at once (the
+    fit-wide behaviour of :func:`marginalize.inference.engines.interrupt.scope`)."""
+    with interrupt.scope():
+        yield _Interrupt()
 
 
 # ---- the session of one fit --------------------------------------------------------------
@@ -281,6 +242,7 @@ class _Session:
         self.used = 0
         self.interrupted = False
         self.complete = False
+        self.broken = False
         self.rank = rank
         self.file = rank_file(path, rank)
         #: (prefix, next index) of the member scopes entered (see :func:`member`)
@@ -304,14 +266,27 @@ class _Session:
 
     def write(self, member: bool = True) -> None:
         """Write this rank's file: everything on rank 0; on rank ``r > 0`` the member
-        segments only (the others are identical on rank 0), and nothing for the others."""
+        segments only (the others are identical on rank 0), and nothing for the others. A
+        failed write is a warning (the fit goes on), and later writes are skipped."""
+        if self.broken:
+            return
         if self.rank == 0:
             segments = self.segments
         elif not member:
             return
         else:
             segments = {k: v for k, v in self.segments.items() if k.startswith("m")}
-        write_verified({**self.header, "complete": self.complete, "segments": segments}, self.file)
+        try:
+            write_verified(
+                {**self.header, "complete": self.complete, "segments": segments}, self.file
+            )
+        except OSError as e:
+            self.broken = True
+            log.warning(
+                "checkpoint: cannot write %s (%s); the fit continues without checkpoints",
+                self.file,
+                e,
+            )
 
 
 @contextlib.contextmanager
@@ -404,6 +379,25 @@ def _check_match(path: Path, saved: dict, now: dict) -> None:
         )
 
 
+def _check_writable(path: Path) -> None:
+    """``OptionError`` unless a file can be created next to ``path`` (before any fitting)."""
+    folder = path.parent
+    if not folder.is_dir():
+        raise OptionError(f"checkpoint: the folder {folder} does not exist")
+    probe = folder / f".{path.name}.{os.getpid()}.probe"
+    try:
+        with open(probe, "wb") as f:
+            f.write(b"0")
+    except OSError as e:
+        raise OptionError(
+            f"checkpoint: cannot create a file in {folder} ({e.strerror or e}); choose a "
+            "writable folder"
+        ) from e
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink()
+
+
 @contextlib.contextmanager
 def session(
     method: str, opts: Any, seed: int, problem, *, rank: int = 0
@@ -432,8 +426,7 @@ def session(
                 f"process ran); continue that fit with mz.resume({str(path)!r}, model, x, y), or "
                 "delete the files or choose another path"
             )
-        if not path.parent.is_dir():
-            raise OptionError(f"checkpoint: the folder {path.parent} does not exist")
+        _check_writable(path)
         saved = {}
     else:
         _check_match(path, pending, header)
@@ -479,6 +472,15 @@ def pending(path) -> Iterator[tuple[str, dict, int]]:
         _PENDING.reset(token)
 
 
+def restore_error(seg: Segment, e: Exception) -> FileFormatError:
+    """The error for a saved segment that cannot be restored."""
+    if isinstance(e, FileFormatError):
+        return e
+    return FileFormatError(
+        f"{seg.session.path}: cannot restore {seg.label} ({type(e).__name__}: {e})"
+    )
+
+
 def _merged(files: list[Path]) -> dict:
     """The first file's header with the segments of all files (per key: a finished one,
     else the one saved most often)."""
@@ -506,73 +508,6 @@ def _rank(seg) -> tuple:
     if not isinstance(seg, dict):
         return (False, 0)
     return (bool(seg.get("done")), int(seg.get("seq", 0)))
-
-
-# ---- SVI state -----------------------------------------------------------------------------
-def svi_state(store, optim, step: int, losses: list[float], rollbacks: list, device) -> dict:
-    """The state of an SVI run after ``step`` steps, as plain tensors."""
-    return {
-        "step": int(step),
-        "losses": torch.tensor(losses, dtype=torch.float64),
-        "rollbacks": list(rollbacks),
-        "params": {k: v.detach() for k, v in store.named_parameters()},
-        "optim": optim.get_state(),
-        "rng": rng_state(device),
-    }
-
-
-def svi_result(store, info: dict, device) -> dict:
-    """What a finished SVI run leaves behind: parameters, RNG state and its info."""
-    return {
-        "params": {k: v.detach() for k, v in store.named_parameters()},
-        "rng": rng_state(device),
-        "info": info,
-    }
-
-
-def _setup_params(guide, problem, batch_size: int | None, params: dict, path) -> None:
-    """Create the guide's parameters (one guide call) and overwrite them with saved values."""
-    from pyro import get_param_store
-
-    k = problem.n if batch_size is None else min(batch_size, problem.n)
-    with poutine.block(), torch.no_grad():
-        guide(problem.x[:k], problem.y[:k])
-    store = get_param_store()
-    names = dict(store.named_parameters())
-    if set(names) != set(params):
-        raise FileFormatError(
-            f"{path}: saved parameters {sorted(params)} do not match the guide's {sorted(names)}"
-        )
-    with torch.no_grad():
-        for k_, v in names.items():
-            if v.shape != params[k_].shape:
-                raise FileFormatError(
-                    f"{path}: saved parameter {k_!r} has shape "
-                    f"{tuple(params[k_].shape)}, the guide's {tuple(v.shape)}"
-                )
-            v.copy_(params[k_])
-
-
-def restore_svi(seg: Segment, guide, problem, optim, batch_size: int | None):
-    """Restore a saved SVI segment.
-
-    Returns ``("done", info)`` for a finished one (parameters and RNG as they were at its
-    end), else ``("running", state)`` with parameters, optimizer state and RNG restored.
-    """
-    st = seg.saved["state"]
-    try:
-        _setup_params(guide, problem, batch_size, st["params"], seg.session.path)
-        set_rng_state(st["rng"], problem.device)
-        if seg.saved["done"]:
-            return "done", st["info"]
-        optim.set_state(_clone(st["optim"]))
-        return "running", st
-    except (KeyError, TypeError, ValueError, RuntimeError) as e:
-        if isinstance(e, FileFormatError):
-            raise
-        raise FileFormatError(
-            f"{seg.session.path}: cannot restore {seg.label} ({type(e).__name__}: {e})"
-        ) from e
 
 
 # ---- MCMC chains -------------------------------------------------------------------------

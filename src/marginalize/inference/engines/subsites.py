@@ -24,7 +24,7 @@ Examples
 >>> x = torch.linspace(-1, 1, 30)[:, None]; y = torch.sin(3 * x[:, 0])
 >>> post = mz.fit(mz.models.mlp(1, hidden=[8]), x, y, method="svi-meanfield", steps=50,
 ...               bayesian_sites="last_layer", progress=False)
->>> post.info["bayesian_sites"]
+>>> post.info.bayesian_sites
 ['layer2.weight', 'layer2.bias']
 """
 
@@ -50,8 +50,10 @@ from marginalize.core.approximations import (
 from marginalize.core.layout import Layout
 from marginalize.core.problem import Problem, trace_model
 from marginalize.errors import ModelError, OptionError
+from marginalize.inference.engines import interrupt
+from marginalize.inference.engines.options import Options, names, option
 from marginalize.inference.engines.seeding import isolated
-from marginalize.inference.engines.training import SVIOptions, fit_map
+from marginalize.inference.engines.training import MAPOptions, Trained, fit_point
 from marginalize.models.base import BNN
 
 __all__ = [
@@ -68,27 +70,16 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class BayesianSites:
-    """Mixin for a method's ``Options``: ``bayesian_sites`` (None: every site is Bayesian;
-    ``"last_layer"``; or a list of site names / layer-name prefixes). The other sites are
-    held at a MAP fit first."""
+class BayesianSites(Options):
+    """Mixin for a method's ``Options``: the option ``bayesian_sites``."""
 
-    bayesian_sites: list[str] | str | None = None
-
-    def __post_init__(self):
-        parent = getattr(super(), "__post_init__", None)
-        if parent is not None:
-            parent()
-        v = self.bayesian_sites
-        if v is None or (isinstance(v, str) and v):
-            return
-        if isinstance(v, (list, tuple)) and v and all(isinstance(s, str) and s for s in v):
-            self.bayesian_sites = list(v)
-            return
-        raise OptionError(
-            f"bayesian_sites: expected None, 'last_layer' or a non-empty list of site names or "
-            f"layer-name prefixes, got {v!r}"
-        )
+    bayesian_sites: list[str] | str | None = option(
+        None,
+        names("last_layer"),
+        "only these sites get the approximation, the others are held at a MAP fitted first: "
+        "None (every site), 'last_layer', or a list of site names or layer-name prefixes "
+        "(see `engines/subsites.py`)",
+    )
 
 
 def _last_layer(problem: Problem) -> list[str]:
@@ -197,39 +188,47 @@ def unwrap(
     return problem, (lambda z: z), None
 
 
-def map_point(problem: Problem, opts, seed: int, progress: bool) -> tuple[torch.Tensor, dict]:
-    """A MAP fit of all sites with the SVI options found in ``opts`` (the default hook)."""
+def map_point(problem: Problem, opts, seed: int, progress: bool) -> tuple[torch.Tensor, Trained]:
+    """A MAP fit of all sites with the training options found in ``opts`` (the default hook)."""
     kw = {
         f.name: getattr(opts, f.name)
-        for f in dataclasses.fields(SVIOptions)
-        if hasattr(opts, f.name)
+        for f in dataclasses.fields(MAPOptions)
+        if hasattr(opts, f.name) and f.name not in ("checkpoint", "checkpoint_every")
     }
+    if "optimizer" not in kw:  # the method's own optimizer settings (Adam) are not MAP's
+        kw.pop("lr", None)
+        kw.pop("lr_final", None)
+        kw.pop("engine", None)
     with isolated(seed):
-        approx, info = fit_map(problem, SVIOptions(**kw), seed, progress)
-    return approx.loc, info
+        z, run, _ = fit_point(problem, MAPOptions(**kw), seed, progress, desc="MAP stage")
+    return z, run
 
 
 def run_on_sites(method, problem: Problem, opts, seed: int, progress: bool):
     """Run ``method`` Bayesian over ``opts.bayesian_sites`` only, the rest at MAP.
 
     Called from the start of ``method.run`` when ``opts.bayesian_sites`` is set; returns
-    ``(approximation over the full z, info)``.
+    ``(approximation over the full z, info)``. Ctrl-C during the MAP stage ends the fit there
+    (a point mass at the MAP reached).
     """
-    names = resolve_sites(problem, opts.bayesian_sites)
+    names_ = resolve_sites(problem, opts.bayesian_sites)
     inner = dataclasses.replace(opts, bayesian_sites=None)
-    if len(names) == len(problem.layout.sites):
+    if len(names_) == len(problem.layout.sites):
         log.info("%s: bayesian_sites selects every site; fitting all of them", method.name)
         return method.run(problem, inner, seed, progress)
     hook = getattr(method, "map_point", None) or map_point
-    z_map, map_info = hook(problem, opts, seed, progress)
-    sub = SubProblem.create(problem, names, z_map)
+    z_map, map_run = hook(problem, opts, seed, progress)
+    if map_run.interrupted or interrupt.requested():
+        info = map_run.info(bayesian_sites=names_, map_loss=map_run.loss)
+        if info.stopped is not None:
+            info.stopped.part = "MAP stage"
+        return Delta(z_map.detach().clone()), info
+    sub = SubProblem.create(problem, names_, z_map)
     with isolated(seed + 1):
         approx, info = method.run(sub, inner, seed + 1, progress)
-    info = dict(info)
-    info["bayesian_sites"] = names
-    if "loss" in map_info:
-        info["map_loss"] = map_info["loss"]
-        info.setdefault("loss", map_info["loss"])
+    info = info.replace(bayesian_sites=names_, map_loss=map_run.loss)
+    if info.loss is None:
+        info.loss = map_run.loss
     return embed(approx, z_map, sub.idx), info
 
 

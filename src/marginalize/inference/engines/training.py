@@ -1,106 +1,192 @@
-"""The training engine: the optimization loop under the SVI-trained methods.
+"""The training loop under every optimization-based method.
 
-:func:`run_svi` trains a Pyro guide on a problem's model (minibatches with the likelihood
-scaled to the full data, ClippedAdam with decay, progress bar, non-finite loss handling,
-checkpoints); :func:`fit_map` is the MAP fit other methods start from (ensemble members,
-MCMC initialization, the MAP stage of subset inference).
+:func:`train` minimizes an :class:`~marginalize.inference.engines.objectives.Objective` with a
+flat optimizer (:mod:`~marginalize.inference.engines.optim`) and owns everything around the
+steps, once for every method (``map``, ``svi-meanfield``, ``svi-lowrank``, ``mc-dropout``,
+``bbb``, the phases of ``swag``/``multiswag``, ``ensemble`` members, the MAP stage of
+``laplace`` and of ``bayesian_sites``, ``init="map"`` of MCMC):
+
+* **minibatches**: an epoch-wise permutation of the rows from a generator seeded by the fit
+  (``batch_size=None``: the full batch); the objective scales the minibatch likelihood by
+  ``N / B`` to the full data;
+* **non-finite values** (``on_nan``): a step whose loss or gradient is non-finite, or whose
+  update makes the parameters non-finite, is a failed step. The *last good state* is the one
+  before the update that led there (parameters and optimizer state), so its loss was finite.
+  ``"stop"`` returns it (with a warning), ``"rollback"`` goes back to it, halves the learning
+  rate and continues (every rollback halves it again; after :data:`MAX_ROLLBACKS` it stops),
+  ``"raise"`` raises :class:`~marginalize.errors.FitError`. A non-finite value at the very first
+  step always raises ``FitError``, with advice;
+* **Ctrl-C** (:mod:`~marginalize.inference.engines.interrupt`): one press stops the fit at the
+  end of the current step (every loop of a composite fit stops), a second press at once; either
+  way the fit keeps the state after its last completed step and says so
+  (``stopped.reason == "interrupted"``);
+* **checkpoints** (:mod:`~marginalize.inference.engines.checkpoint`): every run of the loop is
+  one segment of the fit's checkpoint, saved every ``checkpoint_every`` steps, on Ctrl-C and at
+  its end, and resumed bitwise (parameters, optimizer and objective state, minibatch order,
+  RNG states, and the state of a per-step ``callback`` such as SWAG's moments);
+* **one progress bar** (tqdm; silent when ``progress=False`` or when not writing to a terminal);
+* **one convergence check**: a deterministic objective (full batch, no Monte Carlo noise) stops
+  once its loss changes by less than ``tol`` (relative) for a few steps in a row; a stochastic
+  one is judged at the end by the trend of its loss (:func:`loss_trend`). A full-batch fit that
+  ends unconverged warns at fit time, naming what to change, and says so in ``converged``.
+
+:func:`fit_point` is the MAP fit other methods start from.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 
-import pyro
+import numpy as np
 import torch
-from pyro.infer import SVI, Trace_ELBO
-from pyro.infer.autoguide import AutoDelta
 from tqdm.auto import tqdm
 
-from marginalize._validation import check_positive_int
-from marginalize.core.approximations import Delta
-from marginalize.core.problem import Problem, _ScaleObs
+from marginalize.core.info import FitInfo, Rollback, Stop
+from marginalize.core.problem import Problem, _no_validation
 from marginalize.errors import FitError, OptionError
-from marginalize.inference.engines import checkpoint
-from marginalize.inference.engines.init import INIT, init_loc_fn
+from marginalize.inference.engines import checkpoint, interrupt
+from marginalize.inference.engines.init import INIT, init_loc_fn, initial_z
+from marginalize.inference.engines.objectives import (
+    Batch,
+    Objective,
+    PointObjective,
+    PyroObjective,
+    closed_form,
+)
+from marginalize.inference.engines.optim import LBFGS, Adam, FlatOptimizer, exponential
+from marginalize.inference.engines.options import (
+    Options,
+    choice,
+    file_path,
+    integer,
+    number,
+    option,
+)
 
-__all__ = ["SVIOptions", "run_svi", "fit_map", "stack_losses", "INIT", "MAX_ROLLBACKS"]
+__all__ = [
+    "train",
+    "fit_point",
+    "adam",
+    "resolve_engine",
+    "init_loc_fn",
+    "TrainOptions",
+    "MAPOptions",
+    "checkpoint_option",
+    "checkpoint_every_option",
+    "ENGINES",
+    "Trained",
+    "batch_order",
+    "loss_trend",
+    "initial_z",
+    "stack_losses",
+    "INIT",
+    "ON_NAN",
+    "MAX_ROLLBACKS",
+    "LOSS_RTOL",
+    "MAX_LR",
+]
 
 log = logging.getLogger(__name__)
 
-#: with ``on_nan="rollback"``, how many times a fit may roll back before it stops
-MAX_ROLLBACKS = 3
+#: the non-finite-loss policies
+ON_NAN = ("stop", "rollback", "raise")
+#: with ``on_nan="rollback"``, how many times a run may roll back before it stops
+MAX_ROLLBACKS = 10
+#: a loss trace whose mean fell by more than this (relative) over its last tenth is not converged
+LOSS_RTOL = 1e-3
+#: consecutive small changes that stop a deterministic objective
+PATIENCE = 3
+#: the largest learning rate an option accepts (larger ones are typing mistakes: 1e308 overflows
+#: the first step whatever the problem; a merely too large one is what ``on_nan`` handles)
+MAX_LR = 1e12
 
 
 @dataclass
-class SVIOptions:
-    """Options shared by SVI-trained methods.
+class Trained:
+    """The outcome of one run of :func:`train`.
 
-    steps : number of optimizer steps; lr : Adam learning rate; lr_final : learning rate at the
-    last step as a fraction of ``lr`` (exponential decay); batch_size : minibatch size (None:
-    full batch); num_particles : ELBO samples per step; clip_norm : elementwise gradient clip
-    (None: none; Adam is scale-invariant, and clipping noisy minibatch gradients biases the fit);
-    init : where the optimization starts: "scaled" (default: fan-in scaled weights and biases,
-    capped by the prior SD, the prior median elsewhere; see ``engines/init.py``), "median" or
-    "prior" (a prior draw); on_nan : what a non-finite loss (or non-finite
-    parameters) does: "stop" (keep the last good parameters and stop, with a warning),
-    "rollback" (go back to the last good parameters and optimizer state, halve the learning
-    rate and continue; after ``MAX_ROLLBACKS`` rollbacks, stop) or "raise" (``FitError``);
-    checkpoint : file to save the fit's state to, resumable with ``mz.resume`` (see
-    ``inference/engines/checkpoint.py``); checkpoint_every : steps between checkpoints.
+    params : the parameters reached (the last good state); loss : ``(steps_done,)`` float64,
+    the loss at each good step; stopped : why the run ended early, or None; rollbacks;
+    converged : True, False or None (too short to tell); lr : the learning rate at the end.
     """
 
-    steps: int = 2000
-    lr: float = 1e-2
-    lr_final: float = 0.1
-    batch_size: int | None = None
-    num_particles: int = 1
-    clip_norm: float | None = None
-    init: str = "scaled"
-    on_nan: str = "stop"
-    checkpoint: str | None = None
-    checkpoint_every: int = 500
+    params: torch.Tensor
+    loss: torch.Tensor
+    stopped: Stop | None = None
+    rollbacks: list[Rollback] = field(default_factory=list)
+    converged: bool | None = None
+    lr: float = math.nan
 
-    def __post_init__(self):
-        check_positive_int("steps", self.steps, minimum=1)
-        check_positive_int("num_particles", self.num_particles, minimum=1)
-        if self.batch_size is not None:
-            check_positive_int("batch_size", self.batch_size, minimum=1)
-        for name in ("lr", "clip_norm"):
-            v = getattr(self, name)
-            if name == "clip_norm" and v is None:
-                continue
-            if not (isinstance(v, (int, float)) and v > 0 and math.isfinite(v)):
-                raise OptionError(f"{name}: expected a positive number, got {v!r}")
-        if isinstance(self.lr_final, bool) or not (
-            isinstance(self.lr_final, (int, float)) and 0 < self.lr_final <= 1
-        ):
-            raise OptionError(f"lr_final: expected a fraction in (0, 1], got {self.lr_final!r}")
-        if not isinstance(self.init, str) or self.init not in INIT:
-            raise OptionError(f"init: expected one of {sorted(INIT)}, got {self.init!r}")
-        if self.on_nan not in ("stop", "rollback", "raise"):
-            raise OptionError(
-                f"on_nan: expected 'stop', 'rollback' or 'raise', got {self.on_nan!r}"
-            )
-        self.checkpoint = checkpoint.check_options(self.checkpoint, self.checkpoint_every)
+    @property
+    def steps_done(self) -> int:
+        return int(self.loss.shape[0])
+
+    @property
+    def interrupted(self) -> bool:
+        return self.stopped is not None and self.stopped.interrupted
+
+    def info(self, **fields) -> FitInfo:
+        """A :class:`FitInfo` with this run's optimization fields (and ``fields``)."""
+        kw = {
+            "loss": self.loss,
+            "steps_done": self.steps_done,
+            "converged": self.converged,
+            "stopped": self.stopped,
+            "rollbacks": list(self.rollbacks),
+        }
+        kw.update(fields)
+        return FitInfo(**kw)
+
+    def to_state(self) -> dict:
+        return {
+            "params": self.params,
+            "loss": self.loss,
+            "stopped": None if self.stopped is None else self.stopped.to_dict(),
+            "rollbacks": [{"step": r.step, "lr": r.lr} for r in self.rollbacks],
+            "converged": -1 if self.converged is None else int(self.converged),
+            "lr": float(self.lr),
+        }
+
+    @classmethod
+    def from_state(cls, st: dict, device=None, dtype=None) -> Trained:
+        stopped = st["stopped"]
+        conv = int(st["converged"])
+        params = st["params"]
+        return cls(
+            params=params if device is None else params.to(device, dtype),
+            loss=st["loss"],
+            stopped=None if stopped is None else Stop(**stopped),
+            rollbacks=[Rollback(int(r["step"]), float(r["lr"])) for r in st["rollbacks"]],
+            converged=None if conv < 0 else bool(conv),
+            lr=float(st["lr"]),
+        )
 
 
-def _batches(
-    n: int, batch_size: int | None, steps: int, generator: torch.Generator, device, start: int = 0
-):
-    """Yield minibatch index tensors (an epoch-wise permutation), or None for full batch.
+# ---- minibatches ------------------------------------------------------------------------------
+def batch_order(
+    n: int,
+    batch_size: int | None,
+    steps: int,
+    generator: torch.Generator,
+    device,
+    start: int = 0,
+) -> Iterator[Batch]:
+    """The minibatches of steps ``start, ..., steps - 1``: an epoch-wise permutation of the rows
+    (the last incomplete batch of an epoch is dropped), or the full batch.
 
-    With ``start``, the batches of steps ``start, ..., steps - 1``: the permutations of the
-    skipped epochs are still drawn, so the order only depends on the generator's seed and the
-    step (this is how a resumed fit gets the same minibatches).
+    The permutations of skipped epochs are still drawn, so the order depends only on the
+    generator's seed and the step (this is how a resumed fit gets the same minibatches).
     """
     if batch_size is None or batch_size >= n:
+        full = Batch(None, 1.0)
         for _ in range(start, steps):
-            yield None
+            yield full
         return
     per_epoch = n // batch_size
+    scale = n / batch_size
     done = 0
     while done < steps:
         perm = torch.randperm(n, generator=generator)
@@ -112,176 +198,249 @@ def _batches(
             if done == steps:
                 return
             if done >= start:
-                yield perm[first : first + batch_size]
+                yield Batch(perm[first : first + batch_size], scale)
             done += 1
 
 
-class _LastGood:
-    """The parameters (and, for rollbacks, the optimizer state) after the last good step."""
-
-    def __init__(self, store, optim, with_optim: bool):
-        self.store, self.optim, self.with_optim = store, optim, with_optim
-        self.params: dict[str, torch.Tensor] = {}
-        self.optim_state: dict | None = None
-
-    @property
-    def has_good(self) -> bool:
-        return bool(self.params)
-
-    def finite(self) -> bool:
-        vals = [v for _, v in self.store.named_parameters()]
-        return not vals or bool(torch.stack([torch.isfinite(v).all() for v in vals]).all())
-
-    def save(self, optim_state: dict | None = None) -> None:
-        with torch.no_grad():
-            for k, v in self.store.named_parameters():
-                if k in self.params:
-                    self.params[k].copy_(v)
-                else:
-                    self.params[k] = v.detach().clone()
-        if self.with_optim:
-            self.optim_state = checkpoint._clone(
-                optim_state if optim_state is not None else self.optim.get_state()
-            )
-
-    def restore(self) -> None:
-        with torch.no_grad():
-            for k, v in self.store.named_parameters():
-                if k in self.params:
-                    v.copy_(self.params[k])
-        if self.with_optim and self.optim_state is not None:
-            for p, opt in self.optim.optim_objs.items():
-                saved = self.optim_state.get(self.store.param_name(p))
-                if saved is None:
-                    opt.state.clear()
-                else:
-                    opt.load_state_dict(checkpoint._clone(saved))
-
-    def halve_lr(self) -> float:
-        lr = math.nan
-        for opt in self.optim.optim_objs.values():
-            for group in opt.param_groups:
-                group["lr"] *= 0.5
-                lr = group["lr"]
-        return lr
+def is_full_batch(n: int, batch_size: int | None) -> bool:
+    return batch_size is None or batch_size >= n
 
 
-def _svi_step(svi: SVI, store, xb, yb) -> float:
-    """One SVI step; invalid distribution arguments from non-finite values count as a NaN loss."""
-    try:
-        return svi.step(xb, yb)
-    except (ValueError, RuntimeError) as e:
-        numerical = isinstance(e, torch.linalg.LinAlgError) or (
-            isinstance(e, ValueError) and str(e).startswith("Expected parameter")
-        )
-        if not numerical:
-            raise
-        for _, p in store.named_parameters():  # the step failed before zeroing its gradients
-            p.grad = None
-        return math.nan
+# ---- convergence --------------------------------------------------------------------------------
+def loss_trend(loss, window: float = 0.1, rtol: float = LOSS_RTOL) -> tuple[bool | None, float]:
+    """Whether a loss trace has flattened out: ``(converged, relative_drop)``.
 
+    Compares the mean loss over the last ``window`` fraction of steps with the mean over the
+    ``window`` before it. Not converged when the loss still fell by more than ``rtol``
+    (relative to ``max(|loss|, 1)``) and by more than three standard errors of that difference
+    (so the noise of minibatch and Monte Carlo losses raises no false alarm). ``converged`` is
+    None when the trace is too short (fewer than 20 finite values) to judge.
 
-def run_svi(
-    problem: Problem,
-    guide: Callable,
-    opts: SVIOptions,
-    seed: int,
-    progress: bool,
-    *,
-    desc: str = "svi",
-    elbo=None,
-) -> dict:
-    """Train ``guide`` on ``problem.model`` by SVI; return info with the loss trace.
-
-    Parameters live in the current Pyro param store (the caller's isolated scope). On a
-    non-finite loss (or parameters) the parameters of the last good step are restored, then
-    ``opts.on_nan`` says whether to stop, roll back and continue, or raise. Ctrl-C ends the
-    run at the end of the current step and returns what was reached (``info["stopped"]``).
-    Inside a checkpointed fit (``opts.checkpoint``) the state is saved every
-    ``opts.checkpoint_every`` steps, on Ctrl-C and at the end, and restored on resume.
+    Examples
+    --------
+    >>> loss_trend(torch.linspace(100.0, 10.0, 1000))[0]
+    False
+    >>> loss_trend(torch.full((1000,), 5.0))[0]
+    True
     """
-    n = problem.n
-    scaler = _ScaleObs(1.0)
+    a = np.asarray(
+        loss.detach().cpu() if isinstance(loss, torch.Tensor) else loss, dtype=np.float64
+    )
+    if a.ndim > 1:
+        results = [loss_trend(row, window, rtol) for row in a.reshape(-1, a.shape[-1])]
+        worst = max(results, key=lambda r: r[1] if math.isfinite(r[1]) else -np.inf)
+        judged = None if any(r[0] is None for r in results) else all(r[0] for r in results)
+        return judged, worst[1]
+    a = a[np.isfinite(a)]
+    n = a.size
+    if n < 20:
+        return None, float("nan")
+    w = max(2, int(round(window * n)))
+    last, before = a[-w:], a[-2 * w : -w]
+    drop = float(before.mean() - last.mean())
+    rel = drop / max(abs(float(last.mean())), 1.0)
+    se = math.sqrt(last.var(ddof=1) / last.size + before.var(ddof=1) / before.size)
+    return not (rel > rtol and drop > 3 * se), rel
 
-    def model(x, y):
-        with scaler:
-            return problem.model(x, y)
 
-    def scaled_guide(x, y):
-        return guide(x, y)
+def default_tol(dtype: torch.dtype) -> float:
+    """Relative loss change per step below which a deterministic objective has converged."""
+    return 1e-10 if dtype == torch.float64 else 1e-6
 
-    decay = opts.lr_final ** (1.0 / max(opts.steps, 1))
-    clip = math.inf if opts.clip_norm is None else opts.clip_norm
-    optim = pyro.optim.ClippedAdam({"lr": opts.lr, "clip_norm": clip, "lrd": decay})
-    elbo = elbo or Trace_ELBO(num_particles=opts.num_particles)
-    svi = SVI(model, scaled_guide, optim, loss=elbo)
-    store = pyro.get_param_store()
-    seg = checkpoint.segment("svi", desc)
-    good = _LastGood(store, optim, with_optim=opts.on_nan == "rollback")
+
+# ---- the loop -----------------------------------------------------------------------------------
+def _finite(t: torch.Tensor) -> bool:
+    return bool(torch.isfinite(t.sum()))
+
+
+def train(
+    objective: Objective,
+    optimizer: FlatOptimizer,
+    steps: int,
+    *,
+    n: int,
+    batch_size: int | None = None,
+    seed: int = 0,
+    on_nan: str = "stop",
+    desc: str = "train",
+    progress: bool = False,
+    callback: Callable[[int, torch.Tensor], None] | None = None,
+    tol: float | None = None,
+    warn_unconverged: bool = True,
+    advice: str = "raise steps",
+) -> Trained:
+    """Minimize ``objective`` with ``optimizer`` for ``steps`` steps (see the module docstring).
+
+    Parameters
+    ----------
+    objective : Objective
+    optimizer : FlatOptimizer
+        Holds the parameters (its ``params`` at the start is the initial point).
+    steps : int
+        Steps (minibatches; for L-BFGS, iterations).
+    n, batch_size : int, int or None
+        Rows of the data, rows per minibatch (None: full batch).
+    seed : int
+        Seeds the minibatch order.
+    on_nan : {"stop", "rollback", "raise"}
+    desc : str
+        Names the run in the progress bar, warnings and checkpoints (``"map"``, ``"member 2"``).
+    callback : callable, optional
+        ``callback(step, params)`` after each successful update; if it has ``state_dict`` and
+        ``load_state_dict``, its state is checkpointed with the run.
+    tol : float, optional
+        Relative change that stops a deterministic objective (default :func:`default_tol`);
+        0 never stops early.
+    warn_unconverged : bool
+        Log a warning when a full-batch run ends unconverged.
+    advice : str
+        What the warning tells the user to change.
+
+    Returns
+    -------
+    Trained
+
+    Raises
+    ------
+    FitError
+        A non-finite loss at the first step, or any with ``on_nan="raise"``.
+    """
+    if on_nan not in ON_NAN:  # pragma: no cover - options are validated before
+        raise OptionError(f"on_nan: expected one of {ON_NAN}, got {on_nan!r}")
+    full = is_full_batch(n, batch_size)
+    params = optimizer.params
+    deterministic = full and not objective.stochastic
+    if optimizer.full_batch_only and not deterministic:
+        raise OptionError(
+            f"{desc}: the L-BFGS optimizer needs a deterministic objective on the full batch "
+            "(batch_size=None, no Monte Carlo noise); use optimizer='adam'"
+        )
+    tol = default_tol(params.dtype) if tol is None else tol
+    seg = checkpoint.segment("train", desc)
     losses: list[float] = []
-    rollbacks: list[dict] = []
-    done = 0  # steps (minibatches) consumed
+    rollbacks: list[Rollback] = []
+    streak = 0
+    done = 0
     if seg is not None and seg.saved is not None:
-        status, saved = checkpoint.restore_svi(seg, guide, problem, optim, opts.batch_size)
-        if status == "done":
-            seg.finish(checkpoint.svi_result(store, saved, problem.device))
-            return saved
-        done, losses, rollbacks = saved["step"], saved["losses"].tolist(), list(saved["rollbacks"])
-        good.save(saved["optim"])
-    gen = torch.Generator().manual_seed(seed)
-    stopped = None
-    in_step = False
-    bar = tqdm(total=opts.steps, initial=done, desc=desc, disable=not progress, leave=False)
-    with checkpoint.deferred_interrupt() as interrupt:
+        st = seg.saved["state"]
         try:
-            batches = _batches(n, opts.batch_size, opts.steps, gen, problem.device, start=done)
-            for step, idx in enumerate(batches, start=done):
-                interrupt.check()
+            if seg.saved["done"]:
+                result = Trained.from_state(st["result"], params.device, params.dtype)
+                optimizer.params.copy_(result.params)
+                result.params = optimizer.params
+                if callback is not None and "callback" in st:
+                    callback.load_state_dict(st["callback"])
+                checkpoint.set_rng_state(st["rng"], params.device)
+                seg.finish(st)
+                return result
+            optimizer.load_state_dict(st["optim"])
+            objective.load_state_dict(st["objective"])
+            if callback is not None and "callback" in st:
+                callback.load_state_dict(st["callback"])
+            checkpoint.set_rng_state(st["rng"], params.device)
+            done = int(st["step"])
+            losses = st["loss"].tolist()
+            rollbacks = [Rollback(int(r["step"]), float(r["lr"])) for r in st["rollbacks"]]
+            streak = int(st["streak"])
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
+            raise checkpoint.restore_error(seg, e) from e
+
+    def state() -> dict:
+        st = {
+            "step": done,
+            "loss": torch.tensor(losses, dtype=torch.float64),
+            "rollbacks": [{"step": r.step, "lr": r.lr} for r in rollbacks],
+            "streak": streak,
+            "optim": optimizer.state_dict(),
+            "objective": objective.state_dict(),
+            "rng": checkpoint.rng_state(params.device),
+        }
+        if callback is not None and hasattr(callback, "state_dict"):
+            st["callback"] = callback.state_dict()
+        return st
+
+    def closure(p: torch.Tensor):
+        return objective.loss_and_grad(p, batch)
+
+    gen = torch.Generator().manual_seed(int(seed))
+    stopped: Stop | None = None
+    converged: bool | None = None
+    in_step = False
+    bar = tqdm(
+        total=steps, initial=done, desc=desc, disable=True if not progress else None, leave=False
+    )
+    with interrupt.scope(), _no_validation():
+        try:
+            for step, batch in enumerate(
+                batch_order(n, batch_size, steps, gen, params.device, start=done), start=done
+            ):
+                if interrupt.requested():
+                    raise KeyboardInterrupt
                 in_step = True
-                if idx is None:
-                    xb, yb, scaler.scale = problem.x, problem.y, 1.0
+                cached = optimizer.evaluation() if deterministic else None
+                if cached is not None:
+                    loss_t, grad = cached
                 else:
-                    xb, yb, scaler.scale = problem.x[idx], problem.y[idx], n / len(idx)
-                loss = _svi_step(svi, store, xb, yb)
-                if math.isfinite(loss) and good.finite():
+                    loss_t, grad = objective.loss_and_grad(optimizer.params, batch)
+                loss = float(loss_t)
+                what, undone = None, False
+                if not math.isfinite(loss):
+                    what, reason = f"the loss became {loss}", f"non-finite loss ({loss})"
+                elif not _finite(grad):
+                    what, reason = "the gradient became non-finite", "non-finite gradient"
+                else:
                     losses.append(loss)
-                    good.save()
-                else:
-                    what = (
-                        f"the loss became {loss}"
-                        if not math.isfinite(loss)
-                        else "the parameters became non-finite"
-                    )
-                    if not good.has_good:
+                    try:
+                        optimizer.step(grad, loss, closure)
+                    except KeyboardInterrupt:
+                        optimizer.abort()
+                        raise
+                    if optimizer.failure is not None:
+                        what, reason = optimizer.failure, "non-finite loss (line search)"
+                        optimizer.undo()  # the state before this update is the last good one
+                        undone = True
+                    elif not _finite(optimizer.params):
+                        what, reason = "the parameters became non-finite", "non-finite parameters"
+                        optimizer.undo()  # the state before this update is the last good one
+                        undone = True
+                    elif callback is not None:
+                        callback(step, optimizer.params)
+                if what is not None:
+                    if step == 0:
                         raise FitError(
-                            f"{desc}: {what} at the first step. Lower lr, or check the "
-                            "data scale and priors."
+                            f"{desc}: {what} at the first step. Lower lr, check the data scale "
+                            "(standardize x and y) and the priors."
                         )
-                    good.restore()
-                    if opts.on_nan == "rollback" and len(rollbacks) < MAX_ROLLBACKS:
-                        lr = good.halve_lr()
-                        rollbacks.append({"step": step, "lr": lr})
+                    if not undone and optimizer.can_undo:
+                        # the point evaluated here is bad: back to the one before the last update
+                        optimizer.undo()
+                        undone = True
+                    if on_nan == "rollback" and len(rollbacks) < MAX_ROLLBACKS:
+                        if undone:
+                            losses.pop()  # that state is evaluated again by the next step
+                        optimizer.backoff *= 0.5
+                        rollbacks.append(Rollback(step, optimizer.lr))
                         log.warning(
-                            "%s: %s at step %d; rolled back to the last good parameters, "
-                            "learning rate halved to %.3g (rollback %d of %d)",
+                            "%s: %s at step %d; rolled back to the last good state, learning "
+                            "rate halved to %.3g (rollback %d of at most %d)",
                             desc,
                             what,
                             step,
-                            lr,
+                            optimizer.lr,
                             len(rollbacks),
                             MAX_ROLLBACKS,
                         )
                     else:
-                        msg = (
-                            f"{desc}: {what} at step {step}; "
-                            "keeping the parameters of the last good step"
-                        )
-                        if opts.on_nan == "rollback":
+                        msg = f"{desc}: {what} at step {step}; kept the last good state"
+                        if on_nan == "rollback":
                             msg += f" (gave up after {MAX_ROLLBACKS} rollbacks)"
-                        if opts.on_nan == "raise":
-                            raise FitError(msg + ". Lower lr, or check the data scale and priors.")
+                        if on_nan == "raise":
+                            raise FitError(
+                                msg + ". Lower lr, check the data scale (standardize x and y) "
+                                "and the priors, or pass on_nan='rollback'."
+                            )
                         log.warning(msg)
-                        stopped = {"step": step, "reason": f"non-finite loss ({loss})"}
+                        stopped = Stop(step, reason, None)
                         in_step = False
                         done = step + 1
                         break
@@ -290,46 +449,54 @@ def run_svi(
                 bar.update(1)
                 if step % 25 == 0 and losses:
                     bar.set_postfix(loss=f"{losses[-1]:.4g}")
+                if what is None and deterministic and len(losses) >= 2 and tol > 0:
+                    change = abs(losses[-2] - losses[-1])
+                    streak = streak + 1 if change <= tol * max(1.0, abs(losses[-1])) else 0
+                    if streak >= PATIENCE:
+                        converged = True
+                        break
                 if seg is not None and seg.due(done):
-                    seg.save(
-                        checkpoint.svi_state(store, optim, done, losses, rollbacks, problem.device)
-                    )
+                    seg.save(state())
         except KeyboardInterrupt:
-            log.warning("%s: interrupted at step %d; keeping the parameters reached", desc, done)
-            stopped = {"step": len(losses), "reason": "interrupted"}
-            if in_step:  # a forced stop inside a step: go back to the state after the last one
-                good.restore()
+            log.warning("%s: interrupted at step %d; keeping the state reached", desc, done)
+            stopped = Stop(done, "interrupted", None)
+            interrupt.request()  # one Ctrl-C stops every later part of the fit too
         finally:
             bar.close()
-    info = {"loss": torch.tensor(losses, dtype=torch.float64), "steps_done": len(losses)}
-    if rollbacks:
-        info["rollbacks"] = rollbacks
-    if stopped:
-        info["stopped"] = stopped
-    if seg is not None:
-        if stopped and stopped["reason"] == "interrupted":
-            seg.interrupt(
-                None
-                if in_step
-                else checkpoint.svi_state(store, optim, done, losses, rollbacks, problem.device)
-            )
+    loss_trace = torch.tensor(losses, dtype=torch.float64)
+    if converged is None and stopped is None:
+        if deterministic:
+            converged = False if tol > 0 else loss_trend(loss_trace)[0]
         else:
-            seg.finish(checkpoint.svi_result(store, info, problem.device))
-    return info
+            converged = loss_trend(loss_trace)[0]
+        if converged is False and full and warn_unconverged:
+            rel = loss_trend(loss_trace)[1]
+            how = (
+                f"its loss still fell by {rel:.2g} (relative) over the last tenth of the steps"
+                if math.isfinite(rel) and rel > 0
+                else "its loss was still changing at the last step"
+            )
+            log.warning("%s: not converged after %d steps: %s; %s", desc, len(losses), how, advice)
+    result = Trained(
+        params=optimizer.params,
+        loss=loss_trace,
+        stopped=stopped,
+        rollbacks=rollbacks,
+        converged=converged,
+        lr=optimizer.lr,
+    )
+    if seg is not None:
+        if stopped is not None and stopped.interrupted:
+            seg.interrupt(None if in_step else state())
+        else:
+            fin = {"result": result.to_state(), "rng": checkpoint.rng_state(params.device)}
+            if callback is not None and hasattr(callback, "state_dict"):
+                fin["callback"] = callback.state_dict()
+            seg.finish(fin)
+    return result
 
 
-def fit_map(
-    problem: Problem, opts: SVIOptions, seed: int, progress: bool, *, desc: str = "map"
-) -> tuple[Delta, dict]:
-    """A MAP fit of every latent site (an ``AutoDelta`` trained by :func:`run_svi`) in the
-    caller's isolated scope: ``(Delta at the MAP, info)``."""
-    guide = AutoDelta(problem.model, init_loc_fn=init_loc_fn(problem, opts.init))
-    info = run_svi(problem, guide, opts, seed, progress, desc=desc)
-    with torch.no_grad():
-        values = guide.median(problem.x, problem.y)
-    return Delta(problem.layout.pack(values)), info
-
-
+# ---- helpers for methods ------------------------------------------------------------------------
 def stack_losses(losses: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """``(mean over members per step, (member, step) padded with NaN)`` of loss traces."""
     n = max((len(v) for v in losses), default=0)
@@ -337,3 +504,165 @@ def stack_losses(losses: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor
     for i, v in enumerate(losses):
         out[i, : len(v)] = v
     return out.nanmean(0) if n else out.new_zeros(0), out
+
+
+# ---- options shared by the optimization-based methods -----------------------------------------
+def checkpoint_option():
+    """The ``checkpoint`` option (a field)."""
+    return option(
+        None,
+        file_path(),
+        "file to save the fit's state to (every `checkpoint_every` steps, on Ctrl-C and at "
+        "the end); continue it with `mz.resume` (see `inference/engines/checkpoint.py`)",
+    )
+
+
+def checkpoint_every_option(default: int = 500):
+    """The ``checkpoint_every`` option (a field)."""
+    return option(default, integer(1), "steps (or iterations) between checkpoints")
+
+
+@dataclass
+class TrainOptions(Options):
+    """Options of every method trained by the training loop (``engines/training.py``)."""
+
+    steps: int = option(2000, integer(1, 10**9), "optimizer steps (minibatches)")
+    lr: float | None = option(1e-2, number(0, MAX_LR), "learning rate (Adam)")
+    lr_final: float = option(
+        0.1,
+        number(0, 1),
+        "learning rate at the last step as a fraction of `lr` (exponential decay)",
+    )
+    batch_size: int | None = option(
+        None,
+        integer(1, optional=True),
+        "minibatch size (None: the full batch); the likelihood is scaled to the full data",
+    )
+    clip_norm: float | None = option(
+        None,
+        number(optional=True),
+        "clamp every gradient coordinate to [-clip_norm, clip_norm] (None: no clipping)",
+    )
+    init: str = option(
+        "scaled",
+        choice(*INIT),
+        "starting point: 'scaled' (fan-in scaled weights and biases, capped by the prior SD; "
+        "the prior median elsewhere; see engines/init.py), 'median' or 'prior' (a prior draw)",
+    )
+    on_nan: str = option(
+        "stop",
+        choice(*ON_NAN),
+        "a non-finite loss, gradient or parameter: 'stop' (keep the last good state, with a "
+        "warning), 'rollback' (back to it, halve the learning rate, continue; at most "
+        f"{MAX_ROLLBACKS} times) or 'raise' (FitError)",
+    )
+    checkpoint: str | None = checkpoint_option()
+    checkpoint_every: int = checkpoint_every_option()
+
+
+ENGINES = ("auto", "fast", "generic", "pyro")
+_ENGINE_DOC = (
+    "'auto' (the fused torch path: closed form for builder MLPs, else `Problem.log_joint`), "
+    "'fast' (the closed form, or an error), 'generic' (`Problem.log_joint`) or 'pyro' (a Pyro "
+    "autoguide under Trace_ELBO: the reference path)"
+)
+
+
+@dataclass
+class MAPOptions(TrainOptions):
+    """Options of a MAP fit (``map``, ``ensemble`` members, the MAP stage of ``laplace``)."""
+
+    lr: float | None = option(
+        None,
+        number(0, MAX_LR, optional=True),
+        "learning rate (None: 1.0 for L-BFGS, whose line search adapts it; 0.01 for Adam)",
+    )
+    optimizer: str = option(
+        "auto",
+        choice("auto", "lbfgs", "adam"),
+        "'lbfgs' (full batch: quasi-Newton with a strong-Wolfe line search, stops when the "
+        "loss no longer changes), 'adam', or 'auto' (L-BFGS for the full batch, else Adam)",
+    )
+    engine: str = option("auto", choice(*ENGINES), _ENGINE_DOC)
+
+    def validate(self):
+        super().validate()
+        if self.optimizer == "lbfgs" and self.batch_size is not None:
+            raise OptionError(
+                "optimizer: 'lbfgs' needs the full batch (batch_size=None); use 'adam' or 'auto' "
+                "with minibatches"
+            )
+
+
+def resolve_engine(problem: Problem, engine: str) -> str:
+    """``"fast"``, ``"generic"`` or ``"pyro"`` for the ``engine`` option on ``problem``."""
+    if engine in ("pyro", "generic"):
+        return engine
+    fast = closed_form(problem) is not None
+    if engine == "fast" and not fast:
+        raise OptionError(
+            "engine: 'fast' needs a builder MLP (mz.models.mlp) with the package's priors and "
+            "likelihoods, on all of its sites; use engine='auto' (Problem.log_joint) or 'pyro'"
+        )
+    return "fast" if fast else "generic"
+
+
+def adam(params: torch.Tensor, opts, steps: int | None = None, lr: float | None = None) -> Adam:
+    """The Adam of the SVI-trained methods: ``lr`` decaying to ``lr * lr_final`` at the last
+    step, gradients clamped elementwise at ``clip_norm``."""
+    steps = opts.steps if steps is None else steps
+    lr = (opts.lr if opts.lr is not None else 1e-2) if lr is None else lr
+    return Adam(params, lr, exponential(opts.lr_final, steps), clip_value=opts.clip_norm)
+
+
+def fit_point(
+    problem: Problem, opts: MAPOptions, seed: int, progress: bool, *, desc: str = "map"
+) -> tuple[torch.Tensor, Trained, str]:
+    """A MAP fit of every latent site of ``problem``: ``(z, run, engine)``.
+
+    The mode is in the model's own parameterization (no log-Jacobian, as Pyro's ``AutoDelta``).
+    The full batch is minimized by L-BFGS (``optimizer="auto"``) until the loss stops changing,
+    minibatches by Adam.
+    """
+    engine = resolve_engine(problem, getattr(opts, "engine", "auto"))
+    full = is_full_batch(problem.n, opts.batch_size)
+    kind = getattr(opts, "optimizer", "auto")
+    kind = ("lbfgs" if full else "adam") if kind == "auto" else kind
+    guide = None
+    if engine == "pyro":
+        from pyro.infer import Trace_ELBO
+        from pyro.infer.autoguide import AutoDelta
+
+        guide = AutoDelta(problem.model, init_loc_fn=init_loc_fn(problem, opts.init))
+        objective: Objective = PyroObjective(problem, guide, Trace_ELBO(), stochastic=False)
+        z0 = objective.initial()
+    else:
+        objective = PointObjective(problem, jacobian=False, engine=engine)
+        z0 = initial_z(problem, opts.init)
+    if kind == "lbfgs":
+        optimizer: FlatOptimizer = LBFGS(
+            z0, 1.0 if opts.lr is None else opts.lr, exponential(opts.lr_final, opts.steps)
+        )
+        advice = "raise steps"
+    else:
+        optimizer = adam(z0, opts)
+        advice = "raise steps, or use optimizer='lbfgs'" if full else "raise steps"
+    run = train(
+        objective,
+        optimizer,
+        opts.steps,
+        n=problem.n,
+        batch_size=opts.batch_size,
+        seed=seed,
+        on_nan=opts.on_nan,
+        desc=desc,
+        progress=progress,
+        advice=advice,
+    )
+    if guide is not None:
+        objective.write_back(run.params)
+        with torch.no_grad():
+            z = problem.layout.pack(guide.median(problem.x, problem.y))
+    else:
+        z = run.params.clone()
+    return z, run, engine

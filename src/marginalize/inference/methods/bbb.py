@@ -11,11 +11,14 @@ noise enters the forward pass:
   across examples by random sign flips, ``h mu_W + ((h * s_in) dW) * s_out`` (bias likewise);
 * ``"weights"`` (Blundell et al. 2015): one weight draw per step shared by the minibatch.
 
-The KL term is analytic for weights and biases when every layer's prior is ``Normal`` or
-``ScaledNormal``; otherwise (e.g. ``Hierarchical``), and always for the non-weight sites (a
-learned noise scale), it is a one-sample Monte Carlo estimate ``log q(z) - log p(z)`` with the
-transforms' Jacobian. The result is ``Gaussian(mu, sigma)`` over the flat vector, so it
-predicts like ``svi-meanfield``.
+For builder MLPs with the package's priors and likelihoods the step is fused torch code
+(:class:`FusedBBB`): the KL is analytic for weights and biases (for a ``Hierarchical`` prior,
+given the sampled layer scale) and a one-sample Monte Carlo estimate ``log q(z) - log p(z)``
+with the transforms' Jacobian for the positive sites (a learned noise scale, layer scales), and
+the likelihood of the network output is closed form. Other MLPs (e.g. without biases) take
+:class:`BBBObjective`, with distribution objects, analytic KL when every layer's prior is
+``Normal`` or ``ScaledNormal`` and a Monte Carlo KL otherwise. The result is
+``Gaussian(mu, sigma)`` over the flat vector, so it predicts like ``svi-meanfield``.
 
 Examples
 --------
@@ -36,14 +39,22 @@ import torch
 import torch.nn.functional as F
 
 from marginalize.core.approximations import Gaussian
-from marginalize.errors import ModelError, OptionError
-from marginalize.inference.engines.sgd import initial_z, sgd_loop
-from marginalize.inference.engines.training import SVIOptions
+from marginalize.errors import ModelError
+from marginalize.inference.engines.fused import MeanFieldELBO
+from marginalize.inference.engines.objectives import (
+    Batch,
+    _Noisy,
+    _rows,
+    closed_form,
+    softplus_inv,
+)
+from marginalize.inference.engines.options import choice, integer, number, option
+from marginalize.inference.engines.training import TrainOptions, adam, initial_z, train
 from marginalize.inference.registry import Method, register
 from marginalize.models.builders import MLP
 from marginalize.models.priors import Normal, ScaledNormal
 
-__all__ = ["BayesByBackprop", "ESTIMATORS"]
+__all__ = ["BayesByBackprop", "BBBObjective", "FusedBBB", "ESTIMATORS"]
 
 #: estimator name -> what it is
 ESTIMATORS = {
@@ -91,6 +102,126 @@ def _kl_normal(mu, sig, prior_scale):
     ).sum()
 
 
+class BBBObjective(_Noisy):
+    """The negative ELBO of Bayes by Backprop on the flat ``(2, D)`` tensor ``[mu, rho]``
+    (``sigma = softplus(rho)``), with the layers' noise entering as ``estimator`` says."""
+
+    def __init__(self, problem, estimator: str, num_particles: int, seed: int):
+        super().__init__(problem.device, seed)
+        model = problem.model
+        self.problem, self.model, self.estimator = problem, model, estimator
+        self.num_particles = num_particles
+        self.layout, self.specs = problem.layout, model.layer_specs()
+        layer_sites = {f"{s.name}.{k}" for s in self.specs for k in ("weight", "bias")}
+        self.other = [s for s in self.layout.sites if s.name not in layer_sites]
+        self.analytic = all(
+            type(model.priors[s.name]) in (Normal, ScaledNormal) for s in self.specs
+        )
+
+    def _prior_scale(self, spec):
+        p = self.model.priors[spec.name]
+        return p.scale if isinstance(p, Normal) else p.scale_for(spec.fan_in)
+
+    def _one_sample(self, mu, rho, xb, yb, scale):
+        layout, model, gen = self.layout, self.model, self.generator
+        sig = F.softplus(rho)
+        z = mu + sig * _normal(mu.shape, mu, gen)
+        params, ladj = layout.unpack_with_log_det(z)
+        mus, sigs = layout.unpack_unconstrained(mu), layout.unpack_unconstrained(sig)
+        h = xb
+        for k, spec in enumerate(self.specs):
+            w, b = f"{spec.name}.weight", f"{spec.name}.bias"
+            h = _layer(h, mus[w], sigs[w], mus.get(b), sigs.get(b), self.estimator, gen)
+            if k < len(self.specs) - 1:
+                h = model.act(h)
+        ll = model.likelihood.dist(h, params).log_prob(yb).sum() * scale
+        log_q = torch.distributions.Normal(mu, sig).log_prob(z)
+        if self.analytic:
+            kl = sum(
+                _kl_normal(mus[name], sigs[name], self._prior_scale(spec))
+                for spec in self.specs
+                for name in (f"{spec.name}.weight", f"{spec.name}.bias")
+                if name in mus
+            )
+            if self.other:
+                lq = sum(log_q[layout.slice(s.name)].sum() for s in self.other)
+                lp = model.likelihood.log_prob_params(params, z.new_zeros(()))
+                kl = kl + lq - lp - ladj
+        else:
+            kl = log_q.sum() - model.log_prior(params) - ladj
+        return -ll + kl
+
+    def loss(self, params: torch.Tensor, batch: Batch) -> torch.Tensor:
+        p = self.problem
+        xb, yb = (p.x, p.y) if batch.idx is None else (p.x[batch.idx], p.y[batch.idx])
+        mu, rho = params[0], params[1]
+        total = sum(
+            self._one_sample(mu, rho, xb, yb, batch.scale) for _ in range(self.num_particles)
+        )
+        return total / self.num_particles
+
+
+class FusedBBB(_Noisy):
+    """Bayes by Backprop on the closed-form pieces of a builder MLP: the layers read views of
+    the flat ``[mu, rho]`` tensor, the likelihood of the network output is the closed form of
+    :class:`~marginalize.core.potentials.FlatMLP`, and the KL is that of the fused mean-field
+    ELBO (:class:`~marginalize.inference.engines.fused.MeanFieldELBO`: analytic for weights and
+    biases, given the sampled layer scale for ``Hierarchical`` priors; a one-sample estimate
+    for the positive sites). Only the positive sites are drawn as a vector; the weights' noise
+    enters through ``estimator``."""
+
+    def __init__(self, problem, fp, estimator: str, num_particles: int, seed: int):
+        super().__init__(problem.device, seed)
+        self.fp, self.estimator, self.num_particles = fp, estimator, num_particles
+        self.elbo = MeanFieldELBO(fp, analytic_kl=True)
+        self.mc_idx = self.elbo.mc_idx
+        self.last = len(fp.layers) - 1
+
+    def _views(self, v: torch.Tensor):
+        for lay in self.fp.layers:
+            mid = lay.start + lay.fan_in * lay.out
+            yield v[lay.start : mid].view(lay.fan_in, lay.out), v[mid : lay.stop]
+
+    def _one(self, mu, sig, data, scale):
+        fp, gen, est = self.fp, self.generator, self.estimator
+        eps = torch.zeros_like(mu)
+        if self.mc_idx.numel():
+            eps[self.mc_idx] = self.normal((self.mc_idx.numel(),), mu)
+        z = torch.addcmul(mu, sig, eps)  # the draw of the positive sites; mu elsewhere
+        h = data.x
+        sig2 = sig * sig if est == "local_reparam" else None
+        var_views = self._views(sig2) if sig2 is not None else None
+        for k, ((w_mu, b_mu), (w_sig, b_sig)) in enumerate(
+            zip(self._views(mu), self._views(sig), strict=True)
+        ):
+            if est == "local_reparam":
+                w_var, b_var = next(var_views)
+                mean = torch.addmm(b_mu, h, w_mu)
+                var = torch.addmm(b_var, h * h, w_var)
+                h = torch.addcmul(mean, var.clamp_min(1e-30).sqrt(), self.normal(mean.shape, h))
+            elif est == "flipout":
+                s_in, s_out = _signs(h.shape, h, gen), _signs((h.shape[0], w_mu.shape[1]), h, gen)
+                pert = (h * s_in) @ (w_sig * _normal(w_sig.shape, h, gen))
+                pert = pert + b_sig * _normal(b_sig.shape, h, gen)
+                h = torch.addcmul(torch.addmm(b_mu, h, w_mu), pert, s_out)
+            else:
+                w = torch.addcmul(w_mu, w_sig, _normal(w_sig.shape, h, gen))
+                b = torch.addcmul(b_mu, b_sig, _normal(b_sig.shape, h, gen))
+                h = torch.addmm(b, h, w)
+            if k < self.last:
+                h = fp.act(h)
+        ll = fp.log_likelihood(z, data, f=h)
+        return self.elbo.kl(mu, sig, z, eps) - scale * ll
+
+    def loss(self, params: torch.Tensor, batch: Batch) -> torch.Tensor:
+        mu, sig = params[0], F.softplus(params[1])
+        data = _rows(self.fp, batch.idx)
+        total = self._one(mu, sig, data, batch.scale)
+        for _ in range(self.num_particles - 1):
+            total = total + self._one(mu, sig, data, batch.scale)
+        return total / self.num_particles
+
+
 @register("bbb")
 class BayesByBackprop(Method):
     summary = "Bayes by Backprop for MLPs: mean-field VI with local reparameterization or flipout."
@@ -101,33 +232,17 @@ class BayesByBackprop(Method):
     )
 
     @dataclass
-    class Options(SVIOptions):
-        """Options of the SVI methods (steps, lr, lr_final, batch_size, num_particles, clip_norm,
-        init, on_nan: "stop" or "raise"; no ``checkpoint``: the loop is plain torch), plus:
-
-        estimator : {"local_reparam", "flipout", "weights"}
-            How weight noise enters the forward pass (see the module docstring).
-        init_scale : float
-            Initial posterior standard deviation of every coordinate.
-        """
-
-        estimator: str = "local_reparam"
-        init_scale: float = 0.01
-
-        def __post_init__(self):
-            super().__post_init__()
-            if self.estimator not in ESTIMATORS:
-                raise OptionError(
-                    f"estimator: expected one of {sorted(ESTIMATORS)}, got {self.estimator!r}"
-                )
-            if isinstance(self.init_scale, bool) or not (
-                isinstance(self.init_scale, (int, float)) and self.init_scale > 0
-            ):
-                raise OptionError(f"init_scale: expected > 0, got {self.init_scale!r}")
-            if self.checkpoint is not None:
-                raise OptionError("checkpoint: bbb does not write checkpoints (a plain torch loop)")
-            if self.on_nan not in ("stop", "raise"):
-                raise OptionError(f"on_nan: bbb takes 'stop' or 'raise', got {self.on_nan!r}")
+    class Options(TrainOptions):
+        num_particles: int = option(1, integer(1, 10**4), "Monte Carlo draws of the ELBO per step")
+        estimator: str = option(
+            "local_reparam",
+            choice(*ESTIMATORS),
+            "how weight noise enters the forward pass: "
+            + "; ".join(f"'{k}': {v}" for k, v in ESTIMATORS.items()),
+        )
+        init_scale: float = option(
+            0.01, number(0, 1e3), "initial posterior standard deviation of every coordinate"
+        )
 
     def run(self, problem, opts, seed, progress):
         model = problem.model
@@ -137,71 +252,25 @@ class BayesByBackprop(Method):
                 "on each layer's pre-activations. For a plain model function use svi-meanfield "
                 "(Bayes by Backprop with weight sampling)."
             )
-        layout, specs = problem.layout, model.layer_specs()
-        n = problem.n
-        mu = initial_z(problem, opts.init).requires_grad_(True)
-        rho0 = math.log(math.expm1(float(opts.init_scale)))
-        rho = torch.full_like(mu, rho0).requires_grad_(True)
-        layer_sites = {f"{s.name}.{k}" for s in specs for k in ("weight", "bias")}
-        other = [s for s in layout.sites if s.name not in layer_sites]
-        analytic = all(type(model.priors[s.name]) in (Normal, ScaledNormal) for s in specs)
-        gen = torch.Generator(device=problem.device).manual_seed(seed)
-
-        def prior_scale(spec):
-            p = model.priors[spec.name]
-            return p.scale if isinstance(p, Normal) else p.scale_for(spec.fan_in)
-
-        def one_sample(xb, yb, scale):
-            sig = F.softplus(rho)
-            z = mu + sig * _normal(mu.shape, mu, gen)
-            params, ladj = layout.unpack_with_log_det(z)
-            mus, sigs = layout.unpack_unconstrained(mu), layout.unpack_unconstrained(sig)
-            h = xb
-            for k, spec in enumerate(specs):
-                w, b = f"{spec.name}.weight", f"{spec.name}.bias"
-                h = _layer(h, mus[w], sigs[w], mus.get(b), sigs.get(b), opts.estimator, gen)
-                if k < len(specs) - 1:
-                    h = model.act(h)
-            ll = model.likelihood.dist(h, params).log_prob(yb).sum() * scale
-            log_q = torch.distributions.Normal(mu, sig).log_prob(z)
-            if analytic:
-                kl = sum(
-                    _kl_normal(mus[name], sigs[name], prior_scale(spec))
-                    for spec in specs
-                    for name in (f"{spec.name}.weight", f"{spec.name}.bias")
-                    if name in mus
-                )
-                lq = sum(log_q[layout.slice(s.name)].sum() for s in other) if other else 0.0
-                lp = model.likelihood.log_prob_params(params, z.new_zeros(())) if other else 0.0
-                kl = kl + lq - lp - ladj
-            else:
-                kl = log_q.sum() - model.log_prior(params) - ladj
-            return -ll + kl
-
-        def loss_fn(idx):
-            xb, yb = (problem.x, problem.y) if idx is None else (problem.x[idx], problem.y[idx])
-            scale = 1.0 if idx is None else n / len(idx)
-            total = sum(one_sample(xb, yb, scale) for _ in range(opts.num_particles))
-            return total / (opts.num_particles * n)
-
-        optim = torch.optim.Adam([mu, rho], lr=opts.lr)
-        sched = torch.optim.lr_scheduler.ExponentialLR(optim, opts.lr_final ** (1.0 / opts.steps))
-        info = sgd_loop(
-            loss_fn,
-            [mu, rho],
-            optim,
+        mu = initial_z(problem, opts.init)
+        params = torch.stack([mu, torch.full_like(mu, softplus_inv(opts.init_scale))])
+        fp = closed_form(problem)
+        if fp is not None:
+            objective = FusedBBB(problem, fp, opts.estimator, opts.num_particles, seed)
+        else:
+            objective = BBBObjective(problem, opts.estimator, opts.num_particles, seed)
+        run = train(
+            objective,
+            adam(params, opts),
             opts.steps,
-            n,
-            opts.batch_size,
-            torch.Generator().manual_seed(seed + 1),
-            problem.device,
-            scheduler=sched,
-            clip_norm=opts.clip_norm,
+            n=problem.n,
+            batch_size=opts.batch_size,
+            seed=seed + 1,
             on_nan=opts.on_nan,
-            progress=progress,
             desc=f"bbb ({opts.estimator})",
-            loss_scale=n,
+            progress=progress,
+            advice="raise steps (or lr)",
         )
-        info["estimator"] = opts.estimator
+        info = run.info(engine="fast", details={"estimator": opts.estimator})
         with torch.no_grad():
-            return Gaussian(mu.detach().clone(), F.softplus(rho).detach().clone()), info
+            return Gaussian(run.params[0].clone(), F.softplus(run.params[1]).clone()), info

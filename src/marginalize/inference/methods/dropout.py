@@ -13,6 +13,12 @@ along the axis that meets the layer's inputs, which depends on how the model use
 (``x @ W`` stores ``(in, out)``, ``F.linear`` and ``nn.Linear`` store ``(out, in)``): builder
 models declare it, any other model is traced once to see it
 (:mod:`marginalize.models.usage`), and ``mask_axes`` declares or overrides it per site.
+
+The training objective is the negative log joint at the masked weights, ``-log p(w * m /
+(1 - p), y)``, with one mask ``m`` per step shared by the minibatch. The fused path
+(:class:`DropoutObjective`) evaluates it directly on the flat vector (closed form for builder
+MLPs, ``Problem.log_joint`` otherwise); ``engine="pyro"`` trains the guide itself
+(:class:`DropoutGuide`) under ``Trace_ELBO``.
 """
 
 from __future__ import annotations
@@ -23,17 +29,27 @@ from dataclasses import dataclass
 import pyro
 import pyro.distributions as dist
 import torch
+from pyro.infer import Trace_ELBO
 
 from marginalize.core.approximations import Dropout
 from marginalize.core.layout import Layout
 from marginalize.core.problem import Problem
 from marginalize.errors import OptionError
-from marginalize.inference.engines.init import initial_values, usage
+from marginalize.inference.engines.init import usage
+from marginalize.inference.engines.objectives import Batch, PointObjective, PyroObjective, _Noisy
+from marginalize.inference.engines.options import boolean, choice, number, option
 from marginalize.inference.engines.subsites import BayesianSites, run_on_sites
-from marginalize.inference.engines.training import SVIOptions, run_svi
+from marginalize.inference.engines.training import (
+    ENGINES,
+    TrainOptions,
+    adam,
+    initial_z,
+    resolve_engine,
+    train,
+)
 from marginalize.inference.registry import Method, register
 
-__all__ = ["DropoutGuide", "MCDropout", "dropout_axes"]
+__all__ = ["DropoutGuide", "DropoutObjective", "MCDropout", "dropout_axes", "dropout_units"]
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +93,27 @@ def dropout_axes(
     return axes
 
 
+def _mask_shape(shape, axis):
+    return [shape[axis] if i == axis else 1 for i in range(len(shape))]
+
+
+def dropout_units(layout: Layout, axes: dict[str, int], device=None) -> tuple[torch.Tensor, int]:
+    """``(unit, num_units)``: for every coordinate of ``z`` the index of the unit whose mask
+    multiplies it (``-1``: never masked)."""
+    unit = torch.full((layout.size,), -1, dtype=torch.long, device=device)
+    offset = 0
+    for s in layout.sites:
+        if s.name not in axes:
+            continue
+        axis = axes[s.name]
+        idx = torch.arange(s.shape[axis], device=device).reshape(_mask_shape(s.shape, axis))
+        unit[layout.slice(s.name)] = (idx.expand(s.shape) + offset).reshape(-1)
+        offset += s.shape[axis]
+    return unit, offset
+
+
 class DropoutGuide:
-    """Delta guide with Bernoulli masks on input units; params ``mcd.{site}``."""
+    """Delta guide with Bernoulli masks on units; params ``mcd.{site}`` (the Pyro path)."""
 
     def __init__(
         self, layout: Layout, axes: dict[str, int], p: float, init: dict[str, torch.Tensor]
@@ -87,9 +122,6 @@ class DropoutGuide:
         self.axes = axes
         self.p = float(p)
         self.init = init
-
-    def _mask_shape(self, shape, axis):
-        return [shape[axis] if i == axis else 1 for i in range(len(shape))]
 
     def __call__(self, x, y=None):
         for s in self.layout.sites:
@@ -102,7 +134,7 @@ class DropoutGuide:
                     dist.Bernoulli(keep).mask(False).to_event(1),
                     infer={"is_auxiliary": True},
                 )
-                value = loc * m.reshape(self._mask_shape(s.shape, axis)) / (1.0 - self.p)
+                value = loc * m.reshape(_mask_shape(s.shape, axis)) / (1.0 - self.p)
             else:
                 value = pyro.param(
                     f"mcd.{s.name}",
@@ -116,69 +148,82 @@ class DropoutGuide:
         store = pyro.get_param_store()
         values = {s.name: store[f"mcd.{s.name}"].detach() for s in self.layout.sites}
         loc = self.layout.pack(values)
-        unit = torch.full((self.layout.size,), -1, dtype=torch.long, device=loc.device)
-        offset = 0
-        for s in self.layout.sites:
-            if s.name not in self.axes:
-                continue
-            axis = self.axes[s.name]
-            idx = torch.arange(s.shape[axis], device=loc.device).reshape(
-                self._mask_shape(s.shape, axis)
-            )
-            unit[self.layout.slice(s.name)] = (idx.expand(s.shape) + offset).reshape(-1)
-            offset += s.shape[axis]
-        return Dropout(loc, unit, offset, self.p)
+        unit, k = dropout_units(self.layout, self.axes, loc.device)
+        return Dropout(loc, unit, k, self.p)
+
+
+class DropoutObjective(_Noisy):
+    """``-log p(w(z * mult), y_batch)`` with ``mult = m / (1 - p)`` on the masked units
+    (``m ~ Bernoulli(1 - p)`` per unit and step) and 1 elsewhere; no log-Jacobian (the Delta
+    guide's objective). ``params`` is ``z``, ``(D,)``."""
+
+    def __init__(self, problem: Problem, unit: torch.Tensor, k: int, p: float, seed: int, engine):
+        super().__init__(problem.device, seed)
+        self.point = PointObjective(problem, jacobian=False, engine=engine)
+        self.masked = unit >= 0
+        self.unit = unit.clamp_min(0)
+        self.k, self.p = k, float(p)
+        self.stochastic = self.p > 0 and k > 0
+
+    def keep(self, like: torch.Tensor) -> torch.Tensor:
+        """One step's masks: 1 (kept) or 0 per unit, ``(num_units,)``."""
+        u = torch.rand(self.k, generator=self.generator, dtype=like.dtype, device=like.device)
+        return u.ge_(self.p)
+
+    def loss(self, params: torch.Tensor, batch: Batch) -> torch.Tensor:
+        if not self.stochastic:
+            return self.point.loss(params, batch)
+        scaled = self.keep(params) * (1.0 / (1.0 - self.p))
+        mult = torch.where(self.masked, scaled[self.unit], 1.0)
+        return self.point.loss(params * mult, batch)
+
+
+def _axes_check(name, v):
+    ok = v is None or (
+        isinstance(v, dict)
+        and all(
+            isinstance(k, str) and (a is None or (isinstance(a, int) and not isinstance(a, bool)))
+            for k, a in v.items()
+        )
+    )
+    if not ok:
+        raise OptionError(f"{name}: expected a dict of site name to axis (int) or None, got {v!r}")
+    return None if v is None else dict(v)
 
 
 @register("mc-dropout")
 class MCDropout(Method):
-    summary = "MC dropout: Delta guide times Bernoulli masks on hidden units, trained by SVI."
+    summary = (
+        "MC dropout: Delta guide times Bernoulli masks on hidden units, trained on the log joint."
+    )
     cost = "training: as MAP; prediction: one batched pass per chunk of mask draws"
     reference = "Gal & Ghahramani 2016, Dropout as a Bayesian Approximation"
 
     @dataclass
-    class Options(BayesianSites, SVIOptions):
-        """The SVI options, plus:
-
-        p : float
-            Drop probability of each masked unit (default 0.1).
-        input_dropout : bool
-            Also mask the data's features, i.e. the inputs of the layers that meet ``x``
-            (default False: hidden units only).
-        mask_axes : dict of str to int or None, optional
-            Per site, the axis of the weight that holds the layer's input units, overriding
-            what is detected (``None``: do not mask that site).
-        bayesian_sites : list of str or None
-            Only these sites get masks, the others are fitted by MAP first (see
-            ``engines/subsites.py``; default: every weight).
-        """
-
-        p: float = 0.1
-        input_dropout: bool = False
-        mask_axes: dict | None = None
-
-        def __post_init__(self):
-            super().__post_init__()
-            if isinstance(self.p, bool) or not (
-                isinstance(self.p, (int, float)) and 0 <= self.p < 1
-            ):
-                raise OptionError(f"p: expected a probability in [0, 1), got {self.p!r}")
-            if not isinstance(self.input_dropout, bool):
-                raise OptionError(
-                    f"input_dropout: expected True or False, got {self.input_dropout!r}"
-                )
-            m = self.mask_axes
-            if m is not None and not (
-                isinstance(m, dict)
-                and all(
-                    isinstance(k, str)
-                    and (v is None or (isinstance(v, int) and not isinstance(v, bool)))
-                    for k, v in m.items()
-                )
-            ):
-                raise OptionError(
-                    f"mask_axes: expected a dict of site name to axis (int) or None, got {m!r}"
-                )
+    class Options(BayesianSites, TrainOptions):
+        p: float = option(
+            0.1,
+            number(0, 1, low_open=False, high_open=True),
+            "drop probability of each unit of every masked weight matrix",
+        )
+        input_dropout: bool = option(
+            False,
+            boolean(),
+            "also mask the data's features, i.e. the inputs of the layers that meet x "
+            "(default: hidden units only)",
+        )
+        mask_axes: dict | None = option(
+            None,
+            _axes_check,
+            "per site, the axis of the weight that holds the layer's input units, overriding "
+            "what is detected (None for a site: do not mask it)",
+        )
+        engine: str = option(
+            "auto",
+            choice(*ENGINES),
+            "'auto' (fused torch: closed form for builder MLPs, else `Problem.log_joint`), "
+            "'fast', 'generic' or 'pyro' (the masked Delta guide under Trace_ELBO)",
+        )
 
     def run(self, problem, opts, seed, progress):
         if opts.bayesian_sites is not None:
@@ -200,9 +245,33 @@ class MCDropout(Method):
                 if not opts.input_dropout
                 else "no weight site was found",
             )
-        with torch.random.fork_rng(devices=[]):
-            init = initial_values(problem, opts.init)
-        guide = DropoutGuide(layout, axes, opts.p, init)
-        info = run_svi(problem, guide, opts, seed, progress, desc="mc-dropout")
-        info["masked"] = {k: a for k, a in axes.items()}
-        return guide.approximation(), info
+        engine = resolve_engine(problem, opts.engine)
+        z0 = initial_z(problem, opts.init)
+        unit, k = dropout_units(layout, axes, problem.device)
+        if engine == "pyro":
+            guide = DropoutGuide(layout, axes, opts.p, layout.unpack(z0))
+            objective = PyroObjective(problem, guide, Trace_ELBO(), stochastic=opts.p > 0)
+            params = objective.initial()
+        else:
+            objective = DropoutObjective(problem, unit, k, opts.p, seed, engine)
+            params = z0
+        run = train(
+            objective,
+            adam(params, opts),
+            opts.steps,
+            n=problem.n,
+            batch_size=opts.batch_size,
+            seed=seed,
+            on_nan=opts.on_nan,
+            desc=self.name,
+            progress=progress,
+            advice="raise steps (or lr)",
+        )
+        if engine == "pyro":
+            objective.write_back(run.params)
+            approx = guide.approximation()
+        else:
+            approx = Dropout(run.params.clone(), unit, k, opts.p)
+        info = run.info(engine=engine)
+        info.details["masked"] = dict(axes)
+        return approx, info

@@ -1,6 +1,6 @@
 """``ensemble``: deep ensembles as a mixture of independent MAP fits.
 
-Each member is a MAP fit (:func:`~marginalize.inference.engines.training.fit_map`)
+Each member is a MAP fit (:func:`~marginalize.inference.engines.training.fit_point`)
 run in its own :func:`~marginalize.inference.engines.seeding.isolated` scope with its own seed, so
 members differ in their initialization (option ``init``, a random fan-in scaled start by
 default) and their minibatch order. The result is
@@ -23,11 +23,12 @@ import dataclasses
 import logging
 from dataclasses import dataclass
 
-from marginalize._validation import check_positive_int
-from marginalize.core.approximations import Mixture
+from marginalize.core.approximations import Delta, Mixture
+from marginalize.inference.engines import interrupt
 from marginalize.inference.engines.distributed import run_members
+from marginalize.inference.engines.options import integer, option
 from marginalize.inference.engines.seeding import isolated, member_seed
-from marginalize.inference.engines.training import SVIOptions, fit_map, stack_losses
+from marginalize.inference.engines.training import MAPOptions, Trained, fit_point, stack_losses
 from marginalize.inference.registry import Method, register
 
 __all__ = ["Ensemble"]
@@ -45,40 +46,55 @@ class Ensemble(Method):
     )
 
     @dataclass
-    class Options(SVIOptions):
-        """Options of ``map`` for every member (steps, lr, lr_final, batch_size, clip_norm,
-        init, on_nan; num_particles is unused by a point estimate), plus:
+    class Options(MAPOptions):
+        """The options of ``map`` for every member, plus the number of members."""
 
-        num_members : int
-            Number of independent MAP fits (default 5), each with its own initialization
-            and minibatch order (spread over the processes of a distributed run).
-        """
-
-        num_members: int = 5
-
-        def __post_init__(self):
-            super().__post_init__()
-            check_positive_int("num_members", self.num_members)
+        num_members: int = option(
+            5,
+            integer(1, 10**4),
+            "number of independent MAP fits, each with its own initialization and minibatch order",
+        )
 
     def run(self, problem, opts, seed, progress):
-        map_opts = SVIOptions(
-            **{f.name: getattr(opts, f.name) for f in dataclasses.fields(SVIOptions)}
+        map_opts = MAPOptions(
+            **{f.name: getattr(opts, f.name) for f in dataclasses.fields(MAPOptions)}
         )
 
         def member(k):
             sk = member_seed(seed, k)
             with isolated(sk):
-                return fit_map(problem, map_opts, sk, progress)
+                z, run, engine = fit_point(problem, map_opts, sk, progress, desc=f"member {k + 1}")
+            return Delta(z), {"run": run.to_state(), "engine": engine}
 
-        # spread over the ranks of a distributed run (torchrun), gathered on every rank
-        results = run_members(opts.num_members, member, label="member")
+        # spread over the ranks of a distributed run (torchrun), gathered on every rank; one
+        # Ctrl-C ends the member it hits and the members after it
+        results = run_members(
+            opts.num_members,
+            member,
+            label="member",
+            stop=lambda r: _trained(r[1]).interrupted or interrupt.requested(),
+        )
+        if not results:
+            raise KeyboardInterrupt("interrupted before the first member started")
         members = [approx for approx, _ in results]
-        losses = [info["loss"] for _, info in results]
-        stopped = [
-            {"member": k, **i["stopped"]} for k, (_, i) in enumerate(results) if "stopped" in i
-        ]
-        mean_loss, member_loss = stack_losses(losses)
-        out = {"loss": mean_loss, "member_loss": member_loss}
-        if stopped:
-            out["stopped"] = stopped[0] if len(stopped) == 1 else {"members": stopped}
-        return Mixture(members), out
+        runs = [_trained(r) for _, r in results]
+        mean_loss, member_loss = stack_losses([r.loss for r in runs])
+        stopped = next((r.stopped for r in runs if r.stopped is not None), None)
+        if stopped is not None:
+            k = next(i for i, r in enumerate(runs) if r.stopped is not None)
+            stopped.part = f"member {k + 1}"
+            if stopped.interrupted:
+                log.warning(
+                    "ensemble: interrupted; returning the %d member(s) reached", len(members)
+                )
+        converged = [r.converged for r in runs]
+        info = runs[0].info(loss=mean_loss, member_loss=member_loss, engine=results[0][1]["engine"])
+        info.stopped = stopped
+        info.steps_done = sum(r.steps_done for r in runs)
+        info.converged = None if None in converged else all(converged)
+        info.rollbacks = [rb for r in runs for rb in r.rollbacks]
+        return Mixture(members), info
+
+
+def _trained(record: dict) -> Trained:
+    return Trained.from_state(record["run"], None, None)

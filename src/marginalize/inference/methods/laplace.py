@@ -56,12 +56,13 @@ from dataclasses import dataclass
 import torch
 from pyro import poutine
 
-from marginalize._validation import check_positive_int
 from marginalize.core.approximations import Gaussian, Kronecker
+from marginalize.core.info import FitInfo
 from marginalize.core.problem import Problem, _no_validation
-from marginalize.errors import ModelError, OptionError
+from marginalize.errors import FitError, ModelError, OptionError
+from marginalize.inference.engines.options import choice, either, integer, number, option
 from marginalize.inference.engines.subsites import BayesianSites, map_point, run_on_sites, unwrap
-from marginalize.inference.engines.training import SVIOptions
+from marginalize.inference.engines.training import MAPOptions
 from marginalize.inference.registry import Method, register
 from marginalize.models.base import BNN
 from marginalize.models.builders import MLP, dense
@@ -77,70 +78,58 @@ _CHUNK_BYTES = 64 * 2**20
 
 
 @dataclass
-class LaplaceOptions(BayesianSites, SVIOptions):
-    """Options of ``laplace``: those of ``map`` for the MAP stage (steps, lr, ...), plus
+class LaplaceOptions(BayesianSites, MAPOptions):
+    """Options of ``laplace``: those of ``map`` for the MAP stage (steps, lr, ...), plus the
+    curvature, its structure and the predictive."""
 
-    hessian : {"auto", "ggn", "exact"}
-        Curvature: generalized Gauss-Newton (builder models) or the exact Hessian with
-        clipped eigenvalues. "auto": ggn for builder models, exact for plain functions.
-    structure : {"auto", "full", "diag", "kron"}
-        Covariance structure; "kron" (K-FAC) needs a builder MLP and hessian="ggn".
-        "auto": full up to 2000 Bayesian coordinates, else kron (builder MLPs) or diag.
-    subset : {"all", "last_layer"}
-        Shorthand for ``bayesian_sites="last_layer"``.
-    prior_precision : float or "marginal_likelihood"
-        Multiplier of the weights' prior precision (1.0: the model's prior), or tune it
-        by maximizing the Laplace evidence.
-    refine_steps : int
-        L-BFGS iterations polishing the MAP in float64 (0: none).
-    predictive : {"auto", "glm", "sample"}
-        How draws predict: "glm" through the network linearized at the MAP (see
-        ``linearized.py``; builder models), "sample" through the network itself. "auto":
-        glm for builder models, sample for plain model functions.
-    bayesian_sites : see ``lastlayer.py``.
-    """
+    hessian: str = option(
+        "auto",
+        choice("auto", "ggn", "exact"),
+        "curvature: generalized Gauss-Newton (builder models) or the exact Hessian with clipped "
+        "eigenvalues; 'auto': ggn for builder models, exact for plain functions",
+    )
+    structure: str = option(
+        "auto",
+        choice("auto", "full", "diag", "kron"),
+        "covariance structure; 'kron' (K-FAC) needs a builder MLP and hessian='ggn'; 'auto': "
+        "full up to 2000 Bayesian coordinates, else kron (builder MLPs) or diag",
+    )
+    subset: str = option(
+        "all", choice("all", "last_layer"), "shorthand for bayesian_sites='last_layer'"
+    )
+    prior_precision: float | str = option(
+        1.0,
+        either(
+            number(0, 1e12),
+            choice("marginal_likelihood"),
+            what=("a positive number or 'marginal_likelihood'"),
+        ),
+        "multiplier of the weights' prior precision (1.0: the model's prior), or "
+        "'marginal_likelihood' to tune it by maximizing the Laplace evidence",
+    )
+    refine_steps: int = option(
+        100, integer(0, 10**6), "L-BFGS iterations polishing the MAP in float64 (0: none)"
+    )
+    predictive: str = option(
+        "auto",
+        choice("auto", "glm", "sample"),
+        "how draws predict: 'glm' through the network linearized at the MAP (see "
+        "`linearized.py`; builder models), 'sample' through the network itself; 'auto': glm "
+        "for builder models, sample for plain model functions",
+    )
 
-    hessian: str = "auto"
-    structure: str = "auto"
-    subset: str = "all"
-    prior_precision: float | str = 1.0
-    refine_steps: int = 100
-    predictive: str = "auto"
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.hessian not in ("auto", "ggn", "exact"):
-            raise OptionError(f"hessian: expected 'auto', 'ggn' or 'exact', got {self.hessian!r}")
-        if self.structure not in ("auto", "full", "diag", "kron"):
-            raise OptionError(
-                f"structure: expected 'auto', 'full', 'diag' or 'kron', got {self.structure!r}"
-            )
+    def validate(self):
+        super().validate()
         if self.structure == "kron" and self.hessian == "exact":
             raise OptionError(
-                "structure='kron' is a Gauss-Newton approximation: use hessian='ggn' or 'auto'"
+                "structure: 'kron' is a Gauss-Newton approximation: use hessian='ggn' or 'auto'"
             )
-        if self.subset not in ("all", "last_layer"):
-            raise OptionError(f"subset: expected 'all' or 'last_layer', got {self.subset!r}")
         if self.subset == "last_layer":
             if self.bayesian_sites not in (None, "last_layer"):
                 raise OptionError(
-                    "subset='last_layer' conflicts with bayesian_sites; give only one"
+                    "subset: 'last_layer' conflicts with bayesian_sites; give only one"
                 )
             self.bayesian_sites, self.subset = "last_layer", "all"
-        pp = self.prior_precision
-        if pp != "marginal_likelihood" and (
-            isinstance(pp, bool)
-            or not isinstance(pp, (int, float))
-            or not (pp > 0 and math.isfinite(pp))
-        ):
-            raise OptionError(
-                f"prior_precision: expected a positive number or 'marginal_likelihood', got {pp!r}"
-            )
-        check_positive_int("refine_steps", self.refine_steps, minimum=0)
-        if self.predictive not in ("auto", "glm", "sample"):
-            raise OptionError(
-                f"predictive: expected 'auto', 'glm' or 'sample', got {self.predictive!r}"
-            )
 
 
 # ---- log densities of the free coordinates ------------------------------------------------
@@ -471,14 +460,14 @@ class Laplace(Method):
                 "or 'kron', or "
                 "bayesian_sites='last_layer'"
             )
-        info: dict = {}
+        info = FitInfo()
         if "init" in problem.meta:
             z = problem.meta["init"]
         else:
-            z, map_info = map_point(problem, opts, seed, progress)
-            info["loss"] = map_info["loss"]
-            if "stopped" in map_info:
-                info["stopped"] = map_info["stopped"]
+            z, map_run = map_point(problem, opts, seed, progress)
+            info = map_run.info()
+            if info.stopped is not None:
+                info.stopped.part = "MAP stage"
         target = _Target(problem, z, torch.float64)
         try:
             with _no_validation():
@@ -488,25 +477,38 @@ class Laplace(Method):
                 "laplace: the model does not evaluate in float64 (%s); using %s", e, problem.dtype
             )
             target = _Target(problem, z, problem.dtype)
-        theta, info["refine"] = _refine(target, z.to(target.dtype), opts.refine_steps)
-        curv, extra = self._curvature(problem, target, theta, hessian, structure)
-        alpha = (
-            1.0 if opts.prior_precision == "marginal_likelihood" else float(opts.prior_precision)
+        try:
+            theta, refine = _refine(target, z.to(target.dtype), opts.refine_steps)
+            curv, extra = self._curvature(problem, target, theta, hessian, structure)
+            alpha = (
+                1.0
+                if opts.prior_precision == "marginal_likelihood"
+                else float(opts.prior_precision)
+            )
+            evidence = self._evidence_fn(target, theta, curv, extra["b"])
+            if opts.prior_precision == "marginal_likelihood":
+                alpha = self._tune(evidence, extra["b"])
+            approx = curv.approximation(theta, alpha, problem.dtype)
+            log_evidence = float(evidence(alpha))
+        except torch.linalg.LinAlgError as e:
+            where = (
+                f"; the MAP stage stopped early ({info.stopped}), lower lr"
+                if info.stopped is not None
+                else "; train the MAP longer (steps) or check the data scale and priors"
+            )
+            raise FitError(f"laplace: the curvature at the MAP is not usable ({e}){where}") from e
+        info.predictive = (
+            opts.predictive if opts.predictive != "auto" else ("glm" if builder else "sample")
         )
-        evidence = self._evidence_fn(target, theta, curv, extra["b"])
-        if opts.prior_precision == "marginal_likelihood":
-            alpha = self._tune(evidence, extra["b"])
-        info.update(
+        info.details.update(
+            refine=refine,
             hessian=hessian,
             structure=structure,
             prior_precision=alpha,
-            predictive=opts.predictive
-            if opts.predictive != "auto"
-            else ("glm" if builder else "sample"),
-            log_evidence=float(evidence(alpha)),
+            log_evidence=log_evidence,
             num_clipped=extra["clipped"],
         )
-        return curv.approximation(theta, alpha, problem.dtype), info
+        return approx, info
 
     # -- curvature
     def _curvature(self, problem, target, theta, hessian, structure):

@@ -12,21 +12,27 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
 from marginalize.core.approximations import Empirical
+from marginalize.core.info import FitInfo, Stop
 from marginalize.core.potentials import blas_threads
 from marginalize.core.problem import Problem
-from marginalize.errors import ModelError, OptionError
-from marginalize.inference.engines import checkpoint
+from marginalize.errors import ModelError
+from marginalize.inference.engines import checkpoint, interrupt
 from marginalize.inference.engines.distributed import run_members
 from marginalize.inference.engines.nuts import SamplingInterrupted, run_sampler
+from marginalize.inference.engines.options import Options, choice, integer, number, option
 from marginalize.inference.engines.seeding import isolated
-from marginalize.inference.engines.training import SVIOptions, fit_map
+from marginalize.inference.engines.training import (
+    MAPOptions,
+    checkpoint_every_option,
+    checkpoint_option,
+    fit_point,
+)
 from marginalize.inference.registry import Method, register
 
 __all__ = ["NUTS", "HMC", "MCMCOptions", "initial_point"]
@@ -35,58 +41,42 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class MCMCOptions:
-    """num_samples : kept draws per chain; num_warmup : adaptation iterations per chain
-    (default: num_samples); num_chains : chains, run one after another, or spread over the
-    processes of a distributed run (R-hat needs at least 2); target_accept : the mean
-    Metropolis acceptance that step-size adaptation aims at; step_size : initial step size
-    (None: heuristic search); adapt_mass : "diag", "dense" or None; init : "prior" (a prior
-    draw), "uniform" (Stan's U(-init_radius, init_radius) in unconstrained space) or "map" (a
-    short MAP fit); init_radius : half-width of the uniform initialization; init_steps : MAP
-    steps for init="map"; checkpoint : file to save the chains' state to, resumable with
-    ``mz.resume`` (see ``inference/engines/checkpoint.py``); checkpoint_every : iterations
-    (warmup included) between checkpoints."""
+class MCMCOptions(Options):
+    """Options of the MCMC methods."""
 
-    num_samples: int = 1000
-    num_warmup: int | None = None
-    num_chains: int = 4
-    target_accept: float = 0.8
-    step_size: float | None = None
-    adapt_mass: str | None = "diag"
-    init: str = "prior"
-    init_radius: float = 2.0
-    init_steps: int = 500
-    checkpoint: str | None = None
-    checkpoint_every: int = 50
-
-    def __post_init__(self):
-        for name in ("num_samples", "num_chains", "init_steps"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise OptionError(f"{name}: expected an integer >= 1, got {v!r}")
-        nw = self.num_warmup
-        if nw is not None and (isinstance(nw, bool) or not isinstance(nw, int) or nw < 0):
-            raise OptionError(f"num_warmup: expected an integer >= 0 or None, got {nw!r}")
-        if not (_is_real(self.target_accept) and 0 < self.target_accept < 1):
-            raise OptionError(
-                f"target_accept: expected a number in (0, 1), got {self.target_accept!r}"
-            )
-        if self.adapt_mass not in ("diag", "dense", None):
-            raise OptionError(
-                f"adapt_mass: expected 'diag', 'dense' or None, got {self.adapt_mass!r}"
-            )
-        if self.init not in ("prior", "uniform", "map"):
-            raise OptionError(f"init: expected 'prior', 'uniform' or 'map', got {self.init!r}")
-        eps, radius = self.step_size, self.init_radius
-        if eps is not None and not (_is_real(eps) and 0 < eps < math.inf):
-            raise OptionError(f"step_size: expected a finite number > 0 or None, got {eps!r}")
-        if not (_is_real(radius) and 0 < radius < math.inf):
-            raise OptionError(f"init_radius: expected a finite number > 0, got {radius!r}")
-        self.checkpoint = checkpoint.check_options(self.checkpoint, self.checkpoint_every)
-
-
-def _is_real(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v)
+    num_samples: int = option(1000, integer(1, 10**8), "kept draws per chain")
+    num_warmup: int | None = option(
+        None,
+        integer(0, 10**8, optional=True),
+        "adaptation iterations per chain (None: num_samples)",
+    )
+    num_chains: int = option(
+        4,
+        integer(1, 10**4),
+        "chains, run one after another or spread over the processes of a distributed run "
+        "(R-hat needs at least 2)",
+    )
+    target_accept: float = option(
+        0.8,
+        number(0, 1, high_open=True),
+        "the mean Metropolis acceptance that step-size adaptation aims at",
+    )
+    step_size: float | None = option(
+        None, number(optional=True), "initial step size (None: heuristic search)"
+    )
+    adapt_mass: str | None = option(
+        "diag", choice("diag", "dense", None), "mass matrix adaptation: 'diag', 'dense' or None"
+    )
+    init: str = option(
+        "prior",
+        choice("prior", "uniform", "map"),
+        "'prior' (a prior draw), 'uniform' (Stan's U(-init_radius, init_radius) in "
+        "unconstrained space) or 'map' (a short MAP fit)",
+    )
+    init_radius: float = option(2.0, number(0, 1e6), "half-width of the uniform initialization")
+    init_steps: int = option(500, integer(1, 10**9), "MAP steps for init='map'")
+    checkpoint: str | None = checkpoint_option()
+    checkpoint_every: int = checkpoint_every_option(50)
 
 
 def initial_point(problem: Problem, opts: MCMCOptions, seed: int) -> torch.Tensor:
@@ -101,12 +91,15 @@ def initial_point(problem: Problem, opts: MCMCOptions, seed: int) -> torch.Tenso
             z = z.to(problem.device, problem.dtype)
         elif opts.init == "map":
             with isolated(seed + attempt):
-                approx, info = fit_map(
-                    problem, SVIOptions(steps=opts.init_steps), seed + attempt, False
+                z, run, _ = fit_point(
+                    problem,
+                    MAPOptions(steps=opts.init_steps),
+                    seed + attempt,
+                    False,
+                    desc="init (map)",
                 )
-            if info.get("stopped", {}).get("reason") == "interrupted":
+            if run.interrupted:
                 raise KeyboardInterrupt("interrupted while finding the initial point (init='map')")
-            z = approx.loc.clone()
         else:
             z = problem.init_from_prior(seed * 31 + attempt)
         with torch.no_grad():
@@ -139,7 +132,10 @@ class _MCMC(Method):
         # spread over the ranks of a distributed run (torchrun), gathered on every rank;
         # an interrupted chain ends its process's loop
         results = run_members(
-            opts.num_chains, chain, label="chain", stop=lambda r: r["stopped"] is not None
+            opts.num_chains,
+            chain,
+            label="chain",
+            stop=lambda r: r["stopped"] is not None or interrupt.requested(),
         )
         stopped = next((r["stopped"] for r in results if r["stopped"] is not None), None)
         kept = [r for r in results if r["draws"] is not None and len(r["draws"])]
@@ -160,14 +156,16 @@ class _MCMC(Method):
                 n_div,
                 n * len(draws),
             )
-        info = {
-            "sample_stats": sample_stats,
-            "num_divergences": n_div,
-            "num_warmup": num_warmup,
-            "final_states": final_states,
-        }
-        if stopped:
-            info["stopped"] = stopped
+        info = FitInfo(
+            sample_stats=sample_stats,
+            num_divergences=n_div,
+            details={"num_warmup": num_warmup, "final_states": final_states},
+        )
+        if stopped is not None:  # the chain Ctrl-C ended, and how many draws it kept
+            r = next(r for r in results if r["stopped"] is not None)
+            kept_draws = 0 if r["draws"] is None else int(r["draws"].shape[0])
+            chain_k = int(stopped["chain"]) + 1
+            info.stopped = Stop(kept_draws, str(stopped["reason"]), f"chain {chain_k}")
         return approx, info
 
     def _chain(self, problem, opts, chain, chain_seed, num_warmup, progress) -> dict:
@@ -191,11 +189,12 @@ class _MCMC(Method):
             total=num_warmup + opts.num_samples,
             initial=rec.start,
             desc=f"{self.name} chain {chain + 1}",
-            disable=not progress,
+            disable=None if progress else True,
             leave=False,
         )
 
         def callback(i, state, st):
+            interrupt.check()  # Ctrl-C (the fit-wide flag): stop after this iteration
             bar.update(1)
             if st is not None and i % 20 == 0:
                 bar.set_postfix(step=f"{state.step_size:.3g}", depth=int(st.get("tree_depth", 0)))
@@ -224,6 +223,7 @@ class _MCMC(Method):
             rec.finish(d, s, state)
         except (SamplingInterrupted, KeyboardInterrupt) as e:
             log.warning("%s: interrupted in chain %d", self.name, chain + 1)
+            interrupt.request()  # one Ctrl-C ends the fit: no further chain starts
             out["stopped"] = {"chain": chain, "reason": "interrupted"}
             if isinstance(e, SamplingInterrupted):
                 d, s = rec.join(e.draws, e.stats)
@@ -251,24 +251,9 @@ class NUTS(_MCMC):
 
     @dataclass
     class Options(MCMCOptions):
-        """The MCMC options, plus:
-
-        max_tree_depth : int
-            At most ``2**max_tree_depth - 1`` leapfrog steps per draw (default 10).
-        """
-
-        max_tree_depth: int = 10
-
-        def __post_init__(self):
-            super().__post_init__()
-            if (
-                isinstance(self.max_tree_depth, bool)
-                or not isinstance(self.max_tree_depth, int)
-                or not 1 <= self.max_tree_depth <= 20
-            ):
-                raise OptionError(
-                    f"max_tree_depth: expected an int in [1, 20], got {self.max_tree_depth!r}"
-                )
+        max_tree_depth: int = option(
+            10, integer(1, 20), "at most 2**max_tree_depth - 1 leapfrog steps per draw"
+        )
 
     def _sampler_kwargs(self, opts):
         return {"max_tree_depth": opts.max_tree_depth}
@@ -283,30 +268,15 @@ class HMC(_MCMC):
 
     @dataclass
     class Options(MCMCOptions):
-        """The MCMC options, plus:
-
-        num_steps : int or None
-            Leapfrog steps per draw (fixed).
-        trajectory_length : float or None
-            When ``num_steps`` is None: steps per draw = trajectory_length / step size
-            (default pi/2, a quarter period of a Gaussian the metric matches).
-        """
-
-        num_steps: int | None = None
-        trajectory_length: float | None = None
-
-        def __post_init__(self):
-            super().__post_init__()
-            k = self.num_steps
-            if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
-                raise OptionError(f"num_steps: expected an int >= 1 or None, got {k!r}")
-            if self.trajectory_length is not None and not (
-                _is_real(self.trajectory_length) and 0 < self.trajectory_length < math.inf
-            ):
-                raise OptionError(
-                    f"trajectory_length: expected a finite number > 0 or None, "
-                    f"got {self.trajectory_length!r}"
-                )
+        num_steps: int | None = option(
+            None, integer(1, 10**6, optional=True), "leapfrog steps per draw (fixed)"
+        )
+        trajectory_length: float | None = option(
+            None,
+            number(optional=True),
+            "when num_steps is None: steps per draw = trajectory_length / step size (default "
+            "pi/2, a quarter period of a Gaussian the metric matches)",
+        )
 
     def _sampler_kwargs(self, opts):
         return {"num_steps": opts.num_steps, "trajectory_length": opts.trajectory_length}

@@ -76,16 +76,36 @@ from dataclasses import dataclass
 
 import torch
 
-from marginalize._validation import check_positive_int
 from marginalize.core.approximations import Delta, Gaussian, Mixture
+from marginalize.core.info import FitInfo
 from marginalize.core.problem import Problem
 from marginalize.errors import OptionError
+from marginalize.inference.engines import interrupt
 from marginalize.inference.engines.distributed import run_members
-from marginalize.inference.engines.init import INIT, initial_z
+from marginalize.inference.engines.objectives import PointObjective, Scaled
+from marginalize.inference.engines.optim import SGD, Adam, constant, exponential
+from marginalize.inference.engines.options import (
+    boolean,
+    choice,
+    either,
+    integer,
+    number,
+    option,
+)
 from marginalize.inference.engines.seeding import isolated, member_seed
-from marginalize.inference.engines.sgd import sgd_loop
 from marginalize.inference.engines.subsites import BayesianSites, run_on_sites
-from marginalize.inference.engines.training import stack_losses
+from marginalize.inference.engines.training import (
+    INIT,
+    MAX_LR,
+    MAX_ROLLBACKS,
+    ON_NAN,
+    Trained,
+    checkpoint_every_option,
+    checkpoint_option,
+    initial_z,
+    stack_losses,
+    train,
+)
 from marginalize.inference.registry import Method, register
 
 __all__ = [
@@ -119,8 +139,10 @@ class SWAGMoments:
     ([1.0, 2.0], [0.666667, 2.0])
     """
 
-    def __init__(self, dim: int, max_rank: int, device=None):
+    def __init__(self, dim: int, max_rank: int, device=None, every: int = 1, burn: int = 0):
         self.n = 0
+        self.every = int(every)
+        self.burn = int(burn)
         self.max_rank = int(max_rank)
         self.mean = torch.zeros(dim, dtype=torch.float64, device=device)
         self.sq_mean = torch.zeros(dim, dtype=torch.float64, device=device)
@@ -138,6 +160,26 @@ class SWAGMoments:
 
     def variance(self) -> torch.Tensor:
         return (self.sq_mean - self.mean**2).clamp_min(0.0)
+
+    def __call__(self, step: int, z: torch.Tensor) -> None:
+        """The training loop's callback: collect ``z`` every ``self.every`` steps after the
+        first ``self.burn`` steps."""
+        if step >= self.burn and (step + 1 - self.burn) % self.every == 0:
+            self.update(z)
+
+    def state_dict(self) -> dict:
+        return {
+            "n": self.n,
+            "mean": self.mean.clone(),
+            "sq_mean": self.sq_mean.clone(),
+            "dev": [d.clone() for d in self._dev],
+        }
+
+    def load_state_dict(self, st: dict) -> None:
+        self.n = int(st["n"])
+        self.mean.copy_(st["mean"])
+        self.sq_mean.copy_(st["sq_mean"])
+        self._dev = [d.to(self.mean.device) for d in st["dev"]]
 
     @property
     def deviations(self) -> torch.Tensor:
@@ -164,106 +206,91 @@ class SWAGMoments:
         )
 
 
+def _positive(high: float = math.inf):
+    return number(0, high)
+
+
 @dataclass
 class SWAGOptions(BayesianSites):
-    """Options of ``swag`` (and of every run of ``multiswag``).
+    """Options of ``swag`` (and of every run of ``multiswag``); see the module docstring."""
 
-    pretrain_steps : int
-        Adam steps from the initialization before the SWA phase (default 2000, as ``map``;
-        0 starts the SWA phase at once).
-    lr, lr_final : float
-        Pretraining learning rate, decaying exponentially to ``lr * lr_final``.
-    swag_steps : int or None
-        Steps of the SWA phase, burn-in included (default None: ``max(1000, every *
-        ceil(2 * max(max_rank, 10) / (1 - burn_in)))``, with ``every`` the collection
-        interval: at least twice ``max_rank`` collected iterates).
-    swag_lr : float or "auto"
-        Constant learning rate of the SWA phase (default "auto": from the curvature and the
-        gradient noise at the pretrained point; see the module docstring).
-    burn_in : float
-        Fraction of the SWA phase run at the SWA rate before the first collection (default
-        0.1; whole collection intervals).
-    optimizer : {"sgd", "adam"}
-        Optimizer of the SWA phase: SGD with ``momentum`` as in the paper, or Adam (then
-        ``swag_lr="auto"`` is 1e-4).
-    momentum : float
-    batch_size : int or None
-        Minibatch size (default 32). SWAG needs minibatch noise: with the full batch the
-        iterates barely move and the covariance collapses.
-    collect_every : int or "epoch"
-        Collect an iterate every this many steps, or once per epoch (the paper's choice).
-    max_rank : int
-        ``K``, the number of last deviations kept for the low-rank part (default 20; 0 gives
-        SWAG-Diagonal; otherwise at least 2).
-    scale : float
-        Multiplies the covariance ``diag(var) + D D^T / (K - 1)``; 0.5 (default) is the
-        paper's ``1/2``.
-    swa_only : bool
-        Return the SWA mean as a point mass (no covariance).
-    clip_norm : float
-        Gradient norm clip.
-    init : str
-        Where the pretraining starts: "scaled" (default), "median" or "prior" (see
-        ``engines/init.py``).
-    on_nan : str
-        "stop" or "raise".
-    bayesian_sites : see ``engines/subsites.py``.
-    """
+    pretrain_steps: int = option(
+        2000,
+        integer(0, 10**9),
+        "Adam steps from the initialization before the SWA phase (0: none)",
+    )
+    lr: float = option(1e-2, number(0, MAX_LR), "pretraining learning rate (Adam)")
+    lr_final: float = option(
+        0.1, number(0, 1), "pretraining learning rate at its last step, as a fraction of lr"
+    )
+    swag_steps: int | None = option(
+        None,
+        integer(1, 10**9, optional=True),
+        "steps of the SWA phase, burn-in included (None: max(1000, every * ceil(2 * "
+        "max(max_rank, 10) / (1 - burn_in))), with every the collection interval: at least "
+        "twice max_rank collected iterates)",
+    )
+    swag_lr: float | str = option(
+        "auto",
+        either(number(0, MAX_LR), choice("auto"), what="a positive number or 'auto'"),
+        "constant learning rate of the SWA phase ('auto': from the curvature and the gradient "
+        "noise at the pretrained point, below SGD's stability limit; 1e-4 with Adam)",
+    )
+    burn_in: float = option(
+        0.1,
+        number(0, 1, low_open=False, high_open=True),
+        "fraction of the SWA phase run at the SWA rate before the first collection",
+    )
+    optimizer: str = option(
+        "sgd",
+        choice("sgd", "adam"),
+        "optimizer of the collection phase: SGD with `momentum` (the paper's) or Adam",
+    )
+    momentum: float = option(
+        0.9, number(0, 1, low_open=False, high_open=True), "momentum of the collection SGD"
+    )
+    batch_size: int | None = option(
+        32,
+        integer(1, optional=True),
+        "minibatch size; SWAG needs minibatch noise (with the full batch the iterates barely "
+        "move and the covariance collapses)",
+    )
+    collect_every: int | str = option(
+        "epoch",
+        either(integer(1), choice("epoch"), what="an integer >= 1 or 'epoch'"),
+        "collect an iterate every this many steps, or once per epoch (the paper's choice)",
+    )
+    max_rank: int = option(
+        20,
+        integer(0, 10**4),
+        "K, the number of last deviations kept for the low-rank part (0: SWAG-Diagonal; "
+        "otherwise at least 2)",
+    )
+    scale: float = option(
+        0.5,
+        _positive(1e6),
+        "multiplies the covariance diag(var) + D D^T / (K - 1); 0.5 is the paper's 1/2",
+    )
+    swa_only: bool = option(False, boolean(), "return the SWA mean as a point mass")
+    clip_norm: float = option(10.0, _positive(), "gradient norm clip (of the per-datum loss)")
+    init: str = option(
+        "scaled",
+        choice(*INIT),
+        "where the pretraining starts: 'scaled', 'median' or 'prior' (see engines/init.py)",
+    )
+    on_nan: str = option(
+        "stop",
+        choice(*ON_NAN),
+        "a non-finite loss: 'stop' (keep the last good state), 'rollback' (back to it, halve "
+        f"the learning rate; at most {MAX_ROLLBACKS} times) or 'raise' (FitError)",
+    )
+    checkpoint: str | None = checkpoint_option()
+    checkpoint_every: int = checkpoint_every_option()
 
-    pretrain_steps: int = 2000
-    lr: float = 1e-2
-    lr_final: float = 0.1
-    swag_steps: int | None = None
-    swag_lr: float | str = "auto"
-    burn_in: float = 0.1
-    optimizer: str = "sgd"
-    momentum: float = 0.9
-    batch_size: int | None = 32
-    collect_every: int | str = "epoch"
-    max_rank: int = 20
-    scale: float = 0.5
-    swa_only: bool = False
-    clip_norm: float = 10.0
-    init: str = "scaled"
-    on_nan: str = "stop"
-
-    def __post_init__(self):
-        super().__post_init__()
-        check_positive_int("pretrain_steps", self.pretrain_steps, minimum=0)
-        if self.swag_steps is not None:
-            check_positive_int("swag_steps", self.swag_steps, minimum=1)
-        if isinstance(self.burn_in, bool) or not (
-            isinstance(self.burn_in, (int, float)) and 0 <= self.burn_in < 1
-        ):
-            raise OptionError(f"burn_in: expected a fraction in [0, 1), got {self.burn_in!r}")
-        if self.batch_size is not None:
-            check_positive_int("batch_size", self.batch_size, minimum=1)
-        if self.collect_every != "epoch":
-            check_positive_int("collect_every", self.collect_every, minimum=1)
-        check_positive_int("max_rank", self.max_rank, minimum=0)
+    def validate(self):
+        super().validate()
         if self.max_rank == 1:
             raise OptionError("max_rank: expected 0 (diagonal only) or an integer >= 2, got 1")
-        for name in ("lr", "swag_lr", "clip_norm", "scale"):
-            v = getattr(self, name)
-            if name == "swag_lr" and v == "auto":
-                continue
-            if isinstance(v, bool) or not (
-                isinstance(v, (int, float)) and v > 0 and math.isfinite(v)
-            ):
-                extra = " or 'auto'" if name == "swag_lr" else ""
-                raise OptionError(f"{name}: expected a positive number{extra}, got {v!r}")
-        if not (isinstance(self.lr_final, (int, float)) and 0 < self.lr_final <= 1):
-            raise OptionError(f"lr_final: expected a fraction in (0, 1], got {self.lr_final!r}")
-        if not (isinstance(self.momentum, (int, float)) and 0 <= self.momentum < 1):
-            raise OptionError(f"momentum: expected a number in [0, 1), got {self.momentum!r}")
-        if self.optimizer not in ("sgd", "adam"):
-            raise OptionError(f"optimizer: expected 'sgd' or 'adam', got {self.optimizer!r}")
-        if not isinstance(self.swa_only, bool):
-            raise OptionError(f"swa_only: expected True or False, got {self.swa_only!r}")
-        if self.init not in INIT:
-            raise OptionError(f"init: expected one of {sorted(INIT)}, got {self.init!r}")
-        if self.on_nan not in ("stop", "raise"):
-            raise OptionError(f"on_nan: expected 'stop' or 'raise', got {self.on_nan!r}")
 
 
 @dataclass(frozen=True)
@@ -410,47 +437,50 @@ def _swag_lr(problem: Problem, z: torch.Tensor, opts: SWAGOptions, seed: int) ->
     return min(candidates), info
 
 
-def _pretrain(problem: Problem, opts: SWAGOptions, seed: int, progress: bool):
-    z = initial_z(problem, opts.init).requires_grad_(True)
-    info = {"loss": torch.zeros(0, dtype=torch.float64)}
-    if opts.pretrain_steps and "init" not in problem.meta:
-        optim = torch.optim.Adam([z], lr=opts.lr)
-        sched = torch.optim.lr_scheduler.ExponentialLR(
-            optim, opts.lr_final ** (1.0 / opts.pretrain_steps)
-        )
-        info = _descend(
-            problem,
-            z,
-            optim,
-            opts,
-            opts.pretrain_steps,
-            seed,
-            progress,
-            "swag pretrain",
-            scheduler=sched,
-        )
-    return z, info
-
-
-def _descend(problem: Problem, z, optim, opts, steps, seed, progress, desc, **kw) -> dict:
-    n = problem.n
-    gen = torch.Generator().manual_seed(seed)
-    return sgd_loop(
-        lambda idx: -problem.log_joint(z, idx) / n,
-        [z],
-        optim,
+def _train(problem, objective, optimizer, steps, opts, seed, progress, desc, callback=None):
+    return train(
+        objective,
+        optimizer,
         steps,
-        n,
-        opts.batch_size,
-        gen,
-        problem.device,
-        clip_norm=opts.clip_norm,
+        n=problem.n,
+        batch_size=opts.batch_size,
+        seed=seed,
         on_nan=opts.on_nan,
-        progress=progress,
         desc=desc,
-        loss_scale=n,
-        **kw,
+        progress=progress,
+        callback=callback,
+        warn_unconverged=False,
     )
+
+
+def _objective(problem: Problem) -> Scaled:
+    """``-log p(z, y) / N`` in the unconstrained parameterization (SWAG's Gaussian is over z)."""
+    return Scaled(PointObjective(problem, jacobian=True), 1.0 / problem.n)
+
+
+def _pretrain(problem: Problem, opts: SWAGOptions, seed: int, progress: bool):
+    z = initial_z(problem, opts.init)
+    if not opts.pretrain_steps or "init" in problem.meta:
+        return z, None
+    optim = Adam(
+        z, opts.lr, exponential(opts.lr_final, opts.pretrain_steps), clip_norm=opts.clip_norm
+    )
+    run = _train(
+        problem,
+        _objective(problem),
+        optim,
+        opts.pretrain_steps,
+        opts,
+        seed,
+        progress,
+        "swag pretrain",
+    )
+    return run.params.clone(), run
+
+
+def _losses(*runs: Trained | None) -> torch.Tensor:
+    parts = [r.loss * 1.0 for r in runs if r is not None]
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
 
 
 @register("swag")
@@ -469,8 +499,10 @@ class SWAG(Method):
 
     def map_point(self, problem, opts, seed, progress):
         """The pretraining phase alone (the MAP for ``bayesian_sites``)."""
-        z, info = _pretrain(problem, opts, seed, progress)
-        return z.detach(), info
+        z, run = _pretrain(problem, opts, seed, progress)
+        if run is None:
+            run = Trained(z, torch.zeros(0, dtype=torch.float64))
+        return z.detach(), run
 
     def run(self, problem, opts, seed, progress):
         if opts.bayesian_sites is not None:
@@ -485,66 +517,81 @@ class SWAG(Method):
             )
         plan = _plan(problem, opts)
         z, pre = _pretrain(problem, opts, seed, progress)
-        out = {"loss": pre["loss"], "pretrain_steps": len(pre["loss"])}
-        if "stopped" in pre:
-            out["stopped"] = pre["stopped"]
-            log.warning(
-                "swag: the pretraining stopped (%s); the posterior is the point reached",
-                pre["stopped"]["reason"],
-            )
-            return Delta(z.detach().clone()), out
-        start = z.detach().clone()
-        lr, lr_info = _swag_lr(problem, start, opts, seed + 2)
-        out.update(swag_lr=lr, **lr_info)
+        if (pre is not None and pre.stopped is not None) or interrupt.requested():
+            return self._early(z, pre, None, "swag pretrain", n)
+        lr, lr_info = _swag_lr(problem, z, opts, seed + 2)
         if opts.optimizer == "sgd":
-            optim = torch.optim.SGD([z], lr=lr, momentum=opts.momentum)
+            optim = SGD(z, lr, constant, momentum=opts.momentum, clip_norm=opts.clip_norm)
         else:
-            optim = torch.optim.Adam([z], lr=lr)
-        moments = SWAGMoments(problem.layout.size, opts.max_rank, device=problem.device)
-
-        def collect(step):
-            if step >= plan.burn and (step + 1 - plan.burn) % plan.every == 0:
-                moments.update(z)
-
-        info = _descend(
+            optim = Adam(z, lr, constant, clip_norm=opts.clip_norm)
+        moments = SWAGMoments(
+            problem.layout.size, opts.max_rank, problem.device, plan.every, plan.burn
+        )
+        run = _train(
             problem,
-            z,
+            _objective(problem),
             optim,
-            opts,
             plan.steps,
+            opts,
             seed + 1,
             progress,
             "swag collect",
-            callback=collect,
+            callback=moments,
         )
-        out.update(
-            loss=torch.cat([pre["loss"], info["loss"]]),
-            num_collected=moments.n,
-            rank=moments.deviations.shape[-1],
-            collect_every=plan.every,
-            swag_steps=plan.steps,
-            burn_in_steps=plan.burn,
+        info = run.info(
+            loss=_losses(pre, run) * n,
+            details={
+                "pretrain_steps": 0 if pre is None else pre.steps_done,
+                "swag_lr": lr,
+                **lr_info,
+                "num_collected": moments.n,
+                "rank": moments.deviations.shape[-1],
+                "collect_every": plan.every,
+                "swag_steps": plan.steps,
+                "burn_in_steps": plan.burn,
+            },
         )
-        if "stopped" in info:
-            out["stopped"] = info["stopped"]
-            why = info["stopped"]["reason"]
-            if why != "interrupted":
-                log.warning(
-                    "swag: the SWA phase diverged at step %d (swag_lr=%.3g%s); %s. Lower swag_lr",
-                    info["stopped"]["step"],
-                    lr,
-                    ""
-                    if not math.isfinite(lr_info.get("stability_limit", math.nan))
-                    else f", stability limit {lr_info['stability_limit']:.3g}",
-                    f"keeping the {moments.n} iterates collected before"
-                    if moments.n
-                    else "nothing was collected: the posterior is the pretrained point",
-                )
-            if moments.n == 0:
-                return Delta(start), out
+        if run.stopped is not None and not run.stopped.interrupted:
+            limit = lr_info.get("stability_limit", math.nan)
+            log.warning(
+                "swag: the SWA phase stopped at step %d (%s; swag_lr=%.3g%s); %s. Lower swag_lr",
+                run.stopped.step,
+                run.stopped.reason,
+                lr,
+                "" if not math.isfinite(limit) else f", stability limit {limit:.3g}",
+                f"keeping the {moments.n} iterates collected before"
+                if moments.n
+                else "nothing was collected: the posterior is the point reached",
+            )
+        info.steps_done = (0 if pre is None else pre.steps_done) + run.steps_done
+        info.rollbacks = (pre.rollbacks if pre is not None else []) + run.rollbacks
+        info.converged = None
+        if run.stopped is not None:
+            info.stopped.part = "swag collect"
+        if moments.n == 0:
+            return self._early(run.params.clone(), pre, run, "swag collect", n, info.details)
         if opts.swa_only:
-            return Delta(moments.mean.to(problem.dtype)), out
-        return moments.gaussian(opts.scale, dtype=problem.dtype), out
+            return Delta(moments.mean.to(problem.dtype)), info
+        return moments.gaussian(opts.scale, dtype=problem.dtype), info
+
+    @staticmethod
+    def _early(z, pre, run, part, n, details=None):
+        """A fit that ended before any iterate was collected: the point reached."""
+        last = run if run is not None else pre
+        info = FitInfo(
+            loss=_losses(pre, run) * n,
+            details={**(details or {}), "num_collected": 0},
+            rollbacks=[rb for r in (pre, run) if r is not None for rb in r.rollbacks],
+        )
+        stopped = None if last is None else last.stopped
+        if stopped is not None:
+            stopped.part = part
+            info.stopped = stopped
+        log.warning(
+            "swag: %s; no iterate was collected, returning the point reached (no covariance)",
+            "interrupted" if stopped is None or stopped.interrupted else stopped.reason,
+        )
+        return Delta(z), info
 
 
 @register("multiswag")
@@ -558,44 +605,54 @@ class MultiSWAG(Method):
 
     @dataclass
     class Options(SWAGOptions):
-        """Every option of ``swag`` (applied to each run), plus:
+        """Every option of ``swag`` (applied to each run), plus the number of runs."""
 
-        num_models : int
-            Number of independent SWAG runs (default 5; spread over the processes of a
-            distributed run).
-        """
-
-        num_models: int = 5
-
-        def __post_init__(self):
-            super().__post_init__()
-            check_positive_int("num_models", self.num_models, minimum=1)
+        num_models: int = option(
+            5,
+            integer(1, 10**4),
+            "number of independent SWAG runs (spread over the processes of a distributed run)",
+        )
 
     def run(self, problem, opts, seed, progress):
-        fields = {k: v for k, v in vars(opts).items() if k != "num_models"}
+        fields = {k: v for k, v in opts.as_dict().items() if k != "num_models"}
         swag_opts = SWAGOptions(**fields)
         _plan(problem, swag_opts)  # nothing collected: say so before any run starts
 
-        def run(k):
+        def one(k):
             sk = member_seed(seed, k)
             with isolated(sk):
-                return SWAG().run(problem, swag_opts, sk, progress)
+                approx, info = SWAG().run(problem, swag_opts, sk, progress)
+            return approx, info.to_dict()
 
-        # spread over the ranks of a distributed run (torchrun), gathered on every rank
-        results = run_members(opts.num_models, run, label="SWAG run")
+        # spread over the ranks of a distributed run (torchrun), gathered on every rank; one
+        # Ctrl-C ends the run it hits and the runs after it
+        results = run_members(
+            opts.num_models,
+            one,
+            label="SWAG run",
+            stop=lambda r: FitInfo.from_dict(r[1]).interrupted or interrupt.requested(),
+        )
         comps = [approx for approx, _ in results]
-        extra = [info for _, info in results]
-        losses = [info["loss"] for info in extra]
-        mean_loss, member_loss = stack_losses(losses)
-        out = {
-            "loss": mean_loss,
-            "member_loss": member_loss,
-            "num_collected": [i.get("num_collected") for i in extra],
-            "swag_lr": [i.get("swag_lr") for i in extra],
-        }
-        stopped = [{"model": k, **i["stopped"]} for k, i in enumerate(extra) if "stopped" in i]
-        if stopped:
-            out["stopped"] = stopped[0] if len(stopped) == 1 else {"models": stopped}
-        if "bayesian_sites" in extra[0]:
-            out["bayesian_sites"] = extra[0]["bayesian_sites"]
+        infos = [FitInfo.from_dict(i) for _, i in results]
+        if not infos:
+            raise KeyboardInterrupt("interrupted before the first SWAG run started")
+        mean_loss, member_loss = stack_losses([i.loss for i in infos])
+        out = FitInfo(
+            loss=mean_loss,
+            member_loss=member_loss,
+            steps_done=sum(i.steps_done or 0 for i in infos),
+            details={
+                "num_collected": [i.details.get("num_collected") for i in infos],
+                "swag_lr": [i.details.get("swag_lr") for i in infos],
+            },
+            bayesian_sites=infos[0].bayesian_sites,
+            rollbacks=[rb for i in infos for rb in i.rollbacks],
+        )
+        for k, i in enumerate(infos):
+            if i.stopped is not None:
+                i.stopped.part = f"model {k + 1}" + (
+                    f", {i.stopped.part}" if i.stopped.part else ""
+                )
+                out.stopped = i.stopped
+                break
         return Mixture(comps), out
