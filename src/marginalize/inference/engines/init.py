@@ -87,13 +87,18 @@ def _prior_sd_and_mean(fn, like: torch.Tensor) -> tuple[torch.Tensor | None, tor
     return sd, mean
 
 
-def init_to_scaled(usage: dict[str, SiteUse], real: set[str]) -> Callable[[dict], torch.Tensor]:
+def init_to_scaled(
+    usage: dict[str, SiteUse], real: set[str], latent: set[str] | None = None
+) -> Callable[[dict], torch.Tensor]:
     """A Pyro ``init_loc_fn`` for ``"scaled"`` (module docstring); ``real``: names of the
-    real-valued latent sites."""
+    real-valued latent sites; ``latent``: names of every latent site (others, such as the
+    observed site of a model traced without ``y``, are drawn from their distribution)."""
 
     def init(site: dict) -> torch.Tensor:
-        median = init_to_median(site)
         name = site["name"]
+        if latent is not None and name not in latent:
+            return init_to_sample(site)
+        median = init_to_median(site)
         if name not in real:
             return median
         sd, mean = _prior_sd_and_mean(site["fn"], median)
@@ -125,7 +130,7 @@ def init_loc_fn(problem: Problem, init: str) -> Callable[[dict], torch.Tensor]:
         return init_to_median
     if init == "scaled":
         real = {s.name for s in problem.layout.sites if s.is_real}
-        return init_to_scaled(usage(problem), real)
+        return init_to_scaled(usage(problem), real, set(problem.layout.names))
     raise ValueError(f"unknown init {init!r}; known: {sorted(INIT)}")
 
 
