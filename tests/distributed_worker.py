@@ -12,6 +12,8 @@ failures  a member that raises on rank 1; ranks that disagree on the number of m
 kill      ensemble and nuts with checkpoints; rank 1 kills itself (SIGKILL) mid-run
 resume    mz.resume of the checkpoints the killed run left
 cuda      the fits of ``fits`` on the GPU (device "cuda")
+dataparallel  optimization methods, data-parallel (each rank its shard of every minibatch):
+          predictive means and the final loss, to compare with one process within tolerance
 """
 
 from __future__ import annotations
@@ -48,6 +50,50 @@ CHECKPOINTED = {
     "ensemble": {**FITS["ensemble"], "checkpoint_every": 5},
     "nuts": {**FITS["nuts"], "checkpoint_every": 5},
 }
+
+
+#: data-parallel fits (2 ranks split every minibatch of 8 rows, or the full batch of 24)
+DATA_PARALLEL = {
+    "map": {},  # L-BFGS on the full batch, on a linear model (one mode: see dataparallel())
+    "map-adam": {"method": "map", "optimizer": "adam", "steps": 300, "batch_size": 8},
+    "svi-meanfield": {"steps": 300, "batch_size": 8},
+    "svi-lowrank": {"steps": 200, "batch_size": 8},
+    "bbb": {"steps": 200, "batch_size": 8},
+    "mc-dropout": {"steps": 300, "batch_size": 8},
+    "swag": {"pretrain_steps": 100, "swag_steps": 60, "batch_size": 8},
+    # MAP stage data-parallel, curvature (GGN; K-FAC factors) summed over the ranks' rows
+    "laplace": {"optimizer": "adam", "steps": 300, "batch_size": 8, "refine_steps": 0},
+    "laplace-kron": {
+        "method": "laplace",
+        "structure": "kron",
+        "optimizer": "adam",
+        "steps": 300,
+        "batch_size": 8,
+        "refine_steps": 0,
+    },
+}
+
+
+def dataparallel(out: Path) -> dict:
+    x, y = data()
+    grid = torch.linspace(-2, 2, 9)[:, None]
+    res = {}
+    for name, opts in DATA_PARALLEL.items():
+        opts = dict(opts)
+        method = opts.pop("method", name)
+        # full-batch L-BFGS on a network ends in whichever of its modes the last bits of
+        # the sums lead to; a linear model has one
+        net = mz.models.mlp(1, hidden=[]) if name == "map" else model()
+        post = mz.fit(net, x, y, method=method, seed=7, progress=False, **opts)
+        pred = post.predict(grid, num_samples=64, seed=1)
+        loss = post.info.get("loss")
+        res[name] = {
+            "approx": post.approximation.state_dict(),
+            "mean": pred.mean.detach(),
+            "std": pred.std.detach(),
+            "loss": None if loss is None else torch.as_tensor(loss)[-20:].mean(),
+        }
+    return res
 
 
 def data(device="cpu"):
@@ -170,7 +216,13 @@ def main() -> int:
         backend = os.environ.get("MZ_TEST_BACKEND", "gloo")
         created = distributed.init_from_env(backend)
     rank = distributed.rank()
-    fn = {"fits": fits, "failures": failures, "kill": kill, "resume": resume}
+    fn = {
+        "fits": fits,
+        "failures": failures,
+        "kill": kill,
+        "resume": resume,
+        "dataparallel": dataparallel,
+    }
     if scenario == "cuda":
         res = fits(out, device=f"cuda:{torch.cuda.current_device()}")
     else:

@@ -199,3 +199,28 @@ def test_paired_difference_against_baseline():
     m, se = uci.paired_difference(rows, "d", "ens", "map")
     assert m == pytest.approx(0.3) and se == pytest.approx(0.2)
     assert all(math.isnan(v) for v in uci.paired_difference(rows, "d", "map", "map"))
+
+
+def test_uci_tuned_and_defaults_protocols(monkeypatch, tmp_path):
+    """``NAME:tuned`` picks its options per split on an inner validation split (the best
+    validation LL among the grid), ``--defaults`` runs methods at their own options."""
+    monkeypatch.setitem(uci.TUNING, "map", {"noise": [0.3, 5.0]})
+    x, y, _ = uci.load_regression("boston")
+    best, scores = uci.tune_split(x, y, "map", 0, {"steps": 30}, uci.TUNING["map"])
+    assert best == {"noise": 0.3} and len(scores) == 2  # noise 5 SDs fits nothing
+    assert max(s["val_ll"] for s in scores) == scores[0]["val_ll"]
+    rows = uci.run(
+        ["boston"],
+        ["map:tuned"],
+        num_splits=1,
+        options={"map:tuned": {"steps": 30}},
+        progress=False,
+    )
+    assert rows[0]["method"] == "map:tuned" and rows[0]["tuned"] == {"noise": 0.3}
+    md = uci.to_markdown(rows, title="t", full=False, methods=["map:tuned"])
+    assert "tuned per split over noise in [0.3, 5.0]; chosen: noise 0.3 x1" in md
+    assert uci._options("svi-meanfield", "defaults", None) == {}
+    assert uci._options("nuts", "defaults", None)["num_chains"] == 2
+    assert uci.select(["all"], ())[:1] == ["bbb"] and "nuts" in uci.select(["all"], ())
+    with pytest.raises(OptionError, match="no tuning grid"):
+        uci.select(["bbb:tuned"], ())

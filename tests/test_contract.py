@@ -282,6 +282,7 @@ ALTERNATIVES = {
     "prior_precision": "marginal_likelihood",
     "refine_steps": 5,
     "predictive": "sample",
+    "link_approx": "mc",
     "num_samples": 10,
     "num_warmup": 10,
     "num_chains": 2,

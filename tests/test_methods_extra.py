@@ -72,6 +72,13 @@ def linear_fn(x, y=None):
         pyro.sample("y", dist.Normal((x @ w + b)[:, 0], noise), obs=y)
 
 
+def gamma_fn(x, y=None):
+    """A plain function whose observation family has no location or logits parameter."""
+    w = pyro.sample("w", dist.Normal(0.0, 1.0).expand([1]).to_event(1))
+    with pyro.plate("data", x.shape[0]):
+        pyro.sample("y", dist.Gamma(2.0, torch.exp(x[:, 0] * w)), obs=y)
+
+
 # --------------------------------------------------------------------------------------------
 # Laplace: exact on Bayesian linear regression
 # --------------------------------------------------------------------------------------------
@@ -139,7 +146,7 @@ def test_laplace_glm_predictive(float64):
     """Linear in the weights: the linearized predictive equals sampling the network; for a
     nonlinear net its mean is the MAP prediction (within Monte Carlo error)."""
     model, x, y, *_ = blr_problem()
-    glm = mz.fit(model, x, y, method="laplace", steps=100, progress=False)
+    glm = mz.fit(model, x, y, method="laplace", steps=100, progress=False, link_approx="mc")
     smp = mz.fit(model, x, y, method="laplace", steps=100, progress=False, predictive="sample")
     assert glm.info["predictive"] == "glm" and smp.info["predictive"] == "sample"
     xt = torch.randn(5, 3)
@@ -159,16 +166,28 @@ def test_laplace_options_and_errors():
         mz.fit(MLP, X, Y, method="laplace", hessian="exact", structure="kron")
     with pytest.raises(mz.OptionError, match="prior_precision"):
         mz.fit(MLP, X, Y, method="laplace", prior_precision=-1.0)
-    with pytest.raises(mz.ModelError, match="hessian='ggn' needs a builder model"):
-        mz.fit(linear_fn, X, Y, method="laplace", hessian="ggn", steps=10, progress=False)
+    with pytest.raises(mz.ModelError, match="hessian='ggn' needs the model's output"):
+        mz.fit(gamma_fn, X, Y.abs() + 0.1, method="laplace", hessian="ggn", steps=10)
+    with pytest.raises(mz.ModelError, match="predictive='glm' needs the model's output"):
+        mz.fit(gamma_fn, X, Y.abs() + 0.1, method="laplace", predictive="glm", steps=10)
     with pytest.raises(mz.ModelError, match="kron"):
         mz.fit(linear_fn, X, Y, method="laplace", structure="kron", steps=10, progress=False)
 
 
 def test_laplace_on_plain_function_is_exact_hessian(float64):
-    """A plain model function gets the exact (clipped) Hessian: Gaussian conjugate check on w, b
-    given the noise would need the noise fixed, so compare with autograd directly."""
-    post = mz.fit(linear_fn, X.double(), Y.double(), method="laplace", steps=300, progress=False)
+    """hessian="exact" on a plain model function is the exact (clipped) Hessian: Gaussian
+    conjugate check on w, b given the noise would need the noise fixed, so compare with
+    autograd directly."""
+    post = mz.fit(
+        linear_fn,
+        X.double(),
+        Y.double(),
+        method="laplace",
+        steps=300,
+        progress=False,
+        hessian="exact",
+        predictive="sample",
+    )
     assert post.info["hessian"] == "exact" and post.info["predictive"] == "sample"
     z = post.approximation.loc.clone()
     problem = prepare(linear_fn, X.double(), Y.double())

@@ -869,7 +869,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _bench_subcommands(
         sub.add_parser(
-            "bench", help="benchmarks: uci, classification, active-learning"
+            "bench", help="benchmarks: uci, classification, active-learning, reference"
         ).add_subparsers(dest="bench", required=True)
     )
     return p

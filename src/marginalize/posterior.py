@@ -20,20 +20,25 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from pyro import poutine
 
 from marginalize._files import check_path, write_verified
 from marginalize._validation import check_positive_int, check_seed, check_x, check_y
 from marginalize.core.approximations import Approximation
 from marginalize.core.info import FitInfo
 from marginalize.core.layout import Layout
-from marginalize.core.linearized import linearized_dist
+from marginalize.core.linearized import (
+    closed_form_log_predictive,
+    closed_form_predict,
+    glm_closed_form,
+    linearized_dist,
+)
 from marginalize.core.predictive import (
     BLOCK_BYTES,
     DEFAULT_CHUNK_BYTES,
     GPU_CHUNK_BYTES,
     MIN_DRAWS_PER_CHUNK,
     Moments,
+    PlainDraws,
     PredictiveMixture,
     class_probs,
     entropy,
@@ -41,7 +46,7 @@ from marginalize.core.predictive import (
     temper,
 )
 from marginalize.core.problem import _no_validation
-from marginalize.errors import DataError, ModelError, OptionError
+from marginalize.errors import DataError, OptionError
 from marginalize.models.base import BNN
 
 __all__ = ["Posterior", "Prediction", "save_posterior", "FORMAT", "VERSION"]
@@ -60,6 +65,10 @@ class Prediction:
     Classification: ``probs`` (mean class probabilities, also ``mean``), ``entropy`` of the
     mean (total uncertainty), ``expected_entropy`` (aleatoric) and ``mutual_info``
     (``entropy - expected_entropy``, epistemic; the BALD score).
+
+    A closed-form predictive (Laplace's GLM predictive with ``link_approx="probit"``) computes
+    ``expected_entropy`` and ``mutual_info`` on first access (they need draws; the
+    probabilities do not).
 
     Regression also gives the quantiles of the posterior predictive itself, the equal-weight
     mixture over draws ``p(y | x, D) = (1/S) sum_s p(y | x, w_s)`` (not a Gaussian with the
@@ -92,6 +101,21 @@ class Prediction:
     mutual_info: torch.Tensor | None = None
     #: per-draw outputs ``(chain, draw, N, ...)`` when asked for (``return_draws=True``)
     draws: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+    #: computes ``(expected_entropy, mutual_info)`` when they are first read (closed forms)
+    deferred: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = field(
+        default=None, repr=False, compare=False
+    )
+
+    def __getattribute__(self, name: str):
+        if name in ("expected_entropy", "mutual_info"):
+            fn = object.__getattribute__(self, "deferred")
+            if fn is not None:
+                ee, mi = fn()
+                object.__setattr__(self, "expected_entropy", ee)
+                object.__setattr__(self, "mutual_info", mi)
+                object.__setattr__(self, "deferred", None)
+        return object.__getattribute__(self, name)
+
     #: rebuilds the predictive mixture (the same draws) for quantiles; set by ``predict``
     mixture_fn: Callable[[], PredictiveMixture] | None = field(
         default=None, repr=False, compare=False
@@ -241,6 +265,10 @@ class Posterior:
                 width = max(
                     width, s.weight_shape[-1], math.prod(s.weight_shape) // max(n_inputs, 1)
                 )
+        else:  # a plain model's activations are about as wide as its weight matrices
+            for s in self.layout.sites:
+                if len(s.shape) >= 2:
+                    width = max(width, s.shape[-1], s.shape[-2])
         itemsize = torch.finfo(self.dtype).bits // 8
         # one activation tensor of about 1 MiB: it stays in cache, and on the CPU a larger one is
         # a fresh page-faulted allocation at every operation (measured in benchmarks/prediction.py)
@@ -249,25 +277,25 @@ class Posterior:
 
     def _dists(self, z: torch.Tensor, x: torch.Tensor) -> Iterator:
         """Yield the observation distribution for a chunk of flat draws ``(S, D)``."""
+        if self.info.get("predictive") == "glm":  # linearized network (laplace), batched
+            with _no_validation():
+                yield self._temper(linearized_dist(self, z, x))
+            return
         params = self.layout.unpack(z)
         if isinstance(self.model, BNN):
-            if self.info.predictive == "glm":  # linearized network (laplace)
-                yield self._temper(linearized_dist(self, z, x))
-                return
             with _no_validation():  # argument checks of the outputs cost as much as the network
                 d = self.model.predictive_dist(params, x)
             yield self._temper(d)
         else:
             for s in range(z.shape[0]):
-                p = {k: v[s] for k, v in params.items()}
-                try:
-                    tr = poutine.trace(poutine.condition(self.model, data=p)).get_trace(x, None)
-                except Exception as e:
-                    raise ModelError(
-                        f"the model raised {type(e).__name__} when called as model(x) "
-                        f"with x of shape {tuple(x.shape)}: {e}"
-                    ) from e
-                yield self._temper(tr.nodes["y"]["fn"])
+                yield self._plain_draws.dist(z[s], x)
+
+    @property
+    def _plain_draws(self) -> PlainDraws:
+        """Outputs of a plain model function, vectorized over draws where it allows."""
+        if "_plain" not in self.__dict__:
+            self.__dict__["_plain"] = PlainDraws(self.model, self.layout, self._temper)
+        return self.__dict__["_plain"]
 
     def _temper(self, d):
         """Apply a fitted ``info.temperature`` (see :func:`marginalize.temperature_scale`)."""
@@ -281,7 +309,7 @@ class Posterior:
         c, s = z.shape[:2]
         flat = z.reshape(c * s, -1)
         size = self._chunk_size(x.shape[0], chunk_size)
-        if not isinstance(self.model, BNN) and flat.shape[0] > 1:
+        if not self._batched and flat.shape[0] > 1:
             log.info(
                 "model %s is a plain function: predicting with a loop over %d draws",
                 getattr(self.model, "__name__", self.model),
@@ -290,9 +318,16 @@ class Posterior:
         for start in range(0, flat.shape[0], size):
             yield (c, s), self._dists(flat[start : start + size], x)
 
+    @property
+    def _batched(self) -> bool:
+        """Whether :meth:`_dists` yields a chunk of draws at once (builder models, and the
+        linearized predictive of any model) rather than one draw of a plain function."""
+        return isinstance(self.model, BNN) or self.info.get("predictive") == "glm"
+
     def _per_draw(self, t: torch.Tensor) -> torch.Tensor:
-        """Builder models give ``(S, N, ...)`` per chunk; a plain model one draw ``(N, ...)``."""
-        return t if isinstance(self.model, BNN) else t.unsqueeze(0)
+        """Batched evaluation gives ``(S, N, ...)`` per chunk; a plain model one draw
+        ``(N, ...)``."""
+        return t if self._batched else t.unsqueeze(0)
 
     def _check_x(self, x, name="x") -> torch.Tensor:
         t = check_x(name, x, device=self.device, dtype=self.dtype)
@@ -327,6 +362,14 @@ class Posterior:
         """Per-draw outputs of draws ``s0:s1`` at ``x``: ``{"probs": (S, N, C)}`` or
         ``{"mean": ..., "variance": ...}`` (``(S, N, ...)``); plain models yield one draw at a
         time. ``params`` holds all draws unpacked (builder models), or is ``None``."""
+        if params is None and not isinstance(self.model, BNN):  # a plain model function
+            kind = "probs" if self.task == "classification" else "moments"
+            out = self._plain_draws(kind, flat[s0:s1], x)
+            if kind == "probs":
+                yield {"probs": out[0]}
+            else:
+                yield {"mean": out[0], "variance": out[1]}
+            return
         if params is None:
             dists = self._dists(flat[s0:s1], x)
         else:
@@ -361,9 +404,31 @@ class Posterior:
 
         Draws are evaluated in chunks of ``chunk_size`` draws (by default chosen for speed,
         with the inputs taken in blocks that bound memory); builder models evaluate each
-        chunk in one batched pass.
+        chunk in one batched pass. A Laplace posterior with the closed-form GLM predictive
+        (``link_approx="probit"``, see ``core/linearized.py``) draws nothing unless
+        ``return_draws`` is set.
         """
         x = self._check_x(x)
+        if not return_draws and glm_closed_form(self):
+            num = 1000 if num_samples is None else self._default_num(num_samples)
+            fields = closed_form_predict(self, x, num, self._generator(seed))
+            if self.task == "classification":
+                probs = fields["probs"]
+                return Prediction(
+                    "classification",
+                    probs,
+                    fields["num_draws"],
+                    probs=probs,
+                    entropy=entropy(probs),
+                    deferred=fields["deferred"],
+                )
+            return Prediction(
+                "regression",
+                **fields,
+                mixture_fn=lambda: self.predictive_mixture(
+                    x, num_samples, seed=seed, chunk_size=chunk_size
+                ),
+            )
         z = self.sample_flat(num_samples, seed)
         c, s = z.shape[:2]
         flat = z.reshape(c * s, -1)
@@ -375,12 +440,6 @@ class Posterior:
         else:
             per_chunk, per_block = self._chunk_size(n_in, chunk_size), n_in
             params = None
-            if not isinstance(self.model, BNN) and n_draws > 1:
-                log.info(
-                    "model %s is a plain function: predicting with a loop over %d draws",
-                    getattr(self.model, "__name__", self.model),
-                    n_draws,
-                )
         blocks: list[Moments] = []
         kept: dict[str, torch.Tensor] = {}
         for i0 in range(0, n_in, per_block):
@@ -447,7 +506,7 @@ class Posterior:
         dists = [d for _, chunk in self._chunks(x, num_samples, seed, chunk_size) for d in chunk]
         first = dists[0]
         shape = first.batch_shape + first.event_shape
-        if isinstance(self.model, BNN):
+        if isinstance(self.model, BNN) or self.info.predictive == "glm":
             shape = shape[1:]  # (S, N, ...) per chunk
         return PredictiveMixture(dists, shape, self._generator(seed))
 
@@ -469,6 +528,16 @@ class Posterior:
         """``(chain, draw)`` of the draws, and an iterator of ``(S_chunk, N)`` log likelihoods."""
         x = self._check_x(x)
         y = self._check_y(y, x.shape[0])
+        if not isinstance(self.model, BNN):  # vectorized over draws where the model allows
+            z = self.sample_flat(num_samples, seed)
+            flat = z.reshape(-1, z.shape[-1])
+            size = self._chunk_size(x.shape[0], chunk_size)
+
+            def plain():
+                for start in range(0, flat.shape[0], size):
+                    yield self._plain_draws("log_prob", flat[start : start + size], x, y)[0]
+
+            return z.shape[:2], plain()
         chunks = iter(self._chunks(x, num_samples, seed, chunk_size))
         first = next(chunks)
 
@@ -489,7 +558,11 @@ class Posterior:
         seed: int | None = None,
         chunk_size: int | None = None,
     ) -> torch.Tensor:
-        """Log posterior predictive density per observation, ``log mean_s p(y_n | x_n, w_s)``."""
+        """Log posterior predictive density per observation, ``log mean_s p(y_n | x_n, w_s)``
+        (in closed form for a Laplace posterior with ``link_approx="probit"``)."""
+        if glm_closed_form(self):
+            xt = self._check_x(x)
+            return closed_form_log_predictive(self, xt, self._check_y(y, xt.shape[0]))
         lse, n = None, 0
         for ll in self._loglik_chunks(x, y, num_samples, seed, chunk_size)[1]:
             c = torch.logsumexp(ll, 0)

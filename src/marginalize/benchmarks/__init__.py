@@ -1,10 +1,11 @@
-"""Benchmarks: UCI regression, digits classification with OOD detection, active learning.
+"""Benchmarks: UCI regression, digits classification with OOD detection, active learning, and
+every method against NUTS reference posteriors.
 
 Each runner has a small default (minutes on 2 CPU cores) and the full protocol behind
 ``--full``; results are markdown tables (and plots) under ``benchmarks/results/`` with the
 machine, versions, date and exact command at the top.
 
-``marginalize bench uci|classification|active-learning [--full] [--methods ...]``, or
+``marginalize bench uci|classification|active-learning|reference [--full] [--methods ...]``, or
 ``python -m marginalize.benchmarks ...``.
 
 Examples
@@ -46,7 +47,8 @@ def _add_common_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_subcommands(sub) -> None:
-    """Add ``uci``, ``classification`` and ``active-learning`` to an argparse subparsers object."""
+    """Add ``uci``, ``classification``, ``active-learning`` and ``reference`` to an argparse
+    subparsers object."""
     u = sub.add_parser("uci", help="UCI regression: RMSE and test LL over random 90/10 splits")
     _add_common_arguments(u)
     u.add_argument(
@@ -57,6 +59,12 @@ def add_subcommands(sub) -> None:
     )
     u.add_argument(
         "--splits", type=int, default=None, help="number of splits (default 3, 20 with --full)"
+    )
+    u.add_argument(
+        "--defaults",
+        action="store_true",
+        help="every method at its own default options (NUTS/HMC: 2 chains of 500 + 500); "
+        "NAME:tuned in --methods tunes NAME per split on an inner validation split",
     )
     u.add_argument(
         "--resume",
@@ -86,6 +94,37 @@ def add_subcommands(sub) -> None:
     a.add_argument("--acquire", type=int, default=10, help="labels acquired per round")
     a.add_argument("--initial", type=int, default=20, help="initial labelled points")
     a.set_defaults(bench_func="marginalize.benchmarks.active_learning:main_active_learning")
+
+    r = sub.add_parser(
+        "reference",
+        help="every method at its defaults against long NUTS reference posteriors "
+        "(agreement, TV, W2, test LL)",
+    )
+    _add_common_arguments(r)
+    r.add_argument(
+        "--problems",
+        nargs="+",
+        default=None,
+        help="reference problems (gap, boston, two_moons, breast_cancer, digits; default: all)",
+    )
+    mode = r.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--score-only",
+        action="store_true",
+        help="only score methods against the committed references (never run the references)",
+    )
+    mode.add_argument(
+        "--build-only",
+        action="store_true",
+        help="only (re)build the references: long NUTS runs, hours on 2 CPU cores",
+    )
+    mode.add_argument("--rebuild", action="store_true", help="rebuild the references, then score")
+    r.add_argument(
+        "--rescore",
+        action="store_true",
+        help="fit the chosen methods again even where NAME.jsonl already has their rows",
+    )
+    r.set_defaults(bench_func="marginalize.benchmarks.reference:main_reference")
 
 
 def build_parser(prog: str = "marginalize bench") -> argparse.ArgumentParser:

@@ -55,6 +55,10 @@ __all__ = [
     "paired_difference",
     "to_markdown",
     "main_uci",
+    "tune_split",
+    "select",
+    "TUNING",
+    "DEFAULTS_MCMC",
 ]
 
 log = logging.getLogger("marginalize.benchmarks.uci")
@@ -163,6 +167,32 @@ SETTINGS: dict[str, dict[str, dict[str, Any]]] = {
         },
     },
 }
+
+#: the ``--defaults`` protocol: every method at its own default options on the protocol's model
+#: (noise learned with a HalfNormal(1) prior), except NUTS and HMC, whose defaults (4 chains of
+#: 1000 + 1000 draws, trees up to depth 10) take about an hour per split on 2 CPU cores: they
+#: run 2 chains of 500 + 500 from a MAP start
+DEFAULTS_MCMC: dict[str, dict[str, Any]] = {
+    "nuts": {"num_chains": 2, "num_warmup": 500, "num_samples": 500, "init": "map"},
+    "hmc": {"num_chains": 2, "num_warmup": 500, "num_samples": 500, "init": "map"},
+}
+
+#: per-split tuning (method names with the suffix ``:tuned``): every combination of the grid
+#: is fitted on an inner 80/20 split of the outer split's training part (inputs and targets
+#: standardized with the inner training statistics) and scored by the validation log
+#: predictive density; the best is refitted on the whole training part and scored on the
+#: test part. Gal's 2018 re-run of MC dropout tunes the dropout rate and the noise precision
+#: this way; ``noise`` is the fixed noise SD on the standardized scale (``None``: learned).
+TUNING: dict[str, dict[str, list]] = {
+    "mc-dropout": {"p": [0.01, 0.05, 0.1], "noise": [0.2, 0.3, 0.45]},
+    "map": {"noise": [0.2, 0.3, 0.45]},
+    "ensemble": {"noise": [0.2, 0.3, 0.45]},
+    "swag": {"noise": [0.2, 0.3, 0.45]},
+    "multiswag": {"noise": [0.2, 0.3, 0.45]},
+    "laplace": {"noise": [0.2, 0.3, 0.45]},
+    "nuts": {"prior_gain": [0.5, 1.0, 2.0]},
+}
+TUNED = ":tuned"
 
 #: options for a registered method SETTINGS does not name (only the keys it accepts are used)
 BUDGET: dict[str, dict[str, Any]] = {"small": {"steps": 1500}, "full": {"steps": 3000}}
@@ -298,7 +328,20 @@ def _split_options(opts: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]
     return spec, {k: v for k, v in opts.items() if k not in MODEL_KEYS}
 
 
+def base_method(name: str) -> str:
+    """``"mc-dropout"`` for ``"mc-dropout:tuned"``."""
+    return name[: -len(TUNED)] if name.endswith(TUNED) else name
+
+
 def _options(method: str, level: str, overrides: dict[str, Any] | None) -> dict[str, Any]:
+    method = base_method(method)
+    if level == "defaults":
+        row = {**DEFAULTS_MCMC.get(method, {}), **(overrides or {})}
+        spec, fit_opts = _split_options(row)
+        return {
+            **{k: v for k, v in spec.items() if k in row},
+            **method_options(method, {method: fit_opts}, {}, {}),
+        }
     row = {**SETTINGS.get(method, {}).get(level, {}), **(overrides or {})}
     spec, fit_opts = _split_options(row)
     table = {method: fit_opts} if method in SETTINGS else {}
@@ -307,6 +350,62 @@ def _options(method: str, level: str, overrides: dict[str, Any] | None) -> dict[
         **{k: v for k, v in spec.items() if k in row},
         **method_options(method, table, BUDGET[level], extra),
     }
+
+
+def _standardized(xtr, ytr, xte, yte):
+    from marginalize import datasets
+
+    sx, sy = datasets.Standardizer(xtr), datasets.Standardizer(ytr)
+    f32 = torch.float32
+    return (
+        torch.as_tensor(sx(xtr), dtype=f32),
+        torch.as_tensor(sy(ytr), dtype=f32),
+        torch.as_tensor(sx(xte), dtype=f32),
+        torch.as_tensor(sy(yte), dtype=f32),
+        sy,
+    )
+
+
+def _fit(method, x, y, options, seed, progress):
+    import marginalize as mz
+
+    spec, opts = _split_options(options)
+    model = _model(x.shape[1], spec)
+    return mz.fit(model, x, y, method=method, seed=seed, progress=progress, **opts)
+
+
+def tune_split(
+    x: np.ndarray,
+    y: np.ndarray,
+    method: str,
+    split: int,
+    options: dict[str, Any],
+    grid: dict[str, list],
+    *,
+    test_size: float = 0.1,
+    num_predictive: int = NUM_PREDICTIVE,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The best combination of ``grid`` (added to ``options``) for ``method`` on split
+    ``split``, by the log predictive density on an inner 80/20 validation split of its
+    training part (the test part is never touched); and the score of every combination."""
+    import itertools
+
+    from marginalize import datasets
+
+    xtr, ytr, _, _ = datasets.train_test_split(x, y, test_size=test_size, seed=split)
+    xi, yi, xv, yv = datasets.train_test_split(xtr, ytr, test_size=0.2, seed=10_000 + split)
+    x_in, y_in, x_val, y_val, _ = _standardized(xi, yi, xv, yv)
+    names = list(grid)
+    scores = []
+    for values in itertools.product(*(grid[n] for n in names)):
+        cand = dict(zip(names, values, strict=True))
+        post = _fit(method, x_in, y_in, {**options, **cand}, split, False)
+        num = None if post.approximation.deterministic else num_predictive
+        lp = post.log_predictive(x_val, y_val, num_samples=num, seed=20_000 + split)
+        ll = float(lp.mean())
+        scores.append({**cand, "val_ll": ll if math.isfinite(ll) else -math.inf})
+    best = max(scores, key=lambda r: r["val_ll"])
+    return {n: best[n] for n in names}, scores
 
 
 def run_split(
@@ -319,25 +418,29 @@ def run_split(
     test_size: float = 0.1,
     num_predictive: int = NUM_PREDICTIVE,
     progress: bool = False,
+    tune: dict[str, list] | None = None,
 ) -> dict[str, Any]:
     """Fit ``method`` on split ``split`` and return its test metrics in original units.
 
     Returns a dict with ``rmse``, ``test_ll`` (mean log predictive density, original units),
     ``gaussian_ll`` (a Gaussian with the predictive mean and std), ``coverage95`` (of the
-    central 95% Gaussian interval) and ``seconds`` (fit time).
+    central 95% Gaussian interval) and ``seconds`` (fit time). With ``tune`` (a grid of
+    options), the options are first chosen by :func:`tune_split` (``tuned``: the choice;
+    ``seconds`` includes the tuning fits).
     """
-    import marginalize as mz
     from marginalize import datasets
 
-    spec, opts = _split_options(options)
-    xtr, ytr, xte, yte = datasets.train_test_split(x, y, test_size=test_size, seed=split)
-    sx, sy = datasets.Standardizer(xtr), datasets.Standardizer(ytr)
-    f32 = torch.float32
-    x_train, y_train = torch.as_tensor(sx(xtr), dtype=f32), torch.as_tensor(sy(ytr), dtype=f32)
-    x_test, y_test = torch.as_tensor(sx(xte), dtype=f32), torch.as_tensor(sy(yte), dtype=f32)
-    model = _model(x.shape[1], spec)
+    name = base_method(method)
     t0 = time.perf_counter()
-    post = mz.fit(model, x_train, y_train, method=method, seed=split, progress=progress, **opts)
+    chosen = None
+    if tune:
+        chosen, _ = tune_split(
+            x, y, name, split, options, tune, test_size=test_size, num_predictive=num_predictive
+        )
+        options = {**options, **chosen}
+    xtr, ytr, xte, yte = datasets.train_test_split(x, y, test_size=test_size, seed=split)
+    x_train, y_train, x_test, y_test, sy = _standardized(xtr, ytr, xte, yte)
+    post = _fit(name, x_train, y_train, options, split, progress)
     seconds = time.perf_counter() - t0
     num = None if post.approximation.deterministic else num_predictive
     pred = post.predict(x_test, num_samples=num, seed=10_000 + split)
@@ -345,7 +448,7 @@ def run_split(
     log_sd = math.log(float(sy.std))
     mean = sy.inverse(pred.mean.double().numpy())
     std = pred.std.double().numpy() * float(sy.std)
-    return {
+    row = {
         "method": method,
         "split": split,
         "rmse": metrics.rmse(mean, yte),
@@ -355,6 +458,9 @@ def run_split(
         "seconds": seconds,
         "stopped": bool(post.info.get("stopped")),
     }
+    if chosen is not None:
+        row["tuned"] = chosen
+    return row
 
 
 # ---- the protocol ----------------------------------------------------------------------------
@@ -368,18 +474,26 @@ def run(
     progress: bool = True,
     jsonl: str | Path | None = None,
     on_row: Callable[[list[dict]], None] | None = None,
+    defaults: bool = False,
 ) -> list[dict[str, Any]]:
     """Run every method on every split of every data set (split-major, so a partial run
     has all methods on the first splits).
 
-    ``options`` overrides :data:`SETTINGS` per method. With ``jsonl``, each row is appended
-    to that file as it finishes, and rows already there are reused (resume). ``on_row`` is
-    called with all rows so far after each one.
+    ``options`` overrides :data:`SETTINGS` per method (with ``defaults``, the methods' own
+    defaults; see :data:`DEFAULTS_MCMC`). A method named ``"NAME:tuned"`` is tuned per split
+    over :data:`TUNING` ``[NAME]`` (see :func:`tune_split`). With ``jsonl``, each row is
+    appended to that file as it finishes, and rows already there are reused (resume).
+    ``on_row`` is called with all rows so far after each one.
     """
     if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1:
         raise OptionError(f"num_splits: expected a positive int, got {num_splits!r}")
     options = options or {}
-    level = "full" if full else "small"
+    level = _level(full, defaults)
+    for m in methods:
+        if m.endswith(TUNED) and base_method(m) not in TUNING:
+            raise OptionError(
+                f"{m!r}: no tuning grid for {base_method(m)!r}; tuned methods: {sorted(TUNING)}"
+            )
     per_method = {m: _options(m, level, options.get(m)) for m in methods}
     done: dict[tuple, dict] = {}
     if jsonl is not None and Path(jsonl).exists():
@@ -399,7 +513,11 @@ def run(
         if name not in data:
             data[name] = load_regression(name)
         x, y, _ = data[name]
-        row = {"dataset": name, **run_split(x, y, m, split, per_method[m], progress=progress)}
+        tune = TUNING[base_method(m)] if m.endswith(TUNED) else None
+        row = {
+            "dataset": name,
+            **run_split(x, y, m, split, per_method[m], progress=progress, tune=tune),
+        }
         log.info(
             "%s split %d %s: rmse %.3f test_ll %.3f (%.1f s)",
             name,
@@ -419,6 +537,10 @@ def run(
 
     # under torchrun the (data set, split, method) runs are spread over the ranks
     return distributed.run_members(len(tasks), task, label="benchmark run")
+
+
+def _level(full: bool, defaults: bool) -> str:
+    return "defaults" if defaults else ("full" if full else "small")
 
 
 def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -460,10 +582,11 @@ def to_markdown(
     options: dict[str, dict[str, Any]] | None = None,
     argv: Sequence[str] | None = None,
     methods: Sequence[str] = (),
+    defaults: bool = False,
 ) -> str:
     """The results page: header, our table beside the published one per data set, settings."""
     summary = summarize(rows)
-    level = "full" if full else "small"
+    level = _level(full, defaults)
     parts = [header(title, argv), PROTOCOL, ""]
     parts.append(
         "Our figures: mean ± standard error over splits (SE = SD / sqrt(splits)). "
@@ -524,11 +647,18 @@ def to_markdown(
         f"overrides applied:",
         "",
     ]
-    parts += ["", SETTINGS_NOTE]
+    parts += ["", DEFAULTS_NOTE if level == "defaults" else SETTINGS_NOTE]
     opts_rows = []
     for m in methods or dict.fromkeys(s["method"] for s in summary):
         o = _options(m, level, (options or {}).get(m))
-        opts_rows.append([m, ", ".join(f"{k}={v}" for k, v in o.items()) or "(defaults)"])
+        text = ", ".join(f"{k}={v}" for k, v in o.items()) or "(defaults)"
+        if m.endswith(TUNED):
+            grid = TUNING[base_method(m)]
+            text += "; tuned per split over " + ", ".join(f"{k} in {v}" for k, v in grid.items())
+            chosen = _chosen(rows, m)
+            if chosen:
+                text += "; chosen: " + chosen
+        opts_rows.append([m, text])
     parts.append(markdown_table(["method", "options"], opts_rows))
     stopped = [s for s in summary if s["stopped"]]
     if stopped:
@@ -540,12 +670,65 @@ def to_markdown(
     return "\n".join(parts) + "\n"
 
 
+DEFAULTS_NOTE = """\
+The `--defaults` protocol: every method with its own default options (those of
+`mz.method_info()`) on the protocol's model, whose Gaussian noise SD is learned; the only
+exceptions are NUTS and HMC (2 chains of 500 + 500 draws from a MAP start instead of 4 chains
+of 1000 + 1000, which would take about an hour per split on 2 CPU cores). Rows named
+`METHOD:tuned` choose some options per split on an inner 80/20 validation split of the
+split's training part, by the validation log predictive density, then refit on the whole
+training part (as Gal's 2018 re-run does for MC dropout); the test part of the split is never
+used for tuning. The grids and how often each value was chosen are listed below.
+"""
+
+
+def _chosen(rows: Sequence[dict[str, Any]], method: str) -> str:
+    """How often each tuned value was chosen, e.g. ``noise 0.3 x12, 0.45 x8``."""
+    from collections import Counter
+
+    picks = [r["tuned"] for r in rows if r["method"] == method and "tuned" in r]
+    if not picks:
+        return ""
+    parts = []
+    for k in picks[0]:
+        c = Counter(p[k] for p in picks)
+        parts.append(f"{k} " + ", ".join(f"{v} x{n}" for v, n in sorted(c.items(), key=str)))
+    return "; ".join(parts)
+
+
+def select(requested: Sequence[str] | None, default_exclude: Sequence[str]) -> list[str]:
+    """Method names (``"all"``: every registered method), each optionally ``NAME:tuned``."""
+    import marginalize as mz
+    from marginalize.benchmarks._common import select_methods
+
+    if not requested:
+        return select_methods(None, default_exclude)
+    out = []
+    for entry in requested:
+        for part in str(entry).split(","):
+            part = part.strip()
+            if not part:
+                continue
+            if part == "all":
+                out += mz.methods()
+                continue
+            select_methods([base_method(part)])  # validates the name
+            if part.endswith(TUNED) and base_method(part) not in TUNING:
+                raise OptionError(
+                    f"{part!r}: no tuning grid for {base_method(part)!r}; tuned methods: "
+                    f"{sorted(TUNING)}"
+                )
+            out.append(part)
+    return list(dict.fromkeys(out))
+
+
 def main_uci(args) -> int:
     """Entry point of ``marginalize bench uci`` (parsed arguments from ``bench.add_parser``)."""
-    from marginalize.benchmarks._common import cpu_threads, results_dir, select_methods
+    from marginalize.benchmarks._common import cpu_threads, results_dir
 
     cpu_threads(args.threads)
-    methods = select_methods(args.methods, () if args.methods else EXCLUDED_BY_DEFAULT)
+    methods = select(args.methods, EXCLUDED_BY_DEFAULT)
+    defaults = bool(getattr(args, "defaults", False))
     datasets = args.datasets or (["boston", "concrete", "diabetes"] if args.full else ["boston"])
     num_splits = args.splits or (20 if args.full else 3)
     options = json.loads(args.options) if args.options else {}
@@ -554,12 +737,21 @@ def main_uci(args) -> int:
     md_path, jsonl = out / f"{name}.md", out / f"{name}.jsonl"
     if not args.resume and jsonl.exists() and distributed.is_main():
         jsonl.unlink()  # the per-split rows of this run are kept beside the table
-    title = f"UCI regression benchmark ({'full protocol' if args.full else 'small default run'})"
+    kind = "full protocol" if args.full else "small default run"
+    if defaults:
+        kind += ", every method at its defaults"
+    title = f"UCI regression benchmark ({kind})"
 
     def write(rows):
         md_path.write_text(
             to_markdown(
-                rows, title=title, full=args.full, options=options, argv=args.argv, methods=methods
+                rows,
+                title=title,
+                full=args.full,
+                options=options,
+                argv=args.argv,
+                methods=methods,
+                defaults=defaults,
             )
         )
 
@@ -572,6 +764,7 @@ def main_uci(args) -> int:
         progress=args.progress,
         jsonl=jsonl,
         on_row=write,
+        defaults=defaults,
     )
     if distributed.is_main():  # under torchrun: rank 0 writes the results
         write(rows)

@@ -1,8 +1,9 @@
 """What every method is handed: the model, validated data, the layout and a log joint.
 
 ``Problem.log_joint(z)`` is the unnormalized log posterior of the flat unconstrained vector
-(Jacobian of the transforms included), batched over leading dims of ``z`` for the
-builders' models (pure torch, no Pyro trace) and by a Pyro trace for plain model functions.
+(Jacobian of the transforms included), batched over leading dims of ``z``: pure torch for the
+builders' models, the compiled log joint (``core/compiled``) for plain model functions, and
+a Pyro trace for those that cannot be compiled.
 """
 
 from __future__ import annotations
@@ -156,19 +157,54 @@ class Problem:
         return self.x.dtype
 
     def log_joint(self, z: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
-        """``log p(w(z), y | x) + log|J|``; with ``idx`` a minibatch scaled to the full data."""
+        """``log p(w(z), y | x) + log|J|``; with ``idx`` a minibatch scaled to the full data.
+
+        Batched over leading dims of ``z`` and differentiable in ``z``. Plain model functions
+        are evaluated by their compiled log joint (``core/compiled``) where the model could be
+        compiled, else by :meth:`log_joint_traced`."""
+        if self.vectorized:
+            x, y = (self.x, self.y) if idx is None else (self.x[idx], self.y[idx])
+            scale = 1.0 if idx is None else self.n / len(idx)
+            params, ladj = self.layout.unpack_with_log_det(z)
+            return self.model.log_joint(params, x, y, obs_scale=scale) + ladj
+        compiled = self.compiled()
+        out = None if compiled is None else compiled.log_joint(z, idx)
+        return self.log_joint_traced(z, idx) if out is None else out
+
+    def log_joint_traced(self, z: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
+        """:meth:`log_joint` by a Pyro trace of the model (a loop over leading dims of ``z``)."""
         x, y = (self.x, self.y) if idx is None else (self.x[idx], self.y[idx])
         scale = 1.0 if idx is None else self.n / len(idx)
-        params, ladj = self.layout.unpack_with_log_det(z)
-        if self.vectorized:
-            return self.model.log_joint(params, x, y, obs_scale=scale) + ladj
         if z.dim() != 1:
             return torch.stack(
-                [self.log_joint(zi, idx) for zi in z.reshape(-1, z.shape[-1])]
+                [self.log_joint_traced_on(zi, x, y, scale) for zi in z.reshape(-1, z.shape[-1])]
             ).reshape(z.shape[:-1])
+        return self.log_joint_traced_on(z, x, y, scale)
+
+    def log_joint_traced_on(self, z: torch.Tensor, x, y, scale: float) -> torch.Tensor:
+        """The Pyro-trace log joint of one ``z`` on data ``(x, y)``, the likelihood times
+        ``scale`` (what ``core/compiled.py`` records)."""
+        params, ladj = self.layout.unpack_with_log_det(z)
         model = scale_obs(self.model, scale) if scale != 1.0 else self.model
         tr = poutine.trace(poutine.condition(model, data=params)).get_trace(x, y)
         return tr.log_prob_sum() + ladj
+
+    def compiled(self):
+        """The compiled log joint of a plain model function (``core/compiled``), or ``None``
+        for builder models, subclasses with their own ``log_joint`` and when
+        ``meta["compiled"] = False``."""
+        if "_compiled" not in self.__dict__:
+            comp = None
+            if (
+                not self.vectorized
+                and self.meta.get("compiled", True)
+                and type(self).log_joint is Problem.log_joint
+            ):
+                from marginalize.core.compiled import CompiledLogJoint
+
+                comp = CompiledLogJoint(self)
+            self.__dict__["_compiled"] = comp
+        return self.__dict__["_compiled"]
 
     def fast_potential(self):
         """The closed-form potential with an analytic gradient (``core/potentials.py``)
@@ -194,6 +230,10 @@ class Problem:
         fast = self.fast_potential()
         if fast is not None and fast.numpy_dtype == self.dtype:
             return fast.numpy_potential_and_grad
+        compiled = None if fast is not None else self.compiled()
+        numpy_pg = None if compiled is None else compiled.numpy_potential()
+        if numpy_pg is not None:
+            return numpy_pg
         pg = self.potential_and_grad
 
         def potential(zn: np.ndarray) -> tuple[float, np.ndarray]:
@@ -207,6 +247,10 @@ class Problem:
         fast = self.fast_potential()
         if fast is not None:
             return fast.potential_and_grad(z)
+        compiled = self.compiled()
+        out = None if compiled is None else compiled.potential_and_grad(z)
+        if out is not None:
+            return out
         z = z.detach().requires_grad_(True)
         with _no_validation():
             try:

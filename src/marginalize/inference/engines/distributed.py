@@ -59,6 +59,7 @@ import torch.distributed as dist
 from marginalize.core.approximations import Approximation, from_state
 from marginalize.errors import FitError, OptionError
 from marginalize.inference.engines import checkpoint
+from marginalize.inference.engines.objectives import Batch, Objective
 
 __all__ = [
     "rank",
@@ -69,6 +70,10 @@ __all__ = [
     "timeout",
     "owner",
     "run_members",
+    "DataParallel",
+    "data_parallel",
+    "row_share",
+    "sum_over_ranks",
     "init_from_env",
     "encode",
     "decode",
@@ -459,3 +464,81 @@ def _lost(me: int, label: str, wait: float, e: BaseException) -> str:
         f"distributed fit: rank {me} lost the other ranks while gathering the {label}s "
         f"({_first_line(e)}); a rank died or hung ({TIMEOUT_ENV}={wait:g} s)"
     )
+
+
+# ---- data-parallel training ------------------------------------------------------------------
+class DataParallel(Objective):
+    """An objective evaluated data-parallel over the ranks (wraps ``objective``).
+
+    Each rank evaluates ``objective`` on its shard of the minibatch (contiguous slice ``r`` of
+    ``world_size`` of the minibatch's rows; of all ``n`` rows for a full batch), with the
+    likelihood scaled by ``n / b_r`` as for any minibatch of ``b_r`` rows, and the ranks sum
+    ``(b_r / B) * (loss_r, grad_r)`` with one ``all_reduce``. Since every shard's loss counts
+    the prior (or KL) term once and ``sum_r b_r / B = 1``, the result is the loss and gradient
+    of the whole minibatch of ``B`` rows: the prior/KL counted once, the likelihood scaled to
+    the full data. Every rank gets the same numbers, so the parameters stay identical on every
+    rank (the optimizer runs on each). Equal to the single-process objective up to the order
+    of floating-point sums, and for objectives whose noise is drawn per row (dropout masks,
+    local reparameterization) up to that noise (each rank draws its shard's).
+    """
+
+    def __init__(self, objective: Objective, n: int):
+        self.objective = objective
+        self.n = int(n)
+        self.stochastic = objective.stochastic
+        self.rank, self.world = rank(), world_size()
+
+    def shard(self, batch: Batch, device) -> tuple[Batch | None, float]:
+        """This rank's part of ``batch`` and its weight ``b_r / B`` (None, 0 when empty)."""
+        idx = torch.arange(self.n, device=device) if batch.idx is None else batch.idx
+        part = torch.tensor_split(idx, self.world)[self.rank]
+        if len(part) == 0:
+            return None, 0.0
+        return Batch(part, self.n / len(part)), len(part) / len(idx)
+
+    def loss_and_grad(self, params: torch.Tensor, batch: Batch):
+        part, w = self.shard(batch, params.device)
+        if part is None:
+            buf = torch.zeros(params.numel() + 1, dtype=params.dtype, device=params.device)
+        else:
+            loss, grad = self.objective.loss_and_grad(params, part)
+            buf = torch.cat([loss.reshape(1).to(grad.dtype), grad.reshape(-1)]) * w
+        dist.all_reduce(buf)
+        return buf[0], buf[1:].view_as(params)
+
+    def loss(self, params, batch):  # pragma: no cover - train() calls loss_and_grad
+        raise NotImplementedError("DataParallel: use loss_and_grad")
+
+    def state_dict(self) -> dict:
+        return self.objective.state_dict()
+
+    def load_state_dict(self, st: dict) -> None:
+        self.objective.load_state_dict(st)
+
+
+def data_parallel(objective: Objective, params: torch.Tensor, n: int) -> Objective:
+    """``objective`` data-parallel over the ranks in a distributed run (see
+    :class:`DataParallel`), after making ``params`` rank 0's on every rank; ``objective``
+    itself otherwise (no process group, inside :func:`local` or a member)."""
+    if not is_distributed():
+        return objective
+    dist.broadcast(params.data, src=0)
+    return DataParallel(objective, n)
+
+
+def row_share(n: int) -> slice:
+    """This rank's contiguous share of ``n`` rows for a data-parallel sum (every row in a
+    single process, inside :func:`local` or a member)."""
+    if not is_distributed():
+        return slice(0, n)
+    world, me = world_size(), rank()
+    bounds = [(n * r) // world for r in range(world + 1)]
+    return slice(bounds[me], bounds[me + 1])
+
+
+def sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    """``t`` summed over the ranks (in place; ``t`` itself without a process group): the
+    total of a sum over rows each rank computed on its :func:`row_share`."""
+    if is_distributed():
+        dist.all_reduce(t)
+    return t

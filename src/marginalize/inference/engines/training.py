@@ -24,6 +24,10 @@ steps, once for every method (``map``, ``svi-meanfield``, ``svi-lowrank``, ``mc-
   one segment of the fit's checkpoint, saved every ``checkpoint_every`` steps, on Ctrl-C and at
   its end, and resumed bitwise (parameters, optimizer and objective state, minibatch order,
   RNG states, and the state of a per-step ``callback`` such as SWAG's moments);
+* **data-parallel** in a distributed run (an initialized ``torch.distributed`` group, e.g.
+  under ``torchrun``, outside ensemble members and chains, which are spread over the ranks
+  instead): each rank evaluates its shard of every minibatch and the gradients are summed
+  with one ``all_reduce`` (:class:`~marginalize.inference.engines.distributed.DataParallel`);
 * **one progress bar** (tqdm; silent when ``progress=False`` or when not writing to a terminal);
 * **one convergence check**: a deterministic objective (full batch, no Monte Carlo noise) stops
   once its loss changes by less than ``tol`` (relative) for a few steps in a row; a stochastic
@@ -47,7 +51,7 @@ from tqdm.auto import tqdm
 from marginalize.core.info import FitInfo, Rollback, Stop
 from marginalize.core.problem import Problem, _no_validation
 from marginalize.errors import FitError, OptionError
-from marginalize.inference.engines import checkpoint, interrupt
+from marginalize.inference.engines import checkpoint, distributed, interrupt
 from marginalize.inference.engines.init import INIT, init_loc_fn, initial_z
 from marginalize.inference.engines.objectives import (
     Batch,
@@ -316,6 +320,8 @@ def train(
             "(batch_size=None, no Monte Carlo noise); use optimizer='adam'"
         )
     tol = default_tol(params.dtype) if tol is None else tol
+    # several processes (torchrun): each rank takes its shard of every minibatch
+    objective = distributed.data_parallel(objective, params, n)
     seg = checkpoint.segment("train", desc)
     losses: list[float] = []
     rollbacks: list[Rollback] = []

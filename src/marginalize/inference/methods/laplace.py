@@ -4,12 +4,17 @@ Stages: a MAP fit (the ``map`` method with this method's SVI options), an L-BFGS
 it in float64 (``refine_steps``), then the precision ``P`` at the mode, over the flat
 unconstrained vector:
 
-* ``hessian="ggn"`` (builder models): the generalized Gauss-Newton ``J^T Lambda J`` over the
-  network's weights and biases (``J`` the Jacobian of the network output, ``Lambda`` the
-  Hessian of the negative log likelihood in output space, eigenvalues clipped at 0) plus the
-  prior's Hessian, which is diagonal for the builders' priors; the other sites (a learned
-  noise scale, prior scales) get their exact Hessian block, eigenvalues clipped; the cross
-  terms between the two groups are dropped.
+* ``hessian="ggn"``: the generalized Gauss-Newton ``J^T Lambda J`` over the weights that move
+  the model's output (``J`` the Jacobian of the output, ``Lambda`` the Hessian of the negative
+  log likelihood in output space, eigenvalues clipped at 0) plus the prior's Hessian there;
+  the other sites (a learned noise scale, prior scales) get their exact Hessian block,
+  eigenvalues clipped; the cross terms between the two groups are dropped. The output is the
+  network output of a builder model, and for a plain model function the location, logits or
+  log rate of its observation site's distribution as a function of the latent sites (see
+  ``core/linearized.py``); its weights are the real-valued sites that move it. Families
+  without one (Gamma, Beta, ...) get ``hessian="exact"``. Per-example Jacobians are
+  vmapped, or computed one input at a time where ``torch.func`` cannot batch a layer
+  (LSTM, GRU).
 * ``hessian="exact"``: the autograd Hessian in float64 (any model), as
   ``clip(H_likelihood) + H_prior`` with the likelihood part's eigenvalues clipped at 0 (the
   Hessian of a BNN at its MAP is usually indefinite, which is why Pyro's
@@ -23,11 +28,14 @@ for the bias, and ``G`` the summed GGN of its pre-activations, plus the prior pr
 other sites get the diagonal of their inverted exact block). ``bayesian_sites`` /
 ``subset="last_layer"`` restrict all of this to some sites, the rest held at the MAP.
 
-Draws predict through the network linearized at the MAP (``predictive="glm"``, the default
-for builder models, see ``linearized.py``): pushing Laplace draws through the nonlinear
-network (``predictive="sample"``) spreads the function wherever the data leave weights at the
-prior's scale; on the ``gap`` data with a 1-32-1 net that gave an epistemic std of 0.75 next
-to the data against 0.03 for the linearized predictive (noise 0.1).
+The posterior predicts through the output linearized at the MAP (``predictive="glm"``, the
+default wherever the output is known, see ``core/linearized.py``), by default in closed form
+(``link_approx="probit"``: exact for Gaussian likelihoods, the probit approximation for
+classification; no weights are drawn, and last-layer Laplace needs one pass to the last
+hidden layer), or by Monte Carlo (``link_approx="mc"``). Pushing Laplace draws through the
+nonlinear network (``predictive="sample"``) spreads the function wherever the data leave
+weights at the prior's scale; on the ``gap`` data with a 1-32-1 net that gave an epistemic
+std of 0.75 next to the data against 0.03 for the linearized predictive (noise 0.1).
 
 ``prior_precision`` multiplies the prior precision of the real-valued (weight) coordinates
 by a scalar ``alpha`` after the fit (the MAP is not refitted), or chooses ``alpha`` by
@@ -58,10 +66,26 @@ from pyro import poutine
 
 from marginalize.core.approximations import Gaussian, Kronecker
 from marginalize.core.info import FitInfo
+from marginalize.core.linearized import (
+    LINK_APPROXIMATIONS,
+    OutputMap,
+    network_mask,
+    observation_node,
+    output_jacobian,
+    output_map,
+)
 from marginalize.core.problem import Problem, _no_validation
 from marginalize.errors import FitError, ModelError, OptionError
+from marginalize.inference.engines import distributed
 from marginalize.inference.engines.options import choice, either, integer, number, option
-from marginalize.inference.engines.subsites import BayesianSites, map_point, run_on_sites, unwrap
+from marginalize.inference.engines.subsites import (
+    BayesianSites,
+    SubProblem,
+    map_point,
+    resolve_sites,
+    run_on_sites,
+    unwrap,
+)
 from marginalize.inference.engines.training import MAPOptions
 from marginalize.inference.registry import Method, register
 from marginalize.models.base import BNN
@@ -85,8 +109,11 @@ class LaplaceOptions(BayesianSites, MAPOptions):
     hessian: str = option(
         "auto",
         choice("auto", "ggn", "exact"),
-        "curvature: generalized Gauss-Newton (builder models) or the exact Hessian with clipped "
-        "eigenvalues; 'auto': ggn for builder models, exact for plain functions",
+        "curvature: generalized Gauss-Newton or the exact Hessian with clipped eigenvalues; "
+        "'auto': ggn wherever the model's output is known (builder models; plain functions "
+        "whose observation family has a location, logits or a rate: Normal, StudentT, "
+        "Laplace, Cauchy, LogNormal, Bernoulli, Binomial, NegativeBinomial, Categorical, "
+        "Poisson, Exponential), else exact",
     )
     structure: str = option(
         "auto",
@@ -113,9 +140,18 @@ class LaplaceOptions(BayesianSites, MAPOptions):
     predictive: str = option(
         "auto",
         choice("auto", "glm", "sample"),
-        "how draws predict: 'glm' through the network linearized at the MAP (see "
-        "`linearized.py`; builder models), 'sample' through the network itself; 'auto': glm "
-        "for builder models, sample for plain model functions",
+        "how draws predict: 'glm' through the model's output linearized at the MAP (see "
+        "`core/linearized.py`), 'sample' through the network itself; 'auto': glm wherever "
+        "the output is known (as for hessian), else sample",
+    )
+    link_approx: str = option(
+        "probit",
+        choice(*LINK_APPROXIMATIONS),
+        "how the glm predictive integrates over the Gaussian of the outputs: 'probit' in "
+        "closed form, without drawing weights (exact for a Gaussian likelihood, the probit "
+        "approximation for Bernoulli, MacKay 1992, and its per-class extension for softmax "
+        "outputs, Gibbs 1997; Daxberger et al. 2021); 'mc' by Monte Carlo over weight draws "
+        "through the linearized output (num_samples of predict)",
     )
 
     def validate(self):
@@ -160,7 +196,7 @@ class _Target:
             ll = self.model.log_likelihood(params, self.x, self.y).sum(-1)
             return ll, self.model.log_prior(params) + ladj
         tr = poutine.trace(poutine.condition(self.model, data=params)).get_trace(self.x, self.y)
-        node = tr.nodes["y"]
+        node = observation_node(tr, self.base.layout)
         ll = node["fn"].log_prob(node["value"]).sum()
         lp = sum(
             tr.nodes[s.name]["fn"].log_prob(tr.nodes[s.name]["value"]).sum()
@@ -194,6 +230,17 @@ def _psd(h: torch.Tensor, floor: float = 0.0) -> tuple[torch.Tensor, int]:
     lam, q = torch.linalg.eigh(h)
     k = int((lam < floor).sum())
     return (q * lam.clamp_min(floor)) @ q.T, k
+
+
+def _clip_precision(p: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """``p`` with eigenvalues below ``1e-8`` times the largest raised to that floor."""
+    lam = torch.linalg.eigvalsh(p)
+    if not lam.numel():
+        return p, 0
+    floor = 1e-8 * float(lam.abs().max())
+    if float(lam.min()) > floor:
+        return p, 0
+    return _psd(p, max(floor, torch.finfo(p.dtype).tiny))
 
 
 def _grad(fn, theta):
@@ -303,15 +350,14 @@ class _Kron:
 
 
 # ---- GGN pieces ----------------------------------------------------------------------------
-def _output_factor(target: _Target, theta: torch.Tensor) -> torch.Tensor:
+def _output_factor(target: _Target, theta: torch.Tensor, omap: OutputMap) -> torch.Tensor:
     """``L`` with ``L_n L_n^T`` the (clipped) Hessian of ``-log p(y_n | f_n)`` in output space."""
-    params, _ = target.params(theta.detach())
-    with torch.no_grad():
-        f = target.model.forward(params, target.x)
+    z = target.full(theta.detach())
+    with torch.no_grad(), _no_validation():
+        f = omap.forward(z, target.x)
     f = f.detach().requires_grad_(True)
-    lik = target.model.likelihood
     with _no_validation():
-        nll = -lik.dist(f, params).log_prob(target.y).sum()
+        nll = -omap.dist(f, z, target.x).log_prob(target.y).sum()
         (g,) = torch.autograd.grad(nll, f, create_graph=True)
         rows = []
         for o in range(f.shape[-1]):
@@ -322,27 +368,26 @@ def _output_factor(target: _Target, theta: torch.Tensor) -> torch.Tensor:
     return q * lam.clamp_min(0).sqrt().unsqueeze(1)
 
 
-def _ggn(target: _Target, theta: torch.Tensor, net: torch.Tensor, diag_only: bool) -> torch.Tensor:
-    """``J^T Lambda J`` over the coordinates ``net`` of ``theta`` (full matrix or its diagonal)."""
-    lfac = _output_factor(target, theta)
-    theta = theta.detach()
+def _ggn(
+    target: _Target, theta: torch.Tensor, net: torch.Tensor, omap: OutputMap, diag_only: bool
+) -> torch.Tensor:
+    """``J^T Lambda J`` over the free coordinates ``net`` (full matrix or its diagonal), with
+    ``J`` the Jacobian of the model's output (the network output; for a plain function its
+    observation distribution's loc or logits), computed in chunks of inputs."""
+    lfac = _output_factor(target, theta, omap)
+    z = target.full(theta.detach())
+    cols = target.free[net]
     dn = net.numel()
     out_dim = lfac.shape[1]
-
-    def f_one(theta_net, x1):  # one input row: per-example Jacobians keep memory linear in B
-        params, _ = target.params(theta.index_copy(0, net, theta_net))
-        return target.model.forward(params, x1[None])[0]
-
-    jac = torch.func.vmap(torch.func.jacrev(f_one), in_dims=(None, 0))
     chunk = max(1, _CHUNK_BYTES // (8 * out_dim * max(dn, 1)))
     acc = theta.new_zeros(dn) if diag_only else theta.new_zeros(dn, dn)
-    theta_net = theta[net]
-    for start in range(0, target.n, chunk):
-        xb = target.x[start : start + chunk]
-        j = jac(theta_net, xb)  # (B, O, Dn)
-        m = torch.einsum("bok,bod->bkd", lfac[start : start + chunk], j).reshape(-1, dn)
+    rows = distributed.row_share(target.n)  # several processes: each sums its share of rows
+    for start in range(rows.start, rows.stop, chunk):
+        stop = min(start + chunk, rows.stop)
+        j = output_jacobian(omap, z, target.x[start:stop], cols)  # (B, O, Dn)
+        m = torch.einsum("bok,bod->bkd", lfac[start:stop], j).reshape(-1, dn)
         acc += (m * m).sum(0) if diag_only else m.T @ m
-    return acc
+    return distributed.sum_over_ranks(acc)
 
 
 def _layer_blocks(problem: Problem, model: MLP) -> list[dict]:
@@ -370,16 +415,17 @@ def _layer_blocks(problem: Problem, model: MLP) -> list[dict]:
 
 
 def _kfac(
-    target: _Target, theta: torch.Tensor, layers: list[dict]
+    target: _Target, theta: torch.Tensor, layers: list[dict], omap: OutputMap
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """``(A, G)`` per layer: mean input outer product (bias 1 appended) and summed GGN of
     the pre-activations."""
     model: MLP = target.model
-    lfac = _output_factor(target, theta)
+    rows = distributed.row_share(target.n)  # several processes: each sums its share of rows
+    lfac = _output_factor(target, theta, omap)[rows]
     params, _ = target.params(theta.detach())
     wanted = {layer["spec"].name for layer in layers}
     inputs, pre = {}, {}
-    h = target.x
+    h = target.x[rows]
     specs = model.layer_specs()
     with torch.enable_grad():
         for k, spec in enumerate(specs):
@@ -405,7 +451,10 @@ def _kfac(
         a = inputs[name]
         if layer["bias"]:
             a = torch.cat([a, a.new_ones(a.shape[0], 1)], 1)
-        out.append(((a.T @ a) / target.n, gs[name].detach()))
+        a_mat = distributed.sum_over_ranks((a.T @ a) / target.n)
+        width = pre[name].shape[-1]
+        g_mat = gs[name].detach() if torch.is_tensor(gs[name]) else a_mat.new_zeros(width, width)
+        out.append((a_mat, distributed.sum_over_ranks(g_mat)))
     return out
 
 
@@ -427,39 +476,9 @@ class Laplace(Method):
     Options = LaplaceOptions
 
     def run(self, problem, opts, seed, progress):
+        hessian, predictive, structure, omap = self._plan(problem, opts, seed)
         if opts.bayesian_sites is not None:
             return run_on_sites(self, problem, opts, seed, progress)
-        base = unwrap(problem)[0]
-        builder = isinstance(base.model, BNN)
-        hessian = opts.hessian if opts.hessian != "auto" else ("ggn" if builder else "exact")
-        if hessian == "ggn" and not builder:
-            raise ModelError(
-                "laplace: hessian='ggn' needs a builder model (mz.models.mlp ...) whose "
-                "network output is known; use hessian='exact' for a plain model function"
-            )
-        if opts.predictive == "glm" and not builder:
-            raise ModelError(
-                "laplace: predictive='glm' needs a builder model; use predictive='sample'"
-            )
-        dim = problem.layout.size
-        structure = opts.structure
-        if structure == "auto":
-            structure = (
-                "full"
-                if dim <= 2000
-                else ("kron" if isinstance(base.model, MLP) and hessian == "ggn" else "diag")
-            )
-        if structure == "kron" and not isinstance(base.model, MLP):
-            raise ModelError(
-                "laplace: structure='kron' (K-FAC) needs a builder MLP (mz.models.mlp)"
-            )
-        if (structure == "full" or hessian == "exact") and dim > MAX_DENSE:
-            raise OptionError(
-                f"laplace: structure={structure!r} with hessian={hessian!r} needs a dense "
-                f"{dim}x{dim} matrix (limit {MAX_DENSE}); use hessian='ggn' with structure='diag' "
-                "or 'kron', or "
-                "bayesian_sites='last_layer'"
-            )
         info = FitInfo()
         if "init" in problem.meta:
             z = problem.meta["init"]
@@ -479,7 +498,7 @@ class Laplace(Method):
             target = _Target(problem, z, problem.dtype)
         try:
             theta, refine = _refine(target, z.to(target.dtype), opts.refine_steps)
-            curv, extra = self._curvature(problem, target, theta, hessian, structure)
+            curv, extra = self._curvature(problem, target, theta, hessian, structure, omap)
             alpha = (
                 1.0
                 if opts.prior_precision == "marginal_likelihood"
@@ -497,21 +516,62 @@ class Laplace(Method):
                 else "; train the MAP longer (steps) or check the data scale and priors"
             )
             raise FitError(f"laplace: the curvature at the MAP is not usable ({e}){where}") from e
-        info.predictive = (
-            opts.predictive if opts.predictive != "auto" else ("glm" if builder else "sample")
-        )
+        info.predictive = predictive
         info.details.update(
             refine=refine,
             hessian=hessian,
             structure=structure,
             prior_precision=alpha,
+            link_approx=opts.link_approx,
             log_evidence=log_evidence,
             num_clipped=extra["clipped"],
         )
         return approx, info
 
+    # -- what to compute, decided before any fitting
+    def _plan(self, problem, opts, seed) -> tuple[str, str, str, OutputMap | None]:
+        base = unwrap(problem)[0]
+        if isinstance(base.model, BNN):
+            omap = OutputMap(base.model, base.layout, True)
+        else:
+            omap = output_map(base.model, base.layout, base.x, base.init_from_prior(seed))
+        known = omap is not None
+        hessian = opts.hessian if opts.hessian != "auto" else ("ggn" if known else "exact")
+        why = (
+            "needs the model's output: a builder model, or a plain function whose observation "
+            "family has a location, logits or a rate (Normal, StudentT, Laplace, Cauchy, "
+            "LogNormal, Bernoulli, Binomial, NegativeBinomial, Categorical, Poisson, Exponential)"
+        )
+        if hessian == "ggn" and not known:
+            raise ModelError(f"laplace: hessian='ggn' {why}; use hessian='exact'")
+        predictive = (
+            opts.predictive if opts.predictive != "auto" else ("glm" if known else "sample")
+        )
+        if predictive == "glm" and not known:
+            raise ModelError(f"laplace: predictive='glm' {why}; use predictive='sample'")
+        if opts.bayesian_sites is not None and not isinstance(problem, SubProblem):
+            names = resolve_sites(problem, opts.bayesian_sites)
+            dim = sum(problem.layout[n].size for n in names)
+        else:
+            dim = problem.layout.size
+        mlp = isinstance(base.model, MLP)
+        structure = opts.structure
+        if structure == "auto":
+            structure = "full" if dim <= 2000 else ("kron" if mlp and hessian == "ggn" else "diag")
+        if structure == "kron" and not mlp:
+            raise ModelError(
+                "laplace: structure='kron' (K-FAC) needs a builder MLP (mz.models.mlp)"
+            )
+        if (structure == "full" or hessian == "exact") and dim > MAX_DENSE:
+            raise OptionError(
+                f"laplace: structure={structure!r} with hessian={hessian!r} needs a dense "
+                f"{dim}x{dim} matrix (limit {MAX_DENSE}); use hessian='ggn' with structure='diag' "
+                "or 'kron', or bayesian_sites='last_layer'"
+            )
+        return hessian, predictive, structure, omap
+
     # -- curvature
-    def _curvature(self, problem, target, theta, hessian, structure):
+    def _curvature(self, problem, target, theta, hessian, structure, omap):
         dim = theta.numel()
         real = torch.zeros(dim, dtype=torch.bool)
         for s in problem.layout.sites:
@@ -539,16 +599,31 @@ class Laplace(Method):
             if structure == "full":
                 return _Dense(p1, b), {"b": b, "clipped": clipped}
             return _Diag(p1.diagonal().clone(), b), {"b": b, "clipped": clipped}
-        # ggn: prior diagonal on real coordinates, exact block on the others
-        v = real.to(theta.dtype).to(theta.device)
-        t = theta.detach().requires_grad_(True)
-        with _no_validation():
-            (g,) = torch.autograd.grad(target.log_prior(t), t, create_graph=True)
-            (hv,) = torch.autograd.grad(g @ v, t)
-        b = torch.where(real.to(theta.device), -hv, torch.zeros_like(theta)).clamp_min(0)
-        net = torch.nonzero(real & (b > 0).cpu()).reshape(-1).to(theta.device)
-        other = torch.nonzero(~(real & (b > 0).cpu())).reshape(-1).to(theta.device)
-        b = torch.zeros_like(theta).index_copy(0, net, b[net])
+        diag_only = structure == "diag"
+        h_prior = None  # the prior's Hessian over ``net`` when it is not diagonal (plain models)
+        if omap.vectorized:
+            # builder models: the prior is diagonal on the layers' real coordinates
+            v = real.to(theta.dtype).to(theta.device)
+            t = theta.detach().requires_grad_(True)
+            with _no_validation():
+                (g,) = torch.autograd.grad(target.log_prior(t), t, create_graph=True)
+                (hv,) = torch.autograd.grad(g @ v, t)
+            b = torch.where(real.to(theta.device), -hv, torch.zeros_like(theta)).clamp_min(0)
+            net = torch.nonzero(real & (b > 0).cpu()).reshape(-1).to(theta.device)
+            other = torch.nonzero(~(real & (b > 0).cpu())).reshape(-1).to(theta.device)
+            b = torch.zeros_like(theta).index_copy(0, net, b[net])
+        else:
+            # plain functions: GGN over the real coordinates that move the output, with the
+            # prior's exact Hessian there; exact Hessian block for the rest (a noise scale)
+            moved = network_mask(omap, target.full(theta), target.x)[target.free].cpu()
+            net = torch.nonzero(real & moved).reshape(-1).to(theta.device)
+            other = torch.nonzero(~(real & moved)).reshape(-1).to(theta.device)
+
+            def log_prior_net(t_net):
+                return target.log_prior(theta.detach().index_copy(0, net, t_net))
+
+            h_prior = -_hessian(log_prior_net, theta.detach()[net])
+            b = torch.zeros_like(theta).index_copy(0, net, h_prior.diagonal().clamp_min(0))
         h_other = theta.new_zeros(0, 0)
         if other.numel():
 
@@ -570,7 +645,7 @@ class Laplace(Method):
                 raise ModelError(
                     "laplace: structure='kron' found real-valued sites outside the MLP's layers"
                 )
-            factors = _kfac(target, theta, layers)
+            factors = _kfac(target, theta, layers, omap)
             out = []
             for layer, (a_mat, g_mat) in zip(layers, factors, strict=True):
                 pos = layer["pos"].to(theta.device)
@@ -593,16 +668,22 @@ class Laplace(Method):
                     }
                 )
             return _Kron(dim, out, other, h_other), {"b": b, "clipped": clipped, "layers": out}
-        diag_only = structure == "diag"
-        g_net = _ggn(target, theta, net, diag_only)
+        g_net = _ggn(target, theta, net, omap, diag_only)
+        if h_prior is None:
+            p_net = g_net + b[net] if diag_only else g_net + torch.diag(b[net])
+        else:
+            p_net = g_net + (h_prior.diagonal() if diag_only else h_prior)
+            if not diag_only:
+                p_net, k = _clip_precision(p_net)
+                clipped += k
         if diag_only:
             p1 = b.clone()
-            p1[net] += g_net
+            p1[net] = p_net.clamp_min(torch.finfo(theta.dtype).tiny)
             if other.numel():
                 p1[other] = h_other.diagonal()
             return _Diag(p1, b), {"b": b, "clipped": clipped}
-        p1 = torch.diag(b)
-        p1[net[:, None], net[None, :]] += g_net
+        p1 = torch.zeros(dim, dim, dtype=theta.dtype, device=theta.device)
+        p1[net[:, None], net[None, :]] = p_net
         if other.numel():
             p1[other[:, None], other[None, :]] = h_other
         return _Dense(p1, b), {"b": b, "clipped": clipped}

@@ -1,7 +1,8 @@
 """``nuts`` and ``hmc``: MCMC over the flat unconstrained vector.
 
-The potential is ``-Problem.log_joint(z)``: for the builders' models a pure-torch batched
-log joint (no Pyro trace per gradient), for plain model functions a Pyro trace. Chains run
+The potential is ``-Problem.log_joint(z)``: for the builders' models a closed form with an
+analytic gradient, for plain model functions their compiled log joint (``core/compiled``; a
+Pyro trace where a model cannot be compiled), both in NumPy on the CPU. Chains run
 one after another, each from its own seed (in a distributed run, spread over the ranks:
 ``engines/distributed.py``); per-draw statistics (``lp``, ``diverging``,
 ``acceptance_rate``, ``step_size``, ``tree_depth``, ``n_steps``, ``energy``) are kept with
