@@ -416,7 +416,7 @@ def test_dropout_objective_equals_the_pyro_guide(float64):
     x = torch.randn(20, 2, generator=g, dtype=torch.float64)
     y = torch.sin(x[:, 0]) + 0.1 * torch.randn(20, generator=g, dtype=torch.float64)
     pb = prepare(mz.models.mlp(2, hidden=[5], likelihood="gaussian"), x, y)
-    axes = dropout_axes(pb.model, pb.layout)
+    axes = dropout_axes(pb, inputs=True)
     unit, k = dropout_units(pb.layout, axes)
     with isolated(0):
         z = pb.init_from_prior(1)

@@ -89,6 +89,15 @@ def test_mc_dropout_masks_input_units_of_weight_matrices():
     x, y = reg_data()
     post = mz.fit(REG, x, y, method="mc-dropout", p=0.5, steps=20, seed=0, progress=False)
     draws = post.sample(num_samples=200, seed=0)
+    # by default the hidden units: the inputs of layer2, not the data's features
+    assert not bool((draws["layer1.weight"] == 0).any())
+    w2 = draws["layer2.weight"][0]  # (S, 8 hidden, 1 output)
+    zero_rows = (w2 == 0).all(-1)
+    assert 0.3 < zero_rows.float().mean() < 0.7
+    post = mz.fit(
+        REG, x, y, method="mc-dropout", p=0.5, steps=20, seed=0, input_dropout=True, progress=False
+    )
+    draws = post.sample(num_samples=200, seed=0)
     w = draws["layer1.weight"][0]  # (S, 2 inputs, 8 hidden)
     zero_rows = (w == 0).all(-1)  # a dropped input unit zeroes a whole row
     assert 0.3 < zero_rows.float().mean() < 0.7

@@ -26,9 +26,9 @@ def regression_report(tmp_path_factory):
     x, y, xt, yt = _sine()
     model = mz.models.mlp(1, hidden=[8])
     posts = {
-        "map": mz.fit(model, x, y, method="map", steps=150, seed=0, progress=False),
+        "map": mz.fit(model, x, y, method="map", steps=150, init="prior", seed=0, progress=False),
         "svi-meanfield": mz.fit(
-            model, x, y, method="svi-meanfield", steps=150, seed=0, progress=False
+            model, x, y, method="svi-meanfield", steps=150, init="prior", seed=0, progress=False
         ),
         "nuts": mz.fit(
             model,

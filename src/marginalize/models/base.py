@@ -20,6 +20,7 @@ import torch
 from marginalize.errors import ModelError
 from marginalize.models.likelihoods import Likelihood, likelihood_from_config
 from marginalize.models.priors import Prior, prior_from_config
+from marginalize.models.usage import SiteUse
 
 __all__ = ["BNN", "LayerSpec", "model_from_config"]
 
@@ -146,9 +147,29 @@ class BNN:
             dims[s] = ()
         return dims
 
-    def dropout_axes(self) -> dict[str, int]:
-        """For each weight site, the axis of input units MC dropout masks."""
-        return {f"{s.name}.weight": s.input_axis for s in self.layer_specs()}
+    def site_usage(self, x: torch.Tensor | None = None) -> dict[str, SiteUse]:
+        """How each weight and bias enters the network (see :mod:`marginalize.models.usage`),
+        from :meth:`layer_specs`: the first layer's inputs are the data."""
+        out: dict[str, SiteUse] = {}
+        for k, s in enumerate(self.layer_specs()):
+            w = f"{s.name}.weight"
+            out[w] = SiteUse("weight", s.input_axis, s.fan_in, meets_data=k == 0)
+            if s.bias_shape is not None:
+                out[f"{s.name}.bias"] = SiteUse("bias", None, s.fan_in, layer=w)
+        return out
+
+    def dropout_axes(self, inputs: bool = False, x: torch.Tensor | None = None) -> dict[str, int]:
+        """For each weight site MC dropout masks, the axis of its input units.
+
+        Hidden units only by default: the weights whose inputs are the data are left out
+        unless ``inputs`` (input dropout). ``x`` (a few rows of inputs) is needed by models
+        that find their layers by tracing (``bayesian(module)``).
+        """
+        return {
+            k: u.input_axis
+            for k, u in self.site_usage(x).items()
+            if u.role == "weight" and u.input_axis is not None and (inputs or not u.meets_data)
+        }
 
     def _base_config(self) -> dict[str, Any]:
         return {

@@ -44,6 +44,7 @@ from marginalize.errors import DataError, ModelError
 from marginalize.models.base import BNN, LayerSpec
 from marginalize.models.likelihoods import Likelihood, get_likelihood
 from marginalize.models.priors import Normal, Prior
+from marginalize.models.usage import SiteUse, trace_usage
 
 __all__ = ["ModuleBNN", "PriorGroup", "bayesian"]
 
@@ -118,6 +119,8 @@ class ModuleBNN(BNN):
         self._cache: dict[tuple, dict[str, torch.Tensor]] = {}
         self._units: dict[tuple, int] = {}
         self._vmap_ok = True
+        self._usage: dict = {}
+        self._example: torch.Tensor | None = None
 
     def _make_groups(
         self, names: list[str], shapes: dict[str, tuple[int, ...]]
@@ -188,8 +191,20 @@ class ModuleBNN(BNN):
             dims[s] = ()
         return dims
 
-    def dropout_axes(self) -> dict[str, int]:
-        return {n: 1 for n in self.bayesian_sites if len(self._shapes[n]) >= 2}
+    def site_usage(self, x: torch.Tensor | None = None) -> dict[str, SiteUse]:
+        """How each Bayesian weight enters the module, traced on ``x`` (a few rows; default:
+        the inputs last given to :meth:`check_input`). Weights the trace does not find keep
+        PyTorch's layout (input units on axis 1, inputs not the data)."""
+        x = self._example if x is None else x[:2]
+        key = None if x is None else (tuple(x.shape[1:]), x.dtype)
+        if key not in self._usage:
+            found = trace_usage(self, x) if x is not None else {}
+            for n in self.bayesian_sites:
+                shape = self._shapes[n]
+                if n not in found and len(shape) >= 2:
+                    found[n] = SiteUse("weight", 1, math.prod(shape[1:]))
+            self._usage[key] = found
+        return self._usage[key]
 
     @staticmethod
     def _float(x: torch.Tensor) -> torch.dtype:
@@ -338,6 +353,7 @@ class ModuleBNN(BNN):
                 f"({type(e).__name__}: {e})"
             ) from e
         k = self._as_outputs(out, 0).shape[-1]
+        self._example = x[:2].detach()
         lik = self.likelihood
         targets = {"heteroscedastic": k // 2, "bernoulli": 1}.get(lik.kind, k)
         if lik.net_outputs(targets) != k:

@@ -46,13 +46,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from pyro.infer.autoguide.initialization import init_to_median, init_to_sample
 from tqdm.auto import tqdm
 
 from marginalize.core.info import FitInfo, Rollback, Stop
 from marginalize.core.problem import Problem, _no_validation
 from marginalize.errors import FitError, OptionError
 from marginalize.inference.engines import checkpoint, distributed, interrupt
+from marginalize.inference.engines.init import INIT, init_loc_fn, initial_z
 from marginalize.inference.engines.objectives import (
     Batch,
     Objective,
@@ -95,8 +95,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: initializations of the latent sites (Pyro's init strategies)
-INIT = {"prior": init_to_sample, "median": init_to_median}
 #: the non-finite-loss policies
 ON_NAN = ("stop", "rollback", "raise")
 #: with ``on_nan="rollback"``, how many times a run may roll back before it stops
@@ -505,20 +503,6 @@ def train(
 
 
 # ---- helpers for methods ------------------------------------------------------------------------
-def initial_z(problem: Problem, init: str) -> torch.Tensor:
-    """The starting point: ``problem.meta["init"]`` if set, else an ``init`` ("prior" or
-    "median") draw of the latent sites from the current Pyro RNG, packed."""
-    from pyro import poutine
-    from pyro.infer.autoguide.initialization import InitMessenger
-
-    if "init" in problem.meta:
-        return problem.meta["init"].detach().clone()
-    with torch.random.fork_rng(devices=[]):
-        tr = poutine.trace(InitMessenger(INIT[init])(problem.model)).get_trace(problem.x[:2], None)
-    values = {s.name: tr.nodes[s.name]["value"].detach() for s in problem.layout.sites}
-    return problem.layout.pack(values).to(problem.device, problem.dtype)
-
-
 def stack_losses(losses: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """``(mean over members per step, (member, step) padded with NaN)`` of loss traces."""
     n = max((len(v) for v in losses), default=0)
@@ -526,17 +510,6 @@ def stack_losses(losses: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor
     for i, v in enumerate(losses):
         out[i, : len(v)] = v
     return out.nanmean(0) if n else out.new_zeros(0), out
-
-
-def init_loc_fn(problem: Problem, default: Callable) -> Callable:
-    """An autoguide ``init_loc_fn``: the given values of a subset problem
-    (``problem.meta["init_values"]``), else ``default``."""
-    values = problem.meta.get("init_values")
-    if not values:
-        return default
-    from pyro.infer.autoguide.initialization import init_to_value
-
-    return init_to_value(values=values)
 
 
 # ---- options shared by the optimization-based methods -----------------------------------------
@@ -576,7 +549,12 @@ class TrainOptions(Options):
         number(optional=True),
         "clamp every gradient coordinate to [-clip_norm, clip_norm] (None: no clipping)",
     )
-    init: str = option("prior", choice(*INIT), "starting point: 'prior' (a prior draw) or 'median'")
+    init: str = option(
+        "scaled",
+        choice(*INIT),
+        "starting point: 'scaled' (fan-in scaled weights and biases, capped by the prior SD; "
+        "the prior median elsewhere; see engines/init.py), 'median' or 'prior' (a prior draw)",
+    )
     on_nan: str = option(
         "stop",
         choice(*ON_NAN),
@@ -661,7 +639,7 @@ def fit_point(
         from pyro.infer import Trace_ELBO
         from pyro.infer.autoguide import AutoDelta
 
-        guide = AutoDelta(problem.model, init_loc_fn=init_loc_fn(problem, INIT[opts.init]))
+        guide = AutoDelta(problem.model, init_loc_fn=init_loc_fn(problem, opts.init))
         objective: Objective = PyroObjective(problem, guide, Trace_ELBO(), stochastic=False)
         z0 = objective.initial()
     else:

@@ -1,9 +1,18 @@
 """``mc-dropout``: MC dropout as guide substitution on the same model.
 
-The guide is a Delta at learned weights whose units are multiplied by Bernoulli masks drawn at
-auxiliary sites (``{site}.dropout_mask``, ``infer={"is_auxiliary": True}``), trained with the
-model's own prior and likelihood (Gal & Ghahramani 2016: the prior's log density plays the role
-of weight decay). Prediction draws fresh masks. There is no separate dropout network.
+The guide is a Delta at learned weights whose input units are multiplied by Bernoulli
+masks drawn at auxiliary sites (``{site}.dropout_mask``, ``infer={"is_auxiliary": True}``),
+trained by SVI with the model's own prior and likelihood (Gal & Ghahramani 2016: the prior's
+log density plays the role of weight decay). Prediction draws fresh masks. There is no
+separate dropout network.
+
+Which units are masked: the *hidden* units, i.e. the inputs of every layer whose inputs are
+not the data (Gal & Ghahramani's networks drop hidden units; dropping the data's features is
+input dropout, ``input_dropout=True``). A layer's input units are a slice of its weight
+along the axis that meets the layer's inputs, which depends on how the model uses the weight
+(``x @ W`` stores ``(in, out)``, ``F.linear`` and ``nn.Linear`` store ``(out, in)``): builder
+models declare it, any other model is traced once to see it
+(:mod:`marginalize.models.usage`), and ``mask_axes`` declares or overrides it per site.
 
 The training objective is the negative log joint at the masked weights, ``-log p(w * m /
 (1 - p), y)``, with one mask ``m`` per step shared by the minibatch. The fused path
@@ -14,6 +23,7 @@ MLPs, ``Problem.log_joint`` otherwise); ``engine="pyro"`` trains the guide itsel
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import pyro
@@ -24,8 +34,10 @@ from pyro.infer import Trace_ELBO
 from marginalize.core.approximations import Dropout
 from marginalize.core.layout import Layout
 from marginalize.core.problem import Problem
+from marginalize.errors import OptionError
+from marginalize.inference.engines.init import usage
 from marginalize.inference.engines.objectives import Batch, PointObjective, PyroObjective, _Noisy
-from marginalize.inference.engines.options import choice, number, option
+from marginalize.inference.engines.options import boolean, choice, number, option
 from marginalize.inference.engines.subsites import BayesianSites, run_on_sites
 from marginalize.inference.engines.training import (
     ENGINES,
@@ -36,21 +48,49 @@ from marginalize.inference.engines.training import (
     train,
 )
 from marginalize.inference.registry import Method, register
-from marginalize.models.base import BNN
 
 __all__ = ["DropoutGuide", "DropoutObjective", "MCDropout", "dropout_axes", "dropout_units"]
 
+log = logging.getLogger(__name__)
 
-def dropout_axes(model, layout: Layout) -> dict[str, int]:
-    """Which sites get masks and along which axis (their input units).
 
-    Builder models say so themselves (every weight matrix, masked over its inputs); for a
-    plain model function every real-valued site with 2 or more dims is masked along axis 0
-    (the ``x @ W`` convention: rows are input units).
+def dropout_axes(
+    problem: Problem, inputs: bool = False, declared: dict[str, int | None] | None = None
+) -> dict[str, int]:
+    """Site -> the axis of its input units, for every weight MC dropout masks.
+
+    Hidden units only unless ``inputs`` (then the weights that meet the data too);
+    ``declared`` (option ``mask_axes``) sets or overrides sites (``None``: not masked).
+    Weight-shaped sites whose use could not be seen are left unmasked, with a warning.
     """
-    if isinstance(model, BNN):
-        return {k: v for k, v in model.dropout_axes().items() if k in layout}
-    return {s.name: 0 for s in layout.real_sites() if len(s.shape) >= 2}
+    layout = problem.layout
+    found = usage(problem)
+    axes = {
+        k: u.input_axis
+        for k, u in found.items()
+        if k in layout
+        and u.role == "weight"
+        and u.input_axis is not None
+        and (inputs or not u.meets_data)
+    }
+    for k, a in (declared or {}).items():
+        if a is None:
+            axes.pop(k, None)
+        else:
+            axes[k] = a
+    unseen = [
+        s.name
+        for s in layout.real_sites()
+        if len(s.shape) >= 2 and s.name not in found and s.name not in (declared or {})
+    ]
+    if unseen:
+        log.warning(
+            "mc-dropout: could not see how %s meet the layer inputs (no matmul, F.linear, "
+            "einsum or conv with them); they are not masked. Declare their input axis with "
+            "mask_axes={site: axis}",
+            unseen,
+        )
+    return axes
 
 
 def _mask_shape(shape, axis):
@@ -138,9 +178,24 @@ class DropoutObjective(_Noisy):
         return self.point.loss(params * mult, batch)
 
 
+def _axes_check(name, v):
+    ok = v is None or (
+        isinstance(v, dict)
+        and all(
+            isinstance(k, str) and (a is None or (isinstance(a, int) and not isinstance(a, bool)))
+            for k, a in v.items()
+        )
+    )
+    if not ok:
+        raise OptionError(f"{name}: expected a dict of site name to axis (int) or None, got {v!r}")
+    return None if v is None else dict(v)
+
+
 @register("mc-dropout")
 class MCDropout(Method):
-    summary = "MC dropout: Delta guide times Bernoulli masks on units, trained on the log joint."
+    summary = (
+        "MC dropout: Delta guide times Bernoulli masks on hidden units, trained on the log joint."
+    )
     cost = "training: as MAP; prediction: one batched pass per chunk of mask draws"
     reference = "Gal & Ghahramani 2016, Dropout as a Bayesian Approximation"
 
@@ -150,6 +205,18 @@ class MCDropout(Method):
             0.1,
             number(0, 1, low_open=False, high_open=True),
             "drop probability of each unit of every masked weight matrix",
+        )
+        input_dropout: bool = option(
+            False,
+            boolean(),
+            "also mask the data's features, i.e. the inputs of the layers that meet x "
+            "(default: hidden units only)",
+        )
+        mask_axes: dict | None = option(
+            None,
+            _axes_check,
+            "per site, the axis of the weight that holds the layer's input units, overriding "
+            "what is detected (None for a site: do not mask it)",
         )
         engine: str = option(
             "auto",
@@ -162,7 +229,22 @@ class MCDropout(Method):
         if opts.bayesian_sites is not None:
             return run_on_sites(self, problem, opts, seed, progress)
         layout = problem.layout
-        axes = dropout_axes(problem.model, layout)
+        axes = dropout_axes(problem, opts.input_dropout, opts.mask_axes)
+        for k, a in axes.items():
+            if k not in layout or not -len(layout[k].shape) <= a < len(layout[k].shape):
+                raise OptionError(
+                    f"mask_axes: {k!r} is not a weight site with an axis {a}; weight sites: "
+                    f"{[s.name for s in layout.real_sites() if s.shape]}"
+                )
+        axes = {k: a % len(layout[k].shape) for k, a in axes.items()}
+        if not axes and opts.p > 0:
+            log.warning(
+                "mc-dropout: no hidden units to mask (%s); the fit is a MAP point. Pass "
+                "input_dropout=True to mask the data's features, or mask_axes={site: axis}",
+                "no weight meets the output of another layer"
+                if not opts.input_dropout
+                else "no weight site was found",
+            )
         engine = resolve_engine(problem, opts.engine)
         z0 = initial_z(problem, opts.init)
         unit, k = dropout_units(layout, axes, problem.device)
@@ -190,4 +272,6 @@ class MCDropout(Method):
             approx = guide.approximation()
         else:
             approx = Dropout(run.params.clone(), unit, k, opts.p)
-        return approx, run.info(engine=engine)
+        info = run.info(engine=engine)
+        info.details["masked"] = dict(axes)
+        return approx, info

@@ -2,7 +2,8 @@
 
 Each member is a MAP fit (:func:`~marginalize.inference.engines.training.fit_point`)
 run in its own :func:`~marginalize.inference.engines.seeding.isolated` scope with its own seed, so
-members differ in their initialization (a prior draw) and their minibatch order. The result is
+members differ in their initialization (option ``init``, a random fan-in scaled start by
+default) and their minibatch order. The result is
 an equal-weight ``Mixture`` of ``Delta`` points; each member is a chain, so R-hat across
 members says whether they found the same function.
 

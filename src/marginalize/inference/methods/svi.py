@@ -31,7 +31,6 @@ from marginalize.inference.engines.options import boolean, choice, integer, numb
 from marginalize.inference.engines.subsites import BayesianSites, run_on_sites
 from marginalize.inference.engines.training import (
     ENGINES,
-    INIT,
     MAPOptions,
     TrainOptions,
     adam,
@@ -125,7 +124,7 @@ class MeanField(Method):
         if engine == "pyro":
             guide = AutoNormal(
                 problem.model,
-                init_loc_fn=init_loc_fn(problem, INIT[opts.init]),
+                init_loc_fn=init_loc_fn(problem, opts.init),
                 init_scale=float(opts.init_scale),
             )
             objective = PyroObjective(problem, guide, Trace_ELBO(num_particles=opts.num_particles))
@@ -165,7 +164,7 @@ class LowRank(Method):
         if engine == "pyro":
             guide = AutoLowRankMultivariateNormal(
                 problem.model,
-                init_loc_fn=init_loc_fn(problem, INIT[opts.init]),
+                init_loc_fn=init_loc_fn(problem, opts.init),
                 init_scale=float(opts.init_scale),
                 rank=rank,
             )

@@ -2,15 +2,31 @@
 
 The optimizer runs directly on the flat unconstrained vector ``z`` with the loss
 ``-Problem.log_joint(z, minibatch) / N`` (likelihood scaled to the full data; pure torch and
-batched for builder models, a Pyro trace for plain model functions):
+batched for builder models, a Pyro trace for plain model functions). The learning-rate
+schedule is SWA's (Izmailov et al. 2018; Maddox et al. 2019): a decaying rate that reaches a
+good solution, then a constant rate during which iterates are collected.
 
-1. **pretrain**: ``pretrain_steps`` of Adam (learning rate ``lr`` decaying to
-   ``lr * lr_final``) from the initialization, to reach a MAP region;
-2. **collect**: ``swag_steps`` of SGD with momentum (or Adam) at the constant learning rate
-   ``swag_lr``; every ``collect_every`` steps (default: once per epoch) the iterate
-   ``theta_i`` updates the running first and second moments and the deviation
-   ``theta_i - mean_i`` (``mean_i``: the running mean *including* ``theta_i``) enters a
-   buffer of the last ``max_rank`` deviations ``D`` (columns).
+1. **pretrain**: ``pretrain_steps`` of Adam from the initialization, its learning rate ``lr``
+   decaying exponentially to ``lr * lr_final`` (the paper's first phase is SGD; Adam's step
+   does not depend on the scale of the curvature, which a learned noise scale changes by
+   orders of magnitude while it is fitted, so one default works for every model);
+2. **SWA phase**: SGD with momentum at the constant learning rate ``swag_lr``. ``"auto"``
+   (default) sets it from the curvature at the pretrained point:
+   ``min(eta_opt, STABILITY_FRACTION * 2 (1 + momentum) / lambda_max)``, with ``lambda_max``
+   the largest Hessian eigenvalue of the loss (power iteration) and ``eta_opt = (1 -
+   momentum) 2 B D / (N tr C)`` the constant rate whose stationary distribution is closest to
+   the posterior (Mandt, Hoffman & Blei 2017; ``C``: the per-example gradient covariance,
+   estimated from minibatch gradients; ``B`` the batch size, ``D`` the dimension). A rate
+   given by the user above the stability limit ``2 (1 + momentum) / lambda_max`` is
+   reported before the phase starts. The first ``burn_in`` fraction of the phase is not
+   collected (the iterates leave the pretrained point for the stationary distribution; the
+   paper runs 10% of its pre-SWA epochs at the constant rate before collecting);
+3. **collect**: then, once per epoch (``collect_every="epoch"``, the paper's choice), the
+   iterate ``theta_i`` updates the running first and second moments, and the deviation
+   ``theta_i - mean_i`` (``mean_i``: the running mean *including* ``theta_i``) enters a buffer
+   of the last ``max_rank`` deviations ``D`` (columns). ``swag_steps=None`` (default) runs
+   ``max(1000, every * ceil(2 * max(max_rank, 10) / (1 - burn_in)))`` steps: at least
+   twice ``K`` collected iterates whatever the size of the data.
 
 What is returned (exactly): with ``mean``, ``var = clamp(sq_mean - mean^2, 0)`` and ``K``
 stored deviations, the Gaussian over ``z``
@@ -25,6 +41,18 @@ multiplying the standard deviations by 0.5 instead would quarter the covariance,
 of several re-implementations. ``max_rank=0`` gives SWAG-Diagonal; ``swa_only=True`` the SWA
 mean alone (a point mass, Izmailov et al. 2018).
 
+What is checked before any step: that the SWA phase collects at least one iterate
+(``OptionError`` naming the numbers and the options to change otherwise), and, after the
+pretraining, the learning rate against the stability limit. If the SGD phase diverges
+(``on_nan="stop"``), the fit keeps what it collected before (or, with nothing collected, the
+pretrained point as a ``Delta``), says why, and records ``info["stopped"]``.
+
+What SWAG does not capture: its covariance is that of SGD iterates, which lies in the span of
+the minibatch gradient noise, i.e. in the directions that move the function *at the data*;
+directions constrained only by the prior (what makes a posterior uncertain between and away
+from clusters of data) get no spread. MultiSWAG's mixture over independent runs adds the
+spread between modes.
+
 ``multiswag`` (Wilson & Izmailov 2020) runs ``num_models`` independent SWAGs (own seed, own
 initialization and minibatch order) and returns their equal-weight mixture; each SWAG is a chain.
 
@@ -36,6 +64,8 @@ Examples
 ...               swag_steps=100, batch_size=10, max_rank=5, progress=False)
 >>> post.predict(x[:3]).std.shape
 torch.Size([3])
+>>> post.info["swag_lr"] > 0
+True
 """
 
 from __future__ import annotations
@@ -78,9 +108,23 @@ from marginalize.inference.engines.training import (
 )
 from marginalize.inference.registry import Method, register
 
-__all__ = ["SWAG", "MultiSWAG", "SWAGMoments", "SWAGOptions"]
+__all__ = [
+    "SWAG",
+    "MultiSWAG",
+    "SWAGMoments",
+    "SWAGOptions",
+    "STABILITY_FRACTION",
+    "sharpness",
+    "gradient_noise",
+]
 
 log = logging.getLogger(__name__)
+
+#: ``swag_lr="auto"`` stays below this fraction of SGD's stability limit
+#: ``2 (1 + momentum) / lambda_max``
+STABILITY_FRACTION = 0.25
+#: rows used to estimate the curvature at the pretrained point (a random subset beyond this)
+CURVATURE_ROWS = 2048
 
 
 class SWAGMoments:
@@ -95,9 +139,10 @@ class SWAGMoments:
     ([1.0, 2.0], [0.666667, 2.0])
     """
 
-    def __init__(self, dim: int, max_rank: int, device=None, every: int = 1):
+    def __init__(self, dim: int, max_rank: int, device=None, every: int = 1, burn: int = 0):
         self.n = 0
         self.every = int(every)
+        self.burn = int(burn)
         self.max_rank = int(max_rank)
         self.mean = torch.zeros(dim, dtype=torch.float64, device=device)
         self.sq_mean = torch.zeros(dim, dtype=torch.float64, device=device)
@@ -117,8 +162,9 @@ class SWAGMoments:
         return (self.sq_mean - self.mean**2).clamp_min(0.0)
 
     def __call__(self, step: int, z: torch.Tensor) -> None:
-        """The training loop's callback: collect ``z`` every ``self.every`` steps."""
-        if (step + 1) % self.every == 0:
+        """The training loop's callback: collect ``z`` every ``self.every`` steps after the
+        first ``self.burn`` steps."""
+        if step >= self.burn and (step + 1 - self.burn) % self.every == 0:
             self.update(z)
 
     def state_dict(self) -> dict:
@@ -166,18 +212,34 @@ def _positive(high: float = math.inf):
 
 @dataclass
 class SWAGOptions(BayesianSites):
-    """Options of ``swag`` (and of every run of ``multiswag``)."""
+    """Options of ``swag`` (and of every run of ``multiswag``); see the module docstring."""
 
     pretrain_steps: int = option(
-        1000, integer(0, 10**9), "Adam steps from the initialization before collecting (0: none)"
+        2000,
+        integer(0, 10**9),
+        "Adam steps from the initialization before the SWA phase (0: none)",
     )
     lr: float = option(1e-2, number(0, MAX_LR), "pretraining learning rate (Adam)")
     lr_final: float = option(
         0.1, number(0, 1), "pretraining learning rate at its last step, as a fraction of lr"
     )
-    swag_steps: int = option(1000, integer(1, 10**9), "steps of the collection phase")
-    swag_lr: float = option(
-        1e-2, number(0, MAX_LR), "constant learning rate of the collection phase"
+    swag_steps: int | None = option(
+        None,
+        integer(1, 10**9, optional=True),
+        "steps of the SWA phase, burn-in included (None: max(1000, every * ceil(2 * "
+        "max(max_rank, 10) / (1 - burn_in))), with every the collection interval: at least "
+        "twice max_rank collected iterates)",
+    )
+    swag_lr: float | str = option(
+        "auto",
+        either(number(0, MAX_LR), choice("auto"), what="a positive number or 'auto'"),
+        "constant learning rate of the SWA phase ('auto': from the curvature and the gradient "
+        "noise at the pretrained point, below SGD's stability limit; 1e-4 with Adam)",
+    )
+    burn_in: float = option(
+        0.1,
+        number(0, 1, low_open=False, high_open=True),
+        "fraction of the SWA phase run at the SWA rate before the first collection",
     )
     optimizer: str = option(
         "sgd",
@@ -211,7 +273,11 @@ class SWAGOptions(BayesianSites):
     )
     swa_only: bool = option(False, boolean(), "return the SWA mean as a point mass")
     clip_norm: float = option(10.0, _positive(), "gradient norm clip (of the per-datum loss)")
-    init: str = option("prior", choice(*INIT), "starting point: 'prior' or 'median'")
+    init: str = option(
+        "scaled",
+        choice(*INIT),
+        "where the pretraining starts: 'scaled', 'median' or 'prior' (see engines/init.py)",
+    )
     on_nan: str = option(
         "stop",
         choice(*ON_NAN),
@@ -225,6 +291,150 @@ class SWAGOptions(BayesianSites):
         super().validate()
         if self.max_rank == 1:
             raise OptionError("max_rank: expected 0 (diagonal only) or an integer >= 2, got 1")
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """The SWA phase's numbers, fixed before any step."""
+
+    steps_per_epoch: int
+    every: int
+    steps: int
+    burn: int  # steps before the first collected interval
+    collected: int
+
+
+def _plan(problem: Problem, opts: SWAGOptions) -> _Plan:
+    """Collection interval and step count; ``OptionError`` when nothing would be collected."""
+    n, bs = problem.n, opts.batch_size
+    per_epoch = n // bs if bs is not None and bs < n else 1
+    every = per_epoch if opts.collect_every == "epoch" else int(opts.collect_every)
+    if opts.swag_steps is None:
+        wanted = 2 * max(opts.max_rank, 10)
+        steps = max(1000, every * math.ceil(wanted / (1.0 - opts.burn_in)))
+    else:
+        steps = opts.swag_steps
+    burn = every * int(opts.burn_in * steps / every)
+    collected = (steps - burn) // every
+    what = (
+        f"one epoch ({every} steps of batch_size {bs} over {n} rows)"
+        if opts.collect_every == "epoch"
+        else f"collect_every={every} steps"
+    )
+    if collected < 1:
+        raise OptionError(
+            f"swag: no iterate would be collected: swag_steps={steps} is shorter than {what}. "
+            f"Raise swag_steps to at least {2 * every} (or leave it None, which sizes it), "
+            "or collect more often (collect_every=<steps>, or a larger batch_size)"
+        )
+    if problem.meta.get("swag_plan_checked"):  # MultiSWAG: said once, before its runs
+        return _Plan(per_epoch, every, steps, burn, collected)
+    problem.meta["swag_plan_checked"] = True
+    if opts.max_rank and collected < 2:
+        log.warning(
+            "swag: only %d iterate would be collected (swag_steps=%d, %s each); the "
+            "covariance is then zero. Raise swag_steps",
+            collected,
+            steps,
+            what,
+        )
+    elif opts.max_rank and collected < opts.max_rank:
+        log.warning(
+            "swag: %d iterates collected (swag_steps=%d, %s each) is fewer than max_rank=%d; "
+            "the low-rank part has rank %d",
+            collected,
+            steps,
+            what,
+            opts.max_rank,
+            collected,
+        )
+    return _Plan(per_epoch, every, steps, burn, collected)
+
+
+def _rows(problem: Problem, generator: torch.Generator) -> torch.Tensor | None:
+    if problem.n <= CURVATURE_ROWS:
+        return None
+    return torch.randperm(problem.n, generator=generator)[:CURVATURE_ROWS].to(problem.device)
+
+
+def sharpness(
+    problem: Problem, z: torch.Tensor, generator: torch.Generator, iters: int = 20
+) -> float:
+    """Largest Hessian eigenvalue of the loss ``-log_joint(z) / N`` at ``z`` (power iteration
+    with Hessian-vector products; at most ``CURVATURE_ROWS`` rows, scaled to the data).
+    NaN when the Hessian cannot be evaluated."""
+    rows = _rows(problem, generator)
+    z = z.detach().clone().requires_grad_(True)
+    try:
+        (g,) = torch.autograd.grad(-problem.log_joint(z, rows) / problem.n, z, create_graph=True)
+        v = torch.randn(z.shape, generator=generator, dtype=z.dtype).to(z.device)
+        v = v / v.norm()
+        lam = math.nan
+        for _ in range(iters):
+            (hv,) = torch.autograd.grad(g, z, v, retain_graph=True)
+            norm = hv.norm()
+            if not bool(torch.isfinite(norm)) or float(norm) == 0.0:
+                break
+            lam = float(v @ hv)
+            v = hv / norm
+    except RuntimeError as e:  # a model whose graph cannot be differentiated twice
+        log.info("swag: no curvature estimate (%s)", e)
+        return math.nan
+    return abs(lam)
+
+
+def gradient_noise(
+    problem: Problem, z: torch.Tensor, batch_size: int, generator: torch.Generator, reps: int = 20
+) -> float:
+    """``tr C``: the trace of the per-example gradient covariance of the loss at ``z``,
+    estimated from ``reps`` minibatch gradients (sampling without replacement corrected)."""
+    n = problem.n
+    z = z.detach().clone().requires_grad_(True)
+    grads = []
+    for _ in range(reps):
+        idx = torch.randperm(n, generator=generator)[:batch_size].to(problem.device)
+        (g,) = torch.autograd.grad(-problem.log_joint(z, idx) / n, z)
+        grads.append(g.detach().to(torch.float64))
+    gs = torch.stack(grads)
+    spread = float(((gs - gs.mean(0)) ** 2).sum(-1).sum() / (reps - 1))
+    return spread * batch_size * (n - 1) / max(n - batch_size, 1)
+
+
+def _swag_lr(problem: Problem, z: torch.Tensor, opts: SWAGOptions, seed: int) -> tuple[float, dict]:
+    """The SWA phase's learning rate and what it was derived from."""
+    if opts.optimizer == "adam":
+        return (1e-4 if opts.swag_lr == "auto" else float(opts.swag_lr)), {}
+    gen = torch.Generator().manual_seed(seed)
+    mom = float(opts.momentum)
+    lam = sharpness(problem, z, gen)
+    limit = 2.0 * (1.0 + mom) / lam if lam > 0 and math.isfinite(lam) else math.nan
+    info = {"sharpness": lam, "stability_limit": limit}
+    if opts.swag_lr != "auto":
+        lr = float(opts.swag_lr)
+        if lr > limit:
+            log.warning(
+                "swag: swag_lr=%.3g is above SGD's stability limit 2 (1 + momentum) / "
+                "lambda_max = %.3g at the pretrained point (lambda_max = %.3g, the sharpest "
+                "curvature of the loss): the SWA phase will diverge. Lower swag_lr to at most "
+                "%.3g, or leave swag_lr='auto'",
+                lr,
+                limit,
+                lam,
+                STABILITY_FRACTION * limit,
+            )
+        return lr, info
+    bs = min(opts.batch_size or problem.n, problem.n)
+    eta = math.nan
+    if bs < problem.n:
+        trc = gradient_noise(problem, z, bs, gen)
+        info["gradient_noise"] = trc
+        if trc > 0 and math.isfinite(trc):
+            eta = (1.0 - mom) * 2.0 * bs * z.numel() / (problem.n * trc)
+    candidates = [v for v in (eta, STABILITY_FRACTION * limit) if v > 0 and math.isfinite(v)]
+    if not candidates:
+        log.warning("swag: no curvature or gradient-noise estimate; swag_lr='auto' uses 1e-3")
+        return 1e-3, info
+    return min(candidates), info
 
 
 def _train(problem, objective, optimizer, steps, opts, seed, progress, desc, callback=None):
@@ -268,13 +478,6 @@ def _pretrain(problem: Problem, opts: SWAGOptions, seed: int, progress: bool):
     return run.params.clone(), run
 
 
-def _collect_every(problem: Problem, opts: SWAGOptions) -> int:
-    n, bs = problem.n, opts.batch_size
-    if opts.collect_every == "epoch":
-        return n // bs if bs is not None and bs < n else 1
-    return opts.collect_every
-
-
 def _losses(*runs: Trained | None) -> torch.Tensor:
     parts = [r.loss * 1.0 for r in runs if r is not None]
     return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
@@ -305,14 +508,6 @@ class SWAG(Method):
         if opts.bayesian_sites is not None:
             return run_on_sites(self, problem, opts, seed, progress)
         n, bs = problem.n, opts.batch_size
-        every = _collect_every(problem, opts)
-        if opts.swag_steps < every:
-            raise OptionError(
-                f"swag_steps: {opts.swag_steps} steps collect no iterate (one is collected every "
-                f"{every} steps: collect_every={opts.collect_every!r} with {n} data points and "
-                f"batch_size {bs}); raise swag_steps to at least {every}, or set collect_every "
-                "to a number of steps"
-            )
         if bs is None or bs >= n:
             log.warning(
                 "swag: full-batch steps (batch_size %s, %d data points) add no gradient "
@@ -320,19 +515,23 @@ class SWAG(Method):
                 bs,
                 n,
             )
+        plan = _plan(problem, opts)
         z, pre = _pretrain(problem, opts, seed, progress)
         if (pre is not None and pre.stopped is not None) or interrupt.requested():
             return self._early(z, pre, None, "swag pretrain", n)
+        lr, lr_info = _swag_lr(problem, z, opts, seed + 2)
         if opts.optimizer == "sgd":
-            optim = SGD(z, opts.swag_lr, constant, momentum=opts.momentum, clip_norm=opts.clip_norm)
+            optim = SGD(z, lr, constant, momentum=opts.momentum, clip_norm=opts.clip_norm)
         else:
-            optim = Adam(z, opts.swag_lr, constant, clip_norm=opts.clip_norm)
-        moments = SWAGMoments(problem.layout.size, opts.max_rank, problem.device, every)
+            optim = Adam(z, lr, constant, clip_norm=opts.clip_norm)
+        moments = SWAGMoments(
+            problem.layout.size, opts.max_rank, problem.device, plan.every, plan.burn
+        )
         run = _train(
             problem,
             _objective(problem),
             optim,
-            opts.swag_steps,
+            plan.steps,
             opts,
             seed + 1,
             progress,
@@ -343,29 +542,45 @@ class SWAG(Method):
             loss=_losses(pre, run) * n,
             details={
                 "pretrain_steps": 0 if pre is None else pre.steps_done,
+                "swag_lr": lr,
+                **lr_info,
                 "num_collected": moments.n,
                 "rank": moments.deviations.shape[-1],
-                "collect_every": every,
+                "collect_every": plan.every,
+                "swag_steps": plan.steps,
+                "burn_in_steps": plan.burn,
             },
         )
+        if run.stopped is not None and not run.stopped.interrupted:
+            limit = lr_info.get("stability_limit", math.nan)
+            log.warning(
+                "swag: the SWA phase stopped at step %d (%s; swag_lr=%.3g%s); %s. Lower swag_lr",
+                run.stopped.step,
+                run.stopped.reason,
+                lr,
+                "" if not math.isfinite(limit) else f", stability limit {limit:.3g}",
+                f"keeping the {moments.n} iterates collected before"
+                if moments.n
+                else "nothing was collected: the posterior is the point reached",
+            )
         info.steps_done = (0 if pre is None else pre.steps_done) + run.steps_done
         info.rollbacks = (pre.rollbacks if pre is not None else []) + run.rollbacks
         info.converged = None
         if run.stopped is not None:
             info.stopped.part = "swag collect"
         if moments.n == 0:
-            return self._early(run.params.clone(), pre, run, "swag collect", n)
+            return self._early(run.params.clone(), pre, run, "swag collect", n, info.details)
         if opts.swa_only:
             return Delta(moments.mean.to(problem.dtype)), info
         return moments.gaussian(opts.scale, dtype=problem.dtype), info
 
     @staticmethod
-    def _early(z, pre, run, part, n):
+    def _early(z, pre, run, part, n, details=None):
         """A fit that ended before any iterate was collected: the point reached."""
         last = run if run is not None else pre
         info = FitInfo(
             loss=_losses(pre, run) * n,
-            details={"num_collected": 0},
+            details={**(details or {}), "num_collected": 0},
             rollbacks=[rb for r in (pre, run) if r is not None for rb in r.rollbacks],
         )
         stopped = None if last is None else last.stopped
@@ -401,6 +616,7 @@ class MultiSWAG(Method):
     def run(self, problem, opts, seed, progress):
         fields = {k: v for k, v in opts.as_dict().items() if k != "num_models"}
         swag_opts = SWAGOptions(**fields)
+        _plan(problem, swag_opts)  # nothing collected: say so before any run starts
 
         def one(k):
             sk = member_seed(seed, k)
@@ -425,7 +641,10 @@ class MultiSWAG(Method):
             loss=mean_loss,
             member_loss=member_loss,
             steps_done=sum(i.steps_done or 0 for i in infos),
-            details={"num_collected": [i.details.get("num_collected") for i in infos]},
+            details={
+                "num_collected": [i.details.get("num_collected") for i in infos],
+                "swag_lr": [i.details.get("swag_lr") for i in infos],
+            },
             bayesian_sites=infos[0].bayesian_sites,
             rollbacks=[rb for i in infos for rb in i.rollbacks],
         )
