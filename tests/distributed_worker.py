@@ -83,9 +83,11 @@ def dataparallel(out: Path) -> dict:
         method = opts.pop("method", name)
         # full-batch L-BFGS on a network ends in whichever of its modes the last bits of
         # the sums lead to; a linear model has one
+        # has one, found to float64 precision (float32's L-BFGS stop is ~1e-4 from it)
         net = mz.models.mlp(1, hidden=[]) if name == "map" else model()
-        post = mz.fit(net, x, y, method=method, seed=7, progress=False, **opts)
-        pred = post.predict(grid, num_samples=64, seed=1)
+        xs, ys = (x.double(), y.double()) if name == "map" else (x, y)
+        post = mz.fit(net, xs, ys, method=method, seed=7, progress=False, **opts)
+        pred = post.predict(grid.to(xs.dtype), num_samples=64, seed=1)
         loss = post.info.get("loss")
         res[name] = {
             "approx": post.approximation.state_dict(),
