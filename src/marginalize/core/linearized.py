@@ -643,7 +643,12 @@ def closed_form_predict(
             else:
                 pd = torch.softmax(f, -1)
             ee = entropy(pd).mean(0)
-        return ee, (entropy(probs) - ee).clamp_min(0)
+            # the probit probabilities and the Monte Carlo expected entropy are two
+            # approximations: where they disagree so that E[H] exceeds H[probs], the epistemic
+            # part is 0 and the aleatoric part H[probs], keeping entropy = aleatoric + epistemic
+            total = entropy(probs)
+            ee = torch.minimum(ee, total)
+        return ee, total - ee
 
     return {"probs": probs, "deferred": deferred, "num_draws": num_samples}
 
