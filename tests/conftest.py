@@ -1,4 +1,5 @@
 import os
+import signal
 
 import matplotlib
 import pytest
@@ -60,3 +61,18 @@ def float64():
     torch.set_default_dtype(torch.float64)
     yield
     torch.set_default_dtype(old)
+
+
+@pytest.fixture(autouse=True)
+def _python_sigint_handler():
+    """Every test sees Python's own SIGINT handler, as a program run from a terminal does.
+
+    A process started in the background by a non-interactive shell (``cmd &``, ``nohup``, some
+    CI runners) inherits SIGINT ignored, and marginalize then leaves Ctrl-C alone (see
+    ``inference/engines/interrupt.py``): the Ctrl-C tests would test nothing, or loop."""
+    old = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old if old is not None else signal.SIG_DFL)
