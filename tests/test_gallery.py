@@ -78,10 +78,7 @@ SLOW_METHODS = {"nuts", "hmc", "ensemble", "multiswag"}
 SLOW_MODELS = {"gru_module", "lstm_module", "cnn_digits", "pyro_tutorial"}
 
 #: (model, method) -> why the cell fails until another branch lands
-PENDING = {
-    ("student_t", "laplace"): "pending: the linearized (glm) predictive of a Student-t model "
-    "function has NaN means since the quality merge (laplace, quality)",
-}
+PENDING: dict[tuple[str, str], str] = {}
 
 
 def _cells():

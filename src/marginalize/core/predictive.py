@@ -113,6 +113,25 @@ def regression_moments(d) -> dict:
     (False when the family has no quantile function to substitute with: the missing moments
     stay NaN/inf).
     """
+    parts = getattr(d, "parts", None)  # per-draw distributions stacked (linearized plain models)
+    if parts is not None:
+        ms = [regression_moments(p) for p in parts]
+        robust = any(m["robust_variance"] is not None for m in ms)
+        return {
+            "mean": torch.stack([m["mean"] for m in ms]),
+            "variance": torch.stack([m["variance"] for m in ms]),
+            "robust_variance": torch.stack(
+                [
+                    m["variance"] if m["robust_variance"] is None else m["robust_variance"]
+                    for m in ms
+                ]
+            )
+            if robust
+            else None,
+            "substituted": all(m["substituted"] for m in ms),
+            "no_mean": any(m["no_mean"] for m in ms),
+            "no_variance": any(m["no_variance"] for m in ms),
+        }
     mean, var = d.mean, d.variance
     if var.shape != mean.shape:
         var = var.expand_as(mean)
