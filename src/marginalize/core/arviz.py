@@ -191,7 +191,15 @@ def ess(data, var_names: list[str] | None = None, method: str = "bulk"):
 
 
 def psislw(log_ratios: np.ndarray) -> tuple[np.ndarray, float]:
-    """Pareto-smoothed log importance weights of 1-D ``log_ratios`` and the Pareto k-hat."""
+    """Pareto-smoothed log importance weights of 1-D ``log_ratios`` and the Pareto k-hat.
+
+    Ratios equal to within float rounding (the proposal is the target, e.g. a Laplace
+    approximation of a conjugate Gaussian posterior) give uniform weights and k-hat ``-inf``
+    in both ArviZ generations (a Pareto tail cannot be fitted to them; arviz >= 1 returns NaN).
+    """
+    r = np.asarray(log_ratios, dtype=np.float64)
+    if r.size and np.isfinite(r).all() and np.ptp(r) <= 1e-8 * max(1.0, float(np.abs(r).max())):
+        return np.full(r.shape, -np.log(r.size)), float("-inf")
     if ARVIZ_1:
         from arviz_stats.base import array_stats
 
