@@ -925,6 +925,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # launched by torchrun: one gloo process group (members and chains over the ranks)
     created = distributed.init_from_env("gloo")
+    finished = False
     try:
         if args.cmd == "bench":  # the benchmarks log their progress at INFO themselves
             from marginalize.benchmarks import run_parsed
@@ -934,14 +935,19 @@ def main(argv: list[str] | None = None) -> int:
                     level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s"
                 )
 
-            return run_parsed(args, ["marginalize", *argv])
-        quiet = getattr(args, "quiet", False) or not distributed.is_main()
-        with _Settings(quiet, getattr(args, "verbose", 0)):
-            return _run(args, argv)
+            rc = run_parsed(args, ["marginalize", *argv])
+        else:
+            quiet = getattr(args, "quiet", False) or not distributed.is_main()
+            with _Settings(quiet, getattr(args, "verbose", 0)):
+                rc = _run(args, argv)
+        finished = True
+        return rc
     finally:
         if created:
             import torch.distributed
 
+            if finished:  # rank 0 still writes the report: the ranks leave the group together
+                torch.distributed.barrier()
             torch.distributed.destroy_process_group()
 
 

@@ -657,6 +657,17 @@ def prepare(model: Callable, x, y, *, device=None, obs_site: str | None = None) 
                     f"y: labels must lie in [0, {num_classes - 1}] for the model's "
                     f"{num_classes} classes"
                 )
+    # checked here whatever torch's global argument validation is set to (without it, e.g.
+    # Bernoulli's log_prob takes the label 2 and returns a finite number)
+    try:
+        inside = bool(observation_dist(ysite["fn"]).support.check(ysite["value"]).all())
+    except (RuntimeError, ValueError, TypeError, NotImplementedError):
+        inside = True
+    if not inside:
+        raise DataError(
+            "y: has values outside the support of the model's observation distribution "
+            f"{type(observation_dist(ysite['fn'])).__name__}"
+        )
     try:
         lp = ysite["fn"].log_prob(ysite["value"])
     except Exception as e:
