@@ -33,7 +33,7 @@ from collections.abc import Iterator
 import torch
 from pyro.poutine import runtime
 
-__all__ = ["exclusive"]
+__all__ = ["exclusive", "no_validation"]
 
 _LOCK = threading.RLock()
 
@@ -52,3 +52,18 @@ def exclusive() -> Iterator[None]:
         finally:
             stack[:] = saved_stack
             dims[:] = saved_dims
+
+
+@contextlib.contextmanager
+def no_validation() -> Iterator[None]:
+    """Distribution argument checks off for the block (torch's default and Pyro's): hot loops
+    skip their cost, and a trajectory step does not raise mid-way."""
+    import pyro
+
+    old = torch.distributions.Distribution._validate_args
+    torch.distributions.Distribution.set_default_validate_args(False)
+    try:
+        with pyro.validation_enabled(False):
+            yield
+    finally:
+        torch.distributions.Distribution.set_default_validate_args(old)

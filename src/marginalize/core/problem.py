@@ -14,14 +14,12 @@ and integer labels keep working for observation families that need float values.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
-import pyro
 import pyro.distributions as dist
 import torch
 from pyro import poutine
@@ -29,6 +27,7 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.subsample_messenger import _Subsample
 from pyro.poutine.util import site_is_subsample
 
+from marginalize._isolation import no_validation
 from marginalize._validation import check_x, check_y
 from marginalize.core.layout import Layout, _is_latent
 from marginalize.errors import DataError, ModelError
@@ -411,16 +410,7 @@ def trace_model(model: Callable, x: torch.Tensor, y: torch.Tensor | None):
     return tr
 
 
-@contextlib.contextmanager
-def _no_validation():
-    """Skip distribution argument checks in hot loops (they cost time and raise mid-trajectory)."""
-    old = torch.distributions.Distribution._validate_args
-    torch.distributions.Distribution.set_default_validate_args(False)
-    try:
-        with pyro.validation_enabled(False):
-            yield
-    finally:
-        torch.distributions.Distribution.set_default_validate_args(old)
+_no_validation = no_validation  # the switch is in marginalize._isolation (one for every layer)
 
 
 @dataclass

@@ -89,6 +89,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from marginalize._isolation import no_validation as _no_validation
 from marginalize.core.compiled.codegen import _np_dtype, _NumpyEmitter, _TorchEmitter
 from marginalize.core.compiled.graph import CaptureError, _from_fx, _Graph
 from marginalize.core.compiled.simplify import _Simplifier
@@ -124,21 +125,6 @@ def _quiet_capture():
 
 def _no_check(self, value) -> None:
     return None
-
-
-@contextlib.contextmanager
-def _no_validation():
-    """Distribution argument checks off (``Problem``'s own switch; this package does not
-    import ``core.problem``, which imports it)."""
-    import pyro
-
-    old = torch.distributions.Distribution._validate_args
-    torch.distributions.Distribution.set_default_validate_args(False)
-    try:
-        with pyro.validation_enabled(False):
-            yield
-    finally:
-        torch.distributions.Distribution.set_default_validate_args(old)
 
 
 def capture_graph(fn: Callable, example_inputs: list[torch.Tensor]) -> _Graph:
