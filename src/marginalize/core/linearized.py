@@ -504,13 +504,16 @@ def _moments_features(post, st: _State, x, full_cov: bool):
     r, c = cov.shape[:2]
     if full_cov:
         m = (phi @ cov.reshape(r, -1)).reshape(-1, c, r, c)  # (N, c, r, c)
-        return f0, torch.einsum("nasb,ns->nab", m, phi)
+        # a broadcast product and a sum: einsum lowers this to N tiny batched products
+        return f0, (m * phi[:, None, :, None]).sum(2)
     m = st.cache.get("grid_diag_blocks")
     if m is None:  # (r, c r): the per-output blocks Sigma[:, o, :, o] side by side
         m = cov.diagonal(dim1=1, dim2=3).permute(0, 2, 1).reshape(r, c * r).contiguous()
         st.cache["grid_diag_blocks"] = m
     t = (phi @ m).reshape(-1, c, r)  # one matrix product for every output
-    return f0, torch.einsum("nor,nr->no", t, phi)
+    # phi_n^T Sigma_o phi_n as a broadcast product and a sum (einsum's batched matrix-vector
+    # products took 0.8 ms of 3.5 on digits, this 0.17)
+    return f0, (t * phi[:, None, :]).sum(-1)
 
 
 # ---- the closed-form predictive --------------------------------------------------------------

@@ -43,7 +43,7 @@ from pyro.infer.autoguide.initialization import (
 from marginalize.core.problem import Problem
 from marginalize.models.usage import SiteUse, site_usage
 
-__all__ = ["INIT", "init_loc_fn", "initial_z", "usage"]
+__all__ = ["INIT", "init_loc_fn", "initial_z", "prior_start_spread", "usage"]
 
 log = logging.getLogger(__name__)
 
@@ -149,3 +149,30 @@ def initial_z(problem: Problem, init: str) -> torch.Tensor:
     with torch.random.fork_rng(devices=[]):
         values = initial_values(problem, init)
     return problem.layout.pack(values).to(problem.device, problem.dtype)
+
+
+def prior_start_spread(problem: Problem, rows: int = 1024) -> dict[str, float]:
+    """Weight site -> SD of its layer's pre-activations at a start drawn from the prior, for
+    the weights that meet the data ``x`` (the first layer): ``prior SD * sqrt(fan_in *
+    mean(x^2))`` over the first ``rows`` rows. Above about 3, tanh and sigmoid units start
+    saturated (what makes ``init="prior"`` train badly under a wide prior)."""
+    use = usage(problem)
+    first = {name for name, u in use.items() if u.role == "weight" and u.meets_data}
+    if not first:
+        return {}
+    x = problem.x[:rows]
+    if not torch.is_floating_point(x):
+        return {}
+    msq = float(x.detach().double().pow(2).mean())
+    with torch.random.fork_rng(devices=[]):
+        tr = poutine.trace(problem.model).get_trace(problem.x[:2], None)
+    out = {}
+    for name in sorted(first):
+        node = tr.nodes.get(name)
+        if node is None:
+            continue
+        sd, _ = _prior_sd_and_mean(node["fn"], node["value"])
+        if sd is None or sd.numel() == 0:
+            continue
+        out[name] = float(sd.max()) * math.sqrt(use[name].fan_in * msq)
+    return out
