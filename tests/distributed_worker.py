@@ -28,7 +28,6 @@ import torch
 
 torch.set_num_threads(1)
 
-import torch.distributed as dist  # noqa: E402
 
 import marginalize as mz  # noqa: E402
 from marginalize.inference.engines import checkpoint, distributed  # noqa: E402
@@ -231,7 +230,7 @@ def main() -> int:
         res = fn[scenario](out)
     torch.save(res, out / f"{scenario}.rank{rank}.pt")
     if created and scenario not in ("failures", "kill"):
-        dist.destroy_process_group()
+        distributed.shutdown()
     return 0
 
 

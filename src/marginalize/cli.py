@@ -944,11 +944,12 @@ def main(argv: list[str] | None = None) -> int:
         return rc
     finally:
         if created:
-            import torch.distributed
-
             if finished:  # rank 0 still writes the report: the ranks leave the group together
-                torch.distributed.barrier()
-            torch.distributed.destroy_process_group()
+                distributed.shutdown()
+            else:
+                import torch.distributed
+
+                torch.distributed.destroy_process_group()
 
 
 def _run(args, argv: list[str]) -> int:

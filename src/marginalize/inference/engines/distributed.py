@@ -62,6 +62,8 @@ from marginalize.inference.engines import checkpoint
 from marginalize.inference.engines.objectives import Batch, Objective
 
 __all__ = [
+    "init_from_env",
+    "shutdown",
     "rank",
     "world_size",
     "is_distributed",
@@ -166,6 +168,27 @@ def init_from_env(backend: str = "gloo") -> bool:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout()))
     return True
+
+
+def shutdown() -> None:
+    """Leave the default process group together: a barrier, then ``destroy_process_group``.
+
+    A rank that destroys its group while another rank still holds the connection (rank 0
+    still writing a report, or simply later to exit) can make that other rank abort at exit
+    with gloo ("terminate called without an active exception", exit code -6). Every rank
+    calls this where it would call ``torch.distributed.destroy_process_group()``. Does
+    nothing without a process group. The barrier runs on marginalize's own gloo group where
+    a fit made one (so an NCCL default group needs no device here), else on the default
+    group.
+    """
+    if not _initialized():
+        return
+    group = _GROUP.get("group") if _GROUP.get("world") is dist.group.WORLD else None
+    try:
+        dist.barrier(group=group)
+    finally:
+        _GROUP.clear()
+        dist.destroy_process_group()
 
 
 def _group():

@@ -18,7 +18,15 @@ good solution, then a constant rate during which iterates are collected.
    the posterior (Mandt, Hoffman & Blei 2017; ``C``: the per-example gradient covariance,
    estimated from minibatch gradients; ``B`` the batch size, ``D`` the dimension). A rate
    given by the user above the stability limit ``2 (1 + momentum) / lambda_max`` is
-   reported before the phase starts. The first ``burn_in`` fraction of the phase is not
+   reported before the phase starts. ``"auto"`` also checks the phase once it has run: the
+   SWA mean of iterates that stay in the pretrained basin lies at its bottom, so if its
+   ``-log p(z, y)`` exceeds the pretrained point's by more than ``sqrt(D / 2)`` (the standard
+   deviation of ``-log p`` over the draws of a D-dimensional Gaussian posterior), the rate
+   is divided by 4 and the phase run again (at most twice, then a warning;
+   ``info["swag_lr_cuts"]``, ``info["swa_mean_excess"]``). Without it, a quarter of the
+   stability limit sent the iterates of small classification networks out of their basin:
+   breast cancer (30-10-1) TV to the NUTS reference 0.06-0.13 over five seeds, 0.012-0.016
+   with it; digits (16-16-10) 0.28, 0.057. The first ``burn_in`` fraction of the phase is not
    collected (the iterates leave the pretrained point for the stationary distribution; the
    paper runs 10% of its pre-SWA epochs at the constant rate before collecting);
 3. **collect**: then, once per epoch (``collect_every="epoch"``, the paper's choice), the
@@ -124,6 +132,7 @@ __all__ = [
     "STABILITY_FRACTION",
     "sharpness",
     "gradient_noise",
+    "swa_mean_excess",
 ]
 
 log = logging.getLogger(__name__)
@@ -133,6 +142,18 @@ log = logging.getLogger(__name__)
 STABILITY_FRACTION = 0.25
 #: rows used to estimate the curvature at the pretrained point (a random subset beyond this)
 CURVATURE_ROWS = 2048
+#: ``swag_lr="auto"``: the SWA mean's -log joint may exceed the pretrained point's by at most
+#: this many times sqrt(D/2), the standard deviation of ``-log p`` over the draws of a
+#: D-dimensional Gaussian posterior (``-log p - min`` is chi^2_D / 2 there); the SWA mean of
+#: iterates that stay in the pretrained basin lies at its bottom. Beyond the bound the rate is
+#: divided by 4 and the SWA phase run again, at most ``MAX_LR_CUTS`` times
+BASIN_SDS = 1.0
+MAX_LR_CUTS = 2
+
+
+def basin_bound(dim: int) -> float:
+    """How far (nats) the SWA mean's -log joint may lie above the pretrained point's."""
+    return BASIN_SDS * math.sqrt(dim / 2.0)
 
 
 class SWAGMoments:
@@ -408,6 +429,21 @@ def gradient_noise(
     return spread * batch_size * (n - 1) / max(n - batch_size, 1)
 
 
+def swa_mean_excess(problem: Problem, z0: torch.Tensor, mean: torch.Tensor, seed: int) -> float:
+    """``U(mean) - U(z0)`` with ``U = -log p(z, y)`` (the unconstrained log joint), on at most
+    ``CURVATURE_ROWS`` rows (the same random rows for both, scaled to the data); ``inf`` when
+    not finite."""
+    idx = None
+    if problem.n > CURVATURE_ROWS:
+        gen = torch.Generator().manual_seed(seed)
+        idx = torch.randperm(problem.n, generator=gen)[:CURVATURE_ROWS].to(problem.device)
+    with torch.no_grad():
+        pts = torch.stack([z0.detach(), mean.detach()]).to(problem.device, problem.dtype)
+        u = -problem.log_joint(pts, idx)
+    d = float(u[1] - u[0])
+    return d if math.isfinite(d) else math.inf
+
+
 def _swag_lr(problem: Problem, z: torch.Tensor, opts: SWAGOptions, seed: int) -> tuple[float, dict]:
     """The SWA phase's learning rate and what it was derived from."""
     if opts.optimizer == "adam":
@@ -528,24 +564,59 @@ class SWAG(Method):
         if (pre is not None and pre.stopped is not None) or interrupt.requested():
             return self._early(z, pre, None, "swag pretrain", n)
         lr, lr_info = _swag_lr(problem, z, opts, seed + 2)
-        if opts.optimizer == "sgd":
-            optim = SGD(z, lr, constant, momentum=opts.momentum, clip_norm=opts.clip_norm)
-        else:
-            optim = Adam(z, lr, constant, clip_norm=opts.clip_norm)
-        moments = SWAGMoments(
-            problem.layout.size, opts.max_rank, problem.device, plan.every, plan.burn
-        )
-        run = _train(
-            problem,
-            _objective(problem),
-            optim,
-            plan.steps,
-            opts,
-            seed + 1,
-            progress,
-            "swag collect",
-            callback=moments,
-        )
+        guarded = opts.swag_lr == "auto" and opts.optimizer == "sgd"
+        bound = basin_bound(problem.layout.size)
+        cuts = 0
+        while True:
+            if opts.optimizer == "sgd":
+                optim = SGD(z, lr, constant, momentum=opts.momentum, clip_norm=opts.clip_norm)
+            else:
+                optim = Adam(z, lr, constant, clip_norm=opts.clip_norm)
+            moments = SWAGMoments(
+                problem.layout.size, opts.max_rank, problem.device, plan.every, plan.burn
+            )
+            run = _train(
+                problem,
+                _objective(problem),
+                optim,
+                plan.steps,
+                opts,
+                seed + 1,
+                progress,
+                "swag collect",
+                callback=moments,
+            )
+            if not guarded or run.stopped is not None or interrupt.requested() or not moments.n:
+                break
+            excess = swa_mean_excess(problem, z, moments.mean, seed + 3)
+            lr_info["swa_mean_excess"] = excess
+            if excess <= bound:
+                break
+            if cuts == MAX_LR_CUTS:
+                log.warning(
+                    "swag: the SWA mean's -log joint is %.3g above the pretrained point's "
+                    "(more than %.3g = %g x sqrt(D/2)) after %d cuts of swag_lr='auto' to %.3g: "
+                    "the iterates left the pretrained basin and the covariance is too wide. "
+                    "Pass a smaller swag_lr, or raise pretrain_steps",
+                    excess,
+                    bound,
+                    BASIN_SDS,
+                    cuts,
+                    lr,
+                )
+                break
+            log.info(
+                "swag: the SWA mean's -log joint is %.3g above the pretrained point's (more "
+                "than %.3g); swag_lr %.3g -> %.3g and the SWA phase again",
+                excess,
+                bound,
+                lr,
+                lr / 4.0,
+            )
+            cuts += 1
+            lr /= 4.0
+        if guarded:
+            lr_info["swag_lr_cuts"] = cuts
         info = run.info(
             loss=_losses(pre, run) * n,
             details={
