@@ -401,6 +401,18 @@ def test_swag_auto_rate_keeps_the_swa_mean_in_the_pretrained_basin(caplog, monke
     assert info["swag_lr_cuts"] == swag_mod.MAX_LR_CUTS
     said = [r.getMessage() for r in caplog.records if "left the pretrained basin" in r.getMessage()]
     assert said and "smaller swag_lr" in said[0]
+    # MultiSWAG reports every run's
+    post = mz.fit(
+        mz.models.mlp(1, hidden=[8]),
+        x,
+        y,
+        method="multiswag",
+        num_models=2,
+        seed=0,
+        progress=False,
+        **small,
+    )
+    assert post.info.to_dict()["swag_lr_cuts"] == [swag_mod.MAX_LR_CUTS] * 2
     # a rate the user chose is theirs: no check, no cut
     post = mz.fit(
         mz.models.mlp(1, hidden=[8]),

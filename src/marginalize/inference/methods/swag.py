@@ -731,6 +731,8 @@ class MultiSWAG(Method):
             details={
                 "num_collected": [i.details.get("num_collected") for i in infos],
                 "swag_lr": [i.details.get("swag_lr") for i in infos],
+                "swag_lr_cuts": [i.details.get("swag_lr_cuts") for i in infos],
+                "swa_mean_excess": [i.details.get("swa_mean_excess") for i in infos],
             },
             bayesian_sites=infos[0].bayesian_sites,
             rollbacks=[rb for i in infos for rb in i.rollbacks],
