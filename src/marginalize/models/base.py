@@ -60,10 +60,32 @@ class BNN:
     def layer_specs(self) -> list[LayerSpec]:
         raise NotImplementedError
 
-    def forward(self, params: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        params: Mapping[str, torch.Tensor],
+        x: torch.Tensor,
+        state: Mapping[str, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         """Network output ``f`` of shape ``(*batch, N, net_outputs)`` for weights with leading
-        batch dims ``*batch`` (none in a plain model call)."""
+        batch dims ``*batch`` (none in a plain model call).
+
+        ``state`` is the network's weight-dependent state (see :attr:`stateful`), with the
+        same leading dims as the weights or none; stateless networks ignore it."""
         raise NotImplementedError
+
+    #: whether the network holds state that depends on its weights (BatchNorm running
+    #: statistics): a prediction then needs that state for each weight draw
+    #: (:meth:`state_from_data`)
+    stateful: bool = False
+
+    def state_from_data(
+        self, params: Mapping[str, torch.Tensor], inputs
+    ) -> dict[str, torch.Tensor] | None:
+        """The weight-dependent state of the network (e.g. BatchNorm running statistics) for
+        weights ``params`` with leading dims ``*batch``, estimated by one pass over ``inputs``
+        (an iterable of input chunks ``(B, ...)``): tensors with the leading dims ``*batch``.
+        ``None`` for a stateless network."""
+        return None
 
     def config(self) -> dict[str, Any]:
         raise NotImplementedError

@@ -132,7 +132,7 @@ class MLP(BNN):
             )
         return x
 
-    def forward(self, params, x):
+    def forward(self, params, x, state=None):
         h = x
         last = len(self._specs) - 1
         act = self.act

@@ -159,7 +159,9 @@ class CNN(BNN):
         return x
 
     # ---- forward ------------------------------------------------------------------------
-    def forward(self, params: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, params: Mapping[str, torch.Tensor], x: torch.Tensor, state=None
+    ) -> torch.Tensor:
         """Outputs ``(*batch, N, net_outputs)`` for weights with leading dims ``*batch``."""
         first = params["conv1.weight"] if self._n_conv else params["fc1.weight"]
         nd = 4 if self._n_conv else 2

@@ -291,7 +291,9 @@ class ModuleBNN(BNN):
             self._units[key] = max(1, total[0])
         return self._units[key]
 
-    def forward(self, params: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, params: Mapping[str, torch.Tensor], x: torch.Tensor, state=None
+    ) -> torch.Tensor:
         """``(*batch, N, outputs)`` for Bayesian weights with leading dims ``*batch``."""
         weights = {n: params[n] for n in self.bayesian_sites}
         n0 = self.bayesian_sites[0]
