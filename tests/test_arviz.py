@@ -9,7 +9,13 @@ import torch
 
 import marginalize as mz
 from conftest import tiny_options
-from marginalize.core.arviz import ARVIZ_1, group_names, loo_fields, to_inference_data
+from marginalize.core.arviz import (
+    ARVIZ_1,
+    PREDICTIONS_LOG_LIKELIHOOD,
+    group_names,
+    loo_fields,
+    to_inference_data,
+)
 
 N, N_TEST, HIDDEN = 24, 7, 3
 MCMC_STATS = ("lp", "diverging", "acceptance_rate", "step_size", "tree_depth", "n_steps", "energy")
@@ -40,6 +46,9 @@ def test_every_method_converts(method, tmp_path):
         "prior_predictive",
         "observed_data",
         "constant_data",
+        "predictions",
+        "predictions_constant_data",
+        PREDICTIONS_LOG_LIKELIHOOD,
     } <= groups
     c, d = idata.posterior.sizes["chain"], idata.posterior.sizes["draw"]
     assert c == post.num_chains
@@ -52,14 +61,24 @@ def test_every_method_converts(method, tmp_path):
     assert idata.posterior["noise"].dims == ("chain", "draw")
     assert idata.posterior["f"].dims == ("chain", "draw", "function_input")
     assert idata.posterior["f"].shape == (c, d, 4)
-    # log likelihood per observation, train and test
+    # log likelihood per observation: the training data only; the test data as predictions
+    assert list(idata.log_likelihood.data_vars) == ["y"]
     assert idata.log_likelihood["y"].dims == ("chain", "draw", "obs_id")
     assert idata.log_likelihood["y"].shape == (c, d, N)
-    assert idata.log_likelihood["y_test"].shape == (c, d, N_TEST)
+    test_ll = idata[PREDICTIONS_LOG_LIKELIHOOD]["y"]
+    assert test_ll.dims == ("chain", "draw", "obs_id") and test_ll.shape == (c, d, N_TEST)
     assert idata.posterior_predictive["y"].shape == (c, d, N)
-    assert idata.posterior_predictive["y_test"].dims == ("chain", "draw", "test_id")
+    assert idata.predictions["y"].dims == ("chain", "draw", "obs_id")
+    assert idata.predictions["y"].shape == (c, d, N_TEST)
+    assert idata.predictions_constant_data["x"].dims == ("obs_id", "feature")
+    np.testing.assert_array_equal(idata.predictions_constant_data["x"].values, xt.numpy())
+    np.testing.assert_array_equal(idata.predictions_constant_data["y"].values, yt.numpy())
     np.testing.assert_array_equal(idata.observed_data["y"].values, y.numpy())
     np.testing.assert_array_equal(idata.constant_data["x"].values, x.numpy())
+    assert idata.constant_data["x"].dims == ("obs_id", "feature")
+    np.testing.assert_allclose(
+        test_ll.values, post.log_likelihood(xt, yt, num_samples=40, seed=0).numpy(), atol=1e-5
+    )
     assert idata.prior["layer1.weight"].shape == (1, 6, 2, HIDDEN)
     assert idata.prior_predictive["y"].shape == (1, 6, N)
 
@@ -97,9 +116,7 @@ def test_every_method_converts(method, tmp_path):
     back = az.from_netcdf(str(path))
     assert set(group_names(back)) == groups
     np.testing.assert_array_equal(back.posterior["layer1.weight"].values, w.values)
-    np.testing.assert_array_equal(
-        back.log_likelihood["y_test"].values, idata.log_likelihood["y_test"].values
-    )
+    np.testing.assert_array_equal(back[PREDICTIONS_LOG_LIKELIHOOD]["y"].values, test_ll.values)
 
 
 def test_mcmc_keeps_every_draw_and_thins_stats_alike():
@@ -177,11 +194,11 @@ def test_classification_function_values_are_probabilities():
 def test_same_seed_same_inference_data():
     x, y, xt, yt = _data()
     post = mz.fit(mz.models.mlp(2, hidden=[2]), x, y, method="mc-dropout", steps=20, progress=False)
-    a = to_inference_data(post, x_test=xt, num_samples=10, prior_samples=2, seed=3)
-    b = to_inference_data(post, x_test=xt, num_samples=10, prior_samples=2, seed=3)
-    np.testing.assert_array_equal(
-        a.posterior_predictive["y_test"].values, b.posterior_predictive["y_test"].values
+    a = post.to_arviz(x_test=xt, num_samples=10, prior_samples=2, seed=3)
+    b = to_inference_data(
+        post.predictive, x_test=xt, num_samples=10, prior_samples=2, seed=3, info=post.info
     )
+    np.testing.assert_array_equal(a.predictions["y"].values, b.predictions["y"].values)
     np.testing.assert_array_equal(a.prior["layer1.weight"].values, b.prior["layer1.weight"].values)
 
 
@@ -196,8 +213,12 @@ def test_bad_input():
         post.to_arviz(prior_samples=-1)
     with pytest.raises(mz.OptionError, match="num_samples"):
         post.to_arviz(num_samples=0)
-    with pytest.raises(mz.DataError, match="Posterior"):
+    with pytest.raises(mz.DataError, match="Predictive"):
         to_inference_data("not a posterior")
+    with pytest.raises(mz.DataError, match="post.to_arviz"):
+        to_inference_data(post)  # the ArviZ layer converts the predictive, not the Posterior
+    with pytest.raises(mz.OptionError, match="feature_names"):
+        post.to_arviz(feature_names=["a", "b", "c"])
 
 
 def test_the_arviz_generation_decides_the_type():
@@ -222,3 +243,85 @@ def test_the_arviz_generation_decides_the_type():
     tab = stats.summary(data, var_names=["layer1.bias"])
     assert {"mean", "r_hat", "ess_bulk"} <= set(tab.columns)
     assert tab["mean"].dtype.kind == "f"
+
+
+# ---- ArviZ's conventions for held-out data (issue 27) ----------------------------------------
+def test_loo_waic_compare_work_on_output_with_test_data():
+    """``to_arviz(x_test=, y_test=)`` keeps held-out draws out of ``log_likelihood`` (PyMC and
+    NumPyro put them in ``predictions``), so ArviZ's first calls need no extra arguments
+    (``shared/cases/use_arviz_loo_with_test_data.py``)."""
+    x, y, xt, yt = _data()
+    model = mz.models.mlp(2, hidden=[HIDDEN])
+    ids = {}
+    for m in ("svi-meanfield", "mc-dropout"):
+        post = mz.fit(model, x, y, method=m, steps=100, seed=0, progress=False)
+        ids[m] = post.to_arviz(x_test=xt, y_test=yt, prior_samples=0, num_samples=60)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = az.loo(ids["svi-meanfield"])
+        table = az.compare(ids)
+        if not ARVIZ_1:
+            az.waic(ids["svi-meanfield"])
+    assert np.isfinite(float(res.elpd if ARVIZ_1 else res["elpd_loo"]))
+    assert set(table.index) == set(ids)
+
+
+def test_every_dim_is_named_and_feature_names_are_coordinates():
+    x, y, xt, yt = _data()
+    post = mz.fit(mz.models.mlp(2, hidden=[2]), x, y, method="map", steps=20, progress=False)
+    data = post.to_arviz(x_test=xt, y_test=yt, prior_samples=0, feature_names=["age", "dose"])
+    for group in ("constant_data", "predictions_constant_data"):
+        assert data[group]["x"].dims == ("obs_id", "feature")
+        assert list(data[group]["x"].coords["feature"].values) == ["age", "dose"]
+    for group in group_names(data):
+        for var in data[group].data_vars.values():
+            assert not any("_dim_" in d for d in var.dims), (group, var.name, var.dims)
+
+
+def test_images_get_channel_height_width_dims():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(12, 1, 6, 6, generator=g)
+    y = torch.randint(0, 3, (12,), generator=g)
+    model = mz.models.cnn(1, 6, channels=[2], hidden=[4], num_classes=3)
+    post = mz.fit(model, x, y, method="map", steps=5, progress=False)
+    data = post.to_arviz(x_test=x[:4], prior_samples=0)
+    assert data.constant_data["x"].dims == ("obs_id", "channel", "height", "width")
+    assert data.predictions_constant_data["x"].dims == ("obs_id", "channel", "height", "width")
+    assert data.predictions["y"].shape[-1] == 4
+
+
+def test_a_data_loader_as_test_data_gives_the_arrays_result():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    x, y, xt, yt = _data()
+    post = mz.fit(
+        mz.models.mlp(2, hidden=[2]), x, y, method="svi-meanfield", steps=20, progress=False
+    )
+    a = post.to_arviz(x_test=xt, y_test=yt, num_samples=15, prior_samples=0, seed=1)
+    loader = DataLoader(TensorDataset(xt, yt), batch_size=3)
+    b = post.to_arviz(x_test=loader, num_samples=15, prior_samples=0, seed=1)
+    for group in ("predictions_constant_data", PREDICTIONS_LOG_LIKELIHOOD):
+        np.testing.assert_allclose(b[group]["y"].values, a[group]["y"].values, rtol=1e-6)
+    np.testing.assert_allclose(b.log_likelihood["y"].values, a.log_likelihood["y"].values)
+
+
+def test_default_draws_are_bounded_by_the_cost_of_the_training_passes(monkeypatch):
+    """At scale the defaults shrink: a training pass costing more than ``PASS_BUDGET``
+    activations gets ``MIN_DEFAULT_DRAWS`` posterior and ``MIN_PRIOR_DRAWS`` prior draws; an
+    explicit ``num_samples`` is kept."""
+    from marginalize.core import arviz as azc
+
+    x, y, _, _ = _data()
+    post = mz.fit(
+        mz.models.mlp(2, hidden=[2]), x, y, method="svi-meanfield", steps=5, progress=False
+    )
+    data = post.to_arviz()
+    assert data.posterior.sizes["draw"] == azc.DEFAULT_DRAWS
+    assert data.prior.sizes["draw"] == azc.DEFAULT_PRIOR_DRAWS
+    monkeypatch.setattr(azc, "PASS_BUDGET", 1)
+    data = post.to_arviz()
+    assert data.posterior.sizes["draw"] == azc.MIN_DEFAULT_DRAWS
+    assert data.prior.sizes["draw"] == azc.MIN_PRIOR_DRAWS
+    assert post.to_arviz(num_samples=300, prior_samples=0).posterior.sizes["draw"] == 300

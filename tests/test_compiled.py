@@ -421,14 +421,14 @@ def test_plain_predict_vectorized_equals_the_loop(name, caplog):
         p = post.predict(x[:7], num_samples=40, seed=1)
         ll = post.log_likelihood(x[:7], y[:7], num_samples=40, seed=1)
     loop = mz.fit(make(), x, y, method="svi-meanfield", steps=20, seed=0, progress=False)
-    loop._plain_draws.vectorized = dict.fromkeys(("moments", "probs", "log_prob"), False)
+    loop.predictive.plain_draws.vectorized = dict.fromkeys(("moments", "probs", "log_prob"), False)
     q = loop.predict(x[:7], num_samples=40, seed=1)
     ll_loop = loop.log_likelihood(x[:7], y[:7], num_samples=40, seed=1)
     assert torch.allclose(p.mean, q.mean, rtol=1e-4, atol=1e-5)
     assert torch.allclose(ll, ll_loop, rtol=1e-4, atol=1e-4)
     if post.task == "regression":
         assert torch.allclose(p.std, q.std, rtol=1e-4, atol=1e-5)
-    kinds = post._plain_draws.vectorized
+    kinds = post.predictive.plain_draws.vectorized
     assert kinds, "the plain path was not used"
     for kind_name, vec in kinds.items():
         word = "vectorized over draws" if vec else "with a loop over draws"

@@ -399,8 +399,9 @@ def test_fast_engine_minibatches_and_nan_policy():
 def test_prediction_chunks_equal_a_loop_over_draws(float64, lik, monkeypatch):
     """Any chunk size, and blocks of inputs, give the numbers of a loop over draws (the
     regression likelihoods through ``Likelihood.moments``, not distribution objects)."""
-    from marginalize import posterior as posterior_module
     from marginalize.core.approximations import Empirical
+    from marginalize.core.predictive import ChunkPlan
+    from marginalize.core.predictive import memory as memory_module
     from marginalize.posterior import Posterior
 
     task = "classification" if lik == "categorical" else "regression"
@@ -418,15 +419,18 @@ def test_prediction_chunks_equal_a_loop_over_draws(float64, lik, monkeypatch):
         per_draw_var.append(d.variance if task == "regression" else d.probs)
     per_draw, per_draw_var = torch.stack(per_draw), torch.stack(per_draw_var)
     plans = [(chunk, None) for chunk in (None, 1, 5, 37, 100)]
-    # bytes per draw and input: 8 (float64) x 7 (the widest layer); with at least 2 draws per
-    # chunk, blocks of 3 inputs; then 3 draws over all 11 inputs
-    plans += [(None, 2 * 3 * 8 * 7), (None, 3 * 11 * 8 * 7)]
-    for chunk, block_bytes in plans:
-        if block_bytes is not None:
-            monkeypatch.setattr(posterior_module, "BLOCK_BYTES", block_bytes)
-            monkeypatch.setattr(posterior_module, "MIN_DRAWS_PER_CHUNK", 2)
-            draws_per, inputs_per = post._block_plan(11, 37, None)
-            assert (draws_per, inputs_per) == ((2, 3) if block_bytes < 500 else (3, 11))
+    # bytes per draw and input: 8 (float64) x 12 (the 7 and 5 units of the hidden layers alive
+    # together); with at least 2 draws per chunk, blocks of 3 inputs; then 3 draws over all 11
+    row = 8 * model.units_per_input()
+    assert model.units_per_input() == 12
+    plans += [(None, 2 * 3 * row), (None, 3 * 11 * row)]
+    for chunk, budget in plans:
+        if budget is not None:
+            monkeypatch.setattr(memory_module, "CPU_CHUNK_BYTES", budget)
+            monkeypatch.setattr(memory_module, "MIN_DRAWS_PER_CHUNK", 2)
+            pv = post.predictive
+            plan = pv.plan(pv.inputs(xt), pv.draws(37), None)
+            assert plan == (ChunkPlan(2, 3) if budget == 2 * 3 * row else ChunkPlan(3, 11))
         pred = post.predict(xt, num_samples=37, chunk_size=chunk, return_draws=True)
         monkeypatch.undo()
         assert torch.allclose(pred.mean, per_draw.mean(0), rtol=1e-10, atol=1e-12)

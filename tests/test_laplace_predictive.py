@@ -13,7 +13,6 @@ from pyro.nn import PyroModule, PyroSample
 from torch import nn
 
 import marginalize as mz
-from marginalize.core import linearized as L
 from marginalize.posterior import Posterior
 
 pytestmark = pytest.mark.usefixtures("float64")
@@ -166,7 +165,7 @@ def test_probit_binary_against_quadrature_and_monte_carlo(binary_laplace, seed):
     largest error over all means and variances)."""
     post = binary_laplace
     xt = torch.randn(20, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(5)) * 2
-    mu, var = L.glm_moments(post, xt)
+    mu, var = post.predictive.linearized.block(xt).moments()
     t, w = np.polynomial.hermite.hermgauss(100)
     f = mu + math.sqrt(2) * var.sqrt() * torch.as_tensor(t)
     exact = (torch.sigmoid(f) * torch.as_tensor(w / math.sqrt(math.pi))).sum(-1)
@@ -195,7 +194,7 @@ def test_probit_multiclass_and_deferred_epistemic_split(seed):
     xt = torch.randn(30, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
     s = 4000
     cf = post.predict(xt, num_samples=s, seed=seed)
-    assert cf.deferred is not None  # nothing drawn yet
+    assert "expected_entropy" not in vars(cf)  # nothing drawn yet (a cached property)
     mc = with_info(post, link_approx="mc").predict(xt, num_samples=s, seed=seed, return_draws=True)
     tv = 0.5 * (cf.probs - mc.probs).abs().sum(-1)
     assert float(tv.mean()) < 0.03 and float(tv.max()) < 0.1
@@ -203,7 +202,7 @@ def test_probit_multiclass_and_deferred_epistemic_split(seed):
     p = mc.draws["probs"].reshape(s, -1, 3)
     h = -(p * p.clamp_min(1e-300).log()).sum(-1)
     assert torch.all((cf.expected_entropy - h.mean(0)).abs() <= 5 * h.std(0) / math.sqrt(s) + 1e-12)
-    assert cf.deferred is None and torch.all(cf.mutual_info >= 0)
+    assert "expected_entropy" in vars(cf) and torch.all(cf.mutual_info >= 0)
 
 
 # ---- the last-layer fast path ----------------------------------------------------------------
@@ -231,13 +230,14 @@ def test_last_layer_closed_form_equals_jacobian_path_and_sampling(structure, tas
         steps=300,
         progress=False,
     )
-    st = L._state(post)
+    glm = post.predictive.linearized
+    st = glm.state
     assert st.grid is not None  # the features path applies
-    mu, cov = L.glm_moments(post, xt, full_cov=True)
-    _, var = L.glm_moments(post, xt)
+    mu, cov = glm.block(xt).moments(full_cov=True)
+    _, var = glm.block(xt).moments()
     grid, st.grid = st.grid, None
     try:
-        mu2, cov2 = L.glm_moments(post, xt, full_cov=True)
+        mu2, cov2 = glm.block(xt).moments(full_cov=True)
     finally:
         st.grid = grid
     assert torch.allclose(mu, mu2, atol=1e-10)

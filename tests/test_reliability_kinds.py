@@ -496,8 +496,8 @@ EDITS = {
     "temperature negative": ("map", ("info",), lambda i: {**i, "temperature": -1.0}),
     "predictive unknown": ("map", ("info",), lambda i: {**i, "predictive": "magic"}),
     "loss of strings": ("map", ("info",), lambda i: {**i, "loss": ["a"]}),
-    "data missing": ("map", ("data",), None),
-    "x and y of other lengths": ("map", ("data", "y"), lambda t: t[:-1]),
+    "data and example rows missing": ("map", ("example",), None),  # files hold no data
+    "x and y of other lengths": ("map", ("example", "y"), lambda t: t[:-1]),
     "sample_stats of the wrong shape": (
         "nuts",
         ("info",),

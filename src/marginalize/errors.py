@@ -7,7 +7,14 @@ All but :class:`FitError` are ``ValueError`` subclasses, so generic handlers kee
 (True, True)
 """
 
-__all__ = ["DataError", "ModelError", "OptionError", "FileFormatError", "FitError"]
+__all__ = [
+    "DataError",
+    "ModelError",
+    "OptionError",
+    "FileFormatError",
+    "FitError",
+    "is_out_of_memory",
+]
 
 
 class DataError(ValueError):
@@ -29,3 +36,19 @@ class FileFormatError(ValueError):
 
 class FitError(RuntimeError):
     """A fit could not continue (e.g. the loss became NaN and ``on_nan="raise"``)."""
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """Whether ``e`` is an allocation failure: ``MemoryError``, torch's ``OutOfMemoryError``
+    (a GPU) or the CPU allocator's ``RuntimeError``. Such errors are raised as they are, never
+    turned into a fallback, a NaN or another error.
+
+    >>> is_out_of_memory(RuntimeError("DefaultCPUAllocator: can't allocate memory"))
+    True
+    """
+    if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":
+        return True
+    text = str(e)
+    return isinstance(e, RuntimeError) and (
+        "can't allocate memory" in text or "out of memory" in text.lower()
+    )

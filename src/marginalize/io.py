@@ -23,6 +23,8 @@ Examples
 >>> again = mz.load(os.path.join(folder, "fit.pt"))
 >>> bool(torch.equal(again.predict(x).mean, post.predict(x).mean))
 True
+>>> again.data is None  # the training data are written only with save(..., include_data=True)
+True
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from marginalize._files import check_path, read_verified
 from marginalize._isolation import exclusive
 from marginalize._validation import check_device
 from marginalize.core.approximations import from_state
+from marginalize.core.data import ArrayData, as_data, is_loader
 from marginalize.core.info import FitInfo
 from marginalize.core.problem import prepare
 from marginalize.errors import DataError, FileFormatError, ModelError
@@ -52,7 +55,7 @@ _DTYPES = {"float16", "bfloat16", "float32", "float64"}
 _TASKS = {"regression", "classification"}
 
 
-def load(path, model: Callable | None = None, *, device=None) -> Posterior:
+def load(path, model: Callable | None = None, *, device=None, data=None) -> Posterior:
     """Load a posterior saved by :meth:`Posterior.save`.
 
     Parameters
@@ -65,6 +68,10 @@ def load(path, model: Callable | None = None, *, device=None) -> Posterior:
         model given here must have the saved configuration.
     device : optional
         Where to put the draws (default: the CPU).
+    data : (x, y) or data loader, optional
+        The training data, for a file saved without them (``save(path)``, the default) when
+        something needs them: a stateful network's BatchNorm update, the training groups of
+        ``to_arviz``, PSIS k-hat. A file saved with ``include_data=True`` has its own.
 
     Returns
     -------
@@ -88,6 +95,19 @@ def load(path, model: Callable | None = None, *, device=None) -> Posterior:
     payload = read_verified(path, FORMAT, VERSION, what="marginalize posterior file")
     f = _Fields(path, payload)
     user_model = model is not None
+    source = None
+    if data is not None:
+        source = data if is_loader(data) else as_data(*_pair(data))
+    elif f.x is not None:
+        source = ArrayData(f.x.to(device), f.y.to(device))
+    if source is None and f.example is None:
+        raise FileFormatError(f"{path}: not a posterior marginalize wrote: it has no example rows")
+    if isinstance(source, ArrayData):
+        px, py = source.x, source.y
+    elif source is not None:
+        px, py = source.example(2)
+    else:
+        px, py = f.example
     with exclusive():  # prepare() traces the model: Pyro's globals (marginalize._isolation)
         if f.model_config is not None:
             built = _build(path, f)
@@ -107,7 +127,7 @@ def load(path, model: Callable | None = None, *, device=None) -> Posterior:
             )
         try:
             problem = prepare(
-                model, f.x.to(device), f.y.to(device), device=device, obs_site=f.obs_site
+                model, px.to(device), py.to(device), device=device, obs_site=f.obs_site
             )
         except (DataError, ModelError) as e:
             if not user_model:
@@ -141,6 +161,11 @@ def load(path, model: Callable | None = None, *, device=None) -> Posterior:
         info = FitInfo.from_dict(f.info)
     except (KeyError, TypeError, ValueError) as e:
         raise FileFormatError(f"{path}: inconsistent info ({e})") from e
+    if isinstance(source, ArrayData):  # in the model's own form (prepare's checks)
+        post_data = (problem.x, problem.y)
+    else:
+        post_data = source
+    state = None if f.state is None else {k: v.to(device) for k, v in f.state.items()}
     return Posterior(
         problem.model,  # a model function comes back with its contract (UserModel)
         problem.layout,
@@ -150,9 +175,17 @@ def load(path, model: Callable | None = None, *, device=None) -> Posterior:
         options=f.options,
         info=info,
         seed=f.seed,
-        data=(problem.x, problem.y),
+        data=post_data,
         num_classes=f.num_classes,
+        state=state,
+        example=(problem.x[:2], problem.y[:2]),
     )
+
+
+def _pair(data) -> tuple:
+    if isinstance(data, (tuple, list)) and len(data) == 2:
+        return tuple(data)
+    raise DataError("data: expected (x, y) arrays or a data loader of (x, y) batches")
 
 
 def _locate(path) -> Path:
@@ -240,19 +273,26 @@ class _Fields:
         if not isinstance(dtype, str) or dtype not in _DTYPES:
             self.fail(f"dtype {dtype!r} is not one of {sorted(_DTYPES)}")
         self.dtype = getattr(torch, dtype)
-        data = p.get("data")
-        if not (
-            isinstance(data, dict)
-            and isinstance(data.get("x"), torch.Tensor)
-            and isinstance(data.get("y"), torch.Tensor)
-        ):
-            self.fail("the training data (x, y tensors) are missing")
-        self.x, self.y = data["x"], data["y"]
-        for name, t in (("x", self.x), ("y", self.y)):
-            if t.dim() == 0 or t.shape[0] < 1 or t.is_complex() or t.dtype == torch.bool:
-                self.fail(f"the training {name} has shape {tuple(t.shape)}, dtype {t.dtype}")
-        if self.x.shape[0] != self.y.shape[0]:
-            self.fail("the training x and y have different numbers of rows")
+        self.x, self.y = self._rows(p.get("data"), "training data")
+        self.example = None
+        if p.get("example") is not None:
+            self.example = self._rows(p.get("example"), "example rows")
+        if self.x is None and self.example is None:
+            self.fail("neither the training data nor example rows are stored")
+        self.state = None
+        state = p.get("state")
+        if state is not None:
+            if not (
+                isinstance(state, dict)
+                and all(
+                    isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+                )
+            ):
+                self.fail("the network's state is not a dict of named tensors")
+            for k, v in state.items():
+                if v.is_complex() or (v.is_floating_point() and not bool(torch.isfinite(v).all())):
+                    self.fail(f"the network's state {k!r} holds non-finite values")
+            self.state = state
         self.approximation = self._approx(p.get("approximation"), nested=False)
         self.obs_site = p.get("obs_site")
         if self.obs_site is not None and not (isinstance(self.obs_site, str) and self.obs_site):
@@ -264,6 +304,24 @@ class _Fields:
 
     def fail(self, what: str):
         raise FileFormatError(f"{self.path}: not a posterior marginalize wrote: {what}")
+
+    def _rows(self, data: Any, what: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``(x, y)`` tensors of ``data`` (``{"x", "y"}``), or ``(None, None)`` for None."""
+        if data is None:
+            return None, None
+        if not (
+            isinstance(data, dict)
+            and isinstance(data.get("x"), torch.Tensor)
+            and isinstance(data.get("y"), torch.Tensor)
+        ):
+            self.fail(f"the {what} are not (x, y) tensors")
+        x, y = data["x"], data["y"]
+        for name, t in (("x", x), ("y", y)):
+            if t.dim() == 0 or t.shape[0] < 1 or t.is_complex() or t.dtype == torch.bool:
+                self.fail(f"the {what}' {name} has shape {tuple(t.shape)}, dtype {t.dtype}")
+        if x.shape[0] != y.shape[0]:
+            self.fail(f"the {what}' x and y have different numbers of rows")
+        return x, y
 
     def _str(self, p: dict, key: str) -> str:
         v = p.get(key)

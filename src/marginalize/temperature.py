@@ -37,7 +37,7 @@ import math
 import pyro.distributions as dist
 import torch
 
-from marginalize.core.predictive import temper
+from marginalize.core.predictive import ChunkDist, temper
 from marginalize.errors import OptionError
 from marginalize.posterior import Posterior
 
@@ -50,7 +50,7 @@ XATOL = 1e-9
 def temperature_scale(
     posterior: Posterior,
     x_val,
-    y_val,
+    y_val=None,
     *,
     num_samples: int | None = None,
     seed: int | None = None,
@@ -62,7 +62,7 @@ def temperature_scale(
     ----------
     posterior : Posterior
         Any fitted posterior (an existing temperature is ignored: ``T`` is fitted afresh).
-    x_val, y_val : array-like
+    x_val, y_val : array-like, or a data loader of ``(x, y)`` batches (``y_val`` None)
         Held-out data (not the training data, or ``T`` learns the fit's overconfidence on it).
     num_samples : int, optional
         Posterior draws used for the fit (default: as ``predict``).
@@ -111,18 +111,25 @@ def temperature_scale(
     if not (0 < lo < 1 < hi and math.isfinite(hi)):
         raise OptionError(f"bounds: expected (low, high) with 0 < low < 1 < high, got {bounds!r}")
     base = _copy(posterior, None)
-    x = base._check_x(x_val, "x_val")
-    y = base._check_y(y_val, x.shape[0])
     with torch.no_grad():
-        dists = [_double(d) for _, chunk in base._chunks(x, num_samples, seed, None) for d in chunk]
-        y64 = y.double() if torch.is_floating_point(y) else y
+        blocks = [
+            (yb.double() if torch.is_floating_point(yb) else yb, [_double(cd) for cd in dists])
+            for yb, dists in base.predictive.observation_blocks(
+                x_val, y_val, num_samples, seed=seed, name="x_val", targets=True
+            )
+        ]
 
         def nll(t: float) -> float:
-            ll = torch.cat([base._per_draw(temper(d, t).log_prob(y64)) for d in dists])
-            return float(-(torch.logsumexp(ll, 0) - math.log(ll.shape[0])).mean())
+            total, n = 0.0, 0
+            for yb, dists in blocks:
+                ll = torch.cat([cd.per_draw(temper(cd.dist, t).log_prob(yb)) for cd in dists])
+                total += float((torch.logsumexp(ll, 0) - math.log(ll.shape[0])).sum())
+                n += ll.shape[1]
+            return -total / n
 
-        one_draw = sum(base._per_draw(d.log_prob(y64)).shape[0] for d in dists) == 1
-        t = _closed_form(dists[0], y64) if one_draw else None
+        yb0, dists0 = blocks[0]
+        one_draw = sum(cd.per_draw(cd.dist.log_prob(yb0)).shape[0] for cd in dists0) == 1
+        t = _closed_form(blocks) if one_draw else None
         if t is None:
             res = minimize_scalar(
                 lambda u: nll(math.exp(u)),
@@ -138,14 +145,20 @@ def temperature_scale(
     return _copy(posterior, t, [before, after])
 
 
-def _double(d):
+def _double(cd: ChunkDist) -> ChunkDist:
+    """A chunk's distribution with its parameters in float64."""
+    return ChunkDist(_double_dist(cd.dist), cd.batched)
+
+
+def _double_dist(d):
     """``d`` with its parameters in float64 (wrappers kept); other families unchanged."""
     if isinstance(d, torch.distributions.Independent):
-        return dist.Independent(_double(d.base_dist), d.reinterpreted_batch_ndims)
+        return dist.Independent(_double_dist(d.base_dist), d.reinterpreted_batch_ndims)
     if isinstance(d, dist.MaskedDistribution):
-        return _double(d.base_dist).mask(d._mask)
+        mask = d._mask  # noqa: SLF001 - Pyro's MaskedDistribution has no public accessor
+        return _double_dist(d.base_dist).mask(mask)
     if isinstance(d, dist.ExpandedDistribution):
-        return _double(d.base_dist).expand(d.batch_shape)
+        return _double_dist(d.base_dist).expand(d.batch_shape)
     if isinstance(d, torch.distributions.Categorical):
         return dist.Categorical(logits=d.logits.double())
     if isinstance(d, torch.distributions.Bernoulli):
@@ -159,26 +172,33 @@ def _double(d):
     return d  # temper() names the families it cannot temper
 
 
-def _closed_form(d, y: torch.Tensor) -> float | None:
-    """The optimal ``T`` of one draw of a Normal or Laplace likelihood, else ``None``."""
-    mask = None
-    while True:
-        if isinstance(d, (torch.distributions.Independent, dist.ExpandedDistribution)):
-            d = d.base_dist
-        elif isinstance(d, dist.MaskedDistribution):
-            mask = d._mask if mask is None else mask & d._mask
-            d = d.base_dist
-        else:
-            break
-    if not isinstance(d, (torch.distributions.Normal, torch.distributions.Laplace)):
+def _closed_form(blocks: list) -> float | None:
+    """The optimal ``T`` of one draw of a Normal or Laplace likelihood over the blocks of
+    ``(y, [distribution])``, else ``None``."""
+    num = den = 0.0
+    normal = None
+    for y, (cd,) in blocks:
+        d, mask = cd.dist, None
+        while True:
+            if isinstance(d, (torch.distributions.Independent, dist.ExpandedDistribution)):
+                d = d.base_dist
+            elif isinstance(d, dist.MaskedDistribution):
+                m = d._mask  # noqa: SLF001 - Pyro's MaskedDistribution has no public accessor
+                mask = m if mask is None else mask & m
+                d = d.base_dist
+            else:
+                break
+        if not isinstance(d, (torch.distributions.Normal, torch.distributions.Laplace)):
+            return None
+        normal = isinstance(d, torch.distributions.Normal)
+        r = (y - d.loc) / d.scale
+        w = torch.ones_like(r) if mask is None else mask.expand(r.shape).to(r.dtype)
+        # Normal, d/dT: sum(-1/T + r^2/T^3) = 0; Laplace: sum(-1/T + |r|/T^2) = 0
+        num += float((w * (r.square() if normal else r.abs())).sum())
+        den += float(w.sum())
+    if den == 0:
         return None
-    r = (y - d.loc) / d.scale
-    w = torch.ones_like(r) if mask is None else mask.expand(r.shape).to(r.dtype)
-    if float(w.sum()) == 0:
-        return None
-    if isinstance(d, torch.distributions.Normal):  # d/dT: sum(-1/T + r^2/T^3) = 0
-        return math.sqrt(float((w * r.square()).sum() / w.sum()))
-    return float((w * r.abs()).sum() / w.sum())  # Laplace: sum(-1/T + |r|/T^2) = 0
+    return math.sqrt(num / den) if normal else num / den
 
 
 def _copy(post: Posterior, temperature: float | None, nll: list | None = None) -> Posterior:
@@ -194,4 +214,6 @@ def _copy(post: Posterior, temperature: float | None, nll: list | None = None) -
         seed=post.seed,
         data=post.data,
         num_classes=post.num_classes,
+        state=post.state,
+        example=post.example,
     )

@@ -365,9 +365,9 @@ def convergence(post, x_test: torch.Tensor) -> dict[str, float]:
     split R-hat and ESS (Vehtari et al. 2021) unrounded. ``rhat_other_max`` is the worst R-hat
     of the sites outside the network's layers (a learned noise scale), reported beside.
     """
-    from marginalize.core.arviz import az, to_inference_data
+    from marginalize.core.arviz import az
 
-    idata = to_inference_data(post, function_inputs=x_test, prior_samples=0)
+    idata = post.to_arviz(function_inputs=x_test, prior_samples=0)
     f = idata.posterior["f"]
     out = {
         "rhat_max": float(az.rhat(f)["f"].max()),

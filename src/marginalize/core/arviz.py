@@ -54,7 +54,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import arviz as az
 import numpy as np
@@ -65,11 +65,10 @@ import xarray as xr
 from pyro import poutine
 
 from marginalize.core.approximations import Empirical, Mixture
-from marginalize.core.predictive import class_probs, regression_moments
+from marginalize.core.data import ArrayData
+from marginalize.core.info import FitInfo
+from marginalize.core.predictive import Draws, Predictive
 from marginalize.errors import DataError, OptionError
-
-if TYPE_CHECKING:  # the Posterior (a layer above) is passed in; never imported here
-    from marginalize.posterior import Posterior
 
 __all__ = [
     "to_inference_data",
@@ -98,8 +97,19 @@ log = logging.getLogger(__name__)
 
 #: posterior variable holding function-space values at ``function_inputs``
 FUNCTION_VAR = "f"
+#: the group of the held-out pointwise log-likelihood (outside ArviZ's schema: ``az.loo``,
+#: ``az.waic`` and ``az.compare`` read ``log_likelihood``, the training data only)
+PREDICTIONS_LOG_LIKELIHOOD = "predictions_log_likelihood"
 #: default number of draws for approximations that can be sampled freely
 DEFAULT_DRAWS = 1000
+#: fewest default draws when the training set is large (PSIS-LOO needs some)
+MIN_DEFAULT_DRAWS = 100
+#: default prior draws, and the fewest when the training set is large
+DEFAULT_PRIOR_DRAWS = 200
+MIN_PRIOR_DRAWS = 20
+#: the cost the default draws may spend on passes over the training inputs, in activations
+#: (draws x inputs x activations one input makes in one draw): about a minute of CPU time
+PASS_BUDGET = 5 * 10**9
 
 
 #: the installed ArviZ version, and whether it is the DataTree generation (arviz >= 1)
@@ -154,13 +164,14 @@ def add_group(data, name: str, ds: xr.Dataset):
     return data
 
 
-def _from_dict(groups: dict[str, dict | None], dims, coords):
+def _from_dict(groups: dict[str, dict | None], dims, coords, pred_dims=None):
     groups = {k: v for k, v in groups.items() if v}
+    kw = {"dims": dims, "coords": coords, "pred_dims": pred_dims or None, "pred_coords": coords}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if ARVIZ_1:
-            return az.from_dict(groups, dims=dims, coords=coords)
-        return az.from_dict(**groups, dims=dims, coords=coords)
+            return az.from_dict(groups, **kw)
+        return az.from_dict(**groups, **kw)
 
 
 # ---- statistics, the same call under either generation ------------------------------------
@@ -300,14 +311,14 @@ def summary(data, var_names: list[str] | None = None, kind: str = "all") -> pd.D
     return _quiet(az.summary, data, var_names=var_names, kind=kind)
 
 
-def draw_count(post: Posterior, num_samples: int | None = None) -> int:
-    """How many draws to request from ``post`` so the InferenceData is not padded.
+def draw_count(predictive: Predictive, num_samples: int | None = None) -> int:
+    """How many draws to request so the ArviZ data are not padded.
 
     MCMC: all stored draws (unless ``num_samples`` is given); a point estimate: one; a mixture
     of point estimates (an ensemble of MAP fits): one per member; otherwise ``num_samples``
-    (default 1000).
+    (default 1000, fewer for large training sets: see :func:`to_inference_data`).
     """
-    approx = post.approximation
+    approx = predictive.approximation
     if num_samples is not None:
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
             raise OptionError(f"num_samples: expected a positive int, got {num_samples!r}")
@@ -318,7 +329,18 @@ def draw_count(post: Posterior, num_samples: int | None = None) -> int:
     if isinstance(approx, Empirical):
         total = approx.draws.shape[0] * approx.draws.shape[1]
         return total if num_samples is None else min(num_samples, total)
-    return DEFAULT_DRAWS if num_samples is None else num_samples
+    if num_samples is not None:
+        return num_samples
+    return min(DEFAULT_DRAWS, max(MIN_DEFAULT_DRAWS, _affordable(predictive)))
+
+
+def _affordable(predictive: Predictive) -> int:
+    """Draws whose pass over the training inputs fits ``PASS_BUDGET`` (activations)."""
+    src = predictive.data
+    if src is None:
+        return DEFAULT_DRAWS
+    units = predictive.units_per_input()
+    return int(PASS_BUDGET // max(1, src.n * units))
 
 
 def _empirical_index(approx: Empirical, num: int) -> torch.Tensor | None:
@@ -330,89 +352,73 @@ def _empirical_index(approx: Empirical, num: int) -> torch.Tensor | None:
     return torch.linspace(0, s - 1, per_chain).round().long()
 
 
-def _check_xy(post: Posterior, x, y, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-    xt = post._check_x(x, name)
-    yt = None if y is None else post._check_y(y, xt.shape[0])
-    return xt, yt
-
-
-def _predictive_pass(
-    post: Posterior,
-    z: torch.Tensor,
-    x: torch.Tensor,
-    y: torch.Tensor | None,
-    generator: torch.Generator,
-    want_f: bool = False,
-):
-    """One pass over flat draws ``(S, D)``: log-likelihood ``(S, N)`` (if ``y``), predictive
-    draws of ``y`` ``(S, N, ...)`` and function values ``(S, N, ...)`` (if ``want_f``)."""
-    size = post._chunk_size(x.shape[0], None)
-    ll, yrep, fs = [], [], []
-    devices = [x.device.index or 0] if x.device.type == "cuda" else []
-    with torch.no_grad(), torch.random.fork_rng(devices=devices):
-        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
-        for start in range(0, z.shape[0], size):
-            for d in post._dists(z[start : start + size], x):
-                if y is not None:
-                    ll.append(post._per_draw(d.log_prob(y)))
-                yrep.append(post._per_draw(d.sample()))
-                if want_f:
-                    if post.task == "classification":
-                        fs.append(post._per_draw(class_probs(d)))
-                    else:
-                        fs.append(post._per_draw(regression_moments(d)["mean"]))  # median w/o mean
-    cat = lambda parts: torch.cat(parts) if parts else None  # noqa: E731
-    return cat(ll), cat(yrep), cat(fs)
-
-
-def _prior_draws(post: Posterior, x: torch.Tensor, num: int, seed: int):
-    """``num`` prior draws of every latent site and of ``y`` at ``x`` (one model trace each).
-
-    A loop of Pyro traces is exact for any model (builder or plain function) and, for the
-    few hundred draws a prior check needs, takes well under a second for the builders' MLPs.
-    """
-    names = post.layout.names
-    sites: dict[str, list[torch.Tensor]] = {n: [] for n in names}
-    ys = []
-    devices = [x.device.index or 0] if x.device.type == "cuda" else []
+def _prior_draws(predictive: Predictive, num: int, seed: int) -> tuple[dict, np.ndarray]:
+    """``num`` prior draws of every latent site (one model trace each, at one input) and of
+    ``y`` at the training inputs (chunked like every pass of the predictive)."""
+    names = predictive.layout.names
+    x1, _ = predictive.data.example(1)
+    x1 = predictive.check_x(x1)
+    values: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    devices = [x1.device.index or 0] if x1.device.type == "cuda" else []
     with torch.no_grad(), torch.random.fork_rng(devices=devices), pyro.validation_enabled(False):
         pyro.set_rng_seed(seed)
         for _ in range(num):
-            tr = poutine.trace(post.model).get_trace(x, None)
+            tr = poutine.trace(predictive.model).get_trace(x1, None)
             for n in names:
-                sites[n].append(tr.nodes[n]["value"].detach())
-            ys.append(tr.nodes["y"]["value"].detach())
-    prior = {n: _np(torch.stack(v))[None] for n, v in sites.items()}
-    return prior, _np(torch.stack(ys))[None]
+                values[n].append(tr.nodes[n]["value"].detach())
+    stacked = {n: torch.stack(v) for n, v in values.items()}
+    z = predictive.layout.pack(stacked, batch_ndim=1)
+    draws = Draws(z, (1, num), predictive.layout)
+    gen = torch.Generator(device=predictive.device).manual_seed(int(seed) + 2)
+    ys = predictive.prior().pointwise(predictive.data, None, draws, gen)["y"]
+    prior = {n: _np(v)[None] for n, v in stacked.items()}
+    return prior, _np(ys)[None]
 
 
-def _y_dims(y: np.ndarray, obs_dim: str, name: str) -> list[str]:
-    return [obs_dim] + [f"{name}_dim_{i}" for i in range(y.ndim - 1)]
+def _x_dims(x: torch.Tensor, obs_dim: str, named: bool) -> list[str]:
+    """Dims of inputs ``(N, ...)``: ``feature`` for rows of features, ``channel``, ``height``,
+    ``width`` for images, ``position``/``feature`` for sequences."""
+    rest = x.dim() - 1
+    if rest == 1:
+        return [obs_dim, "feature"]
+    if rest == 2:
+        return [obs_dim, "position", "feature"]
+    if rest == 3:
+        return [obs_dim, "channel", "height", "width"]
+    return [obs_dim] + [f"x_axis{i + 1}" for i in range(rest)]
 
 
-def _optimization_group(post: Posterior) -> xr.Dataset | None:
-    loss = post.info.loss
+def _y_dims(ndim: int, obs_dim: str, task: str) -> list[str]:
+    """Dims of targets ``(N, ...)``: ``class`` for one-hot labels, ``target`` for several."""
+    if ndim <= 1:
+        return [obs_dim]
+    extra = "class" if task == "classification" else "target"
+    return [obs_dim, extra] + [f"{extra}_axis{i + 1}" for i in range(ndim - 2)]
+
+
+def _optimization_group(info: FitInfo, num_chains: int) -> xr.Dataset | None:
+    loss = info.loss
     if loss is None:
         return None
     arr = np.asarray(_np(loss) if isinstance(loss, torch.Tensor) else loss, dtype=np.float64)
     if arr.ndim == 1:
         dims = ("step",)
-    elif arr.ndim == 2 and arr.shape[0] == post.num_chains:
+    elif arr.ndim == 2 and arr.shape[0] == num_chains:
         dims = ("chain", "step")
     else:
         dims = tuple(f"loss_dim_{i}" for i in range(arr.ndim - 1)) + ("step",)
     ds = xr.Dataset({"loss": (dims, arr)})
-    if post.info.steps_done is not None:
-        ds.attrs["steps_done"] = int(post.info.steps_done)
-    if post.info.converged is not None:
-        ds.attrs["converged"] = int(post.info.converged)
-    if post.info.stopped is not None:
-        ds.attrs["stopped"] = str(post.info.stopped)
+    if info.steps_done is not None:
+        ds.attrs["steps_done"] = int(info.steps_done)
+    if info.converged is not None:
+        ds.attrs["converged"] = int(info.converged)
+    if info.stopped is not None:
+        ds.attrs["stopped"] = str(info.stopped)
     return ds
 
 
-def _sample_stats(post: Posterior, index: torch.Tensor | None) -> dict[str, np.ndarray] | None:
-    stats = post.info.sample_stats
+def _sample_stats(info: FitInfo, index: torch.Tensor | None) -> dict[str, np.ndarray] | None:
+    stats = info.sample_stats
     if not stats:
         return None
     out = {}
@@ -425,45 +431,101 @@ def _sample_stats(post: Posterior, index: torch.Tensor | None) -> dict[str, np.n
     return out
 
 
+def _check_names(feature_names, x: torch.Tensor | None) -> list[str] | None:
+    if feature_names is None:
+        return None
+    names = [str(n) for n in feature_names]
+    if x is not None and (x.dim() != 2 or x.shape[1] != len(names)):
+        raise OptionError(
+            f"feature_names: {len(names)} names for inputs of shape {tuple(x.shape)}; give one "
+            "name per column of 2-D inputs"
+        )
+    if len(set(names)) != len(names):
+        raise OptionError("feature_names: the names must be distinct")
+    return names
+
+
+def _check_prior_samples(prior_samples, predictive: Predictive) -> int:
+    if prior_samples == "auto":
+        if predictive.data is None:
+            return 0
+        return min(DEFAULT_PRIOR_DRAWS, max(MIN_PRIOR_DRAWS, _affordable(predictive)))
+    if isinstance(prior_samples, bool) or not isinstance(prior_samples, int) or prior_samples < 0:
+        raise OptionError(f"prior_samples: expected 'auto' or an int >= 0, got {prior_samples!r}")
+    return prior_samples
+
+
 def to_inference_data(
-    post: Posterior,
+    predictive: Predictive,
     x_test=None,
     y_test=None,
     num_samples: int | None = None,
     function_inputs=None,
-    prior_samples: int = 200,
+    prior_samples: int | str = "auto",
     *,
     seed: int = 0,
+    method: str | None = None,
+    info: FitInfo | None = None,
+    feature_names=None,
+    log_likelihood: bool = True,
+    bn_update: str | bool = "auto",
 ) -> az.InferenceData | xr.DataTree:
-    """Convert a fitted :class:`~marginalize.Posterior` to ArviZ data.
+    """ArviZ data of a fit: its :class:`~marginalize.core.predictive.Predictive` and record.
 
     An ``arviz.InferenceData`` under arviz < 1, an ``xarray.DataTree`` under arviz >= 1; the
-    groups, variables and dims are the same.
+    groups, variables and dims are the same. ``Posterior.to_arviz(...)`` calls this with
+    ``post.predictive``, ``method`` and ``info``.
 
     Parameters
     ----------
-    post : Posterior
-        A fit from :func:`marginalize.fit` (any method).
-    x_test, y_test : array-like, optional
-        Held-out data: adds ``log_likelihood["y_test"]``, ``posterior_predictive["y_test"]``,
-        ``observed_data["y_test"]`` and ``constant_data["x_test"]`` over dim ``test_id``.
-        ``x_test`` alone adds the predictive draws only.
+    predictive : Predictive
+        The posterior predictive of a fit (``post.predictive``).
+    x_test, y_test : array-like or data loader, optional
+        Held-out data, written as PyMC and NumPyro do: predictive draws of ``y`` in the
+        ``predictions`` group, ``x`` (and the observed ``y``) in
+        ``predictions_constant_data``, both over dim ``obs_id`` of their own; the held-out
+        pointwise log-likelihood in ``predictions_log_likelihood`` (outside ArviZ's schema,
+        so ``az.loo``, ``az.waic`` and ``az.compare`` see the training data only).
+        ``x_test`` may be a data loader of ``x`` or ``(x, y)`` batches.
     num_samples : int, optional
         Total posterior draws (split over chains). Default: every stored draw for MCMC, one
-        per member for ensembles of point estimates, one for MAP, else 1000.
+        per member for ensembles of point estimates, one for MAP, else 1000, fewer (at least
+        100) where the passes over the training data would cost more than ``PASS_BUDGET``
+        activations (draws x training inputs x activations per input: about a minute of CPU
+        time; a ResNet on tens of thousands of images gets 100 draws).
     function_inputs : array-like, optional
         Inputs at which to record the function each draw induces as posterior variable
         ``f`` (predictive mean, or class probabilities) over dim ``function_input``. R-hat and
         ESS of ``f`` are the ones to trust for neural networks: weight-space diagnostics are
         inflated by the permutation symmetry of hidden units.
-    prior_samples : int
-        Draws for the ``prior`` and ``prior_predictive`` groups (0 leaves them out).
+    prior_samples : int or "auto"
+        Draws for the ``prior`` and ``prior_predictive`` groups (0 leaves them out). "auto"
+        (default): 200, fewer (at least 20) where their pass over the training inputs would
+        cost more than ``PASS_BUDGET``; none without training data.
     seed : int
-        Seed for the draws (the same seed gives the same InferenceData).
+        Seed for the draws (the same seed gives the same ArviZ data).
+    method : str, optional
+        The method's name (an attribute of the ``posterior`` group).
+    info : FitInfo, optional
+        The fit's record: the ``sample_stats`` (MCMC) and ``optimization`` (loss trace) groups.
+    feature_names : sequence of str, optional
+        Names of the input columns (2-D inputs): coordinates of dim ``feature``.
+    log_likelihood : bool
+        Write the training data's pointwise log-likelihood (the pass over the training set;
+        False skips it, and PSIS-LOO with it).
+    bn_update : "auto", True or False
+        A stateful network's state per chunk of draws (see ``Predictive.predict``).
 
     Returns
     -------
     arviz.InferenceData or xarray.DataTree
+
+    Raises
+    ------
+    DataError
+        ``predictive`` is not a Predictive (a Posterior: call ``post.to_arviz``); bad data.
+    OptionError
+        Bad ``num_samples``, ``prior_samples`` or ``feature_names``.
 
     Examples
     --------
@@ -473,93 +535,125 @@ def to_inference_data(
     >>> sorted(group_names(post.to_arviz(prior_samples=0)))[:3]
     ['constant_data', 'log_likelihood', 'observed_data']
     """
-    if not all(hasattr(post, a) for a in ("approximation", "layout", "log_likelihood")):
-        raise DataError(f"post: expected a marginalize Posterior, got {type(post).__name__}")
-    if isinstance(prior_samples, bool) or not isinstance(prior_samples, int) or prior_samples < 0:
-        raise OptionError(f"prior_samples: expected an int >= 0, got {prior_samples!r}")
+    if not isinstance(predictive, Predictive):
+        hint = (
+            "; for a Posterior call post.to_arviz(...)" if hasattr(predictive, "predictive") else ""
+        )
+        raise DataError(
+            f"predictive: expected a marginalize Predictive, got {type(predictive).__name__}{hint}"
+        )
+    info = FitInfo() if info is None else info
     if y_test is not None and x_test is None:
         raise DataError("y_test: given without x_test")
-    num = draw_count(post, num_samples)
-    z = post.sample_flat(num, seed=seed)
-    chains, draws = z.shape[:2]
-    flat = z.reshape(chains * draws, -1)
-    gen = torch.Generator().manual_seed(int(seed) + 1)
+    n_prior = _check_prior_samples(prior_samples, predictive)
+    num = draw_count(predictive, num_samples)
+    draws = predictive.draws(num, seed=seed)
+    chains, per_chain = draws.shape
+    gen = torch.Generator(device=predictive.device).manual_seed(int(seed) + 1)
+    train = predictive.data
+    train_x = train.x if isinstance(train, ArrayData) else None
+    names = _check_names(feature_names, train_x)
 
-    posterior = {k: _np(v) for k, v in post.layout.unpack(z).items()}
-    dims: dict[str, list[str]] = {s.name: list(s.dims) for s in post.layout.sites}
-    for k, v in post._deterministic_draws(z).items():  # pyro.deterministic sites
+    z = draws.z.reshape(chains, per_chain, -1)
+    posterior = {k: _np(v) for k, v in predictive.layout.unpack(z).items()}
+    dims: dict[str, list[str]] = {s.name: list(s.dims) for s in predictive.layout.sites}
+    for k, v in predictive.deterministic_draws(z).items():  # pyro.deterministic sites
         posterior[k] = _np(v)
         dims[k] = [f"{k}_dim_{i}" for i in range(v.dim() - 2)]
     coords: dict[str, Any] = {}
+    pred_dims: dict[str, list[str]] = {}
     constant: dict[str, np.ndarray] = {}
     observed: dict[str, np.ndarray] = {}
     loglik: dict[str, np.ndarray] = {}
     ppc: dict[str, np.ndarray] = {}
+    predictions: dict[str, np.ndarray] = {}
+    pred_constant: dict[str, np.ndarray] = {}
+    pred_loglik: dict[str, np.ndarray] = {}
 
-    if post.data is not None:
-        x, y = post.data
-        ll, yrep, _ = _predictive_pass(post, flat, x, y, gen)
-        loglik["y"] = _np(ll).reshape(chains, draws, -1)
-        ppc["y"] = _np(yrep).reshape(chains, draws, *yrep.shape[1:])
-        observed["y"] = _np(y)
-        constant["x"] = _np(x)
-        dims["y"] = _y_dims(observed["y"], "obs_id", "y")
-        dims["x"] = ["obs_id"] + [f"x_dim_{i}" for i in range(x.dim() - 1)]
+    def shaped(t: torch.Tensor) -> np.ndarray:
+        return _np(t).reshape(chains, per_chain, *t.shape[1:])
+
+    if train is not None and log_likelihood:
+        out = predictive.pointwise(train, None, draws, gen, bn_update=bn_update, observed=True)
+        ppc["y"] = shaped(out["y"])
+        dims["y"] = _y_dims(out["y"].dim() - 1, "obs_id", predictive.task)
+        if "log_lik" in out:
+            loglik["y"] = shaped(out["log_lik"])
+            observed["y"] = _np(out["observed"])
+        if train_x is not None:
+            constant["x"] = _np(train_x)
+            dims["x"] = _x_dims(train_x, "obs_id", names is not None)
     if x_test is not None:
-        xt, yt = _check_xy(post, x_test, y_test, "x_test")
-        ll, yrep, _ = _predictive_pass(post, flat, xt, yt, gen)
-        ppc["y_test"] = _np(yrep).reshape(chains, draws, *yrep.shape[1:])
-        dims["y_test"] = _y_dims(ppc["y_test"][0, 0], "test_id", "y_test")
-        constant["x_test"] = _np(xt)
-        dims["x_test"] = ["test_id"] + [f"x_dim_{i}" for i in range(xt.dim() - 1)]
-        if yt is not None:
-            loglik["y_test"] = _np(ll).reshape(chains, draws, -1)
-            observed["y_test"] = _np(yt)
+        out = predictive.pointwise(
+            x_test, y_test, draws, gen, bn_update=bn_update, observed=True, name="x_test"
+        )
+        predictions["y"] = shaped(out["y"])
+        pred_dims["y"] = _y_dims(out["y"].dim() - 1, "obs_id", predictive.task)
+        pred_constant["x"] = _np(out["inputs"])
+        pred_dims["x"] = _x_dims(out["inputs"], "obs_id", names is not None)
+        if names is not None:
+            _check_names(names, out["inputs"])
+        if "log_lik" in out:
+            pred_loglik["y"] = shaped(out["log_lik"])
+            pred_constant["y"] = _np(out["observed"])
+    if names is not None:
+        coords["feature"] = names
     if function_inputs is not None:
-        xf, _ = _check_xy(post, function_inputs, None, "function_inputs")
-        _, _, f = _predictive_pass(post, flat, xf, None, gen, want_f=True)
+        out = predictive.pointwise(
+            function_inputs, None, draws, gen, want_f=True, bn_update=bn_update,
+            name="function_inputs", observed=True,
+        )  # fmt: skip
+        f = out["f"]
         fname = FUNCTION_VAR if FUNCTION_VAR not in posterior else f"{FUNCTION_VAR}_"
-        posterior[fname] = _np(f).reshape(chains, draws, *f.shape[1:])
-        extra = "class" if post.task == "classification" else "output"
+        posterior[fname] = shaped(f)
+        extra = "class" if predictive.task == "classification" else "output"
         dims[fname] = ["function_input"] + [
             f"{extra}_dim_{i}" if i else extra for i in range(f.dim() - 2)
         ]
-        constant["function_inputs"] = _np(xf)
-        dims["function_inputs"] = ["function_input"] + [f"x_dim_{i}" for i in range(xf.dim() - 1)]
+        constant["function_inputs"] = _np(out["inputs"])
+        dims["function_inputs"] = _x_dims(out["inputs"], "function_input", names is not None)
 
     prior = prior_pred = None
-    if prior_samples and post.data is not None:
-        prior, yp = _prior_draws(post, post.data[0], prior_samples, seed)
+    if n_prior and train is not None:
+        prior, yp = _prior_draws(predictive, n_prior, seed)
         prior_pred = {"y": yp}
 
-    index = (
-        _empirical_index(post.approximation, num)
-        if isinstance(post.approximation, Empirical)
-        else None
-    )
+    approx = predictive.approximation
+    index = _empirical_index(approx, num) if isinstance(approx, Empirical) else None
     idata = _from_dict(
         {
             "posterior": posterior,
-            "sample_stats": _sample_stats(post, index),
+            "sample_stats": _sample_stats(info, index),
             "log_likelihood": loglik,
             "posterior_predictive": ppc,
+            "predictions": predictions,
             "prior": prior,
             "prior_predictive": prior_pred,
             "observed_data": observed,
             "constant_data": constant,
+            "predictions_constant_data": pred_constant,
         },
         dims,
         coords,
+        pred_dims,
     )
-    opt = _optimization_group(post)
+    if pred_loglik:  # pointwise: over the observations (a vector target's joint density)
+        ll = pred_loglik["y"]
+        ll_dims = ["chain", "draw", "obs_id"] + [f"obs_id_axis{i + 1}" for i in range(ll.ndim - 3)]
+        coords_ll = {"chain": np.arange(chains), "draw": np.arange(per_chain)}
+        ds = xr.Dataset({"y": (ll_dims, ll)}, coords=coords_ll)
+        add_group(idata, PREDICTIONS_LOG_LIKELIHOOD, ds)
+    opt = _optimization_group(info, approx.num_chains)
     if opt is not None:
         add_group(idata, "optimization", opt)
     idata.posterior.attrs.update(
         {
-            "method": post.method,
-            "approximation": post.approximation.kind,
-            "task": post.task,
+            "method": method or "",
+            "approximation": approx.kind,
+            "task": predictive.task,
             "inference_library": "marginalize",
+            "num_draws": int(num),
+            "prior_draws": int(n_prior if train is not None else 0),
         }
     )
     return idata

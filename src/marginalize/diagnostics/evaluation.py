@@ -34,6 +34,7 @@ import pandas as pd
 import torch
 
 from marginalize.core.arviz import to_numpy
+from marginalize.core.data import is_loader
 from marginalize.diagnostics import metrics as mt
 from marginalize.errors import DataError, OptionError
 from marginalize.posterior import Posterior, Prediction
@@ -67,9 +68,10 @@ def normalize_posts(posts) -> dict[str, Posterior]:
 def one_hot_classes(post: Posterior) -> int | None:
     """The number of classes when ``post`` was fitted with one-hot targets (e.g. a
     ``OneHotCategorical`` model), else None."""
-    if post.task != "classification" or post.data is None:
+    example = post.predictive.example
+    if post.task != "classification" or example is None or example[1] is None:
         return None
-    y = post.data[1]
+    y = example[1]
     return int(y.shape[-1]) if y.dim() == 2 else None
 
 
@@ -87,12 +89,17 @@ def model_targets(post: Posterior, y, n: int) -> tuple[torch.Tensor, np.ndarray 
             lab = t.long()
             if len(lab) and (int(lab.min()) < 0 or int(lab.max()) >= k):
                 raise DataError(f"y: labels must lie in [0, {k - 1}]")
-            y = torch.nn.functional.one_hot(lab, k).to(post.data[1].dtype)
-    yt = post._check_y(y, n)
+            y = torch.nn.functional.one_hot(lab, k).to(post.predictive.example[1].dtype)
+    yt = post.predictive.check_y(y, n)
     if post.task != "classification":
         return yt, None
     labels = to_numpy(yt.argmax(-1) if k is not None else yt).astype(np.int64)
     return yt, labels
+
+
+def y_test_rows(y) -> int:
+    """Rows of held-out targets (any array-like)."""
+    return int(y.shape[0]) if hasattr(y, "shape") and len(y.shape) else len(y)
 
 
 def _as_targets(v, d: int, name: str, default: float) -> np.ndarray:
@@ -157,8 +164,14 @@ def evaluate_fit(
     y_scale=None,
 ) -> FitEvaluation:
     """Evaluate one fit on held-out data; see :func:`evaluate`."""
-    x = post._check_x(x_test, "x_test")
-    y, labels = model_targets(post, y_test, x.shape[0])
+    pv = post.predictive
+    if is_loader(x_test):  # the targets come with the batches; the inputs stay in the loader
+        if y_test is not None:
+            raise DataError("y_test: a data loader yields (x, y) batches itself; pass y_test=None")
+        x, y_test = x_test, pv.targets(x_test, name="x_test")
+    else:
+        x = pv.check_x(x_test, "x_test")
+    y, labels = model_targets(post, y_test, y_test_rows(y_test))
     pred = post.predict(x, num_samples=num_samples, seed=seed)
     if post.task == "classification":
         if y_loc is not None or y_scale is not None:
@@ -222,7 +235,8 @@ def evaluate_fit(
     names = ["y"] if d == 1 else [f"y[{j}]" for j in range(d)]
     rows = {names[j]: row(j, float(-logd[:, j].mean() + math.log(scale[j]))) for j in range(d)}
     if d > 1:  # every target together: the joint density of the vector target
-        joint = to_numpy(post.log_predictive(x, y, num_samples=num_samples, seed=seed))
+        yy = None if is_loader(x) else y
+        joint = to_numpy(post.log_predictive(x, yy, num_samples=num_samples, seed=seed))
         rows["all"] = row(slice(None), float(-joint.mean() + np.log(scale).sum()))
     return FitEvaluation(
         name,
@@ -285,7 +299,7 @@ def evaluate(
     ----------
     posts : Posterior or mapping of name to Posterior
         Fits of one task (regression or classification).
-    x_test, y_test : array-like
+    x_test, y_test : array-like, or a data loader of ``(x, y)`` batches (``y_test`` None)
         Held-out inputs ``(N, ...)`` and targets in the format the models were fitted with
         (for a model fitted with one-hot targets, integer labels are accepted too).
     num_samples : int
@@ -324,7 +338,7 @@ def evaluate(
     calibrated regression; Guo et al. (2017), ECE.
     """
     posts = normalize_posts(posts)
-    level = mt._check_level(level)
+    level = mt.check_level(level)
     evals = [
         evaluate_fit(
             name,

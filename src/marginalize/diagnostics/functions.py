@@ -318,9 +318,9 @@ def _link(model_or_dist) -> str:
 
 
 def _units(model: BNN, x: torch.Tensor) -> int:
-    fn = getattr(model, "units_per_input", None)
-    if fn is not None:
-        return int(fn(x))
+    units = model.units_per_input(x)
+    if units is not None:
+        return int(units)
     return max([1, *[s.weight_shape[-1] for s in model.layer_specs()]])
 
 
@@ -506,27 +506,20 @@ def posterior_functions(
         raise DataError(f"post: expected a marginalize Posterior, got {type(post).__name__}")
     model = post.model
     x = _check_inputs(model, x, device=post.device, dtype=post.dtype)
-    z = post.sample_flat(num_samples, seed)
-    c, d = z.shape[:2]
-    flat = z.reshape(c * d, -1)
     if not isinstance(model, BNN):
-        params = post.layout.unpack(flat)
-        draws = [{k: v[i] for k, v in params.items()} for i in range(flat.shape[0])]
+        z = post.sample_flat(num_samples, seed)
+        c, d = z.shape[:2]
+        params = post.layout.unpack(z.reshape(c * d, -1))
+        draws = [{k: v[i] for k, v in params.items()} for i in range(c * d)]
         f, link = _plain_loop(model, x, draws, int(post.seed or 0), progress, "posterior functions")
-    else:
-        size = _chunk(model, x, chunk_size, post.layout.size)
-        f = None
-        for start in tqdm(
-            range(0, flat.shape[0], size),
-            desc="posterior functions",
-            disable=None if progress else True,
-            leave=False,
-        ):
-            chunk = model.forward(post.layout.unpack(flat[start : start + size]), x)
-            f = _write(f, start, chunk, flat.shape[0])
+        f = f.reshape(c, d, *f.shape[1:])
+    else:  # the predictive's pass: chunked by activation memory, with the network's state
+        f = post.predictive.function_draws(
+            x, num_samples, seed=seed, chunk_size=chunk_size, progress=progress
+        )
         link = _link(model)
     return FunctionDraws(
-        f.reshape(c, d, *f.shape[1:]),
+        f,
         x,
         "posterior",
         _task(link),

@@ -50,6 +50,7 @@ __all__ = [
     "calibration_curve",
     "CalibrationCurve",
     "interval_coverage",
+    "check_level",
     "regression_calibration",
     "RegressionCalibration",
     "auroc",
@@ -336,7 +337,8 @@ def mce(probs: Any, y: Any, num_bins: int = 15, binning: str = "width") -> float
 
 
 # ---- regression calibration ----------------------------------------------------------------
-def _check_level(level: float, name: str = "level") -> float:
+def check_level(level: float, name: str = "level") -> float:
+    """``level`` as a float in (0, 1) (an interval's nominal mass); ``OptionError`` else."""
     if (
         isinstance(level, bool)
         or not isinstance(level, (int, float, np.floating))
@@ -364,7 +366,7 @@ def interval_coverage(mean: Any, std: Any, y: Any, level: float = 0.95) -> float
     _same_length(mean=m, std=s, y=t)
     if np.any(s < 0):
         raise DataError("std: must be non-negative")
-    z = NormalDist().inv_cdf(0.5 + _check_level(level) / 2)
+    z = NormalDist().inv_cdf(0.5 + check_level(level) / 2)
     return float((np.abs(t - m) <= z * s).mean())
 
 
@@ -405,7 +407,7 @@ def regression_calibration(
     lv = (
         np.arange(1, 20) / 20
         if levels is None
-        else np.asarray([_check_level(v, "levels") for v in levels], dtype=np.float64)
+        else np.asarray([check_level(v, "levels") for v in levels], dtype=np.float64)
     )
     if lv.size == 0:
         raise OptionError("levels: expected at least one level")

@@ -32,7 +32,8 @@ import numpy as np
 import torch
 
 from marginalize.core import arviz as azc
-from marginalize.core.arviz import FUNCTION_VAR, to_inference_data, to_numpy
+from marginalize.core.arviz import FUNCTION_VAR, to_numpy
+from marginalize.core.data import ArrayData, is_loader
 from marginalize.core.problem import observation_dist
 from marginalize.diagnostics import checks, plots
 from marginalize.diagnostics import metrics as mt
@@ -43,8 +44,10 @@ from marginalize.diagnostics.evaluation import (
     normalize_posts,
     one_hot_classes,
     table_of,
+    y_test_rows,
 )
 from marginalize.diagnostics.stats import MIN_LOO_DRAWS, compare, psis_khat
+from marginalize.errors import DataError
 from marginalize.models.base import BNN
 from marginalize.posterior import Posterior
 
@@ -193,9 +196,11 @@ def describe_likelihood(post: Posterior, y_scale=None) -> str:
             return "Bernoulli (sigmoid of the output)"
         return repr(lik)
     try:
-        z = post.sample_flat(1, seed=0).reshape(1, -1)
-        x = post.data[0][:2] if post.data is not None else None
-        d = next(post._dists(z, x)) if x is not None else None
+        ex = post.predictive.example
+        d = None
+        if ex is not None:
+            _, dists = next(post.predictive.observation_blocks(ex[0], num_samples=1, seed=0))
+            d = dists[0].dist
     except Exception:  # a description must not fail the report
         d = None
     if d is None:
@@ -208,6 +213,20 @@ def describe_likelihood(post: Posterior, y_scale=None) -> str:
     return f"{type(base).__name__}{extra}, as written in the model function"
 
 
+#: numbers of held-out inputs a loader's test set is read into memory for the report's figures
+SHOWN_NUMBERS = 10**7
+
+
+def _shown_inputs(post: Posterior, loader, n: int) -> torch.Tensor:
+    """The inputs of a test loader that the figures show: all of them when they are small
+    (at most ``SHOWN_NUMBERS`` numbers), else the first rows."""
+    src = post.predictive.inputs(loader, name="x_test")
+    first, _ = src.example(1)
+    rows = max(1, min(n, SHOWN_NUMBERS // max(1, first[0].numel())))
+    x, _ = src.example(rows)
+    return x
+
+
 def _evaluate(
     fit: _Fit,
     x_test,
@@ -218,23 +237,24 @@ def _evaluate(
     seed: int,
     y_loc,
     y_scale,
+    feature_names=None,
 ) -> None:
     post = fit.post
-    y_model, _ = model_targets(post, y_test, x_test.shape[0])
-    fit.idata = to_inference_data(
-        post,
+    y_model, _ = model_targets(post, y_test, y_test_rows(y_test))
+    fit.idata = post.to_arviz(
         x_test=x_test,
-        y_test=y_model,
+        y_test=None if is_loader(x_test) else y_model,
         num_samples=num_samples,
         function_inputs=fin,
         prior_samples=0,
         seed=seed,
+        feature_names=feature_names,
     )
     fit.ev = evaluate_fit(
         fit.name,
         post,
         x_test,
-        y_model,
+        None if is_loader(x_test) else y_model,
         num_samples=num_samples,
         seed=seed,
         y_loc=y_loc,
@@ -279,7 +299,7 @@ def _section_fitted(fits: list[_Fit], x_test, y_test, liks: dict[str, str], unit
     else:
         name = getattr(model, "__name__", type(model).__name__)
         desc = f"plain Pyro model function <code>{_esc(name)}</code>"
-    n_train = post.data[0].shape[0] if post.data is not None else "?"
+    n_train = post.data_source.n if post.data_source is not None else "?"
     rows_sites = [
         [f"<code>{_esc(s.name)}</code>", _esc(tuple(s.shape)), _esc(", ".join(s.dims) or "scalar")]
         for s in post.layout.sites
@@ -490,7 +510,13 @@ def metrics_rows(table) -> tuple[list[str], list[list[str]]]:
 def _section_quality(fits: list[_Fit], table, x_test, units: str) -> str:
     task = fits[0].post.task
     parts = ["<h2>3. Predictive quality on the test data</h2>"]
-    if task == "regression" and x_test.dim() == 2 and x_test.shape[1] == 1:
+    n_test = fits[0].ev.y.shape[0] if fits[0].ev.y is not None else x_test.shape[0]
+    if (
+        task == "regression"
+        and x_test.dim() == 2
+        and x_test.shape[1] == 1
+        and n_test == len(x_test)
+    ):
         parts.append(_bands_section(fits, x_test))
     header, rows = metrics_rows(table)
     parts.append(_table(header, rows, 2 if table.index.nlevels > 1 else 1))
@@ -534,9 +560,11 @@ def _section_quality(fits: list[_Fit], table, x_test, units: str) -> str:
 def _bands_section(fits: list[_Fit], x_test) -> str:
     """The 1-D picture: predictive mean and central 50% / 90% bands over a grid, with data."""
     post0 = fits[0].post
+    train = post0.data_source
+    train = train if isinstance(train, ArrayData) else None
     xs = [x_test.detach().cpu().double()[:, 0]]
-    if post0.data is not None:
-        xs.append(post0.data[0].detach().cpu().double()[:, 0])
+    if train is not None:
+        xs.append(train.x.detach().cpu().double()[:, 0])
     allx = torch.cat(xs)
     lo, hi = float(allx.min()), float(allx.max())
     pad = 0.15 * (hi - lo or 1.0)
@@ -549,9 +577,9 @@ def _bands_section(fits: list[_Fit], x_test) -> str:
         mean = to_numpy(pred.mean).astype(np.float64)
         bands[f.name] = (f.ev.to_units(mean), *(f.ev.to_units(v) for v in q))
     xtr = ytr = None
-    if post0.data is not None and post0.data[1].dim() == 1:
-        xtr = to_numpy(post0.data[0])[:, 0]
-        ytr = fits[0].ev.to_units(to_numpy(post0.data[1]).astype(np.float64))
+    if train is not None and train.y is not None and train.y.dim() == 1:
+        xtr = to_numpy(train.x)[:, 0]
+        ytr = fits[0].ev.to_units(to_numpy(train.y).astype(np.float64))
     fig = plots.bands_1d(
         to_numpy(grid)[:, 0],
         bands,
@@ -732,6 +760,7 @@ def build_report(
     y_loc=None,
     y_scale=None,
     notes: list[str] | None = None,
+    feature_names=None,
 ) -> ReportResult:
     """Write the report (see :func:`report`) and return what it found: a
     :class:`ReportResult` with the path, the problems, the notes and the metrics table.
@@ -742,8 +771,14 @@ def build_report(
     t0 = time.perf_counter()
     posts = normalize_posts(posts)
     first = next(iter(posts.values()))
-    x_t = first._check_x(x_test, "x_test")
-    y_t, _ = model_targets(first, y_test, x_t.shape[0])
+    if is_loader(x_test):  # evaluated from the loader; its targets and some inputs for figures
+        if y_test is not None:
+            raise DataError("y_test: a data loader yields (x, y) batches itself; pass y_test=None")
+        y_test = first.predictive.targets(x_test, name="x_test")
+        x_t = _shown_inputs(first, x_test, y_test.shape[0])
+    else:
+        x_t = first.predictive.check_x(x_test, "x_test")
+    y_t, _ = model_targets(first, y_test, y_test_rows(y_test))
     from marginalize.diagnostics.stats import function_inputs_for
 
     fin = function_inputs_for(x_t, NUM_FUNCTION_INPUTS)
@@ -753,7 +788,7 @@ def build_report(
         ts = time.perf_counter()
         _evaluate(
             f,
-            post._check_x(x_test, "x_test"),
+            x_test if is_loader(x_test) else post.predictive.check_x(x_test, "x_test"),
             y_test,
             fin.to(post.device, post.dtype),
             num_samples,
@@ -761,6 +796,7 @@ def build_report(
             seed,
             y_loc,
             y_scale,
+            feature_names,
         )
         log.info("report: evaluated %s in %.1f s", name, time.perf_counter() - ts)
         fits.append(f)
@@ -834,6 +870,7 @@ def report(
     y_loc=None,
     y_scale=None,
     notes: list[str] | None = None,
+    feature_names=None,
 ) -> Path:
     """Write a self-contained HTML report on one or several fits; return its path.
 
@@ -841,7 +878,7 @@ def report(
     ----------
     posts : Posterior or mapping of name to Posterior
         Fits of the same model type and training data (e.g. several methods).
-    x_test, y_test : array-like
+    x_test, y_test : array-like, or a data loader of ``(x, y)`` batches (``y_test`` None)
         Held-out data for predictive quality and calibration, ``y_test`` in the format the
         models were fitted with (a model fitted with one-hot targets also takes labels).
     path : str or Path
@@ -858,6 +895,8 @@ def report(
         :func:`marginalize.evaluate`).
     notes : list of str, optional
         Lines shown under the title (e.g. how the fits were run).
+    feature_names : sequence of str, optional
+        Names of the input columns (the ``feature`` coordinates of the ArviZ data).
 
     Returns
     -------
@@ -889,4 +928,5 @@ def report(
         y_loc=y_loc,
         y_scale=y_scale,
         notes=notes,
+        feature_names=feature_names,
     ).path

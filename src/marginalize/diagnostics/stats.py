@@ -41,7 +41,7 @@ from marginalize.core.approximations import (
     Gaussian,
     Mixture,
 )
-from marginalize.core.arviz import to_inference_data
+from marginalize.core.data import ArrayData
 from marginalize.errors import DataError, OptionError
 from marginalize.posterior import Posterior
 
@@ -80,10 +80,10 @@ def function_inputs_for(x: torch.Tensor, num: int = 5) -> torch.Tensor:
 
 def _as_idata(obj, *, function_inputs=None, num_samples=None, x_test=None, y_test=None, seed=0):
     if isinstance(obj, Posterior):
-        if function_inputs is None and obj.data is not None:
-            function_inputs = function_inputs_for(obj.data[0])
-        return to_inference_data(
-            obj,
+        train = obj.data_source
+        if function_inputs is None and isinstance(train, ArrayData):
+            function_inputs = function_inputs_for(train.x)
+        return obj.to_arviz(
             x_test=x_test,
             y_test=y_test,
             num_samples=num_samples,
@@ -282,11 +282,16 @@ def psis_khat(
     reason = _reason_no_density(post.approximation)
     if reason is not None:
         return PSISResult(float("nan"), reason, 0)
-    if post.data is None:
+    train = post.data_source
+    if train is None:
         return PSISResult(
             float("nan"), "the posterior carries no training data to evaluate p(w, D)", 0
         )
-    problem = prepare(post.model, *post.data)
+    if not isinstance(train, ArrayData):
+        return PSISResult(
+            float("nan"), "PSIS k-hat evaluates p(w, D) with the training data in memory", 0
+        )
+    problem = prepare(post.model, train.x, train.y)
     z = post.sample_flat(num_samples, seed=seed).reshape(-1, post.layout.size)
     parts = []
     with torch.no_grad():

@@ -87,6 +87,13 @@ class BNN:
         ``None`` for a stateless network."""
         return None
 
+    def units_per_input(self, x: torch.Tensor) -> int | None:
+        """Numbers of activations one input of ``x``'s shape makes at the peak of one forward
+        pass of one draw (what sizes the chunks of prediction), or ``None`` when the model
+        does not state it: the predictive layer then measures it with a probe forward
+        (:class:`marginalize.core.predictive.memory.ActivationMeter`)."""
+        return None
+
     def config(self) -> dict[str, Any]:
         raise NotImplementedError
 

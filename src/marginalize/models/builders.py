@@ -122,6 +122,13 @@ class MLP(BNN):
     def layer_names(self) -> list[str]:
         return [s.name for s in self._specs]
 
+    def units_per_input(self, x: torch.Tensor | None = None) -> int:
+        """Activations one input makes at the peak of one draw's forward pass: a layer's
+        input and its output are alive together (the activation runs in place, and the
+        first layer's input, the data, is shared by every draw)."""
+        widths = [s.weight_shape[-1] for s in self._specs]
+        return max([widths[0], *(a + b for a, b in zip(widths, widths[1:], strict=False))])
+
     def check_input(self, x: torch.Tensor, name: str = "x") -> torch.Tensor:
         if x.dim() == 1 and self._in_features == 1:
             x = x[:, None]

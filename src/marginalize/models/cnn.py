@@ -140,10 +140,16 @@ class CNN(BNN):
         return self.in_channels * self.image_size[0] * self.image_size[1]
 
     def units_per_input(self, x: torch.Tensor | None = None) -> int:
-        """Largest number of activations one input produces in one draw (chunk sizing; the
-        unfolded input patches are shared by all draws and not counted)."""
-        units = [c * h * w for c, h, w, _ in self._conv_shapes]
-        units += [s.weight_shape[-1] for s in self._specs[self._n_conv :]]
+        """Activations one input makes at the peak of one draw's forward pass (chunk sizing):
+        a layer's input or its output alive beside the output and the activation's output
+        (the first layer's unfolded patches, shared by the draws, counted in full)."""
+        k = self.kernel_size
+        c_in, units = self.in_channels, []
+        for i, (c, h, w, _) in enumerate(self._conv_shapes):
+            patches = c_in * k * k * h * w if i == 0 else 0
+            units.append(patches + max(c_in, c) * h * w + c * h * w)
+            c_in = c
+        units += [s.weight_shape[0] + s.weight_shape[1] for s in self._specs[self._n_conv :]]
         return max(units)
 
     def check_input(self, x: torch.Tensor, name: str = "x") -> torch.Tensor:
