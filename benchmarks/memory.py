@@ -52,9 +52,10 @@ else:
     f = out.f if hasattr(out, "f") else out
     result_bytes = f.numel() * f.element_size()
 cpu = time.process_time() - t0
+pv = post.predictive
+plan = pv.plan(pv.inputs(x), pv.draws(draws), None)
 print(json.dumps({"before": before, "after": rss(), "result": result_bytes, "cpu": cpu,
-                  "chunk": post._block_plan(n_in, draws, None) if what == "predict"
-                           else post._chunk_size(n_in, None)}))
+                  "chunk": [plan.draws, plan.rows]}))
 """
 
 

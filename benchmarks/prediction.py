@@ -182,7 +182,9 @@ def main(argv=None):
             best_chunk = min(chunks, key=chunks.get)
             floor = min(t_loop, chunks[best_chunk])
             best_tuned = min(tuned, key=tuned.get)
-            draws_used, inputs_used = post._block_plan(n_in, S, None)
+            pv = post.predictive
+            plan = pv.plan(pv.inputs(x), pv.draws(S), None)
+            draws_used, inputs_used = plan.draws, plan.rows
             extra = ""
             if n_in == 100:
                 t_pyro = pyro_predictive_time(model, layout, z, x)

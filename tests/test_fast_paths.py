@@ -300,9 +300,11 @@ def test_analytic_kl_is_the_closed_form(float64, prior_name):
     for spec in pb.model.layer_specs():
         prior = pb.model.priors[spec.name]
         if isinstance(prior, P.Hierarchical):
-            s = math.exp(float(z[pb.layout.slice(f"{spec.name}.scale")])) * prior._c(spec.fan_in)
+            s = math.exp(float(z[pb.layout.slice(f"{spec.name}.scale")])) * prior.scale_factor(
+                spec.fan_in
+            )
         else:
-            s = prior._fixed_scale(spec.fan_in)
+            s = prior.fixed_scale(spec.fan_in)
         for site in ("weight", "bias"):
             sl = pb.layout.slice(f"{spec.name}.{site}")
             q = torch.distributions.Normal(loc[sl], sigma[sl])

@@ -43,17 +43,7 @@ XT = torch.linspace(-2, 2, 9, dtype=torch.float64)[:, None]
 
 def with_info(post, **info):
     """The same approximation predicting with other ``info`` (e.g. another link_approx)."""
-    return Posterior(
-        post.model,
-        post.layout,
-        post.approximation,
-        method=post.method,
-        task=post.task,
-        info={**post.info, **info},
-        seed=post.seed,
-        data=post.data,
-        num_classes=post.num_classes,
-    )
+    return post.replace(info={**post.info, **info})
 
 
 # ---- exact answers ---------------------------------------------------------------------------

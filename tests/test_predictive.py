@@ -278,7 +278,7 @@ def test_the_state_of_each_chunk_of_draws_reaches_forward():
 
 def test_a_point_estimate_uses_its_fitted_state_and_bn_update_is_checked():
     model, pb, x, y, z = _shifted(1)
-    fitted = {"shift": torch.tensor(3.0)}
+    fitted = {"shift": torch.tensor([3.0])}  # one set per chain
     post = Posterior(model, pb.layout, Delta(z[0]), method="map", task="regression",
                      data=(x, y), state=fitted)  # fmt: skip
     xt = torch.zeros(4, 1)
@@ -291,19 +291,34 @@ def test_a_point_estimate_uses_its_fitted_state_and_bn_update_is_checked():
     with pytest.raises(mz.OptionError, match="bn_update"):
         post.predict(xt, bn_update="sometimes")
     no_data = Posterior(model, pb.layout, Empirical(z[None]), method="nuts",
-                        task="regression")  # fmt: skip
+                        task="regression", state=fitted)  # fmt: skip
     with pytest.raises(mz.DataError, match="training inputs"):
-        no_data.predict(xt)
-    assert torch.isfinite(no_data.predict(xt, bn_update=False).mean).all()
+        no_data.predict(xt, bn_update=True)
+    with pytest.warns(UserWarning, match="not re-estimated"):
+        assert torch.allclose(no_data.predict(xt).mean, plain + 3.0)
+
+
+def test_a_fitted_state_per_chain_goes_with_each_chains_draws():
+    """``Posterior.state`` holds one set per chain (ensemble members, SWAG runs): a draw is
+    evaluated with its chain's."""
+    model, pb, x, y, z = _shifted(6)
+    state = {"shift": torch.tensor([10.0, 20.0])}
+    post = Posterior(model, pb.layout, Empirical(z.reshape(2, 3, -1)), method="nuts",
+                     task="regression", data=(x, y), state=state)  # fmt: skip
+    xt = torch.zeros(3, 1)
+    pred = post.predict(xt, chunk_size=4, bn_update=False, return_draws=True)
+    plain = torch.stack([MLP.forward(model, pb.layout.unpack(zs), xt)[:, 0] for zs in z])
+    shift = torch.tensor([10.0] * 3 + [20.0] * 3)[:, None]
+    assert torch.allclose(pred.draws["mean"].reshape(6, 3), plain + shift, atol=1e-5)
 
 
 def test_the_fitted_state_is_saved_and_loaded(tmp_path):
     model, pb, x, y, z = _shifted(1)
     post = Posterior(model, pb.layout, Delta(z[0]), method="map", task="regression",
-                     data=(x, y), state={"shift": torch.tensor(-1.5)})  # fmt: skip
+                     data=(x, y), state={"shift": torch.tensor([-1.5])})  # fmt: skip
     post.save(tmp_path / "fit.pt")
     back = mz.load(tmp_path / "fit.pt", model=model)
-    assert torch.equal(back.state["shift"], torch.tensor(-1.5))
+    assert torch.equal(back.state["shift"], torch.tensor([-1.5]))
     xt = torch.randn(5, 1)
     assert torch.equal(back.predict(xt).mean, post.predict(xt).mean)
 
@@ -324,7 +339,9 @@ def test_files_hold_no_training_data_unless_asked(tmp_path):
     assert torch.equal(back.predict(xt, seed=1).mean, post.predict(xt, seed=1).mean)
     data = back.to_arviz(num_samples=10)
     assert "log_likelihood" not in data.groups() and "posterior" in data.groups()
-    assert np.isnan(mz.diagnostics.stats.psis_khat(back).khat)
+    from marginalize.diagnostics.stats import psis_khat
+
+    assert np.isnan(psis_khat(back).khat)
     with_data = mz.load(tmp_path / "a.pt", data=(x, y))
     assert "log_likelihood" in with_data.to_arviz(num_samples=10).groups()
     post.save(tmp_path / "b.pt", include_data=True)
@@ -394,3 +411,26 @@ def test_the_posterior_is_a_record_over_its_predictive():
     assert isinstance(post.predictive, Predictive) and post.predictive is post.predictive
     assert mz.Predictive is Predictive
     assert post.predictive.data.n == 20
+
+
+def test_out_of_memory_is_raised_not_turned_into_a_loop_or_a_model_error(monkeypatch):
+    """An allocation failure in the vectorized plain-model path reaches the caller as it is."""
+    import pyro
+    import pyro.distributions as dist
+
+    def model(x, y=None):
+        w = pyro.sample("w", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("y", dist.Normal(x @ w, 0.1), obs=y)
+
+    x, y = _reg(30)
+    post = mz.fit(model, x, y, method="svi-meanfield", steps=5, progress=False)
+    post.predict(x[:3], num_samples=4)  # vectorized, checked against a loop once
+
+    def no_memory(*args, **kwargs):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried 10 GB")
+
+    monkeypatch.setattr(torch.func, "vmap", no_memory)
+    with pytest.raises(RuntimeError, match="can't allocate memory"):
+        post.predict(x, num_samples=4)
+    assert post.predictive.plain_draws.vectorized["moments"] is True  # no fallback recorded

@@ -43,7 +43,8 @@ def exclusive() -> Iterator[None]:
     """Run the block alone: under the process-wide lock, with no caller handler active and
     gradients on (see the module docstring). Re-entrant in the same thread."""
     with _LOCK:
-        stack, dims = runtime._PYRO_STACK, runtime._DIM_ALLOCATOR._stack
+        # Pyro keeps its handler stack and plate dims in module globals with no accessor
+        stack, dims = runtime._PYRO_STACK, runtime._DIM_ALLOCATOR._stack  # noqa: SLF001
         saved_stack, saved_dims = stack[:], dims[:]
         del stack[:], dims[:]
         try:
@@ -60,7 +61,7 @@ def no_validation() -> Iterator[None]:
     skip their cost, and a trajectory step does not raise mid-way."""
     import pyro
 
-    old = torch.distributions.Distribution._validate_args
+    old = torch.distributions.Distribution._validate_args  # noqa: SLF001 - no getter in torch
     torch.distributions.Distribution.set_default_validate_args(False)
     try:
         with pyro.validation_enabled(False):

@@ -97,6 +97,42 @@ class Posterior:
         #: posterior loaded from a file saved without its data)
         self.example = example
 
+    def replace(self, **changes: Any) -> Posterior:
+        """A copy with some fields changed (``info``, ``data``, ``state``...): a new record,
+        whose predictive is built afresh.
+
+        >>> import torch, marginalize as mz
+        >>> x = torch.randn(20, 1); y = x[:, 0]
+        >>> post = mz.fit(mz.models.mlp(1, hidden=[]), x, y, method="map", steps=20,
+        ...               progress=False)
+        >>> post.replace(data=None).data is None, post.data is not None
+        (True, True)
+        """
+        fields = {
+            "model": self.model,
+            "layout": self.layout,
+            "approximation": self.approximation,
+            "method": self.method,
+            "task": self.task,
+            "options": self.options,
+            "info": self.info,
+            "seed": self.seed,
+            "data": self.data,
+            "num_classes": self.num_classes,
+            "state": self.state,
+            "example": self.example,
+        }
+        unknown = set(changes) - set(fields)
+        if unknown:
+            raise OptionError(f"replace: unknown fields {sorted(unknown)}; known: {sorted(fields)}")
+        fields.update(changes)
+        model, layout, approx = (
+            fields.pop("model"),
+            fields.pop("layout"),
+            fields.pop("approximation"),
+        )
+        return Posterior(model, layout, approx, **fields)
+
     @cached_property
     def predictive(self) -> Predictive:
         """The posterior predictive of this fit (see :class:`~marginalize.core.predictive.

@@ -202,18 +202,4 @@ def _closed_form(blocks: list) -> float | None:
 
 
 def _copy(post: Posterior, temperature: float | None, nll: list | None = None) -> Posterior:
-    info = post.info.replace(temperature=temperature, temperature_nll=nll)
-    return Posterior(
-        post.model,
-        post.layout,
-        post.approximation,
-        method=post.method,
-        task=post.task,
-        options=post.options,
-        info=info,
-        seed=post.seed,
-        data=post.data,
-        num_classes=post.num_classes,
-        state=post.state,
-        example=post.example,
-    )
+    return post.replace(info=post.info.replace(temperature=temperature, temperature_nll=nll))

@@ -205,7 +205,7 @@ class FlatMLP:
                         out,
                         None,
                         h.offset,
-                        prior._c(spec.fan_in),
+                        prior.scale_factor(spec.fan_in),
                         prior.hyperprior,
                         float(prior.hyperscale),
                     )
@@ -217,7 +217,7 @@ class FlatMLP:
                         b.offset + b.size,
                         fan_in,
                         out,
-                        float(prior._fixed_scale(spec.fan_in)),
+                        float(prior.fixed_scale(spec.fan_in)),
                     )
                 )
         lik = model.likelihood
@@ -230,17 +230,17 @@ class FlatMLP:
                 raise _Unsupported("noise transform")
             self.noise_at = site.offset
         # fixed-scale weights: one precision vector over z (zero elsewhere)
-        self._fixed = [lay for lay in self.layers if lay.scale is not None]
-        self._hier = [lay for lay in self.layers if lay.scale is None]
+        self.fixed_layers = [lay for lay in self.layers if lay.scale is not None]
+        self.hier_layers = [lay for lay in self.layers if lay.scale is None]
         dtype, device = x.dtype, x.device
         prec = torch.zeros(self.dim, dtype=dtype, device=device)
         const = 0.0
-        for lay in self._fixed:
+        for lay in self.fixed_layers:
             n = lay.stop - lay.start
             prec[lay.start : lay.stop] = 1.0 / lay.scale**2
             const -= n * (math.log(lay.scale) + _HALF_LOG_2PI)
-        self._prec = prec
-        self._prior_const = const
+        self.prec = prec
+        self.prior_const = const
         self.set_data(x, y)
 
     # ---- data ------------------------------------------------------------------------------
@@ -278,7 +278,7 @@ class FlatMLP:
             )
             .contiguous()
             .numpy(),
-            "prec": self._prec.numpy(),
+            "prec": self.prec.numpy(),
             "act": act,
             "deriv": deriv,
             "plan": [
@@ -385,7 +385,7 @@ class FlatMLP:
     def log_hyper(self, z: torch.Tensor) -> torch.Tensor:
         """Log prior (with the log-Jacobian) of the positive sites: layer scales and noise."""
         lp = z.new_zeros(z.shape[:-1])
-        for lay in self._hier:
+        for lay in self.hier_layers:
             u = z[..., lay.hyper]
             lp = lp + _hyper_log_prob(lay.hyperprior, lay.hyperscale, u) + u
         if self.noise_at is not None:
@@ -396,8 +396,8 @@ class FlatMLP:
 
     def log_prior(self, z: torch.Tensor) -> torch.Tensor:
         """Log prior density of every latent site plus the log-Jacobian of its transform."""
-        lp = 0.5 * -(z.square() * self._prec).sum(-1) + self._prior_const
-        for lay in self._hier:
+        lp = 0.5 * -(z.square() * self.prec).sum(-1) + self.prior_const
+        for lay in self.hier_layers:
             w = z[..., lay.start : lay.stop]
             n = lay.stop - lay.start
             log_scale = z[..., lay.hyper] + math.log(lay.c)
@@ -509,7 +509,7 @@ class FlatMLP:
                 d *= df @ zn[s:m].reshape(fi, o).T
                 df = d
             np.matmul(c["x_aug_t"], df, out=grad[s0:e0].reshape(fi0 + 1, o0))
-        for lay in self._hier:
+        for lay in self.hier_layers:
             w = zn[lay.start : lay.stop]
             terms = _hier_prior_terms(lay, float(w @ w), float(zn[lay.hyper]))
             if terms is None:
@@ -517,9 +517,9 @@ class FlatMLP:
             u += terms[0]
             grad[lay.hyper] = terms[1]
             grad[lay.start : lay.stop] += w * terms[2]
-        if self._fixed:  # fixed-scale Gaussian priors: one precision vector over z
+        if self.fixed_layers:  # fixed-scale Gaussian priors: one precision vector over z
             gp = zn * c["prec"]
-            u += 0.5 * float(gp @ zn) - self._prior_const
+            u += 0.5 * float(gp @ zn) - self.prior_const
             grad += gp
         if not abs(u) <= c["max"]:  # also catches NaN
             return math.inf, np.zeros_like(zn)
@@ -573,7 +573,7 @@ class FlatMLP:
             )
         pieces.append((layers[0].start, torch.mm(d.x_aug_t, df).view(-1)))
         hier_inv_var = []
-        for lay in self._hier:
+        for lay in self.hier_layers:
             w = z[lay.start : lay.stop]
             terms = _hier_prior_terms(lay, float(torch.dot(w, w)), float(z[lay.hyper]))
             if terms is None:
@@ -583,11 +583,11 @@ class FlatMLP:
             hier_inv_var.append(terms[2])
         pieces.sort(key=lambda t: t[0])
         grad = torch.cat([p for _, p in pieces])
-        if self._fixed:
-            gp = z * self._prec
-            u += 0.5 * float(torch.dot(gp, z)) - self._prior_const
+        if self.fixed_layers:
+            gp = z * self.prec
+            u += 0.5 * float(torch.dot(gp, z)) - self.prior_const
             grad.add_(gp)
-        for lay, inv_var in zip(self._hier, hier_inv_var, strict=True):
+        for lay, inv_var in zip(self.hier_layers, hier_inv_var, strict=True):
             grad[lay.start : lay.stop].add_(z[lay.start : lay.stop], alpha=inv_var)
         if not abs(u) <= torch.finfo(z.dtype).max:  # also catches NaN
             return z.new_tensor(math.inf), torch.zeros_like(z)
@@ -645,10 +645,10 @@ class FlatMLP:
                 dh = torch.matmul(df, ws[k][..., :-1, :].mT)
                 df = self.act_backward(dh, pre[k - 1], hs[k][..., :-1])
         # prior
-        gp = z * self._prec
-        u = -ll - self._prior_const + 0.5 * (gp * z).sum(-1)
+        gp = z * self.prec
+        u = -ll - self.prior_const + 0.5 * (gp * z).sum(-1)
         grad.add_(gp)
-        for lay in self._hier:
+        for lay in self.hier_layers:
             w = z[..., lay.start : lay.stop]
             uh = z[..., lay.hyper]
             n = lay.stop - lay.start

@@ -113,9 +113,9 @@ def sample_prior(
         if isinstance(prior, Hierarchical):
             hyper = _hyper_draws(prior, s, like, generator)
             out[f"{g.layer}.scale"] = hyper
-            scale = hyper * prior._c(g.fan_in)
+            scale = hyper * prior.scale_factor(g.fan_in)
         else:
-            scale = like.new_full((s,), prior._fixed_scale(g.fan_in))
+            scale = like.new_full((s,), prior.fixed_scale(g.fan_in))
         for name, shape in g.sites:
             out[name] = _randn((s, *shape), like, generator) * scale.reshape(s, *(1,) * len(shape))
     lik = model.likelihood

@@ -223,7 +223,7 @@ class ModuleBNN(BNN):
             like = like.new_zeros((), dtype=self._float(like))
         params: dict[str, torch.Tensor] = {}
         for g in self._groups:
-            scale = g.prior._scale(g.layer, g.fan_in, like)  # samples the hyper sites, if any
+            scale = g.prior.sample_scale(g.layer, g.fan_in, like)  # samples the hyper sites, if any
             for n, shape in g.sites:
                 params[n] = pyro.sample(
                     n, dist.Normal(like.new_zeros(()), scale).expand(shape).to_event(len(shape))
@@ -239,7 +239,7 @@ class ModuleBNN(BNN):
             w0 = params[first]
             bnd = w0.dim() - len(shape0)
             batch = tuple(w0.shape[:bnd])
-            term, scale = g.prior._hyper_log_prob(g.layer, params, g.fan_in, w0, bnd)
+            term, scale = g.prior.hyper_log_prob(g.layer, params, g.fan_in, w0, bnd)
             for n, shape in g.sites:
                 v = params[n]
                 term = term + dist.Normal(0.0, _trailing(scale, len(shape))).log_prob(v).reshape(

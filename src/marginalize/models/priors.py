@@ -48,7 +48,7 @@ class Prior:
         like: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Draw ``{layer}.weight`` (and ``{layer}.bias``) as Pyro sample sites."""
-        scale = self._scale(layer, fan_in, like)
+        scale = self.sample_scale(layer, fan_in, like)
         w = pyro.sample(
             f"{layer}.weight",
             dist.Normal(like.new_zeros(()), scale).expand(weight_shape).to_event(len(weight_shape)),
@@ -72,7 +72,7 @@ class Prior:
         """Log density of the layer's sites in ``params`` (leading batch dims kept)."""
         w = params[f"{layer}.weight"]
         batch_ndim = w.dim() - weight_ndim
-        lp, scale = self._hyper_log_prob(layer, params, fan_in, w, batch_ndim)
+        lp, scale = self.hyper_log_prob(layer, params, fan_in, w, batch_ndim)
         scale_w = _trailing(scale, weight_ndim) if scale.dim() else scale
         lp = lp + dist.Normal(0.0, scale_w).log_prob(w).flatten(batch_ndim).sum(-1)
         if has_bias:
@@ -82,13 +82,19 @@ class Prior:
         return lp
 
     # hooks -------------------------------------------------------------------------------
-    def _scale(self, layer: str, fan_in: int, like: torch.Tensor) -> torch.Tensor:
+    def sample_scale(self, layer: str, fan_in: int, like: torch.Tensor) -> torch.Tensor:
+        """The weights' prior SD for ``layer`` inside a Pyro model (samples the hyper sites of
+        a hierarchical prior), in ``like``'s dtype and device."""
         raise NotImplementedError
 
-    def _hyper_log_prob(self, layer, params, fan_in, w, batch_ndim):
-        return w.new_zeros(w.shape[:batch_ndim]), w.new_tensor(self._fixed_scale(fan_in))
+    def hyper_log_prob(self, layer, params, fan_in, w, batch_ndim):
+        """``(log density of the hyper sites, weights' prior SD)`` for batched ``params``
+        (``batch_ndim`` leading dims of ``w``), without Pyro."""
+        return w.new_zeros(w.shape[:batch_ndim]), w.new_tensor(self.fixed_scale(fan_in))
 
-    def _fixed_scale(self, fan_in: int) -> float:
+    def fixed_scale(self, fan_in: int) -> float:
+        """The weights' prior SD for a layer of fan-in ``fan_in`` (priors without hyper
+        sites)."""
         raise NotImplementedError
 
     def hyper_sites(self, layer: str) -> list[str]:
@@ -123,11 +129,11 @@ class Normal(Prior):
                 f"Normal prior: scale must be a positive finite number, got {self.scale!r}"
             )
 
-    def _fixed_scale(self, fan_in: int) -> float:
+    def fixed_scale(self, fan_in: int) -> float:
         return float(self.scale)
 
-    def _scale(self, layer, fan_in, like):
-        return like.new_tensor(self._fixed_scale(fan_in))
+    def sample_scale(self, layer, fan_in, like):
+        return like.new_tensor(self.fixed_scale(fan_in))
 
 
 @dataclass(repr=False)
@@ -154,9 +160,9 @@ class ScaledNormal(Prior):
     def scale_for(self, fan_in: int) -> float:
         return float(self.gain) / math.sqrt(fan_in)
 
-    _fixed_scale = scale_for
+    fixed_scale = scale_for
 
-    def _scale(self, layer, fan_in, like):
+    def sample_scale(self, layer, fan_in, like):
         return like.new_tensor(self.scale_for(fan_in))
 
 
@@ -201,19 +207,20 @@ class Hierarchical(Prior):
     def _hyper(self, like: torch.Tensor):
         return _HYPERPRIORS[self.hyperprior](like.new_tensor(float(self.hyperscale)))
 
-    def _c(self, fan_in: int) -> float:
+    def scale_factor(self, fan_in: int) -> float:
+        """What the hyper scale is multiplied by for a layer of fan-in ``fan_in``."""
         return 1.0 / math.sqrt(fan_in) if self.fan_in_scaled else 1.0
 
     def hyper_sites(self, layer: str) -> list[str]:
         return [f"{layer}.scale"]
 
-    def _scale(self, layer, fan_in, like):
+    def sample_scale(self, layer, fan_in, like):
         s = pyro.sample(f"{layer}.scale", self._hyper(like))
-        return s * self._c(fan_in)
+        return s * self.scale_factor(fan_in)
 
-    def _hyper_log_prob(self, layer, params, fan_in, w, batch_ndim):
+    def hyper_log_prob(self, layer, params, fan_in, w, batch_ndim):
         s = params[f"{layer}.scale"]
-        return self._hyper(w).log_prob(s), s * self._c(fan_in)
+        return self._hyper(w).log_prob(s), s * self.scale_factor(fan_in)
 
 
 _KINDS = {cls.kind: cls for cls in (Normal, ScaledNormal, Hierarchical)}

@@ -26,7 +26,7 @@ from pyro.poutine.messenger import Messenger
 from marginalize._isolation import exclusive
 from marginalize.core.predictive.summaries import class_probs, log_prob
 from marginalize.core.problem import _no_validation
-from marginalize.errors import ModelError
+from marginalize.errors import ModelError, is_out_of_memory
 
 __all__ = ["PlainDraws"]
 
@@ -84,6 +84,8 @@ class PlainDraws:
             with exclusive():  # Pyro's handler stack is global (marginalize._isolation)
                 return self._dist(z, x)
         except Exception as e:
+            if is_out_of_memory(e):  # the input block is too large, not the model at fault
+                raise
             raise ModelError(
                 f"the model raised {type(e).__name__} when called as model(x) "
                 f"with x of shape {tuple(x.shape)}: {e}"
@@ -130,7 +132,9 @@ class PlainDraws:
         first = kind not in self.vectorized
         try:
             out = torch.func.vmap(raw, randomness="same")(z)
-        except Exception as e:  # noqa: BLE001 - any failure: the loop
+        except Exception as e:  # noqa: BLE001 - any failure but memory: the loop
+            if is_out_of_memory(e):
+                raise
             msg = (str(e).strip().splitlines() or [""])[0]
             return self._give_up(kind, f"torch.func.vmap cannot run it ({type(e).__name__}: {msg})")
         if first:

@@ -73,7 +73,7 @@ from marginalize.core.predictive.summaries import (
     regression_moments,
 )
 from marginalize.core.problem import UserModel, _no_validation
-from marginalize.errors import DataError, OptionError
+from marginalize.errors import DataError, ModelError, OptionError
 from marginalize.models.base import BNN
 
 __all__ = ["Predictive", "Draws", "BN_UPDATE", "DEFAULT_DRAWS"]
@@ -147,7 +147,8 @@ class Predictive:
     seed : int, optional
         The fit's seed; draws use ``seed + 7919`` unless a seed is given.
     state : mapping, optional
-        The network's fitted state (BatchNorm statistics at the fitted weights).
+        The network's fitted state (BatchNorm statistics at the fitted weights), one set per
+        chain: ``{name: (num_chains or 1, ...)}``.
 
     Examples
     --------
@@ -189,6 +190,8 @@ class Predictive:
         self.given_example = example
         self.seed = seed
         self.state = None if state is None else dict(state)
+        #: whether the missing-data warning of ``bn_update="auto"`` was given
+        self.warned_state = False
 
     # ---- what is fixed for the posterior ---------------------------------------------------
     @cached_property
@@ -225,14 +228,15 @@ class Predictive:
             temperature=self.temperature,
             example=None if self.example is None else self.example[0],
             inputs=None if self.data is None else self._training_inputs,
-            state=self.state,
+            state=None if not self.state else {k: v[0] for k, v in self.state.items()},
         )
 
     @cached_property
     def network(self) -> Network:
         """Where draws meet inputs (:mod:`marginalize.core.predictive.network`)."""
         if self.builder:
-            net: Network = BuilderNetwork(self.model, self.layout, self.temperature, self.state)
+            first = None if not self.state else {k: v[0] for k, v in self.state.items()}
+            net: Network = BuilderNetwork(self.model, self.layout, self.temperature, first)
         else:
             net = PlainNetwork(self.model, self.layout, self.temperature)
         if self.linearized is not None:
@@ -374,19 +378,48 @@ class Predictive:
         if not (self.builder and self.model.stateful):
             return None
         if not self.recompute_state(bn_update):
-            return self.state
+            return self.fitted_state(draws, s0, s1)
         params = {k: v[s0:s1] for k, v in draws.params.items()}
         rows = max(1, plan.rows * plan.draws // max(1, s1 - s0))
         return self.model.state_from_data(params, self._training_inputs(rows))
 
+    def fitted_state(self, draws: Draws, s0: int, s1: int) -> dict[str, torch.Tensor] | None:
+        """The fitted state (``state``: one set per chain, ``(chains or 1, ...)``) for draws
+        ``s0:s1``: each draw gets its chain's; a single set is shared (no leading dims)."""
+        if not self.state:
+            return None
+        c0 = int(next(iter(self.state.values())).shape[0])
+        if c0 == 1:
+            return {k: v[0] for k, v in self.state.items()}
+        chains, per_chain = draws.shape
+        if c0 != chains:
+            raise ModelError(
+                f"state: the fitted network state has {c0} sets, the posterior {chains} chains"
+            )
+        chain = torch.arange(s0, s1, device=self.device) // per_chain
+        return {k: v[chain] for k, v in self.state.items()}
+
     def recompute_state(self, bn_update) -> bool:
         """Whether a stateful network's state is estimated for each chunk of draws from the
         training inputs (``bn_update``; see :meth:`predict`)."""
-        if bn_update not in BN_UPDATE:
+        if not (bn_update == "auto" or isinstance(bn_update, bool)):
             raise OptionError(f"bn_update: expected 'auto', True or False, got {bn_update!r}")
-        if bn_update == "auto":
-            return not self.approximation.deterministic
-        return bool(bn_update)
+        if bn_update != "auto":
+            return bn_update
+        if self.approximation.deterministic:
+            return False
+        if self.data is None:
+            if self.builder and self.model.stateful and not self.warned_state:
+                self.warned_state = True
+                warnings.warn(
+                    "bn_update='auto': the network's state (BatchNorm statistics) is not "
+                    "re-estimated for each posterior draw, as the posterior carries no training "
+                    "data; the fitted state is used. Pass the data (mz.load(path, data=...)) "
+                    "for per-draw statistics.",
+                    stacklevel=4,
+                )
+            return False
+        return True
 
     # ---- predict ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -421,7 +454,8 @@ class Predictive:
             For a stateful network (BatchNorm): True estimates the state of each chunk of
             draws with one pass over the training inputs (the SWAG recipe, Maddox et al.
             2019); False uses the fitted state (the network's own buffers without one);
-            "auto" (default) is False for a point estimate, True for posteriors with draws.
+            "auto" (default) is True for posteriors with draws when the training data are at
+            hand (else False, with a warning), False for a point estimate.
             Stateless networks ignore it.
 
         Returns

@@ -56,18 +56,18 @@ class MeanFieldELBO:
         self.fp = fp
         self.analytic = analytic_kl
         dim = fp.dim
-        like = fp._prec
+        like = fp.prec
         fixed = torch.zeros(dim, dtype=torch.bool, device=like.device)
-        for lay in fp._fixed:
+        for lay in fp.fixed_layers:
             fixed[lay.start : lay.stop] = True
         #: coordinates of the positive sites (Monte Carlo KL even when analytic)
-        mc = [lay.hyper for lay in fp._hier]
+        mc = [lay.hyper for lay in fp.hier_layers]
         if fp.noise_at is not None:
             mc.append(fp.noise_at)
         self.mc_idx = torch.tensor(sorted(mc), dtype=torch.long, device=like.device)
         # sum over fixed-prior coordinates of (log s - 1/2)
         self.kl_const = sum(
-            (lay.stop - lay.start) * (math.log(lay.scale) - 0.5) for lay in fp._fixed
+            (lay.stop - lay.start) * (math.log(lay.scale) - 0.5) for lay in fp.fixed_layers
         )
         self.dim = dim
 
@@ -97,8 +97,8 @@ class MeanFieldELBO:
             log_q = -log_sigma_sum - 0.5 * eps.square().sum(-1) - self.dim * _HALF_LOG_2PI
             return log_q - fp.log_prior(z)
         moment = sigma.square() + loc.square()  # E_q[w^2] per coordinate
-        kl = torch.dot(moment, fp._prec) * 0.5 + self.kl_const - log_sigma_sum
-        for lay in fp._hier:
+        kl = torch.dot(moment, fp.prec) * 0.5 + self.kl_const - log_sigma_sum
+        for lay in fp.hier_layers:
             n = lay.stop - lay.start
             log_scale = z[..., lay.hyper] + math.log(lay.c)
             kl = (

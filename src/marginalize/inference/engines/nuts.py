@@ -352,7 +352,7 @@ class _Kernel:
             return torch.addmv(z, self.minv, p, alpha=eps)
         return torch.addcmul(z, self.minv, p, value=eps)
 
-    def _potential(self, z):
+    def potential(self, z):
         u, g = self.pg(z)
         if g.requires_grad:
             g = g.detach()
@@ -370,7 +370,7 @@ class _Kernel:
         def log_ratio(e: float) -> float:
             p = self._axpy(p0, g0, -0.5 * e)
             z1 = self._drift(z, p, e)
-            u1, g1 = self._potential(z1)
+            u1, g1 = self.potential(z1)
             p = self._axpy(p, g1, -0.5 * e)
             h1 = u1 + 0.5 * self._dot(p, self.velocity(p))
             d = h0 - h1
@@ -405,14 +405,14 @@ class _Kernel:
             p = axpy(p, gr, half)
             v = axpy(v, w, half)
             z = axpy(z, v, eps)
-            u, gr = self._potential(z)
+            u, gr = self.potential(z)
             w = self._mv(self.minv, gr)
             p = axpy(p, gr, half)
             v = axpy(v, w, half)
             return z, p, v, (gr, w), u, 0.5 * self._dot(p, v)
         p = axpy(p, g, half)
         z = self._drift(z, p, eps)
-        u, g = self._potential(z)
+        u, g = self.potential(z)
         p = axpy(p, g, half)
         v = self.minv * p
         return z, p, v, g, u, 0.5 * self._dot(p, v)
@@ -562,7 +562,7 @@ class _Kernel:
             axpy, drift, potential, half, g = (
                 self._axpy,
                 self._drift,
-                self._potential,
+                self.potential,
                 -0.5 * eps,
                 g0,
             )
@@ -647,7 +647,7 @@ class _NumpyKernel(_Kernel):
         t += z
         return t
 
-    def _potential(self, z):
+    def potential(self, z):
         return self.pg(z)
 
     def _leaf(self, z, p, v, g, eps: float):
@@ -927,7 +927,7 @@ def run_sampler(
         raise ValueError("state.inverse_mass is not positive definite") from exc
     z = kernel.native(z)
     with np.errstate(all="ignore"):
-        u, g = kernel._potential(z)
+        u, g = kernel.potential(z)
     if not math.isfinite(u):
         raise ValueError(f"initial point has non-finite potential ({u})")
     if tuple(g.shape) != (dim,):

@@ -86,7 +86,7 @@ def _rows(fp: FlatMLP, idx: torch.Tensor | None) -> _Data:
 
 def _positive_index(fp: FlatMLP, device) -> torch.Tensor:
     """Coordinates of ``z`` under an ``exp`` transform (layer scales, noise)."""
-    at = [lay.hyper for lay in fp._hier] + ([fp.noise_at] if fp.noise_at is not None else [])
+    at = [lay.hyper for lay in fp.hier_layers] + ([fp.noise_at] if fp.noise_at is not None else [])
     return torch.tensor(sorted(at), dtype=torch.long, device=device)
 
 
@@ -259,7 +259,7 @@ class LowRankObjective(_Noisy):
         self._eye = torch.eye(self.rank, dtype=problem.dtype, device=problem.device)
         fp = self.fp
         #: the log prior beyond the fixed-scale Normal terms is only the positive sites' part
-        self._simple_prior = fp is not None and not fp._hier
+        self._simple_prior = fp is not None and not fp.hier_layers
 
     def split(self, params: torch.Tensor):
         """``(loc, rho, F^T)`` views of ``params``; ``F^T`` is ``(r, D)``."""
@@ -318,11 +318,11 @@ class LowRankObjective(_Noisy):
         ll = fp.log_likelihood(z, _rows(fp, batch.idx))
         # E_q[log N(z_i; 0, s_i)] in closed form for fixed-scale Normal priors
         second = loc.square() + s.square() * (1.0 + ft.square().sum(0))
-        lp_fixed = -0.5 * torch.dot(second, fp._prec) + fp._prior_const
+        lp_fixed = -0.5 * torch.dot(second, fp.prec) + fp.prior_const
         if self._simple_prior:
             lp_rest = fp.log_hyper(z)
         else:
-            lp_rest = fp.log_prior(z) - (-0.5 * (z.square() * fp._prec).sum(-1) + fp._prior_const)
+            lp_rest = fp.log_prior(z) - (-0.5 * (z.square() * fp.prec).sum(-1) + fp.prior_const)
         out = -(batch.scale * ll + lp_rest)
         return (out.mean() if out.dim() else out) - lp_fixed - entropy
 
@@ -350,10 +350,10 @@ class LowRankObjective(_Noisy):
             chol = torch.linalg.cholesky(torch.addmm(self._eye, ft, ft.T))
             cinv = torch.cholesky_inverse(chol)
             row2 = (ft * ft).sum(0)  # |F_i|^2
-            prec = fp._prec
+            prec = fp.prec
             w = prec * s * s
             lp_fixed = -0.5 * (torch.dot(w, 1.0 + row2) + torch.dot(prec, loc * loc))
-            lp_fixed = lp_fixed + fp._prior_const
+            lp_fixed = lp_fixed + fp.prior_const
             log_det = 2.0 * torch.log(s).sum() + 2.0 * torch.log(torch.diagonal(chol)).sum()
             entropy = 0.5 * log_det + self.dim * (0.5 + _HALF_LOG_2PI)
             loss = loss_z.detach() - lp_fixed - entropy
@@ -408,8 +408,10 @@ class PyroObjective(Objective):
             guide(problem.x, problem.y)
         store = pyro.get_param_store()
         self.names = list(store.keys())
-        self.constraints = [store._constraints[n] for n in self.names]
-        self.shapes = [store._params[n].shape for n in self.names]
+        # Pyro's param store has no accessor for constraints and unconstrained values that
+        # leaves its parameters as they are (get_state() edits them)
+        self.constraints = [store._constraints[n] for n in self.names]  # noqa: SLF001
+        self.shapes = [store._params[n].shape for n in self.names]  # noqa: SLF001
         self.sizes = [math.prod(s) for s in self.shapes]
         self.scaler = _ScaleObs(1.0)
 
@@ -423,7 +425,7 @@ class PyroObjective(Objective):
         import pyro
 
         store = pyro.get_param_store()
-        return [store._params[n] for n in self.names]
+        return [store._params[n] for n in self.names]  # noqa: SLF001 - see __init__
 
     def initial(self) -> torch.Tensor:
         return torch.cat([t.detach().reshape(-1) for t in self._tensors()])

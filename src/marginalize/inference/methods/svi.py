@@ -73,7 +73,7 @@ class VIOptions(TrainOptions):
 def _guide_loc_scale_normal(guide: AutoNormal, problem: Problem):
     locs, scales = [], []
     for s in problem.layout.sites:
-        loc, scale = guide._get_loc_and_scale(s.name)
+        loc, scale = guide._get_loc_and_scale(s.name)  # noqa: SLF001 - AutoNormal's own reader
         locs.append(loc.detach().reshape(-1))
         scales.append(scale.detach().reshape(-1))
     return torch.cat(locs), torch.cat(scales)
@@ -171,7 +171,7 @@ class LowRank(Method):
             objective = PyroObjective(problem, guide, Trace_ELBO(num_particles=opts.num_particles))
             run = _train(problem, objective, objective.initial(), opts, seed, progress, self.name)
             objective.write_back(run.params)
-            names = list(guide._unconstrained_shapes)
+            names = list(guide._unconstrained_shapes)  # noqa: SLF001 - Pyro has no getter
             if names != problem.layout.names:  # pragma: no cover - guards Pyro internals
                 raise RuntimeError(
                     f"latent order differs between guide {names} and layout {problem.layout.names}"
