@@ -227,12 +227,17 @@ def main(argv=None):
         + ("met" if worst <= 1.3 else "NOT met"),
         "Pyro Predictive timed over 50 draws and scaled to 1,000",
         "the floor is the issue's: the faster of a plain loop over draws and a chunked batched "
-        "matmul (`baddbmm`, best chunk of a sweep). `Posterior.predict` beats it where it does "
-        "by doing more than that floor: the activation in place, a fused multiply-add for a "
-        "one-feature first layer, `bmm` for a one-output last layer, and blocks of inputs that "
-        "stay in cache. The tuned floor is that same computation written by hand without "
-        "the library (best chunk and block of a sweep); worst ratio to it: "
-        f"{max(tuned_ratios):.2f}x",
+        "matmul (`baddbmm`, best chunk of a sweep). `Posterior.predict` (through "
+        "`Posterior.predictive`, the `Predictive` layer) sizes its chunks from the activations "
+        "one input makes in one draw (`core/predictive/memory.py`): at few inputs as many draws "
+        "as stay within 4 MiB of activations (the activation in place, a fused multiply-add for "
+        "a one-feature first layer, `bmm` for a one-output last layer); when fewer than 8 draws "
+        "fit with every input, one draw over blocks of up to 64 MiB of inputs (a loop of large "
+        "matrix products, what the floor's loop does). The tuned floor is the batched "
+        "computation written by hand without the library (best chunk and block of a sweep); "
+        f"worst ratio to it: {max(tuned_ratios):.2f}x",
+        "the machine was shared with other jobs (2 cores): ratios are measured in one process "
+        "against a floor timed beside them, so the load mostly cancels",
     ]
     C.report(
         "prediction",

@@ -422,17 +422,19 @@ def test_prediction_chunks_equal_a_loop_over_draws(float64, lik, monkeypatch):
     per_draw, per_draw_var = torch.stack(per_draw), torch.stack(per_draw_var)
     plans = [(chunk, None) for chunk in (None, 1, 5, 37, 100)]
     # bytes per draw and input: 8 (float64) x 12 (the 7 and 5 units of the hidden layers alive
-    # together); with at least 2 draws per chunk, blocks of 3 inputs; then 3 draws over all 11
+    # together); fewer than 2 draws fit with every input: one draw over blocks of 6 inputs;
+    # then 3 draws over all 11
     row = 8 * model.units_per_input()
     assert model.units_per_input() == 12
     plans += [(None, 2 * 3 * row), (None, 3 * 11 * row)]
     for chunk, budget in plans:
         if budget is not None:
             monkeypatch.setattr(memory_module, "CPU_CHUNK_BYTES", budget)
+            monkeypatch.setattr(memory_module, "CPU_MAX_CHUNK_BYTES", budget)
             monkeypatch.setattr(memory_module, "MIN_DRAWS_PER_CHUNK", 2)
             pv = post.predictive
             plan = pv.plan(pv.inputs(xt), pv.draws(37), None)
-            assert plan == (ChunkPlan(2, 3) if budget == 2 * 3 * row else ChunkPlan(3, 11))
+            assert plan == (ChunkPlan(1, 6) if budget == 2 * 3 * row else ChunkPlan(3, 11))
         pred = post.predict(xt, num_samples=37, chunk_size=chunk, return_draws=True)
         monkeypatch.undo()
         assert torch.allclose(pred.mean, per_draw.mean(0), rtol=1e-10, atol=1e-12)

@@ -42,7 +42,7 @@ def _count_rows(model) -> list[int]:
 
 
 # ---- memory: rows per network call do not grow with the inputs -------------------------------
-def test_conv_module_predict_rows_per_call_do_not_grow_with_inputs():
+def test_conv_module_predict_rows_per_call_do_not_grow_with_inputs(small_budget):
     """``shared/cases/scale_predict_memory_conv_module.py``: chunks come from the activations
     one image makes (a probe forward), not from kernel shapes, so the largest forward call is
     the same at 1,000 and at 4,000 images (it was every image at once)."""
@@ -67,39 +67,41 @@ def test_conv_module_predict_rows_per_call_do_not_grow_with_inputs():
     post.predict(xt, num_samples=2)
     # an activation of the conv layer and its ReLU output: 2 x 16 x 12 x 12 floats per image
     per_image = 2 * 16 * 12 * 12 * 4
-    assert max(rows) == small <= memory_module.CPU_CHUNK_BYTES // (2 * per_image)
+    assert max(rows) == small <= small_budget // per_image
     assert sum(rows) >= len(xt)  # every image was predicted (both draws in one vmapped call)
 
 
 @pytest.fixture
 def small_budget(monkeypatch):
-    """A 64 KiB chunk budget: the inputs of the tests below are split into blocks."""
+    """Budgets of 64 and 256 KiB: the inputs of the tests below are split into blocks."""
     monkeypatch.setattr(memory_module, "CPU_CHUNK_BYTES", 64 * 2**10)
-    return 64 * 2**10
+    monkeypatch.setattr(memory_module, "CPU_MAX_CHUNK_BYTES", 256 * 2**10)
+    return 256 * 2**10
 
 
 @pytest.mark.parametrize("method", ["svi-meanfield", "laplace"])
 def test_every_pass_has_rows_per_call_independent_of_the_inputs(method, small_budget):
     """predict, log_likelihood, log_predictive, predictive quantiles and to_arviz (the training
     and test passes), for sampled draws and for the linearized (GLM) predictive of Laplace:
-    the largest network call is the same at 300 and at 3,000 inputs, within the budget."""
+    the largest network call is the same at 2,500 and at 7,500 inputs, within the budget."""
     model = mz.models.mlp(2, hidden=[32])
-    x, y = _reg(3000)
-    big = mz.fit(model, x, y, method=method, steps=5, progress=False)
-    small = mz.fit(model, x[:300], y[:300], method=method, steps=5, progress=False)
-    rows = _count_rows(model)
+    x, y = _reg(7500)
     row_bytes = 4 * model.units_per_input()
+    assert small_budget // row_bytes < 2500
+    big = mz.fit(model, x, y, method=method, steps=5, progress=False)
+    small = mz.fit(model, x[:2500], y[:2500], method=method, steps=5, progress=False)
+    rows = _count_rows(model)
     most = {}
     for name, post in (("small", small), ("big", big)):
-        n = 300 if name == "small" else 3000
+        n = 2500 if name == "small" else 7500
         xt, yt = _reg(n, seed=1)
         rows.clear()
-        post.predict(xt, num_samples=50)
-        post.predict(xt, num_samples=50, return_draws=True)
-        post.log_likelihood(xt, yt, num_samples=50)
-        post.log_predictive(xt, yt, num_samples=50)
-        post.predict(xt[:40], num_samples=50).quantile(0.5)
-        post.to_arviz(x_test=xt, y_test=yt, num_samples=50, prior_samples=10)
+        post.predict(xt, num_samples=20)
+        post.predict(xt, num_samples=20, return_draws=True)
+        post.log_likelihood(xt, yt, num_samples=20)
+        post.log_predictive(xt, yt, num_samples=20)
+        post.predict(xt[:40], num_samples=20).quantile(0.5)
+        post.to_arviz(x_test=xt, y_test=yt, num_samples=20, prior_samples=5)
         most[name] = max(rows)
     assert most["big"] == most["small"] <= small_budget // row_bytes
 
@@ -128,13 +130,16 @@ def test_a_plain_model_function_is_chunked_by_its_probed_activations(small_budge
 
 def test_the_plan_follows_the_budget():
     cpu = torch.device("cpu")
-    budget = memory_module.CPU_CHUNK_BYTES
+    budget, most = memory_module.CPU_CHUNK_BYTES, memory_module.CPU_MAX_CHUNK_BYTES
     assert memory_module.plan_chunks(1000, 10, 100, cpu) == ChunkPlan(1000, 10)
+    # few draws fit with every input: one draw over blocks of inputs within the larger budget
     plan = memory_module.plan_chunks(1000, 10**6, 100, cpu)
-    assert plan.draws == memory_module.MIN_DRAWS_PER_CHUNK
-    assert plan.draws * plan.rows * 100 <= budget
-    assert memory_module.plan_chunks(1000, 10**6, 100, cpu, draws=4).rows == budget // 400
-    assert memory_module.plan_chunks(3, 10**9, 10**9, cpu) == ChunkPlan(3, 1)
+    assert plan == ChunkPlan(1, most // 100)
+    assert memory_module.plan_chunks(1000, 10**6, 100, cpu, draws=4).rows == most // 400
+    assert memory_module.plan_chunks(3, 10**9, 10**9, cpu) == ChunkPlan(1, 1)
+    assert memory_module.plan_chunks(2, 100, budget // 250, cpu) == ChunkPlan(2, 100)
+    gpu = memory_module.plan_chunks(1000, 10**6, 100, torch.device("cuda"))
+    assert gpu.draws * gpu.rows * 100 <= memory_module.GPU_CHUNK_BYTES
 
 
 def test_the_activation_meter_measures_peak_live_bytes_per_input():

@@ -697,6 +697,7 @@ def _fit_cmd(args) -> int:
         y_loc=y_loc,
         y_scale=y_scale,
         notes=notes,
+        feature_names=data.feature_names if len(data.feature_names) == x_test.shape[1] else None,
     )
     table = res.metrics
     units = "in the target's units" if data.task == "regression" else ""

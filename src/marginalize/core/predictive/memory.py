@@ -9,9 +9,11 @@ inputs per block)`` within a byte budget, so the peak memory of a prediction doe
 on the number of inputs.
 
 The budgets are part of the speed of prediction (measured in ``benchmarks/prediction.py``):
-on the CPU a builder MLP's batched forward is memory-bound, and a chunk whose live
-activations stay within the core's cache (``CPU_CHUNK_BYTES``) is fastest; on a GPU large
-chunks amortize kernel launches (``GPU_CHUNK_BYTES``).
+on the CPU a builder MLP's batched forward is memory-bound; at few inputs, many draws whose
+live activations stay within the core's cache (``CPU_CHUNK_BYTES``) amortize the per-call
+cost, and at many inputs one draw over large blocks of inputs (a plain loop over draws of
+big matrix products, up to ``CPU_MAX_CHUNK_BYTES``) is fastest; on a GPU large chunks
+amortize kernel launches (``GPU_CHUNK_BYTES``).
 
 Examples
 --------
@@ -21,8 +23,10 @@ Examples
 >>> units = meter.units_per_input(lambda x: torch.relu(lin(x)), torch.randn(5, 4))
 >>> units  # one Linear output of 100 numbers per input (the ReLU's output is a new tensor)
 200
->>> plan_chunks(1000, 10_000, 4 * units, torch.device("cpu"))
-ChunkPlan(draws=16, rows=327)
+>>> plan_chunks(1000, 100, 4 * units, torch.device("cpu"))  # many draws at few inputs
+ChunkPlan(draws=52, rows=100)
+>>> plan_chunks(1000, 10**6, 4 * units, torch.device("cpu"))  # one draw at blocks of inputs
+ChunkPlan(draws=1, rows=83886)
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ __all__ = [
     "ChunkPlan",
     "plan_chunks",
     "CPU_CHUNK_BYTES",
+    "CPU_MAX_CHUNK_BYTES",
     "GPU_CHUNK_BYTES",
     "MIN_DRAWS_PER_CHUNK",
 ]
@@ -46,10 +51,15 @@ __all__ = [
 #: bytes of live activations of one chunk on the CPU: about what stays in a core's cache
 #: (measured in ``benchmarks/prediction.py``)
 CPU_CHUNK_BYTES = 4 * 2**20
-#: the same on a GPU, where large chunks amortize kernel launches
+#: the most bytes of live activations one chunk may take on the CPU, when even one draw at
+#: every input exceeds ``CPU_CHUNK_BYTES``: one draw over blocks of inputs this large (a plain
+#: loop over draws, the fastest form at many inputs)
+CPU_MAX_CHUNK_BYTES = 64 * 2**20
+#: the same on a GPU, where large chunks amortize kernel launches (both budgets)
 GPU_CHUNK_BYTES = 256 * 2**20
-#: fewest draws per chunk before the inputs are split into blocks
-MIN_DRAWS_PER_CHUNK = 16
+#: fewest draws a chunk batches over every input; when fewer fit, one draw over blocks of
+#: inputs is faster (measured in ``benchmarks/prediction.py``)
+MIN_DRAWS_PER_CHUNK = 8
 
 
 @dataclass(frozen=True)
@@ -69,7 +79,7 @@ def plan_chunks(
     draws: int | None = None,
     budget: int | None = None,
 ) -> ChunkPlan:
-    """Draws per chunk and inputs per block so that one chunk's activations fit ``budget``.
+    """Draws per chunk and inputs per block so that one chunk's activations fit the budget.
 
     Parameters
     ----------
@@ -79,30 +89,33 @@ def plan_chunks(
     row_bytes : int
         Bytes of activations one input makes in one draw (:class:`ActivationMeter`).
     device : torch.device
-        Picks the default budget (``CPU_CHUNK_BYTES`` or ``GPU_CHUNK_BYTES``).
+        Picks the budgets (``CPU_CHUNK_BYTES`` and ``CPU_MAX_CHUNK_BYTES``, or
+        ``GPU_CHUNK_BYTES``).
     draws : int, optional
-        Draws per chunk asked for (``chunk_size``): the inputs are then split into blocks
-        that keep the chunk within the budget.
+        Draws per chunk asked for (``chunk_size``): the inputs are then taken in blocks that
+        keep each chunk within the larger budget.
     budget : int, optional
         Bytes of one chunk's activations (default by device).
 
     Returns
     -------
     ChunkPlan
-        As many draws as fit with every input; when fewer than ``MIN_DRAWS_PER_CHUNK`` would,
-        that many draws over blocks of inputs. At least one draw and one input.
+        With every input: as many draws as fit the budget, if that is at least
+        ``MIN_DRAWS_PER_CHUNK`` (or every draw); otherwise one draw over blocks of as many
+        inputs as fit the larger budget. At least one of each.
     """
+    cpu = device.type == "cpu"
     if budget is None:
-        budget = CPU_CHUNK_BYTES if device.type == "cpu" else GPU_CHUNK_BYTES
+        budget = CPU_CHUNK_BYTES if cpu else GPU_CHUNK_BYTES
+    most = max(budget, CPU_MAX_CHUNK_BYTES) if cpu else budget
     n_draws, n_rows, row_bytes = max(1, n_draws), max(1, n_rows), max(1, int(row_bytes))
     if draws is not None:
         d = max(1, min(draws, n_draws))
-        return ChunkPlan(d, max(1, min(n_rows, budget // (row_bytes * d))))
+        return ChunkPlan(d, max(1, min(n_rows, most // (row_bytes * d))))
     fit = budget // (row_bytes * n_rows)
     if fit >= min(MIN_DRAWS_PER_CHUNK, n_draws):
-        return ChunkPlan(max(1, min(fit, n_draws)), n_rows)
-    d = min(MIN_DRAWS_PER_CHUNK, n_draws)
-    return ChunkPlan(d, max(1, min(n_rows, budget // (row_bytes * d))))
+        return ChunkPlan(min(fit, n_draws), n_rows)
+    return ChunkPlan(1, max(1, min(n_rows, most // row_bytes)))
 
 
 class _Counter(TorchFunctionMode):
