@@ -253,7 +253,9 @@ def test_loo_waic_compare_work_on_output_with_test_data():
     x, y, xt, yt = _data()
     model = mz.models.mlp(2, hidden=[HIDDEN])
     ids = {}
-    for m in ("svi-meanfield", "mc-dropout"):
+    # continuous approximations (arviz >= 1 refuses PSIS on the few distinct masks of MC
+    # dropout on a 3-unit layer: "All tail values are the same", whatever the conversion)
+    for m in ("svi-meanfield", "svi-lowrank"):
         post = mz.fit(model, x, y, method=m, steps=100, seed=0, progress=False)
         ids[m] = post.to_arviz(x_test=xt, y_test=yt, prior_samples=0, num_samples=60)
     import warnings

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import marginalize as mz
 from marginalize.core.approximations import Delta, Empirical
+from marginalize.core.arviz import group_names
 from marginalize.core.predictive import ChunkPlan, Prediction, Predictive
 from marginalize.core.predictive import memory as memory_module
 from marginalize.core.problem import prepare
@@ -343,12 +344,12 @@ def test_files_hold_no_training_data_unless_asked(tmp_path):
     xt = torch.randn(6, 2)
     assert torch.equal(back.predict(xt, seed=1).mean, post.predict(xt, seed=1).mean)
     data = back.to_arviz(num_samples=10)
-    assert "log_likelihood" not in data.groups() and "posterior" in data.groups()
+    assert "log_likelihood" not in group_names(data) and "posterior" in group_names(data)
     from marginalize.diagnostics.stats import psis_khat
 
     assert np.isnan(psis_khat(back).khat)
     with_data = mz.load(tmp_path / "a.pt", data=(x, y))
-    assert "log_likelihood" in with_data.to_arviz(num_samples=10).groups()
+    assert "log_likelihood" in group_names(with_data.to_arviz(num_samples=10))
     post.save(tmp_path / "b.pt", include_data=True)
     full = mz.load(tmp_path / "b.pt")
     assert torch.equal(full.data[0], x)
@@ -439,3 +440,21 @@ def test_out_of_memory_is_raised_not_turned_into_a_loop_or_a_model_error(monkeyp
     with pytest.raises(RuntimeError, match="can't allocate memory"):
         post.predict(x, num_samples=4)
     assert post.predictive.plain_draws.vectorized["moments"] is True  # no fallback recorded
+
+
+def test_training_data_from_a_loader_give_the_arrays_arviz_groups():
+    """A posterior whose training data are a data loader writes the same training
+    log-likelihood, predictive draws and observations (not the inputs: they stay in the
+    loader)."""
+    from marginalize.core.data import LoaderData
+
+    x, y = _reg(40)
+    post = mz.fit(mz.models.mlp(2, hidden=[4]), x, y, method="svi-meanfield", steps=30,
+                  progress=False)  # fmt: skip
+    a = post.to_arviz(num_samples=20, prior_samples=3, seed=4)
+    loader = post.replace(data=LoaderData(DataLoader(TensorDataset(x, y), batch_size=9)))
+    b = loader.to_arviz(num_samples=20, prior_samples=3, seed=4)
+    np.testing.assert_allclose(b.log_likelihood["y"].values, a.log_likelihood["y"].values)
+    np.testing.assert_array_equal(b.observed_data["y"].values, a.observed_data["y"].values)
+    np.testing.assert_array_equal(b.prior["layer1.weight"].values, a.prior["layer1.weight"].values)
+    assert "constant_data" not in group_names(b)

@@ -226,7 +226,7 @@ class Predictive:
             task=self.task,
             link_approx=self.link_approx,
             temperature=self.temperature,
-            example=None if self.example is None else self.example[0],
+            example=None if self.example is None else self.check_x(self.example[0]),
             inputs=None if self.data is None else self._training_inputs,
             state=None if not self.state else {k: v[0] for k, v in self.state.items()},
         )
