@@ -284,6 +284,8 @@ def network_mask(omap: OutputMap, z0: torch.Tensor, x: torch.Tensor) -> torch.Te
         t = z0.detach().clone().requires_grad_(True)
         with torch.enable_grad(), _no_validation():
             f = omap.forward(t, x)
+            if not f.requires_grad:  # the output depends on no latent site
+                return mask
             g = torch.Generator(device=f.device).manual_seed(0)
             r = torch.rand(f.shape, generator=g, dtype=f.dtype, device=f.device) + 0.5
             (grad,) = torch.autograd.grad((f * r).sum(), t, allow_unused=True)
