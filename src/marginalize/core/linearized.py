@@ -61,6 +61,7 @@ import torch
 from pyro import poutine
 
 from marginalize.core.approximations import Approximation, Gaussian, Kronecker
+from marginalize.core.layout import check_sites
 from marginalize.core.predictive import entropy
 from marginalize.core.problem import _no_validation, observation_dist
 from marginalize.errors import ModelError
@@ -162,6 +163,7 @@ class OutputMap:
         tr = poutine.trace(poutine.condition(self.model, data=self.layout.unpack(z))).get_trace(
             x, None
         )
+        check_sites(self.layout, tr, f"at inputs of shape {tuple(x.shape)}")  # core/layout.py
         d = observation_node(tr, self.layout)["fn"]
         return observation_dist(d), d
 
