@@ -18,7 +18,14 @@ import logging
 import os
 import sys
 
-from marginalize.errors import DataError, FileFormatError, FitError, ModelError, OptionError
+from marginalize.errors import (
+    DataError,
+    FileFormatError,
+    FitError,
+    ModelError,
+    OptionError,
+    ScaleWarning,
+)
 
 __version__ = "0.1.0"
 
@@ -85,6 +92,7 @@ __all__ = [
     "OptionError",
     "FileFormatError",
     "FitError",
+    "ScaleWarning",
     "resume",
     "temperature_scale",
     "evaluate",
