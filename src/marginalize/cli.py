@@ -410,8 +410,8 @@ def user_code(what: str):
         yield
     except SystemExit as e:
         raise ModelError(
-            f"{what} {_describe_exit(e)}; the model's code must return a model (or raise an "
-            "error), not end the process"
+            f"{what} {_describe_exit(e)}; a model file and its model must return (or raise "
+            "an error), never end the process"
         ) from None
     finally:
         os._exit = real
@@ -687,34 +687,39 @@ def split_rows(data: Data, test_size: float, seed: int):
         raise DataError(f"{what}: the split failed ({e})") from None
 
 
-def check_columns(data: Data, x, y, standardized: bool) -> None:
-    """Every feature column and the target as the fit will see them (after standardization):
-    finite and within what the fit's float arithmetic can square; an error names the column."""
+def check_columns(data: Data, x, y, raw_x, raw_y, standardized: bool) -> None:
+    """Every feature column and the target: finite and within what the arithmetic can square,
+    the raw values ``raw_x``/``raw_y`` in float64 when they are standardized (beyond
+    ``sqrt(max)`` their SD overflows and the column would silently become zeros), and the
+    values the fit gets (``x``/``y``) in torch's default dtype. An error names the column."""
     import numpy as np
     import torch
 
     from marginalize.errors import DataError
 
     dtype = torch.get_default_dtype()
-    limit = math.sqrt(torch.finfo(dtype).max)
-    hint = (
-        "it is too large to standardize: rescale it"
-        if standardized
-        else f"beyond what {str(dtype)[6:]} arithmetic can square ({limit:.3g}): rescale it, or "
-        "drop --no-standardize"
+    stages = []
+    if standardized:
+        f64 = math.sqrt(np.finfo(np.float64).max)
+        stages.append((raw_x, raw_y, f64, "too large to standardize: rescale it"))
+    hint = f"beyond what {str(dtype)[6:]} arithmetic can square: rescale it" + (
+        "" if standardized else ", or drop --no-standardize"
     )
-    cols = [
-        (f"--data {data.name!r}: column {c!r}", x[:, j]) for j, c in enumerate(data.feature_names)
-    ]
-    if data.task == "regression":
-        cols.append((f"--target {data.target!r}", y))
-    for what, v in cols:
-        v = np.asarray(v, dtype=np.float64)
-        if not np.isfinite(v).all():
-            raise DataError(f"{what}: has non-finite values (inf or NaN); {hint}")
-        big = float(np.abs(v).max()) if v.size else 0.0
-        if big > limit:
-            raise DataError(f"{what}: has values up to {big:.3g}, {hint}")
+    stages.append((x, y, math.sqrt(torch.finfo(dtype).max), hint))
+    for xs, ys, limit, hint in stages:
+        cols = [
+            (f"--data {data.name!r}: column {c!r}", xs[:, j])
+            for j, c in enumerate(data.feature_names)
+        ]
+        if data.task == "regression":
+            cols.append((f"--target {data.target!r}", ys))
+        for what, v in cols:
+            v = np.asarray(v, dtype=np.float64)
+            if not np.isfinite(v).all():
+                raise DataError(f"{what}: has non-finite values (inf or NaN); {hint}")
+            big = float(np.abs(v).max()) if v.size else 0.0
+            if big > limit:
+                raise DataError(f"{what}: has values up to {big:.3g}, {hint}")
 
 
 def _cli_error(e: Exception, data: Data, args):
@@ -860,7 +865,14 @@ def _fit_cmd(args) -> int:
     xte_s = sx(xte) if sx else xte
     ytr_s = sy(ytr) if sy else ytr
     yte_s = sy(yte) if sy else yte
-    check_columns(data, np.concatenate([xtr_s, xte_s]), np.concatenate([ytr_s, yte_s]), bool(sx))
+    check_columns(
+        data,
+        np.concatenate([xtr_s, xte_s]),
+        np.concatenate([ytr_s, yte_s]),
+        np.concatenate([xtr, xte]),
+        np.concatenate([ytr, yte]),
+        bool(sx),
+    )
     if user_model:
         model = load_model_file(args.model, xtr.shape[1], data.task, data.num_classes)
     else:
@@ -1055,7 +1067,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fit a model with each method named in --method, print one results table "
         "(held-out data, target's units) and the report's findings. Every option, the data "
         "and the model are checked before the first fit. Exit codes: 0 done, 1 a fit "
-        "failed, 2 bad input, 3 problems found (with --strict), 130 interrupted.",
+        "failed (or an output could not be written), 2 bad input, 3 problems found (with "
+        "--strict), 130 interrupted.",
     )
     d = f.add_argument_group("data")
     d.add_argument(
@@ -1104,7 +1117,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument(
         "--options",
         default=None,
-        help='JSON: per-method options over the defaults, e.g. {"nuts": {"num_chains": 4}}',
+        help='JSON: per-method options over the defaults, e.g. {"nuts": {"num_chains": 4}}, '
+        "or a JSON file holding them (@PATH, or the path of an existing file)",
     )
     m.add_argument("--quick", action="store_true", help="small settings (a smoke test)")
     m.add_argument("--seed", type=int, default=0)
@@ -1236,6 +1250,9 @@ def _run(args, argv: list[str]) -> int:
         return EXIT_BAD_INPUT
     except FitError as e:
         print(f"marginalize: the fit failed: {e}", file=sys.stderr)
+        return EXIT_FIT_FAILED
+    except OSError as e:  # an output that cannot be written (a full disk, a file-size limit)
+        print(f"marginalize: error: {e}", file=sys.stderr)
         return EXIT_FIT_FAILED
     except KeyboardInterrupt as e:
         why = str(e)

@@ -188,5 +188,5 @@ def check_scales(problem, *, stacklevel: int = 2) -> list[str]:
                     f"nothing at y's scale; standardize x and y, or {_FIX_OTHER}"
                 )
     for m in msgs:
-        _warn(m, stacklevel + 1)
+        _warn(m, stacklevel)
     return msgs
