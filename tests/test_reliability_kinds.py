@@ -864,6 +864,24 @@ OVERWRITES = {
         r"--report \(report.html\): .* is also where --json writes",
     ),
     "--save = --data": (["--save", "data.csv"], "--save: 'data.csv' exists and is not a folder"),
+    "a checkpoint that exists (the second method's)": (
+        [
+            "--method",
+            "map,svi-meanfield",
+            "--options",
+            json.dumps({"svi-meanfield": {"checkpoint": "opts.json"}}),
+        ],
+        "--options svi-meanfield.checkpoint: 'opts.json' already exists",
+    ),
+    "a checkpoint in a missing folder (the second method's)": (
+        [
+            "--method",
+            "map,svi-meanfield",
+            "--options",
+            json.dumps({"svi-meanfield": {"checkpoint": "no/c.ckpt"}}),
+        ],
+        "--options svi-meanfield.checkpoint: the folder 'no' does not exist",
+    ),
 }
 
 
@@ -873,12 +891,14 @@ def test_cli_outputs_never_overwrite_inputs_or_each_other(case, workdir, monkeyp
     extra, message = OVERWRITES[case]
     extra = [a.replace("{dir}", str(workdir)) for a in extra]
     started = []
-    monkeypatch.setattr(mz.inference.get_method("map"), "run", lambda *a: started.append(1))
+    for m in ("map", "svi-meanfield"):
+        monkeypatch.setattr(mz.inference.get_method(m), "run", lambda *a: started.append(1))
     before = _snapshot(workdir)
     rc, err = _cli(FIT + extra)
     assert rc == 2 and not started, (rc, err)
     assert re.search(message, err), err
     assert _snapshot(workdir) == before  # every input (and everything else) untouched
+    assert not {"out", "rep"} & set(os.listdir(workdir))  # not even an output folder made
 
 
 def test_cli_with_distinct_outputs_writes_them_all(workdir):

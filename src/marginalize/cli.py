@@ -637,17 +637,24 @@ def _input_paths(args) -> list[tuple[str, Path]]:
 
 
 def _check_checkpoints(options: dict[str, dict]) -> None:
-    """A checkpoint file must not exist yet (a fit never overwrites one): before any fit."""
+    """A checkpoint file must not exist yet (a fit never overwrites one) and its folder must
+    take a new file: checked before the first fit (a fit checks it only when it starts)."""
     from marginalize.errors import OptionError
 
     for m, kw in options.items():
         ckpt = kw.get("checkpoint")
-        if ckpt is not None and os.path.lexists(ckpt):
+        if ckpt is None:
+            continue
+        flag, folder = f"--options {m}.checkpoint", Path(ckpt).parent
+        if os.path.lexists(ckpt):
             raise OptionError(
-                f"--options {m}.checkpoint: {str(ckpt)!r} already exists; the command never "
-                "overwrites a checkpoint (continue that fit with mz.resume, or choose another "
-                "path)"
+                f"{flag}: {str(ckpt)!r} already exists; the command never overwrites a "
+                "checkpoint (continue that fit with mz.resume, or choose another path)"
             )
+        if not folder.is_dir():
+            raise OptionError(f"{flag}: the folder {str(folder)!r} does not exist")
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise OptionError(f"{flag}: the folder {str(folder)!r} is not writable")
 
 
 def split_rows(data: Data, test_size: float, seed: int):
@@ -836,14 +843,17 @@ def _fit_cmd(args) -> int:
         device = check_device(args.device)
     except mz.OptionError as e:
         raise mz.OptionError(f"--{e}") from None  # "device: ..." -> "--device: ..."
-    save_dir = _writable_dir(Path(args.save), "--save") if args.save else None
-    json_path = _writable_file(Path(args.json), "--json") if args.json else None
-    report_dir = _writable_dir(Path(args.report), "--report") if args.report else None
     # no output over an input or over another output (lost work), before anything is written
+    save_dir, json_path, report_dir = (
+        None if a is None else Path(a) for a in (args.save, args.json, args.report)
+    )
     check_outputs(
         _output_paths(args, names, options, save_dir, json_path, report_dir), _input_paths(args)
     )
     _check_checkpoints(options)
+    save_dir = _writable_dir(save_dir, "--save") if save_dir else None
+    json_path = _writable_file(json_path, "--json") if json_path else None
+    report_dir = _writable_dir(report_dir, "--report") if report_dir else None
     try:
         torch.set_num_threads(args.threads)
     except RuntimeError as e:

@@ -63,6 +63,8 @@ NARROW = 1e5
 LARGE_X = 1e3
 #: prior draws and training rows the prior predictive is taken from
 DRAWS, ROWS = 16, 128
+#: rows the data's own scale is read from (evenly spread: bounded memory at any N)
+DATA_ROWS = 10_000
 
 _FIX_REAL = (
     "standardize it (e.g. marginalize.datasets.Standardizer on the training split; `marginalize "
@@ -86,11 +88,11 @@ def _spread(v: torch.Tensor) -> tuple[float, float]:
     return float(q[1]), spread
 
 
-def _rows(n: int) -> torch.Tensor:
-    """At most ``ROWS`` training rows, spread evenly over the data."""
-    if n <= ROWS:
+def _rows(n: int, most: int = ROWS) -> torch.Tensor:
+    """At most ``most`` training rows, spread evenly over the data."""
+    if n <= most:
         return torch.arange(n)
-    return torch.linspace(0, n - 1, ROWS).round().long()
+    return torch.linspace(0, n - 1, most).round().long()
 
 
 def _prior_predictive(model, x: torch.Tensor) -> tuple[torch.Tensor, bool] | None:
@@ -161,14 +163,15 @@ def check_scales(problem, *, stacklevel: int = 2) -> list[str]:
         return []
     msgs = []
     x, y = problem.x, problem.y
+    some = _rows(x.shape[0], DATA_ROWS).to(x.device)
     if isinstance(problem.model, BNN) and x.is_floating_point() and x.numel():
-        msgs += _input_scales(x)
+        msgs += _input_scales(x[some])
     rows = _rows(x.shape[0]).to(x.device)
     drawn = _prior_predictive(problem.model, x[rows])
     if drawn is not None:
         yrep, real = drawn
         c, s = _spread(yrep)
-        cy, sy = _spread(y)
+        cy, sy = _spread(y[some])
         fix = _FIX_REAL if real else _FIX_OTHER
         if all(map(math.isfinite, (c, s, cy, sy))) and s > 0:
             said = (
