@@ -1731,6 +1731,23 @@ def test_builders_priors_and_likelihoods_take_numpy_numbers(tmp_path):
     post = mz.fit(model, X, y, method="map", steps=10, progress=False)
     post.save(tmp_path / "c.pt")  # the configuration is JSON: Python numbers
     assert mz.load(tmp_path / "c.pt").predict(X[:2]).probs.shape == (2, 3)
+    cnn = mz.models.cnn(
+        np.int64(1),
+        np.array([4, 4]),
+        channels=np.int32(2),
+        hidden=[np.int64(3)],
+        num_classes=np.int64(2),
+        kernel_size=np.int64(3),
+        pool=None,
+    )
+    images = torch.randn(6, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    fit = mz.fit(cnn, images, torch.tensor([0, 1] * 3), method="map", steps=3, progress=False)
+    fit.save(tmp_path / "cnn.pt")
+    assert mz.load(tmp_path / "cnn.pt").predict(images[:2]).probs.shape == (2, 2)
+    net = mz.models.bayesian(nn.Linear(2, 1), out_features=np.int64(1))
+    assert torch.isfinite(
+        mz.fit(net, X, Y, method="map", steps=3, progress=False).sample(1)["weight"]
+    ).all()
     for prior in (
         mz.priors.Normal(scale=torch.tensor(0.5)),
         mz.priors.Hierarchical(hyperscale=np.float64(1.0), fan_in_scaled=np.bool_(True)),
