@@ -121,8 +121,7 @@ class _MCMC(Method):
     refuses_dtypes_why = (
         "needs float32 or float64 arithmetic: its accept/reject test compares Hamiltonians "
         "whose rounding error in half precision is of order one, so it takes tiny steps "
-        "(10 to 80 times the time of float32 on small MLPs) and "
-        "mixes worse"
+        "(10 to 80 times the time of float32 on small MLPs) and mixes worse"
     )
 
     algorithm = "nuts"
