@@ -914,7 +914,7 @@ def test_cli_with_distinct_outputs_writes_them_all(workdir):
 
 # ---- 5.2 fits in forked children (multiprocessing 'fork', Pool workers, os.fork) ----------
 def _fork_fit(method: str) -> float:
-    kw = {"steps": 20} if method != "nuts" else {"num_samples": 4, "num_warmup": 4}
+    kw = tiny_options(method)
     post = mz.fit(REG, X, Y, method=method, seed=0, progress=False, **kw)
     return float(post.predict(X[:2]).mean[0])
 
@@ -945,7 +945,7 @@ fork = pytest.mark.skipif(
 
 
 @fork
-@pytest.mark.parametrize("method", ["map", "svi-meanfield", "laplace", "nuts"])
+@pytest.mark.parametrize("method", ["map", "svi-meanfield", "laplace", "ensemble"])
 def test_a_fit_in_a_forked_process_finishes(method):
     ctx = multiprocessing.get_context("fork")
     with _parent_used_threads():
