@@ -64,6 +64,7 @@ import torch
 import xarray as xr
 from pyro import poutine
 
+from marginalize._validation import check_count
 from marginalize.core.approximations import Empirical, Mixture
 from marginalize.core.data import ArrayData
 from marginalize.core.info import FitInfo
@@ -319,9 +320,7 @@ def draw_count(predictive: Predictive, num_samples: int | None = None) -> int:
     (default 1000, fewer for large training sets: see :func:`to_inference_data`).
     """
     approx = predictive.approximation
-    if num_samples is not None:
-        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-            raise OptionError(f"num_samples: expected a positive int, got {num_samples!r}")
+    num_samples = check_count("num_samples", num_samples, optional=True)
     if approx.deterministic:
         return 1
     if isinstance(approx, Mixture) and all(c.deterministic for c in approx.components):
@@ -446,13 +445,11 @@ def _check_names(feature_names, x: torch.Tensor | None) -> list[str] | None:
 
 
 def _check_prior_samples(prior_samples, predictive: Predictive) -> int:
-    if prior_samples == "auto":
+    if isinstance(prior_samples, str) and prior_samples == "auto":
         if predictive.data is None:
             return 0
         return min(DEFAULT_PRIOR_DRAWS, max(MIN_PRIOR_DRAWS, _affordable(predictive)))
-    if isinstance(prior_samples, bool) or not isinstance(prior_samples, int) or prior_samples < 0:
-        raise OptionError(f"prior_samples: expected 'auto' or an int >= 0, got {prior_samples!r}")
-    return prior_samples
+    return check_count("prior_samples", prior_samples, minimum=0)
 
 
 def to_inference_data(

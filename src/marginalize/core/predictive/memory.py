@@ -162,10 +162,9 @@ class ActivationMeter:
     """Bytes of activations one input makes in one forward pass, measured once per input shape.
 
     The forward runs under a :class:`torch.overrides.TorchFunctionMode` that follows every
-    tensor created by a torch call until it is freed; the peak of live bytes at three inputs
-    minus that at one input, halved, is the part that grows with the inputs (weights, buffers
-    and per-call constants cancel). With fewer than three inputs at hand the peak at one input
-    is used (an upper bound). Models that state their own figure (a builder's
+    tensor created by a torch call until it is freed; the peak of live bytes at two inputs
+    minus that at one input is the part that grows with the inputs (weights, buffers and
+    per-call constants cancel). With one input at hand its peak is used (an upper bound). Models that state their own figure (a builder's
     ``units_per_input``) are not probed.
     """
 
@@ -191,8 +190,8 @@ class ActivationMeter:
 
     def _probe(self, fn, x: torch.Tensor) -> int:
         size = torch.finfo(x.dtype).bits // 8 if x.is_floating_point() else 4
-        if x.shape[0] >= 3:
-            grow = (self._peak(fn, x[:3]) - self._peak(fn, x[:1])) / 2
+        if x.shape[0] >= 2:
+            grow = self._peak(fn, x[:2]) - self._peak(fn, x[:1])
         else:
             grow = self._peak(fn, x[:1])
         return max(1, int(-(-grow // size)))

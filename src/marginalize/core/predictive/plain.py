@@ -24,6 +24,7 @@ from pyro import poutine
 from pyro.poutine.messenger import Messenger
 
 from marginalize._isolation import exclusive
+from marginalize.core.layout import check_sites
 from marginalize.core.predictive.summaries import class_probs, log_prob
 from marginalize.core.problem import _no_validation
 from marginalize.errors import ModelError, is_out_of_memory
@@ -83,6 +84,8 @@ class PlainDraws:
         try:
             with exclusive():  # Pyro's handler stack is global (marginalize._isolation)
                 return self._dist(z, x)
+        except ModelError:  # the model's contract (latent sites), said as it is
+            raise
         except Exception as e:
             if is_out_of_memory(e):  # the input block is too large, not the model at fault
                 raise
@@ -95,6 +98,7 @@ class PlainDraws:
         params = self.layout.unpack(z)
         with _SkipObservationSample():
             tr = poutine.trace(poutine.condition(self.model, data=params)).get_trace(x, None)
+        check_sites(self.layout, tr, f"at inputs of shape {tuple(x.shape)}")  # core/layout.py
         return self.transform(tr.nodes["y"]["fn"])
 
     def _one(self, kind: str, x: torch.Tensor, y: torch.Tensor | None, checked: bool = True):

@@ -18,6 +18,7 @@ from functools import cached_property
 
 import torch
 
+from marginalize._validation import check_probability
 from marginalize.core.predictive.mixture import JoinedMixture, PredictiveMixture
 from marginalize.errors import DataError, OptionError
 
@@ -138,8 +139,7 @@ class Prediction:
     def interval(self, level: float = 0.9) -> tuple[torch.Tensor, torch.Tensor]:
         """Central posterior predictive interval ``(lower, upper)`` holding ``level`` of the
         predictive mass at each input (quantiles ``(1 -+ level) / 2``)."""
-        if isinstance(level, bool) or not isinstance(level, (int, float)) or not 0 < level < 1:
-            raise OptionError(f"level: expected a probability in (0, 1), got {level!r}")
+        level = check_probability("level", level)
         q = self.quantile([(1 - level) / 2, (1 + level) / 2])
         return q[0], q[1]
 

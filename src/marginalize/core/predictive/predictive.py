@@ -48,7 +48,13 @@ import torch
 from pyro import poutine
 from tqdm.auto import tqdm
 
-from marginalize._validation import check_positive_int, check_seed, check_x, check_y
+from marginalize._validation import (
+    check_count,
+    check_positive_int,
+    check_seed,
+    check_x,
+    check_y,
+)
 from marginalize.core.approximations import Approximation
 from marginalize.core.data import ArrayData, DataSource, as_data, is_loader
 from marginalize.core.layout import Layout
@@ -266,9 +272,7 @@ class Predictive:
         """``num_samples``, checked; default 1 for a point estimate, else ``DEFAULT_DRAWS``."""
         if num_samples is None:
             return 1 if self.approximation.deterministic else DEFAULT_DRAWS
-        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-            raise OptionError(f"num_samples: expected a positive int, got {num_samples!r}")
-        return num_samples
+        return check_count("num_samples", num_samples)
 
     def sample_flat(self, num_samples: int | None = None, seed: int | None = None) -> torch.Tensor:
         """Unconstrained draws ``(chain, draw, D)``."""
@@ -348,7 +352,7 @@ class Predictive:
         if rows is None:
             net = self.network
             net = net.network if isinstance(net, LinearizedNetwork) else net
-            x_example, _ = self.data.example(3)
+            x_example, _ = self.data.example(2)
             z = self.draws(1).z[0]
             rows = plan_chunks(1, self.data.n, net.row_bytes(x_example, z), self.device).rows
         for xb, _ in self.data.chunks(rows, device=self.device, dtype=self.dtype):
@@ -360,7 +364,7 @@ class Predictive:
         from the activations one input makes (measured once per input shape)."""
         if chunk_size is not None:
             chunk_size = check_positive_int("chunk_size", chunk_size)
-        x_example, _ = source.example(3)
+        x_example, _ = source.example(2)
         row = self.network.row_bytes(x_example, draws.z[0])
         return plan_chunks(draws.n, source.n, row, self.device, draws=chunk_size)
 
