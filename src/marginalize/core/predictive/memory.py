@@ -164,8 +164,8 @@ class ActivationMeter:
     The forward runs under a :class:`torch.overrides.TorchFunctionMode` that follows every
     tensor created by a torch call until it is freed; the peak of live bytes at two inputs
     minus that at one input is the part that grows with the inputs (weights, buffers and
-    per-call constants cancel). With one input at hand its peak is used (an upper bound). Models that state their own figure (a builder's
-    ``units_per_input``) are not probed.
+    per-call constants cancel). With one input at hand its peak is used (an upper bound).
+    Models that state their own figure (a builder's ``units_per_input``) are not probed.
     """
 
     def __init__(self):
