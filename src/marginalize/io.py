@@ -96,19 +96,7 @@ def load(path, model: Callable | None = None, *, device=None, data=None) -> Post
     payload = read_verified(path, FORMAT, VERSION, what="marginalize posterior file")
     f = _Fields(path, payload)
     user_model = model is not None
-    source = None
-    if data is not None:
-        source = data if is_loader(data) else as_data(*_pair(data))
-    elif f.x is not None:
-        source = ArrayData(f.x.to(device), f.y.to(device))
-    if source is None and f.example is None:
-        raise FileFormatError(f"{path}: not a posterior marginalize wrote: it has no example rows")
-    if isinstance(source, ArrayData):
-        px, py = source.x, source.y
-    elif source is not None:
-        px, py = source.example(2)
-    else:
-        px, py = f.example
+    source, (px, py) = _training_data(f, data, device)
     with exclusive():  # prepare() traces the model: Pyro's globals (marginalize._isolation)
         if f.model_config is not None:
             built = _build(path, f)
@@ -203,7 +191,8 @@ def _check_values(path: Path, post: Posterior) -> None:
                     "range for the model: not a posterior marginalize wrote, or one of a fit "
                     "that diverged)"
                 )
-        rows = post.example[0] if post.data is None else post.predictive.data.example(CHECK_ROWS)[0]
+        src = post.predictive.data
+        rows = post.example[0] if src is None else src.example(CHECK_ROWS)[0]
         pred = post.predict(rows[:CHECK_ROWS], num_samples=CHECK_DRAWS, seed=0, bn_update=False)
     parts = [pred.probs] if pred.task == "classification" else [pred.mean, pred.std]
     if not all(bool(torch.isfinite(p).all()) for p in parts if p is not None):
@@ -214,10 +203,22 @@ def _check_values(path: Path, post: Posterior) -> None:
         )
 
 
-def _pair(data) -> tuple:
-    if isinstance(data, (tuple, list)) and len(data) == 2:
-        return tuple(data)
-    raise DataError("data: expected (x, y) arrays or a data loader of (x, y) batches")
+def _training_data(f: _Fields, data, device):
+    """The training data (``data``, else the file's own, else None) and the rows the model is
+    traced on: all of in-memory data (checked by ``prepare``), else two rows."""
+    source = None
+    if data is not None:
+        if is_loader(data):
+            source = as_data(data)
+        elif isinstance(data, (tuple, list)) and len(data) == 2:
+            source = as_data(*data)
+        else:
+            raise DataError("data: expected (x, y) arrays or a data loader of (x, y) batches")
+    elif f.x is not None:
+        source = ArrayData(f.x.to(device), f.y.to(device))
+    if isinstance(source, ArrayData):
+        return source, (source.x, source.y)
+    return source, (f.example if source is None else source.example(2))
 
 
 def _locate(path) -> Path:

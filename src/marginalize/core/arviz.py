@@ -54,7 +54,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from typing import Any
+from dataclasses import dataclass, field
 
 import arviz as az
 import numpy as np
@@ -374,7 +374,7 @@ def _prior_draws(predictive: Predictive, num: int, seed: int) -> tuple[dict, np.
     return prior, _np(ys)[None]
 
 
-def _x_dims(x: torch.Tensor, obs_dim: str, named: bool) -> list[str]:
+def _x_dims(x: torch.Tensor, obs_dim: str) -> list[str]:
     """Dims of inputs ``(N, ...)``: ``feature`` for rows of features, ``channel``, ``height``,
     ``width`` for images, ``position``/``feature`` for sequences."""
     rest = x.dim() - 1
@@ -539,114 +539,28 @@ def to_inference_data(
         raise DataError(
             f"predictive: expected a marginalize Predictive, got {type(predictive).__name__}{hint}"
         )
-    info = FitInfo() if info is None else info
     if y_test is not None and x_test is None:
         raise DataError("y_test: given without x_test")
     n_prior = _check_prior_samples(prior_samples, predictive)
     num = draw_count(predictive, num_samples)
-    draws = predictive.draws(num, seed=seed)
-    chains, per_chain = draws.shape
-    gen = torch.Generator(device=predictive.device).manual_seed(int(seed) + 1)
     train = predictive.data
-    train_x = train.x if isinstance(train, ArrayData) else None
-    names = _check_names(feature_names, train_x)
-
-    z = draws.z.reshape(chains, per_chain, -1)
-    posterior = {k: _np(v) for k, v in predictive.layout.unpack(z).items()}
-    dims: dict[str, list[str]] = {s.name: list(s.dims) for s in predictive.layout.sites}
-    for k, v in predictive.deterministic_draws(z).items():  # pyro.deterministic sites
-        posterior[k] = _np(v)
-        dims[k] = [f"{k}_dim_{i}" for i in range(v.dim() - 2)]
-    coords: dict[str, Any] = {}
-    pred_dims: dict[str, list[str]] = {}
-    constant: dict[str, np.ndarray] = {}
-    observed: dict[str, np.ndarray] = {}
-    loglik: dict[str, np.ndarray] = {}
-    ppc: dict[str, np.ndarray] = {}
-    predictions: dict[str, np.ndarray] = {}
-    pred_constant: dict[str, np.ndarray] = {}
-    pred_loglik: dict[str, np.ndarray] = {}
-
-    def shaped(t: torch.Tensor) -> np.ndarray:
-        return _np(t).reshape(chains, per_chain, *t.shape[1:])
-
+    g = _Groups(predictive, predictive.draws(num, seed=seed), seed, bn_update)
+    g.names = _check_names(feature_names, train.x if isinstance(train, ArrayData) else None)
+    g.add_posterior()
     if train is not None and log_likelihood:
-        out = predictive.pointwise(train, None, draws, gen, bn_update=bn_update, observed=True)
-        ppc["y"] = shaped(out["y"])
-        dims["y"] = _y_dims(out["y"].dim() - 1, "obs_id", predictive.task)
-        if "log_lik" in out:
-            loglik["y"] = shaped(out["log_lik"])
-            observed["y"] = _np(out["observed"])
-        if train_x is not None:
-            constant["x"] = _np(train_x)
-            dims["x"] = _x_dims(train_x, "obs_id", names is not None)
+        g.add_training(train)
     if x_test is not None:
-        out = predictive.pointwise(
-            x_test, y_test, draws, gen, bn_update=bn_update, observed=True, name="x_test"
-        )
-        predictions["y"] = shaped(out["y"])
-        pred_dims["y"] = _y_dims(out["y"].dim() - 1, "obs_id", predictive.task)
-        pred_constant["x"] = _np(out["inputs"])
-        pred_dims["x"] = _x_dims(out["inputs"], "obs_id", names is not None)
-        if names is not None:
-            _check_names(names, out["inputs"])
-        if "log_lik" in out:
-            pred_loglik["y"] = shaped(out["log_lik"])
-            pred_constant["y"] = _np(out["observed"])
-    if names is not None:
-        coords["feature"] = names
+        g.add_test(x_test, y_test)
     if function_inputs is not None:
-        out = predictive.pointwise(
-            function_inputs, None, draws, gen, want_f=True, bn_update=bn_update,
-            name="function_inputs", observed=True,
-        )  # fmt: skip
-        f = out["f"]
-        fname = FUNCTION_VAR if FUNCTION_VAR not in posterior else f"{FUNCTION_VAR}_"
-        posterior[fname] = shaped(f)
-        extra = "class" if predictive.task == "classification" else "output"
-        dims[fname] = ["function_input"] + [
-            f"{extra}_dim_{i}" if i else extra for i in range(f.dim() - 2)
-        ]
-        constant["function_inputs"] = _np(out["inputs"])
-        dims["function_inputs"] = _x_dims(out["inputs"], "function_input", names is not None)
-
-    prior = prior_pred = None
+        g.add_functions(function_inputs)
     if n_prior and train is not None:
-        prior, yp = _prior_draws(predictive, n_prior, seed)
-        prior_pred = {"y": yp}
-
-    approx = predictive.approximation
-    index = _empirical_index(approx, num) if isinstance(approx, Empirical) else None
-    idata = _from_dict(
-        {
-            "posterior": posterior,
-            "sample_stats": _sample_stats(info, index),
-            "log_likelihood": loglik,
-            "posterior_predictive": ppc,
-            "predictions": predictions,
-            "prior": prior,
-            "prior_predictive": prior_pred,
-            "observed_data": observed,
-            "constant_data": constant,
-            "predictions_constant_data": pred_constant,
-        },
-        dims,
-        coords,
-        pred_dims,
-    )
-    if pred_loglik:  # pointwise: over the observations (a vector target's joint density)
-        ll = pred_loglik["y"]
-        ll_dims = ["chain", "draw", "obs_id"] + [f"obs_id_axis{i + 1}" for i in range(ll.ndim - 3)]
-        coords_ll = {"chain": np.arange(chains), "draw": np.arange(per_chain)}
-        ds = xr.Dataset({"y": (ll_dims, ll)}, coords=coords_ll)
-        add_group(idata, PREDICTIONS_LOG_LIKELIHOOD, ds)
-    opt = _optimization_group(info, approx.num_chains)
-    if opt is not None:
-        add_group(idata, "optimization", opt)
+        g.prior, yp = _prior_draws(predictive, n_prior, seed)
+        g.prior_predictive = {"y": yp}
+    idata = g.build(FitInfo() if info is None else info, num)
     idata.posterior.attrs.update(
         {
             "method": method or "",
-            "approximation": approx.kind,
+            "approximation": predictive.approximation.kind,
             "task": predictive.task,
             "inference_library": "marginalize",
             "num_draws": int(num),
@@ -654,3 +568,116 @@ def to_inference_data(
         }
     )
     return idata
+
+
+@dataclass
+class _Groups:
+    """The groups of the ArviZ data of one set of draws, filled pass by pass."""
+
+    predictive: Predictive
+    draws: Draws
+    seed: int
+    bn_update: str | bool
+    names: list[str] | None = None
+    dims: dict[str, list[str]] = field(default_factory=dict)
+    pred_dims: dict[str, list[str]] = field(default_factory=dict)
+    groups: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    prior: dict | None = None
+    prior_predictive: dict | None = None
+
+    def __post_init__(self):
+        dev = self.predictive.device
+        self.generator = torch.Generator(device=dev).manual_seed(int(self.seed) + 1)
+
+    def group(self, name: str) -> dict[str, np.ndarray]:
+        return self.groups.setdefault(name, {})
+
+    def shaped(self, t: torch.Tensor) -> np.ndarray:
+        return _np(t).reshape(*self.draws.shape, *t.shape[1:])
+
+    def pass_at(self, x, y=None, **kw) -> dict[str, torch.Tensor]:
+        return self.predictive.pointwise(
+            x, y, self.draws, self.generator, bn_update=self.bn_update, observed=True, **kw
+        )
+
+    def add_posterior(self) -> None:
+        pv = self.predictive
+        z = self.draws.z.reshape(*self.draws.shape, -1)
+        post = self.group("posterior")
+        post.update({k: _np(v) for k, v in pv.layout.unpack(z).items()})
+        self.dims.update({s.name: list(s.dims) for s in pv.layout.sites})
+        for k, v in pv.deterministic_draws(z).items():  # pyro.deterministic sites
+            post[k] = _np(v)
+            self.dims[k] = [f"{k}_dim_{i}" for i in range(v.dim() - 2)]
+
+    def add_training(self, train) -> None:
+        out = self.pass_at(train)
+        self.group("posterior_predictive")["y"] = self.shaped(out["y"])
+        self.dims["y"] = _y_dims(out["y"].dim() - 1, "obs_id", self.predictive.task)
+        if "log_lik" in out:
+            self.group("log_likelihood")["y"] = self.shaped(out["log_lik"])
+            self.group("observed_data")["y"] = _np(out["observed"])
+        if isinstance(train, ArrayData):  # a loader's inputs stay in the loader
+            self.group("constant_data")["x"] = _np(train.x)
+            self.dims["x"] = _x_dims(train.x, "obs_id")
+
+    def add_test(self, x_test, y_test) -> None:
+        out = self.pass_at(x_test, y_test, name="x_test")
+        self.group("predictions")["y"] = self.shaped(out["y"])
+        self.pred_dims["y"] = _y_dims(out["y"].dim() - 1, "obs_id", self.predictive.task)
+        self.group("predictions_constant_data")["x"] = _np(out["inputs"])
+        self.pred_dims["x"] = _x_dims(out["inputs"], "obs_id")
+        if self.names is not None:
+            _check_names(self.names, out["inputs"])
+        if "log_lik" in out:
+            self.group(PREDICTIONS_LOG_LIKELIHOOD)["y"] = self.shaped(out["log_lik"])
+            self.group("predictions_constant_data")["y"] = _np(out["observed"])
+
+    def add_functions(self, function_inputs) -> None:
+        out = self.pass_at(function_inputs, want_f=True, name="function_inputs")
+        f, post = out["f"], self.group("posterior")
+        fname = FUNCTION_VAR if FUNCTION_VAR not in post else f"{FUNCTION_VAR}_"
+        post[fname] = self.shaped(f)
+        extra = "class" if self.predictive.task == "classification" else "output"
+        self.dims[fname] = ["function_input"] + [
+            f"{extra}_dim_{i}" if i else extra for i in range(f.dim() - 2)
+        ]
+        self.group("constant_data")["function_inputs"] = _np(out["inputs"])
+        self.dims["function_inputs"] = _x_dims(out["inputs"], "function_input")
+
+    def build(self, info: FitInfo, num: int):
+        """ArviZ data of the groups, with the fit's sample stats and optimizer trace."""
+        approx = self.predictive.approximation
+        index = _empirical_index(approx, num) if isinstance(approx, Empirical) else None
+        groups = {
+            k: self.groups.get(k)
+            for k in (
+                "posterior",
+                "log_likelihood",
+                "posterior_predictive",
+                "predictions",
+                "observed_data",
+                "constant_data",
+                "predictions_constant_data",
+            )
+        }
+        groups.update(
+            sample_stats=_sample_stats(info, index),
+            prior=self.prior,
+            prior_predictive=self.prior_predictive,
+        )
+        coords = {} if self.names is None else {"feature": self.names}
+        idata = _from_dict(groups, self.dims, coords, self.pred_dims)
+        held_out = self.groups.get(PREDICTIONS_LOG_LIKELIHOOD)
+        if held_out:  # pointwise: over the observations (a vector target's joint density)
+            ll = held_out["y"]
+            ll_dims = ["chain", "draw", "obs_id"]
+            ll_dims += [f"obs_id_axis{i + 1}" for i in range(ll.ndim - 3)]
+            chains, per_chain = self.draws.shape
+            coords_ll = {"chain": np.arange(chains), "draw": np.arange(per_chain)}
+            ds = xr.Dataset({"y": (ll_dims, ll)}, coords=coords_ll)
+            add_group(idata, PREDICTIONS_LOG_LIKELIHOOD, ds)
+        opt = _optimization_group(info, approx.num_chains)
+        if opt is not None:
+            add_group(idata, "optimization", opt)
+        return idata

@@ -97,6 +97,17 @@ def model_targets(post: Posterior, y, n: int) -> tuple[torch.Tensor, np.ndarray 
     return yt, labels
 
 
+def held_out(post: Posterior, x_test, y_test):
+    """Held-out ``(x, y)``: checked arrays; a data loader stays as it is (its inputs are read
+    block by block) and its targets are read in one pass."""
+    pv = post.predictive
+    if not is_loader(x_test):
+        return pv.check_x(x_test, "x_test"), y_test
+    if y_test is not None:
+        raise DataError("y_test: a data loader yields (x, y) batches itself; pass y_test=None")
+    return x_test, pv.targets(x_test, name="x_test")
+
+
 def y_test_rows(y) -> int:
     """Rows of held-out targets (any array-like)."""
     return int(y.shape[0]) if hasattr(y, "shape") and len(y.shape) else len(y)
@@ -164,13 +175,7 @@ def evaluate_fit(
     y_scale=None,
 ) -> FitEvaluation:
     """Evaluate one fit on held-out data; see :func:`evaluate`."""
-    pv = post.predictive
-    if is_loader(x_test):  # the targets come with the batches; the inputs stay in the loader
-        if y_test is not None:
-            raise DataError("y_test: a data loader yields (x, y) batches itself; pass y_test=None")
-        x, y_test = x_test, pv.targets(x_test, name="x_test")
-    else:
-        x = pv.check_x(x_test, "x_test")
+    x, y_test = held_out(post, x_test, y_test)
     y, labels = model_targets(post, y_test, y_test_rows(y_test))
     pred = post.predict(x, num_samples=num_samples, seed=seed)
     if post.task == "classification":

@@ -481,78 +481,14 @@ class Predictive:
             return self._predict_closed_form(x, source, num_samples, seed)
         draws = self.draws(num_samples, seed)
         plan = self.plan(source, draws, chunk_size)
-        blocks: list[Moments] = []
-        kept: dict[str, list[torch.Tensor]] = {}
-        n = draws.n
-        no_mean, no_var, unsub = (torch.zeros(n, dtype=torch.bool) for _ in range(3))
+        acc = _Summaries(self.task, draws, return_draws)
         for xb, _ in source.chunks(plan.rows):
             block = self.network.block(xb)
-            acc = Moments()
-            parts: dict[str, list[torch.Tensor]] = {}
-            s0 = 0
+            acc.start_block()
             for chunk in self._chunks(draws, plan, bn_update):
-                out = block.summaries(chunk, self.task)
-                s1 = s0 + chunk.size
-                if self.task == "classification":
-                    acc.add(out.mean, ent=entropy(out.mean))
-                elif out.robust_variance is None:
-                    acc.add(out.mean, var=out.variance)
-                else:
-                    acc.add(out.mean, var=out.variance, rvar=out.robust_variance)
-                    for flags, got in ((no_mean, out.no_mean), (no_var, out.no_variance)):
-                        if got is not None:
-                            flags[s0:s1] |= got.cpu()
-                    if out.unsubstituted is not None:
-                        unsub[s0:s1] |= out.unsubstituted.cpu()
-                if return_draws:
-                    named = {"probs": out.mean} if self.task == "classification" else {}
-                    named = named or {"mean": out.mean, "variance": out.variance}
-                    for k, v in named.items():
-                        parts.setdefault(k, []).append(v)
-                s0 = s1
-            for k, v in parts.items():
-                kept.setdefault(k, []).append(torch.cat(v))
-            blocks.append(acc)
-        acc = Moments.concat(blocks)
-        out_draws = None
-        if return_draws:
-            c, s = draws.shape
-            cat = {k: torch.cat(v, 1) for k, v in kept.items()}
-            out_draws = {k: v.reshape(c, s, *v.shape[1:]) for k, v in cat.items()}
-        if self.task == "classification":
-            probs = acc.mean
-            exp_ent = acc.sums["ent"] / acc.n
-            return Prediction(
-                "classification",
-                probs,
-                acc.n,
-                probs=probs,
-                entropy=entropy(probs),
-                expected_entropy_fn=lambda: exp_ent,
-                draws=out_draws,
-            )
-        epi_var = acc.m2 / acc.n
-        ale_var = acc.sums["var"] / acc.n
-        counts = int(no_mean.sum()), int(no_var.sum()), int(unsub.sum())
-        notes = moment_notes(*counts, acc.n)
-        if counts[1] and "rvar" in acc.sums:
-            ale_var = acc.sums["rvar"] / acc.n
-        for note in notes:
-            warnings.warn(note, MomentWarning, stacklevel=3)
-        return Prediction(
-            "regression",
-            acc.mean,
-            acc.n,
-            std=(epi_var + ale_var).sqrt(),
-            epistemic=epi_var.sqrt(),
-            aleatoric=ale_var.sqrt(),
-            draws=out_draws,
-            notes=notes,
-            missing_moments=tuple(
-                k for k, c in (("mean", counts[0]), ("variance", counts[1])) if c
-            ),
-            mixture_fn=self._mixture_fn(x, num_samples, seed, chunk_size, bn_update),
-        )
+                acc.add(block.summaries(chunk, self.task))
+        mixture_fn = self._mixture_fn(x, num_samples, seed, chunk_size, bn_update)
+        return acc.prediction(mixture_fn)
 
     def _mixture_fn(self, x, num_samples, seed, chunk_size, bn_update):
         return lambda: self.predictive_mixture(
@@ -907,3 +843,86 @@ def _tensors(obj: Any) -> Iterable[torch.Tensor]:
     elif isinstance(obj, list):
         for v in obj:
             yield from _tensors(v)
+
+
+class _Summaries:
+    """What ``predict`` accumulates over the blocks of inputs and chunks of draws: running
+    moments per block, which draws lack a moment (heavy tails), and the draws' own outputs
+    when asked for."""
+
+    def __init__(self, task: str, draws: Draws, keep: bool):
+        self.task, self.draws, self.keep = task, draws, keep
+        self.blocks: list[Moments] = []
+        self.kept: dict[str, list[torch.Tensor]] = {}
+        n = draws.n
+        self.no_mean, self.no_var, self.unsub = (torch.zeros(n, dtype=torch.bool) for _ in "abc")
+
+    def start_block(self) -> None:
+        self.blocks.append(Moments())
+        self.s0 = 0
+        self.parts: dict[str, list[torch.Tensor]] = {}
+
+    def add(self, out) -> None:
+        acc, s0 = self.blocks[-1], self.s0
+        s1 = self.s0 = s0 + out.mean.shape[0]
+        if self.task == "classification":
+            acc.add(out.mean, ent=entropy(out.mean))
+        elif out.robust_variance is None:
+            acc.add(out.mean, var=out.variance)
+        else:
+            acc.add(out.mean, var=out.variance, rvar=out.robust_variance)
+            for flags, got in (
+                (self.no_mean, out.no_mean),
+                (self.no_var, out.no_variance),
+                (self.unsub, out.unsubstituted),
+            ):
+                if got is not None:
+                    flags[s0:s1] |= got.cpu()
+        if self.keep:
+            named = {"probs": out.mean} if self.task == "classification" else {}
+            for k, v in (named or {"mean": out.mean, "variance": out.variance}).items():
+                self.parts.setdefault(k, []).append(v)
+        if self.keep and s1 == self.draws.n:  # the block is complete
+            for k, v in self.parts.items():
+                self.kept.setdefault(k, []).append(torch.cat(v))
+
+    def prediction(self, mixture_fn) -> Prediction:
+        acc = Moments.concat(self.blocks)
+        draws = None
+        if self.keep:
+            c, s = self.draws.shape
+            cat = {k: torch.cat(v, 1) for k, v in self.kept.items()}
+            draws = {k: v.reshape(c, s, *v.shape[1:]) for k, v in cat.items()}
+        if self.task == "classification":
+            probs = acc.mean
+            exp_ent = acc.sums["ent"] / acc.n
+            return Prediction(
+                "classification",
+                probs,
+                acc.n,
+                probs=probs,
+                entropy=entropy(probs),
+                expected_entropy_fn=lambda: exp_ent,
+                draws=draws,
+            )
+        epi_var = acc.m2 / acc.n
+        ale_var = acc.sums["var"] / acc.n
+        counts = int(self.no_mean.sum()), int(self.no_var.sum()), int(self.unsub.sum())
+        notes = moment_notes(*counts, acc.n)
+        if counts[1] and "rvar" in acc.sums:
+            ale_var = acc.sums["rvar"] / acc.n
+        for note in notes:
+            warnings.warn(note, MomentWarning, stacklevel=5)  # the caller of Posterior.predict
+        missing = tuple(k for k, c in (("mean", counts[0]), ("variance", counts[1])) if c)
+        return Prediction(
+            "regression",
+            acc.mean,
+            acc.n,
+            std=(epi_var + ale_var).sqrt(),
+            epistemic=epi_var.sqrt(),
+            aleatoric=ale_var.sqrt(),
+            draws=draws,
+            notes=notes,
+            missing_moments=missing,
+            mixture_fn=mixture_fn,
+        )
