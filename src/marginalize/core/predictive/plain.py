@@ -8,7 +8,7 @@ Examples
 ...     w = pyro.sample("w", dist.Normal(0.0, 1.0))
 ...     with pyro.plate("data", x.shape[0]):
 ...         pyro.sample("y", dist.Normal(w * x[:, 0], 1.0), obs=y)
->>> tr = pyro.poutine.trace(model).get_trace(torch.zeros(3, 1))
+>>> tr = pyro.poutine.trace(model).get_trace(torch.zeros(3, 1), torch.zeros(3))
 >>> draws = PlainDraws(model, Layout.from_trace(tr))
 >>> mean, var = draws("moments", torch.tensor([[1.0], [2.0]]), torch.ones(3, 1))
 >>> mean.tolist()

@@ -3,6 +3,7 @@
 Examples
 --------
 >>> import torch
+>>> from marginalize.core.predictive import entropy
 >>> p = torch.tensor([[0.5, 0.5], [0.9, 0.1]])
 >>> pred = Prediction("classification", p, 10, probs=p, entropy=entropy(p),
 ...                   expected_entropy_fn=lambda: entropy(p))
