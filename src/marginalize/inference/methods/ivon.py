@@ -44,7 +44,7 @@ from marginalize.inference.engines.ivon import (
     gaussian_prior,
     posterior_scale,
 )
-from marginalize.inference.engines.objectives import PointObjective, Scaled, closed_form
+from marginalize.inference.engines.objectives import PerDatumPotential, closed_form
 from marginalize.inference.engines.optim import exponential
 from marginalize.inference.engines.options import choice, integer, number, option
 from marginalize.inference.engines.subsites import BayesianSites, run_on_sites
@@ -149,7 +149,7 @@ class IVONMethod(Method):
         delta = prec / ess
         m0 = initial_z(problem, opts.init)
         params = torch.stack([m0, torch.full_like(m0, opts.hess_init)])
-        base = Scaled(PointObjective(problem, jacobian=True), 1.0 / n)
+        base = PerDatumPotential(problem)
         objective = IVONObjective(
             base, ess=ess, delta=delta, mean=mu0, num_particles=opts.num_particles, seed=seed
         )

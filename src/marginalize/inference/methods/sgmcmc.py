@@ -63,7 +63,7 @@ from marginalize.errors import OptionError
 from marginalize.inference.engines import interrupt
 from marginalize.inference.engines.curvature import STABILITY_FRACTION, sharpness, stable_lr
 from marginalize.inference.engines.distributed import run_members
-from marginalize.inference.engines.objectives import PointObjective, Scaled
+from marginalize.inference.engines.objectives import PerDatumPotential
 from marginalize.inference.engines.optim import constant
 from marginalize.inference.engines.options import choice, either, integer, number, option
 from marginalize.inference.engines.seeding import isolated, member_seed
@@ -162,11 +162,6 @@ def _momentum_option(default: float, doc: str):
     return option(default, number(0, 1, low_open=False, high_open=True), doc)
 
 
-def _objective(problem: Problem) -> Scaled:
-    """``-log p(z, y) / N`` over the unconstrained ``z`` (log-Jacobian included)."""
-    return Scaled(PointObjective(problem, jacobian=True), 1.0 / problem.n)
-
-
 class _Interrupted(Exception):
     """Ctrl-C while finding the step size: the fit ends with the point reached."""
 
@@ -232,7 +227,7 @@ def _few_steps(name: str, window: int, wanted: int, what: str) -> None:
 def _run(problem, opts, optimizer, plan, seed, progress, desc) -> tuple[Draws, Trained]:
     rec = Draws(plan, optimizer.params)
     run = train(
-        _objective(problem),
+        PerDatumPotential(problem),
         optimizer,
         opts.steps,
         n=problem.n,
@@ -334,7 +329,7 @@ class _Chains(Method):
             **lr_info,
             "burn_in_steps": first,
             "momentum": self.momentum(opts),
-            "temperature": opts.temperature,
+            "sampling_temperature": opts.temperature,
         }
         return Empirical(draws), info
 
@@ -502,7 +497,7 @@ class CyclicalSGMCMC(Method):
             "cycle_steps": per,
             "exploration_steps": explore,
             "momentum": opts.momentum,
-            "temperature": opts.temperature,
+            "sampling_temperature": opts.temperature,
         }
         if not full:
             return _no_draws(self.name, run.params, info)
