@@ -85,6 +85,9 @@ NUM_LEVELS = 200
 NUM_PREDICTIVE = 1000
 #: reference draws whose mixture gives the stored quantiles (thinned evenly over the chains)
 REFERENCE_MIXTURE_DRAWS = 4000
+#: notes printed under the scores of ``reference.md``: what some rows' figures mean, and the
+#: goals they are measured against
+NOTES: list[str] = []
 
 
 # ---- the problems -------------------------------------------------------------------------
@@ -714,6 +717,7 @@ def to_markdown(
         "## Scores",
         "",
         table_markdown(rows, out),
+        *(["Notes:", "", *[f"- {n}" for n in NOTES], ""] if NOTES else []),
         "## References",
         "",
         "Built by `marginalize bench reference --build-only` (seed 0, float64, one torch "

@@ -29,7 +29,7 @@ import torch
 
 from marginalize.core.problem import Problem
 
-__all__ = ["CURVATURE_ROWS", "STABILITY_FRACTION", "curvature_rows", "sharpness", "stable_lr"]
+__all__ = ["CURVATURE_ROWS", "STABILITY_FRACTION", "curvature_rows", "sharpness"]
 
 log = logging.getLogger(__name__)
 
@@ -71,10 +71,3 @@ def sharpness(
         log.info("no curvature estimate (%s)", e)
         return math.nan
     return abs(lam)
-
-
-def stable_lr(lam: float, momentum: float = 0.0, fraction: float = STABILITY_FRACTION) -> float:
-    """``fraction * 2 (1 + momentum) / lam`` (NaN when ``lam`` is not a positive number)."""
-    if not (lam > 0 and math.isfinite(lam)):
-        return math.nan
-    return fraction * 2.0 * (1.0 + momentum) / lam

@@ -20,12 +20,13 @@ Euler-Maruyama step ``h = lr_t T / N`` of Langevin dynamics ``dz = -grad(N l / T
 dW``. Where ``noise(t)`` is False (the exploration stage of cyclical SG-MCMC) the step is SGD
 with momentum. ``T = 1`` is the Bayesian posterior; ``T < 1`` a cold one (Wenzel et al. 2020).
 
-What a finite step costs (known in closed form on a quadratic ``l = z^T A z / 2``): SGLD's
+What a finite step costs (known in closed form on a quadratic ``l = z^T A z / 2``): the
 stationary covariance in the direction of an eigenvalue ``a_i`` of ``A`` is ``T / (N a_i) /
-(1 - lr a_i / 2)``: too wide by the factor ``1 / (1 - lr a_i / 2)``; minibatch gradient noise
-adds ``lr^2`` times its covariance to the injected noise (``2 lr T / N``) each step. Both
-vanish as ``lr -> 0``; the step must stay below the stability limit ``2 (1 + momentum) /
-a_max``.
+(1 - lr a_i / (2 (1 + momentum)))`` (:func:`variance_factor`), too wide by that factor;
+minibatch gradient noise adds ``lr^2`` times its covariance to the injected noise each step.
+Both vanish as ``lr -> 0``; the step must stay below the stability limit ``2 (1 + momentum) /
+a_max``, and :func:`biased_step` is the step whose excess variance along ``a_max`` is
+:data:`STEP_BIAS` (10%).
 
 Schedules map the (1-based) step to a factor of ``lr``: :func:`polynomial` (Welling & Teh's
 ``a (b + t)^-gamma``), :func:`cyclical` (Zhang et al.'s cosine cycles) and
@@ -57,6 +58,9 @@ from marginalize.inference.engines.optim import _DoubleBuffered, constant
 
 __all__ = [
     "SGHMC",
+    "variance_factor",
+    "biased_step",
+    "STEP_BIAS",
     "Draws",
     "polynomial",
     "cyclical",
@@ -64,6 +68,36 @@ __all__ = [
     "plan_draws",
     "draw_bytes",
 ]
+
+
+#: the automatic step size's bound on the relative excess variance of the stationary
+#: distribution along the sharpest direction of the loss (:func:`biased_step`)
+STEP_BIAS = 0.1
+
+
+def variance_factor(x: float, momentum: float = 0.0) -> float:
+    """Stationary variance of the chain over the target's along a direction of curvature
+    ``a`` of a quadratic loss, ``x = lr a``: ``1 / (1 - x / (2 (1 + momentum)))`` (``inf`` at
+    and beyond the stability limit ``x = 2 (1 + momentum)``).
+
+    Exact for the linear recursion of the step (the discrete Lyapunov equation of ``(z, v)``
+    has this solution; ``tests/test_scalable_methods.py`` checks it against the recursion): SGLD
+    at ``momentum = 0`` is a factor ``1 / (1 - lr a / 2)`` too wide, and the momentum form
+    divides the step's effect by ``1 + momentum``.
+
+    Examples
+    --------
+    >>> round(variance_factor(0.2), 4), round(variance_factor(0.2, 0.9), 4)
+    (1.1111, 1.0556)
+    """
+    limit = 2.0 * (1.0 + float(momentum))
+    return math.inf if x >= limit else 1.0 / (1.0 - x / limit)
+
+
+def biased_step(momentum: float = 0.0, bias: float = STEP_BIAS) -> float:
+    """The largest ``x = lr a`` whose :func:`variance_factor` is at most ``1 + bias``:
+    ``2 (1 + momentum) bias / (1 + bias)``."""
+    return 2.0 * (1.0 + float(momentum)) * bias / (1.0 + bias)
 
 
 def polynomial(steps: int, lr_final: float, power: float = 0.55) -> Callable[[int], float]:

@@ -80,6 +80,9 @@ class IVONMethod(Method):
 
     @dataclass
     class Options(BayesianSites):
+        """Options of IVON (the paper's names: ``ess``, ``hess_init``, ``beta1``, ``beta2``,
+        ``clip_radius``; MC samples per step as ``num_particles``, as the other VI methods)."""
+
         steps: int = option(500, integer(1, 10**9), "IVON steps (minibatches)")
         lr: float = option(
             0.1,

@@ -52,6 +52,7 @@ Examples
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import torch
@@ -61,7 +62,7 @@ from marginalize.core.info import FitInfo, Stop
 from marginalize.core.problem import Problem
 from marginalize.errors import OptionError
 from marginalize.inference.engines import interrupt
-from marginalize.inference.engines.curvature import STABILITY_FRACTION, sharpness, stable_lr
+from marginalize.inference.engines.curvature import sharpness
 from marginalize.inference.engines.distributed import run_members
 from marginalize.inference.engines.objectives import PerDatumPotential
 from marginalize.inference.engines.optim import constant
@@ -69,7 +70,9 @@ from marginalize.inference.engines.options import choice, either, integer, numbe
 from marginalize.inference.engines.seeding import isolated, member_seed
 from marginalize.inference.engines.sgmcmc import (
     SGHMC,
+    STEP_BIAS,
     Draws,
+    biased_step,
     cycle_position,
     cyclical,
     draw_bytes,
@@ -112,9 +115,10 @@ class SGMCMCOptions(BayesianSites):
         "auto",
         either(number(0, MAX_LR), choice("auto"), what="a positive number or 'auto'"),
         "step size on the per-datum loss -log p(y, z) / N (the learning rate of SGD on it; "
-        "smaller is closer to the posterior and mixes slower); 'auto': "
-        f"{STABILITY_FRACTION} x 2 (1 + momentum) / lambda_max, lambda_max the sharpest "
-        "curvature of the loss at a MAP point fitted first",
+        "smaller is closer to the posterior and mixes slower); 'auto': the step whose "
+        f"stationary variance along the sharpest curvature lambda_max of the loss at a MAP "
+        f"point (fitted first) is at most {STEP_BIAS:.0%} too wide: 2 (1 + momentum) "
+        f"{STEP_BIAS:g} / (1 + {STEP_BIAS:g}) / lambda_max",
     )
     batch_size: int | None = option(
         None,
@@ -136,8 +140,10 @@ class SGMCMCOptions(BayesianSites):
     )
     init: str = option(
         "scaled",
-        choice(*INIT),
-        "where each chain starts: 'scaled', 'median' or 'prior' (see engines/init.py)",
+        choice("map", *INIT),
+        "where each chain starts: 'map' (a MAP point fitted from its own 'scaled' start, so "
+        "chains start in different modes, as ensemble members), 'scaled', 'median' or 'prior' "
+        "(see engines/init.py)",
     )
     on_nan: str = option(
         "stop",
@@ -163,38 +169,51 @@ def _momentum_option(default: float, doc: str):
 
 
 class _Interrupted(Exception):
-    """Ctrl-C while finding the step size: the fit ends with the point reached."""
+    """Ctrl-C while fitting a MAP point (for ``init="map"`` or ``lr="auto"``)."""
 
-    def __init__(self, z: torch.Tensor, run: Trained):
-        self.z, self.run = z, run
+    def __init__(self, z: torch.Tensor, run: Trained, part: str):
+        self.z, self.run, self.part = z, run, part
 
 
-def _step_size(problem: Problem, opts, momentum: float, seed: int, progress: bool):
-    """``(lr, details)``: ``opts.lr``, or for ``"auto"`` a fraction of the stability limit at a
-    MAP point (``problem.meta["init"]`` under ``bayesian_sites``, else a MAP fit)."""
+def _start(problem: Problem, opts, momentum: float, seed: int, progress: bool, desc: str, peak=1.0):
+    """``(z0, lr, details)`` of a chain (or of the cyclical run).
+
+    A MAP point is fitted when the start is ``init="map"`` or the step size ``"auto"``
+    (``problem.meta["init"]`` is that point under ``bayesian_sites``): L-BFGS on the full batch,
+    Adam on minibatches, from a ``"scaled"`` start drawn from ``seed``. ``"auto"`` is the step
+    whose stationary variance along the sharpest direction there (curvature ``lambda_max``) is
+    at most ``STEP_BIAS`` too wide, ``biased_step(momentum) / lambda_max``, divided by ``peak``
+    (the schedule's factor where sampling starts) and at most half the stability limit ``2 (1 +
+    momentum) / lambda_max``. Raises :class:`_Interrupted` on Ctrl-C during that fit.
+    """
+    z_map, details = None, {}
+    if opts.init == "map" or opts.lr == "auto":
+        if "init" in problem.meta:
+            z_map = problem.meta["init"]
+        else:
+            start = "scaled" if opts.init == "map" else opts.init
+            map_opts = MAPOptions(batch_size=opts.batch_size, init=start, on_nan=opts.on_nan)
+            part = f"{desc} (map)"
+            with isolated(seed):
+                z_map, run, _ = fit_point(problem, map_opts, seed, progress, desc=part)
+            if run.interrupted or interrupt.requested():
+                raise _Interrupted(z_map, run, part)
+    z0 = z_map.detach().clone() if opts.init == "map" else initial_z(problem, opts.init)
     if opts.lr != "auto":
-        return float(opts.lr), {}
-    if "init" in problem.meta:
-        z = problem.meta["init"]
-    else:
-        map_opts = MAPOptions(batch_size=opts.batch_size, init=opts.init, on_nan=opts.on_nan)
-        with isolated(seed):
-            z, run, _ = fit_point(problem, map_opts, seed, progress, desc="step size (map)")
-        if run.interrupted or interrupt.requested():
-            raise _Interrupted(z, run)
-    lam = sharpness(problem, z, torch.Generator().manual_seed(seed))
-    lr = stable_lr(lam, momentum)
-    if lr != lr:  # NaN: no curvature
-        log.warning("no curvature estimate at the MAP point; lr='auto' uses 1e-4")
+        return z0, float(opts.lr), details
+    lam = sharpness(problem, z_map, torch.Generator().manual_seed(seed))
+    lr = min(biased_step(momentum) / peak, 1.0 + momentum) / lam
+    if not (lr > 0 and math.isfinite(lr)):  # no curvature estimate
+        log.warning("%s: no curvature estimate at the MAP point; lr='auto' uses 1e-4", desc)
         lr = 1e-4
-    return lr, {"sharpness": lam, "lr_auto": lr}
+    return z0, lr, {"sharpness": lam}
 
 
-def _interrupted_fit(e: _Interrupted) -> tuple[Delta, FitInfo]:
+def _interrupted_fit(name: str, e: _Interrupted) -> tuple[Delta, FitInfo]:
     info = e.run.info()
     if info.stopped is not None:
-        info.stopped.part = "step size (map)"
-    log.warning("interrupted while fitting the MAP point for lr='auto'; returning it")
+        info.stopped.part = e.part
+    log.warning("%s: interrupted while fitting a MAP point; returning the point reached", name)
     return Delta(e.z.detach().clone()), info
 
 
@@ -267,10 +286,6 @@ class _Chains(Method):
         if opts.bayesian_sites is not None:
             return run_on_sites(self, problem, opts, seed, progress)
         _check_memory(self.name, opts.num_chains, opts, problem)
-        try:
-            lr, lr_info = _step_size(problem, opts, self.momentum(opts), seed, progress)
-        except _Interrupted as e:
-            return _interrupted_fit(e)
         schedule = self.schedule(opts)
         first = int(opts.burn_in * opts.steps)
         _few_steps(self.name, opts.steps - first, opts.num_samples, "the sampling phase")
@@ -278,9 +293,23 @@ class _Chains(Method):
 
         def chain(k):
             sk = member_seed(seed, k)
+            desc = f"{self.name} chain {k + 1}"
             with isolated(sk):
+                try:
+                    z0, lr, lr_info = _start(problem, opts, self.momentum(opts), sk, progress, desc)
+                except _Interrupted as e:
+                    return {
+                        "draws": e.z.new_zeros(0, e.z.numel()),
+                        "steps": [],
+                        "run": Trained(
+                            e.z, torch.zeros(0, dtype=torch.float64), e.run.stopped
+                        ).to_state(),
+                        "lr": math.nan,
+                        "info": {},
+                        "part": e.part,
+                    }
                 sampler = SGHMC(
-                    initial_z(problem, opts.init),
+                    z0,
                     lr,
                     schedule,
                     momentum=self.momentum(opts),
@@ -288,10 +317,15 @@ class _Chains(Method):
                     n=problem.n,
                     seed=_noise_seed(sk),
                 )
-                rec, run = _run(
-                    problem, opts, sampler, plan, sk, progress, f"{self.name} chain {k + 1}"
-                )
-            return {"draws": rec.draws.clone(), "steps": rec.steps_kept, "run": run.to_state()}
+                rec, run = _run(problem, opts, sampler, plan, sk, progress, desc)
+            return {
+                "draws": rec.draws.clone(),
+                "steps": rec.steps_kept,
+                "run": run.to_state(),
+                "lr": lr,
+                "info": lr_info,
+                "part": desc,
+            }
 
         results = run_members(
             opts.num_chains,
@@ -309,9 +343,9 @@ class _Chains(Method):
             steps_done=sum(r.steps_done for r in runs),
             rollbacks=[rb for r in runs for rb in r.rollbacks],
         )
-        for k, r in enumerate(runs):
+        for r, res in zip(runs, results, strict=True):
             if r.stopped is not None:
-                info.stopped = _stopped_where(r.stopped, f"chain {k + 1}")
+                info.stopped = _stopped_where(r.stopped, res["part"])
                 break
         kept = [(r, res) for r, res in zip(runs, results, strict=True) if len(res["steps"])]
         if not kept:
@@ -319,14 +353,14 @@ class _Chains(Method):
         n = min(len(res["steps"]) for _, res in kept)
         draws = torch.stack([res["draws"][:n] for _, res in kept])
         sizes = torch.tensor(
-            [[lr * schedule(s + 1) for s in res["steps"][:n]] for _, res in kept],
+            [[res["lr"] * schedule(s + 1) for s in res["steps"][:n]] for _, res in kept],
             dtype=torch.float64,
         )
         info.sample_stats = {"step_size": sizes}
         info.details = {
             "num_kept": [len(res["steps"]) for res in results],
-            "lr": lr,
-            **lr_info,
+            "lr": [res["lr"] for res in results],
+            "sharpness": [res["info"].get("sharpness") for res in results],
             "burn_in_steps": first,
             "momentum": self.momentum(opts),
             "sampling_temperature": opts.temperature,
@@ -360,6 +394,8 @@ class SGLD(_Chains):
 
     @dataclass
     class Options(SGMCMCOptions):
+        """Options of every SG-MCMC method, plus chains, burn-in and the step's decay."""
+
         num_chains: int = option(
             4,
             integer(1, 10**4),
@@ -367,6 +403,13 @@ class SGLD(_Chains):
             "distributed run; R-hat needs at least 2)",
         )
         burn_in: float = _burn_in_option(0.5)
+        init: str = option(
+            "map",
+            choice("map", *INIT),
+            "where each chain starts: 'map' (a MAP point fitted from its own 'scaled' start, so "
+            "chains start in different modes, as ensemble members), 'scaled', 'median' or "
+            "'prior' (see engines/init.py)",
+        )
         lr_final: float = option(
             0.1,
             number(0, 1),
@@ -392,6 +435,8 @@ class SGHMCMethod(_Chains):
 
     @dataclass
     class Options(SGMCMCOptions):
+        """Options of every SG-MCMC method, plus chains, burn-in and the momentum."""
+
         num_chains: int = option(
             4,
             integer(1, 10**4),
@@ -399,6 +444,13 @@ class SGHMCMethod(_Chains):
             "distributed run; R-hat needs at least 2)",
         )
         burn_in: float = _burn_in_option(0.5)
+        init: str = option(
+            "map",
+            choice("map", *INIT),
+            "where each chain starts: 'map' (a MAP point fitted from its own 'scaled' start, so "
+            "chains start in different modes, as ensemble members), 'scaled', 'median' or "
+            "'prior' (see engines/init.py)",
+        )
         momentum: float = _momentum_option(
             0.9, "momentum of the SGD form; the friction is 1 - momentum"
         )
@@ -424,6 +476,9 @@ class CyclicalSGMCMC(Method):
 
     @dataclass
     class Options(SGMCMCOptions):
+        """Options of every SG-MCMC method (steps counted over all cycles), plus the cycles,
+        the exploration fraction of each and the momentum."""
+
         steps: int = option(
             20000,
             integer(1, 10**9),
@@ -455,9 +510,13 @@ class CyclicalSGMCMC(Method):
         cycles = opts.num_cycles
         _check_memory(self.name, cycles, opts, problem)
         try:
-            lr, lr_info = _step_size(problem, opts, opts.momentum, seed, progress)
+            # 'auto': the bias bound holds at the first step of each sampling stage
+            peak = 0.5 * (math.cos(math.pi * opts.exploration) + 1.0)
+            z0, lr, lr_info = _start(
+                problem, opts, opts.momentum, seed, progress, self.name, peak=peak
+            )
         except _Interrupted as e:
-            return _interrupted_fit(e)
+            return _interrupted_fit(self.name, e)
         per = opts.steps // cycles
         schedule = cyclical(opts.steps, cycles)
         explore = int(opts.exploration * per)
@@ -472,7 +531,7 @@ class CyclicalSGMCMC(Method):
             return cycle_position(t, opts.steps, cycles)[1] >= opts.exploration
 
         sampler = SGHMC(
-            initial_z(problem, opts.init),
+            z0,
             lr,
             schedule,
             momentum=opts.momentum,
