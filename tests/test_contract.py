@@ -195,8 +195,8 @@ def test_non_finite_values_follow_on_nan(method, monkeypatch):
     defaults = mz.inference.get_method(method).option_defaults()
     if "optimizer" in defaults and method not in ("swag", "multiswag"):
         opts["optimizer"] = "adam"  # L-BFGS backs off from a bad point itself (test_engine.py)
-    if defaults.get("lr") == "auto":
-        opts["lr"] = 1e-3  # no MAP stage (an L-BFGS fit, which backs off itself) before the loop
+    if defaults.get("lr") == "auto":  # SG-MCMC: no MAP stage (L-BFGS, which backs off itself)
+        opts.update(lr=1e-3, init="scaled")
     calls = {"n": 0}
     if "on_nan" not in defaults:
         orig = Problem.potential_and_grad

@@ -176,7 +176,7 @@ def test_sgld_decaying_step_and_minibatches_match_exact_posterior(float64, seed)
     # bound, and the draws are at least as wide as the full-batch chain's (up to the MCSE)
     check_draws(post.approximation.draws.numpy(), mu, c, noisy, tight=False, lower=full)
     # the step sizes of the kept draws are the schedule's
-    got = post.info.sample_stats["step_size"][0].numpy()
+    got = post.info["draw_step_size"][0].numpy()
     assert np.allclose(got, [lrs[s] for s in kept])
 
 
@@ -317,3 +317,18 @@ def test_ivon_weight_decay_is_the_prior(float64):
     hier = mz.models.mlp(3, hidden=[4], prior=mz.priors.Hierarchical())
     prh, _ = gaussian_prior(prepare(hier, x, y))
     assert float(prh.abs().sum()) == 0.0  # every weight's scale is a latent site
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.5, 0.9])
+def test_variance_factor_is_the_stationary_variance_of_the_step(momentum):
+    """The closed form behind lr='auto' (engines/sgmcmc.variance_factor) against the step's own
+    linear recursion run to stationarity on a 1-D quadratic, and the bias bound it gives."""
+    from marginalize.inference.engines.sgmcmc import STEP_BIAS, biased_step, variance_factor
+
+    a = np.array([[2.0]])
+    for x in (0.05, 0.3, 1.0, 2.0 * (1 + momentum) * 0.9):
+        lr, steps = x / 2.0, 4000
+        cov = expected_draw_moments(a, [lr] * steps, [True] * steps, momentum, 1, [steps - 1])
+        assert cov[0, 0] * 2.0 == pytest.approx(variance_factor(x, momentum), rel=1e-6)
+    assert variance_factor(biased_step(momentum), momentum) == pytest.approx(1 + STEP_BIAS)
+    assert variance_factor(2.0 * (1 + momentum), momentum) == float("inf")

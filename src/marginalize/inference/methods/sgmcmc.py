@@ -26,10 +26,10 @@ What is kept: ``num_samples`` draws per chain (per cycle for ``csgmcmc``), at eq
 of the summed step size over the sampling steps (the steps after ``burn_in`` for ``sgld`` and
 ``sghmc``, the sampling stage of each cycle for ``csgmcmc``; equal-weight draws of a decaying
 step then estimate what Welling & Teh's step-size-weighted average does), as an
-``Empirical`` approximation shaped ``(chain, draw, D)``. Memory is ``chains x num_samples x D``
+``Empirical`` approximation shaped ``(chain, draw, D)``; ``info["draw_step_size"]`` holds each
+draw's step size ``(chain, draw)``. Memory is ``chains x num_samples x D``
 numbers, preallocated: at the defaults (4 x 100 draws) 0.43 GB in float32 for a ResNet-20's
-D = 270k, and the fit warns beyond :data:`DRAWS_WARN_BYTES`. ``info.sample_stats`` holds each
-draw's ``step_size``.
+D = 270k, and the fit warns beyond :data:`DRAWS_WARN_BYTES`.
 
 The step size ``lr`` is on the per-datum loss (the learning rate of SGD on it): it must stay
 below the stability limit ``2 (1 + momentum) / lambda_max`` of the loss's Hessian, and the
@@ -356,8 +356,8 @@ class _Chains(Method):
             [[res["lr"] * schedule(s + 1) for s in res["steps"][:n]] for _, res in kept],
             dtype=torch.float64,
         )
-        info.sample_stats = {"step_size": sizes}
         info.details = {
+            "draw_step_size": sizes,
             "num_kept": [len(res["steps"]) for res in results],
             "lr": [res["lr"] for res in results],
             "sharpness": [res["info"].get("sharpness") for res in results],
@@ -570,10 +570,7 @@ class CyclicalSGMCMC(Method):
         idx = torch.tensor(full, dtype=torch.long)
         draws = rec.draws[idx.reshape(-1)].reshape(len(full), k, -1)
         steps = torch.tensor(rec.steps_kept, dtype=torch.long)[idx]
-        info.sample_stats = {
-            "step_size": torch.tensor(
-                [[lr * schedule(int(s) + 1) for s in row] for row in steps],
-                dtype=torch.float64,
-            )
-        }
+        info.details["draw_step_size"] = torch.tensor(
+            [[lr * schedule(int(s) + 1) for s in row] for row in steps], dtype=torch.float64
+        )
         return Empirical(draws.clone()), info
