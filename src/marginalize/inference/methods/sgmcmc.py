@@ -6,8 +6,8 @@ per-datum loss ``-log p(y, z) / N`` over the flat unconstrained vector (log-Jaco
 the minibatch likelihood scaled by ``N / B``), so minibatches, checkpoints and ``mz.resume``,
 Ctrl-C, ``on_nan`` and the progress bar work as for every method. The target is the posterior
 tempered by ``temperature`` ``T``, ``p(z | y)^(1/T)`` (``T = 1``: the Bayesian posterior;
-``T < 1``: a cold posterior, Wenzel et al. 2020, whose cyclical SG-MCMC runs used
-``T`` down to ``1e-4``).
+``T < 1``: a cold posterior, Wenzel et al. 2020; Zhang et al.'s CIFAR code samples at ``T =
+1 / N`` by default).
 
 * ``sgld`` (Welling & Teh 2011): Langevin steps ``z <- z - lr_t grad + sqrt(2 lr_t T / N) xi``
   with the paper's polynomially decaying step size ``lr_t = a (b + t)^-0.55``, here from ``lr``
@@ -31,13 +31,22 @@ draw's step size ``(chain, draw)``. Memory is ``chains x num_samples x D``
 numbers, preallocated: at the defaults (4 x 100 draws) 0.43 GB in float32 for a ResNet-20's
 D = 270k, and the fit warns beyond :data:`DRAWS_WARN_BYTES`.
 
-The step size ``lr`` is on the per-datum loss (the learning rate of SGD on it): it must stay
-below the stability limit ``2 (1 + momentum) / lambda_max`` of the loss's Hessian, and the
-stationary distribution is wider than the posterior by ``1 / (1 - lr a / 2)`` along a
-curvature ``a`` (SGLD), plus the minibatch gradient noise (``lr^2`` times its covariance a step,
-against the injected ``2 lr T / N``): both vanish as ``lr`` shrinks, so a smaller ``lr`` with
-more steps is closer to the posterior (``tests/test_scalable_methods.py`` checks the draws
-against an exact posterior as ``lr`` shrinks).
+The step size ``lr`` is on the per-datum loss (the learning rate of SGD on it). It must stay
+below the stability limit ``2 (1 + momentum) / lambda_max`` of the loss's Hessian, and on a
+quadratic the stationary distribution is wider than the posterior by ``1 / (1 - lr a / (2 (1 +
+momentum)))`` along a curvature ``a`` (exact for the step's linear recursion), plus the effect
+of the minibatch gradient noise (``lr^2`` times its covariance a step, against the injected
+``2 (1 - momentum) lr T / N``): both vanish as ``lr`` shrinks, so a smaller ``lr`` with more
+steps is closer to the posterior (``tests/test_scalable_methods.py`` checks the draws against
+an exact posterior with that bias). ``lr="auto"`` (default) takes the largest step whose
+excess variance along ``lambda_max`` at a MAP point is 10% (``STEP_BIAS``): ``0.18 /
+lambda_max`` for SGLD, ``0.35 / lambda_max`` at momentum 0.9; for ``csgmcmc`` that bound holds
+at the first step of each sampling stage (the cycle's peak is ``1 / ((cos(pi exploration) + 1)
+/ 2)`` times it, at most half the stability limit). It fits the MAP point first (L-BFGS on the
+full batch, Adam on minibatches); ``sgld`` and ``sghmc`` start each chain at its own MAP point
+(``init="map"``, fitted from the chain's own random start, so the chains start in different
+modes as an ensemble's members do), which doubles as the point of the curvature. On a big
+network give ``lr`` (and ``init``) to skip that fit.
 
 Examples
 --------
@@ -195,7 +204,10 @@ def _start(problem: Problem, opts, momentum: float, seed: int, progress: bool, d
             map_opts = MAPOptions(batch_size=opts.batch_size, init=start, on_nan=opts.on_nan)
             part = f"{desc} (map)"
             with isolated(seed):
-                z_map, run, _ = fit_point(problem, map_opts, seed, progress, desc=part)
+                # a start and a curvature: a MAP still creeping down is no reason to warn
+                z_map, run, _ = fit_point(
+                    problem, map_opts, seed, progress, desc=part, warn_unconverged=False
+                )
             if run.interrupted or interrupt.requested():
                 raise _Interrupted(z_map, run, part)
     z0 = z_map.detach().clone() if opts.init == "map" else initial_z(problem, opts.init)
