@@ -496,6 +496,15 @@ class CyclicalSGMCMC(Method):
             integer(1, 10**9),
             "sampler steps (minibatches) in all, num_cycles cycles of steps // num_cycles",
         )
+        lr: float | str = option(
+            "auto",
+            either(number(0, MAX_LR), choice("auto"), what="a positive number or 'auto'"),
+            "the cycle's largest step size on the per-datum loss -log p(y, z) / N; 'auto': "
+            "such that the first step of each sampling stage has a stationary variance at most "
+            f"{STEP_BIAS:.0%} too wide along the sharpest curvature lambda_max of the loss at a "
+            "MAP point (fitted first), and at most half the stability limit 2 (1 + momentum) / "
+            "lambda_max",
+        )
         num_cycles: int = option(
             4, integer(1, 10**4), "cycles of the step size; each is a chain of the posterior"
         )
