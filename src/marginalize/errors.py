@@ -7,7 +7,14 @@ All but :class:`FitError` are ``ValueError`` subclasses, so generic handlers kee
 (True, True)
 """
 
-__all__ = ["DataError", "ModelError", "OptionError", "FileFormatError", "FitError"]
+__all__ = [
+    "DataError",
+    "ModelError",
+    "OptionError",
+    "FileFormatError",
+    "FitError",
+    "ScaleWarning",
+]
 
 
 class DataError(ValueError):
@@ -29,3 +36,9 @@ class FileFormatError(ValueError):
 
 class FitError(RuntimeError):
     """A fit could not continue (e.g. the loss became NaN and ``on_nan="raise"``)."""
+
+
+class ScaleWarning(UserWarning):
+    """The data are far from the scale of the model's priors (e.g. a target in the millions
+    under unit-scale priors): the fit runs, but its posterior is likely to be confidently
+    wrong; standardize the data or put the priors on their scale (``core/scales.py``)."""

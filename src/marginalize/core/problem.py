@@ -29,7 +29,7 @@ from pyro.poutine.util import site_is_subsample
 
 from marginalize._isolation import no_validation
 from marginalize._validation import check_x, check_y
-from marginalize.core.layout import Layout, _is_latent
+from marginalize.core.layout import Layout, _is_latent, check_sites
 from marginalize.errors import DataError, ModelError
 from marginalize.models.base import BNN
 
@@ -630,6 +630,7 @@ def prepare(model: Callable, x, y, *, device=None, obs_site: str | None = None) 
     layout = Layout.from_trace(tr, dims)
     if layout.size == 0:
         raise ModelError("the model has no latent sample sites (nothing to infer)")
+    check_fixed_sites(model, x_t, layout, tr2)
     ysite = tr.nodes[OBS]
     _check_obs_shape(model, ysite, y_t)
     task = model.task if isinstance(model, BNN) else detect_task(ysite["fn"])
@@ -668,6 +669,22 @@ def prepare(model: Callable, x, y, *, device=None, obs_site: str | None = None) 
     if not bool(torch.isfinite(lp).all()):
         raise _blame_non_finite(ysite["fn"], ysite["value"], x_t)
     return Problem(model, x_t, y_t, layout, task, num_classes, meta={"dtype": fdtype})
+
+
+def check_fixed_sites(model, x: torch.Tensor, layout: Layout, tr_one) -> None:
+    """``ModelError`` when the model's latent sites depend on its inputs: the trace at one row
+    (``tr_one``) and, for a model function, a trace at two rows without ``y`` (as prediction
+    runs it) must sample exactly the fitted sites (:func:`~marginalize.core.layout.check_sites`).
+    Builder models sample the same sites at any input."""
+    check_sites(layout, tr_one, f"with 1 data point (the fit has {x.shape[0]})")
+    if isinstance(model, BNN):
+        return
+    try:
+        with torch.random.fork_rng(devices=[]):
+            tr = poutine.trace(model).get_trace(x[:2], None)
+    except Exception:  # noqa: BLE001 - a model that needs y here: prediction checks it again
+        return
+    check_sites(layout, tr, "when y is None (as at prediction)")
 
 
 def _blame_non_finite(d: dist.Distribution, y: torch.Tensor, x: torch.Tensor) -> DataError:
