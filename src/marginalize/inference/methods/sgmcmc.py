@@ -105,7 +105,14 @@ from marginalize.inference.engines.training import (
 )
 from marginalize.inference.registry import Method, register
 
-__all__ = ["SGLD", "SGHMCMethod", "CyclicalSGMCMC", "SGMCMCOptions", "DRAWS_WARN_BYTES"]
+__all__ = [
+    "SGLD",
+    "SGHMCMethod",
+    "CyclicalSGMCMC",
+    "SGMCMCOptions",
+    "ChainOptions",
+    "DRAWS_WARN_BYTES",
+]
 
 log = logging.getLogger(__name__)
 
@@ -175,6 +182,26 @@ def _burn_in_option(default: float):
 
 def _momentum_option(default: float, doc: str):
     return option(default, number(0, 1, low_open=False, high_open=True), doc)
+
+
+@dataclass
+class ChainOptions(SGMCMCOptions):
+    """Options of every SG-MCMC method, plus the chains, their burn-in and their start."""
+
+    num_chains: int = option(
+        4,
+        integer(1, 10**4),
+        "independent chains, each from its own start (spread over the processes of a "
+        "distributed run; R-hat needs at least 2)",
+    )
+    burn_in: float = _burn_in_option(0.5)
+    init: str = option(
+        "map",
+        choice("map", *INIT),
+        "where each chain starts: 'map' (a MAP point fitted from its own 'scaled' start, so "
+        "chains start in different modes, as ensemble members), 'scaled', 'median' or "
+        "'prior' (see engines/init.py)",
+    )
 
 
 class _Interrupted(Exception):
@@ -283,6 +310,12 @@ def _stopped_where(stopped: Stop | None, part: str) -> Stop | None:
     if stopped is not None:
         stopped.part = part
     return stopped
+
+
+_CHAINS_COST = (
+    "training: a MAP fit and one gradient per step for each chain (steps x num_chains); memory "
+    "num_chains x num_samples x D; prediction: batched over draws"
+)
 
 
 class _Chains(Method):
@@ -398,30 +431,13 @@ class SGLD(_Chains):
         "Stochastic gradient Langevin dynamics: noisy SGD steps with a decaying step size "
         "(chains in sequence)."
     )
-    cost = (
-        "training: one gradient per step, steps x num_chains; memory num_chains x num_samples x "
-        "D; prediction: batched over draws"
-    )
+    cost = _CHAINS_COST
     reference = "Welling & Teh 2011, Bayesian Learning via Stochastic Gradient Langevin Dynamics"
 
     @dataclass
-    class Options(SGMCMCOptions):
-        """Options of every SG-MCMC method, plus chains, burn-in and the step's decay."""
+    class Options(ChainOptions):
+        """Options of the chains (``ChainOptions``), plus the step's decay."""
 
-        num_chains: int = option(
-            4,
-            integer(1, 10**4),
-            "independent chains, each from its own start (spread over the processes of a "
-            "distributed run; R-hat needs at least 2)",
-        )
-        burn_in: float = _burn_in_option(0.5)
-        init: str = option(
-            "map",
-            choice("map", *INIT),
-            "where each chain starts: 'map' (a MAP point fitted from its own 'scaled' start, so "
-            "chains start in different modes, as ensemble members), 'scaled', 'median' or "
-            "'prior' (see engines/init.py)",
-        )
         lr_final: float = option(
             0.1,
             number(0, 1),
@@ -439,30 +455,13 @@ class SGHMCMethod(_Chains):
         "Stochastic gradient Hamiltonian Monte Carlo: SGD with momentum (friction) and injected "
         "noise, at a constant step size (chains in sequence)."
     )
-    cost = (
-        "training: one gradient per step, steps x num_chains; memory num_chains x num_samples x "
-        "D; prediction: batched over draws"
-    )
+    cost = _CHAINS_COST
     reference = "Chen, Fox & Guestrin 2014, Stochastic Gradient Hamiltonian Monte Carlo"
 
     @dataclass
-    class Options(SGMCMCOptions):
-        """Options of every SG-MCMC method, plus chains, burn-in and the momentum."""
+    class Options(ChainOptions):
+        """Options of the chains (``ChainOptions``), plus the momentum."""
 
-        num_chains: int = option(
-            4,
-            integer(1, 10**4),
-            "independent chains, each from its own start (spread over the processes of a "
-            "distributed run; R-hat needs at least 2)",
-        )
-        burn_in: float = _burn_in_option(0.5)
-        init: str = option(
-            "map",
-            choice("map", *INIT),
-            "where each chain starts: 'map' (a MAP point fitted from its own 'scaled' start, so "
-            "chains start in different modes, as ensemble members), 'scaled', 'median' or "
-            "'prior' (see engines/init.py)",
-        )
         momentum: float = _momentum_option(
             0.9, "momentum of the SGD form; the friction is 1 - momentum"
         )
