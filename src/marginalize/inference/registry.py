@@ -194,8 +194,8 @@ def fit(
     Notes
     -----
     In a distributed run (an initialized ``torch.distributed`` process group, e.g. under
-    ``torchrun``), the members and chains of ``ensemble``, ``multiswag``, ``nuts`` and ``hmc``
-    are spread over the ranks and gathered: every rank returns the same posterior, bitwise the
+    ``torchrun``), the members and chains of ``ensemble``, ``multiswag``, ``nuts``, ``hmc``,
+    ``sgld`` and ``sghmc`` are spread over the ranks and gathered: every rank returns the same posterior, bitwise the
     one a single process gives with the same seed (same machine and torch thread count). The
     optimization methods train data-parallel: each rank takes its share of every minibatch and
     the gradients are summed over the ranks (equal to one process up to float rounding).
