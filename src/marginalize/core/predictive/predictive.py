@@ -352,7 +352,7 @@ class Predictive:
         if rows is None:
             net = self.network
             net = net.network if isinstance(net, LinearizedNetwork) else net
-            x_example, _ = self.data.example(2)
+            x_example = self.check_x(self.data.example(2)[0])
             z = self.draws(1).z[0]
             rows = plan_chunks(1, self.data.n, net.row_bytes(x_example, z), self.device).rows
         for xb, _ in self.data.chunks(rows, device=self.device, dtype=self.dtype):
