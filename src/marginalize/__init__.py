@@ -16,7 +16,14 @@ Every public name is imported on first use (PEP 562), so ``import marginalize`` 
 import importlib
 import logging
 
-from marginalize.errors import DataError, FileFormatError, FitError, ModelError, OptionError
+from marginalize.errors import (
+    DataError,
+    FileFormatError,
+    FitError,
+    ModelError,
+    OptionError,
+    OutOfMemoryError,
+)
 
 __version__ = "0.1.0"
 
@@ -67,6 +74,7 @@ __all__ = [
     "OptionError",
     "FileFormatError",
     "FitError",
+    "OutOfMemoryError",
     "resume",
     "temperature_scale",
     "evaluate",

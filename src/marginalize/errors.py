@@ -7,7 +7,15 @@ All but :class:`FitError` are ``ValueError`` subclasses, so generic handlers kee
 (True, True)
 """
 
-__all__ = ["DataError", "ModelError", "OptionError", "FileFormatError", "FitError"]
+__all__ = [
+    "DataError",
+    "ModelError",
+    "OptionError",
+    "FileFormatError",
+    "FitError",
+    "OutOfMemoryError",
+    "is_out_of_memory",
+]
 
 
 class DataError(ValueError):
@@ -29,3 +37,21 @@ class FileFormatError(ValueError):
 
 class FitError(RuntimeError):
     """A fit could not continue (e.g. the loss became NaN and ``on_nan="raise"``)."""
+
+
+class OutOfMemoryError(MemoryError):
+    """A step ran out of memory (CPU or GPU); the message names the step and what to change.
+    Raised instead of the allocator's error, never turned into a NaN or blamed on the model."""
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """Whether ``e`` is an allocation failure (``MemoryError``, torch's ``OutOfMemoryError``
+    or the CPU allocator's "can't allocate memory" ``RuntimeError``)."""
+    if isinstance(e, MemoryError):
+        return True
+    if type(e).__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError, without importing torch
+        return True
+    text = str(e)
+    return isinstance(e, RuntimeError) and (
+        "out of memory" in text or "can't allocate memory" in text
+    )

@@ -150,9 +150,17 @@ def load(path, model: Callable | None = None, *, device=None) -> Posterior:
         options=f.options,
         info=info,
         seed=f.seed,
-        data=(problem.x, problem.y),
+        data=None if f.loader_fit else (problem.x, problem.y),
         num_classes=f.num_classes,
+        state=_state_on(f.state, device),
+        example=problem.example if f.loader_fit else None,
     )
+
+
+def _state_on(state, device):
+    if state is None or device is None:
+        return state
+    return {k: v.to(device) for k, v in state.items()}
 
 
 def _locate(path) -> Path:
@@ -241,6 +249,9 @@ class _Fields:
             self.fail(f"dtype {dtype!r} is not one of {sorted(_DTYPES)}")
         self.dtype = getattr(torch, dtype)
         data = p.get("data")
+        self.loader_fit = data is None and p.get("example") is not None
+        if self.loader_fit:  # fitted on a data loader: a few rows of it
+            data = p.get("example")
         if not (
             isinstance(data, dict)
             and isinstance(data.get("x"), torch.Tensor)
@@ -248,6 +259,14 @@ class _Fields:
         ):
             self.fail("the training data (x, y tensors) are missing")
         self.x, self.y = data["x"], data["y"]
+        self.state = p.get("state")
+        if self.state is not None and not (
+            isinstance(self.state, dict)
+            and all(
+                isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in self.state.items()
+            )
+        ):
+            self.fail("the network state is not a dict of tensors")
         for name, t in (("x", self.x), ("y", self.y)):
             if t.dim() == 0 or t.shape[0] < 1 or t.is_complex() or t.dtype == torch.bool:
                 self.fail(f"the training {name} has shape {tuple(t.shape)}, dtype {t.dtype}")

@@ -207,6 +207,11 @@ class Posterior:
     info : FitInfo
         What the fit reports about itself: ``loss``, ``converged``, ``stopped`` (optimization),
         ``sample_stats`` (MCMC, ``(chain, draw)`` tensors), ``predictive``, ``temperature``...
+    state : dict or None
+        For a network with BatchNorm layers (``model.stateful``), their running statistics at
+        the fitted weights, ``{buffer name: (num_chains, *buffer shape)}`` (one set per chain:
+        an ensemble member's, a SWAG run's mean's), which ``model.forward(params, x, state)``
+        takes; ``None`` otherwise. Saved with the posterior.
     """
 
     def __init__(
@@ -222,6 +227,8 @@ class Posterior:
         seed: int | None = None,
         data: tuple[torch.Tensor, torch.Tensor] | None = None,
         num_classes: int | None = None,
+        state: dict[str, torch.Tensor] | None = None,
+        example: tuple[torch.Tensor, torch.Tensor] | None = None,
     ):
         self.model = model
         self.layout = layout
@@ -233,6 +240,10 @@ class Posterior:
         self.seed = seed
         self.data = data
         self.num_classes = num_classes
+        self.state = state
+        #: a few training rows ``(x, y)``, kept when the training data are not (a fit on a data
+        #: loader): what ``mz.load`` rebuilds the model's contract from
+        self.example = example if data is None else None
 
     # ---- draws -------------------------------------------------------------------------
     @property
@@ -320,7 +331,28 @@ class Posterior:
         budget = DEFAULT_CHUNK_BYTES if self.device.type == "cpu" else GPU_CHUNK_BYTES
         return max(1, budget // (itemsize * max(n_inputs, 1) * width))
 
-    def _dists(self, z: torch.Tensor, x: torch.Tensor) -> Iterator:
+    def _draw_state(self, chains: int, per_chain: int):
+        """The fitted network state (BatchNorm statistics, ``self.state``) for flat draws
+        ``(chains * per_chain, ...)``: ``(state, per_draw)``, one shared state when there is
+        one chain, else each draw's chain's; ``(None, False)`` for a stateless network."""
+        if not self.state:
+            return None, False
+        c0 = next(iter(self.state.values())).shape[0]
+        if c0 == 1:
+            return {k: v[0] for k, v in self.state.items()}, False
+        if c0 != chains:  # pragma: no cover - guards the Posterior contract
+            raise ValueError(f"state has {c0} chains, the draws {chains}")
+        return {k: v.repeat_interleave(per_chain, 0) for k, v in self.state.items()}, True
+
+    @staticmethod
+    def _state_rows(state, s0: int, s1: int):
+        """The state of the draws ``s0:s1`` (a shared state as it is)."""
+        st, per_draw = state
+        if st is None or not per_draw:
+            return st
+        return {k: v[s0:s1] for k, v in st.items()}
+
+    def _dists(self, z: torch.Tensor, x: torch.Tensor, state=None) -> Iterator:
         """Yield the observation distribution for a chunk of flat draws ``(S, D)``."""
         if self.info.get("predictive") == "glm":  # linearized network (laplace), batched
             with _no_validation():
@@ -329,7 +361,7 @@ class Posterior:
         params = self.layout.unpack(z)
         if isinstance(self.model, BNN):
             with _no_validation():  # argument checks of the outputs cost as much as the network
-                d = self.model.predictive_dist(params, x)
+                d = self.model.predictive_dist(params, x, state)
             yield self._temper(d)
         else:
             for s in range(z.shape[0]):
@@ -360,8 +392,10 @@ class Posterior:
                 getattr(self.model, "__name__", self.model),
                 flat.shape[0],
             )
+        state = self._draw_state(c, s)
         for start in range(0, flat.shape[0], size):
-            yield (c, s), self._dists(flat[start : start + size], x)
+            st = self._state_rows(state, start, start + size)
+            yield (c, s), self._dists(flat[start : start + size], x, st)
 
     @property
     def _batched(self) -> bool:
@@ -427,7 +461,8 @@ class Posterior:
             dists = self._dists(flat[s0:s1], x)
         else:
             p = {k: v[s0:s1] for k, v in params.items()}  # views: a few microseconds
-            f = self.model.forward(p, x)
+            st = self._state_rows(self.__dict__.get("_pred_state", (None, False)), s0, s1)
+            f = self.model.forward(p, x) if st is None else self.model.forward(p, x, st)
             lik = self.model.likelihood
             if self.task == "regression" and self.info.temperature is None:
                 moments = lik.moments(f, p)
@@ -495,6 +530,7 @@ class Posterior:
         if builder:
             per_chunk, per_block = self._block_plan(n_in, n_draws, chunk_size)
             params = self.layout.unpack(flat)  # once: slicing it per chunk is cheaper
+            self.__dict__["_pred_state"] = self._draw_state(c, s)
         else:
             per_chunk, per_block = self._chunk_size(n_in, chunk_size), n_in
             params = None
@@ -786,6 +822,10 @@ def save_posterior(post: Posterior, path) -> None:
         "approximation": _to_cpu(post.approximation.state_dict()),
         "info": _plain(post.info.to_dict()),
         "data": None if post.data is None else {"x": post.data[0].cpu(), "y": post.data[1].cpu()},
+        "state": None if post.state is None else _to_cpu(dict(post.state)),
+        "example": None
+        if post.example is None
+        else {"x": post.example[0].cpu(), "y": post.example[1].cpu()},
         "dtype": str(post.dtype).replace("torch.", ""),
     }
     write_verified(payload, path)

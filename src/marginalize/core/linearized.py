@@ -150,9 +150,13 @@ class OutputMap:
     #: the trace's observation distribution had this many extra event dims (``to_event``)
     event_dims: int = 0
     scalar: bool = True
+    #: builder models with BatchNorm: the running statistics ``forward`` runs with
+    state: Any = None
 
     def forward(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         if self.vectorized:
+            if self.state is not None:
+                return self.model.forward(self.layout.unpack(z), x, self.state)
             return self.model.forward(self.layout.unpack(z), x)
         base, _ = self._trace(z, x)
         f = _family(base)[1](base)
@@ -351,6 +355,8 @@ def _state(post) -> _State:
     z0 = approx.loc
     x_probe = post.data[0][:2] if post.data is not None else None
     omap = output_map(post.model, layout, x_probe, z0)
+    if omap is not None and getattr(post, "state", None):  # BatchNorm statistics at the mode
+        omap.state = {k: v[0] for k, v in post.state.items()}
     if omap is None:
         raise ModelError(
             "the linearized (glm) predictive needs the model's output: a builder model, or a "

@@ -85,6 +85,7 @@ True
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from dataclasses import dataclass
@@ -93,12 +94,12 @@ import torch
 
 from marginalize.core.approximations import Delta, Gaussian, Mixture
 from marginalize.core.info import FitInfo
-from marginalize.core.problem import Problem
-from marginalize.errors import OptionError
+from marginalize.core.problem import Problem, check_rows, out_of_memory
+from marginalize.errors import OptionError, is_out_of_memory
 from marginalize.inference.engines import interrupt
 from marginalize.inference.engines.distributed import run_members
-from marginalize.inference.engines.init import prior_start_spread
-from marginalize.inference.engines.objectives import PointObjective, Scaled
+from marginalize.inference.engines.init import prior_start_spread, resolve_init
+from marginalize.inference.engines.objectives import FULL, Batch, PointObjective, Scaled
 from marginalize.inference.engines.optim import SGD, Adam, constant, exponential
 from marginalize.inference.engines.options import (
     boolean,
@@ -123,6 +124,7 @@ from marginalize.inference.engines.training import (
     train,
 )
 from marginalize.inference.registry import Method, register
+from marginalize.models.module import BatchStatistics
 
 __all__ = [
     "SWAG",
@@ -142,6 +144,9 @@ log = logging.getLogger(__name__)
 STABILITY_FRACTION = 0.25
 #: rows used to estimate the curvature at the pretrained point (a random subset beyond this)
 CURVATURE_ROWS = 2048
+#: activation bytes one chunk of those rows may use (a double backward keeps about three
+#: times a forward's)
+CURVATURE_BYTES = 64 * 2**20
 #: ``swag_lr="auto"``: the SWA mean's -log joint may exceed the pretrained point's by at most
 #: this many times sqrt(D/2), the standard deviation of ``-log p`` over the draws of a
 #: D-dimensional Gaussian posterior (``-log p - min`` is chi^2_D / 2 there); the SWA mean of
@@ -303,9 +308,11 @@ class SWAGOptions(BayesianSites):
     swa_only: bool = option(False, boolean(), "return the SWA mean as a point mass")
     clip_norm: float = option(10.0, _positive(), "gradient norm clip (of the per-datum loss)")
     init: str = option(
-        "scaled",
+        "auto",
         choice(*INIT),
-        "where the pretraining starts: 'scaled', 'median' or 'prior' (see engines/init.py)",
+        "where the pretraining starts (or, with pretrain_steps=0, the SWA phase): 'auto' "
+        "('module' for a wrapped nn.Module: its own weights, e.g. a trained network; else "
+        "'scaled'), 'module', 'reset', 'scaled', 'median' or 'prior' (see engines/init.py)",
     )
     on_nan: str = option(
         "stop",
@@ -336,7 +343,9 @@ class _Plan:
 def _plan(problem: Problem, opts: SWAGOptions) -> _Plan:
     """Collection interval and step count; ``OptionError`` when nothing would be collected."""
     n, bs = problem.n, opts.batch_size
-    per_epoch = n // bs if bs is not None and bs < n else 1
+    if not problem.in_memory:  # the loader's minibatches
+        bs = None
+    per_epoch = problem.data.batches_per_epoch(bs)
     every = per_epoch if opts.collect_every == "epoch" else int(opts.collect_every)
     if opts.swag_steps is None:
         wanted = 2 * max(opts.max_rank, 10)
@@ -380,33 +389,105 @@ def _plan(problem: Problem, opts: SWAGOptions) -> _Plan:
     return _Plan(per_epoch, every, steps, burn, collected)
 
 
-def _rows(problem: Problem, generator: torch.Generator) -> torch.Tensor | None:
-    if problem.n <= CURVATURE_ROWS:
-        return None
-    return torch.randperm(problem.n, generator=generator)[:CURVATURE_ROWS].to(problem.device)
+def _subset(problem: Problem, generator: torch.Generator) -> list[tuple[Batch, float]]:
+    """At most ``CURVATURE_ROWS`` rows of the data as ``(minibatch, weight)`` pairs whose
+    weighted log joints sum to the log joint of those rows scaled to the data
+    (``sum_c w_c log p(z, batch_c) = log p(z) + N / R sum_rows log p(y | z)``), in chunks that
+    bound memory (:func:`~marginalize.core.problem.check_rows`, for a double backward). In
+    memory: a random subset (every row when there are fewer; one full batch when one chunk
+    holds them); from a data loader: its first minibatches."""
+    n = problem.n
+    rows = check_rows(problem.model, problem.example[0], CURVATURE_BYTES)
+    if problem.in_memory:
+        if n <= CURVATURE_ROWS and n <= rows:
+            return [(FULL, 1.0)]
+        idx = torch.arange(n) if n <= CURVATURE_ROWS else None
+        if idx is None:
+            idx = torch.randperm(n, generator=generator)[:CURVATURE_ROWS]
+        idx = idx.to(problem.device)
+        total = idx.shape[0]
+        return [
+            (Batch(part, n / part.shape[0]), part.shape[0] / total)
+            for part in torch.split(idx, rows)
+        ]
+    got, parts = 0, []
+    for x, y in problem.batches(rows):
+        take = min(x.shape[0], CURVATURE_ROWS - got)
+        parts.append((x[:take], y[:take]))
+        got += take
+        if got >= CURVATURE_ROWS:
+            break
+    return [(Batch(None, n / x.shape[0], x=x, y=y), x.shape[0] / got) for x, y in parts]
+
+
+@contextlib.contextmanager
+def _sgd_mode(problem: Problem):
+    """BatchNorm layers in train mode (the loss SGD sees), running statistics untouched."""
+    if not problem.stateful or problem.state is None:
+        yield
+        return
+    problem.training = BatchStatistics(problem.state)
+    try:
+        yield
+    finally:
+        problem.training = None
+
+
+def _loss(problem: Problem, z: torch.Tensor, batch: Batch, weight: float) -> torch.Tensor:
+    return -weight * problem.log_joint_batch(z, batch) / problem.n
+
+
+def _curvature_error(what: str, e: BaseException):
+    return out_of_memory(
+        f"swag: swag_lr='auto' ({what})",
+        e,
+        "pass swag_lr=<rate>, or a smaller batch (the estimate uses at most "
+        f"{CURVATURE_ROWS} rows in chunks sized from the model's activation memory)",
+    )
 
 
 def sharpness(
     problem: Problem, z: torch.Tensor, generator: torch.Generator, iters: int = 20
 ) -> float:
     """Largest Hessian eigenvalue of the loss ``-log_joint(z) / N`` at ``z`` (power iteration
-    with Hessian-vector products; at most ``CURVATURE_ROWS`` rows, scaled to the data).
-    NaN when the Hessian cannot be evaluated."""
-    rows = _rows(problem, generator)
+    with Hessian-vector products; at most ``CURVATURE_ROWS`` rows, scaled to the data, in
+    chunks that bound memory: a chunk's graph at a time). NaN when the Hessian cannot be
+    evaluated; an allocation failure raises ``OutOfMemoryError``."""
+    parts = _subset(problem, generator)
     z = z.detach().clone().requires_grad_(True)
+    v = torch.randn(z.shape, generator=generator, dtype=z.dtype).to(z.device)
+    v = v / v.norm()
+    lam = math.nan
     try:
-        (g,) = torch.autograd.grad(-problem.log_joint(z, rows) / problem.n, z, create_graph=True)
-        v = torch.randn(z.shape, generator=generator, dtype=z.dtype).to(z.device)
-        v = v / v.norm()
-        lam = math.nan
-        for _ in range(iters):
-            (hv,) = torch.autograd.grad(g, z, v, retain_graph=True)
-            norm = hv.norm()
-            if not bool(torch.isfinite(norm)) or float(norm) == 0.0:
-                break
-            lam = float(v @ hv)
-            v = hv / norm
+        with _sgd_mode(problem):
+            if len(parts) == 1:  # one graph, differentiated again at every iteration
+                batch, w = parts[0]
+                (g,) = torch.autograd.grad(_loss(problem, z, batch, w), z, create_graph=True)
+
+                def hvp(u):
+                    return torch.autograd.grad(g, z, u, retain_graph=True)[0]
+
+            else:
+
+                def hvp(u):
+                    out = torch.zeros_like(z)
+                    for batch, w in parts:
+                        (gc,) = torch.autograd.grad(
+                            _loss(problem, z, batch, w), z, create_graph=True
+                        )
+                        out += torch.autograd.grad(gc, z, u)[0]
+                    return out
+
+            for _ in range(iters):
+                hv = hvp(v)
+                norm = hv.norm()
+                if not bool(torch.isfinite(norm)) or float(norm) == 0.0:
+                    break
+                lam = float(v @ hv)
+                v = hv / norm
     except RuntimeError as e:  # a model whose graph cannot be differentiated twice
+        if is_out_of_memory(e):
+            raise _curvature_error("the curvature estimate", e) from e
         log.info("swag: no curvature estimate (%s)", e)
         return math.nan
     return abs(lam)
@@ -416,30 +497,46 @@ def gradient_noise(
     problem: Problem, z: torch.Tensor, batch_size: int, generator: torch.Generator, reps: int = 20
 ) -> float:
     """``tr C``: the trace of the per-example gradient covariance of the loss at ``z``,
-    estimated from ``reps`` minibatch gradients (sampling without replacement corrected)."""
+    estimated from ``reps`` minibatch gradients (sampling without replacement corrected; a
+    data loader's first ``reps`` minibatches)."""
     n = problem.n
     z = z.detach().clone().requires_grad_(True)
     grads = []
-    for _ in range(reps):
-        idx = torch.randperm(n, generator=generator)[:batch_size].to(problem.device)
-        (g,) = torch.autograd.grad(-problem.log_joint(z, idx) / n, z)
-        grads.append(g.detach().to(torch.float64))
+    if problem.in_memory:
+        batches = (
+            Batch(torch.randperm(n, generator=generator)[:batch_size].to(problem.device))
+            for _ in range(reps)
+        )
+    else:
+        batches = (Batch(None, n / x.shape[0], x=x, y=y) for x, y in problem.batches())
+    try:
+        with _sgd_mode(problem):
+            for batch in batches:
+                (g,) = torch.autograd.grad(-problem.log_joint_batch(z, batch) / n, z)
+                grads.append(g.detach().to(torch.float64))
+                if len(grads) == reps:
+                    break
+    except RuntimeError as e:
+        if is_out_of_memory(e):
+            raise _curvature_error("the gradient noise", e) from e
+        raise
+    if len(grads) < 2:
+        return math.nan
     gs = torch.stack(grads)
-    spread = float(((gs - gs.mean(0)) ** 2).sum(-1).sum() / (reps - 1))
+    spread = float(((gs - gs.mean(0)) ** 2).sum(-1).sum() / (len(grads) - 1))
     return spread * batch_size * (n - 1) / max(n - batch_size, 1)
 
 
 def swa_mean_excess(problem: Problem, z0: torch.Tensor, mean: torch.Tensor, seed: int) -> float:
     """``U(mean) - U(z0)`` with ``U = -log p(z, y)`` (the unconstrained log joint), on at most
-    ``CURVATURE_ROWS`` rows (the same random rows for both, scaled to the data); ``inf`` when
-    not finite."""
-    idx = None
-    if problem.n > CURVATURE_ROWS:
-        gen = torch.Generator().manual_seed(seed)
-        idx = torch.randperm(problem.n, generator=gen)[:CURVATURE_ROWS].to(problem.device)
-    with torch.no_grad():
-        pts = torch.stack([z0.detach(), mean.detach()]).to(problem.device, problem.dtype)
-        u = -problem.log_joint(pts, idx)
+    ``CURVATURE_ROWS`` rows (the same random rows for both, scaled to the data; a data
+    loader's first minibatches), in chunks; ``inf`` when not finite."""
+    parts = _subset(problem, torch.Generator().manual_seed(seed))
+    pts = torch.stack([z0.detach(), mean.detach()]).to(problem.device, problem.dtype)
+    u = torch.zeros(2, dtype=problem.dtype, device=problem.device)
+    with torch.no_grad(), _sgd_mode(problem):
+        for batch, w in parts:
+            u += -w * problem.log_joint_batch(pts, batch)
     d = float(u[1] - u[0])
     return d if math.isfinite(d) else math.inf
 
@@ -468,6 +565,8 @@ def _swag_lr(problem: Problem, z: torch.Tensor, opts: SWAGOptions, seed: int) ->
             )
         return lr, info
     bs = min(opts.batch_size or problem.n, problem.n)
+    if not problem.in_memory:
+        bs = min(problem.n, max(1, -(-problem.n // problem.data.batches_per_epoch())))
     eta = math.nan
     if bs < problem.n:
         trc = gradient_noise(problem, z, bs, gen)
@@ -486,7 +585,7 @@ def _train(problem, objective, optimizer, steps, opts, seed, progress, desc, cal
         objective,
         optimizer,
         steps,
-        n=problem.n,
+        problem=problem,
         batch_size=opts.batch_size,
         seed=seed,
         on_nan=opts.on_nan,
@@ -552,7 +651,7 @@ class SWAG(Method):
         if opts.bayesian_sites is not None:
             return run_on_sites(self, problem, opts, seed, progress)
         n, bs = problem.n, opts.batch_size
-        if bs is None or bs >= n:
+        if problem.in_memory and (bs is None or bs >= n):
             log.warning(
                 "swag: full-batch steps (batch_size %s, %d data points) add no gradient "
                 "noise; the fitted covariance will be tiny",
@@ -692,17 +791,20 @@ class MultiSWAG(Method):
             "number of independent SWAG runs (spread over the processes of a distributed run)",
         )
         init: str = option(
-            "prior",
+            "auto",
             choice(*INIT),
-            "where each run's pretraining starts: 'prior' (a draw from the prior: runs that "
-            "differ where the data say nothing), 'scaled' or 'median' (see engines/init.py)",
+            "where each run's pretraining starts: 'auto' ('reset' for a wrapped nn.Module: a "
+            "fresh PyTorch initialization per run; else 'prior': a draw from the prior, runs "
+            "that differ where the data say nothing), 'module', 'reset', 'scaled', 'median' "
+            "or 'prior' (see engines/init.py)",
         )
 
     def run(self, problem, opts, seed, progress):
         fields = {k: v for k, v in opts.as_dict().items() if k != "num_models"}
+        fields["init"] = resolve_init(problem, opts.init, scratch="prior", wrapped="reset")
         swag_opts = SWAGOptions(**fields)
         _plan(problem, swag_opts)  # nothing collected: say so before any run starts
-        if opts.init == "prior" and "init" not in problem.meta:
+        if fields["init"] == "prior" and "init" not in problem.meta:
             _warn_saturated_start(problem)
 
         def one(k):
