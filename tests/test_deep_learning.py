@@ -526,3 +526,21 @@ def test_resume_with_a_shuffling_augmenting_loader_is_the_uninterrupted_fit(tmp_
     assert torch.equal(res.approximation.loc, ref.approximation.loc)
     for k, v in ref.state.items():
         assert torch.equal(res.state[k], v), k
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("method", ["map", "swag", "laplace", "ensemble"])
+def test_loader_fits_of_a_batchnorm_net_on_cuda(method):
+    """A CPU DataLoader feeding a fit on the GPU (device="cuda"): minibatches, BatchNorm
+    statistics and the posterior live on the GPU."""
+    x, y = images()
+    loader = DataLoader(TensorDataset(x, y), batch_size=B, shuffle=True)
+    kw = {"swag": dict(pretrain_steps=6, swag_steps=12, collect_every=3, max_rank=2)}.get(
+        method, dict(steps=6)
+    )
+    post = mz.fit(bnn(trained_net()), loader, method=method, device="cuda", progress=False, **kw)
+    assert post.device.type == "cuda"
+    assert all(v.device.type == "cuda" for v in post.state.values())
+    probs = post.predict(x.cuda(), num_samples=4, seed=0).probs
+    assert probs.device.type == "cuda" and torch.isfinite(probs).all()

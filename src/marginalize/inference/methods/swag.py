@@ -410,14 +410,19 @@ def _subset(problem: Problem, generator: torch.Generator) -> list[tuple[Batch, f
             (Batch(part, n / part.shape[0]), part.shape[0] / total)
             for part in torch.split(idx, rows)
         ]
-    got, parts = 0, []
+    got, xs, ys = 0, [], []
     for x, y in problem.batches(rows):
         take = min(x.shape[0], CURVATURE_ROWS - got)
-        parts.append((x[:take], y[:take]))
+        xs.append(x[:take])
+        ys.append(y[:take])
         got += take
         if got >= CURVATURE_ROWS:
             break
-    return [(Batch(None, n / x.shape[0], x=x, y=y), x.shape[0] / got) for x, y in parts]
+    x, y = torch.cat(xs), torch.cat(ys)  # the loader's minibatches regrouped in chunks
+    return [
+        (Batch(None, n / xc.shape[0], x=xc, y=yc), xc.shape[0] / got)
+        for xc, yc in zip(torch.split(x, rows), torch.split(y, rows), strict=True)
+    ]
 
 
 @contextlib.contextmanager
