@@ -405,6 +405,25 @@ def test_ensemble_from_given_networks():
     assert trained.num_chains == 2
 
 
+def test_last_layer_variant_holds_the_body_at_the_trained_values():
+    """bayesian(net, sites=["fc"]): the body is part of the fixed network, at the trained
+    weights and BatchNorm statistics (eval mode: no state to fit); an SVI of the last layer
+    from a loader leaves it exactly there."""
+    net = trained_net()
+    x, y = images()
+    model = bnn(net, sites=["fc"])
+    assert not model.stateful
+    loader = DataLoader(TensorDataset(x, y), batch_size=B, shuffle=True)
+    post = mz.fit(model, loader, method="svi-meanfield", steps=12, progress=False)
+    assert post.state is None and post.layout.names == ["fc.weight", "fc.bias"]
+    with torch.no_grad():
+        feats = net.block(F.relu(net.bn(net.stem(x)))).mean((2, 3))
+        loc = site_values(post)
+        want = torch.softmax(feats @ loc["fc.weight"].T + loc["fc.bias"], -1)
+    got = post.model.forward(loc, x).softmax(-1)
+    assert torch.allclose(got, want, atol=1e-5)
+
+
 def test_ensemble_members_must_share_the_fixed_network():
     a, b = trained_net(seed=0, steps=5), trained_net(seed=1, steps=5)
     x, y = images()

@@ -299,7 +299,9 @@ def _hessian(fn, theta: torch.Tensor) -> torch.Tensor:
         warnings.simplefilter("ignore")
         try:
             h = torch.autograd.functional.hessian(fn, theta, vectorize=True)
-        except Exception:  # noqa: BLE001 - vmap cannot run some models; loop instead
+        except Exception as e:  # noqa: BLE001 - vmap cannot run some models; loop instead
+            if is_out_of_memory(e):
+                raise out_of_memory("laplace: the Hessian (hessian='exact' or a small block)", e)
             h = torch.autograd.functional.hessian(fn, theta)
     return (h + h.T) / 2
 
