@@ -1,21 +1,23 @@
 """Epoch time of fits fed by a DataLoader against a hand-written torch loop (issue 24).
 
-A CIFAR-shaped ResNet with BatchNorm (three stages of ``--blocks`` BasicBlocks, width
-``--width``: ResNet-20 at 3 and 16) on ``--n`` generated 3x32x32 images with class structure,
-read by a ``DataLoader`` with random crop (padding 4) and horizontal flip, minibatches of
-``--batch``, float32, one thread. Rows:
+``mz.models.nets.resnet`` (three stages of ``--blocks`` BasicBlocks, width ``--width``:
+ResNet-20 at 3 and 16) on ``--n`` images of ``datasets.images.cifar_like``, read by a
+``DataLoader`` over ``ImageDataset(augment=True)`` (random crop after padding 4, horizontal
+flip), minibatches of ``--batch``, float32, one thread. Unlike ``benchmarks/scale.py`` (whole
+fits, one per subprocess), this isolates what one more epoch costs. Rows:
 
 * **torch loop**: the module in train mode, Adam, the loss marginalize minimizes for MAP
   (cross-entropy summed over the minibatch and scaled by ``N / B``, plus the Normal(0, 1)
   prior's ``|w|^2 / 2``), one pass of the loader;
-* **map**, **ensemble** (a member), **mc-dropout**, **svi-meanfield**, **swag** (its Adam
-  pretraining; the SGD phase costs the same per step): ``mz.fit(model, loader, ...)``. Each
+* **map**, **ensemble** (a member), **mc-dropout**, **svi-meanfield**:
+  ``mz.fit(model, loader, ...)`` (swag's steps are map's; its automatic rate's curvature
+  estimate is a set-up cost: see ``benchmarks/scale.py``). Each
   figure is ``(T(2 passes) - T(1 pass))``: what one more epoch costs, so the set-up (data
   checks, the final BatchNorm statistics pass) cancels; the set-up itself is reported apart.
 
 Rounds are interleaved and each figure is the median over rounds (``--rounds``); ratios are of
 medians from the same run. The goals of issue 24 (CPU): <= 1.1x the torch loop for map,
-ensemble members, swag and mc-dropout; <= 1.3x for svi-meanfield.
+ensemble members and mc-dropout; <= 1.3x for svi-meanfield.
 
 Run: ``python benchmarks/loader_epoch.py`` (ResNet-20 defaults: ``--n 2048`` takes some minutes
 on one thread; ``--n 512 --blocks 1 --width 8`` for a quick look).
@@ -31,69 +33,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
 import marginalize as mz  # noqa: E402
-
-
-class BasicBlock(nn.Module):
-    def __init__(self, c_in, c_out, stride=1):
-        super().__init__()
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(c_out)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(c_out)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or c_in != c_out:
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out)
-            )
-
-    def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
-        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
-
-
-class ResNet(nn.Module):
-    def __init__(self, width=16, blocks=3, classes=10):
-        super().__init__()
-        self.conv = nn.Conv2d(3, width, 3, 1, 1, bias=False)
-        self.bn = nn.BatchNorm2d(width)
-        layers, c = [], width
-        for stage, c_out in enumerate((width, 2 * width, 4 * width)):
-            for b in range(blocks):
-                layers.append(BasicBlock(c, c_out, 2 if stage and not b else 1))
-                c = c_out
-        self.layers = nn.Sequential(*layers)
-        self.fc = nn.Linear(c, classes)
-
-    def forward(self, x):
-        h = self.layers(F.relu(self.bn(self.conv(x))))
-        return self.fc(F.adaptive_avg_pool2d(h, 1).flatten(1))
-
-
-class Augmented(Dataset):
-    def __init__(self, x, y):
-        self.x, self.y = x, y
-
-    def __len__(self):
-        return len(self.x)
-
-    def __getitem__(self, i):
-        img = F.pad(self.x[i], (4, 4, 4, 4))
-        top, left = torch.randint(0, 9, (2,)).tolist()
-        img = img[:, top : top + 32, left : left + 32]
-        return (img.flip(-1) if torch.rand(()) < 0.5 else img), self.y[i]
-
-
-def data(n: int):
-    g = torch.Generator().manual_seed(0)
-    means = torch.randn(10, 3, 32, 32, generator=g)
-    y = torch.randint(0, 10, (n,), generator=g)
-    return means[y] + 2.0 * torch.randn(n, 3, 32, 32, generator=g), y
+from marginalize.datasets.images import ImageDataset, cifar_like  # noqa: E402
+from marginalize.models.nets import resnet  # noqa: E402
 
 
 def torch_epoch(net: nn.Module, loader: DataLoader, n: int) -> None:
@@ -117,20 +64,7 @@ METHODS = {
 
 def fit_seconds(model, loader, name: str, epochs: int) -> float:
     kw = dict(METHODS.get(name, {}))
-    per = len(loader)
-    if name == "swag (pretraining)":
-        # the pretraining alone: one collected iterate at the cheapest SWA phase
-        kw = dict(
-            method="swag",
-            pretrain_steps=epochs * per,
-            lr=1e-3,
-            swag_steps=2,
-            swag_lr=1e-4,
-            collect_every=1,
-            max_rank=0,
-        )
-    else:
-        kw["epochs"] = epochs
+    kw["epochs"] = epochs
     t0 = C.CLOCK()
     mz.fit(model, loader, progress=False, seed=0, **kw)
     return C.CLOCK() - t0
@@ -146,18 +80,19 @@ def main(argv=None) -> None:
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args(argv)
     C.single_thread()
-    x, y = data(args.n)
-    loader = DataLoader(Augmented(x, y), batch_size=args.batch, shuffle=True)
+    x, y = cifar_like(args.n, seed=0)
+    loader = DataLoader(ImageDataset(x, y, augment=True), batch_size=args.batch, shuffle=True)
+    depth = 6 * args.blocks + 2
     torch.manual_seed(0)
-    net = ResNet(args.width, args.blocks)
+    net = resnet(depth, width=args.width)
     model = mz.models.bayesian(net, prior=mz.priors.Normal(1.0), likelihood="categorical")
-    names = [*METHODS, "swag (pretraining)"]
+    names = list(METHODS)
     times: dict[str, list[float]] = {k: [] for k in ["torch loop", *names]}
     setup: dict[str, list[float]] = {k: [] for k in names}
-    torch_epoch(ResNet(args.width, args.blocks), loader, args.n)  # warm-up
+    torch_epoch(resnet(depth, width=args.width), loader, args.n)  # warm-up
     fit_seconds(model, loader, "map", 1)
     for _ in range(args.rounds):
-        ref = ResNet(args.width, args.blocks)
+        ref = resnet(depth, width=args.width)
         t0 = C.CLOCK()
         torch_epoch(ref, loader, args.n)
         times["torch loop"].append(C.CLOCK() - t0)

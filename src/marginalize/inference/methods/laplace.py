@@ -301,7 +301,9 @@ def _hessian(fn, theta: torch.Tensor) -> torch.Tensor:
             h = torch.autograd.functional.hessian(fn, theta, vectorize=True)
         except Exception as e:  # noqa: BLE001 - vmap cannot run some models; loop instead
             if is_out_of_memory(e):
-                raise out_of_memory("laplace: the Hessian (hessian='exact' or a small block)", e)
+                raise out_of_memory(
+                    "laplace: the Hessian (hessian='exact' or a small block)", e
+                ) from e
             h = torch.autograd.functional.hessian(fn, theta)
     return (h + h.T) / 2
 
