@@ -166,6 +166,8 @@ def test_full_batch_methods_refuse_a_loader_before_fitting(monkeypatch):
         mz.fit(model, loader, y, method="map", progress=False)
     with pytest.raises(mz.DataError, match="y: missing"):
         mz.fit(model, x, method="map", progress=False)
+    with pytest.raises(mz.DataError, match="torch Dataset.*DataLoader"):
+        mz.fit(model, TensorDataset(x, y), method="map", progress=False)
 
 
 def test_problem_x_of_a_loader_names_the_method_and_the_alternative():

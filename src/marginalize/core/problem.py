@@ -812,6 +812,11 @@ def prepare(
         raise ModelError(f"model must be callable as model(x, y=None), got {type(model).__name__}")
     if isinstance(x, ArrayData):
         x, y = x.x, x.y if y is None else y
+    if isinstance(x, torch.utils.data.Dataset) and not hasattr(x, "__iter__"):
+        raise DataError(
+            f"x: a {type(x).__name__} (a torch Dataset) is read through a DataLoader: pass "
+            "DataLoader(dataset, batch_size=..., shuffle=True)"
+        )
     loader = isinstance(x, LoaderData) or (not isinstance(x, DataSource) and is_loader(x))
     if not loader and n is not None:
         raise DataError("n: the number of rows is given only with a data loader as x")
