@@ -15,6 +15,8 @@ Every public name is imported on first use (PEP 562), so ``import marginalize`` 
 
 import importlib
 import logging
+import os
+import sys
 
 from marginalize.errors import (
     DataError,
@@ -23,11 +25,28 @@ from marginalize.errors import (
     ModelError,
     OptionError,
     OutOfMemoryError,
+    ScaleWarning,
 )
 
 __version__ = "0.1.0"
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
+
+
+def _one_thread_after_fork() -> None:
+    """In a child made by ``fork`` (``multiprocessing``'s default on Linux before Python 3.14,
+    ``Pool`` workers, ``os.fork``): torch's CPU thread pool (OpenMP) is not fork-safe, so once
+    the parent has run a parallel torch operation the child's first one hangs for ever. The
+    child runs torch on one thread (``torch.set_num_threads(1)``: no pool), which is what a
+    pool of worker processes wants anyway; set more threads in the child if it needs them,
+    or use the ``spawn`` start method (docs/input_checks.md)."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.get_num_threads() > 1:
+        torch.set_num_threads(1)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_one_thread_after_fork)
 
 #: public name -> the module that defines it (imported on first use)
 _LAZY = {
@@ -75,6 +94,7 @@ __all__ = [
     "FileFormatError",
     "FitError",
     "OutOfMemoryError",
+    "ScaleWarning",
     "resume",
     "temperature_scale",
     "evaluate",

@@ -28,7 +28,7 @@ import pickletools
 import stat
 import threading
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,16 @@ import torch
 
 from marginalize.errors import FileFormatError
 
-__all__ = ["digest", "write_verified", "read_verified", "check_path", "check_save_path"]
+__all__ = [
+    "digest",
+    "write_verified",
+    "read_verified",
+    "check_path",
+    "check_save_path",
+    "atomic_write",
+    "write_text",
+    "write_bytes",
+]
 
 #: key of the content digest inside a verified file
 DIGEST_KEY = "sha256"
@@ -206,30 +215,122 @@ def _compact(obj: Any) -> Any:
     return obj
 
 
-def write_verified(payload: Mapping[str, Any], path) -> None:
-    """Write ``payload`` plus its digest to ``path`` atomically (temporary file + rename).
+class _Sink:
+    """The file object ``torch.save`` writes through, keeping the ``OSError`` a write raised:
+    torch's zip writer turns it into a ``RuntimeError`` ("unexpected pos ...") that has lost
+    the errno (a full disk, a file-size limit)."""
 
-    The path is checked first (:func:`check_save_path`); an ``OSError`` while writing names
-    ``path``, not the temporary file.
+    def __init__(self, f):
+        self.f = f
+        self.error: OSError | None = None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        try:
+            self.f.flush()
+        except OSError as e:
+            self.error = e
+            raise
+
+
+@contextlib.contextmanager
+def _file_size_signal_ignored():
+    """``SIGXFSZ`` ignored while writing (main thread, where it is at its default, which ends
+    the process): past a file-size limit (``ulimit -f``) the write then fails with ``EFBIG``
+    and becomes an ``OSError`` naming the path. Python ignores it already unless told not to."""
+    import signal
+
+    sig = getattr(signal, "SIGXFSZ", None)
+    if sig is None or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    try:
+        old = signal.getsignal(sig)
+    except (ValueError, OSError):  # pragma: no cover - no signals here
+        yield
+        return
+    if old is not signal.SIG_DFL:
+        yield
+        return
+    signal.signal(sig, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(sig, old)
+
+
+def atomic_write(path, write: Callable[[Any], None]) -> None:
+    """Write a file atomically: ``write(f)`` fills a temporary file in ``path``'s folder (a
+    binary file object), which is flushed to disk and renamed onto ``path``.
+
+    Every writer of the package goes through here, so a failed write (a full disk, a
+    file-size limit, an unplugged drive) leaves the old file at ``path`` intact and no
+    temporary file behind, and raises an ``OSError`` of the same kind (``errno`` kept) whose
+    message names ``path``: ``.../fit.pt: cannot be written (File too large)``.
     """
-    path = check_save_path(path)
-    body = {k: _compact(v) for k, v in payload.items() if k != DIGEST_KEY}
-    body[DIGEST_KEY] = digest(body)
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
-        with open(tmp, "wb") as f:
-            torch.save(body, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with _file_size_signal_ignored():
+            with open(tmp, "wb") as f:
+                sink = _Sink(f)
+                try:
+                    write(sink)
+                except OSError:
+                    raise
+                except Exception as e:  # a writer that wrapped the OSError of a write
+                    if sink.error is not None:
+                        raise sink.error from e
+                    raise
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
     except OSError as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
-        raise _oserror(type(e), e.errno, f"{path}: cannot be written ({e.strerror})") from e
+        raise _oserror(type(e), e.errno, f"{path}: cannot be written ({_reason(e)})") from e
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def _reason(e: OSError) -> str:
+    if e.strerror:
+        return e.strerror
+    if e.errno is not None:
+        return os.strerror(e.errno)
+    return str(e) or type(e).__name__
+
+
+def write_text(path, text: str) -> None:
+    """``text`` (UTF-8) to ``path`` atomically (see :func:`atomic_write`)."""
+    data = text.encode("utf-8")
+    atomic_write(path, lambda f: f.write(data))
+
+
+def write_bytes(path, data: bytes) -> None:
+    """``data`` to ``path`` atomically (see :func:`atomic_write`)."""
+    atomic_write(path, lambda f: f.write(data))
+
+
+def write_verified(payload: Mapping[str, Any], path) -> None:
+    """Write ``payload`` plus its digest to ``path`` atomically (temporary file + rename).
+
+    The path is checked first (:func:`check_save_path`); an ``OSError`` while writing (a full
+    disk, a file-size limit) names ``path``, not the temporary file, and leaves the old file
+    intact (:func:`atomic_write`).
+    """
+    path = check_save_path(path)
+    body = {k: _compact(v) for k, v in payload.items() if k != DIGEST_KEY}
+    body[DIGEST_KEY] = digest(body)
+    atomic_write(path, lambda f: torch.save(body, f))
 
 
 #: deepest nesting of containers a verified file may hold (marginalize writes fewer than 10)

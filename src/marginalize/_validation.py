@@ -24,6 +24,10 @@ __all__ = [
     "check_device",
     "check_positive_int",
     "check_option_values",
+    "check_count",
+    "check_probability",
+    "plain_number",
+    "plain_ints",
     "MAX_COUNT",
 ]
 
@@ -228,8 +232,74 @@ def check_y(y: Any, n: int, *, device=None) -> torch.Tensor:
     return t
 
 
+def plain_number(value: Any) -> Any:
+    """A number as users get it from arrays, as the Python number it holds: NumPy scalars
+    (``np.int64``, ``np.float32``, ``np.bool_``), 0-d NumPy arrays and 0-d tensors become
+    ``int``/``float``/``bool`` (``.item()``); anything else is returned as it is (the check
+    that follows refuses what is not a number, naming it).
+
+    >>> import numpy as np, torch
+    >>> plain_number(np.int64(3)), plain_number(np.float32(0.5)), plain_number(torch.tensor(2))
+    (3, 0.5, 2)
+    """
+    if value is None or type(value) in (int, float, bool, str):
+        return value
+    if isinstance(value, np.generic) or (isinstance(value, np.ndarray) and value.ndim == 0):
+        if value.dtype.kind in "biuf":
+            return value.item()
+        return value
+    if isinstance(value, torch.Tensor) and value.dim() == 0:
+        if value.is_complex() or value.device.type == "meta" or value.is_quantized:
+            return value
+        try:
+            return value.item()
+        except (RuntimeError, ValueError):
+            return value
+    return value
+
+
+def plain_ints(value: Any) -> Any:
+    """:func:`plain_number` of a number, or of each entry of a list, tuple or 1-d array or
+    tensor of numbers (layer widths, image sizes); anything else as it is."""
+    if isinstance(value, (np.ndarray, torch.Tensor)) and value.ndim == 1:
+        return [plain_number(v) for v in value]
+    if isinstance(value, (list, tuple)):
+        return type(value)(plain_number(v) for v in value)
+    return plain_number(value)
+
+
+def check_count(
+    name: str,
+    value: Any,
+    *,
+    minimum: int = 1,
+    maximum: int = MAX_COUNT,
+    optional: bool = False,
+) -> int | None:
+    """An integer argument in ``[minimum, maximum]`` (``None`` too when ``optional``):
+    Python or NumPy integers, 0-d integer arrays and tensors; bools and floats are refused."""
+    value = plain_number(value)
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise OptionError(f"{name}: expected an integer >= {minimum}, got {value!r}")
+    if value > maximum:
+        raise OptionError(f"{name}: expected an integer <= {maximum}, got {value!r}")
+    return int(value)
+
+
+def check_probability(name: str, value: Any) -> float:
+    """A number in the open interval (0, 1) (Python or NumPy, 0-d arrays and tensors)."""
+    value = plain_number(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < float(value) < 1:
+        raise OptionError(f"{name}: expected a probability in (0, 1), got {value!r}")
+    return float(value)
+
+
 def check_positive_int(name: str, value: Any, *, minimum: int = 1, maximum: int = MAX_COUNT) -> int:
-    """An integer option in ``[minimum, maximum]`` (bools rejected)."""
+    """An integer option in ``[minimum, maximum]`` (bools rejected; NumPy integers and 0-d
+    integer arrays/tensors accepted)."""
+    value = plain_number(value)
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         raise OptionError(f"{name}: expected an integer >= {minimum}, got {value!r}")
     if value > maximum:
@@ -273,7 +343,9 @@ def check_option_values(options: Any, dtype: torch.dtype) -> None:
 
 
 def check_seed(name: str, value: Any) -> int:
-    """A seed: an integer (Python or NumPy, not bool) in ``[0, 2**32 - 1]``."""
+    """A seed: an integer (Python or NumPy, 0-d arrays and tensors; not bool) in
+    ``[0, 2**32 - 1]``."""
+    value = plain_number(value)
     if (
         isinstance(value, (bool, np.bool_))
         or not isinstance(value, numbers.Integral)

@@ -24,9 +24,11 @@ Heavy modules (torch, Pyro, ArviZ, pandas) are imported only once a command runs
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
+import os
 import sys
 import time
 import warnings
@@ -324,9 +326,12 @@ def load_model_file(spec: str, in_features: int, task: str, num_classes: int | N
         raise ModelError(f"--model: no such file {path_s!r}")
     mod_name = f"marginalize_user_model_{abs(hash(str(path.resolve())))}"
     try:
-        spec_obj = importlib.util.spec_from_file_location(mod_name, path)
-        module = importlib.util.module_from_spec(spec_obj)
-        spec_obj.loader.exec_module(module)
+        with user_code(f"--model: importing {path_s!r}"):
+            spec_obj = importlib.util.spec_from_file_location(mod_name, path)
+            module = importlib.util.module_from_spec(spec_obj)
+            spec_obj.loader.exec_module(module)
+    except ModelError:
+        raise
     except Exception as e:
         raise ModelError(f"--model: importing {path_s!r} raised {type(e).__name__}: {e}") from e
     if not hasattr(module, func):
@@ -358,7 +363,10 @@ def load_model_file(spec: str, in_features: int, task: str, num_classes: int | N
     }
     kwargs = {k: v for k, v in given.items() if k in params}
     try:
-        model = obj(**kwargs)
+        with user_code(f"--model: calling {func}({kwargs})"):
+            model = obj(**kwargs)
+    except ModelError:
+        raise
     except Exception as e:
         raise ModelError(f"--model: calling {func}({kwargs}) raised {type(e).__name__}: {e}") from e
     if not callable(model):
@@ -369,17 +377,78 @@ def load_model_file(spec: str, in_features: int, task: str, num_classes: int | N
     return model
 
 
+class _ExitCalled(SystemExit):
+    """``os._exit(code)`` called by the user's code while :func:`user_code` guards it."""
+
+
+def _describe_exit(e: SystemExit) -> str:
+    how = "os._exit" if isinstance(e, _ExitCalled) else "sys.exit"
+    return f"called {how}({e.code!r})"
+
+
+@contextlib.contextmanager
+def user_code(what: str):
+    """Run the user's code (the model file, its model): an exit from it is an error.
+
+    ``sys.exit`` / ``exit()`` / ``raise SystemExit`` in the model's code become a
+    ``ModelError`` naming ``what`` (the command would otherwise end with the model's status,
+    0 for ``sys.exit(0)``, without results), and ``os._exit`` is caught the same way in this
+    process (child processes the model starts keep the real one). ``KeyboardInterrupt`` goes
+    on as an interruption (exit status 130).
+    """
+    from marginalize.errors import ModelError
+
+    pid, real = os.getpid(), os._exit
+
+    def guarded(code):
+        if os.getpid() != pid:  # a child process (fork) ends as it asked
+            real(code)
+        raise _ExitCalled(code)
+
+    os._exit = guarded
+    try:
+        yield
+    except SystemExit as e:
+        raise ModelError(
+            f"{what} {_describe_exit(e)}; a model file and its model must return (or raise "
+            "an error), never end the process"
+        ) from None
+    finally:
+        os._exit = real
+
+
 # ---- options ---------------------------------------------------------------------------
+def options_file(text: str | None) -> Path | None:
+    """The file ``--options`` names (``@PATH``, or the path of an existing file), else None."""
+    if not text:
+        return None
+    if text.startswith("@"):
+        return Path(text[1:])
+    if not text.lstrip().startswith("{") and Path(text).is_file():
+        return Path(text)
+    return None
+
+
 def _parse_options(text: str | None, names: list[str]) -> dict[str, dict]:
-    """``--options``: a JSON object mapping method names (from ``--method``) to option objects."""
+    """``--options``: a JSON object mapping method names (from ``--method``) to option objects,
+    given as text or as a file (``@PATH`` or the path of a ``.json`` file)."""
     from marginalize.errors import OptionError
 
     if not text:
         return {}
+    path = options_file(text)
+    if path is not None:
+        if not path.is_file():
+            raise OptionError(f"--options: no such file {str(path)!r}")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise OptionError(f"--options: cannot read {str(path)!r} ({e})") from None
     try:
         options = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise OptionError(f"--options: not valid JSON ({e})") from e
+    except (json.JSONDecodeError, RecursionError) as e:
+        where = "" if path is None else f" in {str(path)!r}"
+        raise OptionError(f"--options: not valid JSON{where} ({e})") from None
     if not isinstance(options, dict) or not all(isinstance(v, dict) for v in options.values()):
         raise OptionError(
             "--options: expected a JSON object of method -> options, e.g. "
@@ -393,22 +462,41 @@ def _parse_options(text: str | None, names: list[str]) -> dict[str, dict]:
 
 def method_options(names: list[str], quick: bool, user: dict[str, dict]) -> dict[str, dict]:
     """The options each method will run with, every one validated before any fit."""
-    import marginalize as mz
     from marginalize.errors import OptionError
 
     out = {}
     for m in names:
-        cls = mz.inference.get_method(m)  # unknown names raise with a suggestion
+        cls = _get_method(m)  # unknown names raise with a suggestion
         full, small = METHOD_DEFAULTS.get(cls.name, ({}, {}))
         accepted = cls.option_defaults()
         kw = {k: v for k, v in {**full, **(small if quick else {})}.items() if k in accepted}
-        kw.update(user.get(m, {}))
+        for k, v in user.get(m, {}).items():
+            # JSON has one kind of number: 1e3 or 100.0 is the integer 100 for an integer option
+            if (
+                isinstance(v, float)
+                and v.is_integer()
+                and abs(v) <= 2**53
+                and not isinstance(accepted.get(k), float)
+            ):
+                v = int(v)
+            kw[k] = v
         try:
             cls.make_options(kw)
         except (OptionError, TypeError, ValueError) as e:
             raise OptionError(f"--options for {m}: {e}") from None
         out[m] = kw
     return out
+
+
+def _get_method(name: str):
+    """The registered method ``name`` (an unknown name: an ``OptionError`` naming --method)."""
+    import marginalize as mz
+    from marginalize.errors import OptionError
+
+    try:
+        return mz.inference.get_method(name)
+    except OptionError as e:
+        raise OptionError(f"--method: {e}") from None
 
 
 def _check_args(args) -> None:
@@ -473,6 +561,188 @@ def _writable_file(path: Path, flag: str) -> Path:
     if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
         raise OptionError(f"{flag}: {str(path)!r} is not writable")
     return path
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether ``a`` and ``b`` are one file: the same inode when both exist (symbolic and hard
+    links, another spelling of the path, a case-insensitive file system), else the same
+    resolved path."""
+    try:
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)
+    except OSError:
+        pass
+    return os.path.normcase(os.path.realpath(a)) == os.path.normcase(os.path.realpath(b))
+
+
+def check_outputs(outputs: list[tuple[str, Path]], inputs: list[tuple[str, Path]]) -> None:
+    """No output file is one of the inputs or another output (checked before anything is read
+    or written): ``outputs`` and ``inputs`` are ``(argument, path)`` pairs.
+
+    Raises
+    ------
+    OptionError
+        ``--json: 'data.csv' is the --data file 'data.csv'; ...``
+    """
+    from marginalize.errors import OptionError
+
+    for flag, o in outputs:
+        for iflag, i in inputs:
+            if _same_file(o, i):
+                same = "" if str(o) == str(i) else f" {str(i)!r}"
+                raise OptionError(
+                    f"{flag}: {str(o)!r} is the {iflag} file{same}; writing there would destroy "
+                    "that input: choose another path"
+                )
+    for k, (flag, o) in enumerate(outputs):
+        for other, p in outputs[:k]:
+            if _same_file(o, p):
+                raise OptionError(
+                    f"{flag}: {str(o)!r} is also where {other} writes; one would overwrite the "
+                    "other: choose another path"
+                )
+
+
+def _output_paths(args, names, options, save_dir, json_path, report_dir):
+    """Every file the command writes, as ``(argument, path)``."""
+    outputs: list[tuple[str, Path]] = []
+    if json_path is not None:
+        outputs.append(("--json", json_path))
+    if save_dir is not None:
+        outputs += [(f"--save ({m}.pt)", save_dir / f"{m}.pt") for m in names]
+        outputs.append(("--save (run.json)", save_dir / "run.json"))
+    if report_dir is not None:
+        outputs.append(("--report (report.html)", report_dir / "report.html"))
+    for m in names:
+        ckpt = options[m].get("checkpoint")
+        if ckpt is not None:
+            outputs.append((f"--options {m}.checkpoint", Path(ckpt)))
+    return outputs
+
+
+def _input_paths(args) -> list[tuple[str, Path]]:
+    """Every file the command reads, as ``(argument, path)``."""
+    inputs: list[tuple[str, Path]] = []
+    data = Path(args.data)
+    if data.is_file():
+        inputs.append(("--data", data))
+    if _is_model_file(args.model):
+        model = Path(args.model.rpartition(":")[0] if ":" in args.model else args.model)
+        if model.is_file():
+            inputs.append(("--model", model))
+    opts = options_file(args.options)
+    if opts is not None and opts.is_file():
+        inputs.append(("--options", opts))
+    return inputs
+
+
+def _check_checkpoints(options: dict[str, dict]) -> None:
+    """A checkpoint file must not exist yet (a fit never overwrites one) and its folder must
+    take a new file: checked before the first fit (a fit checks it only when it starts)."""
+    from marginalize.errors import OptionError
+
+    for m, kw in options.items():
+        ckpt = kw.get("checkpoint")
+        if ckpt is None:
+            continue
+        flag, folder = f"--options {m}.checkpoint", Path(ckpt).parent
+        if os.path.lexists(ckpt):
+            raise OptionError(
+                f"{flag}: {str(ckpt)!r} already exists; the command never overwrites a "
+                "checkpoint (continue that fit with mz.resume, or choose another path)"
+            )
+        if not folder.is_dir():
+            raise OptionError(f"{flag}: the folder {str(folder)!r} does not exist")
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise OptionError(f"{flag}: the folder {str(folder)!r} is not writable")
+
+
+def split_rows(data: Data, test_size: float, seed: int):
+    """The train/test split of ``data`` (stratified by class for classification), with an
+    error naming ``--test-size`` (or ``--target``) when a split would be unusable."""
+    import numpy as np
+
+    from marginalize import datasets
+    from marginalize.errors import DataError
+
+    n = len(data.x)
+    n_test = math.ceil(test_size * n)  # as scikit-learn counts them
+    n_train = n - n_test
+    what = f"--test-size {test_size}: {n_train} train / {n_test} test rows"
+    if n_test < 2 or n_train < 2:
+        raise DataError(f"{what}; both need at least 2")
+    stratify = data.task == "classification"
+    if stratify:
+        labels, counts = np.unique(data.y, return_counts=True)
+        k = len(labels)
+        if int(counts.min()) < 2:
+            c = labels[int(counts.argmin())]
+            name = data.classes[int(c)] if data.classes else int(c)
+            raise DataError(
+                f"--target {data.target!r}: class {name!r} has {int(counts.min())} row; the "
+                "stratified train/test split needs at least 2 rows of every class"
+            )
+        if n_test < k or n_train < k:
+            raise DataError(
+                f"{what}; a stratified split of {k} classes needs at least {k} rows in each"
+            )
+    try:
+        return datasets.train_test_split(
+            data.x, data.y, test_size=test_size, seed=seed, stratify=stratify
+        )
+    except ValueError as e:
+        raise DataError(f"{what}: the split failed ({e})") from None
+
+
+def check_columns(data: Data, x, y, raw_x, raw_y, standardized: bool) -> None:
+    """Every feature column and the target: finite and within what the arithmetic can square,
+    the raw values ``raw_x``/``raw_y`` in float64 when they are standardized (beyond
+    ``sqrt(max)`` their SD overflows and the column would silently become zeros), and the
+    values the fit gets (``x``/``y``) in torch's default dtype. An error names the column."""
+    import numpy as np
+    import torch
+
+    from marginalize.errors import DataError
+
+    dtype = torch.get_default_dtype()
+    stages = []
+    if standardized:
+        f64 = math.sqrt(np.finfo(np.float64).max)
+        stages.append((raw_x, raw_y, f64, "too large to standardize: rescale it"))
+    hint = f"beyond what {str(dtype)[6:]} arithmetic can square: rescale it" + (
+        "" if standardized else ", or drop --no-standardize"
+    )
+    stages.append((x, y, math.sqrt(torch.finfo(dtype).max), hint))
+    for xs, ys, limit, hint in stages:
+        cols = [
+            (f"--data {data.name!r}: column {c!r}", xs[:, j])
+            for j, c in enumerate(data.feature_names)
+        ]
+        if data.task == "regression":
+            cols.append((f"--target {data.target!r}", ys))
+        for what, v in cols:
+            v = np.asarray(v, dtype=np.float64)
+            if not np.isfinite(v).all():
+                raise DataError(f"{what}: has non-finite values (inf or NaN); {hint}")
+            big = float(np.abs(v).max()) if v.size else 0.0
+            if big > limit:
+                raise DataError(f"{what}: has values up to {big:.3g}, {hint}")
+
+
+def _cli_error(e: Exception, data: Data, args):
+    """An error of the model contract or the data, as the command's arguments name it."""
+    from marginalize.errors import DataError, ModelError
+
+    msg = str(e)
+    if isinstance(e, DataError):
+        if msg.startswith("x: "):
+            return DataError(f"--data {data.name!r} (the feature columns): {msg[3:]}")
+        if msg.startswith("y: "):
+            return DataError(f"--target {data.target!r}: {msg[3:]}")
+        return DataError(f"--data {data.name!r}: {msg}")
+    if isinstance(e, ModelError) and not msg.startswith("--model"):
+        return ModelError(f"--model {args.model}: {msg}")
+    return e
 
 
 # ---- output ----------------------------------------------------------------------------
@@ -557,6 +827,7 @@ def _fit_cmd(args) -> int:
 
     import marginalize as mz
     from marginalize import datasets
+    from marginalize._files import write_text
     from marginalize._validation import check_device
     from marginalize.core.problem import prepare
     from marginalize.diagnostics.report import build_report, describe_likelihood
@@ -565,28 +836,31 @@ def _fit_cmd(args) -> int:
     names = [m.strip() for m in args.method.split(",") if m.strip()]
     if not names:
         raise mz.OptionError("--method: expected one or more method names separated by commas")
-    names = list(dict.fromkeys(mz.inference.get_method(m).name for m in names))
+    names = list(dict.fromkeys(_get_method(m).name for m in names))
     options = method_options(names, args.quick, _parse_options(args.options, names))
     noise = _parse_noise(args.noise)
-    device = check_device(args.device)
-    save_dir = _writable_dir(Path(args.save), "--save") if args.save else None
-    json_path = _writable_file(Path(args.json), "--json") if args.json else None
-    report_dir = _writable_dir(Path(args.report), "--report") if args.report else None
-    torch.set_num_threads(args.threads)
+    try:
+        device = check_device(args.device)
+    except mz.OptionError as e:
+        raise mz.OptionError(f"--{e}") from None  # "device: ..." -> "--device: ..."
+    # no output over an input or over another output (lost work), before anything is written
+    save_dir, json_path, report_dir = (
+        None if a is None else Path(a) for a in (args.save, args.json, args.report)
+    )
+    check_outputs(
+        _output_paths(args, names, options, save_dir, json_path, report_dir), _input_paths(args)
+    )
+    _check_checkpoints(options)
+    save_dir = _writable_dir(save_dir, "--save") if save_dir else None
+    json_path = _writable_file(json_path, "--json") if json_path else None
+    report_dir = _writable_dir(report_dir, "--report") if report_dir else None
+    try:
+        torch.set_num_threads(args.threads)
+    except RuntimeError as e:
+        raise mz.OptionError(f"--threads {args.threads}: {e}") from None
 
     data = load_data(args.data, args.target, args.task)
-    xtr, ytr, xte, yte = datasets.train_test_split(
-        data.x,
-        data.y,
-        test_size=args.test_size,
-        seed=args.seed,
-        stratify=data.task == "classification",
-    )
-    if len(xte) < 2 or len(xtr) < 2:
-        raise mz.DataError(
-            f"--test-size {args.test_size}: {len(xtr)} train / {len(xte)} test rows; "
-            "both need at least 2"
-        )
+    xtr, ytr, xte, yte = split_rows(data, args.test_size, args.seed)
     user_model = _is_model_file(args.model)
     if user_model and (args.noise is not None or args.likelihood is not None):
         raise mz.OptionError(
@@ -601,6 +875,14 @@ def _fit_cmd(args) -> int:
     xte_s = sx(xte) if sx else xte
     ytr_s = sy(ytr) if sy else ytr
     yte_s = sy(yte) if sy else yte
+    check_columns(
+        data,
+        np.concatenate([xtr_s, xte_s]),
+        np.concatenate([ytr_s, yte_s]),
+        np.concatenate([xtr, xte]),
+        np.concatenate([ytr, yte]),
+        bool(sx),
+    )
     if user_model:
         model = load_model_file(args.model, xtr.shape[1], data.task, data.num_classes)
     else:
@@ -618,7 +900,11 @@ def _fit_cmd(args) -> int:
     y_train = torch.as_tensor(ytr_s, dtype=ydt, device=dev)
     x_test = torch.as_tensor(xte_s, dtype=torch.get_default_dtype(), device=dev)
     y_test = torch.as_tensor(yte_s, dtype=ydt, device=dev)
-    prepare(model, x_train, y_train, device=device)  # the model contract, against the data
+    try:  # the model contract, against the data
+        with user_code(f"--model {args.model}: the model"):
+            prepare(model, x_train, y_train, device=device)
+    except (mz.DataError, mz.ModelError) as e:
+        raise _cli_error(e, data, args) from None
     y_loc = None if sy is None else float(np.asarray(sy.mean).reshape(-1)[0])
     y_scale = None if sy is None else float(np.asarray(sy.std).reshape(-1)[0])
 
@@ -655,19 +941,22 @@ def _fit_cmd(args) -> int:
     for m in names:
         t0 = time.perf_counter()
         try:
-            post = mz.fit(
-                model,
-                x_train,
-                y_train,
-                method=m,
-                seed=args.seed,
-                progress=not args.quiet,
-                **options[m],
-            )
+            with user_code(f"--model {args.model}: the model (fitting {m!r})"):
+                post = mz.fit(
+                    model,
+                    x_train,
+                    y_train,
+                    method=m,
+                    seed=args.seed,
+                    progress=not args.quiet,
+                    **options[m],
+                )
         except mz.FitError as e:
             failed[m] = str(e)
             print(f"marginalize: {m}: the fit failed: {e}", file=sys.stderr)
             continue
+        if post.info.interrupted:  # Ctrl-C, or a KeyboardInterrupt raised by the model's code
+            raise KeyboardInterrupt(f"the {m} fit was interrupted")
         secs = time.perf_counter() - t0
         post.info.fit_seconds = post.info.fit_seconds or secs
         posts[m], seconds[m] = post, secs
@@ -686,18 +975,19 @@ def _fit_cmd(args) -> int:
 
     # 4. one evaluation: the table, the report and its findings
     notes = [f"Command: marginalize {' '.join(args.argv)}"]
-    res = build_report(
-        posts,
-        x_test,
-        y_test,
-        path=None if report_dir is None else report_dir / "report.html",
-        title=f"marginalize: {data.name}",
-        num_samples=args.num_samples,
-        seed=args.seed,
-        y_loc=y_loc,
-        y_scale=y_scale,
-        notes=notes,
-    )
+    with user_code(f"--model {args.model}: the model (predicting)"):
+        res = build_report(
+            posts,
+            x_test,
+            y_test,
+            path=None if report_dir is None else report_dir / "report.html",
+            title=f"marginalize: {data.name}",
+            num_samples=args.num_samples,
+            seed=args.seed,
+            y_loc=y_loc,
+            y_scale=y_scale,
+            notes=notes,
+        )
     table = res.metrics
     units = "in the target's units" if data.task == "regression" else ""
     out("")
@@ -734,7 +1024,7 @@ def _fit_cmd(args) -> int:
             "model": args.model,
             "fits": saved,
         }
-        (save_dir / "run.json").write_text(json.dumps(run, indent=2), encoding="utf-8")
+        write_text(save_dir / "run.json", json.dumps(run, indent=2))
     if json_path is not None:
         rows = []
         for name, row in table.iterrows():
@@ -763,7 +1053,7 @@ def _fit_cmd(args) -> int:
             "report": None if res.path is None else str(res.path),
             "saved": saved,
         }
-        json_path.write_text(json.dumps(doc, indent=2), encoding="utf-8")
+        write_text(json_path, json.dumps(doc, indent=2))
         out(f"json: {json_path}")
     if failed:
         return EXIT_FIT_FAILED
@@ -787,7 +1077,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fit a model with each method named in --method, print one results table "
         "(held-out data, target's units) and the report's findings. Every option, the data "
         "and the model are checked before the first fit. Exit codes: 0 done, 1 a fit "
-        "failed, 2 bad input, 3 problems found (with --strict), 130 interrupted.",
+        "failed (or an output could not be written), 2 bad input, 3 problems found (with "
+        "--strict), 130 interrupted.",
     )
     d = f.add_argument_group("data")
     d.add_argument(
@@ -836,7 +1127,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument(
         "--options",
         default=None,
-        help='JSON: per-method options over the defaults, e.g. {"nuts": {"num_chains": 4}}',
+        help='JSON: per-method options over the defaults, e.g. {"nuts": {"num_chains": 4}}, '
+        "or a JSON file holding them (@PATH, or the path of an existing file)",
     )
     m.add_argument("--quick", action="store_true", help="small settings (a smoke test)")
     m.add_argument("--seed", type=int, default=0)
@@ -969,9 +1261,27 @@ def _run(args, argv: list[str]) -> int:
     except FitError as e:
         print(f"marginalize: the fit failed: {e}", file=sys.stderr)
         return EXIT_FIT_FAILED
-    except KeyboardInterrupt:
-        print("marginalize: interrupted", file=sys.stderr)
+    except OSError as e:  # an output that cannot be written (a full disk, a file-size limit)
+        print(f"marginalize: error: {e}", file=sys.stderr)
+        return EXIT_FIT_FAILED
+    except KeyboardInterrupt as e:
+        why = str(e)
+        print(
+            "marginalize: interrupted"
+            + (
+                f" ({why}: Ctrl-C, or a KeyboardInterrupt raised by the model's code)"
+                if why
+                else ""
+            ),
+            file=sys.stderr,
+        )
         return EXIT_INTERRUPTED
+    except SystemExit as e:  # user code outside the guarded calls: never a silent exit status
+        print(
+            f"marginalize: error: the model's code {_describe_exit(e)} during the command",
+            file=sys.stderr,
+        )
+        return EXIT_BAD_INPUT
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -15,6 +15,7 @@ __all__ = [
     "FitError",
     "OutOfMemoryError",
     "is_out_of_memory",
+    "ScaleWarning",
 ]
 
 
@@ -55,3 +56,9 @@ def is_out_of_memory(e: BaseException) -> bool:
     return isinstance(e, RuntimeError) and (
         "out of memory" in text or "can't allocate memory" in text
     )
+
+
+class ScaleWarning(UserWarning):
+    """The data are far from the scale of the model's priors (e.g. a target in the millions
+    under unit-scale priors): the fit runs, but its posterior is likely to be confidently
+    wrong; standardize the data or put the priors on their scale (``core/scales.py``)."""

@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import math
 import numbers
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -141,7 +142,7 @@ def load(path, model: Callable | None = None, *, device=None) -> Posterior:
         info = FitInfo.from_dict(f.info)
     except (KeyError, TypeError, ValueError) as e:
         raise FileFormatError(f"{path}: inconsistent info ({e})") from e
-    return Posterior(
+    post = Posterior(
         problem.model,  # a model function comes back with its contract (UserModel)
         problem.layout,
         approx,
@@ -155,6 +156,36 @@ def load(path, model: Callable | None = None, *, device=None) -> Posterior:
         state=_state_on(f.state, device),
         example=problem.example if f.loader_fit else None,
     )
+    _check_values(path, post)
+    return post
+
+
+#: draws and training rows a loaded posterior is tried on
+CHECK_DRAWS, CHECK_ROWS = 8, 4
+
+
+def _check_values(path: Path, post: Posterior) -> None:
+    """The loaded approximation's values in range: a few draws give finite site values and
+    finite predictions on a few training rows (an edited file whose every field is finite
+    can still hold a scale of 1e10 for a noise site's log, which is ``exp(1e10) = inf``)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # heavy tails etc.: only finiteness is judged here
+        z = post.sample_flat(CHECK_DRAWS, seed=0)
+        for name, v in post.layout.unpack(z).items():
+            if not bool(torch.isfinite(v).all()):
+                raise FileFormatError(
+                    f"{path}: its draws give non-finite values of site {name!r} (values out of "
+                    "range for the model: not a posterior marginalize wrote, or one of a fit "
+                    "that diverged)"
+                )
+        pred = post.predict(post.data[0][:CHECK_ROWS], num_samples=CHECK_DRAWS, seed=0)
+    parts = [pred.probs] if pred.task == "classification" else [pred.mean, pred.std]
+    if not all(bool(torch.isfinite(p).all()) for p in parts if p is not None):
+        raise FileFormatError(
+            f"{path}: its draws give non-finite predictions on the training inputs (values out "
+            "of range for the model: not a posterior marginalize wrote, or one of a fit that "
+            "diverged)"
+        )
 
 
 def _state_on(state, device):
@@ -300,8 +331,20 @@ class _Fields:
             self.fail(f"{key} is not a JSON {kind.__name__}")
         return v
 
-    def _tensor(self, t: Any, what: str, shape: tuple, *, floating: bool = True) -> torch.Tensor:
-        """A tensor of ``shape`` (``None`` entries: any size >= 1) in the file's dtype."""
+    def _tensor(
+        self,
+        t: Any,
+        what: str,
+        shape: tuple,
+        *,
+        floating: bool = True,
+        low: float | None = None,
+        positive: bool = False,
+    ) -> torch.Tensor:
+        """A tensor of ``shape`` (``None`` entries: any size >= 1) in the file's dtype, its
+        values finite and within what the dtype's arithmetic can square (a fitted value never
+        is beyond; its square would overflow in any log density), at least ``low``, and
+        above 0 when ``positive``."""
         if not isinstance(t, torch.Tensor):
             self.fail(f"{what} is not a tensor")
         ok = t.dim() == len(shape) and all(
@@ -315,6 +358,17 @@ class _Fields:
                 self.fail(f"{what} has dtype {t.dtype}, the file says {self.dtype}")
             if not bool(torch.isfinite(t).all()):
                 self.fail(f"{what} holds non-finite values")
+            if t.numel():
+                big, limit = float(t.abs().max()), math.sqrt(torch.finfo(t.dtype).max)
+                if big > limit:
+                    self.fail(
+                        f"{what} holds values up to {big:.3g}, beyond what {str(t.dtype)[6:]} "
+                        f"arithmetic can square ({limit:.3g})"
+                    )
+                if low is not None and float(t.min()) < low:
+                    self.fail(f"{what} holds values below {low:g} ({float(t.min()):.3g})")
+                if positive and not bool((t > 0).all()):
+                    self.fail(f"{what} holds values that are not positive")
         elif t.dtype != torch.int64:
             self.fail(f"{what} has dtype {t.dtype}, expected torch.int64")
         return t
@@ -344,13 +398,17 @@ class _Fields:
             if "scale" not in t and "scale_tril" not in t:
                 self.fail("a gaussian approximation needs scale or scale_tril")
             if "scale" in t:
-                self._tensor(t["scale"], "gaussian scale", (d,))
+                self._tensor(t["scale"], "gaussian scale", (d,), low=0.0)
             if "cov_factor" in t:
                 if "scale" not in t:
                     self.fail("a gaussian cov_factor needs scale")
                 self._tensor(t["cov_factor"], "gaussian cov_factor", (d, None))
             if "scale_tril" in t:
-                self._tensor(t["scale_tril"], "gaussian scale_tril", (d, d))
+                tril = self._tensor(t["scale_tril"], "gaussian scale_tril", (d, d))
+                if d and not bool((tril.diagonal() > 0).all()):
+                    self.fail("gaussian scale_tril has a diagonal that is not positive")
+                if d and bool(torch.triu(tril, 1).ne(0).any()):
+                    self.fail("gaussian scale_tril is not lower triangular")
         elif kind == "dropout":
             unit = self._tensor(t.get("unit"), "dropout unit", (d,), floating=False)
             units, p = extra.get("num_units"), extra.get("p")
@@ -363,17 +421,21 @@ class _Fields:
         elif kind == "empirical":
             self._tensor(t.get("draws"), "empirical draws", (None, None, d))
         elif kind == "kronecker":
-            self._tensor(t.get("scale"), "kronecker scale", (d,))
+            self._tensor(t.get("scale"), "kronecker scale", (d,), low=0.0)
             blocks = t.get("blocks")
             if not isinstance(blocks, list):
                 self.fail("kronecker blocks are not a list")
             for b in blocks:
                 if not isinstance(b, dict) or set(b) != {"idx", "qa", "qg", "s"}:
                     self.fail("a kronecker block is not {'idx', 'qa', 'qg', 's'}")
-                s = self._tensor(b["s"], "kronecker s", (None, None))
+                s = self._tensor(b["s"], "kronecker s", (None, None), low=0.0)
                 a, g = s.shape
-                self._tensor(b["qa"], "kronecker qa", (a, a))
-                self._tensor(b["qg"], "kronecker qg", (g, g))
+                for name, q, k in (("qa", b["qa"], a), ("qg", b["qg"], g)):
+                    q = self._tensor(q, f"kronecker {name}", (k, k))
+                    # eigenvectors: orthonormal columns (within float rounding)
+                    eye = torch.eye(k, dtype=torch.float64)
+                    if float((q.double().T @ q.double() - eye).abs().max()) > 1e-2:
+                        self.fail(f"kronecker {name} is not orthonormal")
                 idx = self._tensor(b["idx"], "kronecker idx", (a * g,), floating=False)
                 if int(idx.min()) < 0 or int(idx.max()) >= d:
                     self.fail("kronecker block indices are out of range")

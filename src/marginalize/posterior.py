@@ -24,7 +24,14 @@ import torch
 from pyro import poutine
 
 from marginalize._files import check_save_path, write_verified
-from marginalize._validation import check_positive_int, check_seed, check_x, check_y
+from marginalize._validation import (
+    check_count,
+    check_positive_int,
+    check_probability,
+    check_seed,
+    check_x,
+    check_y,
+)
 from marginalize.core.approximations import Approximation
 from marginalize.core.info import FitInfo
 from marginalize.core.layout import Layout
@@ -173,8 +180,7 @@ class Prediction:
     def interval(self, level: float = 0.9) -> tuple[torch.Tensor, torch.Tensor]:
         """Central posterior predictive interval ``(lower, upper)`` holding ``level`` of the
         predictive mass at each input (quantiles ``(1 -+ level) / 2``)."""
-        if isinstance(level, bool) or not isinstance(level, (int, float)) or not 0 < level < 1:
-            raise OptionError(f"level: expected a probability in (0, 1), got {level!r}")
+        level = check_probability("level", level)
         q = self.quantile([(1 - level) / 2, (1 + level) / 2])
         return q[0], q[1]
 
@@ -307,9 +313,7 @@ class Posterior:
     def _default_num(self, num_samples: int | None) -> int:
         if num_samples is None:
             return 1 if self.approximation.deterministic else 1000
-        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-            raise OptionError(f"num_samples: expected a positive int, got {num_samples!r}")
-        return num_samples
+        return check_count("num_samples", num_samples)
 
     # ---- evaluation --------------------------------------------------------------------
     def _chunk_size(self, n_inputs: int, chunk_size: int | None) -> int:

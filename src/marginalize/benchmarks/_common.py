@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from marginalize._files import write_bytes
 from marginalize.errors import OptionError
 
 __all__ = [
@@ -164,3 +165,13 @@ def cpu_threads(n: int | None) -> None:
         if n < 1:
             raise OptionError(f"threads: expected a positive int, got {n!r}")
         torch.set_num_threads(int(n))
+
+
+def save_figure(fig, path, **kwargs) -> None:
+    """A matplotlib figure written atomically (``marginalize._files``): the format from the
+    suffix of ``path``; an ``OSError`` names ``path`` and leaves an old file intact."""
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format=Path(path).suffix.lstrip(".") or "png", **kwargs)
+    write_bytes(path, buf.getvalue())

@@ -36,7 +36,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from marginalize.benchmarks._common import fmt_pm, header, markdown_table, mean_se
+from marginalize._files import write_text
+from marginalize.benchmarks._common import fmt_pm, header, markdown_table, mean_se, save_figure
 from marginalize.diagnostics import metrics
 from marginalize.errors import OptionError
 
@@ -204,7 +205,7 @@ def plot_curves(res: dict[str, Any], path: str | Path) -> Path:
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
     return Path(path)
 
@@ -285,6 +286,6 @@ def main_active_learning(args) -> int:
     png = plot_curves(res, out / f"{name}.png")
     title = f"Active learning on digits ({'full' if args.full else 'small default run'})"
     md = out / f"{name}.md"
-    md.write_text(to_markdown(res, title=title, argv=args.argv, plot=png.name))
+    write_text(md, to_markdown(res, title=title, argv=args.argv, plot=png.name))
     print(md)
     return 0

@@ -32,7 +32,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from marginalize.benchmarks._common import fmt_pm, header, markdown_table, mean_se, method_options
+from marginalize._files import write_text
+from marginalize.benchmarks._common import (
+    fmt_pm,
+    header,
+    markdown_table,
+    mean_se,
+    method_options,
+    save_figure,
+)
 from marginalize.diagnostics import metrics
 from marginalize.errors import ModelError, OptionError
 from marginalize.inference.engines import distributed
@@ -399,7 +407,7 @@ def plot_reliability(rows, path: str | Path) -> Path:
     fig.supxlabel("confidence", fontsize=8)
     fig.supylabel("accuracy", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
     return Path(path)
 
@@ -421,7 +429,8 @@ def main_classification(args) -> int:
     md, png = out / f"{name}.md", out / f"{name}_reliability.png"
 
     def write(rows, plot=None):
-        md.write_text(
+        write_text(
+            md,
             to_markdown(
                 rows,
                 title=title,
@@ -430,7 +439,7 @@ def main_classification(args) -> int:
                 argv=args.argv,
                 methods=methods,
                 plot=plot,
-            )
+            ),
         )
 
     rows = run(

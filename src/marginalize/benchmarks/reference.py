@@ -41,6 +41,7 @@ array([[-1.15 , -0.319,  0.319,  1.15 ]])
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
@@ -53,6 +54,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from marginalize._files import write_bytes, write_text
 from marginalize.benchmarks._common import header, markdown_table
 from marginalize.errors import OptionError
 
@@ -421,8 +423,10 @@ def build_reference(
         meta["accuracy"] = float((summ["probs"].argmax(-1) == yte.numpy()).mean())
     path = results_path(out)
     arrays = {"x_test": xte.numpy(), "y_test": yte.numpy(), **summ}
-    np.savez_compressed(path / f"{name}.npz", **arrays)
-    (path / f"{name}.json").write_text(json.dumps(meta, indent=1) + "\n")
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    write_bytes(path / f"{name}.npz", buf.getvalue())
+    write_text(path / f"{name}.json", json.dumps(meta, indent=1) + "\n")
     log.info(
         "reference %s: %.0f s, R-hat max %.4f, bulk ESS min %.0f, converged %s",
         name,
@@ -543,7 +547,7 @@ def score(
             log.info("%s / %s: %s", name, m, {k: v for k, v in row.items() if k != "options"})
             rows[key] = row
             if jsonl is not None:
-                Path(jsonl).write_text("".join(json.dumps(r) + "\n" for r in rows.values()))
+                write_text(jsonl, "".join(json.dumps(r) + "\n" for r in rows.values()))
             if on_row is not None:
                 on_row(list(rows.values()))
     return list(rows.values())
@@ -783,7 +787,7 @@ def main_reference(args) -> int:
     md, jsonl = res / f"{name}.md", res / f"{name}.jsonl"
 
     def write(rows):
-        md.write_text(to_markdown(rows, argv=args.argv, out=args.out))
+        write_text(md, to_markdown(rows, argv=args.argv, out=args.out))
 
     rows = score(
         problems,

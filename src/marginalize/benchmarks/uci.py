@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from marginalize._files import write_text
 from marginalize.benchmarks._common import fmt_pm, header, markdown_table, mean_se, method_options
 from marginalize.diagnostics import metrics
 from marginalize.errors import OptionError
@@ -743,7 +744,8 @@ def main_uci(args) -> int:
     title = f"UCI regression benchmark ({kind})"
 
     def write(rows):
-        md_path.write_text(
+        write_text(
+            md_path,
             to_markdown(
                 rows,
                 title=title,
@@ -752,7 +754,7 @@ def main_uci(args) -> int:
                 argv=args.argv,
                 methods=methods,
                 defaults=defaults,
-            )
+            ),
         )
 
     rows = run(

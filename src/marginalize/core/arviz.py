@@ -64,6 +64,7 @@ import torch
 import xarray as xr
 from pyro import poutine
 
+from marginalize._validation import check_count
 from marginalize.core.approximations import Empirical, Mixture
 from marginalize.core.predictive import class_probs, regression_moments
 from marginalize.errors import DataError, OptionError
@@ -308,9 +309,7 @@ def draw_count(post: Posterior, num_samples: int | None = None) -> int:
     (default 1000).
     """
     approx = post.approximation
-    if num_samples is not None:
-        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-            raise OptionError(f"num_samples: expected a positive int, got {num_samples!r}")
+    num_samples = check_count("num_samples", num_samples, optional=True)
     if approx.deterministic:
         return 1
     if isinstance(approx, Mixture) and all(c.deterministic for c in approx.components):
@@ -475,8 +474,7 @@ def to_inference_data(
     """
     if not all(hasattr(post, a) for a in ("approximation", "layout", "log_likelihood")):
         raise DataError(f"post: expected a marginalize Posterior, got {type(post).__name__}")
-    if isinstance(prior_samples, bool) or not isinstance(prior_samples, int) or prior_samples < 0:
-        raise OptionError(f"prior_samples: expected an int >= 0, got {prior_samples!r}")
+    prior_samples = check_count("prior_samples", prior_samples, minimum=0)
     if y_test is not None and x_test is None:
         raise DataError("y_test: given without x_test")
     num = draw_count(post, num_samples)

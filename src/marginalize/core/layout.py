@@ -16,6 +16,8 @@ from pyro.poutine.util import site_is_subsample
 from torch.distributions import biject_to
 from torch.distributions.transforms import Transform
 
+from marginalize.errors import ModelError
+
 
 def _is_latent(node) -> bool:
     return (
@@ -26,7 +28,7 @@ def _is_latent(node) -> bool:
     )
 
 
-__all__ = ["SiteInfo", "Layout"]
+__all__ = ["SiteInfo", "Layout", "check_sites"]
 
 
 @dataclass(frozen=True)
@@ -160,3 +162,86 @@ class Layout:
             }
             for s in self.sites
         ]
+
+
+#: the observation site as every layer reads it (``core/problem.py``: ``OBS``)
+_OBS = "y"
+
+
+def _trace_latents(layout: Layout, trace) -> dict[str, tuple[int, ...]]:
+    """The latent sites of a model's trace, ``{name: shape}``: sample sites other than the
+    observation ``"y"`` that are not observed, or that are ``layout``'s sites (a trace
+    conditioned on a draw holds them as observed); deterministic, auxiliary and subsample
+    sites are not latents, nor are sites in a plate of the observation (per-row values, such
+    as a second observation that is sampled when ``y`` is None). The shape is the site
+    distribution's (the value of a conditioned site is the draw given)."""
+    obs = trace.nodes.get(_OBS)
+    rows = {f.name for f in obs["cond_indep_stack"]} if obs is not None else set()
+    out = {}
+    for name, node in trace.nodes.items():
+        if node["type"] != "sample" or name == _OBS:
+            continue
+        if any(f.name in rows for f in node["cond_indep_stack"]):
+            continue
+        if site_is_subsample(node) or node["infer"].get("is_auxiliary"):
+            continue
+        if node["infer"].get("_deterministic"):
+            continue
+        if node["is_observed"] and name not in layout:
+            continue  # a fixed observation of the model
+        fn = node["fn"]
+        try:
+            shape = tuple(fn.batch_shape + fn.event_shape)
+        except (AttributeError, TypeError, NotImplementedError):
+            shape = tuple(node["value"].shape)
+        out[name] = shape
+    return out
+
+
+def check_sites(layout: Layout, trace, context: str) -> None:
+    """The latent sites of ``trace`` must be the fitted ones: the same names, the same shapes.
+
+    A posterior holds draws of ``layout``'s sites only. A model whose latent sites depend on
+    its inputs (a site count that depends on N, a site sampled only when ``y is None``) would
+    have the missing sites drawn from their prior at prediction, silently. Called at fit time
+    on traces at other numbers of rows and without ``y`` (``core/problem.py``), and on the
+    trace of every prediction of a plain model function at its inputs (``core/predictive.py``,
+    ``core/linearized.py``), conditioned on a draw.
+
+    Parameters
+    ----------
+    layout : Layout
+        The fitted latent sites.
+    trace : pyro.poutine.Trace
+        A trace of the (canonical) model, plain or conditioned on a draw of ``layout``.
+    context : str
+        How the trace was made, for the message (e.g. ``"with 1 data point (the fit has
+        40)"``).
+
+    Raises
+    ------
+    ModelError
+        Naming the first site that is new, missing or of another shape.
+    """
+    found = _trace_latents(layout, trace)
+    fitted = layout.names
+    rule = (
+        "a model's latent sites must be the same at any number of inputs and whether or not "
+        "y is given (a posterior holds draws of the fitted sites only; prediction would draw "
+        "the others from their prior)"
+    )
+    for name, shape in found.items():
+        if name not in layout:
+            raise ModelError(
+                f"latent site {name!r} is sampled {context} but is not one of the fitted latent "
+                f"sites {fitted}: {rule}"
+            )
+        want = layout[name].shape
+        if shape != want:
+            raise ModelError(
+                f"latent site {name!r} changes shape with the number of data points: {shape} "
+                f"{context}, {want} in the fit; {rule}"
+            )
+    missing = [n for n in fitted if n not in found]
+    if missing:
+        raise ModelError(f"latent site {missing[0]!r} of the fit is not sampled {context}: {rule}")

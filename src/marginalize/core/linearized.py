@@ -61,6 +61,7 @@ import torch
 from pyro import poutine
 
 from marginalize.core.approximations import Approximation, Gaussian, Kronecker
+from marginalize.core.layout import check_sites
 from marginalize.core.predictive import entropy
 from marginalize.core.problem import _no_validation, observation_dist
 from marginalize.errors import ModelError
@@ -166,6 +167,7 @@ class OutputMap:
         tr = poutine.trace(poutine.condition(self.model, data=self.layout.unpack(z))).get_trace(
             x, None
         )
+        check_sites(self.layout, tr, f"at inputs of shape {tuple(x.shape)}")  # core/layout.py
         d = observation_node(tr, self.layout)["fn"]
         return observation_dist(d), d
 
@@ -288,6 +290,8 @@ def network_mask(omap: OutputMap, z0: torch.Tensor, x: torch.Tensor) -> torch.Te
         t = z0.detach().clone().requires_grad_(True)
         with torch.enable_grad(), _no_validation():
             f = omap.forward(t, x)
+            if not f.requires_grad:  # the output depends on no latent site
+                return mask
             g = torch.Generator(device=f.device).manual_seed(0)
             r = torch.rand(f.shape, generator=g, dtype=f.dtype, device=f.device) + 0.5
             (grad,) = torch.autograd.grad((f * r).sum(), t, allow_unused=True)

@@ -16,6 +16,7 @@ from pyro.poutine.messenger import Messenger
 from scipy import special
 
 from marginalize._isolation import exclusive
+from marginalize.core.layout import check_sites
 from marginalize.core.problem import _no_validation, observation_dist
 from marginalize.errors import DataError, ModelError
 
@@ -313,6 +314,7 @@ class PlainDraws:
         params = self.layout.unpack(z)
         with _SkipObservationSample():
             tr = poutine.trace(poutine.condition(self.model, data=params)).get_trace(x, None)
+        check_sites(self.layout, tr, f"at inputs of shape {tuple(x.shape)}")  # core/layout.py
         return self.transform(tr.nodes["y"]["fn"])
 
     def _one(self, kind: str, x: torch.Tensor, y: torch.Tensor | None, checked: bool = True):

@@ -31,7 +31,7 @@ from pyro.poutine.util import site_is_subsample
 from marginalize._isolation import no_validation
 from marginalize._validation import check_x, check_y
 from marginalize.core.data import ArrayData, DataSource, LoaderData, as_data, is_loader
-from marginalize.core.layout import Layout, _is_latent
+from marginalize.core.layout import Layout, _is_latent, check_sites
 from marginalize.errors import DataError, ModelError, OutOfMemoryError, is_out_of_memory
 from marginalize.models.base import BNN
 
@@ -885,6 +885,7 @@ def prepare(
     layout = Layout.from_trace(tr, dims)
     if layout.size == 0:
         raise ModelError("the model has no latent sample sites (nothing to infer)")
+    check_fixed_sites(model, x_t, layout, tr2)
     ysite = tr.nodes[OBS]
     _check_obs_shape(model, ysite, y_ex)
     task = model.task if isinstance(model, BNN) else detect_task(ysite["fn"])
@@ -904,6 +905,8 @@ def prepare(
         _check_labels(y_t, labels)
     meta = {"dtype": fdtype, "device": device, "example": (x_ex, y_ex), "keep_int": keep_int}
     meta["labels"] = labels
+    if loader:
+        meta["first"] = (x_t, y_t)  # the first minibatch, converted
     data = source if loader else ArrayData(x_t, y_t)
     problem = Problem(model, data, layout, task, num_classes, meta=meta)
     _check_likelihood(problem, tr, x_t, y_t)
@@ -957,6 +960,22 @@ def _check_likelihood(problem: Problem, tr, x: torch.Tensor, y: torch.Tensor) ->
             ) from e
         if not bool(torch.isfinite(lp).all()):
             raise _blame_non_finite(ysite["fn"], ysite["value"], x)
+
+
+def check_fixed_sites(model, x: torch.Tensor, layout: Layout, tr_one) -> None:
+    """``ModelError`` when the model's latent sites depend on its inputs: the trace at one row
+    (``tr_one``) and, for a model function, a trace at two rows without ``y`` (as prediction
+    runs it) must sample exactly the fitted sites (:func:`~marginalize.core.layout.check_sites`).
+    Builder models sample the same sites at any input."""
+    check_sites(layout, tr_one, f"with 1 data point (the fit has {x.shape[0]})")
+    if isinstance(model, BNN):
+        return
+    try:
+        with torch.random.fork_rng(devices=[]):
+            tr = poutine.trace(model).get_trace(x[:2], None)
+    except Exception:  # noqa: BLE001 - a model that needs y here: prediction checks it again
+        return
+    check_sites(layout, tr, "when y is None (as at prediction)")
 
 
 def _blame_non_finite(d: dist.Distribution, y: torch.Tensor, x: torch.Tensor) -> DataError:

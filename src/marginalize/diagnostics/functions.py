@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,7 +44,7 @@ import torch
 from pyro import poutine
 from tqdm.auto import tqdm
 
-from marginalize._validation import check_positive_int, check_x
+from marginalize._validation import check_positive_int, check_x, plain_number
 from marginalize.core.problem import canonical_model, observation_dist
 from marginalize.diagnostics.prior_draws import _forked_rng, _prior_groups, sample_prior
 from marginalize.errors import DataError, ModelError, OptionError
@@ -431,8 +432,10 @@ def prior_functions(
     if not callable(model):
         raise ModelError(f"model must be callable as model(x, y=None), got {type(model).__name__}")
     s = check_positive_int("num_samples", num_samples)
-    if isinstance(seed, bool) or not isinstance(seed, int):
+    seed = plain_number(seed)  # NumPy integers and 0-d arrays/tensors as Python ints
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise OptionError(f"seed: expected an int, got {seed!r}")
+    seed = int(seed)
     x = _check_inputs(model, x)
     if not isinstance(model, BNN):
         model = canonical_model(model, x)  # the observed site by any name, weights as arrays

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from marginalize._files import write_text
 from marginalize.core import arviz as azc
 from marginalize.core.arviz import FUNCTION_VAR, to_inference_data, to_numpy
 from marginalize.core.problem import observation_dist
@@ -815,7 +816,7 @@ def build_report(
     )
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(doc, encoding="utf-8")
+    write_text(out, doc)  # atomic; an OSError names the path (marginalize._files)
     log.info("report: wrote %s in %.1f s", out, secs)
     findings.path = out
     return findings

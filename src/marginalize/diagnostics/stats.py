@@ -32,6 +32,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from marginalize._validation import check_count
 from marginalize.core import arviz as azc
 from marginalize.core.approximations import (
     Approximation,
@@ -277,8 +278,7 @@ def psis_khat(
 
     if not isinstance(post, Posterior):
         raise DataError(f"post: expected a marginalize Posterior, got {type(post).__name__}")
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 10:
-        raise OptionError(f"num_samples: expected an int >= 10, got {num_samples!r}")
+    num_samples = check_count("num_samples", num_samples, minimum=10)
     reason = _reason_no_density(post.approximation)
     if reason is not None:
         return PSISResult(float("nan"), reason, 0)

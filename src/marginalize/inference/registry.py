@@ -42,6 +42,7 @@ from marginalize._validation import check_device, check_option_values, check_opt
 from marginalize.core.approximations import Mixture
 from marginalize.core.info import FitInfo
 from marginalize.core.problem import Problem, prepare
+from marginalize.core.scales import check_scales
 from marginalize.errors import DataError, OptionError
 from marginalize.inference.engines import checkpoint, distributed, interrupt
 from marginalize.inference.engines.init import check_init
@@ -66,6 +67,9 @@ class Method:
     cost: ClassVar[str] = ""
     #: the paper it follows
     reference: ClassVar[str] = ""
+    #: float dtypes of the data it refuses, with why (e.g. MCMC in float16)
+    refuses_dtypes: ClassVar[tuple[torch.dtype, ...]] = ()
+    refuses_dtypes_why: ClassVar[str] = ""
 
     Options: ClassVar[type[Options]] = Options
 
@@ -281,6 +285,12 @@ def fit(
         if getattr(opts, "epochs", None) is not None:
             opts.steps = opts.epochs * problem.data.batches_per_epoch(opts.batch_size)
         check_option_values(opts, problem.dtype)
+        if problem.dtype in cls.refuses_dtypes:
+            raise DataError(
+                f"x: the data are {str(problem.dtype)[6:]}, and {cls.name} {cls.refuses_dtypes_why}"
+                "; pass x and y as float32 (x.float(), y.float()) or float64"
+            )
+        check_scales(problem, stacklevel=3)  # data far from the priors' scale: ScaleWarning
         # a distributed run (torchrun): members and chains are spread over the ranks
         # (engines/distributed.py); progress bars on rank 0 only
         rank = distributed.rank() if distributed.is_distributed() else 0

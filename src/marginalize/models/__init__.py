@@ -1,6 +1,6 @@
 """BNN models: priors, likelihoods and builders that produce Pyro models with explicit priors."""
 
-from marginalize.models import likelihoods, priors
+from marginalize.models import likelihoods, nets, priors
 from marginalize.models.base import BNN, LayerSpec, model_from_config
 from marginalize.models.builders import MLP, mlp
 from marginalize.models.cnn import CNN, cnn
@@ -17,5 +17,6 @@ __all__ = [
     "bayesian",
     "model_from_config",
     "likelihoods",
+    "nets",
     "priors",
 ]

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from marginalize._validation import plain_ints, plain_number
 from marginalize.errors import DataError, ModelError
 from marginalize.models.base import BNN, LayerSpec, builder
 from marginalize.models.likelihoods import Likelihood, get_likelihood
@@ -202,12 +203,22 @@ def mlp(
     MLP(13-50-1, relu, Gaussian(noise=None, noise_prior_scale=1.0))
     """
     lik = get_likelihood(likelihood)
+    in_features, out_features = plain_number(in_features), plain_number(out_features)
     if isinstance(in_features, bool) or not isinstance(in_features, int) or in_features < 1:
         raise ModelError(f"in_features must be a positive int, got {in_features!r}")
+    hidden = plain_ints(hidden)
     if isinstance(hidden, int):
         hidden = [hidden]
-    if any((not isinstance(h, int)) or h < 1 for h in hidden):
+    if (
+        isinstance(hidden, (str, bytes))
+        or not isinstance(hidden, Sequence)
+        or any(isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in hidden)
+    ):
         raise ModelError(f"hidden must be a sequence of positive ints, got {hidden!r}")
+    if out_features is not None and (
+        isinstance(out_features, bool) or not isinstance(out_features, int) or out_features < 1
+    ):
+        raise ModelError(f"out_features must be a positive int or None, got {out_features!r}")
     if activation not in ACTIVATIONS:
         raise ModelError(f"unknown activation {activation!r}; known: {sorted(ACTIVATIONS)}")
     if out_features is None:

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from marginalize._validation import plain_ints, plain_number
 from marginalize.errors import DataError, ModelError
 from marginalize.models.base import BNN, LayerSpec, builder
 from marginalize.models.builders import ACTIVATIONS, dense
@@ -41,6 +42,7 @@ BLOCK_BYTES = 128 * 2**20
 
 
 def _pair(v: int | Sequence[int], name: str) -> tuple[int, int]:
+    v = plain_ints(v)
     if isinstance(v, bool):
         raise ModelError(f"{name} must be a positive int or a pair of them, got {v!r}")
     if isinstance(v, int):
@@ -297,6 +299,9 @@ def cnn(
     ['conv1', 'conv2', 'fc1', 'fc2']
     """
     lik = get_likelihood(likelihood)
+    in_channels, kernel_size, pool = map(plain_number, (in_channels, kernel_size, pool))
+    num_classes, out_features = plain_number(num_classes), plain_number(out_features)
+    channels, hidden = plain_ints(channels), plain_ints(hidden)
     for name, v in (("in_channels", in_channels),):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ModelError(f"{name} must be a positive int, got {v!r}")

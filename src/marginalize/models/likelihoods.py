@@ -23,6 +23,7 @@ import pyro.distributions as dist
 import torch
 import torch.nn.functional as F
 
+from marginalize._validation import plain_number
 from marginalize.errors import DataError, ModelError
 
 __all__ = [
@@ -128,6 +129,7 @@ class Gaussian(_RealOutput):
     kind = "gaussian"
 
     def __init__(self, noise: float | None = None, noise_prior_scale: float = 1.0):
+        noise, noise_prior_scale = plain_number(noise), plain_number(noise_prior_scale)
         if noise is not None and not (noise > 0 and math.isfinite(noise)):
             raise ModelError(f"Gaussian likelihood: noise must be positive, got {noise!r}")
         if not noise_prior_scale > 0:
@@ -184,6 +186,15 @@ class Heteroscedastic(_RealOutput):
     kind = "heteroscedastic"
 
     def __init__(self, min_scale: float = 1e-3):
+        min_scale = plain_number(min_scale)
+        if (
+            isinstance(min_scale, bool)
+            or not isinstance(min_scale, (int, float))
+            or not (0 <= min_scale < math.inf)
+        ):
+            raise ModelError(
+                f"Heteroscedastic likelihood: min_scale must be a number >= 0, got {min_scale!r}"
+            )
         self.min_scale = float(min_scale)
 
     def net_outputs(self, targets):
@@ -233,6 +244,13 @@ class Categorical(Likelihood):
     kind = "categorical"
 
     def __init__(self, num_classes: int | None = None):
+        num_classes = plain_number(num_classes)
+        if num_classes is not None and (
+            isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2
+        ):
+            raise ModelError(
+                f"Categorical likelihood: num_classes must be an int >= 2, got {num_classes!r}"
+            )
         self.num_classes = num_classes
 
     def dist(self, f, params):

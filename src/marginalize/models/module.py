@@ -41,6 +41,7 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
+from marginalize._validation import plain_number
 from marginalize.errors import DataError, ModelError, is_out_of_memory
 from marginalize.models.base import BNN, LayerSpec
 from marginalize.models.likelihoods import Likelihood, get_likelihood
@@ -700,6 +701,7 @@ def bayesian(
     if not isinstance(prior, Prior):
         raise ModelError(f"prior: expected a marginalize Prior, got {type(prior).__name__}")
     lik = get_likelihood(likelihood)
+    out_features = plain_number(out_features)
     bad = isinstance(out_features, bool) or not isinstance(out_features, int) or out_features < 1
     if out_features is not None and bad:
         raise ModelError(f"out_features: expected a positive int, got {out_features!r}")

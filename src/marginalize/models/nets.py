@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from marginalize._validation import plain_number
 from marginalize.errors import ModelError
 
 __all__ = ["BasicBlock", "resnet"]
@@ -105,6 +106,9 @@ def resnet(
     ModelError
         A depth that is not ``6 n + 2`` with ``n >= 1``.
     """
+    depth, num_classes, width, in_channels = map(
+        plain_number, (depth, num_classes, width, in_channels)
+    )  # NumPy integers (and 0-d arrays/tensors) as Python ints
     if isinstance(depth, bool) or not isinstance(depth, int) or depth < 8 or (depth - 2) % 6:
         raise ModelError(f"depth: expected 6 n + 2 with n >= 1 (8, 14, 20, 32, ...), got {depth!r}")
     return _ResNet((depth - 2) // 6, num_classes, width, in_channels)

@@ -24,6 +24,7 @@ import pyro
 import pyro.distributions as dist
 import torch
 
+from marginalize._validation import plain_number
 from marginalize.errors import ModelError
 
 __all__ = ["Prior", "Normal", "ScaledNormal", "Hierarchical", "resolve_priors", "prior_from_config"]
@@ -104,6 +105,10 @@ class Prior:
         return f"{type(self).__name__}({args})"
 
 
+def _is_real(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 @dataclass(repr=False)
 class Normal(Prior):
     """Independent ``N(loc=0, scale^2)`` on every weight and bias.
@@ -118,7 +123,8 @@ class Normal(Prior):
     kind = "normal"
 
     def __post_init__(self) -> None:
-        if not (self.scale > 0 and math.isfinite(self.scale)):
+        self.scale = plain_number(self.scale)
+        if not (_is_real(self.scale) and self.scale > 0 and math.isfinite(self.scale)):
             raise ModelError(
                 f"Normal prior: scale must be a positive finite number, got {self.scale!r}"
             )
@@ -146,7 +152,8 @@ class ScaledNormal(Prior):
     kind = "scaled_normal"
 
     def __post_init__(self) -> None:
-        if not (self.gain > 0 and math.isfinite(self.gain)):
+        self.gain = plain_number(self.gain)
+        if not (_is_real(self.gain) and self.gain > 0 and math.isfinite(self.gain)):
             raise ModelError(
                 f"ScaledNormal prior: gain must be positive and finite, got {self.gain!r}"
             )
@@ -188,12 +195,21 @@ class Hierarchical(Prior):
     kind = "hierarchical"
 
     def __post_init__(self) -> None:
+        self.hyperscale = plain_number(self.hyperscale)
+        self.fan_in_scaled = plain_number(self.fan_in_scaled)
+        if not isinstance(self.fan_in_scaled, bool):
+            raise ModelError(
+                "Hierarchical prior: fan_in_scaled must be True or False, got "
+                f"{self.fan_in_scaled!r}"
+            )
         if self.hyperprior not in _HYPERPRIORS:
             raise ModelError(
                 f"Hierarchical prior: unknown hyperprior {self.hyperprior!r}; "
                 f"known: {sorted(_HYPERPRIORS)}"
             )
-        if not (self.hyperscale > 0 and math.isfinite(self.hyperscale)):
+        if not (
+            _is_real(self.hyperscale) and self.hyperscale > 0 and math.isfinite(self.hyperscale)
+        ):
             raise ModelError(
                 f"Hierarchical prior: hyperscale must be positive, got {self.hyperscale!r}"
             )

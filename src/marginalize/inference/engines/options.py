@@ -36,6 +36,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+from marginalize._validation import plain_number
 from marginalize.errors import OptionError
 
 __all__ = [
@@ -67,9 +68,11 @@ class Options:
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
+            # numbers as users get them from arrays (np.int64, np.float32, 0-d arrays and
+            # tensors) are the Python numbers they hold; the check then refuses non-numbers
+            value = plain_number(getattr(self, f.name))
             check = f.metadata.get("check")
-            if check is not None:
-                setattr(self, f.name, check(f.name, getattr(self, f.name)))
+            setattr(self, f.name, value if check is None else check(f.name, value))
         self.validate()
 
     def validate(self) -> None:

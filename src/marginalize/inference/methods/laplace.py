@@ -295,6 +295,8 @@ class _Target:
 
 
 def _hessian(fn, theta: torch.Tensor) -> torch.Tensor:
+    if not theta.numel():  # no coordinates in this group (e.g. only constrained latents)
+        return theta.new_zeros(0, 0)
     with _no_validation(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
@@ -763,7 +765,7 @@ class Laplace(Method):
                 raise ModelError(
                     "laplace: structure='kron' found real-valued sites outside the MLP's layers"
                 )
-            factors = _kfac(target, theta, layers, omap)
+            factors = _kfac(target, theta, layers, omap) if layers else []
             out = []
             for layer, (a_mat, g_mat) in zip(layers, factors, strict=True):
                 pos = layer["pos"].to(theta.device)
@@ -786,7 +788,10 @@ class Laplace(Method):
                     }
                 )
             return _Kron(dim, out, other, h_other), {"b": b, "clipped": clipped, "layers": out}
-        g_net = _ggn(target, theta, net, omap, diag_only)
+        if net.numel():
+            g_net = _ggn(target, theta, net, omap, diag_only)
+        else:  # no real-valued site moves the output: every latent is in the exact block
+            g_net = theta.new_zeros(0) if diag_only else theta.new_zeros(0, 0)
         if h_prior is None:
             p_net = g_net + b[net] if diag_only else g_net + torch.diag(b[net])
         else:
@@ -831,8 +836,11 @@ class Laplace(Method):
 
         if not bool((b > 0).any()):
             raise ModelError(
-                "laplace: prior_precision='marginal_likelihood' found no Gaussian weight prior "
-                "to scale"
+                "laplace: prior_precision='marginal_likelihood' tunes the prior precision of "
+                "real-valued weights, and the Bayesian sites have none (only constrained "
+                "latents such as scales, positive factors or simplex weights, whose curvature "
+                "is taken in the unconstrained space): give prior_precision a number (1.0: the "
+                "model's prior)"
             )
 
         def objective(log_alpha):

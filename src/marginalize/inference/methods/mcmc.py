@@ -117,6 +117,13 @@ def initial_point(problem: Problem, opts: MCMCOptions, seed: int) -> torch.Tenso
 
 
 class _MCMC(Method):
+    refuses_dtypes = (torch.float16, torch.bfloat16)
+    refuses_dtypes_why = (
+        "needs float32 or float64 arithmetic: its accept/reject test compares Hamiltonians "
+        "whose rounding error in half precision is of order one, so it takes tiny steps "
+        "(10 to 80 times the time of float32 on small MLPs) and mixes worse"
+    )
+
     algorithm = "nuts"
     full_data = (
         "it evaluates the log joint and its gradient on every row at every step of every "
