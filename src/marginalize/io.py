@@ -178,7 +178,8 @@ def _check_values(path: Path, post: Posterior) -> None:
                     "range for the model: not a posterior marginalize wrote, or one of a fit "
                     "that diverged)"
                 )
-        pred = post.predict(post.data[0][:CHECK_ROWS], num_samples=CHECK_DRAWS, seed=0)
+        rows = (post.data if post.data is not None else post.example)[0][:CHECK_ROWS]
+        pred = post.predict(rows, num_samples=CHECK_DRAWS, seed=0)
     parts = [pred.probs] if pred.task == "classification" else [pred.mean, pred.std]
     if not all(bool(torch.isfinite(p).all()) for p in parts if p is not None):
         raise FileFormatError(
@@ -298,6 +299,9 @@ class _Fields:
             )
         ):
             self.fail("the network state is not a dict of tensors")
+        for k, v in (self.state or {}).items():
+            if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+                self.fail(f"the network state {k!r} holds non-finite values")
         for name, t in (("x", self.x), ("y", self.y)):
             if t.dim() == 0 or t.shape[0] < 1 or t.is_complex() or t.dtype == torch.bool:
                 self.fail(f"the training {name} has shape {tuple(t.shape)}, dtype {t.dtype}")
