@@ -866,15 +866,19 @@ def prepare(
             if obs_site is None or obs_site == model.obs_site:
                 obs_site = model.obs_site
             model = model.fn
-        k = min(EXAMPLE_ROWS, x_t.shape[0])
-        model = _contract(model, x_t[:k], y_t[:k], obs_site, shape)
+        rows = check_rows(model, x_t)
+        model = _contract(model, x_t[:rows], y_t[:rows], obs_site, shape)
         y_t = model.coerce_y(y_t)
+    # the contract and the layout from the first chunk of rows (all of them when they fit one
+    # call), the rest of the data checked against it in chunks
+    rows = check_rows(model, x_t)
     k = min(EXAMPLE_ROWS, x_t.shape[0])
     x_ex, y_ex = x_t[:k], y_t[:k]
+    x_c, y_c = x_t[:rows], y_t[:rows]
     with torch.random.fork_rng(devices=[]):
-        tr = trace_model(model, x_ex, y_ex, shape)
+        tr = trace_model(model, x_c, y_c, shape)
         # latent shapes must not depend on the number of data points
-        tr2 = trace_model(model, x_ex[:1], y_ex[:1], shape)
+        tr2 = trace_model(model, x_c[:1], y_c[:1], shape)
     for name, node in tr.nodes.items():
         if name in tr2.nodes and _is_latent(node):
             if tr2.nodes[name]["value"].shape != node["value"].shape:
@@ -887,7 +891,7 @@ def prepare(
         raise ModelError("the model has no latent sample sites (nothing to infer)")
     check_fixed_sites(model, x_t, layout, tr2)
     ysite = tr.nodes[OBS]
-    _check_obs_shape(model, ysite, y_ex)
+    _check_obs_shape(model, ysite, y_c)
     task = model.task if isinstance(model, BNN) else detect_task(ysite["fn"])
     base = observation_dist(ysite["fn"])
     if task == "classification" and num_classes is None:
@@ -909,7 +913,7 @@ def prepare(
         meta["first"] = (x_t, y_t)  # the first minibatch, converted
     data = source if loader else ArrayData(x_t, y_t)
     problem = Problem(model, data, layout, task, num_classes, meta=meta)
-    _check_likelihood(problem, tr, x_t, y_t)
+    _check_likelihood(problem, tr, x_t, y_t, rows)
     if problem.stateful:
         problem.state = model.module_state(device, fdtype)
     return problem
@@ -922,20 +926,28 @@ def _check_labels(y: torch.Tensor, num_classes: int) -> None:
         )
 
 
-def _check_likelihood(problem: Problem, tr, x: torch.Tensor, y: torch.Tensor) -> None:
+def _check_likelihood(problem: Problem, tr, x: torch.Tensor, y: torch.Tensor, rows: int) -> None:
     """The observations in the support of the observation family, and a finite log
     likelihood at the prior draw of ``tr``: on every row of in-memory data (on a data
-    loader's first minibatch, ``x``, ``y``), in chunks of :func:`check_rows` rows."""
+    loader's first minibatch, ``x``, ``y``), in chunks of ``rows`` rows (a chunk of another
+    size must sample the fitted latent sites)."""
     model = problem.model
     latents = {name: node["value"] for name, node in tr.nodes.items() if _is_latent(node)}
     fixed = poutine.condition(model, data=latents)
-    rows = check_rows(model, x)
     shape = tuple(x.shape)
     for i in range(0, x.shape[0], rows):
         xc, yc = x[i : i + rows], y[i : i + rows]
         try:
-            with torch.random.fork_rng(devices=[]), torch.no_grad():
-                ysite = trace_model(fixed, xc, yc, shape).nodes[OBS]
+            if i == 0:  # the rows ``tr`` was traced on
+                trc = tr
+            else:
+                with torch.random.fork_rng(devices=[]), torch.no_grad():
+                    trc = trace_model(fixed, xc, yc, shape)
+            ysite = trc.nodes[OBS]
+            if xc.shape[0] != min(rows, x.shape[0]):
+                check_sites(
+                    problem.layout, trc, f"with {xc.shape[0]} data points (the fit has {shape[0]})"
+                )
         except OutOfMemoryError as e:
             raise out_of_memory(
                 f"checking the data against the model ({xc.shape[0]} rows per call)", e
