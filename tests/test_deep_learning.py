@@ -224,7 +224,7 @@ def test_out_of_memory_names_the_step():
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(40, 2, generator=g), torch.randint(0, 2, (40,), generator=g)
     model = mz.models.bayesian(Greedy(), likelihood="categorical")
-    model.module.rows = 20  # the chunked check of all 40 rows
+    model.module.rows = model.module.grad_rows = 20  # the check of all 40 rows
     with pytest.raises(mz.OutOfMemoryError, match="checking the data against the model"):
         mz.fit(model, x, y, method="map", progress=False)
     model.module.rows, model.module.grad_rows = 10**9, 6  # a training step

@@ -875,10 +875,15 @@ def prepare(
     k = min(EXAMPLE_ROWS, x_t.shape[0])
     x_ex, y_ex = x_t[:k], y_t[:k]
     x_c, y_c = x_t[:rows], y_t[:rows]
-    with torch.random.fork_rng(devices=[]):
-        tr = trace_model(model, x_c, y_c, shape)
-        # latent shapes must not depend on the number of data points
-        tr2 = trace_model(model, x_c[:1], y_c[:1], shape)
+    try:
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            tr = trace_model(model, x_c, y_c, shape)
+            # latent shapes must not depend on the number of data points
+            tr2 = trace_model(model, x_c[:1], y_c[:1], shape)
+    except OutOfMemoryError as e:
+        raise out_of_memory(
+            f"checking the data against the model ({x_c.shape[0]} rows per call)", e
+        ) from e
     for name, node in tr.nodes.items():
         if name in tr2.nodes and _is_latent(node):
             if tr2.nodes[name]["value"].shape != node["value"].shape:
