@@ -195,6 +195,8 @@ def test_non_finite_values_follow_on_nan(method, monkeypatch):
     defaults = mz.inference.get_method(method).option_defaults()
     if "optimizer" in defaults and method not in ("swag", "multiswag"):
         opts["optimizer"] = "adam"  # L-BFGS backs off from a bad point itself (test_engine.py)
+    if defaults.get("lr") == "auto":  # SG-MCMC: no MAP stage (L-BFGS, which backs off itself)
+        opts.update(lr=1e-3, init="scaled")
     calls = {"n": 0}
     if "on_nan" not in defaults:
         orig = Problem.potential_and_grad
@@ -295,6 +297,14 @@ ALTERNATIVES = {
     "max_tree_depth": 3,
     "num_steps": 4,
     "trajectory_length": 1.0,
+    "temperature": 0.5,
+    "num_cycles": 3,
+    "exploration": 0.3,
+    "ess": 100.0,
+    "hess_init": 0.5,
+    "beta1": 0.8,
+    "beta2": 0.99,
+    "clip_radius": 0.1,
     # starting points of ensemble members (networks, or dicts of latent site values): not
     # stored in checkpoints, so fitted apart from the others
     "members": [{"layer2.bias": torch.zeros(1)}, {"layer2.bias": torch.ones(1)}],
@@ -313,7 +323,7 @@ def test_every_listed_option_is_accepted(method, tmp_path):
     apart = {k: ALTERNATIVES[k] for k in APART if k in defaults}
     if "epochs" in opts:  # one of steps and epochs (steps is tried by every other test)
         del opts["steps"]
-    opts["init"] = "uniform" if "num_chains" in defaults else "median"
+    opts["init"] = "uniform" if "init_radius" in defaults else "median"
     opts["checkpoint"] = str(tmp_path / "fit.ckpt")
     missing = set(defaults) - set(opts) - set(apart) - ({"steps"} if "epochs" in opts else set())
     assert not missing, f"no alternative value for {sorted(missing)}"

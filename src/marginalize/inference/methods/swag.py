@@ -85,7 +85,6 @@ True
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 from dataclasses import dataclass
@@ -94,12 +93,19 @@ import torch
 
 from marginalize.core.approximations import Delta, Gaussian, Mixture
 from marginalize.core.info import FitInfo
-from marginalize.core.problem import Problem, check_rows, out_of_memory
+from marginalize.core.problem import Problem
 from marginalize.errors import OptionError, is_out_of_memory
 from marginalize.inference.engines import interrupt
+from marginalize.inference.engines.curvature import (
+    STABILITY_FRACTION,
+    curvature_error,
+    curvature_subset,
+    sgd_mode,
+    sharpness,
+)
 from marginalize.inference.engines.distributed import run_members
 from marginalize.inference.engines.init import prior_start_spread, resolve_init
-from marginalize.inference.engines.objectives import FULL, Batch, PointObjective, Scaled
+from marginalize.inference.engines.objectives import Batch, PointObjective, Scaled
 from marginalize.inference.engines.optim import SGD, Adam, constant, exponential
 from marginalize.inference.engines.options import (
     boolean,
@@ -124,7 +130,6 @@ from marginalize.inference.engines.training import (
     train,
 )
 from marginalize.inference.registry import Method, register
-from marginalize.models.module import BatchStatistics
 
 __all__ = [
     "SWAG",
@@ -139,14 +144,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: ``swag_lr="auto"`` stays below this fraction of SGD's stability limit
-#: ``2 (1 + momentum) / lambda_max``
-STABILITY_FRACTION = 0.25
-#: rows used to estimate the curvature at the pretrained point (a random subset beyond this)
-CURVATURE_ROWS = 2048
-#: activation bytes one chunk of those rows may use (a double backward keeps about three
-#: times a forward's)
-CURVATURE_BYTES = 64 * 2**20
 #: ``swag_lr="auto"``: the SWA mean's -log joint may exceed the pretrained point's by at most
 #: this many times sqrt(D/2), the standard deviation of ``-log p`` over the draws of a
 #: D-dimensional Gaussian posterior (``-log p - min`` is chi^2_D / 2 there); the SWA mean of
@@ -389,115 +386,6 @@ def _plan(problem: Problem, opts: SWAGOptions) -> _Plan:
     return _Plan(per_epoch, every, steps, burn, collected)
 
 
-def _subset(problem: Problem, generator: torch.Generator) -> list[tuple[Batch, float]]:
-    """At most ``CURVATURE_ROWS`` rows of the data as ``(minibatch, weight)`` pairs whose
-    weighted log joints sum to the log joint of those rows scaled to the data
-    (``sum_c w_c log p(z, batch_c) = log p(z) + N / R sum_rows log p(y | z)``), in chunks that
-    bound memory (:func:`~marginalize.core.problem.check_rows`, for a double backward). In
-    memory: a random subset (every row when there are fewer; one full batch when one chunk
-    holds them); from a data loader: its first minibatches."""
-    n = problem.n
-    rows = check_rows(problem.model, problem.example[0], CURVATURE_BYTES)
-    if problem.in_memory:
-        if n <= CURVATURE_ROWS and n <= rows:
-            return [(FULL, 1.0)]
-        idx = torch.arange(n) if n <= CURVATURE_ROWS else None
-        if idx is None:
-            idx = torch.randperm(n, generator=generator)[:CURVATURE_ROWS]
-        idx = idx.to(problem.device)
-        total = idx.shape[0]
-        return [
-            (Batch(part, n / part.shape[0]), part.shape[0] / total)
-            for part in torch.split(idx, rows)
-        ]
-    got, xs, ys = 0, [], []
-    for x, y in problem.batches(rows):
-        take = min(x.shape[0], CURVATURE_ROWS - got)
-        xs.append(x[:take])
-        ys.append(y[:take])
-        got += take
-        if got >= CURVATURE_ROWS:
-            break
-    x, y = torch.cat(xs), torch.cat(ys)  # the loader's minibatches regrouped in chunks
-    return [
-        (Batch(None, n / xc.shape[0], x=xc, y=yc), xc.shape[0] / got)
-        for xc, yc in zip(torch.split(x, rows), torch.split(y, rows), strict=True)
-    ]
-
-
-@contextlib.contextmanager
-def _sgd_mode(problem: Problem):
-    """BatchNorm layers in train mode (the loss SGD sees), running statistics untouched."""
-    if not problem.stateful or problem.state is None:
-        yield
-        return
-    problem.training = BatchStatistics(problem.state)
-    try:
-        yield
-    finally:
-        problem.training = None
-
-
-def _loss(problem: Problem, z: torch.Tensor, batch: Batch, weight: float) -> torch.Tensor:
-    return -weight * problem.log_joint_batch(z, batch) / problem.n
-
-
-def _curvature_error(what: str, e: BaseException):
-    return out_of_memory(
-        f"swag: swag_lr='auto' ({what})",
-        e,
-        "pass swag_lr=<rate>, or a smaller batch (the estimate uses at most "
-        f"{CURVATURE_ROWS} rows in chunks sized from the model's activation memory)",
-    )
-
-
-def sharpness(
-    problem: Problem, z: torch.Tensor, generator: torch.Generator, iters: int = 20
-) -> float:
-    """Largest Hessian eigenvalue of the loss ``-log_joint(z) / N`` at ``z`` (power iteration
-    with Hessian-vector products; at most ``CURVATURE_ROWS`` rows, scaled to the data, in
-    chunks that bound memory: a chunk's graph at a time). NaN when the Hessian cannot be
-    evaluated; an allocation failure raises ``OutOfMemoryError``."""
-    parts = _subset(problem, generator)
-    z = z.detach().clone().requires_grad_(True)
-    v = torch.randn(z.shape, generator=generator, dtype=z.dtype).to(z.device)
-    v = v / v.norm()
-    lam = math.nan
-    try:
-        with _sgd_mode(problem):
-            if len(parts) == 1:  # one graph, differentiated again at every iteration
-                batch, w = parts[0]
-                (g,) = torch.autograd.grad(_loss(problem, z, batch, w), z, create_graph=True)
-
-                def hvp(u):
-                    return torch.autograd.grad(g, z, u, retain_graph=True)[0]
-
-            else:
-
-                def hvp(u):
-                    out = torch.zeros_like(z)
-                    for batch, w in parts:
-                        (gc,) = torch.autograd.grad(
-                            _loss(problem, z, batch, w), z, create_graph=True
-                        )
-                        out += torch.autograd.grad(gc, z, u)[0]
-                    return out
-
-            for _ in range(iters):
-                hv = hvp(v)
-                norm = hv.norm()
-                if not bool(torch.isfinite(norm)) or float(norm) == 0.0:
-                    break
-                lam = float(v @ hv)
-                v = hv / norm
-    except RuntimeError as e:  # a model whose graph cannot be differentiated twice
-        if is_out_of_memory(e):
-            raise _curvature_error("the curvature estimate", e) from e
-        log.info("swag: no curvature estimate (%s)", e)
-        return math.nan
-    return abs(lam)
-
-
 def gradient_noise(
     problem: Problem, z: torch.Tensor, batch_size: int, generator: torch.Generator, reps: int = 20
 ) -> float:
@@ -515,7 +403,7 @@ def gradient_noise(
     else:
         batches = (Batch(None, n / x.shape[0], x=x, y=y) for x, y in problem.batches())
     try:
-        with _sgd_mode(problem):
+        with sgd_mode(problem):
             for batch in batches:
                 (g,) = torch.autograd.grad(-problem.log_joint_batch(z, batch) / n, z)
                 grads.append(g.detach().to(torch.float64))
@@ -523,7 +411,7 @@ def gradient_noise(
                     break
     except RuntimeError as e:
         if is_out_of_memory(e):
-            raise _curvature_error("the gradient noise", e) from e
+            raise curvature_error("the gradient noise", e) from e
         raise
     if len(grads) < 2:
         return math.nan
@@ -536,10 +424,10 @@ def swa_mean_excess(problem: Problem, z0: torch.Tensor, mean: torch.Tensor, seed
     """``U(mean) - U(z0)`` with ``U = -log p(z, y)`` (the unconstrained log joint), on at most
     ``CURVATURE_ROWS`` rows (the same random rows for both, scaled to the data; a data
     loader's first minibatches), in chunks; ``inf`` when not finite."""
-    parts = _subset(problem, torch.Generator().manual_seed(seed))
+    parts = curvature_subset(problem, torch.Generator().manual_seed(seed))
     pts = torch.stack([z0.detach(), mean.detach()]).to(problem.device, problem.dtype)
     u = torch.zeros(2, dtype=problem.dtype, device=problem.device)
-    with torch.no_grad(), _sgd_mode(problem):
+    with torch.no_grad(), sgd_mode(problem):
         for batch, w in parts:
             u += -w * problem.log_joint_batch(pts, batch)
     d = float(u[1] - u[0])
