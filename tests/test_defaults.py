@@ -334,10 +334,13 @@ def test_multiswag_starts_each_run_from_a_prior_draw_and_warns_when_it_saturates
     """multiswag's default start is a draw from the prior (its runs differ where the data say
     nothing); a prior far wider than the fan-in scale is reported before any run, a normal one
     is not. The start's pre-activation SD is prior SD * sqrt(fan_in * mean(x^2))."""
-    from marginalize.inference.engines.init import prior_start_spread
+    from marginalize.inference.engines.init import prior_start_spread, resolve_init
     from marginalize.inference.methods.swag import MultiSWAG
 
-    assert MultiSWAG.Options().init == "prior" and SWAGOptions().init == "scaled"
+    assert MultiSWAG.Options().init == "auto" and SWAGOptions().init == "auto"
+    pb = prepare(mz.models.mlp(1, hidden=[4]), torch.randn(5, 1), torch.randn(5))
+    assert resolve_init(pb, "auto", scratch="prior", wrapped="reset") == "prior"  # multiswag's
+    assert resolve_init(pb, "auto") == "scaled"  # swag's
     x = torch.linspace(-2, 2, 40)[:, None]
     y = torch.sin(x[:, 0])
     spread = prior_start_spread(

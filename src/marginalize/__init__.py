@@ -24,6 +24,7 @@ from marginalize.errors import (
     FitError,
     ModelError,
     OptionError,
+    OutOfMemoryError,
     ScaleWarning,
 )
 
@@ -94,6 +95,7 @@ __all__ = [
     "OptionError",
     "FileFormatError",
     "FitError",
+    "OutOfMemoryError",
     "ScaleWarning",
     "resume",
     "temperature_scale",

@@ -155,25 +155,37 @@ def as_tensor(
     return t
 
 
+#: elements of one chunk of :func:`check_finite` (its temporaries stay a few times this)
+_FINITE_CHUNK = 2**22
+
+
 def check_finite(name: str, t: torch.Tensor) -> None:
     """No NaN or inf, and no value whose square overflows the tensor's float dtype (every
     likelihood and layer squares or multiplies its inputs: beyond ``sqrt(finfo.max)``, about
-    1.8e19 in float32, the fit's arithmetic overflows and the error would surface elsewhere)."""
-    if torch.is_floating_point(t):
-        bad = ~torch.isfinite(t)
-        if bool(bad.any()):
+    1.8e19 in float32, the fit's arithmetic overflows and the error would surface elsewhere).
+    Read in chunks of rows, so its temporaries do not grow with the number of rows."""
+    if not torch.is_floating_point(t) or not t.numel():
+        return
+    flat = t.reshape(t.shape[0], -1) if t.dim() else t.reshape(1, 1)
+    rows = max(1, _FINITE_CHUNK // max(1, flat.shape[1]))
+    big = 0.0
+    for i in range(0, flat.shape[0], rows):
+        part = flat[i : i + rows]
+        if not bool(torch.isfinite(part).all()):
+            bad = ~torch.isfinite(t)
             n_nan = int(torch.isnan(t).sum())
             n_inf = int(bad.sum()) - n_nan
             raise DataError(
                 f"{name}: contains {n_nan} NaN and {n_inf} inf values; clean or impute them first"
             )
-        limit = math.sqrt(torch.finfo(t.dtype).max)
-        big = float(t.abs().max()) if t.numel() else 0.0
-        if big > limit:
-            raise DataError(
-                f"{name}: has values up to {big:.3g}, beyond what {str(t.dtype)[6:]} arithmetic "
-                f"can square ({limit:.3g}); rescale {name} (e.g. standardize each column)"
-            )
+        lo, hi = torch.aminmax(part)
+        big = max(big, -float(lo), float(hi))
+    limit = math.sqrt(torch.finfo(t.dtype).max)
+    if big > limit:
+        raise DataError(
+            f"{name}: has values up to {big:.3g}, beyond what {str(t.dtype)[6:]} arithmetic "
+            f"can square ({limit:.3g}); rescale {name} (e.g. standardize each column)"
+        )
 
 
 def check_x(

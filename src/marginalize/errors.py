@@ -13,6 +13,7 @@ __all__ = [
     "OptionError",
     "FileFormatError",
     "FitError",
+    "OutOfMemoryError",
     "is_out_of_memory",
     "ScaleWarning",
 ]
@@ -39,19 +40,21 @@ class FitError(RuntimeError):
     """A fit could not continue (e.g. the loss became NaN and ``on_nan="raise"``)."""
 
 
-def is_out_of_memory(e: BaseException) -> bool:
-    """Whether ``e`` is an allocation failure: ``MemoryError``, torch's ``OutOfMemoryError``
-    (a GPU) or the CPU allocator's ``RuntimeError``. Such errors are raised as they are, never
-    turned into a fallback, a NaN or another error.
+class OutOfMemoryError(MemoryError):
+    """A step ran out of memory (CPU or GPU); the message names the step and what to change.
+    Raised instead of the allocator's error, never turned into a NaN or blamed on the model."""
 
-    >>> is_out_of_memory(RuntimeError("DefaultCPUAllocator: can't allocate memory"))
-    True
-    """
-    if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """Whether ``e`` is an allocation failure (``MemoryError``, torch's ``OutOfMemoryError``
+    or the CPU allocator's "can't allocate memory" ``RuntimeError``)."""
+    if isinstance(e, MemoryError):
+        return True
+    if type(e).__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError, without importing torch
         return True
     text = str(e)
     return isinstance(e, RuntimeError) and (
-        "can't allocate memory" in text or "out of memory" in text.lower()
+        "out of memory" in text or "can't allocate memory" in text
     )
 
 

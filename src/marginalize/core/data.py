@@ -79,6 +79,17 @@ class DataSource:
         """
         raise NotImplementedError
 
+    def batches_per_epoch(self, batch_size: int | None = None) -> int:
+        """Minibatches in one pass: the loader's own (``len(loader)``, else ``n`` over the
+        size of its first batch, rounded up); for arrays ``n // batch_size`` (the training
+        loop drops an incomplete last batch) or 1 for the full batch."""
+        raise NotImplementedError
+
+    def inputs(self, rows: int | None = None, *, device=None, dtype=None):
+        """The inputs ``x`` of :meth:`chunks` (one pass, in chunks of at most ``rows`` rows)."""
+        for x, _ in self.chunks(rows, device=device, dtype=dtype):
+            yield x
+
     def example(self, k: int = 2) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The first ``k`` rows (or fewer), for traces and probes of the model."""
         xs, ys, got = [], [], 0
@@ -112,6 +123,11 @@ class ArrayData(DataSource):
             xb = self.x[i : i + step]
             yb = None if self.y is None else self.y[i : i + step]
             yield _place(xb, yb, device, dtype)
+
+    def batches_per_epoch(self, batch_size=None):
+        if batch_size is None or batch_size >= self.n:
+            return 1
+        return self.n // int(batch_size)
 
     def __repr__(self) -> str:
         return f"ArrayData(n={self.n}, x={tuple(self.x.shape)})"
@@ -166,6 +182,27 @@ class LoaderData(DataSource):
                 yield _place(
                     xb[i : i + step], None if yb is None else yb[i : i + step], device, dtype
                 )
+
+    def batches_per_epoch(self, batch_size=None):
+        try:
+            return max(1, int(len(self.loader)))  # type: ignore[arg-type]
+        except (TypeError, NotImplementedError):
+            first = _split(next(iter(self.loader), None))
+            size = 1 if first is None else max(1, int(len(first[0])))
+            return max(1, -(-self.n // size))
+
+    def generators(self) -> list[torch.Generator]:
+        """The loader's own random generators (a DataLoader's ``generator`` and its sampler's),
+        whose states a checkpoint saves so that a resumed fit reads the same minibatches."""
+        found: list[torch.Generator] = []
+        parts = [self.loader, getattr(self.loader, "sampler", None)]
+        batch_sampler = getattr(self.loader, "batch_sampler", None)
+        parts += [batch_sampler, getattr(batch_sampler, "sampler", None)]
+        for part in parts:
+            g = getattr(part, "generator", None)
+            if isinstance(g, torch.Generator) and all(g is not h for h in found):
+                found.append(g)
+        return found
 
     def __repr__(self) -> str:
         return f"LoaderData(n={self.n}, loader={type(self.loader).__name__})"

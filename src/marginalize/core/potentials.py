@@ -157,7 +157,8 @@ def fast_potential(problem) -> FlatMLP | None:
     if not supports(problem.model):
         return None
     try:
-        return FlatMLP(problem.model, problem.layout, problem.x, problem.y)
+        x, y = (problem.x, problem.y) if problem.in_memory else problem.example
+        return FlatMLP(problem.model, problem.layout, x, y)
     except _Unsupported:
         return None
 

@@ -18,6 +18,7 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pyro.distributions as dist
@@ -29,8 +30,9 @@ from pyro.poutine.util import site_is_subsample
 
 from marginalize._isolation import no_validation
 from marginalize._validation import check_x, check_y
+from marginalize.core.data import ArrayData, DataSource, LoaderData, as_data, is_loader
 from marginalize.core.layout import Layout, _is_latent, check_sites
-from marginalize.errors import DataError, ModelError
+from marginalize.errors import DataError, ModelError, OutOfMemoryError, is_out_of_memory
 from marginalize.models.base import BNN
 
 __all__ = [
@@ -208,16 +210,18 @@ class UserModel:
         return f"UserModel({self.__name__}{extra})"
 
 
-def _raw_trace(fn: Callable, x: torch.Tensor, y: torch.Tensor | None):
+def _raw_trace(fn: Callable, x: torch.Tensor, y: torch.Tensor | None, shape=None):
     try:
         with _RefuseSubsample():
             return poutine.trace(fn).get_trace(x, y)
     except (DataError, ModelError):
         raise
     except Exception as e:
+        if is_out_of_memory(e):
+            raise out_of_memory(f"a call of the model on {x.shape[0]} rows", e) from e
         raise ModelError(
             f"the model raised {type(e).__name__} when called as model(x, y) with x of shape "
-            f"{tuple(x.shape)}: {e}"
+            f"{shape or tuple(x.shape)}: {e}"
         ) from e
 
 
@@ -277,10 +281,14 @@ def _choose_obs_site(fn, tr, x, y, obs_site: str | None) -> str:
     return cands[0]
 
 
-def _contract(fn: Callable, x: torch.Tensor, y: torch.Tensor, obs_site: str | None) -> UserModel:
-    """Read a model function's contract from one trace on the data (before any fitting)."""
+def _contract(
+    fn: Callable, x: torch.Tensor, y: torch.Tensor, obs_site: str | None, shape=None
+) -> UserModel:
+    """Read a model function's contract from one trace on (a few rows of) the data, before
+    any fitting; ``shape``: the whole data's, for messages."""
+    shape = tuple(x.shape) if shape is None else tuple(shape)
     with torch.random.fork_rng(devices=[]):
-        tr = _raw_trace(fn, x, y)
+        tr = _raw_trace(fn, x, y, shape)
     params = [n for n, node in tr.nodes.items() if node["type"] == "param"]
     if params:
         raise ModelError(
@@ -300,6 +308,17 @@ def _contract(fn: Callable, x: torch.Tensor, y: torch.Tensor, obs_site: str | No
     # the data plate: the observation's plate over the rows of x (others, e.g. over outputs,
     # may hold weights)
     data_plates = {f.name for f in onode["cond_indep_stack"] if f.size == x.shape[0]}
+    if len(data_plates) > 1 or (data_plates and x.shape[0] <= EXAMPLE_ROWS and x.shape[0] > 1):
+        # traced on a few rows: keep the plates whose size follows the number of rows (a
+        # plate over hidden units may have as many entries as the rows traced)
+        try:
+            with torch.random.fork_rng(devices=[]):
+                one = _raw_trace(fn, x[:1], y[:1]).nodes.get(obs)
+        except (DataError, ModelError):
+            one = None
+        if one is not None:
+            sizes = {f.name: f.size for f in one["cond_indep_stack"]}
+            data_plates = {p for p in data_plates if sizes.get(p) == 1} or data_plates
     if not data_plates:
         hint = ""
         if not onode["cond_indep_stack"] and tuple(onode["fn"].event_shape)[:1] == (x.shape[0],):
@@ -309,7 +328,7 @@ def _contract(fn: Callable, x: torch.Tensor, y: torch.Tensor, obs_site: str | No
             )
         raise ModelError(
             f"site {obs!r} must be inside pyro.plate('data', N) so it can be minibatched "
-            f"(N = x.shape[0] = {x.shape[0]}){hint}"
+            f"(N = x.shape[0] = {shape[0]}){hint}"
         )
     event_sites = []
     for name, node in tr.nodes.items():
@@ -374,16 +393,19 @@ def canonical_model(model: Callable, x, y=None, *, obs_site: str | None = None) 
     )
 
 
-def trace_model(model: Callable, x: torch.Tensor, y: torch.Tensor | None):
-    """Trace the (canonical) model once and check the contract; return the trace."""
+def trace_model(model: Callable, x: torch.Tensor, y: torch.Tensor | None, shape=None):
+    """Trace the (canonical) model once and check the contract; return the trace
+    (``shape``: that of the whole data, for messages)."""
     try:
         tr = poutine.trace(model).get_trace(x, y)
     except (DataError, ModelError):
         raise
     except Exception as e:
+        if is_out_of_memory(e):
+            raise out_of_memory(f"a call of the model on {x.shape[0]} rows", e) from e
         raise ModelError(
             f"the model raised {type(e).__name__} when called as model(x, y) with x of shape "
-            f"{tuple(x.shape)}: {e}"
+            f"{shape or tuple(x.shape)}: {e}"
         ) from e
     if OBS not in tr.nodes or tr.nodes[OBS]["type"] != "sample":
         raise ModelError(
@@ -412,54 +434,233 @@ def trace_model(model: Callable, x: torch.Tensor, y: torch.Tensor | None):
 
 _no_validation = no_validation  # the switch is in marginalize._isolation (one for every layer)
 
+#: rows the model is traced on to read its contract and the layout (the data are checked
+#: against it in chunks afterwards)
+EXAMPLE_ROWS = 5
+#: activation bytes one call of the network may use while the data are checked
+CHECK_BYTES = 64 * 2**20
+#: the most rows of one call of the network while the data are checked
+CHECK_ROWS = 1024
+#: activation bytes one call of the network may use while BatchNorm statistics are recomputed
+STATE_BYTES = 256 * 2**20
+
+
+def check_rows(model: Callable, x: torch.Tensor, budget: int = CHECK_BYTES) -> int:
+    """Rows per call of the network for a pass over data: ``budget`` over the measured
+    activation bytes of one input (``activation_bytes_per_input`` of the model), at most
+    :data:`CHECK_ROWS`."""
+    measure = getattr(model, "activation_bytes_per_input", None)
+    if measure is None:
+        return CHECK_ROWS
+    try:
+        per = int(measure(x[:1]))
+    except Exception as e:  # noqa: BLE001 - a probe that fails: the cap alone
+        if is_out_of_memory(e):
+            raise out_of_memory("the probe of the model's activation memory (one input)", e) from e
+        log.debug("activation probe failed (%s: %s)", type(e).__name__, e)
+        return CHECK_ROWS
+    return int(max(1, min(CHECK_ROWS, budget // max(per, 1))))
+
+
+def out_of_memory(step: str, e: BaseException, advice: str = "") -> OutOfMemoryError:
+    """The error for an allocation failure during ``step``."""
+    tail = f"; {advice}" if advice else ""
+    return OutOfMemoryError(f"{step}: out of memory ({type(e).__name__}: {e}){tail}")
+
 
 @dataclass
 class Problem:
-    """A model with its (validated) training data."""
+    """A model with its (validated) training data.
+
+    Attributes
+    ----------
+    model : callable
+        The canonical model (a builder model or a :class:`UserModel`).
+    data : DataSource
+        The training data: in-memory arrays or a data loader (``core/data.py``).
+    layout : Layout
+    task : str
+    num_classes : int or None
+    meta : dict
+        ``dtype``, ``device``, ``example`` (a few converted rows), method-specific values.
+    state : dict or None
+        For a network with BatchNorm layers (``model.stateful``), the running statistics it
+        is evaluated with (the module's own at the start; what training reached after it).
+    training : BatchStatistics or None
+        While set (inside the training loop's steps), a stateful network runs its BatchNorm
+        layers in train mode (batch statistics) and updates this object.
+    """
 
     model: Callable
-    x: torch.Tensor
-    y: torch.Tensor
+    data: DataSource
     layout: Layout
     task: str
     num_classes: int | None = None
     meta: dict = field(default_factory=dict)
+    state: dict | None = None
+    training: Any = None
 
     @property
     def n(self) -> int:
-        return self.x.shape[0]
+        return self.data.n
+
+    @property
+    def in_memory(self) -> bool:
+        """Whether the data are arrays held in memory (else a data loader)."""
+        return self.data.in_memory
+
+    @property
+    def x(self) -> torch.Tensor:
+        """The training inputs, for in-memory data (a data loader raises ``DataError``)."""
+        if self.data.in_memory:
+            return self.data.x
+        raise self.needs_memory()
+
+    @property
+    def y(self) -> torch.Tensor:
+        """The training targets, for in-memory data (a data loader raises ``DataError``)."""
+        if self.data.in_memory:
+            return self.data.y
+        raise self.needs_memory()
+
+    def needs_memory(self, what: str = "this step") -> DataError:
+        """The error of a step that needs every row at once, for data from a loader."""
+        method = self.meta.get("method", "the fit")
+        return DataError(
+            f"{method}: {what} needs the whole training data at once, in memory (arrays x, y), "
+            f"but they come from a data loader ({self.data!r}). Use a method or option that "
+            "trains on minibatches (see docs/guide/deep_learning.md), or pass the data as "
+            "arrays: mz.fit(model, x, y, ...)"
+        )
+
+    @property
+    def example(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """A few rows of the data, converted as the model takes them (for traces, probes)."""
+        return self.meta["example"]
 
     @property
     def vectorized(self) -> bool:
         return isinstance(self.model, BNN)
 
     @property
+    def stateful(self) -> bool:
+        """Whether the network holds weight-dependent state (BatchNorm running statistics)."""
+        return bool(getattr(self.model, "stateful", False))
+
+    @property
     def device(self) -> torch.device:
-        return self.x.device
+        return self.meta["device"]
 
     @property
     def dtype(self) -> torch.dtype:
         """The float dtype of the fit: x's, or the default one for integer inputs."""
-        return (
-            self.x.dtype
-            if self.x.is_floating_point()
-            else self.meta.get("dtype", torch.get_default_dtype())
-        )
+        return self.meta["dtype"]
+
+    def rows(self, x, y) -> tuple[torch.Tensor, torch.Tensor]:
+        """A minibatch ``(x, y)`` of the data (e.g. from a data loader) as the model takes
+        it: on the fit's device, floats in its dtype, targets converted as ``prepare`` does
+        and class labels checked against the model's classes."""
+        x = x.to(self.device, non_blocking=True)
+        if x.is_floating_point() or not self.meta.get("keep_int", False):
+            x = x.to(self.dtype)
+        y = y.to(self.device, non_blocking=True)
+        model = self.model
+        if isinstance(model, BNN):
+            y = model.likelihood.check_y(y, model.out_features)
+        elif isinstance(model, UserModel):
+            y = model.coerce_y(y)
+        if torch.is_floating_point(y):
+            y = y.to(self.dtype)
+        labels = self.meta.get("labels")
+        if labels is not None and y.numel():
+            _check_labels(y, labels)
+        return x, y
+
+    def batches(self, rows: int | None = None):
+        """One pass over the data: ``(x, y)`` chunks of at most ``rows`` rows (a loader's own
+        minibatches, split where larger), converted by :meth:`rows`."""
+        if self.data.in_memory:
+            n = self.n
+            step = n if rows is None else max(1, int(rows))
+            for i in range(0, n, step):
+                yield self.x[i : i + step], self.y[i : i + step]
+            return
+        for xb, yb in self.data.chunks(rows):
+            yield self.rows(xb, yb)
+
+    def inputs(self, rows: int | None = None):
+        """The inputs of :meth:`batches` (e.g. for BatchNorm statistics)."""
+        for x, _ in self.batches(rows):
+            yield x
+
+    def state_at(self, z: torch.Tensor) -> dict[str, torch.Tensor] | None:
+        """The BatchNorm running statistics of a stateful network at the points ``z``
+        ``(*batch, D)``, recomputed by one pass over the training inputs in chunks sized from
+        the measured activation memory (``state_from_data``): tensors with the leading dims
+        ``*batch``; ``None`` for a network without.
+
+        Raises
+        ------
+        OutOfMemoryError
+            Names the step."""
+        if not self.stateful:
+            return None
+        params = self.layout.unpack(z.to(self.device, self.dtype))
+        draws = max(1, math.prod(z.shape[:-1]))
+        rows = check_rows(self.model, self.example[0], STATE_BYTES // draws)
+        try:
+            return self.model.state_from_data(params, self.inputs(max(rows, 2)))
+        except RuntimeError as e:
+            if is_out_of_memory(e):
+                raise out_of_memory(
+                    f"BatchNorm statistics at the fitted weights ({rows} rows per call)", e
+                ) from e
+            raise
+
+    def refresh_state(self, z: torch.Tensor) -> None:
+        """``state`` recomputed at the point ``z`` ``(D,)`` (see :meth:`state_at`)."""
+        if self.stateful:
+            self.state = self.state_at(z)
+
+    def _state_kw(self) -> dict:
+        if not self.stateful:
+            return {}
+        return {"state": self.training if self.training is not None else self.state}
 
     def log_joint(self, z: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
         """``log p(w(z), y | x) + log|J|``; with ``idx`` a minibatch scaled to the full data.
 
         Batched over leading dims of ``z`` and differentiable in ``z``. Plain model functions
         are evaluated by their compiled log joint (``core/compiled``) where the model could be
-        compiled, else by :meth:`log_joint_traced`."""
+        compiled, else by :meth:`log_joint_traced`. Needs in-memory data (see
+        :meth:`log_joint_rows` for rows given)."""
         if self.vectorized:
             x, y = (self.x, self.y) if idx is None else (self.x[idx], self.y[idx])
             scale = 1.0 if idx is None else self.n / len(idx)
             params, ladj = self.layout.unpack_with_log_det(z)
-            return self.model.log_joint(params, x, y, obs_scale=scale) + ladj
+            return self.model.log_joint(params, x, y, obs_scale=scale, **self._state_kw()) + ladj
         compiled = self.compiled()
         out = None if compiled is None else compiled.log_joint(z, idx)
         return self.log_joint_traced(z, idx) if out is None else out
+
+    def log_joint_rows(self, z: torch.Tensor, x, y, scale: float) -> torch.Tensor:
+        """``log p(w(z)) + scale * log p(y | x, w(z)) + log|J|`` on the rows ``(x, y)`` (a
+        minibatch of a data loader: ``scale = N / B``), batched over leading dims of ``z``."""
+        if self.vectorized:
+            params, ladj = self.layout.unpack_with_log_det(z)
+            return self.model.log_joint(params, x, y, obs_scale=scale, **self._state_kw()) + ladj
+        if z.dim() != 1:
+            flat = z.reshape(-1, z.shape[-1])
+            out = [self.log_joint_traced_on(zi, x, y, scale) for zi in flat]
+            return torch.stack(out).reshape(z.shape[:-1])
+        return self.log_joint_traced_on(z, x, y, scale)
+
+    def log_joint_batch(self, z: torch.Tensor, batch) -> torch.Tensor:
+        """:meth:`log_joint` of a training-loop minibatch: rows by index (in-memory data) or
+        the rows it carries (a data loader's)."""
+        if getattr(batch, "x", None) is None:
+            return self.log_joint(z, batch.idx)
+        return self.log_joint_rows(z, batch.x, batch.y, batch.scale)
 
     def log_joint_traced(self, z: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
         """:meth:`log_joint` by a Pyro trace of the model (a loop over leading dims of ``z``)."""
@@ -481,12 +682,13 @@ class Problem:
 
     def compiled(self):
         """The compiled log joint of a plain model function (``core/compiled``), or ``None``
-        for builder models, subclasses with their own ``log_joint`` and when
-        ``meta["compiled"] = False``."""
+        for builder models, subclasses with their own ``log_joint``, data from a loader and
+        when ``meta["compiled"] = False``."""
         if "_compiled" not in self.__dict__:
             comp = None
             if (
                 not self.vectorized
+                and self.data.in_memory
                 and self.meta.get("compiled", True)
                 and type(self).log_joint is Problem.log_joint
             ):
@@ -499,7 +701,8 @@ class Problem:
     def fast_potential(self):
         """The closed-form potential with an analytic gradient (``core/potentials.py``)
         for builder MLPs with the package's priors and likelihoods, else ``None``. Set
-        ``meta["fast_potential"] = False`` to always use the general path."""
+        ``meta["fast_potential"] = False`` to always use the general path. With data from a
+        loader it holds a few example rows (minibatches bring their own)."""
         if "_fast" not in self.__dict__:
             fast = None
             if self.meta.get("fast_potential", True) and type(self).log_joint is Problem.log_joint:
@@ -556,22 +759,41 @@ class Problem:
         """A draw of the latent sites from the prior, packed (unconstrained)."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(generator_seed)  # torch only: pyro.set_rng_seed reseeds NumPy too
-            tr = poutine.trace(self.model).get_trace(self.x[:2], None)
+            tr = poutine.trace(self.model).get_trace(self.example[0][:2], None)
         return self.layout.pack({s.name: tr.nodes[s.name]["value"] for s in self.layout.sites}).to(
             self.device, self.dtype
         )
 
 
-def prepare(model: Callable, x, y, *, device=None, obs_site: str | None = None) -> Problem:
-    """Validate ``x``/``y`` against the model and build the :class:`Problem`.
+def prepare(
+    model: Callable,
+    x,
+    y=None,
+    *,
+    n: int | None = None,
+    device=None,
+    obs_site: str | None = None,
+) -> Problem:
+    """Validate the data against the model and build the :class:`Problem`.
+
+    The model is traced on a few rows (its contract, the layout, the shape of ``y``); then
+    the data are checked against it in chunks (class labels, the support of the observation
+    family, a finite log likelihood at a draw from the prior), each call of the network on at
+    most :func:`check_rows` rows (sized from the model's measured activation memory), so no
+    call sees every row at once. With a data loader, the first minibatch is checked this way
+    and every later one as the fit reads it (labels, shapes, finite values).
 
     Parameters
     ----------
     model : callable
         A builder model, or a Pyro model function ``model(x, y=None)`` (wrapped in a
         :class:`UserModel`; a :class:`UserModel` is taken as it is).
-    x, y : array-like or torch.Tensor
-        Training inputs ``(N, ...)`` and targets ``(N, ...)``.
+    x, y : array-like or torch.Tensor, or a data loader and None
+        Training inputs ``(N, ...)`` and targets ``(N, ...)``; or, as ``x``, a
+        ``torch.utils.data.DataLoader`` (any re-iterable of ``(x, y)`` minibatches) with
+        ``y=None``.
+    n : int, optional
+        Rows of a data loader that cannot tell (see :class:`~marginalize.core.data.LoaderData`).
     device : optional
         Where the data go (default: ``x``'s device, else the CPU).
     obs_site : str, optional
@@ -583,14 +805,43 @@ def prepare(model: Callable, x, y, *, device=None, obs_site: str | None = None) 
         The model breaks the contract (see ``docs/guide/models.md``).
     DataError
         ``x`` or ``y`` do not fit the model, e.g. ``y`` shaped unlike the observation site.
+    OutOfMemoryError
+        A check ran out of memory (names the step).
     """
     if not callable(model):
         raise ModelError(f"model must be callable as model(x, y=None), got {type(model).__name__}")
-    if device is None and isinstance(x, torch.Tensor):
-        device = x.device
+    if isinstance(x, ArrayData):
+        x, y = x.x, x.y if y is None else y
+    if isinstance(x, torch.utils.data.Dataset) and not hasattr(x, "__iter__"):
+        raise DataError(
+            f"x: a {type(x).__name__} (a torch Dataset) is read through a DataLoader: pass "
+            "DataLoader(dataset, batch_size=..., shuffle=True)"
+        )
+    loader = isinstance(x, LoaderData) or (not isinstance(x, DataSource) and is_loader(x))
+    if not loader and n is not None:
+        raise DataError("n: the number of rows is given only with a data loader as x")
     keep_int = isinstance(model, BNN) and model.integer_inputs  # e.g. token ids (Embedding)
-    x_t = check_x("x", x, device=device, keep_int=keep_int)
-    y_t = check_y(y, x_t.shape[0], device=device)
+    if loader:
+        source = as_data(x, y, n=n)
+        if not source.has_targets:
+            raise DataError(
+                "x: the data loader yields inputs without targets; a fit needs (x, y) minibatches"
+            )
+        x_t, y_t = next(iter(source.chunks()))  # the first minibatch is checked
+        if device is not None:
+            x_t, y_t = x_t.to(device), y_t.to(device)
+    else:
+        if y is None:
+            raise DataError(
+                "y: missing; pass the training targets y, or a data loader of (x, y) minibatches "
+                "as x (y=None)"
+            )
+        if device is None and isinstance(x, torch.Tensor):
+            device = x.device
+        x_t = check_x("x", x, device=device, keep_int=keep_int)
+        y_t = check_y(y, x_t.shape[0], device=device)
+    device = x_t.device
+    shape = (source.n if loader else x_t.shape[0], *x_t.shape[1:])  # for messages
     fdtype = x_t.dtype if x_t.is_floating_point() else torch.get_default_dtype()
     num_classes = None
     if isinstance(model, BNN):
@@ -599,6 +850,7 @@ def prepare(model: Callable, x, y, *, device=None, obs_site: str | None = None) 
                 f"obs_site={obs_site!r}: a builder model's observation site is always 'y'"
             )
         x_t = model.check_input(x_t, "x")
+        keep_int = keep_int and not x_t.is_floating_point()
         lik = model.likelihood
         targets = model.out_features
         if lik.task == "classification":
@@ -614,12 +866,24 @@ def prepare(model: Callable, x, y, *, device=None, obs_site: str | None = None) 
             if obs_site is None or obs_site == model.obs_site:
                 obs_site = model.obs_site
             model = model.fn
-        model = _contract(model, x_t, y_t, obs_site)
+        rows = check_rows(model, x_t)
+        model = _contract(model, x_t[:rows], y_t[:rows], obs_site, shape)
         y_t = model.coerce_y(y_t)
-    with torch.random.fork_rng(devices=[]):
-        tr = trace_model(model, x_t, y_t)
-        # latent shapes must not depend on the number of data points
-        tr2 = trace_model(model, x_t[:1], y_t[:1])
+    # the contract and the layout from the first chunk of rows (all of them when they fit one
+    # call), the rest of the data checked against it in chunks
+    rows = check_rows(model, x_t)
+    k = min(EXAMPLE_ROWS, x_t.shape[0])
+    x_ex, y_ex = x_t[:k], y_t[:k]
+    x_c, y_c = x_t[:rows], y_t[:rows]
+    try:
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            tr = trace_model(model, x_c, y_c, shape)
+            # latent shapes must not depend on the number of data points
+            tr2 = trace_model(model, x_c[:1], y_c[:1], shape)
+    except OutOfMemoryError as e:
+        raise out_of_memory(
+            f"checking the data against the model ({x_c.shape[0]} rows per call)", e
+        ) from e
     for name, node in tr.nodes.items():
         if name in tr2.nodes and _is_latent(node):
             if tr2.nodes[name]["value"].shape != node["value"].shape:
@@ -632,43 +896,87 @@ def prepare(model: Callable, x, y, *, device=None, obs_site: str | None = None) 
         raise ModelError("the model has no latent sample sites (nothing to infer)")
     check_fixed_sites(model, x_t, layout, tr2)
     ysite = tr.nodes[OBS]
-    _check_obs_shape(model, ysite, y_t)
+    _check_obs_shape(model, ysite, y_c)
     task = model.task if isinstance(model, BNN) else detect_task(ysite["fn"])
+    base = observation_dist(ysite["fn"])
     if task == "classification" and num_classes is None:
-        base = observation_dist(ysite["fn"])
         if isinstance(base, torch.distributions.Bernoulli):
             num_classes = 2
         else:
             num_classes = int(
                 base.logits.shape[-1] if hasattr(base, "logits") else base.probs.shape[-1]
             )
-        if not torch.is_floating_point(y_t) or isinstance(base, torch.distributions.Categorical):
-            if int(y_t.min()) < 0 or int(y_t.max()) >= num_classes:
-                raise DataError(
-                    f"y: labels must lie in [0, {num_classes - 1}] for the model's "
-                    f"{num_classes} classes"
-                )
-    # checked here whatever torch's global argument validation is set to (without it, e.g.
-    # Bernoulli's log_prob takes the label 2 and returns a finite number)
-    try:
-        inside = bool(observation_dist(ysite["fn"]).support.check(ysite["value"]).all())
-    except (RuntimeError, ValueError, TypeError, NotImplementedError):
-        inside = True
-    if not inside:
+    labels = None
+    if task == "classification" and (
+        not torch.is_floating_point(y_t) or isinstance(base, torch.distributions.Categorical)
+    ):
+        labels = num_classes
+        _check_labels(y_t, labels)
+    meta = {"dtype": fdtype, "device": device, "example": (x_ex, y_ex), "keep_int": keep_int}
+    meta["labels"] = labels
+    if loader:
+        meta["first"] = (x_t, y_t)  # the first minibatch, converted
+    data = source if loader else ArrayData(x_t, y_t)
+    problem = Problem(model, data, layout, task, num_classes, meta=meta)
+    _check_likelihood(problem, tr, x_t, y_t, rows)
+    if problem.stateful:
+        problem.state = model.module_state(device, fdtype)
+    return problem
+
+
+def _check_labels(y: torch.Tensor, num_classes: int) -> None:
+    if int(y.min()) < 0 or int(y.max()) >= num_classes:
         raise DataError(
-            "y: has values outside the support of the model's observation distribution "
-            f"{type(observation_dist(ysite['fn'])).__name__}"
+            f"y: labels must lie in [0, {num_classes - 1}] for the model's {num_classes} classes"
         )
-    try:
-        lp = ysite["fn"].log_prob(ysite["value"])
-    except Exception as e:
-        raise DataError(
-            f"y: does not fit the model's observation distribution "
-            f"{type(observation_dist(ysite['fn'])).__name__}: {e}"
-        ) from e
-    if not bool(torch.isfinite(lp).all()):
-        raise _blame_non_finite(ysite["fn"], ysite["value"], x_t)
-    return Problem(model, x_t, y_t, layout, task, num_classes, meta={"dtype": fdtype})
+
+
+def _check_likelihood(problem: Problem, tr, x: torch.Tensor, y: torch.Tensor, rows: int) -> None:
+    """The observations in the support of the observation family, and a finite log
+    likelihood at the prior draw of ``tr``: on every row of in-memory data (on a data
+    loader's first minibatch, ``x``, ``y``), in chunks of ``rows`` rows (a chunk of another
+    size must sample the fitted latent sites)."""
+    model = problem.model
+    latents = {name: node["value"] for name, node in tr.nodes.items() if _is_latent(node)}
+    fixed = poutine.condition(model, data=latents)
+    shape = tuple(x.shape)
+    for i in range(0, x.shape[0], rows):
+        xc, yc = x[i : i + rows], y[i : i + rows]
+        try:
+            if i == 0:  # the rows ``tr`` was traced on
+                trc = tr
+            else:
+                with torch.random.fork_rng(devices=[]), torch.no_grad():
+                    trc = trace_model(fixed, xc, yc, shape)
+            ysite = trc.nodes[OBS]
+            if xc.shape[0] != min(rows, x.shape[0]):
+                check_sites(
+                    problem.layout, trc, f"with {xc.shape[0]} data points (the fit has {shape[0]})"
+                )
+        except OutOfMemoryError as e:
+            raise out_of_memory(
+                f"checking the data against the model ({xc.shape[0]} rows per call)", e
+            ) from e
+        # checked here whatever torch's global argument validation is set to (without it,
+        # e.g. Bernoulli's log_prob takes the label 2 and returns a finite number)
+        d = observation_dist(ysite["fn"])
+        try:
+            inside = bool(d.support.check(ysite["value"]).all())
+        except (RuntimeError, ValueError, TypeError, NotImplementedError):
+            inside = True
+        if not inside:
+            raise DataError(
+                "y: has values outside the support of the model's observation distribution "
+                f"{type(d).__name__}"
+            )
+        try:
+            lp = ysite["fn"].log_prob(ysite["value"])
+        except Exception as e:
+            raise DataError(
+                f"y: does not fit the model's observation distribution {type(d).__name__}: {e}"
+            ) from e
+        if not bool(torch.isfinite(lp).all()):
+            raise _blame_non_finite(ysite["fn"], ysite["value"], x)
 
 
 def check_fixed_sites(model, x: torch.Tensor, layout: Layout, tr_one) -> None:

@@ -159,10 +159,11 @@ def check_scales(problem, *, stacklevel: int = 2) -> list[str]:
     stacklevel : int
         Of the warning, as for ``warnings.warn`` (default: the caller of the caller).
     """
-    if problem.task != "regression" or not torch.is_floating_point(problem.y):
+    # in-memory data, or a data loader's first minibatch (what prepare checked)
+    x, y = (problem.x, problem.y) if problem.in_memory else problem.meta["first"]
+    if problem.task != "regression" or not torch.is_floating_point(y):
         return []
     msgs = []
-    x, y = problem.x, problem.y
     some = _rows(x.shape[0], DATA_ROWS).to(x.device)
     if isinstance(problem.model, BNN) and x.is_floating_point() and x.numel():
         msgs += _input_scales(x[some])

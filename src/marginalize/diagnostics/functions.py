@@ -662,8 +662,10 @@ def prior_scale_sweep(
 
 def _grid_1d(x: torch.Tensor, post, points: int) -> torch.Tensor:
     pieces = [x.reshape(-1)]
-    if post.data is not None:
+    if isinstance(post.data, tuple):  # the training inputs' range
         pieces.append(post.data[0].reshape(-1).to(x.device, x.dtype))
+    elif post.data is not None:  # a data loader: its first batches
+        pieces.append(post.data.example(4096)[0].reshape(-1).to(x.device, x.dtype))
     allx = torch.cat(pieces)
     lo, hi = float(allx.min()), float(allx.max())
     pad = 0.25 * (hi - lo) if hi > lo else 1.0

@@ -39,11 +39,13 @@ import torch
 
 from marginalize._isolation import exclusive
 from marginalize._validation import check_device, check_option_values, check_options, check_seed
+from marginalize.core.approximations import Mixture
 from marginalize.core.info import FitInfo
 from marginalize.core.problem import Problem, prepare
 from marginalize.core.scales import check_scales
 from marginalize.errors import DataError, OptionError
 from marginalize.inference.engines import checkpoint, distributed, interrupt
+from marginalize.inference.engines.init import check_init
 from marginalize.inference.engines.options import Options
 from marginalize.inference.engines.seeding import isolated
 from marginalize.posterior import Posterior
@@ -71,9 +73,49 @@ class Method:
 
     Options: ClassVar[type[Options]] = Options
 
+    #: why the method needs every row of the data at once (full-batch gradients at every
+    #: step), or ``None``: such a method refuses a data loader before fitting
+    full_data: ClassVar[str | None] = None
+
     def run(self, problem: Problem, opts: Any, seed: int, progress: bool) -> tuple[Any, FitInfo]:
         """Fit ``problem``: ``(approximation over z, FitInfo)``."""
         raise NotImplementedError
+
+    def check(self, problem: Problem, opts: Any, given: dict[str, Any]) -> None:
+        """What the options and the data say together, before any fitting (raise
+        ``OptionError`` or ``DataError``); ``given``: the options the user passed. The base
+        checks data loaders (methods that need every row at once refuse them; the minibatches
+        are the loader's), ``init`` against the model, and ``steps`` against ``epochs``."""
+        if not problem.in_memory:
+            if self.full_data is not None:
+                raise DataError(
+                    f"{self.name}: {self.full_data}, so it cannot read a data loader. Use a "
+                    "method that trains on minibatches (svi-meanfield, svi-lowrank, swag, "
+                    "multiswag, ensemble, mc-dropout, laplace), or pass the data as arrays: "
+                    f"mz.fit(model, x, y, method={self.name!r})"
+                )
+            if given.get("batch_size") is not None:
+                raise OptionError(
+                    "batch_size: with a data loader the minibatches are the loader's; set the "
+                    "batch size on the DataLoader"
+                )
+            if getattr(opts, "optimizer", None) == "lbfgs":
+                raise OptionError(
+                    "optimizer: 'lbfgs' takes full-batch steps and needs the data in memory; "
+                    "with a data loader use 'adam' (or 'auto', which does)"
+                )
+        if hasattr(opts, "init") and isinstance(opts.init, str):
+            check_init(problem, opts.init)
+        if problem.stateful and getattr(opts, "engine", None) == "pyro":
+            raise OptionError(
+                "engine: 'pyro' runs the model as a Pyro program, whose BatchNorm layers cannot "
+                "train in train mode; use engine='auto' for a network with BatchNorm"
+            )
+        if given.get("epochs") is not None and "steps" in given:
+            raise OptionError(
+                "epochs: give steps or epochs, not both (epochs sets steps = epochs x "
+                "minibatches per pass)"
+            )
 
     @classmethod
     def option_defaults(cls) -> dict[str, Any]:
@@ -151,9 +193,10 @@ def method_info() -> list[dict[str, Any]]:
 def fit(
     model: Callable,
     x,
-    y,
-    method: str,
+    y=None,
+    method: str | None = None,
     *,
+    n: int | None = None,
     seed: int = 0,
     device: str | torch.device | None = None,
     progress: bool = True,
@@ -168,9 +211,18 @@ def fit(
         A Pyro model ``model(x, y=None)`` with latent weight sites and one observed site
         (``"y"``, ``"obs"``, ...) inside ``pyro.plate("data", N)``, e.g. from
         :func:`marginalize.models.mlp` (see ``docs/guide/bring_your_own_model.md``).
-    x, y : array-like or torch.Tensor
+    x, y : array-like or torch.Tensor; or a data loader and None
+        Training inputs ``(N, ...)`` and targets ``(N, ...)``. Or, as ``x``, a
+        ``torch.utils.data.DataLoader`` (any re-iterable of ``(x, y)`` minibatches) and no
+        ``y``: the methods that train on minibatches take the loader's own batches (its
+        shuffling and transforms, e.g. random crop and flip, run at every step); the methods
+        that need every row at once (``nuts``, ``hmc``; ``map``'s L-BFGS) say so before
+        fitting. See ``docs/guide/deep_learning.md``.
     method : str
         A name from :func:`methods`.
+    n : int, optional
+        Rows in one pass of a data loader that cannot tell (one with no sampler or data set
+        with a length).
     seed : int
         In ``[0, 2**32 - 1]``. All randomness of the fit derives from it; the same seed gives
         bitwise the same result on the same device. The fit runs alone: fits in other threads
@@ -202,6 +254,11 @@ def fit(
     float rounding).
     Every rank must call ``fit`` with the same arguments. See ``docs/guide/distributed.md``.
 
+    A network with BatchNorm layers (``bayesian(module)``) trains them in train mode (batch
+    statistics); the posterior carries the running statistics at the fitted weights
+    (``Posterior.state``, one set per chain, recomputed by one pass over the training inputs
+    after training; the module's own when no optimizer step was taken).
+
     Returns
     -------
     Posterior
@@ -210,7 +267,11 @@ def fit(
     ------
     OptionError, DataError, ModelError
         Bad options, data or model (see ``docs/input_checks.md``), before any fitting starts.
+    OutOfMemoryError
+        A step ran out of memory (the message names it).
     """
+    if method is None:
+        raise OptionError(f"method: missing; pass method=NAME, one of {', '.join(methods())}")
     cls = get_method(method)
     opts = cls.make_options(options)
     seed = check_seed("seed", seed)
@@ -218,7 +279,12 @@ def fit(
     # Pyro's param store, handler stack and plate dims are process globals: one fit at a time,
     # with the caller's open handlers set aside (see marginalize._isolation)
     with exclusive():
-        problem = prepare(model, x, y, device=device, obs_site=obs_site)
+        problem = prepare(model, x, y, n=n, device=device, obs_site=obs_site)
+        problem.meta["method"] = cls.name
+        method_obj = cls()
+        method_obj.check(problem, opts, options)
+        if getattr(opts, "epochs", None) is not None:
+            opts.steps = opts.epochs * problem.data.batches_per_epoch(opts.batch_size)
         check_option_values(opts, problem.dtype)
         if problem.dtype in cls.refuses_dtypes:
             raise DataError(
@@ -235,7 +301,9 @@ def fit(
             isolated(seed),
             checkpoint.session(cls.name, opts, seed, problem, rank=rank),
         ):
-            approx, info = cls().run(problem, opts, seed, progress)
+            approx, info = method_obj.run(problem, opts, seed, progress)
+            # a pass over the data (a loader's shuffle and transforms): in the fit's RNG scope
+            state = final_state(problem, approx)
     if not isinstance(info, FitInfo):
         info = FitInfo.from_dict(info)
     return Posterior(
@@ -244,20 +312,54 @@ def fit(
         approx,
         method=cls.name,
         task=problem.task,
-        options=dataclasses.asdict(opts),
+        options=opts.record() if hasattr(opts, "record") else dataclasses.asdict(opts),
         info=info,
         seed=seed,
-        data=(problem.x, problem.y),
+        data=(problem.x, problem.y) if problem.in_memory else problem.data,
         num_classes=problem.num_classes,
+        state=state,
+        example=None if problem.in_memory else problem.example,
     )
+
+
+def chain_points(approx) -> torch.Tensor | None:
+    """One point per chain of ``approx`` ``(C, D)`` (the mean of a Gaussian or dropout
+    approximation, the point of a Delta, each component's for a mixture), or ``None`` for
+    stored draws."""
+    if isinstance(approx, Mixture):
+        parts = [chain_points(c) for c in approx.components]
+        return None if any(p is None for p in parts) else torch.cat(parts)
+    loc = getattr(approx, "loc", None)
+    return None if loc is None else loc.reshape(1, -1)
+
+
+def final_state(problem: Problem, approx) -> dict[str, torch.Tensor] | None:
+    """The BatchNorm running statistics a fitted posterior carries, ``{name: (C, ...)}`` (one
+    set per chain), or ``None`` for a network without: set by the method
+    (``problem.meta["final_state"]``), else recomputed at each chain's point by one pass over
+    the training inputs when training changed the weights, else the start's
+    (``problem.state``)."""
+    if not problem.stateful:
+        return None
+    given = problem.meta.get("final_state")
+    if given is not None:
+        return given
+    chains = approx.num_chains
+    points = chain_points(approx)
+    if problem.meta.get("trained_state") and points is not None:
+        return problem.state_at(points)
+    if problem.state is None:
+        return None
+    return {k: v.unsqueeze(0).repeat(chains, *([1] * v.dim())) for k, v in problem.state.items()}
 
 
 def resume(
     path,
     model,
     x,
-    y,
+    y=None,
     *,
+    n: int | None = None,
     device: str | torch.device | None = None,
     progress: bool = True,
     obs_site: str | None = None,
@@ -276,8 +378,14 @@ def resume(
         A file written by ``mz.fit(..., checkpoint=path)``.
     model : callable
         The same model (code is never stored in files).
-    x, y : array-like or torch.Tensor
-        The same training data.
+    x, y : array-like or torch.Tensor, or a data loader and None
+        The same training data. With a data loader, the resumed fit reads the same
+        minibatches as the uninterrupted one wherever the loader's randomness comes from
+        torch's, Python's or NumPy's global RNG or the loader's own generators (see
+        ``engines/training.py``, ``LoaderBatches``); otherwise new ones for the rest of the
+        interrupted pass (parameters and optimizer state are restored exactly).
+    n : int, optional
+        As given to :func:`fit`.
     device : optional
         Where to continue (default: the device of ``x``).
     progress : bool
@@ -309,11 +417,14 @@ def resume(
     True
     """
     with checkpoint.pending(path) as (method, options, seed):
+        if options.get("epochs") is not None:  # steps were set from epochs
+            options.pop("steps", None)
         return fit(
             model,
             x,
             y,
             method,
+            n=n,
             seed=seed,
             device=device,
             progress=progress,

@@ -16,13 +16,39 @@ from typing import Any
 import pyro
 import pyro.distributions as dist
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from marginalize.errors import ModelError
 from marginalize.models.likelihoods import Likelihood, likelihood_from_config
 from marginalize.models.priors import Prior, prior_from_config
 from marginalize.models.usage import SiteUse
 
-__all__ = ["BNN", "LayerSpec", "model_from_config"]
+__all__ = ["BNN", "LayerSpec", "model_from_config", "measure_bytes"]
+
+
+class _CountBytes(TorchDispatchMode):
+    """Sums the bytes of every tensor an operation returns while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self.total += t.numel() * t.element_size()
+        return out
+
+
+def measure_bytes(fn) -> int:
+    """Bytes of all tensors the operations of ``fn()`` return (at least 1): a probe of the
+    activation memory of one forward pass."""
+    counter = _CountBytes()
+    with counter:
+        fn()
+    return max(1, counter.total)
 
 
 @dataclass(frozen=True)
@@ -137,10 +163,12 @@ class BNN:
         return f
 
     def predictive_dist(
-        self, params: Mapping[str, torch.Tensor], x: torch.Tensor
+        self, params: Mapping[str, torch.Tensor], x: torch.Tensor, state=None
     ) -> dist.Distribution:
-        """The distribution of ``y`` given batched weights: batch shape ``(*batch, N)``."""
-        return self.likelihood.dist(self.forward(params, x), params)
+        """The distribution of ``y`` given batched weights: batch shape ``(*batch, N)``
+        (``state``: as for :meth:`forward`)."""
+        f = self.forward(params, x) if state is None else self.forward(params, x, state)
+        return self.likelihood.dist(f, params)
 
     def log_prior(self, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Log prior density of all latent sites, shape ``(*batch)``; no Pyro involved."""
@@ -155,13 +183,39 @@ class BNN:
         like = first.new_zeros(first.shape[: first.dim() - len(specs[0].weight_shape)])
         return lp + self.likelihood.log_prob_params(params, like)
 
-    def log_likelihood(self, params, x, y) -> torch.Tensor:
+    def log_likelihood(self, params, x, y, state=None) -> torch.Tensor:
         """Per-observation log likelihood, shape ``(*batch, N)``."""
-        return self.predictive_dist(params, x).log_prob(y)
+        return self.predictive_dist(params, x, state).log_prob(y)
 
-    def log_joint(self, params, x, y, *, obs_scale: float = 1.0) -> torch.Tensor:
+    def log_joint(self, params, x, y, *, obs_scale: float = 1.0, state=None) -> torch.Tensor:
         """``log p(w) + obs_scale * sum_n log p(y_n | x_n, w)``, shape ``(*batch)``."""
-        return self.log_prior(params) + obs_scale * self.log_likelihood(params, x, y).sum(-1)
+        ll = self.log_likelihood(params, x, y, state).sum(-1)
+        return self.log_prior(params) + obs_scale * ll
+
+    def activation_bytes_per_input(self, x: torch.Tensor) -> int:
+        """Bytes of intermediate results one input makes in one forward pass (every
+        operation's output counted, i.e. about what a backward pass keeps), measured once per
+        input shape and dtype by a probe forward of ``x[:1]`` and cached.
+
+        What every pass over data divides its memory budget by to size its chunks of rows
+        (checks, training-time passes, BatchNorm statistics, prediction)."""
+        key = (tuple(x.shape[1:]), x.dtype, x.device)
+        cache = self.__dict__.setdefault("_activation_bytes", {})
+        if key not in cache:
+            like = x if x.is_floating_point() else x.new_zeros((), dtype=torch.get_default_dtype())
+            params = self.probe_params(like)
+            with torch.no_grad():
+                cache[key] = measure_bytes(lambda: self.forward(params, x[:1]))
+        return cache[key]
+
+    def probe_params(self, like: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Weights of the right shapes (zeros, in ``like``'s dtype and device) for probes."""
+        out = {}
+        for spec in self.layer_specs():
+            out[f"{spec.name}.weight"] = like.new_zeros(spec.weight_shape)
+            if spec.bias_shape is not None:
+                out[f"{spec.name}.bias"] = like.new_zeros(spec.bias_shape)
+        return out
 
     def site_dims(self) -> dict[str, tuple[str, ...]]:
         """ArviZ dim names of every latent site."""

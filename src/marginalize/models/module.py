@@ -28,6 +28,7 @@ True
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import difflib
 import logging
@@ -41,13 +42,13 @@ import torch
 from torch import nn
 
 from marginalize._validation import plain_number
-from marginalize.errors import DataError, ModelError
+from marginalize.errors import DataError, ModelError, is_out_of_memory
 from marginalize.models.base import BNN, LayerSpec
 from marginalize.models.likelihoods import Likelihood, get_likelihood
 from marginalize.models.priors import Normal, Prior
 from marginalize.models.usage import SiteUse, trace_usage
 
-__all__ = ["ModuleBNN", "PriorGroup", "bayesian"]
+__all__ = ["ModuleBNN", "PriorGroup", "BatchStatistics", "bayesian"]
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +119,10 @@ class ModuleBNN(BNN):
                     )
                 taken.add(h)
         self._cache: dict[tuple, dict[str, torch.Tensor]] = {}
+        self._norms = _stateful_norms(net, set(self.bayesian_sites))
+        self._state_names = [
+            f"{prefix}.{b}" if prefix else b for prefix, _ in self._norms for b in _STATE_BUFFERS
+        ]
         self._units: dict[tuple, int] = {}
         self._vmap_ok = True
         self._usage: dict = {}
@@ -265,9 +270,14 @@ class ModuleBNN(BNN):
             self._cache[key] = out
         return self._cache[key]
 
-    def _call(self, weights: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    def _call(
+        self, weights: Mapping[str, torch.Tensor], x: torch.Tensor, state=None
+    ) -> torch.Tensor:
         like = next(iter(weights.values())) if weights else _float_like(x)
-        out = torch.func.functional_call(self.module, {**self._fixed(like), **weights}, (x,))
+        tensors = {**self._fixed(like), **weights}
+        if state is not None:
+            tensors.update(state)
+        out = torch.func.functional_call(self.module, tensors, (x,))
         if not isinstance(out, torch.Tensor):
             raise ModelError(f"module: forward must return one tensor, got {type(out).__name__}")
         return out
@@ -295,27 +305,62 @@ class ModuleBNN(BNN):
     def forward(
         self, params: Mapping[str, torch.Tensor], x: torch.Tensor, state=None
     ) -> torch.Tensor:
-        """``(*batch, N, outputs)`` for Bayesian weights with leading dims ``*batch``."""
+        """``(*batch, N, outputs)`` for Bayesian weights with leading dims ``*batch``.
+
+        ``state``: the running statistics of the network's BatchNorm layers (:attr:`stateful`),
+        ``{buffer name: tensor}`` without leading dims (one state for every draw) or with the
+        weights' leading dims (one per draw); ``None``: the module's own. The layers run in
+        eval mode with these statistics. A :class:`BatchStatistics` instead runs them in train
+        mode (statistics of the batch ``x``; the running statistics updated with the layers'
+        momentum into the object, as ``torch.nn.BatchNorm`` does), which is how optimization
+        methods train a network with BatchNorm."""
         weights = {n: params[n] for n in self.bayesian_sites}
         n0 = self.bayesian_sites[0]
         batch = tuple(weights[n0].shape[: weights[n0].dim() - len(self._shapes[n0])])
+        training = isinstance(state, BatchStatistics)
+        if training and not self._norms:
+            state, training = None, False
+        running = state.start(self._state_names) if training else state
+        per_draw = running is not None and _has_batch(running, self._state_shapes(), batch)
         if not batch:
-            return self._as_outputs(self._call(weights, x), 0)
+            with self._norms_training(training):
+                out = self._call(weights, x, running)
+            if training:
+                state.finish(running)
+            return self._as_outputs(out, 0)
         s = math.prod(batch)
         flat = {k: v.reshape(s, *self._shapes[k]) for k, v in weights.items()}
-        block = max(1, BLOCK_BYTES // (3 * x.element_size() * x.shape[0] * self.units_per_input(x)))
-        outs = [
-            self._batched({k: v[i : i + block] for k, v in flat.items()}, x)
-            for i in range(0, s, block)
-        ]
+        if training:  # one copy of the running statistics per draw (vmap updates them in place)
+            running = {k: _repeat(v, s) for k, v in running.items()}
+            per_draw = True
+        elif per_draw:
+            shapes = self._state_shapes()
+            running = {k: v.reshape((s,) + shapes[k]) for k, v in running.items()}
+        block = max(1, BLOCK_BYTES // (3 * x.shape[0] * self.activation_bytes_per_input(x)))
+        outs = []
+        with self._norms_training(training):
+            for i in range(0, s, block):
+                w = {k: v[i : i + block] for k, v in flat.items()}
+                st = {k: v[i : i + block] for k, v in running.items()} if per_draw else running
+                outs.append(self._batched(w, x, st, per_draw))  # updates the views in place
+        if training:  # the draws' updates averaged (integer counters: the first draw's)
+            state.finish(
+                {k: v.mean(0) if v.is_floating_point() else v[0] for k, v in running.items()}
+            )
         out = self._as_outputs(torch.cat(outs), 1)
         return out.reshape(*batch, *out.shape[1:])
 
-    def _batched(self, weights: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    def _batched(self, weights, x, state=None, per_draw: bool = False) -> torch.Tensor:
         if self._vmap_ok:
             try:
-                return torch.func.vmap(lambda w: self._call(w, x))(dict(weights))
+                if per_draw:
+                    return torch.func.vmap(lambda w, st: self._call(w, x, st))(
+                        dict(weights), dict(state)
+                    )
+                return torch.func.vmap(lambda w: self._call(w, x, state))(dict(weights))
             except (RuntimeError, NotImplementedError, ValueError) as e:
+                if is_out_of_memory(e):
+                    raise
                 self._vmap_ok = False
                 log.info(
                     "module cannot be vmapped over draws (%s: %s); using a loop over draws",
@@ -323,7 +368,188 @@ class ModuleBNN(BNN):
                     e,
                 )
         s = next(iter(weights.values())).shape[0]
-        return torch.stack([self._call({k: v[i] for k, v in weights.items()}, x) for i in range(s)])
+        outs = []
+        for i in range(s):
+            st = state
+            if per_draw:
+                st = {k: v[i].clone() for k, v in state.items()}
+            outs.append(self._call({k: v[i] for k, v in weights.items()}, x, st))
+            if per_draw:  # the loop's in-place updates land in the per-draw copies
+                for k, v in st.items():
+                    state[k][i] = v
+        return torch.stack(outs)
+
+    # ---- BatchNorm: running statistics as state ---------------------------------------------
+    @property
+    def stateful(self) -> bool:
+        """Whether the module has BatchNorm layers whose running statistics belong to the
+        weights: those with ``track_running_stats`` whose weight or bias is a Bayesian site
+        (or that have no affine parameters). Layers whose parameters are all held fixed keep
+        the module's statistics (they are part of the fixed network)."""
+        return bool(self._norms)
+
+    @property
+    def state_names(self) -> list[str]:
+        """Names of the buffers that make the state (``running_mean``, ``running_var`` and
+        ``num_batches_tracked`` of each stateful BatchNorm layer)."""
+        return list(self._state_names)
+
+    def _state_shapes(self) -> dict[str, tuple[int, ...]]:
+        own = dict(self.module.named_buffers())
+        return {k: tuple(own[k].shape) for k in self._state_names}
+
+    def module_state(self, device=None, dtype=None) -> dict[str, torch.Tensor] | None:
+        """The module's own running statistics (copies; floats in ``dtype``), or ``None`` for
+        a module without stateful BatchNorm layers."""
+        if not self._norms:
+            return None
+        return _state_of(self.module, self._state_names, device, dtype)
+
+    @contextlib.contextmanager
+    def _norms_training(self, on: bool):
+        """The stateful BatchNorm layers in train mode inside (the module stays in eval mode
+        otherwise: dropout layers are not switched on)."""
+        if not on:
+            yield
+            return
+        try:
+            for _, m in self._norms:
+                m.train()
+            yield
+        finally:
+            for _, m in self._norms:
+                m.eval()
+
+    def state_from_data(self, params, inputs) -> dict[str, torch.Tensor] | None:
+        """Running statistics of the stateful BatchNorm layers for weights ``params`` (leading
+        dims ``*batch``), recomputed by one pass over ``inputs`` (an iterable of input chunks
+        ``(B, ...)``, or of ``(x, y)`` pairs): each layer in train mode, its running mean and
+        variance the average of the chunks' batch statistics weighted by their rows (the
+        ``bn_update`` of the SWAG reference code; equal to ``torch.nn.BatchNorm`` with
+        ``momentum=None`` when the chunks have equal sizes). A chunk is split further where
+        the draws' activations would exceed ``BLOCK_BYTES``; a chunk of one row is skipped
+        (a batch statistic needs two rows). Memory is that of one chunk of rows for a block
+        of draws, whatever the number of inputs. Tensors with the leading dims ``*batch``;
+        ``None`` for a module without stateful BatchNorm layers.
+
+        Raises
+        ------
+        DataError
+            ``inputs`` hold no chunk of at least two rows.
+        """
+        if not self._norms:
+            return None
+        weights = {n: params[n] for n in self.bayesian_sites}
+        n0 = self.bayesian_sites[0]
+        batch = tuple(weights[n0].shape[: weights[n0].dim() - len(self._shapes[n0])])
+        s = math.prod(batch)
+        flat = {k: v.reshape(s, *self._shapes[k]) for k, v in weights.items()}
+        like = flat[n0]
+        zero = self.module_state(like.device, like.dtype)
+        running = {k: _repeat(v, s) for k, v in zero.items()}
+        for k, v in running.items():
+            if k.endswith("num_batches_tracked"):
+                v.zero_()
+        seen = 0
+        with torch.no_grad(), self._norms_training(True):
+            for x in _split_rows(inputs, self, s):
+                if x.shape[0] < 2:
+                    continue
+                self._accumulate(flat, running, x.to(like.device), seen)
+                seen += x.shape[0]
+        if not seen:
+            raise DataError(
+                "BatchNorm statistics: the inputs hold no chunk of at least two rows (a batch "
+                "statistic needs two)"
+            )
+        shapes = self._state_shapes()
+        return {k: v.reshape(batch + shapes[k]) for k, v in running.items()}
+
+    def _accumulate(self, flat, running, x, seen: int) -> None:
+        b = x.shape[0]
+        saved = [m.momentum for _, m in self._norms]
+        try:
+            for _, m in self._norms:
+                m.momentum = b / (seen + b)
+            s = next(iter(flat.values())).shape[0]
+            block = max(1, BLOCK_BYTES // (3 * b * self.activation_bytes_per_input(x)))
+            for i in range(0, s, block):
+                w = {k: v[i : i + block] for k, v in flat.items()}
+                st = {k: v[i : i + block] for k, v in running.items()}
+                self._batched(w, x, st, True)  # updates the views of ``running`` in place
+        finally:
+            for (_, m), mom in zip(self._norms, saved, strict=True):
+                m.momentum = mom
+
+    def probe_params(self, like: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.module_params(like.device, like.dtype)
+
+    def activation_bytes_per_input(self, x: torch.Tensor) -> int:
+        """As :meth:`BNN.activation_bytes_per_input`; the probe runs every layer in eval mode
+        (it never touches running statistics)."""
+        modes = [m.training for _, m in self._norms]
+        try:
+            for _, m in self._norms:
+                m.eval()
+            return super().activation_bytes_per_input(x)
+        finally:
+            for (_, m), mode in zip(self._norms, modes, strict=True):
+                m.train(mode)
+
+    def reset_values(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+        """A fresh PyTorch initialization of the module (every submodule's
+        ``reset_parameters()``, drawn from torch's global RNG): ``(Bayesian site values,
+        running statistics)``. The module itself is not changed."""
+        fresh = copy.deepcopy(self.module)
+        for m in fresh.modules():
+            reset = getattr(m, "reset_parameters", None)
+            if callable(reset):
+                reset()
+        own = dict(fresh.named_parameters())
+        values = {n: own[n].detach().clone() for n in self.bayesian_sites}
+        state = _state_of(fresh, self._state_names) if self._norms else None
+        return values, state
+
+    def values_of(
+        self, module: nn.Module | Mapping[str, torch.Tensor], what: str = "members"
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+        """``(Bayesian site values, running statistics)`` of another network of the same
+        architecture (an ``nn.Module`` or its ``state_dict()``). Its parameters that are not
+        Bayesian sites must equal this model's (they are part of the fixed network).
+
+        Raises
+        ------
+        ModelError
+            A missing or differently shaped parameter, or a differing fixed parameter.
+        """
+        if isinstance(module, nn.Module):
+            tensors = {**dict(module.named_parameters()), **dict(module.named_buffers())}
+        elif isinstance(module, Mapping):
+            tensors = dict(module)
+        else:
+            raise ModelError(
+                f"{what}: expected nn.Modules or state dicts, got {type(module).__name__}"
+            )
+        params = dict(self.module.named_parameters())
+        own = {**params, **dict(self.module.named_buffers())}
+        for name, t in own.items():
+            got = tensors.get(name)
+            if not isinstance(got, torch.Tensor) or tuple(got.shape) != tuple(t.shape):
+                shape = None if not isinstance(got, torch.Tensor) else tuple(got.shape)
+                raise ModelError(
+                    f"{what}: {name!r} is missing or shaped {shape}, the model's is "
+                    f"{tuple(t.shape)}: pass networks of the model's architecture"
+                )
+            if name in params and name not in self.priors:
+                if not torch.equal(got.detach().to(t.device, t.dtype), t):
+                    raise ModelError(
+                        f"{what}: the fixed (non-Bayesian) parameter {name!r} differs from the "
+                        "model's; a posterior holds one fixed network: make it a Bayesian site "
+                        "(sites=...) or pass networks that share it"
+                    )
+        values = {n: tensors[n].detach().clone() for n in self.bayesian_sites}
+        state = {k: tensors[k].detach().clone() for k in self._state_names} or None
+        return values, state
 
     @staticmethod
     def _as_outputs(out: torch.Tensor, batch_ndim: int) -> torch.Tensor:
@@ -480,3 +706,91 @@ def bayesian(
     if out_features is not None and bad:
         raise ModelError(f"out_features: expected a positive int, got {out_features!r}")
     return ModuleBNN(module, _resolve_sites(module, sites, prior), lik, out_features)
+
+
+#: the buffers of a BatchNorm layer that make its state
+_STATE_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def _stateful_norms(net: nn.Module, bayes: set[str]) -> list[tuple[str, nn.Module]]:
+    """``(name, layer)`` of the BatchNorm layers whose running statistics are state: tracking
+    statistics, and with a Bayesian weight or bias (or no affine parameters)."""
+    out = []
+    for name, m in net.named_modules():
+        # torch has no public base class of the BatchNorm and InstanceNorm layers
+        if not isinstance(m, nn.modules.batchnorm._NormBase) or not m.track_running_stats:  # noqa: SLF001
+            continue
+        if m.running_mean is None:
+            continue
+        own = [f"{name}.{p}" if name else p for p, _ in m.named_parameters(recurse=False)]
+        if not own or any(p in bayes for p in own):
+            out.append((name, m))
+    return out
+
+
+def _state_of(net: nn.Module, names, device=None, dtype=None) -> dict[str, torch.Tensor]:
+    own = dict(net.named_buffers())
+    out = {}
+    for k in names:
+        t = own[k].detach()
+        moved = t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device=device)
+        out[k] = moved.clone()
+    return out
+
+
+def _repeat(t: torch.Tensor, s: int) -> torch.Tensor:
+    """``s`` stacked copies of ``t`` (a fresh tensor with its own storage per copy)."""
+    return t.unsqueeze(0).repeat(s, *([1] * t.dim()))
+
+
+def _has_batch(state, shapes, batch) -> bool:
+    """Whether ``state`` carries the weights' leading dims ``batch`` (one state per draw)."""
+    if not batch:
+        return False
+    for k, v in state.items():
+        if k in shapes:
+            return tuple(v.shape) == tuple(batch) + tuple(shapes[k])
+    return False
+
+
+def _split_rows(inputs, model: ModuleBNN, draws: int):
+    """The chunks of ``inputs``, each split where ``draws`` draws of it would exceed
+    ``BLOCK_BYTES`` of activations."""
+    for x in inputs:
+        if isinstance(x, (tuple, list)):
+            x = x[0]
+        per = 3 * model.activation_bytes_per_input(x) * max(1, draws)
+        rows = max(2, BLOCK_BYTES // per)
+        for i in range(0, x.shape[0], rows):
+            yield x[i : i + rows]
+
+
+class BatchStatistics:
+    """Train-mode BatchNorm for :meth:`ModuleBNN.forward` (what optimization methods train
+    with): the layers normalize by the statistics of the batch, and each forward updates a
+    copy of the running statistics ``running`` with the layers' momentum (as
+    ``torch.nn.BatchNorm`` in train mode). The updated copy waits in ``last`` until
+    :meth:`commit` makes it the running statistics (the training loop commits after a step it
+    keeps, so a step it undoes leaves them as they were).
+
+    Parameters
+    ----------
+    running : dict of str to Tensor
+        The running statistics to start from (e.g. ``ModuleBNN.module_state()``).
+    """
+
+    def __init__(self, running: Mapping[str, torch.Tensor]):
+        self.running = {k: v.clone() for k, v in running.items()}
+        self.last: dict[str, torch.Tensor] | None = None
+
+    def start(self, names) -> dict[str, torch.Tensor]:
+        return {k: self.running[k].clone() for k in names}
+
+    def finish(self, updated: Mapping[str, torch.Tensor]) -> None:
+        self.last = {k: v.detach() for k, v in updated.items()}
+
+    def commit(self) -> None:
+        """Keep the update of the last forward."""
+        if self.last is not None:
+            self.running = self.last
+            self.last = None

@@ -335,7 +335,7 @@ def segment(kind: str, label: str) -> Segment | None:
 
 
 def _header(method: str, opts: Any, seed: int, problem) -> dict:
-    options = dataclasses.asdict(opts)
+    options = opts.record() if hasattr(opts, "record") else dataclasses.asdict(opts)
     options.pop("checkpoint", None)
     try:
         options_json = json.dumps(options, sort_keys=True)
@@ -354,12 +354,21 @@ def _header(method: str, opts: Any, seed: int, problem) -> dict:
         "method": method,
         "options": options_json,
         "seed": int(seed),
-        "data_sha256": digest({"x": problem.x, "y": problem.y}),
+        "data_sha256": _data_digest(problem),
         "layout": json.dumps([[s.name, list(s.shape)] for s in problem.layout.sites]),
         "model_config": json.dumps(model.config(), sort_keys=True)
         if isinstance(model, BNN)
         else None,
     }
+
+
+def _data_digest(problem) -> str:
+    """A SHA-256 of in-memory data; of the number of rows and the loader's type for a data
+    loader (its contents are not read for this)."""
+    if problem.in_memory:
+        return digest({"x": problem.x, "y": problem.y})
+    kind = type(getattr(problem.data, "loader", problem.data)).__name__
+    return digest({"n": int(problem.n), "loader": kind})
 
 
 def _check_match(path: Path, saved: dict, now: dict) -> None:

@@ -513,6 +513,13 @@ class DataParallel(Objective):
 
     def shard(self, batch: Batch, device) -> tuple[Batch | None, float]:
         """This rank's part of ``batch`` and its weight ``b_r / B`` (None, 0 when empty)."""
+        if batch.x is not None:  # rows from a data loader (the same minibatch on every rank)
+            rows = torch.arange(batch.x.shape[0], device=batch.x.device)
+            part = torch.tensor_split(rows, self.world)[self.rank]
+            if len(part) == 0:
+                return None, 0.0
+            sub = Batch(None, self.n / len(part), x=batch.x[part], y=batch.y[part])
+            return sub, len(part) / len(rows)
         idx = torch.arange(self.n, device=device) if batch.idx is None else batch.idx
         part = torch.tensor_split(idx, self.world)[self.rank]
         if len(part) == 0:

@@ -41,14 +41,30 @@ from pyro.infer.autoguide.initialization import (
 )
 
 from marginalize.core.problem import Problem
+from marginalize.errors import OptionError
 from marginalize.models.usage import SiteUse, site_usage
 
-__all__ = ["INIT", "init_loc_fn", "initial_z", "prior_start_spread", "usage"]
+__all__ = [
+    "INIT",
+    "MODULE_INITS",
+    "check_init",
+    "init_loc_fn",
+    "initial_z",
+    "module_model",
+    "prior_start_spread",
+    "resolve_init",
+    "usage",
+]
 
 log = logging.getLogger(__name__)
 
 #: init name -> what it does (option ``init`` of the optimization-based methods)
 INIT = {
+    "auto": "'module' for a wrapped nn.Module (mz.models.bayesian), 'scaled' for other models",
+    "module": "the wrapped module's own weights and BatchNorm statistics (a trained network); "
+    "the prior median for other sites",
+    "reset": "a fresh PyTorch initialization of the wrapped module (every submodule's "
+    "reset_parameters(), seeded by the fit)",
     "scaled": "fan-in scaled weights and biases (capped by the prior SD), prior median elsewhere",
     "median": "the prior median of every site (Pyro's init_to_median)",
     "prior": "a draw from the prior (Pyro's init_to_sample)",
@@ -58,7 +74,7 @@ INIT = {
 def usage(problem: Problem) -> dict[str, SiteUse]:
     """:func:`~marginalize.models.usage.site_usage` of the problem's model (cached)."""
     if "usage" not in problem.meta:
-        problem.meta["usage"] = site_usage(problem.model, problem.x[:2])
+        problem.meta["usage"] = site_usage(problem.model, problem.example[0][:2])
     return problem.meta["usage"]
 
 
@@ -118,12 +134,63 @@ def init_to_scaled(
     return init
 
 
+#: the inits that read the wrapped module
+MODULE_INITS = ("module", "reset")
+
+
+def module_model(problem: Problem):
+    """The :class:`~marginalize.models.module.ModuleBNN` of ``problem`` (of its base problem
+    for a sub-problem), or ``None``."""
+    from marginalize.models.module import ModuleBNN
+
+    model = getattr(problem, "base", None) or problem
+    model = model.model
+    return model if isinstance(model, ModuleBNN) else None
+
+
+def resolve_init(problem: Problem, init: str, scratch: str = "scaled", wrapped: str = "module"):
+    """The init option with ``"auto"`` resolved: ``wrapped`` for a wrapped ``nn.Module``
+    (``mz.models.bayesian``), ``scratch`` for other models."""
+    if init != "auto":
+        return init
+    return wrapped if module_model(problem) is not None else scratch
+
+
+def check_init(problem: Problem, init: str, option: str = "init") -> None:
+    """``OptionError`` (before fitting) for an init the model cannot take."""
+    if init in MODULE_INITS and module_model(problem) is None:
+        raise OptionError(
+            f"{option}={init!r} starts from a wrapped nn.Module's weights and needs a model made "
+            "by mz.models.bayesian(module); use 'scaled', 'median' or 'prior' (or 'auto')"
+        )
+
+
+def _module_start(problem: Problem, init: str):
+    """``(values of the Bayesian sites, BatchNorm statistics)`` of init 'module' or 'reset'."""
+    model = module_model(problem)
+    if init == "module":
+        values = model.module_params(problem.device, problem.dtype)
+        return values, model.module_state(problem.device, problem.dtype)
+    values, state = model.reset_values()
+    values = {k: v.to(problem.device, problem.dtype) for k, v in values.items()}
+    if state is not None:
+        state = {
+            k: v.to(problem.device, problem.dtype) if v.is_floating_point() else v
+            for k, v in state.items()
+        }
+    return values, state
+
+
 def init_loc_fn(problem: Problem, init: str) -> Callable[[dict], torch.Tensor]:
     """The Pyro ``init_loc_fn`` of option ``init`` for ``problem``: the MAP values a
     subset problem (``bayesian_sites``) carries, else ``INIT[init]``."""
     values = problem.meta.get("init_values")
     if values:
         return init_to_value(values=values)
+    init = resolve_init(problem, init)
+    if init in MODULE_INITS:
+        check_init(problem, init)
+        return init_to_value(values=_module_start(problem, init)[0], fallback=init_to_median)
     if init == "prior":
         return init_to_sample
     if init == "median":
@@ -137,17 +204,31 @@ def init_loc_fn(problem: Problem, init: str) -> Callable[[dict], torch.Tensor]:
 def initial_values(problem: Problem, init: str) -> dict[str, torch.Tensor]:
     """Constrained starting values of every latent site (from the current Pyro RNG)."""
     fn = init_loc_fn(problem, init)
-    tr = poutine.trace(InitMessenger(fn)(problem.model)).get_trace(problem.x[:2], None)
+    tr = poutine.trace(InitMessenger(fn)(problem.model)).get_trace(problem.example[0][:2], None)
     return {s.name: tr.nodes[s.name]["value"].detach() for s in problem.layout.sites}
 
 
 def initial_z(problem: Problem, init: str) -> torch.Tensor:
     """The starting point as a flat unconstrained vector: ``problem.meta["init"]`` if set,
-    else option ``init`` drawn from the current Pyro RNG (which is not advanced)."""
+    else option ``init`` drawn from the current Pyro RNG (which is not advanced).
+
+    For a network with BatchNorm layers the start includes their running statistics:
+    ``problem.state`` is set to the wrapped module's (``"module"``, and the inits that draw
+    weights) or to fresh ones (``"reset"``)."""
     if "init" in problem.meta:
         return problem.meta["init"].detach().clone()
+    init = resolve_init(problem, init)
     with torch.random.fork_rng(devices=[]):
         values = initial_values(problem, init)
+        if problem.stateful:
+            model = module_model(problem)
+            state = None
+            if init == "reset":
+                state = _module_start(problem, init)[1]
+            elif model is not None:
+                state = model.module_state(problem.device, problem.dtype)
+            if state is not None:
+                problem.state = state
     return problem.layout.pack(values).to(problem.device, problem.dtype)
 
 
@@ -160,12 +241,12 @@ def prior_start_spread(problem: Problem, rows: int = 1024) -> dict[str, float]:
     first = {name for name, u in use.items() if u.role == "weight" and u.meets_data}
     if not first:
         return {}
-    x = problem.x[:rows]
+    x = problem.x[:rows] if problem.in_memory else problem.example[0]
     if not torch.is_floating_point(x):
         return {}
     msq = float(x.detach().double().pow(2).mean())
     with torch.random.fork_rng(devices=[]):
-        tr = poutine.trace(problem.model).get_trace(problem.x[:2], None)
+        tr = poutine.trace(problem.model).get_trace(problem.example[0][:2], None)
     out = {}
     for name in sorted(first):
         node = tr.nodes.get(name)

@@ -85,7 +85,7 @@ def gaussian_prior(problem: Problem) -> tuple[torch.Tensor, torch.Tensor]:
     for s in (0, 1):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(12345 + s)
-            traces.append(poutine.trace(problem.model).get_trace(problem.x[:2], None))
+            traces.append(poutine.trace(problem.model).get_trace(problem.example[0][:2], None))
     for site in layout.sites:
         if not site.is_real:
             continue

@@ -47,15 +47,26 @@ __all__ = [
     "PerDatumPotential",
     "closed_form",
     "softplus_inv",
+    "batch_rows",
 ]
 
 
 @dataclass(frozen=True)
 class Batch:
-    """A minibatch: row indices (``None``: every row) and the likelihood's scale ``N / B``."""
+    """A minibatch: row indices of in-memory data (``None``: every row) and the likelihood's
+    scale ``N / B``; or, for data from a loader, the rows themselves (``x``, ``y``)."""
 
     idx: torch.Tensor | None
     scale: float = 1.0
+    x: torch.Tensor | None = None
+    y: torch.Tensor | None = None
+
+    @property
+    def size(self) -> int | None:
+        """Rows in the minibatch (``None``: the full batch)."""
+        if self.x is not None:
+            return int(self.x.shape[0])
+        return None if self.idx is None else int(self.idx.shape[0])
 
 
 FULL = Batch(None, 1.0)
@@ -73,8 +84,15 @@ def closed_form(problem: Problem) -> FlatMLP | None:
     return problem.fast_potential()
 
 
-def _rows(fp: FlatMLP, idx: torch.Tensor | None) -> _Data:
-    """The data rows the likelihood reads (the full data for ``idx=None``)."""
+def _rows(fp: FlatMLP, batch: Batch | torch.Tensor | None) -> _Data:
+    """The data rows the likelihood reads: a :class:`Batch` (its rows, or rows by index), or
+    row indices (the full data for ``None``)."""
+    if isinstance(batch, Batch):
+        if batch.x is not None:
+            return fp.data_for(batch.x, batch.y)
+        idx = batch.idx
+    else:
+        idx = batch
     if idx is None:
         return fp.full
     d = fp.full
@@ -167,11 +185,11 @@ class PointObjective(Objective):
         over leading dims of ``z``."""
         fp = self.fp
         if fp is not None:
-            lp = fp.log_prior(z) + batch.scale * fp.log_likelihood(z, _rows(fp, batch.idx))
+            lp = fp.log_prior(z) + batch.scale * fp.log_likelihood(z, _rows(fp, batch))
             if not self.jacobian and self.pos.numel():
                 lp = lp - z[..., self.pos].sum(-1)
             return lp
-        lp = self.problem.log_joint(z, batch.idx)
+        lp = self.problem.log_joint_batch(z, batch)
         if not self.jacobian and self.transforms:
             lp = lp - self.problem.layout.unpack_with_log_det(z)[1]
         return lp
@@ -211,7 +229,7 @@ class MeanFieldObjective(_Noisy):
         shape = (self.dim,) if self.num_particles == 1 else (self.num_particles, self.dim)
         eps = self.normal(shape, params)
         if self.elbo is not None:
-            return self.elbo(params, eps, _rows(self.fp, batch.idx), batch.scale)
+            return self.elbo(params, eps, _rows(self.fp, batch), batch.scale)
         loc, rho = params[0], params[1]
         sigma = F.softplus(rho)
         z = loc + sigma * eps
@@ -222,7 +240,7 @@ class MeanFieldObjective(_Noisy):
 
 def _log_joint(problem: Problem, z: torch.Tensor, batch: Batch) -> torch.Tensor:
     """``Problem.log_joint`` of ``z`` (``(D,)`` or ``(P, D)``) on ``batch``."""
-    return problem.log_joint(z, batch.idx)
+    return problem.log_joint_batch(z, batch)
 
 
 class LowRankObjective(_Noisy):
@@ -316,7 +334,7 @@ class LowRankObjective(_Noisy):
         if fp is None:
             lj = _log_joint(self.problem, z, batch)
             return (-lj).mean() - entropy if lj.dim() else -lj - entropy
-        ll = fp.log_likelihood(z, _rows(fp, batch.idx))
+        ll = fp.log_likelihood(z, _rows(fp, batch))
         # E_q[log N(z_i; 0, s_i)] in closed form for fixed-scale Normal priors
         second = loc.square() + s.square() * (1.0 + ft.square().sum(0))
         lp_fixed = -0.5 * torch.dot(second, fp.prec) + fp.prior_const
@@ -344,7 +362,7 @@ class LowRankObjective(_Noisy):
             z = torch.addcmul(loc, s, u)
         z.requires_grad_(True)
         with torch.enable_grad():
-            lj = batch.scale * fp.log_likelihood(z, _rows(fp, batch.idx)) + fp.log_hyper(z)
+            lj = batch.scale * fp.log_likelihood(z, _rows(fp, batch)) + fp.log_hyper(z)
             loss_z = -(lj.mean() if lj.dim() else lj)
             (g_z,) = torch.autograd.grad(loss_z, z)
         with torch.no_grad():
@@ -406,7 +424,7 @@ class PyroObjective(Objective):
         self.problem, self.guide, self.elbo = problem, guide, elbo
         self.stochastic = stochastic
         with torch.no_grad():
-            guide(problem.x, problem.y)
+            guide(*problem.example)
         store = pyro.get_param_store()
         self.names = list(store.keys())
         # Pyro's param store has no accessor for constraints and unconstrained values that
@@ -450,8 +468,7 @@ class PyroObjective(Objective):
                 i += size
 
     def loss_and_grad(self, params, batch):
-        p = self.problem
-        xb, yb = (p.x, p.y) if batch.idx is None else (p.x[batch.idx], p.y[batch.idx])
+        xb, yb = batch_rows(self.problem, batch)
         self.scaler.scale = batch.scale
         self.write_back(params)
         tensors = self._tensors()
@@ -467,6 +484,15 @@ class PyroObjective(Objective):
 
     def loss(self, params, batch):
         raise NotImplementedError("PyroObjective: use loss_and_grad")
+
+
+def batch_rows(problem: Problem, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows ``(x, y)`` of ``batch`` (carried, or indexed in the problem's data)."""
+    if batch.x is not None:
+        return batch.x, batch.y
+    if batch.idx is None:
+        return problem.x, problem.y
+    return problem.x[batch.idx], problem.y[batch.idx]
 
 
 class Scaled(Objective):

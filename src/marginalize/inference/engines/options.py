@@ -95,6 +95,25 @@ class Options:
     def as_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
+    def record(self) -> dict[str, Any]:
+        """The options as plain values (what a posterior and a checkpoint store): values
+        that are not plain (networks, tensors) become a short description."""
+        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+
+def _plain(v: Any) -> Any:
+    if v is None or isinstance(v, (str, int, float, bool)):
+        return v
+    if isinstance(v, (list, tuple)):
+        if all(x is None or isinstance(x, (str, int, float, bool)) for x in v):
+            return list(v)
+        return f"{len(v)} {type(v[0]).__name__ if v else 'item'}(s)"
+    if isinstance(v, dict):
+        if all(isinstance(x, (str, int, float, bool)) or x is None for x in v.values()):
+            return dict(v)
+        return f"dict of {len(v)}"
+    return type(v).__name__
+
 
 # ---- checks -----------------------------------------------------------------------------------
 def _is_int(v) -> bool:

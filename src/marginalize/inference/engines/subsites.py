@@ -114,6 +114,10 @@ def resolve_sites(problem: Problem, spec) -> list[str]:
     return [n for n in problem.layout.names if n in chosen]
 
 
+#: what a sub-problem shares with its base problem's ``meta``
+_SHARED_META = ("dtype", "device", "example", "keep_int", "labels", "method")
+
+
 @dataclass
 class SubProblem(Problem):
     """A problem over some sites of ``base`` with the other coordinates of ``z`` fixed.
@@ -133,8 +137,9 @@ class SubProblem(Problem):
         values = base.layout.unpack(z.detach())
         fixed_values = {k: v for k, v in values.items() if k not in keep}
         model = poutine.condition(base.model, data=fixed_values)
+        ex_x, ex_y = base.example
         with torch.random.fork_rng(devices=[]):
-            tr = trace_model(model, base.x[:2], base.y[:2])
+            tr = trace_model(model, ex_x[:2], ex_y[:2])
         dims = base.model.site_dims() if isinstance(base.model, BNN) else None
         layout = Layout.from_trace(tr, dims)
         if layout.names != names:  # pragma: no cover - guards the model contract
@@ -145,14 +150,15 @@ class SubProblem(Problem):
                 for n in names
             ]
         ).to(z.device)
+        meta = {k: base.meta[k] for k in _SHARED_META if k in base.meta}
+        meta.update(init=z.detach()[idx].clone(), init_values={n: values[n] for n in names})
         sub = cls(
             model,
-            base.x,
-            base.y,
+            base.data,
             layout,
             base.task,
             base.num_classes,
-            meta={"init": z.detach()[idx].clone(), "init_values": {n: values[n] for n in names}},
+            meta=meta,
             base=base,
             idx=idx,
             fixed=z.detach().clone(),
@@ -174,6 +180,9 @@ class SubProblem(Problem):
 
     def log_joint(self, z, idx=None):
         return self.base.log_joint(self.embed(z), idx)
+
+    def log_joint_rows(self, z, x, y, scale):
+        return self.base.log_joint_rows(self.embed(z), x, y, scale)
 
     def init_from_prior(self, generator_seed: int) -> torch.Tensor:
         return self.base.init_from_prior(generator_seed)[self.idx]
@@ -223,7 +232,10 @@ def run_on_sites(method, problem: Problem, opts, seed: int, progress: bool):
         if info.stopped is not None:
             info.stopped.part = "MAP stage"
         return Delta(z_map.detach().clone()), info
+    if problem.stateful and map_run.steps_done > 0:  # the body's BatchNorm statistics at the MAP
+        problem.refresh_state(z_map)
     sub = SubProblem.create(problem, names_, z_map)
+    sub.meta["map_steps"] = map_run.steps_done
     with isolated(seed + 1):
         approx, info = method.run(sub, inner, seed + 1, progress)
     info = info.replace(bayesian_sites=names_, map_loss=map_run.loss)

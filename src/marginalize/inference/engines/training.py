@@ -50,7 +50,13 @@ from tqdm.auto import tqdm
 
 from marginalize.core.info import FitInfo, Rollback, Stop
 from marginalize.core.problem import Problem, _no_validation
-from marginalize.errors import FitError, OptionError
+from marginalize.errors import (
+    DataError,
+    FitError,
+    OptionError,
+    OutOfMemoryError,
+    is_out_of_memory,
+)
 from marginalize.inference.engines import checkpoint, distributed, interrupt
 from marginalize.inference.engines.init import INIT, init_loc_fn, initial_z
 from marginalize.inference.engines.objectives import (
@@ -69,6 +75,7 @@ from marginalize.inference.engines.options import (
     number,
     option,
 )
+from marginalize.models.module import BatchStatistics
 
 __all__ = [
     "train",
@@ -83,6 +90,7 @@ __all__ = [
     "ENGINES",
     "Trained",
     "batch_order",
+    "LoaderBatches",
     "loss_trend",
     "initial_z",
     "stack_losses",
@@ -210,6 +218,100 @@ def is_full_batch(n: int, batch_size: int | None) -> bool:
     return batch_size is None or batch_size >= n
 
 
+class LoaderBatches:
+    """The minibatches of a data loader for steps ``start, ..., steps - 1``: the loader's own
+    batches, pass after pass (a new pass starts when one ends), each converted by
+    ``Problem.rows`` and scaled by ``N / B`` to the full data.
+
+    For checkpoints (``track``) it records, at the start of every pass, the global RNG states
+    (torch, Python, NumPy: a DataLoader draws its shuffle and its workers' seeds from torch's,
+    and transforms run in the main process draw from it too) and the states of the loader's
+    own generators, with the number of batches of the pass that completed steps took, and
+    the RNG states before the batch of the step in progress. A resumed fit restores those
+    states, starts the pass again and skips the batches already taken, so it reads the same
+    minibatches as the uninterrupted fit wherever the loader's randomness comes from those
+    generators (shuffling, random crops and flips of ``torchvision``-style transforms, workers
+    seeded by the loader). A loader with randomness of its own elsewhere gives new minibatches
+    for the rest of the interrupted pass; parameters, optimizer and objective state are
+    restored exactly either way.
+    """
+
+    def __init__(
+        self,
+        problem: Problem,
+        steps: int,
+        start: int = 0,
+        saved: dict | None = None,
+        track: bool = False,
+    ):
+        self.problem, self.steps, self.start = problem, int(steps), int(start)
+        self.data = problem.data
+        self.saved = saved
+        self.track = track
+        self.pass_state: dict | None = None
+        self.pos = 0  # batches of the current pass handed out
+        self.handed = int(start)  # steps handed a batch
+        self.before: dict | None = None  # RNG states before the last batch was read
+
+    def _snapshot(self) -> dict:
+        return {
+            "rng": checkpoint.rng_state(self.problem.device),
+            "gens": [g.get_state() for g in self.data.generators()],
+        }
+
+    def _restore(self, snap: dict) -> None:
+        checkpoint.set_rng_state(snap["rng"], self.problem.device)
+        for g, st in zip(self.data.generators(), snap["gens"], strict=False):
+            g.set_state(st)
+
+    def state_dict(self, done: int) -> dict:
+        """Where the loader stands after ``done`` completed steps."""
+        extra = self.handed - int(done)  # a batch read for a step that did not complete
+        return {
+            "pass": self.pass_state,
+            "pos": self.pos - extra,
+            "rng": self.before if extra else None,
+        }
+
+    def __iter__(self) -> Iterator[Batch]:
+        skip, after_skip = 0, None
+        saved = self.saved
+        if saved is not None and saved.get("pass") is not None and self.start < self.steps:
+            self._restore(saved["pass"])  # the pass starts again as it did
+            skip = int(saved["pos"])
+            self.pass_state = saved["pass"]
+            after_skip = saved.get("rng")
+        resumed = self.pass_state is not None
+        n = self.problem.n
+        while self.handed < self.steps:
+            if not resumed and self.track:
+                self.pass_state = self._snapshot()
+            resumed = False
+            self.pos = 0
+            it = iter(self.data.chunks(None))
+            got = False
+            while self.handed < self.steps:
+                if skip == 0 and after_skip is not None:
+                    checkpoint.set_rng_state(after_skip, self.problem.device)
+                    after_skip = None
+                if self.track and skip == 0:
+                    self.before = checkpoint.rng_state(self.problem.device)
+                try:
+                    xb, yb = next(it)
+                except StopIteration:
+                    break
+                got = True
+                self.pos += 1
+                if skip:  # taken by steps before the checkpoint
+                    skip -= 1
+                    continue
+                x, y = self.problem.rows(xb, yb)
+                self.handed += 1
+                yield Batch(None, n / x.shape[0], x=x, y=y)
+            if not got:
+                raise DataError("x: the data loader yielded no minibatch in a pass")
+
+
 # ---- convergence --------------------------------------------------------------------------------
 def loss_trend(loss, window: float = 0.1, rtol: float = LOSS_RTOL) -> tuple[bool | None, float]:
     """Whether a loss trace has flattened out: ``(converged, relative_drop)``.
@@ -262,8 +364,9 @@ def train(
     optimizer: FlatOptimizer,
     steps: int,
     *,
-    n: int,
+    n: int | None = None,
     batch_size: int | None = None,
+    problem: Problem | None = None,
     seed: int = 0,
     on_nan: str = "stop",
     desc: str = "train",
@@ -283,7 +386,13 @@ def train(
     steps : int
         Steps (minibatches; for L-BFGS, iterations).
     n, batch_size : int, int or None
-        Rows of the data, rows per minibatch (None: full batch).
+        Rows of the data (default: ``problem.n``), rows per minibatch (None: full batch).
+    problem : Problem, optional
+        The problem trained on. Its data loader, if the data come from one, gives the
+        minibatches (:class:`LoaderBatches`; ``batch_size`` is then the loader's); a network
+        with BatchNorm layers (``problem.stateful``) runs them in train mode in every step
+        (batch statistics; the running statistics updated with the layers' momentum, kept
+        after each good step, checkpointed, and left in ``problem.state`` at the end).
     seed : int
         Seeds the minibatch order.
     on_nan : {"stop", "rollback", "raise"}
@@ -311,13 +420,21 @@ def train(
     """
     if on_nan not in ON_NAN:  # pragma: no cover - options are validated before
         raise OptionError(f"on_nan: expected one of {ON_NAN}, got {on_nan!r}")
-    full = is_full_batch(n, batch_size)
+    if n is None:
+        if problem is None:  # pragma: no cover - a programming error
+            raise TypeError("train: give n or problem")
+        n = problem.n
+    loader = problem is not None and not problem.in_memory
+    full = not loader and is_full_batch(n, batch_size)
+    bn = None
+    if problem is not None and problem.stateful and problem.state is not None:
+        bn = BatchStatistics(problem.state)
     params = optimizer.params
     deterministic = full and not objective.stochastic
     if optimizer.full_batch_only and not deterministic:
         raise OptionError(
             f"{desc}: the L-BFGS optimizer needs a deterministic objective on the full batch "
-            "(batch_size=None, no Monte Carlo noise); use optimizer='adam'"
+            "(batch_size=None, in-memory data, no Monte Carlo noise); use optimizer='adam'"
         )
     tol = default_tol(params.dtype) if tol is None else tol
     # several processes (torchrun): each rank takes its shard of every minibatch
@@ -327,6 +444,7 @@ def train(
     rollbacks: list[Rollback] = []
     streak = 0
     done = 0
+    loader_saved = None
     if seg is not None and seg.saved is not None:
         st = seg.saved["state"]
         try:
@@ -336,6 +454,9 @@ def train(
                 result.params = optimizer.params
                 if callback is not None and "callback" in st:
                     callback.load_state_dict(st["callback"])
+                if bn is not None and "bn" in st:
+                    problem.state = _to(st["bn"], problem.state)
+                    problem.meta["trained_state"] = result.steps_done > 0
                 checkpoint.set_rng_state(st["rng"], params.device)
                 seg.finish(st)
                 return result
@@ -348,6 +469,9 @@ def train(
             losses = st["loss"].tolist()
             rollbacks = [Rollback(int(r["step"]), float(r["lr"])) for r in st["rollbacks"]]
             streak = int(st["streak"])
+            if bn is not None and "bn" in st:
+                bn.running = _to(st["bn"], bn.running)
+            loader_saved = st.get("loader")
         except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
             raise checkpoint.restore_error(seg, e) from e
 
@@ -363,12 +487,24 @@ def train(
         }
         if callback is not None and hasattr(callback, "state_dict"):
             st["callback"] = callback.state_dict()
+        if bn is not None:
+            st["bn"] = dict(bn.running)
+        if batches is not None:
+            st["loader"] = batches.state_dict(done)
         return st
 
     def closure(p: torch.Tensor):
         return objective.loss_and_grad(p, batch)
 
     gen = torch.Generator().manual_seed(int(seed))
+    batches = (
+        LoaderBatches(problem, steps, done, loader_saved, track=seg is not None) if loader else None
+    )
+    order = (
+        batches
+        if batches is not None
+        else batch_order(n, batch_size, steps, gen, params.device, start=done)
+    )
     stopped: Stop | None = None
     converged: bool | None = None
     in_step = False
@@ -377,17 +513,17 @@ def train(
     )
     with interrupt.scope(), _no_validation():
         try:
-            for step, batch in enumerate(
-                batch_order(n, batch_size, steps, gen, params.device, start=done), start=done
-            ):
+            for step, batch in enumerate(order, start=done):
                 if interrupt.requested():
                     raise KeyboardInterrupt
                 in_step = True
+                if bn is not None:  # BatchNorm in train mode for every evaluation of the step
+                    problem.training = bn
                 cached = optimizer.evaluation() if deterministic else None
                 if cached is not None:
                     loss_t, grad = cached
                 else:
-                    loss_t, grad = objective.loss_and_grad(optimizer.params, batch)
+                    loss_t, grad = _evaluate(objective, optimizer.params, batch, desc, step)
                 loss = float(loss_t)
                 what, undone = None, False
                 if not math.isfinite(loss):
@@ -401,6 +537,9 @@ def train(
                     except KeyboardInterrupt:
                         optimizer.abort()
                         raise
+                    finally:
+                        if bn is not None:
+                            problem.training = None
                     if optimizer.failure is not None:
                         what, reason = optimizer.failure, "non-finite loss (line search)"
                         optimizer.undo()  # the state before this update is the last good one
@@ -409,8 +548,14 @@ def train(
                         what, reason = "the parameters became non-finite", "non-finite parameters"
                         optimizer.undo()  # the state before this update is the last good one
                         undone = True
-                    elif callback is not None:
-                        callback(step, optimizer.params)
+                    else:
+                        if bn is not None:  # the step is kept: so is its running statistics
+                            bn.commit()
+                        if callback is not None:
+                            callback(step, optimizer.params)
+                if bn is not None:
+                    problem.training = None
+                    bn.last = None
                 if what is not None:
                     if step == 0:
                         raise FitError(
@@ -469,6 +614,11 @@ def train(
             interrupt.request()  # one Ctrl-C stops every later part of the fit too
         finally:
             bar.close()
+            if bn is not None:
+                problem.training = None
+                problem.state = dict(bn.running)
+                if losses:
+                    problem.meta["trained_state"] = True
     loss_trace = torch.tensor(losses, dtype=torch.float64)
     if converged is None and stopped is None:
         if deterministic:
@@ -502,6 +652,32 @@ def train(
     return result
 
 
+def _evaluate(objective: Objective, params: torch.Tensor, batch: Batch, desc: str, step: int):
+    """``objective.loss_and_grad``; an allocation failure names the step and the fix."""
+    try:
+        return objective.loss_and_grad(params, batch)
+    except (RuntimeError, MemoryError) as e:
+        if not is_out_of_memory(e):
+            raise
+        rows = batch.size
+        size = "the full batch" if rows is None else f"minibatches of {rows} rows"
+        raise OutOfMemoryError(
+            f"{desc}: out of memory at step {step} on {size} ({type(e).__name__}: {e}); use "
+            "a smaller batch_size (or DataLoader batch size)"
+        ) from e
+
+
+def _to(saved: dict, like: dict | None) -> dict:
+    """Saved BatchNorm statistics on the device (and in the float dtype) of ``like``."""
+    if not like:
+        return dict(saved)
+    out = {}
+    for k, v in saved.items():
+        ref = like.get(k, v)
+        out[k] = v.to(ref.device, ref.dtype) if v.is_floating_point() else v.to(ref.device)
+    return out
+
+
 # ---- helpers for methods ------------------------------------------------------------------------
 def stack_losses(losses: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """``(mean over members per step, (member, step) padded with NaN)`` of loss traces."""
@@ -532,7 +708,18 @@ def checkpoint_every_option(default: int = 500):
 class TrainOptions(Options):
     """Options of every method trained by the training loop (``engines/training.py``)."""
 
-    steps: int = option(2000, integer(1, 10**9), "optimizer steps (minibatches)")
+    steps: int = option(
+        2000,
+        integer(0, 10**9),
+        "optimizer steps (minibatches; 0: none, the start itself, e.g. a trained network's "
+        "weights with init='module')",
+    )
+    epochs: int | None = option(
+        None,
+        integer(1, 10**7, optional=True),
+        "passes over the data instead of `steps` (steps = epochs x minibatches per pass: the "
+        "data loader's length, or N // batch_size); give one of the two",
+    )
     lr: float | None = option(1e-2, number(0, MAX_LR), "learning rate (Adam)")
     lr_final: float = option(
         0.1,
@@ -542,7 +729,8 @@ class TrainOptions(Options):
     batch_size: int | None = option(
         None,
         integer(1, optional=True),
-        "minibatch size (None: the full batch); the likelihood is scaled to the full data",
+        "minibatch size (None: the full batch; with a data loader its own batches); the "
+        "likelihood is scaled to the full data",
     )
     clip_norm: float | None = option(
         None,
@@ -550,10 +738,12 @@ class TrainOptions(Options):
         "clamp every gradient coordinate to [-clip_norm, clip_norm] (None: no clipping)",
     )
     init: str = option(
-        "scaled",
+        "auto",
         choice(*INIT),
-        "starting point: 'scaled' (fan-in scaled weights and biases, capped by the prior SD; "
-        "the prior median elsewhere; see engines/init.py), 'median' or 'prior' (a prior draw)",
+        "starting point: 'auto' ('module' for a wrapped nn.Module, else 'scaled'), 'module' "
+        "(its own weights and BatchNorm statistics), 'reset' (a fresh PyTorch initialization "
+        "of it), 'scaled' (fan-in scaled weights and biases, capped by the prior SD; the prior "
+        "median elsewhere; see engines/init.py), 'median' or 'prior' (a prior draw)",
     )
     on_nan: str = option(
         "stop",
@@ -587,7 +777,8 @@ class MAPOptions(TrainOptions):
         "auto",
         choice("auto", "lbfgs", "adam"),
         "'lbfgs' (full batch: quasi-Newton with a strong-Wolfe line search, stops when the "
-        "loss no longer changes), 'adam', or 'auto' (L-BFGS for the full batch, else Adam)",
+        "loss no longer changes), 'adam', or 'auto' (L-BFGS for the full batch of in-memory "
+        "data, else Adam: minibatches, a data loader)",
     )
     engine: str = option("auto", choice(*ENGINES), _ENGINE_DOC)
 
@@ -637,7 +828,7 @@ def fit_point(
     minibatches by Adam.
     """
     engine = resolve_engine(problem, getattr(opts, "engine", "auto"))
-    full = is_full_batch(problem.n, opts.batch_size)
+    full = problem.in_memory and is_full_batch(problem.n, opts.batch_size)
     kind = getattr(opts, "optimizer", "auto")
     kind = ("lbfgs" if full else "adam") if kind == "auto" else kind
     guide = None
@@ -663,7 +854,7 @@ def fit_point(
         objective,
         optimizer,
         opts.steps,
-        n=problem.n,
+        problem=problem,
         batch_size=opts.batch_size,
         seed=seed,
         on_nan=opts.on_nan,
@@ -675,7 +866,7 @@ def fit_point(
     if guide is not None:
         objective.write_back(run.params)
         with torch.no_grad():
-            z = problem.layout.pack(guide.median(problem.x, problem.y))
+            z = problem.layout.pack(guide.median(*problem.example))
     else:
         z = run.params.clone()
     return z, run, engine

@@ -51,6 +51,7 @@ from marginalize.inference.engines.objectives import (
     MeanFieldObjective,
     _Noisy,
     _rows,
+    batch_rows,
     closed_form,
     softplus_inv,
 )
@@ -159,8 +160,7 @@ class BBBObjective(_Noisy):
         return -ll + kl
 
     def loss(self, params: torch.Tensor, batch: Batch) -> torch.Tensor:
-        p = self.problem
-        xb, yb = (p.x, p.y) if batch.idx is None else (p.x[batch.idx], p.y[batch.idx])
+        xb, yb = batch_rows(self.problem, batch)
         mu, rho = params[0], params[1]
         total = sum(
             self._one_sample(mu, rho, xb, yb, batch.scale) for _ in range(self.num_particles)
@@ -222,7 +222,7 @@ class FusedBBB(_Noisy):
 
     def loss(self, params: torch.Tensor, batch: Batch) -> torch.Tensor:
         mu, sig = params[0], F.softplus(params[1])
-        data = _rows(self.fp, batch.idx)
+        data = _rows(self.fp, batch)
         total = self._one(mu, sig, data, batch.scale)
         for _ in range(self.num_particles - 1):
             total = total + self._one(mu, sig, data, batch.scale)
@@ -278,7 +278,7 @@ class BayesByBackprop(Method):
             objective,
             adam(params, opts),
             opts.steps,
-            n=problem.n,
+            problem=problem,
             batch_size=opts.batch_size,
             seed=seed + 1,
             on_nan=opts.on_nan,

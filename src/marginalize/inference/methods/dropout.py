@@ -259,7 +259,7 @@ class MCDropout(Method):
             objective,
             adam(params, opts),
             opts.steps,
-            n=problem.n,
+            problem=problem,
             batch_size=opts.batch_size,
             seed=seed,
             on_nan=opts.on_nan,

@@ -74,8 +74,8 @@ from marginalize.core.linearized import (
     output_jacobian,
     output_map,
 )
-from marginalize.core.problem import Problem, _no_validation
-from marginalize.errors import FitError, ModelError, OptionError
+from marginalize.core.problem import Problem, _no_validation, check_rows, out_of_memory
+from marginalize.errors import DataError, FitError, ModelError, OptionError, is_out_of_memory
 from marginalize.inference.engines import distributed
 from marginalize.inference.engines.options import choice, either, integer, number, option
 from marginalize.inference.engines.subsites import (
@@ -169,19 +169,57 @@ class LaplaceOptions(BayesianSites, MAPOptions):
 
 
 # ---- log densities of the free coordinates ------------------------------------------------
+#: activation bytes one chunk of rows may use in a curvature pass (per-example Jacobians and
+#: double backward passes keep a few times a forward's)
+_TARGET_BYTES = 64 * 2**20
+
+
 class _Target:
-    """``log p(y | theta)`` and ``log p(theta) + log|J|`` of the free coordinates ``theta``."""
+    """``log p(y | theta)`` and ``log p(theta) + log|J|`` of the free coordinates ``theta``,
+    the likelihood summed over the data chunk by chunk (in-memory rows, or a data loader's
+    minibatches), so no call of the network sees every row. A network with BatchNorm layers
+    is evaluated in eval mode at the problem's running statistics (``problem.state``), as
+    laplace-torch does."""
 
     def __init__(self, problem: Problem, theta: torch.Tensor, dtype: torch.dtype):
         base, embed, idx = unwrap(problem)
         self.problem, self.base, self.dtype = problem, base, dtype
         self.model = base.model
-        self.x = base.x.to(dtype) if base.x.is_floating_point() else base.x  # integer ids stay
-        self.y = base.y.to(dtype) if torch.is_floating_point(base.y) else base.y
         full = embed(theta.detach())
         self.zfull = full.to(dtype)
         self.free = idx if idx is not None else torch.arange(full.shape[-1], device=full.device)
         self.n = base.n
+        self.state = None
+        if base.stateful and base.state is not None:
+            self.state = {
+                k: v.to(dtype) if v.is_floating_point() else v for k, v in base.state.items()
+            }
+        self.rows = check_rows(self.model, base.example[0], _TARGET_BYTES)
+        self.example = self._cast(*base.example)
+
+    def _cast(self, x, y):
+        x = x.to(self.dtype) if x.is_floating_point() else x  # integer ids stay
+        y = y.to(self.dtype) if torch.is_floating_point(y) else y
+        return x, y
+
+    def chunks(self, share: bool = False):
+        """The data in chunks of at most ``self.rows`` rows, ``(x, y)`` in the target's dtype;
+        ``share``: this rank's share of them in a distributed run."""
+        base = self.base
+        if share and distributed.is_distributed():
+            if base.in_memory:
+                part = distributed.row_share(self.n)
+                x, y = base.x[part], base.y[part]
+                for i in range(0, x.shape[0], self.rows):
+                    yield self._cast(x[i : i + self.rows], y[i : i + self.rows])
+                return
+            me, world = distributed.rank(), distributed.world_size()
+            for i, (x, y) in enumerate(base.batches(self.rows)):
+                if i % world == me:
+                    yield self._cast(x, y)
+            return
+        for x, y in base.batches(self.rows):
+            yield self._cast(x, y)
 
     def full(self, theta: torch.Tensor) -> torch.Tensor:
         z = self.zfull.expand(*theta.shape[:-1], self.zfull.shape[-1])
@@ -190,29 +228,70 @@ class _Target:
     def params(self, theta):
         return self.base.layout.unpack_with_log_det(self.full(theta))
 
-    def parts(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def log_lik_on(self, theta: torch.Tensor, x, y) -> torch.Tensor:
+        """``sum log p(y | x, theta)`` over the rows ``(x, y)``."""
+        params, _ = self.params(theta)
+        if isinstance(self.model, BNN):
+            kw = {} if self.state is None else {"state": self.state}
+            return self.model.log_likelihood(params, x, y, **kw).sum(-1)
+        tr = poutine.trace(poutine.condition(self.model, data=params)).get_trace(x, y)
+        node = observation_node(tr, self.base.layout)
+        return node["fn"].log_prob(node["value"]).sum()
+
+    def log_prior(self, theta: torch.Tensor) -> torch.Tensor:
         params, ladj = self.params(theta)
         if isinstance(self.model, BNN):
-            ll = self.model.log_likelihood(params, self.x, self.y).sum(-1)
-            return ll, self.model.log_prior(params) + ladj
-        tr = poutine.trace(poutine.condition(self.model, data=params)).get_trace(self.x, self.y)
-        node = observation_node(tr, self.base.layout)
-        ll = node["fn"].log_prob(node["value"]).sum()
+            return self.model.log_prior(params) + ladj
+        x, y = self.example
+        tr = poutine.trace(poutine.condition(self.model, data=params)).get_trace(x, y)
         lp = sum(
             tr.nodes[s.name]["fn"].log_prob(tr.nodes[s.name]["value"]).sum()
             for s in self.base.layout.sites
         )
-        return ll, lp + ladj
+        return lp + ladj
 
-    def log_lik(self, theta):
-        return self.parts(theta)[0]
+    def log_lik(self, theta: torch.Tensor) -> torch.Tensor:
+        """The whole log likelihood (chunk by chunk; no graph is kept across chunks unless
+        ``theta`` requires a gradient)."""
+        total = None
+        for x, y in self.chunks():
+            part = self.log_lik_on(theta, x, y)
+            total = part if total is None else total + part
+        return total
 
-    def log_prior(self, theta):
-        return self.parts(theta)[1]
+    def parts(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.log_lik(theta), self.log_prior(theta)
 
     def log_joint(self, theta):
         ll, lp = self.parts(theta)
         return ll + lp
+
+    def hessian(self, part: str, theta: torch.Tensor, index: torch.Tensor | None = None):
+        """The Hessian of ``"lik"`` (summed chunk by chunk), ``"prior"`` or ``"joint"`` at
+        ``theta``, over the coordinates ``index`` (all: None)."""
+        t0 = theta.detach()
+
+        def put(t):
+            return t if index is None else t0.index_copy(0, index, t)
+
+        arg = t0 if index is None else t0[index]
+        out = None
+        if part in ("prior", "joint"):
+            out = _hessian(lambda t: self.log_prior(put(t)), arg)
+        if part in ("lik", "joint"):
+            for x, y in self.chunks():
+                h = _hessian(lambda t, x=x, y=y: self.log_lik_on(put(t), x, y), arg)
+                out = h if out is None else out + h
+        return out
+
+    def grad_joint(self, theta: torch.Tensor) -> torch.Tensor:
+        """The gradient of the log joint, one chunk's graph at a time."""
+        t = theta.detach().requires_grad_(True)
+        with _no_validation():
+            (g,) = torch.autograd.grad(self.log_prior(t), t)
+            for x, y in self.chunks():
+                g = g + torch.autograd.grad(self.log_lik_on(t, x, y), t)[0]
+        return g
 
 
 def _hessian(fn, theta: torch.Tensor) -> torch.Tensor:
@@ -222,7 +301,11 @@ def _hessian(fn, theta: torch.Tensor) -> torch.Tensor:
         warnings.simplefilter("ignore")
         try:
             h = torch.autograd.functional.hessian(fn, theta, vectorize=True)
-        except Exception:  # noqa: BLE001 - vmap cannot run some models; loop instead
+        except Exception as e:  # noqa: BLE001 - vmap cannot run some models; loop instead
+            if is_out_of_memory(e):
+                raise out_of_memory(
+                    "laplace: the Hessian (hessian='exact' or a small block)", e
+                ) from e
             h = torch.autograd.functional.hessian(fn, theta)
     return (h + h.T) / 2
 
@@ -253,15 +336,17 @@ def _grad(fn, theta):
 
 
 def _refine(target: _Target, theta: torch.Tensor, steps: int) -> tuple[torch.Tensor, dict]:
-    """Polish the mode with L-BFGS on ``-log p(y, theta) / N``; keep the start if it gets worse."""
+    """Polish the mode with L-BFGS on ``-log p(y, theta) / N`` (each evaluation a pass over
+    the data in chunks); keep the start if it gets worse."""
     t = theta.detach().clone().requires_grad_(True)
+    n = target.n
 
-    def loss_fn():
-        return -target.log_joint(t) / target.n
+    def value():
+        with torch.no_grad():
+            return float(-target.log_joint(t) / n)
 
     with _no_validation():
-        with torch.no_grad():
-            before = float(loss_fn())
+        before = value()
         if steps:
             opt = torch.optim.LBFGS(
                 [t],
@@ -275,19 +360,25 @@ def _refine(target: _Target, theta: torch.Tensor, steps: int) -> tuple[torch.Ten
 
             def closure():
                 opt.zero_grad()
-                loss = loss_fn()
+                loss = -target.log_prior(t) / n
                 loss.backward()
-                return loss
+                total = loss.detach()
+                for x, y in target.chunks():  # one chunk's graph at a time
+                    part = -target.log_lik_on(t, x, y) / n
+                    part.backward()
+                    total = total + part.detach()
+                return total
 
             try:
                 opt.step(closure)
             except (RuntimeError, ValueError) as e:  # pragma: no cover - a failed line search
+                if is_out_of_memory(e):
+                    raise out_of_memory("laplace: the float64 refinement (refine_steps)", e) from e
                 log.warning("laplace: L-BFGS refinement failed (%s); using the MAP as found", e)
-        with torch.no_grad():
-            after = float(loss_fn())
+        after = value()
     if not math.isfinite(after) or after > before:
-        return theta.detach(), {"before": before * target.n, "after": before * target.n}
-    return t.detach(), {"before": before * target.n, "after": after * target.n}
+        return theta.detach(), {"before": before * n, "after": before * n}
+    return t.detach(), {"before": before * n, "after": after * n}
 
 
 # ---- curvature structures -----------------------------------------------------------------
@@ -352,20 +443,22 @@ class _Kron:
 
 
 # ---- GGN pieces ----------------------------------------------------------------------------
-def _output_factor(target: _Target, theta: torch.Tensor, omap: OutputMap) -> torch.Tensor:
-    """``L`` with ``L_n L_n^T`` the (clipped) Hessian of ``-log p(y_n | f_n)`` in output space."""
-    z = target.full(theta.detach())
+def _output_factor(
+    target: _Target, z: torch.Tensor, omap: OutputMap, x: torch.Tensor, y: torch.Tensor
+) -> torch.Tensor:
+    """``L`` ``(B, O, O)`` with ``L_n L_n^T`` the (clipped) Hessian of ``-log p(y_n | f_n)``
+    in output space, for the rows ``(x, y)``."""
     with torch.no_grad(), _no_validation():
-        f = omap.forward(z, target.x)
+        f = omap.forward(z, x)
     f = f.detach().requires_grad_(True)
     with _no_validation():
-        nll = -omap.dist(f, z, target.x).log_prob(target.y).sum()
+        nll = -omap.dist(f, z, x).log_prob(y).sum()
         (g,) = torch.autograd.grad(nll, f, create_graph=True)
         rows = []
         for o in range(f.shape[-1]):
             (h,) = torch.autograd.grad(g[:, o].sum(), f, retain_graph=True, allow_unused=True)
             rows.append(torch.zeros_like(f) if h is None else h)
-    hess = torch.stack(rows, 1).detach()  # (N, O, O)
+    hess = torch.stack(rows, 1).detach()  # (B, O, O)
     lam, q = torch.linalg.eigh((hess + hess.transpose(1, 2)) / 2)
     return q * lam.clamp_min(0).sqrt().unsqueeze(1)
 
@@ -375,20 +468,21 @@ def _ggn(
 ) -> torch.Tensor:
     """``J^T Lambda J`` over the free coordinates ``net`` (full matrix or its diagonal), with
     ``J`` the Jacobian of the model's output (the network output; for a plain function its
-    observation distribution's loc or logits), computed in chunks of inputs."""
-    lfac = _output_factor(target, theta, omap)
+    observation distribution's loc or logits), computed chunk by chunk of the data, each in
+    blocks of inputs that bound the Jacobian's memory."""
     z = target.full(theta.detach())
     cols = target.free[net]
     dn = net.numel()
-    out_dim = lfac.shape[1]
-    chunk = max(1, _CHUNK_BYTES // (8 * out_dim * max(dn, 1)))
     acc = theta.new_zeros(dn) if diag_only else theta.new_zeros(dn, dn)
-    rows = distributed.row_share(target.n)  # several processes: each sums its share of rows
-    for start in range(rows.start, rows.stop, chunk):
-        stop = min(start + chunk, rows.stop)
-        j = output_jacobian(omap, z, target.x[start:stop], cols)  # (B, O, Dn)
-        m = torch.einsum("bok,bod->bkd", lfac[start:stop], j).reshape(-1, dn)
-        acc += (m * m).sum(0) if diag_only else m.T @ m
+    for x, y in target.chunks(share=True):  # several processes: each sums its share of rows
+        lfac = _output_factor(target, z, omap, x, y)
+        out_dim = lfac.shape[1]
+        block = max(1, _CHUNK_BYTES // (8 * out_dim * max(dn, 1)))
+        for start in range(0, x.shape[0], block):
+            stop = min(start + block, x.shape[0])
+            j = output_jacobian(omap, z, x[start:stop], cols)  # (B, O, Dn)
+            m = torch.einsum("bok,bod->bkd", lfac[start:stop], j).reshape(-1, dn)
+            acc += (m * m).sum(0) if diag_only else m.T @ m
     return distributed.sum_over_ranks(acc)
 
 
@@ -420,43 +514,52 @@ def _kfac(
     target: _Target, theta: torch.Tensor, layers: list[dict], omap: OutputMap
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """``(A, G)`` per layer: mean input outer product (bias 1 appended) and summed GGN of
-    the pre-activations."""
+    the pre-activations, accumulated chunk by chunk of the data."""
     model: MLP = target.model
-    rows = distributed.row_share(target.n)  # several processes: each sums its share of rows
-    lfac = _output_factor(target, theta, omap)[rows]
+    z = target.full(theta.detach())
     params, _ = target.params(theta.detach())
-    wanted = {layer["spec"].name for layer in layers}
-    inputs, pre = {}, {}
-    h = target.x[rows]
+    wanted = [layer["spec"].name for layer in layers]
     specs = model.layer_specs()
-    with torch.enable_grad():
-        for k, spec in enumerate(specs):
-            s = dense(h, params[f"{spec.name}.weight"], params.get(f"{spec.name}.bias"))
-            if spec.name in wanted:
-                inputs[spec.name] = h.detach()
-                if not pre:  # the first wanted layer starts the graph; later ones are inside it
-                    s = s.detach().requires_grad_(True)
-                pre[spec.name] = s
-            h = model.act(s) if k < len(specs) - 1 else s
-        f = h
-        names = list(pre)
-        gs = {name: 0.0 for name in names}
-        for k in range(lfac.shape[-1]):
-            grads = torch.autograd.grad(
-                (f * lfac[:, :, k]).sum(), [pre[n] for n in names], retain_graph=True
-            )
-            for name, g in zip(names, grads, strict=True):
-                gs[name] = gs[name] + g.T @ g
+    a_acc: dict[str, torch.Tensor] = {}
+    g_acc: dict[str, torch.Tensor] = {}
+    for x, y in target.chunks(share=True):  # several processes: each sums its share of rows
+        lfac = _output_factor(target, z, omap, x, y)
+        inputs, pre = {}, {}
+        h = x
+        with torch.enable_grad():
+            for k, spec in enumerate(specs):
+                s_ = dense(h, params[f"{spec.name}.weight"], params.get(f"{spec.name}.bias"))
+                if spec.name in wanted:
+                    inputs[spec.name] = h.detach()
+                    if not pre:  # the first wanted layer starts the graph
+                        s_ = s_.detach().requires_grad_(True)
+                    pre[spec.name] = s_
+                h = model.act(s_) if k < len(specs) - 1 else s_
+            f = h
+            names = list(pre)
+            for k in range(lfac.shape[-1]):
+                grads = torch.autograd.grad(
+                    (f * lfac[:, :, k]).sum(), [pre[nm] for nm in names], retain_graph=True
+                )
+                for name, g in zip(names, grads, strict=True):
+                    gg = g.T @ g
+                    g_acc[name] = gg if name not in g_acc else g_acc[name] + gg
+        for layer in layers:
+            name = layer["spec"].name
+            a = inputs[name]
+            if layer["bias"]:
+                a = torch.cat([a, a.new_ones(a.shape[0], 1)], 1)
+            aa = a.T @ a
+            a_acc[name] = aa if name not in a_acc else a_acc[name] + aa
     out = []
     for layer in layers:
         name = layer["spec"].name
-        a = inputs[name]
-        if layer["bias"]:
-            a = torch.cat([a, a.new_ones(a.shape[0], 1)], 1)
-        a_mat = distributed.sum_over_ranks((a.T @ a) / target.n)
-        width = pre[name].shape[-1]
-        g_mat = gs[name].detach() if torch.is_tensor(gs[name]) else a_mat.new_zeros(width, width)
-        out.append((a_mat, distributed.sum_over_ranks(g_mat)))
+        a_mat = distributed.sum_over_ranks(a_acc[name] / target.n)
+        width = layer["spec"].weight_shape[1]
+        g_mat = g_acc.get(name)
+        if g_mat is None:
+            g_mat = a_mat.new_zeros(width, width)
+        out.append((a_mat, distributed.sum_over_ranks(g_mat.detach())))
     return out
 
 
@@ -477,6 +580,15 @@ class Laplace(Method):
 
     Options = LaplaceOptions
 
+    def check(self, problem, opts, given):
+        super().check(problem, opts, given)
+        if not problem.in_memory and given.get("refine_steps"):
+            raise DataError(
+                "laplace: refine_steps polishes the MAP by full-batch L-BFGS in float64, which "
+                "needs the data in memory; with a data loader it is skipped (leave refine_steps "
+                "out, or 0)"
+            )
+
     def run(self, problem, opts, seed, progress):
         hessian, predictive, structure, omap = self._plan(problem, opts, seed)
         if opts.bayesian_sites is not None:
@@ -484,22 +596,34 @@ class Laplace(Method):
         info = FitInfo()
         if "init" in problem.meta:
             z = problem.meta["init"]
+            moved = problem.meta.get("map_steps", 1) > 0
         else:
             z, map_run = map_point(problem, opts, seed, progress)
             info = map_run.info()
             if info.stopped is not None:
                 info.stopped.part = "MAP stage"
+            moved = map_run.steps_done > 0
+            if moved and problem.stateful:  # BatchNorm statistics at the MAP
+                problem.refresh_state(z)
         target = _Target(problem, z, torch.float64)
         try:
             with _no_validation():
-                target.log_joint(z.to(torch.float64))
+                z64 = z.to(torch.float64)
+                target.log_lik_on(z64, *target.example) + target.log_prior(z64)
         except (RuntimeError, TypeError) as e:
             log.warning(
                 "laplace: the model does not evaluate in float64 (%s); using %s", e, problem.dtype
             )
             target = _Target(problem, z, problem.dtype)
+        if omap is not None:
+            omap.state = target.state
+        steps = opts.refine_steps if moved and unwrap(problem)[0].in_memory else 0
         try:
-            theta, refine = _refine(target, z.to(target.dtype), opts.refine_steps)
+            theta, refine = _refine(target, z.to(target.dtype), steps)
+            if steps != opts.refine_steps:
+                refine["skipped"] = (
+                    "the data come from a loader" if moved else "no MAP stage ran (steps=0)"
+                )
             curv, extra = self._curvature(problem, target, theta, hessian, structure, omap)
             alpha = (
                 1.0
@@ -536,7 +660,7 @@ class Laplace(Method):
         if isinstance(base.model, BNN):
             omap = OutputMap(base.model, base.layout, True)
         else:
-            omap = output_map(base.model, base.layout, base.x, base.init_from_prior(seed))
+            omap = output_map(base.model, base.layout, base.example[0], base.init_from_prior(seed))
         known = omap is not None
         hessian = opts.hessian if opts.hessian != "auto" else ("ggn" if known else "exact")
         why = (
@@ -581,8 +705,8 @@ class Laplace(Method):
                 real[s.offset : s.offset + s.size] = True
         clipped = 0
         if hessian == "exact":
-            h_lik, clipped = _psd(-_hessian(target.log_lik, theta))
-            h_pri = -_hessian(target.log_prior, theta)
+            h_lik, clipped = _psd(-target.hessian("lik", theta))
+            h_pri = -target.hessian("prior", theta)
             b = torch.where(
                 real.to(theta.device), h_pri.diagonal(), torch.zeros_like(theta)
             ).clamp_min(0)
@@ -617,22 +741,16 @@ class Laplace(Method):
         else:
             # plain functions: GGN over the real coordinates that move the output, with the
             # prior's exact Hessian there; exact Hessian block for the rest (a noise scale)
-            moved = network_mask(omap, target.full(theta), target.x)[target.free].cpu()
+            first = next(iter(target.chunks()))[0]
+            moved = network_mask(omap, target.full(theta), first)[target.free].cpu()
             net = torch.nonzero(real & moved).reshape(-1).to(theta.device)
             other = torch.nonzero(~(real & moved)).reshape(-1).to(theta.device)
 
-            def log_prior_net(t_net):
-                return target.log_prior(theta.detach().index_copy(0, net, t_net))
-
-            h_prior = -_hessian(log_prior_net, theta.detach()[net])
+            h_prior = -target.hessian("prior", theta, net)
             b = torch.zeros_like(theta).index_copy(0, net, h_prior.diagonal().clamp_min(0))
         h_other = theta.new_zeros(0, 0)
         if other.numel():
-
-            def fn(t_other):
-                return target.log_joint(theta.detach().index_copy(0, other, t_other))
-
-            h_other = -_hessian(fn, theta.detach()[other])
+            h_other = -target.hessian("joint", theta, other)
             lam = torch.linalg.eigvalsh(h_other)
             floor = 1e-8 * float(lam.abs().max()) if lam.numel() else 0.0
             if lam.numel() and float(lam.min()) <= floor:

@@ -125,6 +125,10 @@ class _MCMC(Method):
     )
 
     algorithm = "nuts"
+    full_data = (
+        "it evaluates the log joint and its gradient on every row at every step of every "
+        "trajectory (minibatch gradients would bias its draws)"
+    )
 
     def _sampler_kwargs(self, opts) -> dict:
         return {}

@@ -288,7 +288,7 @@ def _run(problem, opts, optimizer, plan, seed, progress, desc) -> tuple[Draws, T
         PerDatumPotential(problem),
         optimizer,
         opts.steps,
-        n=problem.n,
+        problem=problem,
         batch_size=opts.batch_size,
         seed=seed,
         on_nan=opts.on_nan,

@@ -84,7 +84,7 @@ def _train(problem, objective, params, opts, seed, progress, desc):
         objective,
         adam(params, opts),
         opts.steps,
-        n=problem.n,
+        problem=problem,
         batch_size=opts.batch_size,
         seed=seed,
         on_nan=opts.on_nan,

@@ -94,16 +94,18 @@ import torch
 from marginalize.core.approximations import Delta, Gaussian, Mixture
 from marginalize.core.info import FitInfo
 from marginalize.core.problem import Problem
-from marginalize.errors import OptionError
+from marginalize.errors import OptionError, is_out_of_memory
 from marginalize.inference.engines import interrupt
 from marginalize.inference.engines.curvature import (
-    CURVATURE_ROWS,
     STABILITY_FRACTION,
+    curvature_error,
+    curvature_subset,
+    sgd_mode,
     sharpness,
 )
 from marginalize.inference.engines.distributed import run_members
-from marginalize.inference.engines.init import prior_start_spread
-from marginalize.inference.engines.objectives import PointObjective, Scaled
+from marginalize.inference.engines.init import prior_start_spread, resolve_init
+from marginalize.inference.engines.objectives import Batch, PointObjective, Scaled
 from marginalize.inference.engines.optim import SGD, Adam, constant, exponential
 from marginalize.inference.engines.options import (
     boolean,
@@ -303,9 +305,11 @@ class SWAGOptions(BayesianSites):
     swa_only: bool = option(False, boolean(), "return the SWA mean as a point mass")
     clip_norm: float = option(10.0, _positive(), "gradient norm clip (of the per-datum loss)")
     init: str = option(
-        "scaled",
+        "auto",
         choice(*INIT),
-        "where the pretraining starts: 'scaled', 'median' or 'prior' (see engines/init.py)",
+        "where the pretraining starts (or, with pretrain_steps=0, the SWA phase): 'auto' "
+        "('module' for a wrapped nn.Module: its own weights, e.g. a trained network; else "
+        "'scaled'), 'module', 'reset', 'scaled', 'median' or 'prior' (see engines/init.py)",
     )
     on_nan: str = option(
         "stop",
@@ -336,7 +340,9 @@ class _Plan:
 def _plan(problem: Problem, opts: SWAGOptions) -> _Plan:
     """Collection interval and step count; ``OptionError`` when nothing would be collected."""
     n, bs = problem.n, opts.batch_size
-    per_epoch = n // bs if bs is not None and bs < n else 1
+    if not problem.in_memory:  # the loader's minibatches
+        bs = None
+    per_epoch = problem.data.batches_per_epoch(bs)
     every = per_epoch if opts.collect_every == "epoch" else int(opts.collect_every)
     if opts.swag_steps is None:
         wanted = 2 * max(opts.max_rank, 10)
@@ -384,30 +390,46 @@ def gradient_noise(
     problem: Problem, z: torch.Tensor, batch_size: int, generator: torch.Generator, reps: int = 20
 ) -> float:
     """``tr C``: the trace of the per-example gradient covariance of the loss at ``z``,
-    estimated from ``reps`` minibatch gradients (sampling without replacement corrected)."""
+    estimated from ``reps`` minibatch gradients (sampling without replacement corrected; a
+    data loader's first ``reps`` minibatches)."""
     n = problem.n
     z = z.detach().clone().requires_grad_(True)
     grads = []
-    for _ in range(reps):
-        idx = torch.randperm(n, generator=generator)[:batch_size].to(problem.device)
-        (g,) = torch.autograd.grad(-problem.log_joint(z, idx) / n, z)
-        grads.append(g.detach().to(torch.float64))
+    if problem.in_memory:
+        batches = (
+            Batch(torch.randperm(n, generator=generator)[:batch_size].to(problem.device))
+            for _ in range(reps)
+        )
+    else:
+        batches = (Batch(None, n / x.shape[0], x=x, y=y) for x, y in problem.batches())
+    try:
+        with sgd_mode(problem):
+            for batch in batches:
+                (g,) = torch.autograd.grad(-problem.log_joint_batch(z, batch) / n, z)
+                grads.append(g.detach().to(torch.float64))
+                if len(grads) == reps:
+                    break
+    except RuntimeError as e:
+        if is_out_of_memory(e):
+            raise curvature_error("the gradient noise", e) from e
+        raise
+    if len(grads) < 2:
+        return math.nan
     gs = torch.stack(grads)
-    spread = float(((gs - gs.mean(0)) ** 2).sum(-1).sum() / (reps - 1))
+    spread = float(((gs - gs.mean(0)) ** 2).sum(-1).sum() / (len(grads) - 1))
     return spread * batch_size * (n - 1) / max(n - batch_size, 1)
 
 
 def swa_mean_excess(problem: Problem, z0: torch.Tensor, mean: torch.Tensor, seed: int) -> float:
     """``U(mean) - U(z0)`` with ``U = -log p(z, y)`` (the unconstrained log joint), on at most
-    ``CURVATURE_ROWS`` rows (the same random rows for both, scaled to the data); ``inf`` when
-    not finite."""
-    idx = None
-    if problem.n > CURVATURE_ROWS:
-        gen = torch.Generator().manual_seed(seed)
-        idx = torch.randperm(problem.n, generator=gen)[:CURVATURE_ROWS].to(problem.device)
-    with torch.no_grad():
-        pts = torch.stack([z0.detach(), mean.detach()]).to(problem.device, problem.dtype)
-        u = -problem.log_joint(pts, idx)
+    ``CURVATURE_ROWS`` rows (the same random rows for both, scaled to the data; a data
+    loader's first minibatches), in chunks; ``inf`` when not finite."""
+    parts = curvature_subset(problem, torch.Generator().manual_seed(seed))
+    pts = torch.stack([z0.detach(), mean.detach()]).to(problem.device, problem.dtype)
+    u = torch.zeros(2, dtype=problem.dtype, device=problem.device)
+    with torch.no_grad(), sgd_mode(problem):
+        for batch, w in parts:
+            u += -w * problem.log_joint_batch(pts, batch)
     d = float(u[1] - u[0])
     return d if math.isfinite(d) else math.inf
 
@@ -436,6 +458,8 @@ def _swag_lr(problem: Problem, z: torch.Tensor, opts: SWAGOptions, seed: int) ->
             )
         return lr, info
     bs = min(opts.batch_size or problem.n, problem.n)
+    if not problem.in_memory:
+        bs = min(problem.n, max(1, -(-problem.n // problem.data.batches_per_epoch())))
     eta = math.nan
     if bs < problem.n:
         trc = gradient_noise(problem, z, bs, gen)
@@ -454,7 +478,7 @@ def _train(problem, objective, optimizer, steps, opts, seed, progress, desc, cal
         objective,
         optimizer,
         steps,
-        n=problem.n,
+        problem=problem,
         batch_size=opts.batch_size,
         seed=seed,
         on_nan=opts.on_nan,
@@ -520,7 +544,7 @@ class SWAG(Method):
         if opts.bayesian_sites is not None:
             return run_on_sites(self, problem, opts, seed, progress)
         n, bs = problem.n, opts.batch_size
-        if bs is None or bs >= n:
+        if problem.in_memory and (bs is None or bs >= n):
             log.warning(
                 "swag: full-batch steps (batch_size %s, %d data points) add no gradient "
                 "noise; the fitted covariance will be tiny",
@@ -660,17 +684,20 @@ class MultiSWAG(Method):
             "number of independent SWAG runs (spread over the processes of a distributed run)",
         )
         init: str = option(
-            "prior",
+            "auto",
             choice(*INIT),
-            "where each run's pretraining starts: 'prior' (a draw from the prior: runs that "
-            "differ where the data say nothing), 'scaled' or 'median' (see engines/init.py)",
+            "where each run's pretraining starts: 'auto' ('reset' for a wrapped nn.Module: a "
+            "fresh PyTorch initialization per run; else 'prior': a draw from the prior, runs "
+            "that differ where the data say nothing), 'module', 'reset', 'scaled', 'median' "
+            "or 'prior' (see engines/init.py)",
         )
 
     def run(self, problem, opts, seed, progress):
         fields = {k: v for k, v in opts.as_dict().items() if k != "num_models"}
+        fields["init"] = resolve_init(problem, opts.init, scratch="prior", wrapped="reset")
         swag_opts = SWAGOptions(**fields)
         _plan(problem, swag_opts)  # nothing collected: say so before any run starts
-        if opts.init == "prior" and "init" not in problem.meta:
+        if fields["init"] == "prior" and "init" not in problem.meta:
             _warn_saturated_start(problem)
 
         def one(k):
