@@ -113,6 +113,12 @@ class BNN:
         ``None`` for a stateless network."""
         return None
 
+    def module_state(self, device=None, dtype=None) -> dict[str, torch.Tensor] | None:
+        """The state a fit starts from and trains (a wrapped module's BatchNorm running
+        statistics), on ``device`` in ``dtype``; ``None`` when the network has no such
+        starting state (stateless, or its state only comes from :meth:`state_from_data`)."""
+        return None
+
     def units_per_input(self, x: torch.Tensor) -> int | None:
         """Numbers of activations one input of ``x``'s shape makes at the peak of one forward
         pass of one draw (what sizes the chunks of prediction), or ``None`` when the model

@@ -410,7 +410,7 @@ class Predictive:
             raise OptionError(f"bn_update: expected 'auto', True or False, got {bn_update!r}")
         if bn_update != "auto":
             return bn_update
-        if self.approximation.deterministic:
+        if _point_per_chain(self.approximation):  # each draw at a point the state was fitted at
             return False
         if self.data is None:
             if self.builder and self.model.stateful and not self.warned_state:
@@ -459,7 +459,8 @@ class Predictive:
             draws with one pass over the training inputs (the SWAG recipe, Maddox et al.
             2019); False uses the fitted state (the network's own buffers without one);
             "auto" (default) is True for posteriors with draws when the training data are at
-            hand (else False, with a warning), False for a point estimate.
+            hand (else False, with a warning), False for a point estimate or a mixture of
+            them (an ensemble: each member has the state fitted at its weights).
             Stateless networks ignore it.
 
         Returns
@@ -811,6 +812,15 @@ class _Checked(DataSource):
             xt = pv.check_x(xb, self.name)
             yt = None if yb is None else pv.check_y(yb, xt.shape[0])
             yield xt, yt
+
+
+def _point_per_chain(approx) -> bool:
+    """Whether every draw of ``approx`` is one of its chains' points (a point estimate, or a
+    mixture of them: an ensemble), where the fitted state was computed."""
+    if approx.deterministic:
+        return True
+    parts = getattr(approx, "components", None)
+    return parts is not None and all(c.deterministic for c in parts)
 
 
 def _as_source(data) -> DataSource | None:
