@@ -101,6 +101,7 @@ class Data:
     num_classes: int | None = None
     classes: list | None = None
     notes: list[str] = field(default_factory=list)
+    hints: list[str] = field(default_factory=list)
 
 
 def read_table(path: Path):
@@ -170,8 +171,12 @@ def table_to_data(df, target: str | None, task: str, name: str) -> Data:
         raise DataError(f"--data: {name!r} has no feature columns besides the target")
     notes = []
     numeric_target = pd.api.types.is_numeric_dtype(yser) and not pd.api.types.is_bool_dtype(yser)
+    hints = []
     if task == "auto":
         task = "regression" if numeric_target else "classification"
+        hint = class_hint(yser, target) if task == "regression" else None
+        if hint:
+            hints.append(hint)
     if task == "regression":
         if not numeric_target:
             raise DataError(
@@ -205,7 +210,39 @@ def table_to_data(df, target: str | None, task: str, name: str) -> Data:
         notes.append(f"one-hot encoded the text/categorical feature columns {text}")
     x = feats.to_numpy(np.float64)
     return Data(
-        name, x, y, task, target, [str(c) for c in feats.columns], num_classes, classes, notes
+        name,
+        x,
+        y,
+        task,
+        target,
+        [str(c) for c in feats.columns],
+        num_classes,
+        classes,
+        notes,
+        hints,
+    )
+
+
+#: a numeric target with at most this many distinct integer values may be class labels
+CLASS_HINT_MAX = 10
+
+
+def class_hint(y, target: str) -> str | None:
+    """A hint when a numeric target fitted as a regression looks like class labels: integer
+    values, at most :data:`CLASS_HINT_MAX` distinct ones (e.g. scikit-learn's wine, 0/1/2)."""
+    import numpy as np
+
+    v = np.asarray(y, dtype=np.float64)
+    if not v.size or not np.isfinite(v).all() or not np.array_equal(v, np.round(v)):
+        return None
+    distinct = np.unique(v)
+    if len(distinct) > CLASS_HINT_MAX:
+        return None
+    shown = ", ".join(f"{d:g}" for d in distinct)
+    return (
+        f"target {target!r} is numeric with only {len(distinct)} distinct integer values "
+        f"({shown}), so it is fitted as a regression; if they are classes, pass "
+        "--task classification"
     )
 
 
@@ -757,43 +794,48 @@ class _Out:
             print(*parts, flush=True)
 
 
+#: the results table's columns: (header, column of ``mz.evaluate``'s table, number format)
 _COLUMNS = {
     "regression": [
-        ("RMSE", "rmse", "{:9.3f}"),
-        ("MAE", "mae", "{:9.3f}"),
-        ("NLL", "nll", "{:8.3f}"),
-        ("cov90", "coverage90", "{:6.2f}"),
-        ("width90", "width90", "{:9.3f}"),
+        ("RMSE", "rmse", "{:.3f}"),
+        ("MAE", "mae", "{:.3f}"),
+        ("NLL", "nll", "{:.3f}"),
+        ("cov90", "coverage90", "{:.2f}"),
+        ("width90", "width90", "{:.3f}"),
     ],
     "classification": [
-        ("accuracy", "accuracy", "{:9.3f}"),
-        ("NLL", "nll", "{:8.3f}"),
-        ("ECE", "ece", "{:7.3f}"),
-        ("Brier", "brier", "{:7.3f}"),
+        ("accuracy", "accuracy", "{:.3f}"),
+        ("NLL", "nll", "{:.3f}"),
+        ("ECE", "ece", "{:.3f}"),
+        ("Brier", "brier", "{:.3f}"),
     ],
 }
 
 
 def format_table(table, seconds: dict[str, float]) -> list[str]:
-    """The results table as text lines, with a header (``table`` from ``mz.evaluate``)."""
-    cols = _COLUMNS[table.attrs.get("task", "regression")]
-    width = max([len("method")] + [len(str(i)) for i in table.index])
-    head = (
-        f"{'method':<{width}}"
-        + "".join(f"{t:>{len(fmt.format(0.0))}}" for t, _, fmt in cols)
-        + f"{'fit s':>8}"
+    """The results table as text lines: a header, a rule, one row per fit (``table`` from
+    ``mz.evaluate``), laid out by pandas (``DataFrame.to_string``), so a wide value widens its
+    column instead of running into the next one; a missing value reads ``n/a``."""
+    import pandas as pd
+
+    task = table.attrs.get("task", "regression")
+    cols = _COLUMNS[task]
+    multi = table.index.nlevels > 1
+    names = ["/".join(map(str, i)) if multi else str(i) for i in table.index]
+    frame = pd.DataFrame(
+        {title: pd.to_numeric(table[key], errors="coerce").to_numpy() for title, key, _ in cols},
+        index=pd.Index(names),
     )
-    lines = [head, "-" * len(head)]
-    for name, row in table.iterrows():
-        cells = []
-        for _, key, fmt in cols:
-            v = float(row[key])
-            cells.append(fmt.format(v) if math.isfinite(v) else f"{'n/a':>{len(fmt.format(0.0))}}")
-        secs = seconds.get(str(name))
-        lines.append(
-            f"{str(name):<{width}}" + "".join(cells) + (f"{secs:8.1f}" if secs is not None else "")
-        )
-    return lines
+    frame["fit s"] = [seconds.get(str(i[0] if multi else i), math.nan) for i in table.index]
+    frame = frame.rename_axis(index=None, columns="method")  # "method" heads the name column
+
+    def fmt(spec):
+        return lambda v: "n/a" if not math.isfinite(v) else spec.format(v)
+
+    formatters = {title: fmt(spec) for title, _, spec in cols}
+    formatters["fit s"] = fmt("{:.1f}")
+    lines = frame.to_string(formatters=formatters, na_rep="n/a").splitlines()
+    return [lines[0], "-" * len(lines[0]), *lines[1:]]
 
 
 def _configure_logging(quiet: bool, verbose: int) -> None:
@@ -918,6 +960,8 @@ def _fit_cmd(args) -> int:
     )
     for n in data.notes:
         out(f"data: {n}")
+    for n in data.hints:
+        out(f"hint: {n}")
     if args.standardize:
         out(
             "data: inputs"
@@ -987,6 +1031,7 @@ def _fit_cmd(args) -> int:
             y_loc=y_loc,
             y_scale=y_scale,
             notes=notes,
+            class_names=data.classes,
         )
     table = res.metrics
     units = "in the target's units" if data.task == "regression" else ""
@@ -1005,6 +1050,8 @@ def _fit_cmd(args) -> int:
             out(f"  {fit_name}: {f.check}: {f.message}")
     else:
         out("findings: no problems found by the report's checks")
+    for h in data.hints if res.problems else []:
+        out(f"hint: {h}")
     if save_dir is not None:
         out(
             f"saved: {', '.join(saved.values())} (load with mz.load"
@@ -1049,6 +1096,7 @@ def _fit_cmd(args) -> int:
                 {"fit": n, "check": f.check, "message": f.message} for n, f in res.problems
             ],
             "notes": [{"fit": n, "check": f.check, "message": f.message} for n, f in res.notes],
+            "hints": data.hints,
             "failed": failed,
             "report": None if res.path is None else str(res.path),
             "saved": saved,

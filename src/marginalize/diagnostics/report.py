@@ -219,6 +219,7 @@ def _evaluate(
     seed: int,
     y_loc,
     y_scale,
+    class_names=None,
 ) -> None:
     post = fit.post
     y_model, _ = model_targets(post, y_test, x_test.shape[0])
@@ -243,6 +244,7 @@ def _evaluate(
     )
     fit.khat = psis_khat(post, khat_samples, seed=seed)
     fit.findings = checks.check_inference(post, fit.idata, khat=fit.khat)
+    fit.findings += checks.check_predictive(fit.ev, class_names=class_names)
     for reason in fit.ev.not_applicable:
         fit.findings.append(checks.Finding("info", "not applicable", reason))
     draws = fit.idata.posterior.sizes["chain"] * fit.idata.posterior.sizes["draw"]
@@ -733,6 +735,7 @@ def build_report(
     y_loc=None,
     y_scale=None,
     notes: list[str] | None = None,
+    class_names=None,
 ) -> ReportResult:
     """Write the report (see :func:`report`) and return what it found: a
     :class:`ReportResult` with the path, the problems, the notes and the metrics table.
@@ -762,6 +765,7 @@ def build_report(
             seed,
             y_loc,
             y_scale,
+            class_names,
         )
         log.info("report: evaluated %s in %.1f s", name, time.perf_counter() - ts)
         fits.append(f)
@@ -835,6 +839,7 @@ def report(
     y_loc=None,
     y_scale=None,
     notes: list[str] | None = None,
+    class_names=None,
 ) -> Path:
     """Write a self-contained HTML report on one or several fits; return its path.
 
@@ -859,6 +864,9 @@ def report(
         :func:`marginalize.evaluate`).
     notes : list of str, optional
         Lines shown under the title (e.g. how the fits were run).
+    class_names : sequence, optional
+        Classification: the name of each class (label ``k`` is ``class_names[k]``), shown in
+        the tables, figures and findings instead of the label numbers.
 
     Returns
     -------
@@ -890,4 +898,5 @@ def report(
         y_loc=y_loc,
         y_scale=y_scale,
         notes=notes,
+        class_names=class_names,
     ).path
