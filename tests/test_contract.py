@@ -195,6 +195,8 @@ def test_non_finite_values_follow_on_nan(method, monkeypatch):
     defaults = mz.inference.get_method(method).option_defaults()
     if "optimizer" in defaults and method not in ("swag", "multiswag"):
         opts["optimizer"] = "adam"  # L-BFGS backs off from a bad point itself (test_engine.py)
+    if defaults.get("lr") == "auto":  # SG-MCMC: no MAP stage (L-BFGS, which backs off itself)
+        opts.update(lr=1e-3, init="scaled")
     calls = {"n": 0}
     if "on_nan" not in defaults:
         orig = Problem.potential_and_grad
@@ -294,6 +296,14 @@ ALTERNATIVES = {
     "max_tree_depth": 3,
     "num_steps": 4,
     "trajectory_length": 1.0,
+    "temperature": 0.5,
+    "num_cycles": 3,
+    "exploration": 0.3,
+    "ess": 100.0,
+    "hess_init": 0.5,
+    "beta1": 0.8,
+    "beta2": 0.99,
+    "clip_radius": 0.1,
 }
 
 
@@ -304,7 +314,7 @@ def test_every_listed_option_is_accepted(method, tmp_path):
     x, y = reg_data()
     defaults = mz.inference.get_method(method).option_defaults()
     opts = {k: v for k, v in ALTERNATIVES.items() if k in defaults}
-    opts["init"] = "uniform" if "num_chains" in defaults else "median"
+    opts["init"] = "uniform" if "init_radius" in defaults else "median"
     opts["checkpoint"] = str(tmp_path / "fit.ckpt")
     missing = set(defaults) - set(opts)
     assert not missing, f"no alternative value for {sorted(missing)}"

@@ -55,6 +55,11 @@ OPTIONS = {
     # leave far too flat on student_t (learned df and noise: rate 0.28 vs 0.004-0.008)
     "swag": {"pretrain_steps": 400, "lr": 0.04},
     "multiswag": {"pretrain_steps": 400, "lr": 0.04, "num_models": 2},
+    # the samplers: few chains, steps and draws (the step size from the curvature at the MAP)
+    "sgld": {"steps": 600, "num_chains": 2, "num_samples": 50},
+    "sghmc": {"steps": 600, "num_chains": 2, "num_samples": 50},
+    "csgmcmc": {"steps": 1200, "num_cycles": 2, "num_samples": 50, "init": "map"},
+    "ivon": {"steps": 300},
     "nuts": {
         "num_samples": 20,
         "num_warmup": 30,

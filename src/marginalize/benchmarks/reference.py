@@ -87,6 +87,24 @@ NUM_LEVELS = 200
 NUM_PREDICTIVE = 1000
 #: reference draws whose mixture gives the stored quantiles (thinned evenly over the chains)
 REFERENCE_MIXTURE_DRAWS = 4000
+#: notes printed under the scores of ``reference.md``: what some rows' figures mean, and the
+#: goals they are measured against
+NOTES: list[str] = [
+    "`sgld`, `sghmc`, `csgmcmc` (issue 29) at their defaults: 20,000 full-batch steps per chain "
+    '(in all for `csgmcmc`), `lr="auto"` (from the sharpest curvature at a MAP point), 100 '
+    "draws per chain (400 in all). Goal: `csgmcmc` closer to the reference than every Gaussian "
+    "VI method (`svi-meanfield`, `svi-lowrank`, `bbb`) on every problem: met (W2 0.041 on gap "
+    "against 0.187 for the closest, `bbb`; 0.070 on boston against 0.156; TV 0.0027 on two "
+    "moons against 0.044; 0.0028 on breast cancer against 0.0092; 0.0095 on digits against "
+    "0.057). `sghmc` (4 chains from their own MAP points) is closer still on the regression "
+    "problems; `sgld`'s smaller decaying step explores least.",
+    "`ivon` at its defaults (1000 steps, half of `svi-meanfield`'s 2000). Goal: at least as "
+    "close as `svi-meanfield` at a fraction of its steps: met on gap (W2 0.213 against 0.288), "
+    "boston (0.052 against 0.206), breast cancer (TV 0.0104 against 0.0114) and digits (0.048 "
+    "against 0.059); NOT met on two moons (TV 0.092 against 0.064; 0.0945 against 0.0578 over "
+    "seeds 0-2, `benchmarks/results/scalable_defaults.md`, where larger steps that help two "
+    "moons make gap diverge).",
+]
 
 
 # ---- the problems -------------------------------------------------------------------------
@@ -718,6 +736,7 @@ def to_markdown(
         "## Scores",
         "",
         table_markdown(rows, out),
+        *(["Notes:", "", *[f"- {n}" for n in NOTES], ""] if NOTES else []),
         "## References",
         "",
         "Built by `marginalize bench reference --build-only` (seed 0, float64, one torch "

@@ -4,7 +4,17 @@ Importing this package registers every method (one module per method family in
 ``inference/methods/``).
 """
 
-from marginalize.inference.methods import bbb, dropout, ensemble, laplace, mcmc, svi, swag  # noqa: F401
+from marginalize.inference.methods import (  # noqa: F401
+    bbb,
+    dropout,
+    ensemble,
+    ivon,
+    laplace,
+    mcmc,
+    sgmcmc,
+    svi,
+    swag,
+)
 from marginalize.inference.registry import (
     Method,
     fit,

@@ -194,11 +194,12 @@ def fit(
     Notes
     -----
     In a distributed run (an initialized ``torch.distributed`` process group, e.g. under
-    ``torchrun``), the members and chains of ``ensemble``, ``multiswag``, ``nuts`` and ``hmc``
-    are spread over the ranks and gathered: every rank returns the same posterior, bitwise the
-    one a single process gives with the same seed (same machine and torch thread count). The
-    optimization methods train data-parallel: each rank takes its share of every minibatch and
-    the gradients are summed over the ranks (equal to one process up to float rounding).
+    ``torchrun``), the members and chains of ``ensemble``, ``multiswag``, ``nuts``, ``hmc``,
+    ``sgld`` and ``sghmc`` are spread over the ranks and gathered: every rank returns the same
+    posterior, bitwise the one a single process gives with the same seed (same machine and torch
+    thread count). The optimization methods train data-parallel: each rank takes its share of
+    every minibatch and the gradients are summed over the ranks (equal to one process up to
+    float rounding).
     Every rank must call ``fit`` with the same arguments. See ``docs/guide/distributed.md``.
 
     Returns

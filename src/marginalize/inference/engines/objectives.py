@@ -44,6 +44,7 @@ __all__ = [
     "LowRankObjective",
     "PyroObjective",
     "Scaled",
+    "PerDatumPotential",
     "closed_form",
     "softplus_inv",
 ]
@@ -486,3 +487,26 @@ class Scaled(Objective):
 
     def load_state_dict(self, st):
         self.objective.load_state_dict(st)
+
+
+class PerDatumPotential(Objective):
+    """``-log p(y, z) / N`` over the unconstrained ``z`` (log-Jacobian included), the loss the
+    samplers and IVON follow: on the full batch ``Problem.potential_and_grad`` (the closed form
+    with a hand-written gradient for builder MLPs, the compiled potential for plain model
+    functions; an invalid point gives an infinite loss), on a minibatch
+    :class:`PointObjective` with the likelihood scaled to the data."""
+
+    def __init__(self, problem: Problem):
+        self.problem = problem
+        self.point = PointObjective(problem, jacobian=True)
+        self.factor = 1.0 / problem.n
+
+    def loss(self, params, batch):
+        return self.point.loss(params, batch) * self.factor
+
+    def loss_and_grad(self, params, batch):
+        if batch.idx is None and batch.scale == 1.0:
+            u, g = self.problem.potential_and_grad(params)
+        else:
+            u, g = self.point.loss_and_grad(params, batch)
+        return u * self.factor, g * self.factor

@@ -622,7 +622,13 @@ def adam(params: torch.Tensor, opts, steps: int | None = None, lr: float | None 
 
 
 def fit_point(
-    problem: Problem, opts: MAPOptions, seed: int, progress: bool, *, desc: str = "map"
+    problem: Problem,
+    opts: MAPOptions,
+    seed: int,
+    progress: bool,
+    *,
+    desc: str = "map",
+    warn_unconverged: bool = True,
 ) -> tuple[torch.Tensor, Trained, str]:
     """A MAP fit of every latent site of ``problem``: ``(z, run, engine)``.
 
@@ -664,6 +670,7 @@ def fit_point(
         desc=desc,
         progress=progress,
         advice=advice,
+        warn_unconverged=warn_unconverged,
     )
     if guide is not None:
         objective.write_back(run.params)

@@ -96,6 +96,11 @@ from marginalize.core.info import FitInfo
 from marginalize.core.problem import Problem
 from marginalize.errors import OptionError
 from marginalize.inference.engines import interrupt
+from marginalize.inference.engines.curvature import (
+    CURVATURE_ROWS,
+    STABILITY_FRACTION,
+    sharpness,
+)
 from marginalize.inference.engines.distributed import run_members
 from marginalize.inference.engines.init import prior_start_spread
 from marginalize.inference.engines.objectives import PointObjective, Scaled
@@ -137,11 +142,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: ``swag_lr="auto"`` stays below this fraction of SGD's stability limit
-#: ``2 (1 + momentum) / lambda_max``
-STABILITY_FRACTION = 0.25
-#: rows used to estimate the curvature at the pretrained point (a random subset beyond this)
-CURVATURE_ROWS = 2048
 #: ``swag_lr="auto"``: the SWA mean's -log joint may exceed the pretrained point's by at most
 #: this many times sqrt(D/2), the standard deviation of ``-log p`` over the draws of a
 #: D-dimensional Gaussian posterior (``-log p - min`` is chi^2_D / 2 there); the SWA mean of
@@ -378,38 +378,6 @@ def _plan(problem: Problem, opts: SWAGOptions) -> _Plan:
             collected,
         )
     return _Plan(per_epoch, every, steps, burn, collected)
-
-
-def _rows(problem: Problem, generator: torch.Generator) -> torch.Tensor | None:
-    if problem.n <= CURVATURE_ROWS:
-        return None
-    return torch.randperm(problem.n, generator=generator)[:CURVATURE_ROWS].to(problem.device)
-
-
-def sharpness(
-    problem: Problem, z: torch.Tensor, generator: torch.Generator, iters: int = 20
-) -> float:
-    """Largest Hessian eigenvalue of the loss ``-log_joint(z) / N`` at ``z`` (power iteration
-    with Hessian-vector products; at most ``CURVATURE_ROWS`` rows, scaled to the data).
-    NaN when the Hessian cannot be evaluated."""
-    rows = _rows(problem, generator)
-    z = z.detach().clone().requires_grad_(True)
-    try:
-        (g,) = torch.autograd.grad(-problem.log_joint(z, rows) / problem.n, z, create_graph=True)
-        v = torch.randn(z.shape, generator=generator, dtype=z.dtype).to(z.device)
-        v = v / v.norm()
-        lam = math.nan
-        for _ in range(iters):
-            (hv,) = torch.autograd.grad(g, z, v, retain_graph=True)
-            norm = hv.norm()
-            if not bool(torch.isfinite(norm)) or float(norm) == 0.0:
-                break
-            lam = float(v @ hv)
-            v = hv / norm
-    except RuntimeError as e:  # a model whose graph cannot be differentiated twice
-        log.info("swag: no curvature estimate (%s)", e)
-        return math.nan
-    return abs(lam)
 
 
 def gradient_noise(
