@@ -22,8 +22,10 @@ from marginalize.errors import (
     DataError,
     FileFormatError,
     FitError,
+    FitWarning,
     ModelError,
     OptionError,
+    PredictWarning,
     ScaleWarning,
 )
 
@@ -55,6 +57,8 @@ _LAZY = {
     "register": "marginalize.inference",
     "resume": "marginalize.inference",
     "load": "marginalize.io",
+    "load_run": "marginalize.runs",
+    "Run": "marginalize.runs",
     "Posterior": "marginalize.posterior",
     "Prediction": "marginalize.posterior",
     "temperature_scale": "marginalize.temperature",
@@ -74,6 +78,7 @@ _SUBMODULES = {
     "diagnostics": "marginalize.diagnostics",
     "inference": "marginalize.inference",
     "metrics": "marginalize.diagnostics.metrics",
+    "sklearn": "marginalize.sklearn",
 }
 
 __all__ = [
@@ -93,6 +98,10 @@ __all__ = [
     "FileFormatError",
     "FitError",
     "ScaleWarning",
+    "FitWarning",
+    "PredictWarning",
+    "load_run",
+    "Run",
     "resume",
     "temperature_scale",
     "evaluate",

@@ -102,6 +102,8 @@ class Data:
     classes: list | None = None
     notes: list[str] = field(default_factory=list)
     hints: list[str] = field(default_factory=list)
+    #: how the table's feature columns became ``x`` (None: a built-in data set, numeric)
+    encoding: Any = None
 
 
 def read_table(path: Path):
@@ -200,26 +202,25 @@ def table_to_data(df, target: str | None, task: str, name: str) -> Data:
     bad = [c for c in feats.columns if pd.api.types.is_datetime64_any_dtype(feats[c])]
     if bad:
         raise DataError(f"--data: date/time feature columns {bad} need encoding as numbers")
-    text = [
-        c
-        for c in feats.columns
-        if not (pd.api.types.is_numeric_dtype(feats[c]) or pd.api.types.is_bool_dtype(feats[c]))
-    ]
-    if text:
-        feats = pd.get_dummies(feats, columns=text, dtype=np.float64)
-        notes.append(f"one-hot encoded the text/categorical feature columns {text}")
-    x = feats.to_numpy(np.float64)
+    from marginalize.runs import TableEncoding
+
+    encoding, x = TableEncoding.from_table(feats)
+    if encoding.categories:
+        notes.append(
+            f"one-hot encoded the text/categorical feature columns {list(encoding.categories)}"
+        )
     return Data(
         name,
         x,
         y,
         task,
         target,
-        [str(c) for c in feats.columns],
+        encoding.feature_names,
         num_classes,
         classes,
         notes,
         hints,
+        encoding,
     )
 
 
@@ -1054,21 +1055,37 @@ def _fit_cmd(args) -> int:
         out(f"hint: {h}")
     if save_dir is not None:
         out(
-            f"saved: {', '.join(saved.values())} (load with mz.load"
-            + (f"(path, model=...) and the model from {args.model}" if user_model else "(path)")
-            + ")"
+            f"saved: {', '.join(saved.values())} and {save_dir / 'run.json'}; predict on new "
+            f"rows with mz.load_run({str(save_dir)!r}"
+            + (f", model=<the function in {args.model}>" if user_model else "")
+            + ").predict(dataframe)"
         )
+        from marginalize.runs import RUN_FORMAT, RUN_VERSION, TableEncoding
+
+        encoding = data.encoding or TableEncoding(
+            list(data.feature_names), {}, list(data.feature_names)
+        )
+        encoding.x_mean = None if sx is None else np.asarray(sx.mean).tolist()
+        encoding.x_std = None if sx is None else np.asarray(sx.std).tolist()
+        model_file = None
+        if user_model:
+            mpath, _, mfunc = args.model.rpartition(":")
+            model_file = {"path": str(Path(mpath).resolve()), "function": mfunc}
         run = {
+            "format": RUN_FORMAT,
+            "version": RUN_VERSION,
             "data": data.name,
             "target": data.target,
             "task": data.task,
             "feature_names": data.feature_names,
             "classes": data.classes,
-            "x_mean": None if sx is None else np.asarray(sx.mean).tolist(),
-            "x_std": None if sx is None else np.asarray(sx.std).tolist(),
+            "x_mean": encoding.x_mean,
+            "x_std": encoding.x_std,
             "y_mean": y_loc,
             "y_std": y_scale,
+            "encoding": encoding.to_dict(),
             "model": args.model,
+            "model_file": model_file,
             "fits": saved,
         }
         write_text(save_dir / "run.json", json.dumps(run, indent=2))
