@@ -7,7 +7,6 @@ import warnings
 
 import numpy as np
 import pytest
-from conftest import tiny_options
 from sklearn.base import clone
 from sklearn.model_selection import GridSearchCV, cross_val_score
 from sklearn.pipeline import make_pipeline
@@ -15,6 +14,7 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
 import marginalize as mz
+from conftest import tiny_options
 from marginalize.sklearn import EXPECTED_FAILED_CHECKS, BNNClassifier, BNNRegressor
 
 TINY = {"hidden": (8,), "num_samples": 20}
@@ -89,7 +89,9 @@ def test_predictions_are_in_the_target_units():
 def test_classifier_keeps_the_labels_and_sums_to_one():
     rng = np.random.default_rng(1)
     X = rng.normal(size=(120, 2))
-    y = np.array(["setosa", "versicolor", "virginica"])[(X[:, 0] > 0).astype(int) + (X[:, 1] > 0.5).astype(int)]
+    y = np.array(["setosa", "versicolor", "virginica"])[
+        (X[:, 0] > 0).astype(int) + (X[:, 1] > 0.5).astype(int)
+    ]
     clf = BNNClassifier(method="map", hidden=(16,), options={"steps": 400}).fit(X, y)
     assert clf.classes_.tolist() == ["setosa", "versicolor", "virginica"]
     p = clf.predict_proba(X)
