@@ -616,7 +616,7 @@ def test_a_new_method_is_one_class_and_one_registration():
     try:
         registry.register("test-shrunk")(Shrunk)
         assert "test-shrunk" in mz.methods()
-        row = next(r for r in mz.method_info() if r["name"] == "test-shrunk")
+        row = mz.method_info()["test-shrunk"]
         assert row["options"]["shrink"] == 1.0 and row["docs"]["shrink"]
         post = mz.fit(MODEL, X, Y, method="test-shrunk", steps=30, shrink=0.5, progress=False)
         assert post.info.steps_done == 30 and post.predict(X).mean.shape == (24,)

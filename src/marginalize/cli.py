@@ -1313,7 +1313,7 @@ def _run(args, argv: list[str]) -> int:
     if args.cmd == "methods":
         import marginalize as mz
 
-        for row in mz.method_info():
+        for row in mz.method_info().values():
             print(f"{row['name']:>14}  {row['summary']}")
         return EXIT_OK
     from marginalize.errors import FitError
