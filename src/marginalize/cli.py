@@ -853,9 +853,16 @@ def _configure_logging(quiet: bool, verbose: int) -> None:
     logging.getLogger("marginalize").setLevel(logging.INFO if verbose >= 1 else level)
     for name in ("arviz", "arviz_base", "arviz_stats", "arviz_plots", "pyro", "matplotlib"):
         logging.getLogger(name).setLevel(logging.INFO if verbose >= 2 else logging.WARNING)
-    logging.captureWarnings(True)  # Python warnings go through logging: --quiet silences them
+    # Python warnings (the package's FitWarning, ...) go through logging, one line each without
+    # the source line of the caller: --quiet silences them
+    warnings.showwarning = _log_warning
     if quiet:
         warnings.simplefilter("ignore")
+
+
+def _log_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """``warnings.showwarning`` while a command runs: ``WARNING marginalize: FitWarning: ...``."""
+    logging.getLogger("marginalize").warning("%s: %s", category.__name__, message)
 
 
 # ---- fit -------------------------------------------------------------------------------
@@ -1259,8 +1266,7 @@ class _Settings:
         return self
 
     def __exit__(self, *exc):
-        logging.captureWarnings(False)
-        self._warn.__exit__(*exc)
+        self._warn.__exit__(*exc)  # restores warnings.showwarning and the filters
         root = logging.getLogger()
         for h in list(root.handlers):
             root.removeHandler(h)

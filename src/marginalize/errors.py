@@ -81,19 +81,21 @@ def _user_stacklevel() -> int:
     return 2
 
 
-def warn(message: str, category: type[Warning] = FitWarning) -> None:
-    """``warnings.warn(message, category)`` attributed to the user's call: the first frame
-    outside marginalize (and the libraries it calls through), so a script, a notebook cell or
-    a test sees which of its lines caused it. The package's user-facing warnings all go
-    through here; logging keeps the detail.
+def warn(message: str, *args, category: type[Warning] = FitWarning) -> None:
+    """``warnings.warn(message % args, category)`` attributed to the user's call: the first
+    frame outside marginalize (and the libraries it calls through), so a script, a notebook
+    cell or a test sees which of its lines caused it. Every user-facing warning of the package
+    goes through here (``args`` as for ``logging``: ``warn("%s: %d steps", desc, n)``);
+    logging keeps the detail.
 
     >>> import warnings
     >>> with warnings.catch_warnings(record=True) as seen:
     ...     warnings.simplefilter("always")
-    ...     warn("map: not converged after 5 steps")
+    ...     warn("%s: not converged after %d steps", "map", 5)
     >>> seen[0].category.__name__, str(seen[0].message)
     ('FitWarning', 'map: not converged after 5 steps')
     """
     import warnings
 
-    warnings.warn(message, category, stacklevel=_user_stacklevel())
+    text = message % args if args else message
+    warnings.warn(text, category, stacklevel=_user_stacklevel())

@@ -747,7 +747,7 @@ def _section_functions(fits: list[_Fit], posts, x_test, y_test, fin, class_names
         try:
             figs = _figures_from(functions.function_space_figures(posts, x_test))
         except Exception as e:  # a failing optional section must not lose the whole report
-            warn(f"report: the function-space figures failed: {e}", PredictWarning)
+            warn(f"report: the function-space figures failed: {e}", category=PredictWarning)
             parts.append(
                 f'<div class="info">The function-space figures could not be drawn: {_esc(e)}</div>'
             )
@@ -839,7 +839,7 @@ def build_report(
         try:
             compare_table = compare(candidates, seed=seed) if candidates else None
         except (ValueError, FloatingPointError) as e:
-            warn(f"report: the LOO comparison failed: {e}", PredictWarning)
+            warn(f"report: the LOO comparison failed: {e}", category=PredictWarning)
             no_loo.update({n: f"the LOO comparison failed ({e})" for n in candidates})
         if compare_table is not None:
             no_loo.update(compare_table.attrs.get("skipped", {}))

@@ -183,15 +183,14 @@ def check_launch() -> None:
     world = os.environ.get("WORLD_SIZE", "1")
     if _initialized() or not world.isdigit() or int(world) <= 1:
         return
-    from marginalize.errors import FitWarning, warn
+    from marginalize.errors import warn
 
     warn(
         f"this process is rank {os.environ.get('RANK', '?')} of {world} started by torchrun "
         "(WORLD_SIZE is set), but no torch.distributed process group is initialized: every "
         "rank fits the whole problem alone. Call torch.distributed.init_process_group('gloo') "
         "(or 'nccl') before mz.fit to spread members and chains over the ranks and train "
-        "data-parallel (docs/guide/distributed.md), or run the script without torchrun.",
-        FitWarning,
+        "data-parallel (docs/guide/distributed.md), or run the script without torchrun."
     )
 
 

@@ -29,6 +29,8 @@ import signal
 import threading
 from collections.abc import Iterator
 
+from marginalize.errors import warn
+
 __all__ = ["Flag", "scope", "requested", "request", "check"]
 
 log = logging.getLogger(__name__)
@@ -65,7 +67,7 @@ def scope() -> Iterator[Flag]:
         if flag.requested:
             raise KeyboardInterrupt("interrupted (Ctrl-C pressed twice)")
         flag.requested = True
-        log.warning("Ctrl-C: stopping at the end of the current step (press again to stop at once)")
+        warn("Ctrl-C: stopping at the end of the current step (press again to stop at once)")
 
     if install:
         signal.signal(signal.SIGINT, handler)

@@ -75,7 +75,7 @@ from marginalize.core.linearized import (
     output_map,
 )
 from marginalize.core.problem import Problem, _no_validation
-from marginalize.errors import FitError, ModelError, OptionError
+from marginalize.errors import FitError, ModelError, OptionError, warn
 from marginalize.inference.engines import distributed
 from marginalize.inference.engines.options import choice, either, integer, number, option
 from marginalize.inference.engines.subsites import (
@@ -282,7 +282,7 @@ def _refine(target: _Target, theta: torch.Tensor, steps: int) -> tuple[torch.Ten
             try:
                 opt.step(closure)
             except (RuntimeError, ValueError) as e:  # pragma: no cover - a failed line search
-                log.warning("laplace: L-BFGS refinement failed (%s); using the MAP as found", e)
+                warn("laplace: L-BFGS refinement failed (%s); using the MAP as found", e)
         with torch.no_grad():
             after = float(loss_fn())
     if not math.isfinite(after) or after > before:
@@ -494,9 +494,7 @@ class Laplace(Method):
             with _no_validation():
                 target.log_joint(z.to(torch.float64))
         except (RuntimeError, TypeError) as e:
-            log.warning(
-                "laplace: the model does not evaluate in float64 (%s); using %s", e, problem.dtype
-            )
+            warn("laplace: the model does not evaluate in float64 (%s); using %s", e, problem.dtype)
             target = _Target(problem, z, problem.dtype)
         try:
             theta, refine = _refine(target, z.to(target.dtype), opts.refine_steps)
@@ -591,7 +589,7 @@ class Laplace(Method):
             floor = 1e-8 * float(lam.abs().max())
             if float(lam.min()) <= 0:
                 bad = int((lam <= floor).sum())
-                log.warning(
+                warn(
                     "laplace: %d eigenvalue(s) of the precision are not positive after adding the "
                     "prior; clipped to %.3g",
                     bad,
@@ -653,7 +651,7 @@ class Laplace(Method):
                 pos = layer["pos"].to(theta.device)
                 p = b[pos.reshape(-1)]
                 if float(p.max() - p.min()) > 1e-6 * float(p.max()):
-                    log.warning(
+                    warn(
                         "laplace: the prior precision varies within layer %s; K-FAC uses its mean",
                         layer["spec"].name,
                     )
