@@ -157,8 +157,7 @@ def mz_epoch(method: str, n: int, n_test: int) -> dict:
 
     tl, vl = loaders(n, n_test)
     model = mz.models.bayesian(net(), prior=mz.priors.Normal(PRIOR_SD), likelihood="categorical")
-    info = mz.method_info()
-    row = next(r for r in info if r["name"] == method)
+    row = mz.method_info()[method]
     opts = {}
     for name in ("steps", "epochs", "pretrain_steps", "swag_steps", "num_members", "num_models"):
         if name in row["options"]:

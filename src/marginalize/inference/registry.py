@@ -166,19 +166,22 @@ def get_method(name: str) -> type[Method]:
     return _REGISTRY[name]
 
 
-def method_info() -> list[dict[str, Any]]:
-    """One row per method: ``name``, ``summary``, ``options`` (name -> default), ``docs``
-    (name -> meaning), ``cost`` and ``reference``, from the method's declared options.
+def method_info() -> dict[str, dict[str, Any]]:
+    """Every method by name (sorted): a row with ``name``, ``summary``, ``options`` (name ->
+    default), ``docs`` (name -> meaning), ``cost`` and ``reference``, from the method's
+    declared options. Iterate over the rows with ``.values()``.
 
     Examples
     --------
     >>> import marginalize as mz
-    >>> row = next(r for r in mz.method_info() if r["name"] == "svi-lowrank")
+    >>> row = mz.method_info()["svi-lowrank"]
     >>> row["options"]["rank"], row["docs"]["rank"]
     (10, 'rank of the covariance factor')
+    >>> [r["name"] for r in mz.method_info().values()] == mz.methods()
+    True
     """
-    return [
-        {
+    return {
+        n: {
             "name": n,
             "summary": c.summary,
             "options": c.option_defaults(),
@@ -187,7 +190,7 @@ def method_info() -> list[dict[str, Any]]:
             "reference": c.reference,
         }
         for n, c in sorted(_REGISTRY.items())
-    ]
+    }
 
 
 def fit(
@@ -275,6 +278,7 @@ def fit(
     cls = get_method(method)
     opts = cls.make_options(options)
     seed = check_seed("seed", seed)
+    distributed.check_launch()  # torchrun without a process group: a warning
     device = check_device(device)
     # Pyro's param store, handler stack and plate dims are process globals: one fit at a time,
     # with the caller's open handlers set aside (see marginalize._isolation)
