@@ -30,8 +30,6 @@ import sys
 import threading
 from collections.abc import Iterator
 
-from marginalize.errors import warn
-
 __all__ = ["Flag", "scope", "requested", "request", "check"]
 
 log = logging.getLogger(__name__)
