@@ -497,3 +497,22 @@ def test_compiled_code_that_raises_hands_over_to_the_pyro_path(float64):
     (gb,) = torch.autograd.grad(lj.sum(), zb)
     _assert_close(lj.detach(), ref_v)
     _assert_close(gb, ref_g)
+
+
+def test_a_fit_warns_when_the_log_joint_falls_back_and_records_the_path():
+    """Issue 23.4: the Pyro-trace fallback is a FitWarning at fit time that names its cost,
+    once per fit; ``post.info["log_joint"]`` says which path ran, for every kind of model."""
+    x, y = _data("reg", 2)
+    with pytest.warns(mz.FitWarning, match="cannot be compiled.*Pyro trace.*slower") as seen:
+        post = mz.fit(branchy, x, y, method="map", steps=30, progress=False)
+    assert sum("cannot be compiled" in str(w.message) for w in seen) == 1
+    assert post.info["log_joint"] == "Pyro trace"
+    assert (
+        mz.fit(regression, x, y, method="map", steps=30, progress=False)
+        .info["log_joint"]
+        .startswith("compiled")
+    )
+    mlp = mz.models.mlp(x.shape[1], hidden=[4])
+    assert mz.fit(mlp, x, y, method="map", steps=30, progress=False).info["log_joint"] == (
+        "closed form"
+    )

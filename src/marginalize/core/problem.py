@@ -698,6 +698,17 @@ class Problem:
             self.__dict__["_compiled"] = comp
         return self.__dict__["_compiled"]
 
+    def log_joint_path(self) -> str:
+        """Which log joint a fit of this problem evaluated, for ``post.info["log_joint"]``:
+        ``"closed form"`` (builder MLPs with the package's priors and likelihoods: an analytic
+        gradient), ``"network"`` (other builders and wrapped modules: batched forwards), or for
+        plain model functions ``"compiled"``, ``"compiled, Pyro trace for ..."`` or ``"Pyro
+        trace"`` (not compiled: see the fit's warning)."""
+        if self.vectorized:
+            return "closed form" if self.__dict__.get("_fast") is not None else "network"
+        comp = self.__dict__.get("_compiled")
+        return "Pyro trace" if comp is None else comp.path()
+
     def fast_potential(self):
         """The closed-form potential with an analytic gradient (``core/potentials.py``)
         for builder MLPs with the package's priors and likelihoods, else ``None``. Set

@@ -350,6 +350,7 @@ def fit(
             state = final_state(problem, approx)
     if not isinstance(info, FitInfo):
         info = FitInfo.from_dict(info)
+    info.details.setdefault("log_joint", problem.log_joint_path())
     return Posterior(
         problem.model,
         problem.layout,

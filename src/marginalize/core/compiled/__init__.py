@@ -276,6 +276,9 @@ class CompiledLogJoint:
         self.problem = problem
         self.ok = True
         self.reason = ""
+        #: signatures evaluated by the Pyro trace, and whether the user was warned
+        self.fallbacks: list[str] = []
+        self._warned = False
         self._cache: dict[Any, _Compiled | None] = {}
         self._reported: set[str] = set()
         self.numpy = problem.device.type == "cpu" and problem.dtype in (
@@ -446,6 +449,7 @@ class CompiledLogJoint:
                         f"{self._model_name()}: log joint by the Pyro trace "
                         f"({self._describe(key)}): the model cannot be compiled: {why}"
                     )
+                    self._fell_back(key, why)
                 else:
                     bridged = f"; by torch: {', '.join(comp.bridged)}" if comp.bridged else ""
                     loop = ", a loop over z" if comp.looped else ""
@@ -461,6 +465,31 @@ class CompiledLogJoint:
                 )
             self._cache[key] = comp
         return comp
+
+    def _fell_back(self, key, why: str) -> None:
+        """A FitWarning, once per model, when a signature is evaluated by the Pyro trace:
+        the fit runs, at a cost the user should know (and may remove by rewriting the model)."""
+        self.fallbacks.append(self._describe(key))
+        if self._warned:
+            return
+        self._warned = True
+        warn(
+            "%s: the log joint cannot be compiled (%s: %s); it is evaluated by the Pyro trace, "
+            "typically 5-40x slower per step for small networks (benchmarks/results/"
+            "log_joint.md). The fit is the same; post.info['log_joint'] says which path ran.",
+            self._model_name(),
+            self._describe(key),
+            why[:200],
+        )
+
+    def path(self) -> str:
+        """Which log joint ran: ``"compiled"``, ``"compiled, Pyro trace for <signatures>"``
+        or ``"Pyro trace"`` (the unbatched full-data signature could not be compiled)."""
+        if not self.ok:
+            return "Pyro trace"
+        if self.fallbacks:
+            return "compiled, Pyro trace for " + "; ".join(self.fallbacks)
+        return "compiled"
 
     def _model_name(self) -> str:
         m = self.problem.model
@@ -507,6 +536,8 @@ class CompiledLogJoint:
             self.ok = False
             self.reason = f"its compiled code raised {type(e).__name__}: {e}"
             self._cache = dict.fromkeys(self._cache)
+        self.fallbacks.append("every signature, after its compiled code raised")
+        self._warned = True
         warn(
             "%s: the compiled log joint raised %s (%s); using the Pyro trace from now on",
             self._model_name(),
