@@ -18,7 +18,9 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     import arviz as az
 
+import marginalize as mz
 from conftest import rseed
+from marginalize.core.problem import prepare
 from marginalize.inference.engines.nuts import (
     NUTSState,
     SamplingInterrupted,
@@ -556,3 +558,25 @@ def test_numpy_kernel_resumes_bitwise_and_float32():
     rest, rest_stats, _ = run_sampler(None, z0, generator=gen(99), state=state, **kw)
     assert torch.equal(torch.cat([e.value.draws, rest]), ref)
     assert torch.equal(torch.cat([e.value.stats["lp"], rest_stats["lp"]]), ref_stats["lp"])
+
+
+def test_nuts_warns_before_fitting_when_draws_or_gradients_outgrow_memory(monkeypatch):
+    """Issue 25.2: the stored draws (chains x samples x D) and a full-batch gradient are
+    compared with the memory available before the first step; past half of it, a FitWarning
+    names the figures and the alternative, and the fit goes on."""
+    from marginalize.inference.methods import mcmc
+
+    x = torch.randn(40, 3)
+    y = x[:, 0]
+    model = mz.models.mlp(3, hidden=[8], likelihood=mz.likelihoods.Gaussian(noise=0.1))
+    need = mcmc.memory_needs(prepare(model, x, y), mcmc.NUTS.Options(num_samples=50))
+    d = 3 * 8 + 8 + 8 + 1
+    assert need["draws"] == 4 * 50 * d * 4 and need["gradient"] > 0  # float32, 4 chains
+    monkeypatch.setattr(mcmc, "available_memory", lambda device: need["draws"] // 2)  # too little
+    with pytest.warns(mz.FitWarning, match=r"nuts: 2 chains x 50 draws x 41 parameters"):
+        mz.fit(model, x, y, method="nuts", num_samples=50, num_warmup=20, num_chains=2,
+               progress=False)  # fmt: skip
+    monkeypatch.setattr(mcmc, "available_memory", lambda device: need["gradient"])
+    with pytest.warns(mz.FitWarning, match="full-batch gradient over 40 rows.*minibatch"):
+        mz.fit(model, x, y, method="hmc", num_samples=20, num_warmup=20, num_chains=1,
+               progress=False)  # fmt: skip

@@ -116,6 +116,75 @@ def initial_point(problem: Problem, opts: MCMCOptions, seed: int) -> torch.Tenso
     )
 
 
+#: the share of the available memory past which NUTS/HMC warn before fitting
+MEMORY_SHARE = 0.5
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes that can still be allocated on ``device``: a GPU's free memory, the system's
+    ``MemAvailable`` on the CPU (Linux), or ``None`` where it cannot be read."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def memory_needs(problem: Problem, opts) -> dict[str, int]:
+    """Bytes NUTS/HMC will hold at once: ``"draws"`` (every chain's kept draws, ``chains x
+    samples x D``) and ``"gradient"`` (one full-batch gradient of the network: the measured
+    activation bytes of one input times the rows; 0 where the model does not state them)."""
+    item = torch.finfo(problem.dtype).bits // 8
+    draws = opts.num_chains * opts.num_samples * problem.layout.size * item
+    per_row = 0
+    measure = getattr(problem.model, "activation_bytes_per_input", None)
+    if measure is not None:
+        try:
+            per_row = int(measure(problem.example[0][:1]))
+        except Exception:  # noqa: BLE001 - no probe: no estimate
+            per_row = 0
+    return {"draws": draws, "gradient": per_row * problem.n}
+
+
+def warn_memory(problem: Problem, opts, name: str) -> None:
+    """A FitWarning before fitting when the draws or a full-batch gradient would take more
+    than :data:`MEMORY_SHARE` of the memory available, naming the figures and what to change."""
+    free = available_memory(problem.device)
+    if not free:
+        return
+    need = memory_needs(problem, opts)
+    gib = 2**30
+    if need["draws"] > MEMORY_SHARE * free:
+        warn(
+            "%s: %d chains x %d draws x %d parameters take %.1f GiB, more than half of the "
+            "%.1f GiB available on %s; lower num_samples or num_chains, or use a method that "
+            "keeps fewer draws (swag, laplace, svi-lowrank)",
+            name,
+            opts.num_chains,
+            opts.num_samples,
+            problem.layout.size,
+            need["draws"] / gib,
+            free / gib,
+            problem.device,
+        )
+    if need["gradient"] > MEMORY_SHARE * free:
+        warn(
+            "%s: one full-batch gradient over %d rows needs about %.1f GiB of activations, more "
+            "than half of the %.1f GiB available on %s; it evaluates every row at every step: "
+            "use a minibatch method (sghmc, sgld, svi-meanfield, swag) on data this large",
+            name,
+            problem.n,
+            need["gradient"] / gib,
+            free / gib,
+            problem.device,
+        )
+
+
 class _MCMC(Method):
     refuses_dtypes = (torch.float16, torch.bfloat16)
     refuses_dtypes_why = (
@@ -132,6 +201,10 @@ class _MCMC(Method):
 
     def _sampler_kwargs(self, opts) -> dict:
         return {}
+
+    def check(self, problem: Problem, opts, given) -> None:
+        super().check(problem, opts, given)
+        warn_memory(problem, opts, self.name)
 
     def run(self, problem, opts, seed, progress):
         num_warmup = opts.num_samples if opts.num_warmup is None else opts.num_warmup
