@@ -113,6 +113,21 @@ def _coordinate_variance(approx: Approximation) -> torch.Tensor:
     return approx.variance()
 
 
+def _factor_rows(approx: Gaussian, cols: torch.Tensor) -> torch.Tensor:
+    """The rows of ``approx.cov_factor`` for the coordinates ``cols`` (zeros where a factor
+    stored for ``approx.idx`` only has none)."""
+    cf = approx.cov_factor
+    if approx.idx is None:
+        return cf[cols]
+    where = torch.full((approx.dim,), -1, dtype=torch.long, device=cf.device)
+    where[approx.idx] = torch.arange(approx.idx.numel(), device=cf.device)
+    pos = where[cols]
+    out = cf.new_zeros(cols.numel(), cf.shape[-1])
+    hit = pos >= 0
+    out[hit] = cf[pos[hit]]
+    return out
+
+
 def probit_probs(mu: torch.Tensor, var: torch.Tensor, bernoulli: bool) -> torch.Tensor:
     """Class probabilities ``(N, C)`` of Gaussian logits by the probit approximation.
 
@@ -222,7 +237,7 @@ class LinearizedPredictive:
             else:
                 if bool((approx.scale[cols] != 0).any()):
                     parts.append(torch.diag(approx.scale[cols]))
-                parts.append(approx.cov_factor[cols])
+                parts.append(_factor_rows(approx, cols))
             r = torch.cat(parts, 1)
             st.factor = r[:, (r != 0).any(0)]  # drop the columns of fixed coordinates
         st.grid = self._last_layer_grid(cols, st)
