@@ -313,3 +313,62 @@ def test_last_layer_factor_saves_and_predicts_as_before(float64, tmp_path):
     fixed = torch.ones(post.layout.size, dtype=torch.bool)
     fixed[post.approximation.idx] = False
     assert bool((draws[:, fixed] == post.approximation.loc[fixed]).all())
+
+
+@pytest.mark.parametrize("tail", [False, True])
+def test_module_last_layer_predictive_features_path(float64, tail):
+    """The GLM predictive of a module's last layer runs on the layer's inputs (one pass per
+    block) and gives the Jacobian path's moments; a layer that is not the output (a Tanh
+    after it) is not taken for a linear head."""
+    torch.manual_seed(0)
+    layers = [nn.Linear(2, 6), nn.Tanh(), nn.Linear(6, 3)] + ([nn.Tanh()] if tail else [])
+    net = nn.Sequential(*layers).double()
+    x, y = torch.randn(40, 2, dtype=torch.float64), torch.randint(0, 3, (40,))
+    model = mz.models.bayesian(net, likelihood="categorical")
+    post = mz.fit(
+        model, x, y, method="laplace", bayesian_sites="last_layer", steps=30, progress=False
+    )
+    glm = post.predictive.linearized
+    st = glm.state
+    xt = torch.randn(7, 2, dtype=torch.float64)
+    mu1, var1 = glm.block(xt).moments()
+    if tail:
+        assert st.grid is None
+        return
+    assert st.grid is not None and st.head == "2"
+    st.grid = None  # the general path: Jacobians of the uncertain coordinates
+    mu2, var2 = glm.block(xt).moments()
+    assert torch.allclose(mu1, mu2, atol=1e-10) and torch.allclose(var1, var2, atol=1e-10)
+    assert bool((var1 > 0).all())
+
+
+def test_batchnorm_affine_diagonal_is_the_exact_ggn_diagonal(float64):
+    """A BatchNorm layer in eval mode is ``w xhat + b`` per channel: the recorded GGN
+    diagonal of its weight and bias equals ``diag(J^T H J)`` from autograd Jacobians."""
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(1, 3, 3, padding=1), nn.BatchNorm2d(3), nn.Tanh(), nn.Flatten(), nn.Linear(48, 2)
+    ).double()
+    bn = net[1]
+    bn.running_mean.copy_(torch.randn(3))
+    bn.running_var.copy_(torch.rand(3) + 0.5)
+    bn.weight.data.copy_(torch.randn(3))
+    bn.bias.data.copy_(torch.randn(3))
+    model = mz.models.bayesian(net, likelihood="categorical")
+    params = model.module_params(dtype=torch.float64)
+    offsets = _offsets(params, model.bayesian_sites)
+    norms = kfac.find_norms(model, offsets.get)
+    assert [(k.name, tuple(k.pos.shape)) for k in norms] == [("1", (2, 3))]
+    x, y = torch.randn(5, 1, 4, 4, dtype=torch.float64), torch.randint(0, 2, (5,))
+    ((diag, _, _),) = kfac.kfac(model, params, norms, [(x, y)], _softmax_factor)
+
+    def out(v):
+        p = {**params, "1.weight": v[:3], "1.bias": v[3:]}
+        return model.forward(p, x)
+
+    v0 = torch.cat([params["1.weight"], params["1.bias"]])
+    jac = torch.autograd.functional.jacobian(out, v0)  # (N, 2, 6)
+    p = torch.softmax(out(v0), -1)
+    h = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+    want = torch.einsum("nok,nop,npk->k", jac, h, jac)
+    assert torch.allclose(diag.reshape(-1), want, rtol=1e-8, atol=1e-12)

@@ -24,8 +24,10 @@ Under a Gaussian posterior ``N(z0, Sigma)`` the linearized output at one input i
 * ``"mc"``: Monte Carlo over draws of the weights pushed through the linearized network.
 
 Costs. The covariance ``J Sigma J^T`` is computed without drawing weights. When the only
-uncertain weights are the last layer of a builder MLP (``bayesian_sites="last_layer"``), the
-network runs once to the last hidden layer and the rest is small linear algebra on the
+uncertain weights are the last layer of a builder MLP (``bayesian_sites="last_layer"``) or
+the ``nn.Linear`` of a module whose output is the network's output (checked on example rows
+at the linearization point and at other weights of that layer), the network runs once to the
+last hidden layer (for a module: one forward pass with a hook on that layer's input) and the rest is small linear algebra on the
 features ``phi`` (``f = phi W + b`` is linear in the last layer): ``phi Sigma_o phi^T`` per
 output for a dense covariance, ``(phi^2) s^2`` for a diagonal one, and for a K-FAC
 (Kronecker) one ``((phi Q_A)^2 S^2) (Q_G^2)^T`` with the eigenbases of its factors. Otherwise
@@ -57,6 +59,7 @@ from typing import Any
 import numpy as np
 import pyro.distributions as dist
 import torch
+from torch import nn
 
 from marginalize.core.approximations import Approximation, Gaussian, Kronecker
 from marginalize.core.layout import Layout
@@ -72,6 +75,7 @@ from marginalize.core.problem import _no_validation
 from marginalize.errors import ModelError, is_out_of_memory
 from marginalize.models.base import BNN
 from marginalize.models.builders import MLP, dense
+from marginalize.models.module import ModuleBNN
 
 __all__ = ["LinearizedPredictive", "GLMState", "GLMBlock", "probit_probs", "QUADRATURE_NODES"]
 
@@ -105,6 +109,8 @@ class GLMState:
     scale_grid: torch.Tensor | None = None
     #: constrained values of every site at z0
     params0: dict = field(default_factory=dict)
+    #: for a module: the name of the ``nn.Linear`` whose inputs are the features
+    head: str | None = None
 
 
 def _coordinate_variance(approx: Approximation) -> torch.Tensor:
@@ -268,28 +274,88 @@ class LinearizedPredictive:
         return mask
 
     def _last_layer_grid(self, cols: torch.Tensor, st: GLMState) -> torch.Tensor | None:
-        """The (fan_in + 1, fan_out) positions of a builder MLP's last layer when those are
+        """The (fan_in + 1, fan_out) positions of the last layer (a builder MLP's, or the
+        ``nn.Linear`` of a module whose output is the network's output) when those are
         exactly the uncertain output coordinates (bias as the last row), else ``None``."""
         model = self.model
-        if type(model) is not MLP or cols.numel() == 0:
+        if cols.numel() == 0:
             return None
-        spec = model.layer_specs()[-1]
-        w = self.layout[f"{spec.name}.weight"]
-        fan_in, fan_out = spec.weight_shape
-        grid = torch.arange(w.offset, w.offset + w.size, device=cols.device).reshape(
-            fan_in, fan_out
-        )
-        if spec.bias_shape is not None:
-            b = self.layout[f"{spec.name}.bias"]
+        if type(model) is MLP:
+            spec = model.layer_specs()[-1]
+            w = self.layout[f"{spec.name}.weight"]
+            fan_in, fan_out = spec.weight_shape
+            grid = torch.arange(w.offset, w.offset + w.size, device=cols.device).reshape(
+                fan_in, fan_out
+            )
+            bias = f"{spec.name}.bias" if spec.bias_shape is not None else None
+        elif isinstance(model, ModuleBNN):
+            found = self._module_head(cols)
+            if found is None:
+                return None
+            grid, bias, st.head = found
+        else:
+            return None
+        if bias is not None:
+            b = self.layout[bias]
             grid = torch.cat(
                 [grid, torch.arange(b.offset, b.offset + b.size, device=cols.device)[None]]
             )
         if grid.numel() != cols.numel() or not torch.equal(grid.reshape(-1).sort().values, cols):
             return None
+        if isinstance(model, ModuleBNN) and not self._head_is_output(st, grid):
+            return None
         if st.kind == "kron":
             if len(st.blocks) != 1 or not torch.equal(st.blocks[0]["idx"], grid.reshape(-1)):
                 return None
         return grid
+
+    def _module_head(self, cols: torch.Tensor) -> tuple[torch.Tensor, str | None, str] | None:
+        """The weight grid ``(in, out)`` and bias site of the module's ``nn.Linear`` whose
+        weight holds the first uncertain coordinate."""
+        model: ModuleBNN = self.model
+        first = int(cols[0])
+        for spec in model.layer_specs():
+            wname = f"{spec.name}.weight"
+            if wname not in self.layout:
+                continue
+            w = self.layout[wname]
+            if not w.offset <= first < w.offset + w.size:
+                continue
+            try:
+                mod = model.module.get_submodule(spec.name)
+            except AttributeError:
+                return None
+            if not isinstance(mod, nn.Linear):
+                return None
+            out_f, in_f = spec.weight_shape
+            grid = torch.arange(w.offset, w.offset + w.size, device=cols.device)
+            bias = f"{spec.name}.bias"
+            return grid.reshape(out_f, in_f).T, bias if bias in self.layout else None, spec.name
+        return None
+
+    def _head_is_output(self, st: GLMState, grid: torch.Tensor) -> bool:
+        """Whether the network's output is ``features @ z[grid]`` on the example rows, at the
+        linearization point and with other values of the layer (the layer is the output)."""
+        if self.example is None or not torch.is_floating_point(st.z0):
+            return False
+        try:
+            phi = _module_features(self, st, grid, self.example)
+        except (RuntimeError, ModelError):
+            return False
+        if phi is None or phi.dim() != 2 or phi.shape[1] != grid.shape[0]:
+            return False
+        g = torch.Generator(device=st.z0.device).manual_seed(0)
+        z1 = st.z0.clone()
+        z1[grid.reshape(-1)] = torch.randn(
+            grid.numel(), generator=g, dtype=z1.dtype, device=z1.device
+        )
+        with torch.no_grad(), _no_validation():
+            for z in (st.z0, z1):
+                f = st.omap.forward(z, self.example)
+                lin = phi @ z[grid]
+                if f.shape != lin.shape or not torch.allclose(f, lin, rtol=1e-4, atol=1e-5):
+                    return False
+        return True
 
     @cached_property
     def bernoulli(self) -> bool:
@@ -362,7 +428,10 @@ class GLMBlock:
     @cached_property
     def features(self) -> torch.Tensor:
         """Inputs of the last layer at ``z0`` with a column of ones for the bias: ``(B, r)``."""
-        model: MLP = self.glm.model
+        model = self.glm.model
+        if isinstance(model, ModuleBNN):
+            st = self.glm.state
+            return _module_features(self.glm, st, st.grid, self.x)
         params = self.glm.state.params0
         specs = model.layer_specs()
         h = self.x
@@ -406,11 +475,7 @@ class GLMBlock:
     def _moments_features(self, full_cov: bool):
         st = self.glm.state
         phi = self.features  # (N, r)
-        params = st.params0
-        spec = self.glm.model.layer_specs()[-1]
-        f0 = phi[:, : spec.weight_shape[0]] @ params[f"{spec.name}.weight"]
-        if spec.bias_shape is not None:
-            f0 = f0 + params[f"{spec.name}.bias"]
+        f0 = phi @ st.z0[st.grid]  # the last layer's weights (in, out), bias as the last row
         if st.kind == "kron":
             b = st.blocks[0]
             a = phi @ b["qa"]  # (N, r)
@@ -553,6 +618,27 @@ class GLMBlock:
         if st.other.numel() == 0 or st.omap.family == "logits":  # one rebuild over the draws
             return st.omap.dist(flin, st.z0, self.x)
         return StackedDraws([st.omap.dist(flin[s], z[s], self.x) for s in range(z.shape[0])])
+
+
+def _module_features(
+    glm: LinearizedPredictive, st: GLMState, grid: torch.Tensor, x: torch.Tensor
+) -> torch.Tensor:
+    """A module's last-layer inputs ``(B, r)`` at ``z0`` (a forward hook on its
+    ``nn.Linear`` ``st.head``; one forward pass, no graph), ones appended for the bias."""
+    mod = glm.model.module.get_submodule(st.head)
+    got: list[torch.Tensor] = []
+    handle = mod.register_forward_hook(lambda _m, inp, _o: got.append(inp[0]))
+    try:
+        with torch.no_grad(), _no_validation():
+            st.omap.forward(st.z0, x)
+    finally:
+        handle.remove()
+    if len(got) != 1:
+        raise ModelError("the last layer ran more than once in one forward pass")
+    h = got[0]
+    if grid.shape[0] == h.shape[-1] + 1:
+        h = torch.cat([h, h.new_ones(*h.shape[:-1], 1)], -1)
+    return h
 
 
 def _project(st: GLMState, j: torch.Tensor) -> torch.Tensor:

@@ -57,7 +57,7 @@ from marginalize.models.builders import MLP, dense
 from marginalize.models.cnn import CNN
 from marginalize.models.module import ModuleBNN
 
-__all__ = ["KLayer", "find_layers", "kfac", "exact_ggn", "supports"]
+__all__ = ["KLayer", "find_layers", "find_norms", "kfac", "exact_ggn", "supports"]
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +158,29 @@ def find_layers(model: BNN, offset: Callable[[str], int | None]) -> list[KLayer]
     return out
 
 
+_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+def find_norms(model: BNN, offset: Callable[[str], int | None]) -> list[KLayer]:
+    """A module's BatchNorm layers (running statistics, affine) with a free weight or bias:
+    kind ``"norm"``, ``pos`` ``(rows, C)`` (the weight's positions, then the bias's). In eval
+    mode such a layer is ``y = w xhat + b`` per channel, so its GGN diagonal is exact from the
+    recorded ``xhat`` and output gradients (:func:`kfac` returns it)."""
+    out: list[KLayer] = []
+    if not isinstance(model, ModuleBNN):
+        return out
+    for name, mod in model.module.named_modules():
+        if not isinstance(mod, _NORMS) or not mod.affine or not mod.track_running_stats:
+            continue
+        wo, bo = offset(f"{name}.weight"), offset(f"{name}.bias")
+        rows = [torch.arange(o, o + mod.num_features) for o in (wo, bo) if o is not None]
+        if rows:
+            out.append(
+                KLayer(name, "norm", torch.stack(rows), bo is not None, {"w": wo is not None})
+            )
+    return out
+
+
 # ---- recording ----------------------------------------------------------------------------
 class _Taps:
     def __init__(self, layers: list[KLayer]):
@@ -183,8 +206,13 @@ def _record(model: BNN, params, x: torch.Tensor, state, layers: list[KLayer]):
         for layer in layers:
             mod = model.module.get_submodule(layer.name)
 
-            def hook(_m, inp, out, name=layer.name):
-                return taps(name, inp[0], out)
+            def hook(m, inp, out, name=layer.name, norm=layer.kind == "norm"):
+                a = inp[0]
+                if norm:  # eval mode: xhat from the running statistics (the state given)
+                    shape = [1, -1] + [1] * (a.dim() - 2)
+                    mean, var = m.running_mean.reshape(shape), m.running_var.reshape(shape)
+                    a = (a - mean) / torch.sqrt(var + m.eps)
+                return taps(name, a, out)
 
             handles.append(mod.register_forward_hook(hook))
         try:
@@ -270,15 +298,29 @@ def kfac(
     model: BNN, params, layers: list[KLayer], chunks: Chunks, factor: Factor, state=None
 ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """``(A_sum, positions, G)`` per layer over the chunks: ``A = A_sum / positions`` (see the
-    module docstring). ``factor(f, x, y)`` gives ``L`` ``(B, O, O)`` of a chunk's outputs."""
+    module docstring); for a ``"norm"`` layer ``A_sum`` is its GGN diagonal, shaped as its
+    ``pos``. ``factor(f, x, y)`` gives ``L`` ``(B, O, O)`` of a chunk's outputs."""
     like = next(iter(params.values()))
-    a_acc = [like.new_zeros(r, r) for r, _ in (layer.pos.shape for layer in layers)]
+    a_acc = [
+        like.new_zeros(layer.pos.shape if layer.kind == "norm" else (r, r))
+        for layer, (r, _) in zip(layers, (layer.pos.shape for layer in layers), strict=True)
+    ]
     g_acc = [like.new_zeros(c, c) for _, c in (layer.pos.shape for layer in layers)]
     count = [0] * len(layers)
     for taps, grads in _passes(model, params, state, layers, chunks, factor):
         i = 0
         for j, layer in enumerate(layers):
             r, c = layer.pos.shape
+            if layer.kind == "norm":  # exact GGN diagonal: a is xhat
+                for a, _e in taps.calls[layer.name]:
+                    for per_k in grads:
+                        g = per_k[i].reshape(a.shape[0], a.shape[1], -1)
+                        rows = [(g * a.reshape(g.shape)).sum(-1)] if layer.unfold["w"] else []
+                        if layer.bias:
+                            rows.append(g.sum(-1))
+                        a_acc[j] += torch.stack(rows, 1).pow(2).sum(0)
+                    i += 1
+                continue
             for a, _e in taps.calls[layer.name]:
                 a = _patches(layer, a).reshape(-1, r)
                 a_acc[j] += a.T @ a

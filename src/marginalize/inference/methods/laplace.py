@@ -788,7 +788,11 @@ class Laplace(Method):
         problem's dtype, eigendecomposed in the target's); a diagonal GGN for the other
         coordinates that move the output (BatchNorm affine parameters, embeddings)."""
         dim = theta.numel()
+        layout = problem.layout
+        norms = kfac.find_norms(target.model, lambda n: layout[n].offset if n in layout else None)
         covered = set(torch.cat([k.pos.reshape(-1) for k in layers]).tolist()) if layers else set()
+        normed = torch.cat([k.pos.reshape(-1) for k in norms]) if norms else net[:0].cpu()
+        covered |= set(normed.tolist())
         rest = torch.tensor(
             [i for i in net.tolist() if i not in covered], dtype=torch.long, device=net.device
         )
@@ -804,16 +808,21 @@ class Laplace(Method):
             (x.to(dtype) if x.is_floating_point() else x, y) for x, y in target.chunks(share=True)
         )
         factor = _factor_fn(target, theta, omap)
-        factors = kfac.kfac(
-            target.model,
-            params,
-            layers,
-            chunks,
-            lambda f, x, y: factor(f, x.to(target.dtype) if x.is_floating_point() else x, y),
-            state,
-        )
+        factors = []
+        if layers or norms:
+            factors = kfac.kfac(
+                target.model,
+                params,
+                layers + norms,
+                chunks,
+                lambda f, x, y: factor(f, x.to(target.dtype) if x.is_floating_point() else x, y),
+                state,
+            )
         out = []
-        for layer, (a_sum, count, g_mat) in zip(layers, factors, strict=True):
+        norm_diag = [
+            distributed.sum_over_ranks(f[0].detach()).reshape(-1) for f in factors[len(layers) :]
+        ]
+        for layer, (a_sum, count, g_mat) in zip(layers, factors[: len(layers)], strict=True):
             count = float(distributed.sum_over_ranks(count))
             a_mat = distributed.sum_over_ranks(a_sum.detach()).to(theta.dtype) / max(count, 1.0)
             g_mat = distributed.sum_over_ranks(g_mat.detach()).to(theta.dtype)
@@ -839,11 +848,14 @@ class Laplace(Method):
         diag = theta.new_zeros(0)
         if rest.numel():
             log.info(
-                "laplace: structure='kron' gives %d coordinates outside dense and convolutional "
-                "layers (BatchNorm affine parameters, embeddings, ...) a diagonal GGN block",
+                "laplace: structure='kron' gives %d coordinates outside dense, convolutional "
+                "and BatchNorm layers (embeddings, ...) a diagonal GGN block from Jacobians",
                 rest.numel(),
             )
             diag = _ggn(target, theta, rest, omap, True)
+        if norms:  # BatchNorm affine parameters: their exact GGN diagonal
+            rest = torch.cat([normed.to(rest.device), rest])
+            diag = torch.cat([torch.cat(norm_diag).to(theta.dtype), diag])
         curv = _Kron(dim, out, other, h_other, rest, diag, b)
         return curv, {"b": b, "clipped": clipped, "layers": out}
 
