@@ -372,3 +372,27 @@ def test_batchnorm_affine_diagonal_is_the_exact_ggn_diagonal(float64):
     h = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
     want = torch.einsum("nok,nop,npk->k", jac, h, jac)
     assert torch.allclose(diag.reshape(-1), want, rtol=1e-8, atol=1e-12)
+
+
+def test_factors_match_laplace_torch(float64):
+    """Cross-check (skipped without laplace-torch): its K-FAC of a conv net (curvlinops
+    backend, 'expand' convolutions, bias as its own block) has the same weight blocks
+    ``G (x) A_w`` and bias blocks ``G`` as ours, to rounding."""
+    laplace = pytest.importorskip("laplace")
+    net = _conv_net().double()
+    x = torch.randn(12, 2, 5, 4, dtype=torch.float64)
+    y = torch.randint(0, 4, (12,))
+    data = torch.utils.data.TensorDataset(x, y)
+    la = laplace.Laplace(net, "classification", subset_of_weights="all", hessian_structure="kron")
+    la.fit(torch.utils.data.DataLoader(data, batch_size=12))
+    theirs = la.H_facs.kfacs
+    model = mz.models.bayesian(net, likelihood="categorical")
+    params = model.module_params(dtype=torch.float64)
+    layers = kfac.find_layers(model, _offsets(params, model.bayesian_sites).get)
+    got = kfac.kfac(model, params, layers, [(x, y)], _softmax_factor)
+    for i, (a_sum, count, g) in enumerate(got):
+        a = a_sum / count
+        weight, bias = theirs[2 * i], theirs[2 * i + 1]
+        want = torch.kron(weight[0], weight[1])
+        assert torch.allclose(torch.kron(g, a[:-1, :-1]), want, rtol=1e-10, atol=1e-12)
+        assert torch.allclose(g * a[-1, -1], bias[0], rtol=1e-10, atol=1e-12)
