@@ -135,7 +135,7 @@ def test_cnn_builder_records_its_forward(float64):
     names = [f"{spec.name}.{part}" for spec in model.layer_specs() for part in ("weight", "bias")]
     layers = kfac.find_layers(model, _offsets(params, names).get)
     assert [k.kind for k in layers] == ["conv", "conv", "linear", "linear"]
-    from marginalize.inference.engines.kfac import _record
+    from marginalize.core.layers import record as _record
 
     f, taps = _record(model, params, x, None, layers)
     assert torch.allclose(f, model.forward(params, x), atol=1e-12)
@@ -396,3 +396,39 @@ def test_factors_match_laplace_torch(float64):
         want = torch.kron(weight[0], weight[1])
         assert torch.allclose(torch.kron(g, a[:-1, :-1]), want, rtol=1e-10, atol=1e-12)
         assert torch.allclose(g * a[-1, -1], bias[0], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", ["conv-bn-kron", "mlp-full", "cnn-diag"])
+def test_glm_jacobian_from_a_recorded_pass_matches_per_example_jacobians(float64, case):
+    """Where the uncertain coordinates are whole dense, conv or BatchNorm layers, the GLM
+    predictive's Jacobian comes from one recorded pass: same moments as per-example ones."""
+    torch.manual_seed(0)
+    if case == "conv-bn-kron":
+        net = nn.Sequential(
+            nn.Conv2d(1, 3, 3, padding=1),
+            nn.BatchNorm2d(3),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(48, 3),
+        ).double()
+        model, structure = mz.models.bayesian(net, likelihood="categorical"), "kron"
+        x = torch.randn(30, 1, 4, 4, dtype=torch.float64)
+    elif case == "mlp-full":
+        model, structure = mz.models.mlp(2, [5], 3, likelihood="categorical"), "full"
+        x = torch.randn(30, 2, dtype=torch.float64)
+    else:
+        model = mz.models.cnn(1, 4, channels=[2], hidden=[3], num_classes=3)
+        structure, x = "diag", torch.randn(30, 1, 4, 4, dtype=torch.float64)
+    y = torch.randint(0, 3, (30,))
+    post = mz.fit(
+        model, x, y, method="laplace", structure=structure, steps=20, batch_size=10, progress=False
+    )
+    glm = post.predictive.linearized
+    st = glm.state
+    assert st.layers is not None
+    xt = x[:7] + 0.1
+    mu1, cov1 = glm.block(xt).moments(full_cov=True)
+    st.layers = None
+    mu2, cov2 = glm.block(xt).moments(full_cov=True)
+    assert torch.allclose(mu1, mu2, atol=1e-12)
+    assert torch.allclose(cov1, cov2, rtol=1e-9, atol=1e-12)

@@ -24,16 +24,19 @@ Under a Gaussian posterior ``N(z0, Sigma)`` the linearized output at one input i
 * ``"mc"``: Monte Carlo over draws of the weights pushed through the linearized network.
 
 Costs. The covariance ``J Sigma J^T`` is computed without drawing weights. When the only
-uncertain weights are the last layer of a builder MLP (``bayesian_sites="last_layer"``) or
-the ``nn.Linear`` of a module whose output is the network's output (checked on example rows
-at the linearization point and at other weights of that layer), the network runs once to the
-last hidden layer (for a module: one forward pass with a hook on that layer's input) and the rest is small linear algebra on the
-features ``phi`` (``f = phi W + b`` is linear in the last layer): ``phi Sigma_o phi^T`` per
-output for a dense covariance, ``(phi^2) s^2`` for a diagonal one, and for a K-FAC
-(Kronecker) one ``((phi Q_A)^2 S^2) (Q_G^2)^T`` with the eigenbases of its factors. Otherwise
-the Jacobian of the uncertain coordinates is computed in chunks of inputs and contracted with
-a square root of ``Sigma``. Every quantity here is computed for one block of inputs at a
-time (:class:`GLMBlock`), so memory does not grow with the number of inputs.
+uncertain weights are the last layer of a builder MLP (``bayesian_sites="last_layer"``) or the
+``nn.Linear`` of a module whose output is the network's output (checked on example rows at the
+linearization point and at other weights of that layer), the network runs once to the last
+hidden layer (for a module: one forward pass with a hook on that layer's input) and the rest is
+small linear algebra on the features ``phi`` (``f = phi W + b`` is linear in the last layer):
+``phi Sigma_o phi^T`` per output for a dense covariance, ``(phi^2) s^2`` for a diagonal one, and
+for a K-FAC (Kronecker) one ``((phi Q_A)^2 S^2) (Q_G^2)^T`` with the eigenbases of its factors.
+Otherwise the Jacobian of the uncertain coordinates is computed in chunks of inputs and
+contracted with a square root of ``Sigma``: where they are whole dense, convolutional or
+BatchNorm layers (K-FAC Laplace of a conv net) from one recorded forward pass and a backward
+pass per output (``core/layers.py``), else from per-example Jacobians. Every quantity here is
+computed for one block of inputs at a time (:class:`GLMBlock`), so memory does not grow with the
+number of inputs.
 
 Examples
 --------
@@ -61,6 +64,7 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
+from marginalize.core import layers
 from marginalize.core.approximations import Approximation, Gaussian, Kronecker
 from marginalize.core.layout import Layout
 from marginalize.core.linearized import (
@@ -72,7 +76,7 @@ from marginalize.core.linearized import (
 )
 from marginalize.core.predictive.summaries import entropy
 from marginalize.core.problem import _no_validation
-from marginalize.errors import ModelError, is_out_of_memory
+from marginalize.errors import ModelError, OptionError, is_out_of_memory
 from marginalize.models.base import BNN
 from marginalize.models.builders import MLP, dense
 from marginalize.models.module import ModuleBNN
@@ -111,6 +115,9 @@ class GLMState:
     params0: dict = field(default_factory=dict)
     #: for a module: the name of the ``nn.Linear`` whose inputs are the features
     head: str | None = None
+    #: recorded layers whose positions are exactly ``cols`` (Jacobians from one recorded
+    #: pass, see ``core/layers.py``), else None
+    layers: list | None = None
 
 
 def _coordinate_variance(approx: Approximation) -> torch.Tensor:
@@ -258,7 +265,34 @@ class LinearizedPredictive:
         if st.grid is not None and st.kind == "diag":
             pos = torch.searchsorted(cols, st.grid.reshape(-1))
             st.scale_grid = st.scale[pos].reshape(st.grid.shape)
+        if st.grid is None and omap.vectorized:
+            st.layers = self._recorded_layers(cols)
         return st
+
+    def _recorded_layers(self, cols: torch.Tensor) -> list | None:
+        """The dense, convolutional and BatchNorm layers whose positions are exactly the
+        uncertain coordinates ``cols`` (their Jacobian then comes from one recorded pass and
+        a backward pass per output), else ``None``."""
+        model = self.model
+        if cols.numel() == 0 or not layers.supports(model):
+            return None
+        layout = self.layout
+
+        def offset(name):
+            return layout[name].offset if name in layout else None
+
+        try:
+            found = layers.find_layers(model, offset) + layers.find_norms(model, offset)
+        except OptionError:
+            return None
+        wanted = set(cols.tolist())
+        keep = [k for k in found if wanted & set(k.pos.reshape(-1).tolist())]
+        if not keep:
+            return None
+        pos = torch.cat([k.pos.reshape(-1) for k in keep]).to(cols.device)
+        if pos.numel() != cols.numel() or not torch.equal(pos.sort().values, cols):
+            return None
+        return keep
 
     def _network_mask(self, omap: OutputMap, z0: torch.Tensor) -> torch.Tensor:
         if omap.vectorized:
@@ -449,7 +483,23 @@ class GLMBlock:
         st = self.glm.state
         with torch.no_grad():
             f0 = st.omap.forward(st.z0, self.x)
-        return f0, output_jacobian(st.omap, st.z0, self.x, st.cols)
+        return f0, self.jacobian(self.x)
+
+    def jacobian(self, x: torch.Tensor) -> torch.Tensor:
+        """``J`` ``(B, O, K)`` of the uncertain coordinates at the rows ``x``: from one
+        recorded pass where they are whole layers (``core/layers.py``), else per-example
+        Jacobians (``core/linearized.py``)."""
+        glm, st = self.glm, self.glm.state
+        if st.layers is not None:
+            try:
+                return layers.jacobian(glm.model, st.params0, x, st.omap.state, st.layers, st.cols)[
+                    1
+                ]
+            except (RuntimeError, NotImplementedError) as e:
+                if is_out_of_memory(e):
+                    raise
+                st.layers = None  # a module the recording cannot run: per-example Jacobians
+        return output_jacobian(st.omap, st.z0, x, st.cols)
 
     # ---- moments of the linearized output -----------------------------------------------
     def moments(self, full_cov: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -467,7 +517,7 @@ class GLMBlock:
         chunk = max(1, JACOBIAN_BYTES // (8 * o * max(st.cols.numel(), 1)))
         out = []
         for i in range(0, n, chunk):
-            j = output_jacobian(st.omap, st.z0, self.x[i : i + chunk], st.cols)
+            j = self.jacobian(self.x[i : i + chunk])
             b = _project(st, j)  # (n, O, K)
             out.append(b @ b.transpose(1, 2) if full_cov else (b * b).sum(-1))
         return f0, torch.cat(out)
