@@ -388,7 +388,7 @@ def _refine(target: _Target, theta: torch.Tensor, steps: int) -> tuple[torch.Ten
                 if is_out_of_memory(e):
                     raise out_of_memory("laplace: the float64 refinement (refine_steps)", e) from e
                 log.warning("laplace: L-BFGS refinement failed (%s); using the MAP as found", e)
-        after = value()
+        after = value() if steps else before  # no step taken: the same pass twice otherwise
     if not math.isfinite(after) or after > before:
         return theta.detach(), {"before": before * n, "after": before * n}
     return t.detach(), {"before": before * n, "after": after * n}
@@ -600,7 +600,8 @@ class Laplace(Method):
                 if opts.prior_precision == "marginal_likelihood"
                 else float(opts.prior_precision)
             )
-            evidence = self._evidence_fn(target, theta, curv, extra["b"])
+            # the log joint at theta is the refinement's last value (one pass over the data)
+            evidence = self._evidence_fn(target, theta, curv, extra["b"], -refine["after"])
             if opts.prior_precision == "marginal_likelihood":
                 alpha = self._tune(evidence, extra["b"])
             approx = curv.approximation(theta, alpha, problem.dtype)
@@ -861,16 +862,18 @@ class Laplace(Method):
 
     # -- evidence
     @staticmethod
-    def _evidence_fn(target: _Target, theta, curv, b):
-        with torch.no_grad(), _no_validation():
-            ll, lp = target.parts(theta)
+    def _evidence_fn(target: _Target, theta, curv, b, log_joint: float | None = None):
+        if log_joint is None:
+            with torch.no_grad(), _no_validation():
+                ll, lp = target.parts(theta)
+            log_joint = float(ll + lp)
         g = _grad(target.log_prior, theta)
         mask = b > 0
         # Gaussian prior with precision alpha * b: (theta - mu)^2 b = g^2 / b on those coordinates
         quad = float(((g[mask] ** 2) / b[mask]).sum())
         k = int(mask.sum())
         d = theta.numel()
-        const = float(ll + lp) + 0.5 * d * math.log(2 * math.pi)
+        const = log_joint + 0.5 * d * math.log(2 * math.pi)
 
         def evidence(alpha: float) -> float:
             ld = float(curv.logdet(alpha))
