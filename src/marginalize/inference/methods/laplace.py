@@ -30,10 +30,12 @@ as extra batch positions, Grosse & Martens 2016, and ``G`` the summed GGN of its
 exact per class through a square root of the output Hessian, plus the prior precision; see
 ``engines/kfac.py``). The factors are gathered in the problem's dtype (float32: its error
 against float64 factors is below 1e-4 relative, tests/test_kfac.py) and eigendecomposed in
-float64. Other coordinates that move the output (BatchNorm's affine parameters, embeddings)
-get a diagonal GGN block, laplace-torch instead leaves them at the MAP (do that with
-``bayesian_sites`` or ``bayesian(sites=...)``); the likelihood's own sites get the diagonal
-of their inverted exact block. ``bayesian_sites`` / ``subset="last_layer"`` restrict all of
+float64. A module's BatchNorm affine parameters get their exact GGN diagonal (in eval mode a
+BatchNorm layer is ``w xhat + b`` per channel, read from the same recorded pass); other
+coordinates that move the output (embeddings, ...) a diagonal GGN from per-example
+Jacobians. laplace-torch instead leaves BatchNorm parameters at the MAP: do that with
+``bayesian_sites`` or ``bayesian(sites=...)``. The likelihood's own sites get the diagonal of
+their inverted exact block. ``bayesian_sites`` / ``subset="last_layer"`` restrict all of
 this to some sites, the rest held at the MAP. When the Bayesian coordinates are whole dense
 or convolutional layers (last-layer Laplace of any network), ``"full"`` computes their GGN
 from the layers' inputs and output gradients: one pass of the network's body per chunk of
