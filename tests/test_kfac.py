@@ -432,3 +432,68 @@ def test_glm_jacobian_from_a_recorded_pass_matches_per_example_jacobians(float64
     mu2, cov2 = glm.block(xt).moments(full_cov=True)
     assert torch.allclose(mu1, mu2, atol=1e-12)
     assert torch.allclose(cov1, cov2, rtol=1e-9, atol=1e-12)
+
+
+def test_exact_ggn_of_whole_layers_matches_autograd(float64):
+    """The GGN of every layer of a Conv2d + BatchNorm + Linear module from one recorded pass
+    equals ``sum_n J_n^T H_n J_n`` from autograd Jacobians; its diagonal (structure='diag')
+    is that matrix's diagonal."""
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(1, 2, 3, padding=1), nn.BatchNorm2d(2), nn.Tanh(), nn.Flatten(), nn.Linear(32, 3)
+    ).double()
+    net[1].running_mean.copy_(torch.randn(2))
+    net[1].running_var.copy_(torch.rand(2) + 0.5)
+    model = mz.models.bayesian(net, likelihood="categorical")
+    params = model.module_params(dtype=torch.float64)
+    names = model.bayesian_sites
+    offsets = _offsets(params, names)
+    layers = kfac.find_layers(model, offsets.get) + kfac.find_norms(model, offsets.get)
+    x, y = torch.randn(6, 1, 4, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    chunks = [(x[:4], y[:4]), (x[4:], y[4:])]
+    full, order = kfac.exact_ggn(model, params, layers, chunks, _softmax_factor)
+    diag, order2 = kfac.exact_ggn(model, params, layers, chunks, _softmax_factor, diag=True)
+    assert torch.equal(order, order2) and sorted(order.tolist()) == list(range(order.numel()))
+
+    def out(v):
+        p = {
+            n: v[offsets[n] : offsets[n] + params[n].numel()].reshape(params[n].shape)
+            for n in names
+        }
+        return model.forward(p, x)
+
+    v0 = torch.cat([params[n].reshape(-1) for n in names])
+    jac = torch.autograd.functional.jacobian(out, v0)  # (N, 3, D)
+    p = torch.softmax(out(v0), -1)
+    h = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+    want = torch.einsum("nok,nop,npl->kl", jac, h, jac)[order[:, None], order[None, :]]
+    assert torch.allclose(full, want, rtol=1e-8, atol=1e-12)
+    assert torch.allclose(diag, want.diagonal(), rtol=1e-8, atol=1e-12)
+
+
+def test_diag_laplace_of_a_conv_module_uses_the_recorded_layers(float64, monkeypatch):
+    """structure='diag' over whole layers (conv, BatchNorm, linear): no per-example Jacobians,
+    and the same variances as that path gives (forced by hiding the layers)."""
+    from marginalize.inference.methods import laplace as lp
+
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.ReLU(), nn.Flatten(), nn.Linear(8, 2)
+    ).double()
+    model = mz.models.bayesian(net, likelihood="categorical")
+    x, y = torch.randn(20, 1, 4, 4, dtype=torch.float64), torch.randint(0, 2, (20,))
+    kw = dict(method="laplace", structure="diag", steps=0, refine_steps=0, progress=False)
+    calls = []
+    per_example = lp._ggn  # noqa: SLF001
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return per_example(*args, **kwargs)
+
+    monkeypatch.setattr(lp, "_ggn", spy)
+    fast = mz.fit(model, x, y, **kw)
+    assert not calls  # the recorded layers, not per-example Jacobians
+    monkeypatch.setattr(lp, "_layers", lambda *a: [])
+    slow = mz.fit(model, x, y, **kw)
+    assert calls
+    assert torch.allclose(fast.approximation.scale, slow.approximation.scale, rtol=1e-8)

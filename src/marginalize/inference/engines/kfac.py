@@ -21,7 +21,8 @@ per chunk and a backward pass through that layer only. With ``L_n L_n^T`` the He
   head) ``G`` is a scalar and ``A (x) G`` is the exact GGN;
 * :func:`exact_ggn`: the dense GGN ``sum_{n,k} m m^T`` of the layers together, with
   ``m_{nk} = vec(sum_p a_{np} g_{npk}^T)`` per layer (exact, cross-layer terms included):
-  last-layer Laplace of any network (``k x k``, ``k`` the last layer's weights and bias);
+  last-layer Laplace of any network (``k x k``, ``k`` the last layer's weights and bias), or
+  its diagonal (``structure="diag"`` over whole layers, one layer's rows at a time);
 * BatchNorm layers (eval mode, ``w xhat + b`` per channel): :func:`kfac` returns their exact
   GGN diagonal.
 
@@ -130,24 +131,39 @@ def kfac(
 
 
 def exact_ggn(
-    model: BNN, params, layers: list[KLayer], chunks: Chunks, factor: Factor, state=None
+    model: BNN,
+    params,
+    layers: list[KLayer],
+    chunks: Chunks,
+    factor: Factor,
+    state=None,
+    diag: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The GGN over the layers' coordinates together and their positions ``(K,)`` (the
-    grids' row-major order, layer after layer)."""
+    """The GGN over the layers' coordinates together (``diag``: its diagonal only, one layer's
+    Jacobian rows at a time) and their positions ``(K,)`` (the grids' row-major order, layer
+    after layer); BatchNorm layers (:func:`~marginalize.core.layers.find_norms`) included."""
     order = torch.cat([layer.pos.reshape(-1) for layer in layers])
     k_all = order.numel()
     like = next(iter(params.values()))
-    acc = like.new_zeros(k_all, k_all)
+    acc = like.new_zeros(k_all) if diag else like.new_zeros(k_all, k_all)
     for taps, grads in _passes(model, params, state, layers, chunks, factor):
         for per_k in grads:
-            i, parts = 0, []
+            i, start, parts = 0, 0, []
             for layer in layers:
                 m = None
                 for a, _e in taps.calls[layer.name]:
                     t = layer_jacobian(layer, a, per_k[i])
                     m = t if m is None else m + t
                     i += 1
-                parts.append(m)
-            rows = torch.cat(parts, 1)  # (B, K): the per-example Jacobian rows, times L_n
-            acc += rows.T @ rows
+                size = layer.pos.numel()
+                if m is None:  # the layer did not run on these rows
+                    m = like.new_zeros(per_k[0].shape[0] if per_k else 0, size)
+                if diag:
+                    acc[start : start + size] += (m * m).sum(0)
+                else:
+                    parts.append(m)
+                start += size
+            if not diag:
+                rows = torch.cat(parts, 1)  # (B, K): the per-example Jacobian rows, times L_n
+                acc += rows.T @ rows
     return acc, order

@@ -739,17 +739,22 @@ class Laplace(Method):
             if structure == "kron":
                 raise
             layers = []
-        covered = torch.cat([k.pos.reshape(-1) for k in layers]).to(net.device) if layers else None
         if structure == "kron":
             return self._kron(problem, target, theta, omap, layers, net, b, other, h_other, clipped)
+        if layers:
+            layout = problem.layout
+            layers = layers + kfac.find_norms(
+                target.model, lambda n: layout[n].offset if n in layout else None
+            )
+        covered = torch.cat([k.pos.reshape(-1) for k in layers]).to(net.device) if layers else None
         if (
             net.numel()
-            and not diag_only
             and covered is not None
             and torch.equal(covered.sort().values, net.sort().values)
         ):
-            # dense/conv layers only (last-layer Laplace of any network): their exact GGN from
-            # the layers' inputs and output gradients, one pass of the body per chunk
+            # whole dense, conv and BatchNorm layers (last-layer Laplace of any network): their
+            # exact GGN (or its diagonal) from the layers' inputs and output gradients, one
+            # pass of the network per chunk, no graph before the first of them
             g_cov, order = kfac.exact_ggn(
                 target.model,
                 target.params(theta.detach())[0],
@@ -757,11 +762,15 @@ class Laplace(Method):
                 target.chunks(share=True),
                 _factor_fn(target, theta, omap),
                 target.state,
+                diag=diag_only,
             )
             g_cov = distributed.sum_over_ranks(g_cov.detach())
             where = torch.searchsorted(net, order.to(net.device))
             g_net = torch.zeros_like(g_cov)
-            g_net[where[:, None], where[None, :]] = g_cov
+            if diag_only:
+                g_net[where] = g_cov
+            else:
+                g_net[where[:, None], where[None, :]] = g_cov
         elif net.numel():
             g_net = _ggn(target, theta, net, omap, diag_only)
         else:  # no real-valued site moves the output: every latent is in the exact block
