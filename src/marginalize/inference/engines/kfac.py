@@ -71,29 +71,27 @@ Chunks = Iterable[tuple[torch.Tensor, torch.Tensor]]
 Factor = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+def _gradients(f, lfac, leaves):
+    """Per output direction ``k``, the leaves' gradients of ``f . l_k`` (one backward pass
+    each, computed when asked: one direction's gradients alive at a time)."""
+    dirs = lfac.shape[-1]
+    with torch.enable_grad():
+        for k in range(dirs):
+            got = torch.autograd.grad(
+                (f * lfac[:, :, k]).sum(), leaves, retain_graph=k < dirs - 1, allow_unused=True
+            )
+            yield [
+                torch.zeros_like(e) if g is None else g for g, e in zip(got, leaves, strict=True)
+            ]
+
+
 def _passes(model, params, state, layers, chunks: Chunks, factor: Factor):
-    """Per chunk: the recorded taps and, per output direction ``k``, the output leaves'
-    gradients (one backward pass each)."""
+    """Per chunk: the recorded taps and an iterator over the output directions' gradients."""
     for x, y in chunks:
         with torch.enable_grad():
             f, taps = record(model, params, x, state, layers)
-            lfac = factor(f.detach(), x, y).to(f.dtype)  # (B, O, O)
-            leaves = taps.leaves()
-            grads = []
-            for k in range(lfac.shape[-1]):
-                got = torch.autograd.grad(
-                    (f * lfac[:, :, k]).sum(),
-                    leaves,
-                    retain_graph=k < lfac.shape[-1] - 1,
-                    allow_unused=True,
-                )
-                grads.append(
-                    [
-                        torch.zeros_like(e) if g is None else g
-                        for g, e in zip(got, leaves, strict=True)
-                    ]
-                )
-        yield taps, grads
+        lfac = factor(f.detach(), x, y).to(f.dtype)  # (B, O, O)
+        yield taps, _gradients(f, lfac, taps.leaves())
 
 
 def kfac(
@@ -110,23 +108,24 @@ def kfac(
     g_acc = [like.new_zeros(c, c) for _, c in (layer.pos.shape for layer in layers)]
     count = [0] * len(layers)
     for taps, grads in _passes(model, params, state, layers, chunks, factor):
-        i = 0
-        for j, layer in enumerate(layers):
-            r, c = layer.pos.shape
-            if layer.kind == "norm":  # exact GGN diagonal: a is xhat
+        for j, layer in enumerate(layers):  # the input factors, once per chunk
+            if layer.kind != "norm":
+                r = layer.pos.shape[0]
                 for a, _e in taps.calls[layer.name]:
-                    for per_k in grads:
+                    a = patches(layer, a).reshape(-1, r)
+                    a_acc[j] += a.T @ a
+                    count[j] += a.shape[0]
+        for per_k in grads:  # the output factors, one direction at a time
+            i = 0
+            for j, layer in enumerate(layers):
+                r, c = layer.pos.shape
+                for a, _e in taps.calls[layer.name]:
+                    if layer.kind == "norm":  # exact GGN diagonal: a is xhat
                         a_acc[j] += layer_jacobian(layer, a, per_k[i]).pow(2).sum(0).reshape(r, c)
+                    else:
+                        g = outputs(layer, per_k[i]).reshape(-1, c)
+                        g_acc[j] += g.T @ g
                     i += 1
-                continue
-            for a, _e in taps.calls[layer.name]:
-                a = patches(layer, a).reshape(-1, r)
-                a_acc[j] += a.T @ a
-                count[j] += a.shape[0]
-                for per_k in grads:
-                    g = outputs(layer, per_k[i]).reshape(-1, c)
-                    g_acc[j] += g.T @ g
-                i += 1
     return [(a, like.new_tensor(float(n)), g) for a, n, g in zip(a_acc, count, g_acc, strict=True)]
 
 
