@@ -1,7 +1,9 @@
 """Scale: a ResNet-20 with BatchNorm on 50,000 CIFAR-shaped images from a DataLoader.
 
 The deep-learning setting of issues 24, 25 and 29: every method of the registry at its
-defaults (only the length of training set to one epoch) on ``mz.models.bayesian(resnet(20))``
+defaults (only the length of training set to one epoch, and one member / run / chain, so that
+a row is the time of one network's epoch; the SG-MCMC chains start at the module's weights
+rather than after a MAP fit of their own) on ``mz.models.bayesian(resnet(20))``
 (269,722 weights, all of them Bayesian under a Normal(0, 1) prior, categorical likelihood) fed
 by a ``DataLoader`` over generated CIFAR-shaped images (``datasets.images.cifar_like``, 10
 classes) with random crop + flip, batch 128. Each row runs in a fresh subprocess and reports:
@@ -60,6 +62,8 @@ REFERENCE = {
     "sghmc": "sgd",
     "csgmcmc": "sgd",
 }
+#: methods that need every row at once: they must refuse a data loader before fitting
+FULL_BATCH = ("nuts", "hmc")
 GOALS = {
     "map": 1.1,
     "ensemble": 1.1,
@@ -157,8 +161,7 @@ def mz_epoch(method: str, n: int, n_test: int) -> dict:
 
     tl, vl = loaders(n, n_test)
     model = mz.models.bayesian(net(), prior=mz.priors.Normal(PRIOR_SD), likelihood="categorical")
-    info = mz.method_info()
-    row = next(r for r in info if r["name"] == method)
+    row = mz.method_info()[method]
     opts = {}
     for name in ("steps", "epochs", "pretrain_steps", "swag_steps", "num_members", "num_models"):
         if name in row["options"]:
@@ -172,9 +175,11 @@ def mz_epoch(method: str, n: int, n_test: int) -> dict:
     for name in ("pretrain_steps", "swag_steps"):
         if name in row["options"]:
             opts[name] = steps_per_epoch
-    for name in ("num_members", "num_models"):
-        if name in row["options"]:
-            opts[name] = 1  # the time per member / run; memory of one
+    for name in ("num_members", "num_models", "num_chains"):
+        if name in row["options"] and method not in FULL_BATCH:
+            opts[name] = 1  # the time per member / run / chain; memory of one
+    if row["options"].get("init") == "map":  # SG-MCMC: the chain starts at the module's
+        opts["init"] = "module"  # weights rather than after a MAP fit of its own
     rss0 = peak_rss()
     t0, w0 = time.process_time(), time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:

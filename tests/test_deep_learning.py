@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 import marginalize as mz
+from conftest import tiny_options
 from marginalize.core.data import LoaderData
 from marginalize.core.problem import CHECK_ROWS, prepare
 from marginalize.inference.engines.training import MAPOptions, batch_order, fit_point
@@ -169,6 +170,28 @@ def test_full_batch_methods_refuse_a_loader_before_fitting(monkeypatch):
         mz.fit(model, x, method="map", progress=False)
     with pytest.raises(mz.DataError, match="torch Dataset.*DataLoader"):
         mz.fit(model, TensorDataset(x, y), method="map", progress=False)
+
+
+FULL_BATCH = ("nuts", "hmc")
+
+
+@pytest.mark.parametrize("method", [m for m in mz.methods() if m not in FULL_BATCH])
+def test_every_minibatch_method_fits_a_batchnorm_net_from_a_loader(method):
+    """Every method that trains on minibatches reads a data loader and trains BatchNorm in
+    train mode: the fitted posterior carries running statistics recomputed at its weights
+    (not the module's initial ones), and predicts from a loader of inputs."""
+    x, y = images()
+    loader = DataLoader(TensorDataset(x, y), batch_size=B, shuffle=True)
+    net = TinyResNet()
+    opts = tiny_options(method)
+    post = mz.fit(bnn(net), loader, method=method, seed=0, progress=False, **opts)
+    assert isinstance(post.data, LoaderData)
+    assert post.state is not None
+    tracked = post.state["bn.num_batches_tracked"]
+    assert tracked.shape[0] == post.num_chains and bool((tracked > 0).all()), method
+    assert not torch.equal(post.state["bn.running_var"][0], net.bn.running_var), method
+    pred = post.predict(DataLoader(TensorDataset(x[:20]), batch_size=7), num_samples=4, seed=0)
+    assert pred.probs.shape == (20, 3) and torch.isfinite(pred.probs).all()
 
 
 def test_problem_x_of_a_loader_names_the_method_and_the_alternative():

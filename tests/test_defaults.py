@@ -4,9 +4,9 @@ scale, SWAG's checks before its steps, and every method at its defaults on the g
 
 from __future__ import annotations
 
-import logging
 import math
 import os
+import warnings
 
 import pyro
 import pyro.distributions as dist
@@ -23,6 +23,16 @@ from marginalize.inference.engines.init import initial_values
 from marginalize.inference.methods.dropout import dropout_axes
 from marginalize.inference.methods.swag import SWAGOptions, _plan
 from marginalize.models.usage import SiteUse, site_usage, trace_usage
+
+
+def _fit_warnings(seen, text: str) -> list[str]:
+    """The messages of the FitWarnings recorded in ``seen`` that contain ``text``."""
+    return [
+        str(w.message)
+        for w in seen
+        if issubclass(w.category, mz.FitWarning) and text in str(w.message)
+    ]
+
 
 # --------------------------------------------------------------------------------------------
 # models written the ways users write them
@@ -183,7 +193,7 @@ def test_dropout_on_linear_weights_never_drops_a_whole_output_layer():
     assert post.info["masked"] == {"fc2.weight": 1}
 
 
-def test_dropout_options_are_checked(caplog):
+def test_dropout_options_are_checked():
     x, y = torch.randn(10, 2), torch.randn(10)
     with pytest.raises(mz.OptionError, match="mask_axes"):
         mz.fit(mz.models.mlp(2, hidden=[3]), x, y, method="mc-dropout", mask_axes=[1])
@@ -199,11 +209,11 @@ def test_dropout_options_are_checked(caplog):
             steps=2,
             progress=False,
         )
-    with caplog.at_level(logging.WARNING, logger="marginalize"):
+    with pytest.warns(mz.FitWarning, match="no hidden units to mask"):
         post = mz.fit(
             mz.models.mlp(2, hidden=[]), x, y, method="mc-dropout", steps=5, progress=False
         )
-    assert "no hidden units to mask" in caplog.text and post.info["masked"] == {}
+    assert post.info["masked"] == {}
 
 
 # --------------------------------------------------------------------------------------------
@@ -330,7 +340,7 @@ def test_swag_sizes_its_phase_to_the_data_and_refuses_an_empty_one(monkeypatch):
     assert steps["n"] == 0
 
 
-def test_multiswag_starts_each_run_from_a_prior_draw_and_warns_when_it_saturates(caplog):
+def test_multiswag_starts_each_run_from_a_prior_draw_and_warns_when_it_saturates():
     """multiswag's default start is a draw from the prior (its runs differ where the data say
     nothing); a prior far wider than the fan-in scale is reported before any run, a normal one
     is not. The start's pre-activation SD is prior SD * sqrt(fan_in * mean(x^2))."""
@@ -349,22 +359,22 @@ def test_multiswag_starts_each_run_from_a_prior_draw_and_warns_when_it_saturates
     assert spread == pytest.approx({"layer1.weight": 5.0 * float(x.pow(2).mean().sqrt())})
     small = dict(num_models=2, pretrain_steps=5, swag_steps=20, batch_size=10, max_rank=2)
     for scale, warned in ((5.0, True), (1.0, False)):
-        caplog.clear()
         model = mz.models.mlp(1, hidden=[8], activation="tanh", prior=mz.priors.Normal(scale))
-        with caplog.at_level(logging.WARNING, logger="marginalize"):
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
             mz.fit(model, x, y, method="multiswag", seed=0, progress=False, **small)
-        said = [r.getMessage() for r in caplog.records if "init='prior' starts" in r.getMessage()]
+        said = _fit_warnings(seen, "init='prior' starts")
         assert bool(said) is warned, said
         if warned:
             assert "layer1.weight" in said[0] and "init='scaled'" in said[0]
-    caplog.clear()
     wide = mz.models.mlp(1, hidden=[8], activation="tanh", prior=mz.priors.Normal(5.0))
-    with caplog.at_level(logging.WARNING, logger="marginalize"):
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
         mz.fit(wide, x, y, method="multiswag", seed=0, progress=False, init="scaled", **small)
-    assert not [r for r in caplog.records if "init='prior' starts" in r.getMessage()]
+    assert not _fit_warnings(seen, "init='prior' starts")
 
 
-def test_swag_auto_rate_keeps_the_swa_mean_in_the_pretrained_basin(caplog, monkeypatch):
+def test_swag_auto_rate_keeps_the_swa_mean_in_the_pretrained_basin(monkeypatch):
     """swag_lr='auto' at a quarter of SGD's stability limit can send the iterates out of the
     pretrained basin on classification (breast cancer, 30-10-1 tanh, seed 0: the SWA mean's
     -log joint 86 nats above the pretrained point's, TV to the NUTS reference 0.13 against
@@ -396,13 +406,13 @@ def test_swag_auto_rate_keeps_the_swa_mean_in_the_pretrained_basin(caplog, monke
     x = torch.linspace(-2, 2, 64)[:, None]
     y = torch.sin(2 * x[:, 0])
     small = dict(pretrain_steps=50, swag_steps=40, batch_size=16, max_rank=2)
-    with caplog.at_level(logging.WARNING, logger="marginalize"):
+    with pytest.warns(mz.FitWarning) as seen:
         post = mz.fit(
             mz.models.mlp(1, hidden=[8]), x, y, method="swag", seed=0, progress=False, **small
         )
     info = post.info.to_dict()
     assert info["swag_lr_cuts"] == swag_mod.MAX_LR_CUTS
-    said = [r.getMessage() for r in caplog.records if "left the pretrained basin" in r.getMessage()]
+    said = _fit_warnings(seen, "left the pretrained basin")
     assert said and "smaller swag_lr" in said[0]
     # MultiSWAG reports every run's
     post = mz.fit(
@@ -430,13 +440,13 @@ def test_swag_auto_rate_keeps_the_swa_mean_in_the_pretrained_basin(caplog, monke
     assert "swag_lr_cuts" not in post.info.to_dict() and post.info.to_dict()["swag_lr"] == 1e-3
 
 
-def test_swag_that_diverges_keeps_the_pretrained_point_and_says_why(caplog):
+def test_swag_that_diverges_keeps_the_pretrained_point_and_says_why():
     """rel_20: swag_lr far above the stability limit; the fit returns the last good state
     (nothing was collected: the pretrained point), says to lower swag_lr, and records it."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(40, 2, generator=g)
     y = torch.sin(x[:, 0])
-    with caplog.at_level(logging.WARNING, logger="marginalize"):
+    with pytest.warns(mz.FitWarning) as seen:
         post = mz.fit(
             mz.models.mlp(2, hidden=[3]),
             x,
@@ -448,7 +458,8 @@ def test_swag_that_diverges_keeps_the_pretrained_point_and_says_why(caplog):
             batch_size=8,
             progress=False,
         )
-    assert "above SGD's stability limit" in caplog.text and "Lower swag_lr" in caplog.text
+    said = " ".join(_fit_warnings(seen, "swag"))
+    assert "above SGD's stability limit" in said and "Lower swag_lr" in said
     assert post.info["stopped"]["reason"].startswith("non-finite")
     assert post.approximation.deterministic and post.info["num_collected"] == 0
     assert bool(torch.isfinite(post.predict(x).mean).all())

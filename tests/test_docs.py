@@ -33,7 +33,7 @@ def test_methods_table_lists_every_method_and_option(gen):
     import marginalize as mz
 
     block = gen.render_methods_block()
-    for row in mz.method_info():
+    for row in mz.method_info().values():
         assert f"### `{row['name']}`" in block
         section = block.split(f"### `{row['name']}`", 1)[1].split("\n### ", 1)[0]
         for opt, default in row["options"].items():

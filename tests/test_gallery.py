@@ -151,7 +151,9 @@ def test_gallery_cell(name, method, tmp_path):
     assert set(post.layout.names) <= set(idata.posterior.data_vars)
     path = tmp_path / "fit.pt"
     post.save(path)
-    back = mz.load(path, model=case.model)
+    # files hold no training data unless asked: a stateful network's per-draw statistics
+    # (bn_update) need them back to reproduce the prediction
+    back = mz.load(path, model=case.model, data=(case.x, case.y))
     again = back.predict(case.x_test, num_samples=32, seed=0)
     assert torch.equal(again.mean, pred.mean)
 

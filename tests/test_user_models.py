@@ -336,6 +336,7 @@ def test_read_only_arrays_convert_without_warnings():  # pandas >= 3 views (user
     for xs, ys in ((xa, ya), (frame, pd.Series(y.numpy()))):
         with warnings.catch_warnings():
             warnings.simplefilter("error")
+            warnings.simplefilter("ignore", mz.FitWarning)  # 5 steps: not converged
             post = mz.fit(_named("y"), xs, ys, method="map", steps=5, seed=0, progress=False)
             post.predict(xs, num_samples=1)
 

@@ -397,7 +397,7 @@ def render_methods_block() -> str:
     import marginalize as mz
     from marginalize.inference import get_method
 
-    rows = mz.method_info()
+    rows = mz.method_info().values()
     out = [
         BEGIN,
         "",

@@ -22,9 +22,11 @@ from marginalize.errors import (
     DataError,
     FileFormatError,
     FitError,
+    FitWarning,
     ModelError,
     OptionError,
     OutOfMemoryError,
+    PredictWarning,
     ScaleWarning,
 )
 
@@ -56,6 +58,8 @@ _LAZY = {
     "register": "marginalize.inference",
     "resume": "marginalize.inference",
     "load": "marginalize.io",
+    "load_run": "marginalize.runs",
+    "Run": "marginalize.runs",
     "Posterior": "marginalize.posterior",
     "Prediction": "marginalize.posterior",
     "Predictive": "marginalize.core.predictive",
@@ -76,6 +80,7 @@ _SUBMODULES = {
     "diagnostics": "marginalize.diagnostics",
     "inference": "marginalize.inference",
     "metrics": "marginalize.diagnostics.metrics",
+    "sklearn": "marginalize.sklearn",
 }
 
 __all__ = [
@@ -97,6 +102,10 @@ __all__ = [
     "FitError",
     "OutOfMemoryError",
     "ScaleWarning",
+    "FitWarning",
+    "PredictWarning",
+    "load_run",
+    "Run",
     "resume",
     "temperature_scale",
     "evaluate",

@@ -372,15 +372,86 @@ def check_device(device: Any) -> torch.device | None:
     return dev
 
 
+#: other libraries' names for options: name -> (whose name it is, marginalize's names in order
+#: of preference; the first one the method takes is suggested)
+FOREIGN_OPTIONS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "warmup_steps": ("Pyro's MCMC", ("num_warmup",)),
+    "num_warmup_steps": ("", ("num_warmup",)),
+    "tune": ("PyMC", ("num_warmup",)),
+    "num_adapt": ("", ("num_warmup",)),
+    "draws": ("PyMC", ("num_samples",)),
+    "n_samples": ("", ("num_samples",)),
+    "num_draws": ("", ("num_samples",)),
+    "chains": ("PyMC", ("num_chains",)),
+    "n_chains": ("", ("num_chains",)),
+    "target_accept_prob": ("Pyro's and NumPyro's NUTS", ("target_accept",)),
+    "adapt_delta": ("Stan", ("target_accept",)),
+    "max_treedepth": ("Stan", ("max_tree_depth",)),
+    "num_steps": ("Pyro's SVI loops", ("steps", "swag_steps")),
+    "n_steps": ("", ("steps", "swag_steps")),
+    "num_iterations": ("", ("steps", "swag_steps")),
+    "iterations": ("", ("steps", "swag_steps")),
+    "n_iter": ("scikit-learn", ("steps", "swag_steps")),
+    "max_iter": ("scikit-learn", ("steps", "swag_steps")),
+    "learning_rate": ("PyTorch, Keras and scikit-learn", ("lr", "swag_lr")),
+    "learning_rate_init": ("scikit-learn's MLP", ("lr",)),
+    "n_estimators": ("scikit-learn's ensembles", ("num_members", "num_models")),
+    "n_members": ("", ("num_members", "num_models")),
+    "ensemble_size": ("", ("num_members", "num_models")),
+    "n_models": ("", ("num_models", "num_members")),
+    "max_num_models": ("the SWAG reference code", ("max_rank",)),
+    "dropout": ("", ("p",)),
+    "dropout_rate": ("", ("p",)),
+    "drop_rate": ("", ("p",)),
+    "batchsize": ("", ("batch_size",)),
+    "minibatch_size": ("", ("batch_size",)),
+    "hessian_structure": ("laplace-torch", ("structure",)),
+    "subset_of_weights": ("laplace-torch", ("subset", "bayesian_sites")),
+    "n_particles": ("", ("num_particles",)),
+    "mc_samples": ("", ("num_particles",)),
+    "train_samples": ("IVON", ("num_particles",)),
+}
+#: names that are arguments of ``mz.fit`` itself (or the model), not options of a method
+_NOT_OPTIONS = {
+    "random_state": "seed is an argument of mz.fit: mz.fit(..., seed=0)",
+    "random_seed": "seed is an argument of mz.fit: mz.fit(..., seed=0)",
+    "rng_seed": "seed is an argument of mz.fit: mz.fit(..., seed=0)",
+    "rng_key": "seed is an argument of mz.fit: mz.fit(..., seed=0)",
+    "weight_decay": "the weight prior's scale sets the weight decay (mz.priors.Normal(scale=...))",
+}
+
+
+def option_hint(name: str, accepted: Mapping[str, Any]) -> str:
+    """A did-you-mean for an unknown option ``name`` of a method taking ``accepted``: a close
+    spelling, another library's name for one of them (Pyro's ``warmup_steps`` is
+    ``num_warmup``), or the argument of ``mz.fit`` it is. Empty when there is none.
+
+    >>> option_hint("warmup_steps", {"num_warmup": 100, "num_samples": 100})
+    "did you mean 'num_warmup'? Pyro's MCMC calls it 'warmup_steps'"
+    >>> option_hint("stepz", {"steps": 100})
+    "did you mean 'steps'?"
+    """
+    import difflib
+
+    foreign = FOREIGN_OPTIONS.get(name)
+    if foreign is not None:
+        whose, ours = foreign
+        found = next((o for o in ours if o in accepted), None)
+        if found is not None:
+            return f"did you mean {found!r}?" + (f" {whose} calls it {name!r}" if whose else "")
+    if name in _NOT_OPTIONS:
+        return _NOT_OPTIONS[name]
+    close = difflib.get_close_matches(name, list(accepted), n=1)
+    return f"did you mean {close[0]!r}?" if close else ""
+
+
 def check_options(method: str, given: Mapping[str, Any], accepted: Mapping[str, Any]) -> None:
     unknown = sorted(set(given) - set(accepted))
     if unknown:
-        import difflib
-
         hints = []
         for k in unknown:
-            close = difflib.get_close_matches(k, list(accepted), n=1)
-            hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            hint = option_hint(k, accepted)
+            hints.append(f"{k!r}" + (f" ({hint})" if hint else ""))
         raise OptionError(
             f"method {method!r} does not take option(s) {', '.join(hints)}; "
             f"it accepts: {', '.join(sorted(accepted)) or '(none)'}"

@@ -101,6 +101,9 @@ class Data:
     num_classes: int | None = None
     classes: list | None = None
     notes: list[str] = field(default_factory=list)
+    hints: list[str] = field(default_factory=list)
+    #: how the table's feature columns became ``x`` (None: a built-in data set, numeric)
+    encoding: Any = None
 
 
 def read_table(path: Path):
@@ -170,8 +173,12 @@ def table_to_data(df, target: str | None, task: str, name: str) -> Data:
         raise DataError(f"--data: {name!r} has no feature columns besides the target")
     notes = []
     numeric_target = pd.api.types.is_numeric_dtype(yser) and not pd.api.types.is_bool_dtype(yser)
+    hints = []
     if task == "auto":
         task = "regression" if numeric_target else "classification"
+        hint = class_hint(yser, target) if task == "regression" else None
+        if hint:
+            hints.append(hint)
     if task == "regression":
         if not numeric_target:
             raise DataError(
@@ -195,17 +202,48 @@ def table_to_data(df, target: str | None, task: str, name: str) -> Data:
     bad = [c for c in feats.columns if pd.api.types.is_datetime64_any_dtype(feats[c])]
     if bad:
         raise DataError(f"--data: date/time feature columns {bad} need encoding as numbers")
-    text = [
-        c
-        for c in feats.columns
-        if not (pd.api.types.is_numeric_dtype(feats[c]) or pd.api.types.is_bool_dtype(feats[c]))
-    ]
-    if text:
-        feats = pd.get_dummies(feats, columns=text, dtype=np.float64)
-        notes.append(f"one-hot encoded the text/categorical feature columns {text}")
-    x = feats.to_numpy(np.float64)
+    from marginalize.runs import TableEncoding
+
+    encoding, x = TableEncoding.from_table(feats)
+    if encoding.categories:
+        notes.append(
+            f"one-hot encoded the text/categorical feature columns {list(encoding.categories)}"
+        )
     return Data(
-        name, x, y, task, target, [str(c) for c in feats.columns], num_classes, classes, notes
+        name,
+        x,
+        y,
+        task,
+        target,
+        encoding.feature_names,
+        num_classes,
+        classes,
+        notes,
+        hints,
+        encoding,
+    )
+
+
+#: a numeric target with at most this many distinct integer values may be class labels
+CLASS_HINT_MAX = 10
+
+
+def class_hint(y, target: str) -> str | None:
+    """A hint when a numeric target fitted as a regression looks like class labels: integer
+    values, at most :data:`CLASS_HINT_MAX` distinct ones (e.g. scikit-learn's wine, 0/1/2)."""
+    import numpy as np
+
+    v = np.asarray(y, dtype=np.float64)
+    if not v.size or not np.isfinite(v).all() or not np.array_equal(v, np.round(v)):
+        return None
+    distinct = np.unique(v)
+    if len(distinct) > CLASS_HINT_MAX:
+        return None
+    shown = ", ".join(f"{d:g}" for d in distinct)
+    return (
+        f"target {target!r} is numeric with only {len(distinct)} distinct integer values "
+        f"({shown}), so it is fitted as a regression; if they are classes, pass "
+        "--task classification"
     )
 
 
@@ -757,43 +795,48 @@ class _Out:
             print(*parts, flush=True)
 
 
+#: the results table's columns: (header, column of ``mz.evaluate``'s table, number format)
 _COLUMNS = {
     "regression": [
-        ("RMSE", "rmse", "{:9.3f}"),
-        ("MAE", "mae", "{:9.3f}"),
-        ("NLL", "nll", "{:8.3f}"),
-        ("cov90", "coverage90", "{:6.2f}"),
-        ("width90", "width90", "{:9.3f}"),
+        ("RMSE", "rmse", "{:.3f}"),
+        ("MAE", "mae", "{:.3f}"),
+        ("NLL", "nll", "{:.3f}"),
+        ("cov90", "coverage90", "{:.2f}"),
+        ("width90", "width90", "{:.3f}"),
     ],
     "classification": [
-        ("accuracy", "accuracy", "{:9.3f}"),
-        ("NLL", "nll", "{:8.3f}"),
-        ("ECE", "ece", "{:7.3f}"),
-        ("Brier", "brier", "{:7.3f}"),
+        ("accuracy", "accuracy", "{:.3f}"),
+        ("NLL", "nll", "{:.3f}"),
+        ("ECE", "ece", "{:.3f}"),
+        ("Brier", "brier", "{:.3f}"),
     ],
 }
 
 
 def format_table(table, seconds: dict[str, float]) -> list[str]:
-    """The results table as text lines, with a header (``table`` from ``mz.evaluate``)."""
-    cols = _COLUMNS[table.attrs.get("task", "regression")]
-    width = max([len("method")] + [len(str(i)) for i in table.index])
-    head = (
-        f"{'method':<{width}}"
-        + "".join(f"{t:>{len(fmt.format(0.0))}}" for t, _, fmt in cols)
-        + f"{'fit s':>8}"
+    """The results table as text lines: a header, a rule, one row per fit (``table`` from
+    ``mz.evaluate``), laid out by pandas (``DataFrame.to_string``), so a wide value widens its
+    column instead of running into the next one; a missing value reads ``n/a``."""
+    import pandas as pd
+
+    task = table.attrs.get("task", "regression")
+    cols = _COLUMNS[task]
+    multi = table.index.nlevels > 1
+    names = ["/".join(map(str, i)) if multi else str(i) for i in table.index]
+    frame = pd.DataFrame(
+        {title: pd.to_numeric(table[key], errors="coerce").to_numpy() for title, key, _ in cols},
+        index=pd.Index(names),
     )
-    lines = [head, "-" * len(head)]
-    for name, row in table.iterrows():
-        cells = []
-        for _, key, fmt in cols:
-            v = float(row[key])
-            cells.append(fmt.format(v) if math.isfinite(v) else f"{'n/a':>{len(fmt.format(0.0))}}")
-        secs = seconds.get(str(name))
-        lines.append(
-            f"{str(name):<{width}}" + "".join(cells) + (f"{secs:8.1f}" if secs is not None else "")
-        )
-    return lines
+    frame["fit s"] = [seconds.get(str(i[0] if multi else i), math.nan) for i in table.index]
+    frame = frame.rename_axis(index=None, columns="method")  # "method" heads the name column
+
+    def fmt(spec):
+        return lambda v: "n/a" if not math.isfinite(v) else spec.format(v)
+
+    formatters = {title: fmt(spec) for title, _, spec in cols}
+    formatters["fit s"] = fmt("{:.1f}")
+    lines = frame.to_string(formatters=formatters, na_rep="n/a").splitlines()
+    return [lines[0], "-" * len(lines[0]), *lines[1:]]
 
 
 def _configure_logging(quiet: bool, verbose: int) -> None:
@@ -810,9 +853,16 @@ def _configure_logging(quiet: bool, verbose: int) -> None:
     logging.getLogger("marginalize").setLevel(logging.INFO if verbose >= 1 else level)
     for name in ("arviz", "arviz_base", "arviz_stats", "arviz_plots", "pyro", "matplotlib"):
         logging.getLogger(name).setLevel(logging.INFO if verbose >= 2 else logging.WARNING)
-    logging.captureWarnings(True)  # Python warnings go through logging: --quiet silences them
+    # Python warnings (the package's FitWarning, ...) go through logging, one line each without
+    # the source line of the caller: --quiet silences them
+    warnings.showwarning = _log_warning
     if quiet:
         warnings.simplefilter("ignore")
+
+
+def _log_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """``warnings.showwarning`` while a command runs: ``WARNING marginalize: FitWarning: ...``."""
+    logging.getLogger("marginalize").warning("%s: %s", category.__name__, message)
 
 
 # ---- fit -------------------------------------------------------------------------------
@@ -918,6 +968,8 @@ def _fit_cmd(args) -> int:
     )
     for n in data.notes:
         out(f"data: {n}")
+    for n in data.hints:
+        out(f"hint: {n}")
     if args.standardize:
         out(
             "data: inputs"
@@ -990,6 +1042,7 @@ def _fit_cmd(args) -> int:
             feature_names=(
                 data.feature_names if len(data.feature_names) == x_test.shape[1] else None
             ),
+            class_names=data.classes,
         )
     table = res.metrics
     units = "in the target's units" if data.task == "regression" else ""
@@ -1008,23 +1061,41 @@ def _fit_cmd(args) -> int:
             out(f"  {fit_name}: {f.check}: {f.message}")
     else:
         out("findings: no problems found by the report's checks")
+    for h in data.hints if res.problems else []:
+        out(f"hint: {h}")
     if save_dir is not None:
         out(
-            f"saved: {', '.join(saved.values())} (load with mz.load"
-            + (f"(path, model=...) and the model from {args.model}" if user_model else "(path)")
-            + ")"
+            f"saved: {', '.join(saved.values())} and {save_dir / 'run.json'}; predict on new "
+            f"rows with mz.load_run({str(save_dir)!r}"
+            + (f", model=<the function in {args.model}>" if user_model else "")
+            + ").predict(dataframe)"
         )
+        from marginalize.runs import RUN_FORMAT, RUN_VERSION, TableEncoding
+
+        encoding = data.encoding or TableEncoding(
+            list(data.feature_names), {}, list(data.feature_names)
+        )
+        encoding.x_mean = None if sx is None else np.asarray(sx.mean).tolist()
+        encoding.x_std = None if sx is None else np.asarray(sx.std).tolist()
+        model_file = None
+        if user_model:
+            mpath, _, mfunc = args.model.rpartition(":")
+            model_file = {"path": str(Path(mpath).resolve()), "function": mfunc}
         run = {
+            "format": RUN_FORMAT,
+            "version": RUN_VERSION,
             "data": data.name,
             "target": data.target,
             "task": data.task,
             "feature_names": data.feature_names,
             "classes": data.classes,
-            "x_mean": None if sx is None else np.asarray(sx.mean).tolist(),
-            "x_std": None if sx is None else np.asarray(sx.std).tolist(),
+            "x_mean": encoding.x_mean,
+            "x_std": encoding.x_std,
             "y_mean": y_loc,
             "y_std": y_scale,
+            "encoding": encoding.to_dict(),
             "model": args.model,
+            "model_file": model_file,
             "fits": saved,
         }
         write_text(save_dir / "run.json", json.dumps(run, indent=2))
@@ -1052,6 +1123,7 @@ def _fit_cmd(args) -> int:
                 {"fit": n, "check": f.check, "message": f.message} for n, f in res.problems
             ],
             "notes": [{"fit": n, "check": f.check, "message": f.message} for n, f in res.notes],
+            "hints": data.hints,
             "failed": failed,
             "report": None if res.path is None else str(res.path),
             "saved": saved,
@@ -1197,8 +1269,7 @@ class _Settings:
         return self
 
     def __exit__(self, *exc):
-        logging.captureWarnings(False)
-        self._warn.__exit__(*exc)
+        self._warn.__exit__(*exc)  # restores warnings.showwarning and the filters
         root = logging.getLogger()
         for h in list(root.handlers):
             root.removeHandler(h)
@@ -1251,7 +1322,7 @@ def _run(args, argv: list[str]) -> int:
     if args.cmd == "methods":
         import marginalize as mz
 
-        for row in mz.method_info():
+        for row in mz.method_info().values():
             print(f"{row['name']:>14}  {row['summary']}")
         return EXIT_OK
     from marginalize.errors import FitError

@@ -147,6 +147,9 @@ class FitEvaluation:
     labels: np.ndarray | None = None
     loc: np.ndarray | None = None
     scale: np.ndarray | None = None
+    #: per test point: the log predictive density of its target ``(N, D)``, in the target's
+    #: units (regression), or the log predictive probability of its label ``(N,)``
+    log_density: np.ndarray | None = None
 
     def to_units(self, a: np.ndarray) -> np.ndarray:
         """Values on the scale the model was fitted on, in the target's units (the last dim
@@ -189,7 +192,10 @@ def evaluate_fit(
             "ece": mt.ece(probs, labels),
             "brier": mt.brier(probs, labels),
         }
-        return FitEvaluation(name, post, pred, {"y": row}, probs=probs, labels=labels)
+        logp = np.log(np.maximum(probs[np.arange(len(labels)), labels], np.finfo(float).tiny))
+        return FitEvaluation(
+            name, post, pred, {"y": row}, probs=probs, labels=labels, log_density=logp
+        )
 
     mix = pred.mixture()
     yy = y.reshape(mix.y_shape)
@@ -258,6 +264,7 @@ def evaluate_fit(
         cal_curve=(CAL_LEVELS.copy(), obs_cov.mean(0)),
         loc=loc,
         scale=scale,
+        log_density=logd - np.log(scale),
     )
 
 

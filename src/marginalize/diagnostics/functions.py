@@ -660,6 +660,11 @@ def prior_scale_sweep(
     return result
 
 
+def _points(post):
+    """The training data ``(x, y)`` to draw over a figure, when held in memory (else None)."""
+    return post.data if isinstance(post.data, tuple) else None
+
+
 def _grid_1d(x: torch.Tensor, post, points: int) -> torch.Tensor:
     pieces = [x.reshape(-1)]
     if isinstance(post.data, tuple):  # the training inputs' range
@@ -744,7 +749,7 @@ def function_space_figures(
             out.append(
                 (
                     f"Functions: prior vs posterior ({name})",
-                    plot_prior_posterior(pf, qf, data=post.data),
+                    plot_prior_posterior(pf, qf, data=_points(post)),
                 )
             )
         elif post.task == "regression":

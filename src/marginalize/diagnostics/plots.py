@@ -171,11 +171,15 @@ def ppc_plot(
     task: str,
     num_draws: int = 40,
     colors: Mapping[str, str] | None = None,
+    xlabel: str | None = None,
+    class_names: Sequence | None = None,
 ) -> Figure:
     """Posterior predictive check: the observed targets against replicated data sets.
 
     Regression: histograms (as step lines) of ``num_draws`` replicated data sets over the
-    observed one. Classification: class frequencies, observed against the replicates' range.
+    observed one. Classification: class frequencies, observed against the replicates' range,
+    the classes labelled by ``class_names`` where given. ``xlabel`` names the x axis (e.g. the
+    target's units).
     """
     fig, axes = _grid(len(draws))
     obs = np.asarray(observed).ravel()
@@ -203,7 +207,9 @@ def ppc_plot(
                 ms=3,
                 label="replicated",
             )
-            ax.set_xlabel("class")
+            if class_names is not None and len(class_names) >= k:
+                ax.set_xticks(cls, [str(c) for c in class_names[:k]], rotation=30, fontsize=7)
+            ax.set_xlabel(xlabel or "class")
             ax.set_ylabel("frequency")
         else:
             lo, hi = np.percentile(np.concatenate([obs, rep.ravel()]), [0.5, 99.5])
@@ -213,7 +219,7 @@ def ppc_plot(
                 ax.stairs(dens, bins, color=_pick(colors, name, i), alpha=0.15, lw=0.8)
             dens, _ = np.histogram(obs, bins=bins, density=True)
             ax.stairs(dens, bins, color="black", lw=1.8, label="observed")
-            ax.set_xlabel("y")
+            ax.set_xlabel(xlabel or "y")
             ax.set_ylabel("density")
         ax.set_title(name, fontsize=10)
     axes[0].legend(fontsize=7)

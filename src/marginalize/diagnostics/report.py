@@ -48,7 +48,7 @@ from marginalize.diagnostics.evaluation import (
     y_test_rows,
 )
 from marginalize.diagnostics.stats import MIN_LOO_DRAWS, compare, psis_khat
-from marginalize.errors import DataError
+from marginalize.errors import DataError, PredictWarning, warn
 from marginalize.models.base import BNN
 from marginalize.posterior import Posterior
 
@@ -69,7 +69,11 @@ padding:0 1em;color:#222;line-height:1.45}
 h1{border-bottom:2px solid #333;padding-bottom:.2em}h2{margin-top:2em;border-bottom:1px solid #ccc}
 table{border-collapse:collapse;margin:.8em 0;font-size:.9em}
 th,td{border:1px solid #ccc;padding:.3em .6em;text-align:right;vertical-align:top}
-th{background:#f3f3f3}td.l,th.l{text-align:left}
+th{background:#f3f3f3}
+table.left1 td:nth-child(-n+1),table.left1 th:nth-child(-n+1),
+table.left2 td:nth-child(-n+2),table.left2 th:nth-child(-n+2),
+table.left3 td:nth-child(-n+3),table.left3 th:nth-child(-n+3),
+table.leftlast td:last-child,table.leftlast th:last-child{text-align:left}
 .warn{background:#fdecea;border-left:5px solid #c62828;padding:.5em .8em;margin:.4em 0}
 .info{background:#eef4fb;border-left:5px solid #1565c0;padding:.5em .8em;margin:.4em 0}
 .ok{background:#edf7ed;border-left:5px solid #2e7d32;padding:.5em .8em;margin:.4em 0}
@@ -133,18 +137,14 @@ def _img(fig, alt: str) -> str:
 
 
 def _table(header: list[str], rows: list[list], left: int = 1, left_last: bool = False) -> str:
-    """An HTML table; ``header`` is HTML-escaped, cells are inserted as given (already HTML).
-    The first ``left`` columns (and the last, with ``left_last``) are left-aligned."""
+    """An HTML table laid out by pandas (``DataFrame.to_html``); ``header`` and the cells are
+    inserted as given (already HTML). The first ``left`` columns (and the last, with
+    ``left_last``) are left-aligned, by the table's CSS classes."""
+    import pandas as pd
 
-    def cls(i):
-        return "l" if i < left or (left_last and i == len(header) - 1) else ""
-
-    th = "".join(f'<th class="{cls(i)}">{h}</th>' for i, h in enumerate(header))
-    body = "".join(
-        "<tr>" + "".join(f'<td class="{cls(i)}">{c}</td>' for i, c in enumerate(r)) + "</tr>"
-        for r in rows
-    )
-    return f"<table><tr>{th}</tr>{body}</table>"
+    frame = pd.DataFrame(rows, columns=pd.Index(header))
+    classes = [f"left{min(left, 3)}"] + (["leftlast"] if left_last else [])
+    return frame.to_html(escape=False, index=False, border=0, classes=classes, na_rep="&ndash;")
 
 
 def _fmt(v, digits: int = 3) -> str:
@@ -196,14 +196,7 @@ def describe_likelihood(post: Posterior, y_scale=None) -> str:
         if kind == "bernoulli":
             return "Bernoulli (sigmoid of the output)"
         return repr(lik)
-    try:
-        ex = post.predictive.example
-        d = None
-        if ex is not None:
-            _, dists = next(post.predictive.observation_blocks(ex[0], num_samples=1, seed=0))
-            d = dists[0].dist
-    except Exception:  # a description must not fail the report
-        d = None
+    d = _model_observation(post)
     if d is None:
         return "defined by the model function"
     base = observation_dist(d)
@@ -228,6 +221,27 @@ def _shown_inputs(post: Posterior, loader, n: int) -> torch.Tensor:
     return x
 
 
+def _model_observation(post: Posterior):
+    """The observation distribution the model function itself writes (one posterior draw,
+    two training rows), whatever the method's predictive: so every fit of one model gets one
+    description. None when it cannot be read (a description must not fail the report)."""
+    from pyro import poutine
+
+    try:
+        ex = post.predictive.example
+        if ex is None:
+            return None
+        x = ex[0][:2]
+        z = post.sample_flat(1, seed=0).reshape(-1)
+        values = post.layout.unpack(z)
+        with torch.no_grad():
+            tr = poutine.trace(poutine.condition(post.model, data=values)).get_trace(x)
+        node = tr.nodes.get("y")
+        return None if node is None else node["fn"]
+    except Exception:  # a description must not fail the report
+        return None
+
+
 def _evaluate(
     fit: _Fit,
     x_test,
@@ -239,6 +253,7 @@ def _evaluate(
     y_loc,
     y_scale,
     feature_names=None,
+    class_names=None,
 ) -> None:
     post = fit.post
     y_model, _ = model_targets(post, y_test, y_test_rows(y_test))
@@ -263,6 +278,7 @@ def _evaluate(
     )
     fit.khat = psis_khat(post, khat_samples, seed=seed)
     fit.findings = checks.check_inference(post, fit.idata, khat=fit.khat)
+    fit.findings += checks.check_predictive(fit.ev, class_names=class_names)
     for reason in fit.ev.not_applicable:
         fit.findings.append(checks.Finding("info", "not applicable", reason))
     draws = fit.idata.posterior.sizes["chain"] * fit.idata.posterior.sizes["draw"]
@@ -292,7 +308,9 @@ def _evaluate(
 
 
 # ---- sections -----------------------------------------------------------------------------
-def _section_fitted(fits: list[_Fit], x_test, y_test, liks: dict[str, str], units: str) -> str:
+def _section_fitted(
+    fits: list[_Fit], x_test, y_test, liks: dict[str, str], units: str, class_names=None
+) -> str:
     post = fits[0].post
     model = post.model
     if isinstance(model, BNN):
@@ -306,6 +324,8 @@ def _section_fitted(fits: list[_Fit], x_test, y_test, liks: dict[str, str], unit
         for s in post.layout.sites
     ]
     task = post.task + (f" ({post.num_classes} classes)" if post.num_classes else "")
+    if class_names is not None:
+        task += ": " + ", ".join(f"{k} = {n}" for k, n in enumerate(class_names))
     distinct = sorted(set(liks.values()))
     if len(distinct) == 1:
         lik_line = f"<p><b>Likelihood</b> (every fit): {_esc(distinct[0])}.</p>"
@@ -428,7 +448,7 @@ def _loss_array(post: Posterior):
     return a if a.size >= 2 else None
 
 
-def _section_function_table(fits: list[_Fit], fin: torch.Tensor) -> str:
+def _section_function_table(fits: list[_Fit], fin: torch.Tensor, class_names=None) -> str:
     header = ["test input"] + [_esc(f.name) for f in fits]
     rows = []
     vals = {}
@@ -448,7 +468,11 @@ def _section_function_table(fits: list[_Fit], fin: torch.Tensor) -> str:
         rows.append(row)
     return (
         "<p>Mean &plusmn; sd of the function value (predictive mean"
-        + (", class-0 probability" if fits[0].post.task == "classification" else "")
+        + (
+            f", the probability of class {_esc(_class_label(class_names, 0))}"
+            if fits[0].post.task == "classification"
+            else ""
+        )
         + ") at a few test inputs x*, per method; R-hat across chains for MCMC.</p>"
         + _table(header, rows, 1)
     )
@@ -625,12 +649,25 @@ def _as_labels(a: np.ndarray, one_hot: bool) -> np.ndarray:
     return a.argmax(-1) if one_hot else a
 
 
-def _section_checks(fits: list[_Fit], compare_table) -> str:
+def _class_label(class_names, k: int) -> str:
+    return str(class_names[k]) if class_names is not None and k < len(class_names) else str(k)
+
+
+def _section_checks(
+    fits: list[_Fit], compare_table, no_loo: dict[str, str], class_names=None
+) -> str:
     parts = ["<h2>5. Predictive checks and leave-one-out</h2>"]
     post0 = fits[0].post
     one_hot = one_hot_classes(post0) is not None
     obs = _as_labels(fits[0].idata.observed_data["y"].values, one_hot)
     draws = {f.name: _as_labels(f.idata.posterior_predictive["y"].values, one_hot) for f in fits}
+    xlabel = "class"
+    if post0.task == "regression":  # in the target's units, like the rest of the report
+        obs = fits[0].ev.to_units(np.asarray(obs, dtype=np.float64))
+        draws = {f.name: f.ev.to_units(np.asarray(draws[f.name], np.float64)) for f in fits}
+        ev0 = fits[0].ev
+        scaled = ev0.loc is not None and (np.any(ev0.loc != 0) or np.any(ev0.scale != 1))
+        xlabel = "y (target's units)" if scaled else "y"
     parts.append(
         "<p>Posterior predictive check on the training data: data sets replicated from "
         "each posterior (coloured) against the observed one (black)"
@@ -639,7 +676,14 @@ def _section_checks(fits: list[_Fit], compare_table) -> str:
     )
     parts.append(
         _img(
-            plots.ppc_plot(obs, draws, post0.task, colors=_colors(fits)),
+            plots.ppc_plot(
+                obs,
+                draws,
+                post0.task,
+                colors=_colors(fits),
+                xlabel=xlabel,
+                class_names=class_names,
+            ),
             "posterior predictive check",
         )
     )
@@ -669,13 +713,28 @@ def _section_checks(fits: list[_Fit], compare_table) -> str:
             "<code>weight</code> is the stacking weight.</p>"
         )
         parts.append(_table(["fit", *[_esc(c) for c in cols]], rows, 1))
-    skipped = compare_table.attrs.get("skipped", {}) if compare_table is not None else {}
-    if skipped:
+    if no_loo:
+        if compare_table is None or not len(compare_table):
+            parts.append("<h3>Comparison by PSIS-LOO (training data)</h3>")
+        items = "".join(
+            f"<li><b>{_esc(name)}</b>: {_esc(_loo_reason(why))}</li>"
+            for name, why in no_loo.items()
+        )
         parts.append(
-            '<p class="note">Not in the LOO table (too few posterior draws for PSIS-LOO; '
-            "compare them by the test-set NLL above): " + _esc(", ".join(skipped)) + ".</p>"
+            '<div class="note">Not in the LOO table (compare them by the test-set NLL above):'
+            f"<ul>{items}</ul></div>"
         )
     return "\n".join(parts)
+
+
+def _loo_reason(why: str) -> str:
+    """A reason a fit has no PSIS-LOO, in the report's words."""
+    if "LOO/WAIC need posterior draws" in why:
+        return (
+            "too few posterior draws for PSIS-LOO (a point estimate, or an ensemble of a few "
+            f"point estimates; PSIS-LOO needs at least {MIN_LOO_DRAWS})"
+        )
+    return why
 
 
 def _figures_from(obj) -> list[tuple[str, object]]:
@@ -698,13 +757,13 @@ def _figures_from(obj) -> list[tuple[str, object]]:
     return []
 
 
-def _section_functions(fits: list[_Fit], posts, x_test, y_test, fin) -> str:
+def _section_functions(fits: list[_Fit], posts, x_test, y_test, fin, class_names=None) -> str:
     parts = [
         "<h2>6. The functions the prior and posterior induce</h2>",
         '<p class="note">Weight-space summaries of a neural network are hard to read and '
         "weight-space R-hat is misleading (hidden units can be permuted without changing the "
         "function), so the comparison between methods is made on the functions.</p>",
-        _section_function_table(fits, fin),
+        _section_function_table(fits, fin, class_names),
     ]
     try:
         from marginalize.diagnostics import functions
@@ -714,7 +773,7 @@ def _section_functions(fits: list[_Fit], posts, x_test, y_test, fin) -> str:
         try:
             figs = _figures_from(functions.function_space_figures(posts, x_test))
         except Exception as e:  # a failing optional section must not lose the whole report
-            log.warning("report: function_space_figures failed: %s", e)
+            warn(f"report: the function-space figures failed: {e}", category=PredictWarning)
             parts.append(
                 f'<div class="info">The function-space figures could not be drawn: {_esc(e)}</div>'
             )
@@ -762,6 +821,7 @@ def build_report(
     y_scale=None,
     notes: list[str] | None = None,
     feature_names=None,
+    class_names=None,
 ) -> ReportResult:
     """Write the report (see :func:`report`) and return what it found: a
     :class:`ReportResult` with the path, the problems, the notes and the metrics table.
@@ -798,18 +858,25 @@ def build_report(
             y_loc,
             y_scale,
             feature_names,
+            class_names,
         )
         log.info("report: evaluated %s in %.1f s", name, time.perf_counter() - ts)
         fits.append(f)
-    compare_table = None
-    usable = {
-        f.name: f.idata for f in fits if f.loo is not None or f.post.approximation.deterministic
-    }
+    compare_table, no_loo = None, {}
     if len(fits) > 1 and path is not None:
+        candidates = {}
+        for f in fits:
+            if f.loo_failed:
+                no_loo[f.name] = "PSIS-LOO could not be computed (its findings say why)"
+            else:
+                candidates[f.name] = f.idata
         try:
-            compare_table = compare(usable, seed=seed) if usable else None
+            compare_table = compare(candidates, seed=seed) if candidates else None
         except (ValueError, FloatingPointError) as e:
-            log.warning("report: the LOO comparison failed: %s", e)
+            warn(f"report: the LOO comparison failed: {e}", category=PredictWarning)
+            no_loo.update({n: f"the LOO comparison failed ({e})" for n in candidates})
+        if compare_table is not None:
+            no_loo.update(compare_table.attrs.get("skipped", {}))
     table = table_of([f.ev for f in fits])
     liks = {f.name: describe_likelihood(f.post, y_scale) for f in fits}
     if first.task == "regression":
@@ -836,12 +903,12 @@ def build_report(
         f'<p class="note">Fits: {_esc(", ".join(posts))}. Written by marginalize with ArviZ '
         f"{_esc(azc.ARVIZ_VERSION)}.</p>",
         extra,
-        _section_fitted(fits, x_t, y_t, liks, units),
+        _section_fitted(fits, x_t, y_t, liks, units, class_names),
         _section_worked(fits),
         _section_quality(fits, table, x_t, units),
         _section_calibration(fits, y_t),
-        _section_checks(fits, compare_table),
-        _section_functions(fits, posts, x_t, y_t, fin),
+        _section_checks(fits, compare_table, no_loo, class_names),
+        _section_functions(fits, posts, x_t, y_t, fin, class_names),
         _READING,
     ]
     secs = time.perf_counter() - t0
@@ -872,6 +939,7 @@ def report(
     y_scale=None,
     notes: list[str] | None = None,
     feature_names=None,
+    class_names=None,
 ) -> Path:
     """Write a self-contained HTML report on one or several fits; return its path.
 
@@ -898,6 +966,9 @@ def report(
         Lines shown under the title (e.g. how the fits were run).
     feature_names : sequence of str, optional
         Names of the input columns (the ``feature`` coordinates of the ArviZ data).
+    class_names : sequence, optional
+        Classification: the name of each class (label ``k`` is ``class_names[k]``), shown in
+        the tables, figures and findings instead of the label numbers.
 
     Returns
     -------
@@ -930,4 +1001,5 @@ def report(
         y_scale=y_scale,
         notes=notes,
         feature_names=feature_names,
+        class_names=class_names,
     ).path

@@ -43,7 +43,7 @@ from marginalize.core.approximations import (
     Mixture,
 )
 from marginalize.core.data import ArrayData
-from marginalize.errors import DataError, OptionError
+from marginalize.errors import DataError, OptionError, PredictWarning, warn
 from marginalize.posterior import Posterior
 
 __all__ = [
@@ -309,8 +309,11 @@ def psis_khat(
     log_r = torch.cat(parts).cpu().numpy()
     finite = np.isfinite(log_r)
     if not finite.all():
-        log.warning(
-            "psis_khat: %d of %d importance ratios are not finite", (~finite).sum(), len(log_r)
+        warn(
+            "psis_khat: %d of %d importance ratios are not finite",
+            (~finite).sum(),
+            len(log_r),
+            category=PredictWarning,
         )
         log_r = np.where(finite, log_r, -np.inf)
     lw, k = azc.psislw(log_r)

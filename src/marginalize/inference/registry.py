@@ -50,7 +50,16 @@ from marginalize.inference.engines.options import Options
 from marginalize.inference.engines.seeding import isolated
 from marginalize.posterior import Posterior
 
-__all__ = ["Method", "register", "methods", "get_method", "fit", "resume", "method_info"]
+__all__ = [
+    "Method",
+    "register",
+    "methods",
+    "get_method",
+    "fit",
+    "resume",
+    "method_info",
+    "MethodTable",
+]
 
 log = logging.getLogger(__name__)
 
@@ -166,18 +175,52 @@ def get_method(name: str) -> type[Method]:
     return _REGISTRY[name]
 
 
-def method_info() -> list[dict[str, Any]]:
-    """One row per method: ``name``, ``summary``, ``options`` (name -> default), ``docs``
-    (name -> meaning), ``cost`` and ``reference``, from the method's declared options.
+class MethodTable(list):
+    """The rows of :func:`method_info`, one dict per method in name order (a list, as it
+    always was: ``for row in mz.method_info()``), also looked up by name
+    (``mz.method_info()["map"]``, ``"map" in ...``, ``.keys()``, ``.values()``, ``.items()``)."""
+
+    def __getitem__(self, key):
+        if isinstance(key, str):
+            for row in self:
+                if row["name"] == key:
+                    return row
+            names = [r["name"] for r in self]
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise KeyError(f"unknown method {key!r}{hint} known: {', '.join(names)}")
+        return super().__getitem__(key)
+
+    def __contains__(self, key) -> bool:
+        if isinstance(key, str):
+            return any(r["name"] == key for r in self)
+        return super().__contains__(key)
+
+    def keys(self) -> list[str]:
+        return [r["name"] for r in self]
+
+    def values(self) -> list[dict[str, Any]]:
+        return list(self)
+
+    def items(self) -> list[tuple[str, dict[str, Any]]]:
+        return [(r["name"], r) for r in self]
+
+
+def method_info() -> MethodTable:
+    """Every method (sorted by name): a row with ``name``, ``summary``, ``options`` (name ->
+    default), ``docs`` (name -> meaning), ``cost`` and ``reference``, from the method's
+    declared options. A list of the rows that is also indexed by name (:class:`MethodTable`).
 
     Examples
     --------
     >>> import marginalize as mz
-    >>> row = next(r for r in mz.method_info() if r["name"] == "svi-lowrank")
+    >>> row = mz.method_info()["svi-lowrank"]
     >>> row["options"]["rank"], row["docs"]["rank"]
     (10, 'rank of the covariance factor')
+    >>> [r["name"] for r in mz.method_info()] == mz.methods() == list(mz.method_info().keys())
+    True
     """
-    return [
+    return MethodTable(
         {
             "name": n,
             "summary": c.summary,
@@ -187,7 +230,7 @@ def method_info() -> list[dict[str, Any]]:
             "reference": c.reference,
         }
         for n, c in sorted(_REGISTRY.items())
-    ]
+    )
 
 
 def fit(
@@ -275,6 +318,7 @@ def fit(
     cls = get_method(method)
     opts = cls.make_options(options)
     seed = check_seed("seed", seed)
+    distributed.check_launch()  # torchrun without a process group: a warning
     device = check_device(device)
     # Pyro's param store, handler stack and plate dims are process globals: one fit at a time,
     # with the caller's open handlers set aside (see marginalize._isolation)

@@ -93,6 +93,7 @@ from marginalize._isolation import no_validation as _no_validation
 from marginalize.core.compiled.codegen import _np_dtype, _NumpyEmitter, _TorchEmitter
 from marginalize.core.compiled.graph import CaptureError, _from_fx, _Graph
 from marginalize.core.compiled.simplify import _Simplifier
+from marginalize.errors import warn
 
 __all__ = ["CompiledLogJoint", "CaptureError", "capture_graph"]
 
@@ -506,7 +507,7 @@ class CompiledLogJoint:
             self.ok = False
             self.reason = f"its compiled code raised {type(e).__name__}: {e}"
             self._cache = dict.fromkeys(self._cache)
-        log.warning(
+        warn(
             "%s: the compiled log joint raised %s (%s); using the Pyro trace from now on",
             self._model_name(),
             type(e).__name__,

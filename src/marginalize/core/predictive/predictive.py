@@ -196,6 +196,8 @@ class Predictive:
         self.given_example = example
         self.seed = seed
         self.state = None if state is None else dict(state)
+        #: draws from the prior (:meth:`prior`): no fitted state applies to them
+        self.for_prior = False
         #: whether the missing-data warning of ``bn_update="auto"`` was given
         self.warned_state = False
 
@@ -410,6 +412,8 @@ class Predictive:
             raise OptionError(f"bn_update: expected 'auto', True or False, got {bn_update!r}")
         if bn_update != "auto":
             return bn_update
+        if self.for_prior:  # prior draws: their own statistics where the data allow
+            return self.data is not None
         if _point_per_chain(self.approximation):  # each draw at a point the state was fitted at
             return False
         if self.data is None:
@@ -681,7 +685,7 @@ class Predictive:
     def prior(self) -> Predictive:
         """The same model's predictive through the network itself, untempered (for draws
         from the prior: the linearization and a temperature belong to the posterior)."""
-        return Predictive(
+        prior = Predictive(
             self.model,
             self.layout,
             self.approximation,
@@ -690,8 +694,10 @@ class Predictive:
             data=self.data,
             example=self.given_example,
             seed=self.seed,
-            state=self.state,
+            state=None,  # the fitted state belongs to the posterior's weights
         )
+        prior.for_prior = True
+        return prior
 
     def units_per_input(self) -> int:
         """Activations one training input makes in one draw (measured once; the unit of the

@@ -66,7 +66,7 @@ import numpy as np
 import torch
 
 from marginalize._files import check_path, digest, read_verified, write_verified
-from marginalize.errors import DataError, FileFormatError, ModelError, OptionError
+from marginalize.errors import DataError, FileFormatError, ModelError, OptionError, warn
 from marginalize.inference.engines import interrupt
 
 __all__ = [
@@ -214,7 +214,7 @@ class Segment:
         if state is not None:
             self.save(state)
         self.session.interrupted = True
-        log.warning(
+        warn(
             "checkpoint saved to %s (%s); continue with mz.resume(%r, model, x, y)",
             self.session.file,
             self.label,
@@ -282,7 +282,7 @@ class _Session:
             )
         except OSError as e:
             self.broken = True
-            log.warning(
+            warn(
                 "checkpoint: cannot write %s (%s); the fit continues without checkpoints",
                 self.file,
                 e,
@@ -450,7 +450,7 @@ def session(
         _ACTIVE.reset(token)
         _PENDING.reset(token_pending)
     if sess.used == 0:
-        log.warning("method %r did not write checkpoints (it has no resumable loop)", method)
+        warn("method %r did not write checkpoints (it has no resumable loop)", method)
     elif not sess.interrupted and rank == 0:
         # rank 0 holds every segment (the members were gathered): one complete file
         sess.complete = True

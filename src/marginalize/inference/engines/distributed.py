@@ -170,6 +170,30 @@ def init_from_env(backend: str = "gloo") -> bool:
     return True
 
 
+def check_launch() -> None:
+    """Warn (:class:`~marginalize.errors.FitWarning`) when the process was started by a
+    launcher of several processes (``torchrun``: ``WORLD_SIZE`` > 1) but no process group
+    exists: every rank would then fit the whole problem alone, the same work K times.
+
+    The group is not initialized here: it belongs to the user's script (its backend, its
+    device binding, its timeout, its teardown, and a script that initializes its own group
+    later would fail on a second one), and ``mz.fit`` is one library call in that script.
+    ``marginalize fit`` (the command line, which owns its process) initializes it itself.
+    """
+    world = os.environ.get("WORLD_SIZE", "1")
+    if _initialized() or not world.isdigit() or int(world) <= 1:
+        return
+    from marginalize.errors import warn
+
+    warn(
+        f"this process is rank {os.environ.get('RANK', '?')} of {world} started by torchrun "
+        "(WORLD_SIZE is set), but no torch.distributed process group is initialized: every "
+        "rank fits the whole problem alone. Call torch.distributed.init_process_group('gloo') "
+        "(or 'nccl') before mz.fit to spread members and chains over the ranks and train "
+        "data-parallel (docs/guide/distributed.md), or run the script without torchrun."
+    )
+
+
 def shutdown() -> None:
     """Leave the default process group together: a barrier, then ``destroy_process_group``.
 

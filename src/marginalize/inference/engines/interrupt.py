@@ -26,6 +26,7 @@ import contextlib
 import contextvars
 import logging
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 
@@ -65,7 +66,14 @@ def scope() -> Iterator[Flag]:
         if flag.requested:
             raise KeyboardInterrupt("interrupted (Ctrl-C pressed twice)")
         flag.requested = True
+        # acknowledged on stderr at every press (a warning would show once per line of the
+        # user's code, and a warnings-as-errors filter would raise inside the handler)
         log.warning("Ctrl-C: stopping at the end of the current step (press again to stop at once)")
+        if sys.stderr is not None and not logging.getLogger().hasHandlers():
+            sys.stderr.write(
+                "marginalize: Ctrl-C: stopping at the end of the current step "
+                "(press again to stop at once)\n"
+            )
 
     if install:
         signal.signal(signal.SIGINT, handler)

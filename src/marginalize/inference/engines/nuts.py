@@ -59,6 +59,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from marginalize.errors import warn
+
 __all__ = ["NUTSState", "SamplingInterrupted", "run_sampler"]
 
 logger = logging.getLogger(__name__)
@@ -951,7 +953,7 @@ def run_sampler(
         # resumed mid-warmup with a shorter schedule: end the warmup now
         if adapt_step_size and adapt.get("counter", 0) > 0:
             eps = math.exp(adapt["log_step_size_avg"])
-        logger.warning(
+        warn(
             "warmup cut short at iteration %d (was planned for %d); step size %g",
             start,
             adapt["num_warmup"],

@@ -28,7 +28,8 @@ steps, once for every method (``map``, ``svi-meanfield``, ``svi-lowrank``, ``mc-
   under ``torchrun``, outside ensemble members and chains, which are spread over the ranks
   instead): each rank evaluates its shard of every minibatch and the gradients are summed
   with one ``all_reduce`` (:class:`~marginalize.inference.engines.distributed.DataParallel`);
-* **one progress bar** (tqdm; silent when ``progress=False`` or when not writing to a terminal);
+* **one progress bar** (tqdm on a terminal; without one a line on stderr every 30 s of a long
+  run, :mod:`~marginalize.inference.engines.progress`; silent when ``progress=False``);
 * **one convergence check**: a deterministic objective (full batch, no Monte Carlo noise) stops
   once its loss changes by less than ``tol`` (relative) for a few steps in a row; a stochastic
   one is judged at the end by the trend of its loss (:func:`loss_trend`). A full-batch fit that
@@ -46,7 +47,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from marginalize.core.info import FitInfo, Rollback, Stop
 from marginalize.core.problem import Problem, _no_validation
@@ -56,6 +56,7 @@ from marginalize.errors import (
     OptionError,
     OutOfMemoryError,
     is_out_of_memory,
+    warn,
 )
 from marginalize.inference.engines import checkpoint, distributed, interrupt
 from marginalize.inference.engines.init import INIT, init_loc_fn, initial_z
@@ -75,6 +76,7 @@ from marginalize.inference.engines.options import (
     number,
     option,
 )
+from marginalize.inference.engines.progress import progress_bar
 from marginalize.models.module import BatchStatistics
 
 __all__ = [
@@ -508,9 +510,7 @@ def train(
     stopped: Stop | None = None
     converged: bool | None = None
     in_step = False
-    bar = tqdm(
-        total=steps, initial=done, desc=desc, disable=True if not progress else None, leave=False
-    )
+    bar = progress_bar(steps, desc, enabled=progress, initial=done)
     with interrupt.scope(), _no_validation():
         try:
             for step, batch in enumerate(order, start=done):
@@ -571,7 +571,7 @@ def train(
                             losses.pop()  # that state is evaluated again by the next step
                         optimizer.backoff *= 0.5
                         rollbacks.append(Rollback(step, optimizer.lr))
-                        log.warning(
+                        warn(
                             "%s: %s at step %d; rolled back to the last good state, learning "
                             "rate halved to %.3g (rollback %d of at most %d)",
                             desc,
@@ -590,7 +590,7 @@ def train(
                                 msg + ". Lower lr, check the data scale (standardize x and y) "
                                 "and the priors, or pass on_nan='rollback'."
                             )
-                        log.warning(msg)
+                        warn(msg)
                         stopped = Stop(step, reason, None)
                         in_step = False
                         done = step + 1
@@ -609,7 +609,7 @@ def train(
                 if seg is not None and seg.due(done):
                     seg.save(state())
         except KeyboardInterrupt:
-            log.warning("%s: interrupted at step %d; keeping the state reached", desc, done)
+            warn("%s: interrupted at step %d; keeping the state reached", desc, done)
             stopped = Stop(done, "interrupted", None)
             interrupt.request()  # one Ctrl-C stops every later part of the fit too
         finally:
@@ -632,7 +632,7 @@ def train(
                 if math.isfinite(rel) and rel > 0
                 else "its loss was still changing at the last step"
             )
-            log.warning("%s: not converged after %d steps: %s; %s", desc, len(losses), how, advice)
+            warn("%s: not converged after %d steps: %s; %s", desc, len(losses), how, advice)
     result = Trained(
         params=optimizer.params,
         loss=loss_trace,

@@ -34,7 +34,7 @@ from pyro.infer import Trace_ELBO
 from marginalize.core.approximations import Dropout
 from marginalize.core.layout import Layout
 from marginalize.core.problem import Problem
-from marginalize.errors import OptionError
+from marginalize.errors import OptionError, warn
 from marginalize.inference.engines.init import usage
 from marginalize.inference.engines.objectives import Batch, PointObjective, PyroObjective, _Noisy
 from marginalize.inference.engines.options import boolean, choice, number, option
@@ -84,7 +84,7 @@ def dropout_axes(
         if len(s.shape) >= 2 and s.name not in found and s.name not in (declared or {})
     ]
     if unseen:
-        log.warning(
+        warn(
             "mc-dropout: could not see how %s meet the layer inputs (no matmul, F.linear, "
             "einsum or conv with them); they are not masked. Declare their input axis with "
             "mask_axes={site: axis}",
@@ -238,7 +238,7 @@ class MCDropout(Method):
                 )
         axes = {k: a % len(layout[k].shape) for k, a in axes.items()}
         if not axes and opts.p > 0:
-            log.warning(
+            warn(
                 "mc-dropout: no hidden units to mask (%s); the fit is a MAP point. Pass "
                 "input_dropout=True to mask the data's features, or mask_axes={site: axis}",
                 "no weight meets the output of another layer"

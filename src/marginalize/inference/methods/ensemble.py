@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from marginalize.core.approximations import Delta, Mixture
-from marginalize.errors import ModelError, OptionError
+from marginalize.errors import ModelError, OptionError, warn
 from marginalize.inference.engines import interrupt
 from marginalize.inference.engines.distributed import run_members
 from marginalize.inference.engines.init import INIT, initial_values, module_model, resolve_init
@@ -159,9 +159,7 @@ class Ensemble(Method):
             k = next(i for i, r in enumerate(runs) if r.stopped is not None)
             stopped.part = f"member {k + 1}"
             if stopped.interrupted:
-                log.warning(
-                    "ensemble: interrupted; returning the %d member(s) reached", len(members)
-                )
+                warn("ensemble: interrupted; returning the %d member(s) reached", len(members))
         converged = [r.converged for r in runs]
         info = runs[0].info(loss=mean_loss, member_loss=member_loss, engine=results[0][1]["engine"])
         info.stopped = stopped

@@ -138,9 +138,11 @@ class IVONMethod(Method):
             "rate (None: no clipping; the paper uses 1e-3 for ResNets)",
         )
         init: str = option(
-            "scaled",
+            "auto",
             choice(*INIT),
-            "where the mean starts: 'scaled', 'median' or 'prior' (see engines/init.py)",
+            "where the mean starts: 'auto' ('module' for a wrapped nn.Module: its own weights "
+            "and BatchNorm statistics; else 'scaled'), 'module', 'reset', 'scaled', 'median' or "
+            "'prior' (see engines/init.py)",
         )
         on_nan: str = option(
             "stop",
@@ -185,6 +187,7 @@ class IVONMethod(Method):
             seed=seed,
             on_nan=opts.on_nan,
             desc=self.name,
+            problem=problem,  # a data loader's batches; BatchNorm in train mode
             progress=progress,
             advice="raise steps (or lr)",
         )

@@ -89,7 +89,7 @@ from marginalize.core.linearized import (
     output_map,
 )
 from marginalize.core.problem import Problem, _no_validation, check_rows, out_of_memory
-from marginalize.errors import DataError, FitError, ModelError, OptionError, is_out_of_memory
+from marginalize.errors import DataError, FitError, ModelError, OptionError, is_out_of_memory, warn
 from marginalize.inference.engines import distributed, kfac
 from marginalize.inference.engines.options import choice, either, integer, number, option
 from marginalize.inference.engines.subsites import (
@@ -389,7 +389,7 @@ def _refine(target: _Target, theta: torch.Tensor, steps: int) -> tuple[torch.Ten
             except (RuntimeError, ValueError) as e:  # pragma: no cover - a failed line search
                 if is_out_of_memory(e):
                     raise out_of_memory("laplace: the float64 refinement (refine_steps)", e) from e
-                log.warning("laplace: L-BFGS refinement failed (%s); using the MAP as found", e)
+                warn("laplace: L-BFGS refinement failed (%s); using the MAP as found", e)
         after = value() if steps else before  # no step taken: the same pass twice otherwise
     if not math.isfinite(after) or after > before:
         return theta.detach(), {"before": before * n, "after": before * n}
@@ -583,9 +583,7 @@ class Laplace(Method):
                 z64 = z.to(torch.float64)
                 target.log_lik_on(z64, *target.example) + target.log_prior(z64)
         except (RuntimeError, TypeError) as e:
-            log.warning(
-                "laplace: the model does not evaluate in float64 (%s); using %s", e, problem.dtype
-            )
+            warn("laplace: the model does not evaluate in float64 (%s); using %s", e, problem.dtype)
             target = _Target(problem, z, problem.dtype)
         if omap is not None:
             omap.state = target.state
@@ -692,7 +690,7 @@ class Laplace(Method):
             floor = 1e-8 * float(lam.abs().max())
             if float(lam.min()) <= 0:
                 bad = int((lam <= floor).sum())
-                log.warning(
+                warn(
                     "laplace: %d eigenvalue(s) of the precision are not positive after adding the "
                     "prior; clipped to %.3g",
                     bad,
@@ -841,7 +839,7 @@ class Laplace(Method):
             pos = layer.pos.to(theta.device)
             p = b[pos.reshape(-1)]
             if float(p.max() - p.min()) > 1e-6 * float(p.max()):
-                log.warning(
+                warn(
                     "laplace: the prior precision varies within layer %s; K-FAC uses its mean",
                     layer.name,
                 )

@@ -16,17 +16,17 @@ import logging
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
 
 from marginalize.core.approximations import Empirical
 from marginalize.core.info import FitInfo, Stop
 from marginalize.core.potentials import blas_threads
 from marginalize.core.problem import Problem
-from marginalize.errors import ModelError
+from marginalize.errors import ModelError, warn
 from marginalize.inference.engines import checkpoint, interrupt
 from marginalize.inference.engines.distributed import run_members
 from marginalize.inference.engines.nuts import SamplingInterrupted, run_sampler
 from marginalize.inference.engines.options import Options, choice, integer, number, option
+from marginalize.inference.engines.progress import progress_bar
 from marginalize.inference.engines.seeding import isolated
 from marginalize.inference.engines.training import (
     MAPOptions,
@@ -161,7 +161,7 @@ class _MCMC(Method):
         sample_stats = {k: torch.stack([s[k][:n] for s in stats]) for k in stats[0]}
         n_div = int(sample_stats["diverging"].sum()) if "diverging" in sample_stats else 0
         if n_div:
-            log.warning(
+            warn(
                 "%s: %d divergent transitions after warmup (of %d draws); the posterior "
                 "estimate may be biased",
                 self.name,
@@ -188,7 +188,7 @@ class _MCMC(Method):
             z0 = initial_point(problem, opts, chain_seed)
             seg = checkpoint.segment("mcmc", f"{self.name} chain {chain + 1}")
         except KeyboardInterrupt:
-            log.warning("%s: interrupted before chain %d started", self.name, chain + 1)
+            warn("%s: interrupted before chain %d started", self.name, chain + 1)
             out["stopped"] = {"chain": chain, "reason": "interrupted"}
             return out
         if seg is not None and seg.saved is not None and seg.saved["done"]:
@@ -197,12 +197,11 @@ class _MCMC(Method):
             return {**out, "draws": d, "stats": s, "state": state.state_dict()}
         rec = checkpoint.ChainRecorder(seg, num_warmup)
         g = torch.Generator(device=problem.device).manual_seed(chain_seed)
-        bar = tqdm(
-            total=num_warmup + opts.num_samples,
+        bar = progress_bar(
+            num_warmup + opts.num_samples,
+            f"{self.name} chain {chain + 1}",
+            enabled=progress,
             initial=rec.start,
-            desc=f"{self.name} chain {chain + 1}",
-            disable=None if progress else True,
-            leave=False,
         )
 
         def callback(i, state, st):
@@ -234,7 +233,7 @@ class _MCMC(Method):
             d, s = rec.join(d, s)
             rec.finish(d, s, state)
         except (SamplingInterrupted, KeyboardInterrupt) as e:
-            log.warning("%s: interrupted in chain %d", self.name, chain + 1)
+            warn("%s: interrupted in chain %d", self.name, chain + 1)
             interrupt.request()  # one Ctrl-C ends the fit: no further chain starts
             out["stopped"] = {"chain": chain, "reason": "interrupted"}
             if isinstance(e, SamplingInterrupted):

@@ -69,7 +69,7 @@ import torch
 from marginalize.core.approximations import Delta, Empirical
 from marginalize.core.info import FitInfo, Stop
 from marginalize.core.problem import Problem
-from marginalize.errors import OptionError
+from marginalize.errors import OptionError, warn
 from marginalize.inference.engines import interrupt
 from marginalize.inference.engines.curvature import sharpness
 from marginalize.inference.engines.distributed import run_members
@@ -243,7 +243,7 @@ def _start(problem: Problem, opts, momentum: float, seed: int, progress: bool, d
     lam = sharpness(problem, z_map, torch.Generator().manual_seed(seed))
     lr = min(biased_step(momentum) / peak, 1.0 + momentum) / lam
     if not (lr > 0 and math.isfinite(lr)):  # no curvature estimate
-        log.warning("%s: no curvature estimate at the MAP point; lr='auto' uses 1e-4", desc)
+        warn("%s: no curvature estimate at the MAP point; lr='auto' uses 1e-4", desc)
         lr = 1e-4
     return z0, lr, {"sharpness": lam}
 
@@ -252,14 +252,14 @@ def _interrupted_fit(name: str, e: _Interrupted) -> tuple[Delta, FitInfo]:
     info = e.run.info()
     if info.stopped is not None:
         info.stopped.part = e.part
-    log.warning("%s: interrupted while fitting a MAP point; returning the point reached", name)
+    warn("%s: interrupted while fitting a MAP point; returning the point reached", name)
     return Delta(e.z.detach().clone()), info
 
 
 def _check_memory(name: str, chains: int, opts, problem: Problem) -> None:
     size = draw_bytes(chains * opts.num_samples, problem.layout.size, problem.dtype)
     if size > DRAWS_WARN_BYTES:
-        log.warning(
+        warn(
             "%s: keeping %d x %d draws of %d numbers takes %.1f GB; lower num_samples to bound it",
             name,
             chains,
@@ -271,7 +271,7 @@ def _check_memory(name: str, chains: int, opts, problem: Problem) -> None:
 
 def _few_steps(name: str, window: int, wanted: int, what: str) -> None:
     if window < wanted:
-        log.warning(
+        warn(
             "%s: %s has %d steps, fewer than num_samples=%d; keeping every step (%d draws). "
             "Raise steps",
             name,
@@ -420,7 +420,7 @@ def _trained(record: dict) -> Trained:
 def _no_draws(name: str, z: torch.Tensor, info: FitInfo):
     """A fit that ended before any draw was kept: the point reached, with a warning."""
     why = "interrupted" if info.stopped is None or info.stopped.interrupted else info.stopped.reason
-    log.warning("%s: %s before the first kept draw; returning the point reached", name, why)
+    warn("%s: %s before the first kept draw; returning the point reached", name, why)
     info.details = {**(info.details or {}), "num_kept": 0}
     return Delta(z.detach().clone()), info
 
@@ -581,7 +581,7 @@ class CyclicalSGMCMC(Method):
         if not full:
             return _no_draws(self.name, run.params, info)
         if len(full) < cycles:
-            log.warning(
+            warn(
                 "%s: %d of %d cycles completed their sampling stage; the draws are theirs",
                 self.name,
                 len(full),

@@ -94,7 +94,7 @@ import torch
 from marginalize.core.approximations import Delta, Gaussian, Mixture
 from marginalize.core.info import FitInfo
 from marginalize.core.problem import Problem
-from marginalize.errors import OptionError, is_out_of_memory
+from marginalize.errors import OptionError, is_out_of_memory, warn
 from marginalize.inference.engines import interrupt
 from marginalize.inference.engines.curvature import (
     STABILITY_FRACTION,
@@ -229,9 +229,7 @@ class SWAGMoments:
         if d.shape[-1] >= 2:
             factor = (s / math.sqrt(d.shape[-1] - 1)) * d
         elif self.max_rank:
-            log.warning(
-                "swag: %d deviation(s) collected; using the diagonal covariance only", d.shape[-1]
-            )
+            warn("swag: %d deviation(s) collected; using the diagonal covariance only", d.shape[-1])
         return Gaussian(
             self.mean.to(dtype), diag.to(dtype), None if factor is None else factor.to(dtype)
         )
@@ -366,7 +364,7 @@ def _plan(problem: Problem, opts: SWAGOptions) -> _Plan:
         return _Plan(per_epoch, every, steps, burn, collected)
     problem.meta["swag_plan_checked"] = True
     if opts.max_rank and collected < 2:
-        log.warning(
+        warn(
             "swag: only %d iterate would be collected (swag_steps=%d, %s each); the "
             "covariance is then zero. Raise swag_steps",
             collected,
@@ -374,7 +372,7 @@ def _plan(problem: Problem, opts: SWAGOptions) -> _Plan:
             what,
         )
     elif opts.max_rank and collected < opts.max_rank:
-        log.warning(
+        warn(
             "swag: %d iterates collected (swag_steps=%d, %s each) is fewer than max_rank=%d; "
             "the low-rank part has rank %d",
             collected,
@@ -446,7 +444,7 @@ def _swag_lr(problem: Problem, z: torch.Tensor, opts: SWAGOptions, seed: int) ->
     if opts.swag_lr != "auto":
         lr = float(opts.swag_lr)
         if lr > limit:
-            log.warning(
+            warn(
                 "swag: swag_lr=%.3g is above SGD's stability limit 2 (1 + momentum) / "
                 "lambda_max = %.3g at the pretrained point (lambda_max = %.3g, the sharpest "
                 "curvature of the loss): the SWA phase will diverge. Lower swag_lr to at most "
@@ -468,7 +466,7 @@ def _swag_lr(problem: Problem, z: torch.Tensor, opts: SWAGOptions, seed: int) ->
             eta = (1.0 - mom) * 2.0 * bs * z.numel() / (problem.n * trc)
     candidates = [v for v in (eta, STABILITY_FRACTION * limit) if v > 0 and math.isfinite(v)]
     if not candidates:
-        log.warning("swag: no curvature or gradient-noise estimate; swag_lr='auto' uses 1e-3")
+        warn("swag: no curvature or gradient-noise estimate; swag_lr='auto' uses 1e-3")
         return 1e-3, info
     return min(candidates), info
 
@@ -545,7 +543,7 @@ class SWAG(Method):
             return run_on_sites(self, problem, opts, seed, progress)
         n, bs = problem.n, opts.batch_size
         if problem.in_memory and (bs is None or bs >= n):
-            log.warning(
+            warn(
                 "swag: full-batch steps (batch_size %s, %d data points) add no gradient "
                 "noise; the fitted covariance will be tiny",
                 bs,
@@ -585,7 +583,7 @@ class SWAG(Method):
             if excess <= bound:
                 break
             if cuts == MAX_LR_CUTS:
-                log.warning(
+                warn(
                     "swag: the SWA mean's -log joint is %.3g above the pretrained point's "
                     "(more than %.3g = %g x sqrt(D/2)) after %d cuts of swag_lr='auto' to %.3g: "
                     "the iterates left the pretrained basin and the covariance is too wide. "
@@ -624,7 +622,7 @@ class SWAG(Method):
         )
         if run.stopped is not None and not run.stopped.interrupted:
             limit = lr_info.get("stability_limit", math.nan)
-            log.warning(
+            warn(
                 "swag: the SWA phase stopped at step %d (%s; swag_lr=%.3g%s); %s. Lower swag_lr",
                 run.stopped.step,
                 run.stopped.reason,
@@ -658,7 +656,7 @@ class SWAG(Method):
         if stopped is not None:
             stopped.part = part
             info.stopped = stopped
-        log.warning(
+        warn(
             "swag: %s; no iterate was collected, returning the point reached (no covariance)",
             "interrupted" if stopped is None or stopped.interrupted else stopped.reason,
         )
@@ -751,7 +749,7 @@ def _warn_saturated_start(problem: Problem) -> None:
     spread = {k: v for k, v in prior_start_spread(problem).items() if v > SATURATED_START}
     if spread:
         name, sd = max(spread.items(), key=lambda kv: kv[1])
-        log.warning(
+        warn(
             "multiswag: init='prior' starts %s with pre-activations of SD %.3g (above %g: tanh "
             "and sigmoid units saturated, training may stall); its prior is much wider than "
             "the fan-in scale. init='scaled' starts there instead",
