@@ -423,7 +423,7 @@ class _Fields:
             self.fail("the approximation's extra is not a dict")
         allowed = {
             "delta": {"loc"},
-            "gaussian": {"loc", "scale", "cov_factor", "scale_tril"},
+            "gaussian": {"loc", "scale", "cov_factor", "scale_tril", "idx"},
             "dropout": {"loc", "unit"},
             "empirical": {"draws"},
             "mixture": {"components"},
@@ -443,7 +443,15 @@ class _Fields:
             if "cov_factor" in t:
                 if "scale" not in t:
                     self.fail("a gaussian cov_factor needs scale")
-                self._tensor(t["cov_factor"], "gaussian cov_factor", (d, None))
+                rows = d
+                if "idx" in t:
+                    idx = self._tensor(t["idx"], "gaussian idx", (None,), floating=False)
+                    rows = idx.shape[0]
+                    if rows and (int(idx.min()) < 0 or int(idx.max()) >= d):
+                        self.fail("gaussian idx is out of range")
+                self._tensor(t["cov_factor"], "gaussian cov_factor", (rows, None))
+            elif "idx" in t:
+                self.fail("a gaussian idx needs cov_factor")
             if "scale_tril" in t:
                 tril = self._tensor(t["scale_tril"], "gaussian scale_tril", (d, d))
                 if d and not bool((tril.diagonal() > 0).all()):

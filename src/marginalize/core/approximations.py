@@ -92,21 +92,34 @@ class Gaussian(Approximation):
     ``z = loc + scale_tril @ e`` (full covariance).
 
     Covariance: ``diag(scale^2) + cov_factor cov_factor^T`` or ``scale_tril scale_tril^T``.
+    With ``idx`` (``(k,)`` int64 positions), ``cov_factor`` is ``(k, r)`` and covers only the
+    coordinates ``z[idx]`` (zero rows elsewhere are not stored): last-layer methods keep a
+    ``k x k`` factor of their ``k`` uncertain coordinates instead of a ``D x k`` one.
     """
 
     kind = "gaussian"
 
-    def __init__(self, loc, scale=None, cov_factor=None, scale_tril=None):
+    def __init__(self, loc, scale=None, cov_factor=None, scale_tril=None, idx=None):
         if scale is None and scale_tril is None:
             raise ValueError("Gaussian approximation needs scale or scale_tril")
+        if idx is not None and (cov_factor is None or cov_factor.shape[0] != idx.shape[0]):
+            raise ValueError("Gaussian idx needs a cov_factor with one row per position")
         self.loc = loc.detach().contiguous()
         self.scale = None if scale is None else scale.detach().contiguous()
         self.cov_factor = None if cov_factor is None else cov_factor.detach().contiguous()
         self.scale_tril = None if scale_tril is None else scale_tril.detach().contiguous()
+        self.idx = None if idx is None else idx.detach().contiguous()
 
     @property
     def dim(self):
         return self.loc.shape[-1]
+
+    def dense_factor(self) -> torch.Tensor | None:
+        """``cov_factor`` with a row for every coordinate (``(D, r)``; zeros outside ``idx``)."""
+        if self.cov_factor is None or self.idx is None:
+            return self.cov_factor
+        out = self.cov_factor.new_zeros(self.dim, self.cov_factor.shape[-1])
+        return out.index_copy(0, self.idx, self.cov_factor)
 
     def sample(self, num_draws, generator=None):
         d = self.dim
@@ -117,14 +130,20 @@ class Gaussian(Approximation):
             z = self.loc + self.scale * _normal((num_draws, d), self.loc, generator)
             if self.cov_factor is not None:
                 e2 = _normal((num_draws, self.cov_factor.shape[-1]), self.loc, generator)
-                z = z + e2 @ self.cov_factor.T
+                if self.idx is None:
+                    z = z + e2 @ self.cov_factor.T
+                else:
+                    z = z.index_add(-1, self.idx, e2 @ self.cov_factor.T)
         return z.unsqueeze(0)
 
     def covariance(self) -> torch.Tensor:
         if self.scale_tril is not None:
             return self.scale_tril @ self.scale_tril.T
         cov = torch.diag(self.scale**2)
-        if self.cov_factor is not None:
+        if self.cov_factor is not None and self.idx is not None:
+            i = self.idx
+            cov[i[:, None], i[None, :]] += self.cov_factor @ self.cov_factor.T
+        elif self.cov_factor is not None:
             cov = cov + self.cov_factor @ self.cov_factor.T
         return cov
 
@@ -132,7 +151,9 @@ class Gaussian(Approximation):
         if self.scale_tril is not None:
             return (self.scale_tril**2).sum(-1)
         v = self.scale**2
-        if self.cov_factor is not None:
+        if self.cov_factor is not None and self.idx is not None:
+            v = v.index_add(0, self.idx, (self.cov_factor**2).sum(-1))
+        elif self.cov_factor is not None:
             v = v + (self.cov_factor**2).sum(-1)
         return v
 
@@ -142,9 +163,9 @@ class Gaussian(Approximation):
         if self.scale_tril is not None:
             return td.MultivariateNormal(self.loc, scale_tril=self.scale_tril).log_prob(z)
         if self.cov_factor is not None:
-            return td.LowRankMultivariateNormal(self.loc, self.cov_factor, self.scale**2).log_prob(
-                z
-            )
+            return td.LowRankMultivariateNormal(
+                self.loc, self.dense_factor(), self.scale**2
+            ).log_prob(z)
         return td.Normal(self.loc, self.scale).log_prob(z).sum(-1)
 
     def tensors(self):
@@ -155,6 +176,7 @@ class Gaussian(Approximation):
                 ("scale", self.scale),
                 ("cov_factor", self.cov_factor),
                 ("scale_tril", self.scale_tril),
+                ("idx", self.idx),
             )
             if v is not None
         }

@@ -24,14 +24,19 @@ Under a Gaussian posterior ``N(z0, Sigma)`` the linearized output at one input i
 * ``"mc"``: Monte Carlo over draws of the weights pushed through the linearized network.
 
 Costs. The covariance ``J Sigma J^T`` is computed without drawing weights. When the only
-uncertain weights are the last layer of a builder MLP (``bayesian_sites="last_layer"``), the
-network runs once to the last hidden layer and the rest is small linear algebra on the
-features ``phi`` (``f = phi W + b`` is linear in the last layer): ``phi Sigma_o phi^T`` per
-output for a dense covariance, ``(phi^2) s^2`` for a diagonal one, and for a K-FAC
-(Kronecker) one ``((phi Q_A)^2 S^2) (Q_G^2)^T`` with the eigenbases of its factors. Otherwise
-the Jacobian of the uncertain coordinates is computed in chunks of inputs and contracted with
-a square root of ``Sigma``. Every quantity here is computed for one block of inputs at a
-time (:class:`GLMBlock`), so memory does not grow with the number of inputs.
+uncertain weights are the last layer of a builder MLP (``bayesian_sites="last_layer"``) or the
+``nn.Linear`` of a module whose output is the network's output (checked on example rows at the
+linearization point and at other weights of that layer), the network runs once to the last
+hidden layer (for a module: one forward pass with a hook on that layer's input) and the rest is
+small linear algebra on the features ``phi`` (``f = phi W + b`` is linear in the last layer):
+``phi Sigma_o phi^T`` per output for a dense covariance, ``(phi^2) s^2`` for a diagonal one, and
+for a K-FAC (Kronecker) one ``((phi Q_A)^2 S^2) (Q_G^2)^T`` with the eigenbases of its factors.
+Otherwise the Jacobian of the uncertain coordinates is computed in chunks of inputs and
+contracted with a square root of ``Sigma``: where they are whole dense, convolutional or
+BatchNorm layers (K-FAC Laplace of a conv net) from one recorded forward pass and a backward
+pass per output (``core/layers.py``), else from per-example Jacobians. Every quantity here is
+computed for one block of inputs at a time (:class:`GLMBlock`), so memory does not grow with the
+number of inputs.
 
 Examples
 --------
@@ -57,7 +62,9 @@ from typing import Any
 import numpy as np
 import pyro.distributions as dist
 import torch
+from torch import nn
 
+from marginalize.core import layers
 from marginalize.core.approximations import Approximation, Gaussian, Kronecker
 from marginalize.core.layout import Layout
 from marginalize.core.linearized import (
@@ -69,9 +76,10 @@ from marginalize.core.linearized import (
 )
 from marginalize.core.predictive.summaries import entropy
 from marginalize.core.problem import _no_validation
-from marginalize.errors import ModelError, is_out_of_memory
+from marginalize.errors import ModelError, OptionError, is_out_of_memory
 from marginalize.models.base import BNN
 from marginalize.models.builders import MLP, dense
+from marginalize.models.module import ModuleBNN
 
 __all__ = ["LinearizedPredictive", "GLMState", "GLMBlock", "probit_probs", "QUADRATURE_NODES"]
 
@@ -105,12 +113,32 @@ class GLMState:
     scale_grid: torch.Tensor | None = None
     #: constrained values of every site at z0
     params0: dict = field(default_factory=dict)
+    #: for a module: the name of the ``nn.Linear`` whose inputs are the features
+    head: str | None = None
+    #: recorded layers whose positions are exactly ``cols`` (Jacobians from one recorded
+    #: pass, see ``core/layers.py``), else None
+    layers: list | None = None
 
 
 def _coordinate_variance(approx: Approximation) -> torch.Tensor:
     if isinstance(approx, Gaussian) and approx.scale_tril is not None:
         return (approx.scale_tril**2).sum(-1)
     return approx.variance()
+
+
+def _factor_rows(approx: Gaussian, cols: torch.Tensor) -> torch.Tensor:
+    """The rows of ``approx.cov_factor`` for the coordinates ``cols`` (zeros where a factor
+    stored for ``approx.idx`` only has none)."""
+    cf = approx.cov_factor
+    if approx.idx is None:
+        return cf[cols]
+    where = torch.full((approx.dim,), -1, dtype=torch.long, device=cf.device)
+    where[approx.idx] = torch.arange(approx.idx.numel(), device=cf.device)
+    pos = where[cols]
+    out = cf.new_zeros(cols.numel(), cf.shape[-1])
+    hit = pos >= 0
+    out[hit] = cf[pos[hit]]
+    return out
 
 
 def probit_probs(mu: torch.Tensor, var: torch.Tensor, bernoulli: bool) -> torch.Tensor:
@@ -222,7 +250,7 @@ class LinearizedPredictive:
             else:
                 if bool((approx.scale[cols] != 0).any()):
                     parts.append(torch.diag(approx.scale[cols]))
-                parts.append(approx.cov_factor[cols])
+                parts.append(_factor_rows(approx, cols))
             r = torch.cat(parts, 1)
             st.factor = r[:, (r != 0).any(0)]  # drop the columns of fixed coordinates
         st.grid = self._last_layer_grid(cols, st)
@@ -237,7 +265,34 @@ class LinearizedPredictive:
         if st.grid is not None and st.kind == "diag":
             pos = torch.searchsorted(cols, st.grid.reshape(-1))
             st.scale_grid = st.scale[pos].reshape(st.grid.shape)
+        if st.grid is None and omap.vectorized:
+            st.layers = self._recorded_layers(cols)
         return st
+
+    def _recorded_layers(self, cols: torch.Tensor) -> list | None:
+        """The dense, convolutional and BatchNorm layers whose positions are exactly the
+        uncertain coordinates ``cols`` (their Jacobian then comes from one recorded pass and
+        a backward pass per output), else ``None``."""
+        model = self.model
+        if cols.numel() == 0 or not layers.supports(model):
+            return None
+        layout = self.layout
+
+        def offset(name):
+            return layout[name].offset if name in layout else None
+
+        try:
+            found = layers.find_layers(model, offset) + layers.find_norms(model, offset)
+        except OptionError:
+            return None
+        wanted = set(cols.tolist())
+        keep = [k for k in found if wanted & set(k.pos.reshape(-1).tolist())]
+        if not keep:
+            return None
+        pos = torch.cat([k.pos.reshape(-1) for k in keep]).to(cols.device)
+        if pos.numel() != cols.numel() or not torch.equal(pos.sort().values, cols):
+            return None
+        return keep
 
     def _network_mask(self, omap: OutputMap, z0: torch.Tensor) -> torch.Tensor:
         if omap.vectorized:
@@ -253,28 +308,88 @@ class LinearizedPredictive:
         return mask
 
     def _last_layer_grid(self, cols: torch.Tensor, st: GLMState) -> torch.Tensor | None:
-        """The (fan_in + 1, fan_out) positions of a builder MLP's last layer when those are
+        """The (fan_in + 1, fan_out) positions of the last layer (a builder MLP's, or the
+        ``nn.Linear`` of a module whose output is the network's output) when those are
         exactly the uncertain output coordinates (bias as the last row), else ``None``."""
         model = self.model
-        if type(model) is not MLP or cols.numel() == 0:
+        if cols.numel() == 0:
             return None
-        spec = model.layer_specs()[-1]
-        w = self.layout[f"{spec.name}.weight"]
-        fan_in, fan_out = spec.weight_shape
-        grid = torch.arange(w.offset, w.offset + w.size, device=cols.device).reshape(
-            fan_in, fan_out
-        )
-        if spec.bias_shape is not None:
-            b = self.layout[f"{spec.name}.bias"]
+        if type(model) is MLP:
+            spec = model.layer_specs()[-1]
+            w = self.layout[f"{spec.name}.weight"]
+            fan_in, fan_out = spec.weight_shape
+            grid = torch.arange(w.offset, w.offset + w.size, device=cols.device).reshape(
+                fan_in, fan_out
+            )
+            bias = f"{spec.name}.bias" if spec.bias_shape is not None else None
+        elif isinstance(model, ModuleBNN):
+            found = self._module_head(cols)
+            if found is None:
+                return None
+            grid, bias, st.head = found
+        else:
+            return None
+        if bias is not None:
+            b = self.layout[bias]
             grid = torch.cat(
                 [grid, torch.arange(b.offset, b.offset + b.size, device=cols.device)[None]]
             )
         if grid.numel() != cols.numel() or not torch.equal(grid.reshape(-1).sort().values, cols):
             return None
+        if isinstance(model, ModuleBNN) and not self._head_is_output(st, grid):
+            return None
         if st.kind == "kron":
             if len(st.blocks) != 1 or not torch.equal(st.blocks[0]["idx"], grid.reshape(-1)):
                 return None
         return grid
+
+    def _module_head(self, cols: torch.Tensor) -> tuple[torch.Tensor, str | None, str] | None:
+        """The weight grid ``(in, out)`` and bias site of the module's ``nn.Linear`` whose
+        weight holds the first uncertain coordinate."""
+        model: ModuleBNN = self.model
+        first = int(cols[0])
+        for spec in model.layer_specs():
+            wname = f"{spec.name}.weight"
+            if wname not in self.layout:
+                continue
+            w = self.layout[wname]
+            if not w.offset <= first < w.offset + w.size:
+                continue
+            try:
+                mod = model.module.get_submodule(spec.name)
+            except AttributeError:
+                return None
+            if not isinstance(mod, nn.Linear):
+                return None
+            out_f, in_f = spec.weight_shape
+            grid = torch.arange(w.offset, w.offset + w.size, device=cols.device)
+            bias = f"{spec.name}.bias"
+            return grid.reshape(out_f, in_f).T, bias if bias in self.layout else None, spec.name
+        return None
+
+    def _head_is_output(self, st: GLMState, grid: torch.Tensor) -> bool:
+        """Whether the network's output is ``features @ z[grid]`` on the example rows, at the
+        linearization point and with other values of the layer (the layer is the output)."""
+        if self.example is None or not torch.is_floating_point(st.z0):
+            return False
+        try:
+            phi = _module_features(self, st, grid, self.example)
+        except (RuntimeError, ModelError):
+            return False
+        if phi is None or phi.dim() != 2 or phi.shape[1] != grid.shape[0]:
+            return False
+        g = torch.Generator(device=st.z0.device).manual_seed(0)
+        z1 = st.z0.clone()
+        z1[grid.reshape(-1)] = torch.randn(
+            grid.numel(), generator=g, dtype=z1.dtype, device=z1.device
+        )
+        with torch.no_grad(), _no_validation():
+            for z in (st.z0, z1):
+                f = st.omap.forward(z, self.example)
+                lin = phi @ z[grid]
+                if f.shape != lin.shape or not torch.allclose(f, lin, rtol=1e-4, atol=1e-5):
+                    return False
+        return True
 
     @cached_property
     def bernoulli(self) -> bool:
@@ -347,7 +462,10 @@ class GLMBlock:
     @cached_property
     def features(self) -> torch.Tensor:
         """Inputs of the last layer at ``z0`` with a column of ones for the bias: ``(B, r)``."""
-        model: MLP = self.glm.model
+        model = self.glm.model
+        if isinstance(model, ModuleBNN):
+            st = self.glm.state
+            return _module_features(self.glm, st, st.grid, self.x)
         params = self.glm.state.params0
         specs = model.layer_specs()
         h = self.x
@@ -365,7 +483,23 @@ class GLMBlock:
         st = self.glm.state
         with torch.no_grad():
             f0 = st.omap.forward(st.z0, self.x)
-        return f0, output_jacobian(st.omap, st.z0, self.x, st.cols)
+        return f0, self.jacobian(self.x)
+
+    def jacobian(self, x: torch.Tensor) -> torch.Tensor:
+        """``J`` ``(B, O, K)`` of the uncertain coordinates at the rows ``x``: from one
+        recorded pass where they are whole layers (``core/layers.py``), else per-example
+        Jacobians (``core/linearized.py``)."""
+        glm, st = self.glm, self.glm.state
+        if st.layers is not None:
+            try:
+                return layers.jacobian(glm.model, st.params0, x, st.omap.state, st.layers, st.cols)[
+                    1
+                ]
+            except (RuntimeError, NotImplementedError) as e:
+                if is_out_of_memory(e):
+                    raise
+                st.layers = None  # a module the recording cannot run: per-example Jacobians
+        return output_jacobian(st.omap, st.z0, x, st.cols)
 
     # ---- moments of the linearized output -----------------------------------------------
     def moments(self, full_cov: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -383,7 +517,7 @@ class GLMBlock:
         chunk = max(1, JACOBIAN_BYTES // (8 * o * max(st.cols.numel(), 1)))
         out = []
         for i in range(0, n, chunk):
-            j = output_jacobian(st.omap, st.z0, self.x[i : i + chunk], st.cols)
+            j = self.jacobian(self.x[i : i + chunk])
             b = _project(st, j)  # (n, O, K)
             out.append(b @ b.transpose(1, 2) if full_cov else (b * b).sum(-1))
         return f0, torch.cat(out)
@@ -391,11 +525,7 @@ class GLMBlock:
     def _moments_features(self, full_cov: bool):
         st = self.glm.state
         phi = self.features  # (N, r)
-        params = st.params0
-        spec = self.glm.model.layer_specs()[-1]
-        f0 = phi[:, : spec.weight_shape[0]] @ params[f"{spec.name}.weight"]
-        if spec.bias_shape is not None:
-            f0 = f0 + params[f"{spec.name}.bias"]
+        f0 = phi @ st.z0[st.grid]  # the last layer's weights (in, out), bias as the last row
         if st.kind == "kron":
             b = st.blocks[0]
             a = phi @ b["qa"]  # (N, r)
@@ -538,6 +668,27 @@ class GLMBlock:
         if st.other.numel() == 0 or st.omap.family == "logits":  # one rebuild over the draws
             return st.omap.dist(flin, st.z0, self.x)
         return StackedDraws([st.omap.dist(flin[s], z[s], self.x) for s in range(z.shape[0])])
+
+
+def _module_features(
+    glm: LinearizedPredictive, st: GLMState, grid: torch.Tensor, x: torch.Tensor
+) -> torch.Tensor:
+    """A module's last-layer inputs ``(B, r)`` at ``z0`` (a forward hook on its
+    ``nn.Linear`` ``st.head``; one forward pass, no graph), ones appended for the bias."""
+    mod = glm.model.module.get_submodule(st.head)
+    got: list[torch.Tensor] = []
+    handle = mod.register_forward_hook(lambda _m, inp, _o: got.append(inp[0]))
+    try:
+        with torch.no_grad(), _no_validation():
+            st.omap.forward(st.z0, x)
+    finally:
+        handle.remove()
+    if len(got) != 1:
+        raise ModelError("the last layer ran more than once in one forward pass")
+    h = got[0]
+    if grid.shape[0] == h.shape[-1] + 1:
+        h = torch.cat([h, h.new_ones(*h.shape[:-1], 1)], -1)
+    return h
 
 
 def _project(st: GLMState, j: torch.Tensor) -> torch.Tensor:

@@ -260,14 +260,16 @@ def embed(approx: Approximation, base: torch.Tensor, idx: torch.Tensor) -> Appro
     if isinstance(approx, Delta):
         return Delta(loc(approx.loc))
     if isinstance(approx, Gaussian):
+        # the factor keeps its rows of the free coordinates only (k x r, with their positions)
         if approx.scale_tril is not None:
             return Gaussian(
-                loc(approx.loc), base.new_zeros(d), cov_factor=put(approx.scale_tril, 0.0)
+                loc(approx.loc), base.new_zeros(d), cov_factor=approx.scale_tril, idx=idx
             )
+        if approx.cov_factor is None:
+            return Gaussian(loc(approx.loc), put(approx.scale, 0.0))
+        inner = idx if approx.idx is None else idx[approx.idx]
         return Gaussian(
-            loc(approx.loc),
-            put(approx.scale, 0.0),
-            None if approx.cov_factor is None else put(approx.cov_factor, 0.0),
+            loc(approx.loc), put(approx.scale, 0.0), cov_factor=approx.cov_factor, idx=inner
         )
     if isinstance(approx, Dropout):
         return Dropout(loc(approx.loc), put(approx.unit, -1), approx.num_units, approx.p)

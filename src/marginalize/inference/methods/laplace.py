@@ -22,11 +22,25 @@ unconstrained vector:
   the sum clipped at ``1e-8`` times the largest one (with a warning).
 
 ``structure`` is ``"full"`` (covariance ``P^-1`` as a Cholesky factor; up to 5000 Bayesian
-coordinates), ``"diag"`` (variances ``1 / diag(P)``) or ``"kron"`` (K-FAC for builder MLPs:
-per layer ``A (x) G`` with ``A`` the mean outer product of the layer's inputs, a 1 appended
-for the bias, and ``G`` the summed GGN of its pre-activations, plus the prior precision; the
-other sites get the diagonal of their inverted exact block). ``bayesian_sites`` /
-``subset="last_layer"`` restrict all of this to some sites, the rest held at the MAP.
+coordinates), ``"diag"`` (variances ``1 / diag(P)``) or ``"kron"`` (K-FAC of the dense and
+convolutional layers of builder MLPs and CNNs and of ``nn.Linear`` / ``nn.Conv2d`` layers of
+``mz.models.bayesian(module)``: per layer ``A (x) G`` with ``A`` the mean outer product of
+the layer's inputs, a 1 appended for the bias, for a convolution its unfolded patches taken
+as extra batch positions, Grosse & Martens 2016, and ``G`` the summed GGN of its outputs,
+exact per class through a square root of the output Hessian, plus the prior precision; see
+``engines/kfac.py``). The factors are gathered in the problem's dtype (float32: its error
+against float64 factors is below 1e-4 relative, tests/test_kfac.py) and eigendecomposed in
+float64. A module's BatchNorm affine parameters get their exact GGN diagonal (in eval mode a
+BatchNorm layer is ``w xhat + b`` per channel, read from the same recorded pass); other
+coordinates that move the output (embeddings, ...) a diagonal GGN from per-example
+Jacobians. laplace-torch instead leaves BatchNorm parameters at the MAP: do that with
+``bayesian_sites`` or ``bayesian(sites=...)``. The likelihood's own sites get the diagonal of
+their inverted exact block. ``bayesian_sites`` / ``subset="last_layer"`` restrict all of
+this to some sites, the rest held at the MAP. When the Bayesian coordinates are whole dense
+or convolutional layers (last-layer Laplace of any network), ``"full"`` computes their GGN
+from the layers' inputs and output gradients: one pass of the network's body per chunk of
+rows, no graph through it, and the posterior keeps the ``k x k`` factor of those ``k``
+coordinates only.
 
 The posterior predicts through the output linearized at the MAP (``predictive="glm"``, the
 default wherever the output is known, see ``core/linearized.py``), by default in closed form
@@ -76,7 +90,7 @@ from marginalize.core.linearized import (
 )
 from marginalize.core.problem import Problem, _no_validation, check_rows, out_of_memory
 from marginalize.errors import DataError, FitError, ModelError, OptionError, is_out_of_memory, warn
-from marginalize.inference.engines import distributed
+from marginalize.inference.engines import distributed, kfac
 from marginalize.inference.engines.options import choice, either, integer, number, option
 from marginalize.inference.engines.subsites import (
     BayesianSites,
@@ -89,7 +103,6 @@ from marginalize.inference.engines.subsites import (
 from marginalize.inference.engines.training import MAPOptions
 from marginalize.inference.registry import Method, register
 from marginalize.models.base import BNN
-from marginalize.models.builders import MLP, dense
 
 __all__ = ["Laplace", "LaplaceOptions"]
 
@@ -118,8 +131,10 @@ class LaplaceOptions(BayesianSites, MAPOptions):
     structure: str = option(
         "auto",
         choice("auto", "full", "diag", "kron"),
-        "covariance structure; 'kron' (K-FAC) needs a builder MLP and hessian='ggn'; 'auto': "
-        "full up to 2000 Bayesian coordinates, else kron (builder MLPs) or diag",
+        "covariance structure; 'kron' (K-FAC of dense and convolutional layers: builder MLPs "
+        "and CNNs, nn.Linear and nn.Conv2d layers of bayesian(module)) needs hessian='ggn'; "
+        "'auto': full up to 2000 Bayesian coordinates, else kron (models with such layers) or "
+        "diag",
     )
     subset: str = option(
         "all", choice("all", "last_layer"), "shorthand for bayesian_sites='last_layer'"
@@ -375,7 +390,7 @@ def _refine(target: _Target, theta: torch.Tensor, steps: int) -> tuple[torch.Ten
                 if is_out_of_memory(e):
                     raise out_of_memory("laplace: the float64 refinement (refine_steps)", e) from e
                 warn("laplace: L-BFGS refinement failed (%s); using the MAP as found", e)
-        after = value()
+        after = value() if steps else before  # no step taken: the same pass twice otherwise
     if not math.isfinite(after) or after > before:
         return theta.detach(), {"before": before * n, "after": before * n}
     return t.detach(), {"before": before * n, "after": after * n}
@@ -413,23 +428,35 @@ class _Diag:
 
 
 class _Kron:
-    def __init__(self, dim, layers, other_idx, other_prec):
+    def __init__(self, dim, layers, other_idx, other_prec, diag_idx=None, diag_ggn=None, b=None):
         self.dim, self.layers = dim, layers  # layers: dicts idx, a, qa, g, qg, p, shape
         self.other_idx, self.other_prec = other_idx, other_prec
+        # coordinates outside the layers that move the output: GGN diagonal + prior
+        self.diag_idx = other_idx[:0] if diag_idx is None else diag_idx
+        self.diag_ggn, self.diag_prior = diag_ggn, None if b is None else b[self.diag_idx]
 
     def _eig(self, layer, alpha):
         return layer["a"][:, None] * layer["g"][None, :] + alpha * layer["p"]
+
+    def _diag(self, alpha):
+        return (self.diag_ggn + alpha * self.diag_prior).clamp_min(
+            torch.finfo(self.diag_ggn.dtype).tiny
+        )
 
     def logdet(self, alpha):
         total = sum(torch.log(self._eig(layer, alpha)).sum() for layer in self.layers)
         if self.other_idx.numel():
             total = total + torch.linalg.slogdet(self.other_prec)[1]
+        if self.diag_idx.numel():
+            total = total + torch.log(self._diag(alpha)).sum()
         return total
 
     def approximation(self, loc, alpha, dtype):
         scale = torch.zeros(self.dim, dtype=torch.float64, device=loc.device)
         if self.other_idx.numel():
             scale[self.other_idx] = torch.linalg.inv(self.other_prec).diagonal().sqrt()
+        if self.diag_idx.numel():
+            scale[self.diag_idx] = self._diag(alpha).rsqrt().to(scale.dtype)
         blocks = [
             {
                 "idx": layer["idx"],
@@ -444,12 +471,18 @@ class _Kron:
 
 # ---- GGN pieces ----------------------------------------------------------------------------
 def _output_factor(
-    target: _Target, z: torch.Tensor, omap: OutputMap, x: torch.Tensor, y: torch.Tensor
+    target: _Target,
+    z: torch.Tensor,
+    omap: OutputMap,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    f: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``L`` ``(B, O, O)`` with ``L_n L_n^T`` the (clipped) Hessian of ``-log p(y_n | f_n)``
-    in output space, for the rows ``(x, y)``."""
-    with torch.no_grad(), _no_validation():
-        f = omap.forward(z, x)
+    in output space, for the rows ``(x, y)`` (outputs ``f`` when already computed)."""
+    if f is None:
+        with torch.no_grad(), _no_validation():
+            f = omap.forward(z, x)
     f = f.detach().requires_grad_(True)
     with _no_validation():
         nll = -omap.dist(f, z, x).log_prob(y).sum()
@@ -486,81 +519,20 @@ def _ggn(
     return distributed.sum_over_ranks(acc)
 
 
-def _layer_blocks(problem: Problem, model: MLP) -> list[dict]:
-    """The K-FAC layers among the free coordinates: positions of weight (and bias)."""
+def _layers(problem: Problem, model) -> list[kfac.KLayer]:
+    """The dense and convolutional layers among the free coordinates (see ``engines/kfac``)."""
     layout = problem.layout
-    out = []
-    for spec in model.layer_specs():
-        wname, bname = f"{spec.name}.weight", f"{spec.name}.bias"
-        has_w, has_b = wname in layout, bname in layout
-        if not (has_w or has_b):
-            continue
-        if has_w != (has_b or spec.bias_shape is None):
-            raise OptionError(
-                f"structure='kron': bayesian_sites must hold whole layers; {spec.name!r} "
-                "has only its weight or only its bias selected"
-            )
-        fan_in, fan_out = spec.weight_shape
-        w = layout[wname]
-        pos = torch.arange(w.offset, w.offset + w.size).reshape(fan_in, fan_out)
-        if has_b:
-            b = layout[bname]
-            pos = torch.cat([pos, torch.arange(b.offset, b.offset + b.size)[None, :]], 0)
-        out.append({"spec": spec, "pos": pos, "bias": has_b})
-    return out
+    return kfac.find_layers(model, lambda n: layout[n].offset if n in layout else None)
 
 
-def _kfac(
-    target: _Target, theta: torch.Tensor, layers: list[dict], omap: OutputMap
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """``(A, G)`` per layer: mean input outer product (bias 1 appended) and summed GGN of
-    the pre-activations, accumulated chunk by chunk of the data."""
-    model: MLP = target.model
+def _factor_fn(target: _Target, theta: torch.Tensor, omap: OutputMap):
+    """``(f, x, y) -> L`` ``(B, O, O)`` of a chunk (in the target's dtype)."""
     z = target.full(theta.detach())
-    params, _ = target.params(theta.detach())
-    wanted = [layer["spec"].name for layer in layers]
-    specs = model.layer_specs()
-    a_acc: dict[str, torch.Tensor] = {}
-    g_acc: dict[str, torch.Tensor] = {}
-    for x, y in target.chunks(share=True):  # several processes: each sums its share of rows
-        lfac = _output_factor(target, z, omap, x, y)
-        inputs, pre = {}, {}
-        h = x
-        with torch.enable_grad():
-            for k, spec in enumerate(specs):
-                s_ = dense(h, params[f"{spec.name}.weight"], params.get(f"{spec.name}.bias"))
-                if spec.name in wanted:
-                    inputs[spec.name] = h.detach()
-                    if not pre:  # the first wanted layer starts the graph
-                        s_ = s_.detach().requires_grad_(True)
-                    pre[spec.name] = s_
-                h = model.act(s_) if k < len(specs) - 1 else s_
-            f = h
-            names = list(pre)
-            for k in range(lfac.shape[-1]):
-                grads = torch.autograd.grad(
-                    (f * lfac[:, :, k]).sum(), [pre[nm] for nm in names], retain_graph=True
-                )
-                for name, g in zip(names, grads, strict=True):
-                    gg = g.T @ g
-                    g_acc[name] = gg if name not in g_acc else g_acc[name] + gg
-        for layer in layers:
-            name = layer["spec"].name
-            a = inputs[name]
-            if layer["bias"]:
-                a = torch.cat([a, a.new_ones(a.shape[0], 1)], 1)
-            aa = a.T @ a
-            a_acc[name] = aa if name not in a_acc else a_acc[name] + aa
-    out = []
-    for layer in layers:
-        name = layer["spec"].name
-        a_mat = distributed.sum_over_ranks(a_acc[name] / target.n)
-        width = layer["spec"].weight_shape[1]
-        g_mat = g_acc.get(name)
-        if g_mat is None:
-            g_mat = a_mat.new_zeros(width, width)
-        out.append((a_mat, distributed.sum_over_ranks(g_mat.detach())))
-    return out
+
+    def factor(f, x, y):
+        return _output_factor(target, z, omap, x, y, f.detach().to(target.dtype))
+
+    return factor
 
 
 # ---- the method -----------------------------------------------------------------------------
@@ -574,8 +546,8 @@ class Laplace(Method):
         "O(N H^2 + H^3) per layer); prediction: one batched pass per chunk of draws"
     )
     reference = (
-        "MacKay 1992; Ritter, Botev & Barber 2018 (K-FAC Laplace); Daxberger et al. 2021, "
-        "Laplace Redux"
+        "MacKay 1992; Ritter, Botev & Barber 2018 (K-FAC Laplace); Grosse & Martens 2016 "
+        "(K-FAC of convolutions); Daxberger et al. 2021, Laplace Redux"
     )
 
     Options = LaplaceOptions
@@ -628,7 +600,8 @@ class Laplace(Method):
                 if opts.prior_precision == "marginal_likelihood"
                 else float(opts.prior_precision)
             )
-            evidence = self._evidence_fn(target, theta, curv, extra["b"])
+            # the log joint at theta is the refinement's last value (one pass over the data)
+            evidence = self._evidence_fn(target, theta, curv, extra["b"], -refine["after"])
             if opts.prior_precision == "marginal_likelihood":
                 alpha = self._tune(evidence, extra["b"])
             approx = curv.approximation(theta, alpha, problem.dtype)
@@ -678,13 +651,17 @@ class Laplace(Method):
             dim = sum(problem.layout[n].size for n in names)
         else:
             dim = problem.layout.size
-        mlp = isinstance(base.model, MLP)
+        layered = kfac.supports(base.model) and bool(_layers(base, base.model))
         structure = opts.structure
         if structure == "auto":
-            structure = "full" if dim <= 2000 else ("kron" if mlp and hessian == "ggn" else "diag")
-        if structure == "kron" and not mlp:
+            structure = (
+                "full" if dim <= 2000 else ("kron" if layered and hessian == "ggn" else "diag")
+            )
+        if structure == "kron" and not layered:
             raise ModelError(
-                "laplace: structure='kron' (K-FAC) needs a builder MLP (mz.models.mlp)"
+                "laplace: structure='kron' (K-FAC) needs a builder MLP or CNN (mz.models.mlp, "
+                "mz.models.cnn) or mz.models.bayesian(module) with Bayesian nn.Linear or "
+                "nn.Conv2d layers; use structure='diag'"
             )
         if (structure == "full" or hessian == "exact") and dim > MAX_DENSE:
             raise OptionError(
@@ -754,39 +731,45 @@ class Laplace(Method):
             if lam.numel() and float(lam.min()) <= floor:
                 clipped += int((lam <= floor).sum())
                 h_other, _ = _psd(h_other, max(floor, torch.finfo(theta.dtype).tiny))
+        try:
+            layers = _layers(problem, target.model) if omap.vectorized else []
+        except OptionError:  # a layer with only its weight or its bias free
+            if structure == "kron":
+                raise
+            layers = []
         if structure == "kron":
-            layers = _layer_blocks(problem, target.model)
-            covered = (
-                torch.cat([layer["pos"].reshape(-1) for layer in layers]) if layers else net[:0]
+            return self._kron(problem, target, theta, omap, layers, net, b, other, h_other, clipped)
+        if layers:
+            layout = problem.layout
+            layers = layers + kfac.find_norms(
+                target.model, lambda n: layout[n].offset if n in layout else None
             )
-            if set(covered.tolist()) != set(net.tolist()):
-                raise ModelError(
-                    "laplace: structure='kron' found real-valued sites outside the MLP's layers"
-                )
-            factors = _kfac(target, theta, layers, omap) if layers else []
-            out = []
-            for layer, (a_mat, g_mat) in zip(layers, factors, strict=True):
-                pos = layer["pos"].to(theta.device)
-                p = b[pos.reshape(-1)]
-                if float(p.max() - p.min()) > 1e-6 * float(p.max()):
-                    warn(
-                        "laplace: the prior precision varies within layer %s; K-FAC uses its mean",
-                        layer["spec"].name,
-                    )
-                a_eig, qa = torch.linalg.eigh(a_mat)
-                g_eig, qg = torch.linalg.eigh(g_mat)
-                out.append(
-                    {
-                        "idx": pos.reshape(-1),
-                        "a": a_eig.clamp_min(0),
-                        "qa": qa,
-                        "g": g_eig.clamp_min(0),
-                        "qg": qg,
-                        "p": float(p.mean()),
-                    }
-                )
-            return _Kron(dim, out, other, h_other), {"b": b, "clipped": clipped, "layers": out}
-        if net.numel():
+        covered = torch.cat([k.pos.reshape(-1) for k in layers]).to(net.device) if layers else None
+        if (
+            net.numel()
+            and covered is not None
+            and torch.equal(covered.sort().values, net.sort().values)
+        ):
+            # whole dense, conv and BatchNorm layers (last-layer Laplace of any network): their
+            # exact GGN (or its diagonal) from the layers' inputs and output gradients, one
+            # pass of the network per chunk, no graph before the first of them
+            g_cov, order = kfac.exact_ggn(
+                target.model,
+                target.params(theta.detach())[0],
+                layers,
+                target.chunks(share=True),
+                _factor_fn(target, theta, omap),
+                target.state,
+                diag=diag_only,
+            )
+            g_cov = distributed.sum_over_ranks(g_cov.detach())
+            where = torch.searchsorted(net, order.to(net.device))
+            g_net = torch.zeros_like(g_cov)
+            if diag_only:
+                g_net[where] = g_cov
+            else:
+                g_net[where[:, None], where[None, :]] = g_cov
+        elif net.numel():
             g_net = _ggn(target, theta, net, omap, diag_only)
         else:  # no real-valued site moves the output: every latent is in the exact block
             g_net = theta.new_zeros(0) if diag_only else theta.new_zeros(0, 0)
@@ -809,18 +792,97 @@ class Laplace(Method):
             p1[other[:, None], other[None, :]] = h_other
         return _Dense(p1, b), {"b": b, "clipped": clipped}
 
+    @staticmethod
+    def _kron(problem, target, theta, omap, layers, net, b, other, h_other, clipped):
+        """K-FAC blocks of the dense and convolutional layers (factors gathered in the
+        problem's dtype, eigendecomposed in the target's); a diagonal GGN for the other
+        coordinates that move the output (BatchNorm affine parameters, embeddings)."""
+        dim = theta.numel()
+        layout = problem.layout
+        norms = kfac.find_norms(target.model, lambda n: layout[n].offset if n in layout else None)
+        covered = set(torch.cat([k.pos.reshape(-1) for k in layers]).tolist()) if layers else set()
+        normed = torch.cat([k.pos.reshape(-1) for k in norms]) if norms else net[:0].cpu()
+        covered |= set(normed.tolist())
+        rest = torch.tensor(
+            [i for i in net.tolist() if i not in covered], dtype=torch.long, device=net.device
+        )
+        dtype = problem.dtype if problem.dtype.is_floating_point else target.dtype
+        params = {
+            k: v.to(dtype) if v.is_floating_point() else v
+            for k, v in target.params(theta.detach())[0].items()
+        }
+        state = target.state
+        if state is not None:
+            state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+        chunks = (
+            (x.to(dtype) if x.is_floating_point() else x, y) for x, y in target.chunks(share=True)
+        )
+        factor = _factor_fn(target, theta, omap)
+        factors = []
+        if layers or norms:
+            factors = kfac.kfac(
+                target.model,
+                params,
+                layers + norms,
+                chunks,
+                lambda f, x, y: factor(f, x.to(target.dtype) if x.is_floating_point() else x, y),
+                state,
+            )
+        out = []
+        norm_diag = [
+            distributed.sum_over_ranks(f[0].detach()).reshape(-1) for f in factors[len(layers) :]
+        ]
+        for layer, (a_sum, count, g_mat) in zip(layers, factors[: len(layers)], strict=True):
+            count = float(distributed.sum_over_ranks(count))
+            a_mat = distributed.sum_over_ranks(a_sum.detach()).to(theta.dtype) / max(count, 1.0)
+            g_mat = distributed.sum_over_ranks(g_mat.detach()).to(theta.dtype)
+            pos = layer.pos.to(theta.device)
+            p = b[pos.reshape(-1)]
+            if float(p.max() - p.min()) > 1e-6 * float(p.max()):
+                warn(
+                    "laplace: the prior precision varies within layer %s; K-FAC uses its mean",
+                    layer.name,
+                )
+            a_eig, qa = torch.linalg.eigh(a_mat)
+            g_eig, qg = torch.linalg.eigh(g_mat)
+            out.append(
+                {
+                    "idx": pos.reshape(-1),
+                    "a": a_eig.clamp_min(0),
+                    "qa": qa,
+                    "g": g_eig.clamp_min(0),
+                    "qg": qg,
+                    "p": float(p.mean()),
+                }
+            )
+        diag = theta.new_zeros(0)
+        if rest.numel():
+            log.info(
+                "laplace: structure='kron' gives %d coordinates outside dense, convolutional "
+                "and BatchNorm layers (embeddings, ...) a diagonal GGN block from Jacobians",
+                rest.numel(),
+            )
+            diag = _ggn(target, theta, rest, omap, True)
+        if norms:  # BatchNorm affine parameters: their exact GGN diagonal
+            rest = torch.cat([normed.to(rest.device), rest])
+            diag = torch.cat([torch.cat(norm_diag).to(theta.dtype), diag])
+        curv = _Kron(dim, out, other, h_other, rest, diag, b)
+        return curv, {"b": b, "clipped": clipped, "layers": out}
+
     # -- evidence
     @staticmethod
-    def _evidence_fn(target: _Target, theta, curv, b):
-        with torch.no_grad(), _no_validation():
-            ll, lp = target.parts(theta)
+    def _evidence_fn(target: _Target, theta, curv, b, log_joint: float | None = None):
+        if log_joint is None:
+            with torch.no_grad(), _no_validation():
+                ll, lp = target.parts(theta)
+            log_joint = float(ll + lp)
         g = _grad(target.log_prior, theta)
         mask = b > 0
         # Gaussian prior with precision alpha * b: (theta - mu)^2 b = g^2 / b on those coordinates
         quad = float(((g[mask] ** 2) / b[mask]).sum())
         k = int(mask.sum())
         d = theta.numel()
-        const = float(ll + lp) + 0.5 * d * math.log(2 * math.pi)
+        const = log_joint + 0.5 * d * math.log(2 * math.pi)
 
         def evidence(alpha: float) -> float:
             ld = float(curv.logdet(alpha))
