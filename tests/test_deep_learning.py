@@ -589,3 +589,24 @@ def test_loader_fits_of_a_batchnorm_net_on_cuda(method):
     assert all(v.device.type == "cuda" for v in post.state.values())
     probs = post.predict(x.cuda(), num_samples=4, seed=0).probs
     assert probs.device.type == "cuda" and torch.isfinite(probs).all()
+
+
+def test_defaults_switch_to_minibatches_when_the_full_batch_outgrows_memory(monkeypatch):
+    """Issue 25.2: ``batch_size=None`` (the full batch, the default of most methods) becomes
+    minibatches of 128 when one full-batch gradient would need more than FULL_BATCH_BYTES of
+    activations (measured per input); small problems, a given batch_size or L-BFGS keep
+    theirs. ResNet-20 at N = 10,000: about 27 GB, so minibatches."""
+    from marginalize.inference import registry
+
+    x, y = images(n=200)
+    model = bnn(TinyResNet())
+    per = model.activation_bytes_per_input(x[:1])
+    post = mz.fit(model, x, y, method="map", steps=2, progress=False)
+    assert "batch_size" not in post.info.details  # 200 rows fit: the full batch, as before
+    monkeypatch.setattr(registry, "FULL_BATCH_BYTES", per * 100)  # room for 100 rows
+    post = mz.fit(model, x, y, method="map", steps=2, progress=False)
+    assert post.info["batch_size"].startswith("auto: 128")
+    assert post.options["batch_size"] == 128 and post.options["optimizer"] == "auto"
+    for given in ({"batch_size": None}, {"batch_size": 32}, {"optimizer": "lbfgs"}):
+        post = mz.fit(model, x, y, method="map", steps=2, progress=False, **given)
+        assert "batch_size" not in post.info.details, given

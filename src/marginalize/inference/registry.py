@@ -32,7 +32,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -206,6 +206,45 @@ class MethodTable(list):
         return [(r["name"], r) for r in self]
 
 
+#: activation bytes a full-batch gradient may take before the methods' default
+#: ``batch_size=None`` becomes minibatches of :data:`AUTO_BATCH_SIZE` (every intermediate
+#: result of a forward counted: about what its backward keeps)
+FULL_BATCH_BYTES = 2**30
+#: the minibatch size chosen then (the deep-learning recipes' usual 128)
+AUTO_BATCH_SIZE = 128
+
+
+def scaled_batch_size(problem: Problem, opts: Any, given: Mapping[str, Any]) -> int | None:
+    """Defaults that scale: the minibatch size a method with ``batch_size=None`` (its default,
+    the full batch) trains with when one full-batch gradient would need more than
+    :data:`FULL_BATCH_BYTES` of activations (the model's measured bytes per input x N),
+    else ``None`` (the default stands: small problems keep their full-batch fits). Never
+    when the user chose ``batch_size`` or the L-BFGS optimizer, nor for data loaders (their
+    own batches)."""
+    if not problem.in_memory or "batch_size" in given or given.get("optimizer") == "lbfgs":
+        return None
+    if getattr(opts, "batch_size", 0) is not None:  # no such option, or one is set
+        return None
+    measure = getattr(problem.model, "activation_bytes_per_input", None)
+    if measure is None:
+        return None
+    try:
+        per = int(measure(problem.example[0][:1]))
+    except Exception:  # noqa: BLE001 - no probe: the default stands
+        return None
+    if per * problem.n <= FULL_BATCH_BYTES:
+        return None
+    log.info(
+        "%s: a full-batch gradient over %d rows needs about %.1f GiB of activations: "
+        "minibatches of %d (pass batch_size= to choose)",
+        getattr(opts, "name", "fit"),
+        problem.n,
+        per * problem.n / 2**30,
+        AUTO_BATCH_SIZE,
+    )
+    return min(AUTO_BATCH_SIZE, problem.n)
+
+
 def method_info() -> MethodTable:
     """Every method (sorted by name): a row with ``name``, ``summary``, ``options`` (name ->
     default), ``docs`` (name -> meaning), ``cost`` and ``reference``, from the method's
@@ -326,6 +365,9 @@ def fit(
         problem = prepare(model, x, y, n=n, device=device, obs_site=obs_site)
         problem.meta["method"] = cls.name
         method_obj = cls()
+        auto_batch = scaled_batch_size(problem, opts, options)
+        if auto_batch is not None:  # a full batch would not fit: minibatches (documented)
+            opts.batch_size = auto_batch
         method_obj.check(problem, opts, options)
         if getattr(opts, "epochs", None) is not None:
             opts.steps = opts.epochs * problem.data.batches_per_epoch(opts.batch_size)
@@ -351,6 +393,8 @@ def fit(
     if not isinstance(info, FitInfo):
         info = FitInfo.from_dict(info)
     info.details.setdefault("log_joint", problem.log_joint_path())
+    if auto_batch is not None:
+        info.details.setdefault("batch_size", f"auto: {auto_batch} (full batch too large)")
     return Posterior(
         problem.model,
         problem.layout,
