@@ -210,7 +210,10 @@ def mz_epoch(method: str, n: int, n_test: int) -> dict:
 
 
 def predict_rows(n: int, n_test: int, draws: int = 30) -> dict:
-    """predict of n_test images x draws: marginalize against a torch loop over the same draws."""
+    """predict of n_test images x draws against a torch loop over the same draws, the same
+    function: the fitted BatchNorm statistics in both (``bn_update=False``); then the cost of
+    ``bn_update=True`` (statistics re-estimated for each chunk of draws from the training
+    loader, the SWAG recipe), which the torch loop does not do."""
     import marginalize as mz
 
     tl, vl = loaders(n, n_test)
@@ -219,6 +222,7 @@ def predict_rows(n: int, n_test: int, draws: int = 30) -> dict:
     z = post.sample_flat(draws, seed=0).reshape(draws, -1)
     params = post.layout.unpack(z)
     module = net()
+    module.load_state_dict({k: v[0] for k, v in post.state.items()}, strict=False)
     module.eval()
     xs = [xb for xb, _ in vl]
 
@@ -236,15 +240,21 @@ def predict_rows(n: int, n_test: int, draws: int = 30) -> dict:
     ref = torch_loop()
     t_ref = time.process_time() - t0
     rss_ref = peak_rss()
+    x = torch.cat(xs)
     t0 = time.process_time()
-    pred = post.predict(torch.cat(xs), num_samples=draws, seed=0)
+    pred = post.predict(x, num_samples=draws, seed=0, bn_update=False)
     t_mz = time.process_time() - t0
+    rss = peak_rss()
+    t0 = time.process_time()
+    post.predict(x, num_samples=draws, seed=0, bn_update=True)
+    t_bn = time.process_time() - t0
     return {
         "torch": t_ref,
         "mz": t_mz,
+        "mz_bn": t_bn,
         "rss0": rss0,
         "rss_ref": rss_ref,
-        "rss": peak_rss(),
+        "rss": rss,
         "agree": float((pred.probs - ref).abs().max()),
     }
 
@@ -278,12 +288,17 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--child", default=None)
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--predict-only", action="store_true")
     args = ap.parse_args()
     if args.child:
         child(args.child, args.n, args.test)
         return
     import marginalize as mz
 
+    if args.predict_only:
+        pr = run_child("predict", args.n, args.test, args.threads)
+        print(json.dumps(pr))
+        return
     methods = mz.methods() if args.only is None else args.only.split(",")
     refs = {k: run_child(f"torch-{k}", args.n, args.test, args.threads) for k in ("adam", "sgd")}
     rows = []
@@ -344,7 +359,9 @@ def main() -> None:
             f"{pr['torch']:.1f} s for a torch loop over the draws "
             f"({pr['mz'] / pr['torch']:.2f}x, goal <= 1.2x); peak memory beyond "
             f"the torch loop's: {extra:.0f} MiB (goal <= 512); largest difference "
-            f"in probabilities {pr['agree']:.2g}"
+            f"in probabilities {pr['agree']:.2g}; with bn_update=True (BatchNorm statistics "
+            f"re-estimated per chunk of draws from the {args.n} training images): "
+            f"{pr['mz_bn']:.1f} s"
         )
     if not args.no_write:
         C.report(
