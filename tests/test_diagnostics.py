@@ -111,6 +111,21 @@ def test_khat_is_undefined_without_a_density():
     assert "dropout" in stats.psis_khat(post).reason
 
 
+def test_khat_of_a_degenerate_gaussian_is_undefined_not_an_error(monkeypatch):
+    """A SWAG Gaussian whose diagonal has an exact zero (a weight that never moved) beside a
+    low-rank factor has no density: its log density's Cholesky fails (as it did in the
+    report of `make demo DEMO_METHODS=map,swag,laplace`), and k-hat is NaN with the reason."""
+    model, x, y, _, mean, _, _ = blr()
+    post = posterior_of(model, x, y, Gaussian(mean, torch.full_like(mean, 0.1)))
+
+    def singular(approx, z):
+        raise torch.linalg.LinAlgError("linalg.cholesky: the input is not positive-definite")
+
+    monkeypatch.setattr(stats, "log_q", singular)
+    res = stats.psis_khat(post, 50)
+    assert math.isnan(res.khat) and "degenerate" in res.reason
+
+
 def test_log_q_mixture_and_rank_deficient_gaussian():
     loc = torch.tensor([0.0, 1.0, -1.0], dtype=torch.float64)
     z = torch.randn(5, 3, dtype=torch.float64)

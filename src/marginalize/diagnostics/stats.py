@@ -297,7 +297,15 @@ def psis_khat(
     with torch.no_grad():
         for start in range(0, z.shape[0], chunk_size):
             zc = z[start : start + chunk_size]
-            lq = log_q(post.approximation, zc)
+            try:
+                lq = log_q(post.approximation, zc)
+            except torch.linalg.LinAlgError:  # a degenerate Gaussian (a zero variance)
+                return PSISResult(
+                    float("nan"),
+                    f"the {post.approximation.kind!r} approximation is degenerate (a "
+                    "coordinate with zero variance): it has no density to compare with",
+                    0,
+                )
             if lq is None:
                 return PSISResult(
                     float("nan"),
